@@ -1,0 +1,95 @@
+/**
+ * Node identity: an Ed25519 key pair per agent. The node id is derived from the public key
+ *   id = hex(sha256(raw 32-byte public key))[0..16]
+ * so nobody (the signaling server included) can pair an id with another key.
+ *
+ * Everything we sign is domain-separated: sign(context || 0x00 || field || 0x00 || field ...), so a
+ * signature made for one purpose (signaling hello) can never be replayed as another (SDP binding).
+ *
+ * Cluster-token proofs are HMAC-SHA256(token, same framing): the token itself never leaves the agent,
+ * neither to the signaling server nor to peers.
+ */
+import { createHash, createHmac, createPrivateKey, createPublicKey, generateKeyPairSync, sign, timingSafeEqual, verify, type KeyObject } from "node:crypto";
+import { AuthError } from "./errors.js";
+
+export interface Identity {
+  readonly id: string;
+  readonly publicKey: Uint8Array; // raw 32 bytes
+  readonly privateKey: KeyObject;
+}
+
+// DER prefix of an Ed25519 SubjectPublicKeyInfo; the raw key is the trailing 32 bytes.
+const ED25519_SPKI_PREFIX = Buffer.from("302a300506032b6570032100", "hex");
+
+export function deriveNodeId(publicKey: Uint8Array): string {
+  if (publicKey.byteLength !== 32) throw new AuthError("ERR_ID_MISMATCH", "public key must be 32 bytes (Ed25519)");
+  return createHash("sha256").update(publicKey).digest("hex").slice(0, 16);
+}
+
+export function generateIdentity(): Identity {
+  const { privateKey } = generateKeyPairSync("ed25519");
+  return identityFromPrivateKey(privateKey);
+}
+
+export function identityFromPrivateKey(privateKey: KeyObject): Identity {
+  const spki = createPublicKey(privateKey).export({ type: "spki", format: "der" });
+  const publicKey = new Uint8Array(spki.subarray(spki.length - 32));
+  return { id: deriveNodeId(publicKey), publicKey, privateKey };
+}
+
+export function identityToPem(idn: Identity): string {
+  return idn.privateKey.export({ type: "pkcs8", format: "pem" }).toString();
+}
+
+export function identityFromPem(pem: string): Identity {
+  let key: KeyObject;
+  try {
+    key = createPrivateKey(pem);
+  } catch (e) {
+    throw new AuthError("ERR_BAD_SIGNATURE", `identity key is not a valid PEM private key: ${(e as Error).message}`);
+  }
+  if (key.asymmetricKeyType !== "ed25519") throw new AuthError("ERR_BAD_SIGNATURE", "identity key must be Ed25519");
+  return identityFromPrivateKey(key);
+}
+
+function publicKeyObject(raw: Uint8Array): KeyObject {
+  return createPublicKey({ key: Buffer.concat([ED25519_SPKI_PREFIX, raw]), format: "der", type: "spki" });
+}
+
+/** Domain-separated framing of the signed fields. */
+export function frame(context: string, ...fields: (string | Uint8Array)[]): Buffer {
+  const parts: Buffer[] = [Buffer.from(context, "utf8")];
+  for (const f of fields) {
+    const b = typeof f === "string" ? Buffer.from(f, "utf8") : Buffer.from(f);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(b.length);
+    parts.push(len, b);
+  }
+  return Buffer.concat(parts);
+}
+
+export function signFields(idn: Identity, context: string, ...fields: (string | Uint8Array)[]): Uint8Array {
+  return new Uint8Array(sign(null, frame(context, ...fields), idn.privateKey));
+}
+
+export function verifyFields(publicKey: Uint8Array, signature: Uint8Array, context: string, ...fields: (string | Uint8Array)[]): boolean {
+  if (publicKey.byteLength !== 32 || signature.byteLength !== 64) return false;
+  try {
+    return verify(null, frame(context, ...fields), publicKeyObject(publicKey), signature);
+  } catch {
+    return false;
+  }
+}
+
+export function tokenMac(token: string, context: string, ...fields: (string | Uint8Array)[]): Uint8Array {
+  return new Uint8Array(createHmac("sha256", token).update(frame(context, ...fields)).digest());
+}
+
+export function checkTokenMac(token: string, mac: Uint8Array, context: string, ...fields: (string | Uint8Array)[]): boolean {
+  const want = tokenMac(token, context, ...fields);
+  return mac.byteLength === want.byteLength && timingSafeEqual(mac, want);
+}
+
+/** Signing contexts: one per purpose. */
+export const CTX_HELLO = "weftnet/hello/v1";
+export const CTX_SDP = "weftnet/sdp/v1";

@@ -1,0 +1,85 @@
+/**
+ * The port between the mesh core and a WebRTC implementation (werift today, libdatachannel later).
+ * The core never imports werift: agent/transport/werift.ts implements this interface.
+ *
+ * One TransportLink = one RTCPeerConnection to one peer with two pre-negotiated data channels:
+ *   control  id 0, reliable + ordered      gossip, RPC, heartbeats (msgpack, see wire/control.ts)
+ *   packets  id 1, unordered, maxRetransmits 0   encapsulated pod IP frames (data plane)
+ */
+import type { IceCandidateInit } from "../wire/signal.js";
+
+export type ChannelName = "control" | "packets";
+
+export interface Fingerprint {
+  algorithm: string; // e.g. "sha-256"
+  value: string; // uppercase hex pairs separated by ':'
+}
+
+/** What a link hands to the signaling layer (and accepts back from the remote side). */
+export type LinkSignal =
+  | { kind: "offer" | "answer"; sdp: string }
+  | { kind: "candidate"; candidate: IceCandidateInit | null };
+
+export type LinkState = "new" | "connecting" | "open" | "closed" | "failed";
+
+export interface LinkHandlers {
+  onSignal(sig: LinkSignal): void;
+  /** Both channels open. */
+  onOpen(): void;
+  onMessage(channel: ChannelName, data: Uint8Array): void;
+  /** Terminal: the link is gone (closed locally, failed, or the remote went away). Called once. */
+  onClose(reason: string): void;
+  /** The channel's buffered amount fell below the low-water mark after `send` returned false. */
+  onDrain?(channel: ChannelName): void;
+}
+
+export interface SelectedPath {
+  localType: string; // host | srflx | prflx | relay
+  localAddress: string;
+  remoteType: string;
+  remoteAddress: string;
+}
+
+export interface LinkStats {
+  bytesSent: number;
+  bytesReceived: number;
+  selected?: SelectedPath;
+}
+
+export interface TransportLink {
+  /** Initiator only: create and emit the offer. */
+  start(): Promise<void>;
+  /** Feed a signal from the remote side (offer/answer/candidate). Candidates before the remote description are buffered. */
+  handleSignal(sig: LinkSignal): Promise<void>;
+  /** Queue a message. Returns false (and drops it) when the channel is not open or over its buffer limit. */
+  send(channel: ChannelName, data: Uint8Array): boolean;
+  bufferedAmount(channel: ChannelName): number;
+  readonly state: LinkState;
+  stats(): Promise<LinkStats>;
+  close(): void;
+}
+
+export interface LinkOptions {
+  initiator: boolean;
+  iceServers: { urls: string | string[]; username?: string; credential?: string }[];
+  handlers: LinkHandlers;
+}
+
+export interface Transport {
+  readonly name: string;
+  /** DTLS certificate fingerprint used by every link of this transport (one certificate per agent run). */
+  readonly fingerprint: Fingerprint;
+  createLink(opts: LinkOptions): TransportLink;
+  close(): Promise<void>;
+}
+
+/** Extract the first a=fingerprint line from an SDP. Pure; used to bind SDP to node identity. */
+export function sdpFingerprint(sdp: string): Fingerprint | undefined {
+  const m = /^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$/m.exec(sdp);
+  if (!m || !m[1] || !m[2]) return undefined;
+  return { algorithm: m[1].toLowerCase(), value: m[2].toUpperCase() };
+}
+
+export function fingerprintString(fp: Fingerprint): string {
+  return `${fp.algorithm} ${fp.value}`;
+}

@@ -1,0 +1,159 @@
+/**
+ * Signaling protocol: agent <-> signaling server, over one WebSocket (binary frames, msgpack, see codec.ts).
+ *
+ * Flow
+ *   agent                                   server
+ *     |  ---- WS upgrade GET /v1/signal ----> |
+ *     |  <--- challenge {nonce}  ------------ |   32 random bytes, fresh per connection
+ *     |  ---- hello {id,pub,name,instance,    |
+ *     |          meta, mac, sig} -----------> |   mac = HMAC(token, CTX_HELLO|nonce|id|instance)
+ *     |                                       |   sig = Ed25519(CTX_HELLO|nonce|id|instance)
+ *     |                                       |   id must equal deriveNodeId(pub)
+ *     |  <--- welcome {you, peers, stunPort} - |   or close 4001/4002/4009 (see CLOSE_CODES)
+ *     |  <--- join {peer} / leave {id} ------ |   presence of every other member
+ *     |  ---- signal {to, data} ------------> |   relayed verbatim as signal {from, data};
+ *     |  <--- signal {from, data} ----------- |   unknown `to` -> error {code:"ERR_NO_PEER", ref:to}
+ *     |  <--- error {code, msg} ------------- |   protocol complaints that do not close the socket
+ *
+ * The server never sees the cluster token (only its MAC over a fresh nonce) and never sees peer traffic.
+ * Signal payloads (SignalData) are opaque to the server; agents authenticate them end to end:
+ * offers and answers carry sig = Ed25519(CTX_SDP|from|to|conn|fingerprint) and
+ * mac = HMAC(token, same), so a signaling server that swaps an SDP fingerprint (man in the middle) or
+ * invents a node is detected by the receiving agent.
+ *
+ * Limits: a frame is at most MAX_SIGNAL_BYTES; oversize, malformed or unknown-type frames are counted
+ * and answered with `error`; a client that keeps sending garbage (MAX_BAD_FRAMES) is disconnected.
+ */
+import { ProtocolError } from "../errors.js";
+import { PROTOCOL_VERSION, arr, bytes, decodeEnvelope, encodeMessage, isPlainObject, nodeId, num, obj, optStr, str, type WireMap } from "./codec.js";
+
+export const MAX_SIGNAL_BYTES = 64 * 1024;
+export const MAX_BAD_FRAMES = 20;
+export const SIGNAL_PATH = "/v1/signal";
+
+export const CLOSE_CODES = {
+  BAD_TOKEN: 4001,
+  BAD_IDENTITY: 4002,
+  PROTOCOL: 4003,
+  HELLO_TIMEOUT: 4008,
+  DUPLICATE_ID: 4009,
+  REPLACED: 4010,
+  SHUTDOWN: 1001,
+} as const;
+
+export interface PeerInfo {
+  id: string;
+  name: string;
+  pub: Uint8Array;
+  /** free-form metadata an agent announces (version, cluster label...). Small. */
+  meta: Record<string, string>;
+}
+
+export type IceCandidateInit = { candidate: string; sdpMid?: string; sdpMLineIndex?: number };
+
+export type SignalData =
+  | { kind: "offer" | "answer"; conn: string; sdp: string; sig: Uint8Array; mac: Uint8Array }
+  | { kind: "candidate"; conn: string; candidate: IceCandidateInit | null }
+  | { kind: "bye"; conn: string };
+
+export type ServerMsg =
+  | { t: "challenge"; nonce: Uint8Array; server: string }
+  | { t: "welcome"; you: { id: string; addr: string }; peers: PeerInfo[]; stunPort: number }
+  | { t: "join"; peer: PeerInfo }
+  | { t: "leave"; id: string }
+  | { t: "signal"; from: string; data: SignalData }
+  | { t: "error"; code: string; msg: string; ref?: string };
+
+export type ClientMsg =
+  | { t: "hello"; id: string; pub: Uint8Array; name: string; instance: string; meta: Record<string, string>; mac: Uint8Array; sig: Uint8Array }
+  | { t: "signal"; to: string; data: SignalData };
+
+export function encodeSignal(msg: ServerMsg | ClientMsg): Uint8Array {
+  return encodeMessage({ v: PROTOCOL_VERSION, ...msg } as WireMap);
+}
+
+function meta(m: Record<string, unknown>, k: string): Record<string, string> {
+  if (m[k] === undefined) return {};
+  const o = obj(m, k);
+  const out: Record<string, string> = {};
+  const keys = Object.keys(o);
+  if (keys.length > 32) throw new ProtocolError("ERR_INVALID", "meta has too many keys");
+  for (const key of keys) out[key.slice(0, 64)] = str(o, key, 256);
+  return out;
+}
+
+function peerInfo(x: unknown): PeerInfo {
+  if (!isPlainObject(x)) throw new ProtocolError("ERR_INVALID", "peer must be a map");
+  return { id: nodeId(x, "id"), name: str(x, "name", 64), pub: bytes(x, "pub", 32), meta: meta(x, "meta") };
+}
+
+export function decodeSignalData(x: unknown): SignalData {
+  if (!isPlainObject(x)) throw new ProtocolError("ERR_INVALID", "signal data must be a map");
+  const kind = str(x, "kind", 16);
+  const conn = str(x, "conn", 64);
+  switch (kind) {
+    case "offer":
+    case "answer":
+      return { kind, conn, sdp: str(x, "sdp", 32 * 1024), sig: bytes(x, "sig", 64), mac: bytes(x, "mac", 32) };
+    case "candidate": {
+      if (x.candidate === null || x.candidate === undefined) return { kind, conn, candidate: null };
+      const c = obj(x, "candidate");
+      const cand: IceCandidateInit = { candidate: str(c, "candidate", 1024) };
+      const mid = optStr(c, "sdpMid", 64);
+      if (mid !== undefined) cand.sdpMid = mid;
+      if (c.sdpMLineIndex !== undefined && c.sdpMLineIndex !== null) cand.sdpMLineIndex = num(c, "sdpMLineIndex");
+      return { kind, conn, candidate: cand };
+    }
+    case "bye":
+      return { kind, conn };
+    default:
+      throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown signal kind ${JSON.stringify(kind)}`);
+  }
+}
+
+export function decodeClientMsg(data: Uint8Array): ClientMsg {
+  const m = decodeEnvelope(data, MAX_SIGNAL_BYTES);
+  switch (m.t) {
+    case "hello":
+      return {
+        t: "hello",
+        id: nodeId(m, "id"),
+        pub: bytes(m, "pub", 32),
+        name: str(m, "name", 64),
+        instance: str(m, "instance", 64),
+        meta: meta(m, "meta"),
+        mac: bytes(m, "mac", 32),
+        sig: bytes(m, "sig", 64),
+      };
+    case "signal":
+      return { t: "signal", to: nodeId(m, "to"), data: decodeSignalData(m.data) };
+    default:
+      throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown client message type ${JSON.stringify(m.t)}`);
+  }
+}
+
+export function decodeServerMsg(data: Uint8Array): ServerMsg {
+  const m = decodeEnvelope(data, MAX_SIGNAL_BYTES);
+  switch (m.t) {
+    case "challenge":
+      return { t: "challenge", nonce: bytes(m, "nonce", 32), server: str(m, "server", 64) };
+    case "welcome": {
+      const you = obj(m, "you");
+      return { t: "welcome", you: { id: nodeId(you, "id"), addr: str(you, "addr", 128) }, peers: arr(m, "peers").map(peerInfo), stunPort: num(m, "stunPort") };
+    }
+    case "join":
+      return { t: "join", peer: peerInfo(m.peer) };
+    case "leave":
+      return { t: "leave", id: nodeId(m, "id") };
+    case "signal":
+      return { t: "signal", from: nodeId(m, "from"), data: decodeSignalData(m.data) };
+    case "error": {
+      const out: ServerMsg = { t: "error", code: str(m, "code", 64), msg: str(m, "msg", 1024) };
+      const ref = optStr(m, "ref", 64);
+      if (ref !== undefined) out.ref = ref;
+      return out;
+    }
+    default:
+      throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown server message type ${JSON.stringify(m.t)}`);
+  }
+}
