@@ -1,0 +1,63 @@
+/**
+ * The signaling server's HTTP side, as a hono app built by a factory (test it with `app.request()`).
+ *
+ *   GET /healthz    200 {ok:true, agents:N}                                   no auth
+ *   GET /v1/nodes   200 {nodes:[{id,name,meta,addr,connectedAt}]}             Authorization: Bearer <token>
+ *                   401 {error}                                               missing or wrong token
+ *   GET /v1/stats   200 hub counters (bad frames, refusals, relays)          Authorization: Bearer <token>
+ *
+ * The WebSocket endpoint (SIGNAL_PATH) is not a hono route: server.ts handles the HTTP upgrade itself
+ * and hands connections to the same SignalHub returned here.
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import { Hono, type MiddlewareHandler } from "hono";
+import { type Logger } from "../src/log.js";
+import { SignalHub, type SignalHubOptions } from "./hub.js";
+
+export interface SignalAppOptions extends SignalHubOptions {
+  token: string;
+  logger?: Logger;
+  now?: () => number;
+  /** use an existing hub instead of creating one */
+  hub?: SignalHub;
+}
+
+/** Constant-time token comparison (hash first so lengths never leak through timing). */
+export function tokenMatches(given: string, want: string): boolean {
+  const a = createHash("sha256").update(given, "utf8").digest();
+  const b = createHash("sha256").update(want, "utf8").digest();
+  return timingSafeEqual(a, b) && given.length === want.length;
+}
+
+export function createSignalApp(opts: SignalAppOptions): { app: Hono; hub: SignalHub } {
+  const hub = opts.hub ?? new SignalHub(opts);
+  const log = opts.logger?.child("signal-http");
+  const app = new Hono();
+
+  const requireToken: MiddlewareHandler = async (c, next) => {
+    const h = c.req.header("authorization") ?? "";
+    const m = /^Bearer\s+(.+)$/i.exec(h.trim());
+    if (m === null) return c.json({ error: "missing Authorization: Bearer <cluster token>" }, 401);
+    if (!tokenMatches(m[1]!.trim(), opts.token)) return c.json({ error: "wrong cluster token" }, 401);
+    await next();
+    return undefined;
+  };
+
+  app.get("/healthz", (c) => c.json({ ok: true, agents: hub.size }));
+
+  app.get("/v1/nodes", requireToken, (c) =>
+    c.json({
+      nodes: hub.list().map((m) => ({ id: m.id, name: m.name, meta: m.meta, addr: m.addr, connectedAt: new Date(m.connectedAt).toISOString() })),
+    }),
+  );
+
+  app.get("/v1/stats", requireToken, (c) => c.json(hub.stats()));
+
+  app.notFound((c) => c.json({ error: `no route ${c.req.method} ${new URL(c.req.url).pathname}` }, 404));
+  app.onError((err, c) => {
+    log?.error("http handler failed", { err, path: c.req.path });
+    return c.json({ error: "internal error" }, 500);
+  });
+
+  return { app, hub };
+}

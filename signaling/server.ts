@@ -1,0 +1,222 @@
+/**
+ * Runs the signaling server: the hono app (app.ts) on @hono/node-server, a `ws` WebSocketServer on
+ * SIGNAL_PATH feeding the SignalHub (hub.ts), and the STUN responder (stun.ts) on UDP.
+ *
+ * The ws adapter owns keepalive: a ws-level ping every pingIntervalMs (15 s); a connection that missed
+ * 2 pongs is terminated, which the hub sees as a close (leave broadcast). It also implements the hub's
+ * liveness probe (ping, wait for the pong) used to settle duplicate-id claims.
+ */
+import type { IncomingMessage, Server } from "node:http";
+import type { Duplex } from "node:stream";
+import { createAdaptorServer } from "@hono/node-server";
+import { WebSocket, WebSocketServer, type RawData } from "ws";
+import { WeftError } from "../src/errors.js";
+import { silentLogger, type Logger } from "../src/log.js";
+import { CLOSE_CODES, MAX_SIGNAL_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
+import { createSignalApp } from "./app.js";
+import type { SignalHub, SignalSocket } from "./hub.js";
+import { startStunServer, type StunServer } from "./stun.js";
+
+export const DEFAULT_PING_INTERVAL_MS = 15_000;
+export const MISSED_PONGS_LIMIT = 2;
+/** ws drops frames above this itself (close 1009); between MAX_SIGNAL_BYTES and this we answer ERR_TOO_LARGE. */
+export const WS_MAX_PAYLOAD = MAX_SIGNAL_BYTES + 16 * 1024;
+
+export interface SignalServerOptions {
+  listen: { host: string; port: number };
+  token: string;
+  /** UDP port for STUN: a number binds it (0 or undefined = no STUN), "ephemeral" binds a free port (tests). */
+  stunPort?: number | "ephemeral";
+  logger?: Logger;
+  helloTimeoutMs?: number;
+  probeTimeoutMs?: number;
+  pingIntervalMs?: number;
+  now?: () => number;
+}
+
+export interface SignalServer {
+  /** base URL agents are given: `weftnet agent --signal <url>` (wildcard hosts shown as loopback) */
+  readonly url: string;
+  /** the WebSocket endpoint: url + SIGNAL_PATH */
+  readonly signalUrl: string;
+  readonly host: string;
+  readonly port: number;
+  /** bound STUN port, 0 when STUN is off */
+  readonly stunPort: number;
+  readonly hub: SignalHub;
+  close(): Promise<void>;
+}
+
+function urlHost(host: string): string {
+  if (host === "" || host === "0.0.0.0") return "127.0.0.1";
+  if (host === "::") return "[::1]";
+  return host.includes(":") ? `[${host}]` : host;
+}
+
+/** WebSocket close reasons are limited to 123 bytes of UTF-8. */
+export function clampReason(reason: string): string {
+  let r = reason;
+  while (Buffer.byteLength(r, "utf8") > 123) r = r.slice(0, -1);
+  return r;
+}
+
+function toBytes(data: RawData): Uint8Array {
+  if (Array.isArray(data)) return Buffer.concat(data);
+  if (data instanceof ArrayBuffer) return new Uint8Array(data);
+  return data;
+}
+
+export async function startSignalServer(opts: SignalServerOptions): Promise<SignalServer> {
+  const log = opts.logger ?? silentLogger;
+  const pingIntervalMs = opts.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS;
+
+  let stun: StunServer | undefined;
+  if (opts.stunPort !== undefined && opts.stunPort !== 0) {
+    const port = opts.stunPort === "ephemeral" ? 0 : opts.stunPort;
+    try {
+      stun = await startStunServer({ host: opts.listen.host, port, logger: log.child("stun") });
+    } catch (e) {
+      throw new WeftError("ERR_LISTEN", `cannot bind STUN on udp ${opts.listen.host}:${port}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+
+  const hubOpts = {
+    token: opts.token,
+    logger: log.child("signal"),
+    stunPort: stun?.port ?? 0,
+    ...(opts.helloTimeoutMs !== undefined ? { helloTimeoutMs: opts.helloTimeoutMs } : {}),
+    ...(opts.probeTimeoutMs !== undefined ? { probeTimeoutMs: opts.probeTimeoutMs } : {}),
+    ...(opts.now !== undefined ? { now: opts.now } : {}),
+  };
+  const { app, hub } = createSignalApp(hubOpts);
+  const server = createAdaptorServer({ fetch: app.fetch }) as Server;
+  const wss = new WebSocketServer({ noServer: true, maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
+  const missed = new Map<WebSocket, number>();
+  let closing = false;
+
+  const attach = (ws: WebSocket, req: IncomingMessage) => {
+    const pongWaiters = new Set<() => void>();
+    missed.set(ws, 0);
+    const port: SignalSocket = {
+      remoteAddress: req.socket.remoteAddress ?? "unknown",
+      ...(req.socket.remotePort !== undefined ? { remotePort: req.socket.remotePort } : {}),
+      send: (bytes) => {
+        if (ws.readyState === WebSocket.OPEN) ws.send(bytes, { binary: true });
+      },
+      close: (code, reason) => {
+        if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(code, clampReason(reason));
+        // a peer that never answers the close handshake does not keep the socket
+        setTimeout(() => ws.terminate(), 2_000).unref();
+      },
+      probe: (timeoutMs) =>
+        new Promise<boolean>((resolve) => {
+          if (ws.readyState !== WebSocket.OPEN) return resolve(false);
+          const done = (alive: boolean) => {
+            clearTimeout(timer);
+            pongWaiters.delete(onPong);
+            resolve(alive);
+          };
+          const onPong = () => done(true);
+          const timer = setTimeout(() => done(false), timeoutMs);
+          pongWaiters.add(onPong);
+          try {
+            ws.ping();
+          } catch {
+            done(false);
+          }
+        }),
+    };
+    const session = hub.open(port);
+    ws.on("message", (data, isBinary) => session.receive(isBinary ? toBytes(data) : toBytes(data).toString()));
+    ws.on("pong", () => {
+      missed.set(ws, 0);
+      for (const w of [...pongWaiters]) w();
+    });
+    ws.on("error", (e) => log.debug("signal socket error", { err: e, addr: port.remoteAddress }));
+    ws.on("close", () => {
+      missed.delete(ws);
+      for (const w of [...pongWaiters]) w(); // settle pending probes; readyState is CLOSED now
+      session.closed();
+    });
+  };
+
+  const refuse = (socket: Duplex, status: string, body: string) => {
+    socket.on("error", () => {});
+    socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  };
+
+  server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const path = (req.url ?? "").split("?")[0];
+    if (path !== SIGNAL_PATH) return refuse(socket, "404 Not Found", JSON.stringify({ error: `no WebSocket endpoint at ${path}; use ${SIGNAL_PATH}` }));
+    if (closing) return refuse(socket, "503 Service Unavailable", JSON.stringify({ error: "server shutting down" }));
+    wss.handleUpgrade(req, socket, head, (ws) => attach(ws, req));
+  });
+  server.on("clientError", (_e, socket) => {
+    if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
+    else socket.destroy();
+  });
+
+  const keepalive = setInterval(() => {
+    for (const ws of wss.clients) {
+      const n = missed.get(ws) ?? 0;
+      if (n >= MISSED_PONGS_LIMIT) {
+        log.info("terminating signal connection that missed pongs", { missed: n });
+        ws.terminate();
+        continue;
+      }
+      missed.set(ws, n + 1);
+      try {
+        ws.ping();
+      } catch {
+        ws.terminate();
+      }
+    }
+  }, pingIntervalMs);
+  keepalive.unref();
+
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const onErr = (e: Error) => reject(e);
+      server.once("error", onErr);
+      server.listen(opts.listen.port, opts.listen.host, () => {
+        server.off("error", onErr);
+        resolve();
+      });
+    });
+  } catch (e) {
+    clearInterval(keepalive);
+    await stun?.close();
+    throw new WeftError("ERR_LISTEN", `cannot listen on tcp ${opts.listen.host}:${opts.listen.port}: ${(e as Error).message}`, { cause: e });
+  }
+  server.on("error", (e) => log.error("http server error", { err: e }));
+
+  const addr = server.address();
+  const port = typeof addr === "object" && addr !== null ? addr.port : opts.listen.port;
+  const url = `ws://${urlHost(opts.listen.host)}:${port}`;
+
+  let closed: Promise<void> | undefined;
+  const close = async () => {
+    closing = true;
+    clearInterval(keepalive);
+    hub.closeAll(CLOSE_CODES.SHUTDOWN, "server shutting down");
+    const deadline = Date.now() + 1_000;
+    while (wss.clients.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    for (const ws of wss.clients) ws.terminate();
+    await new Promise<void>((resolve) => wss.close(() => resolve()));
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+    await stun?.close();
+  };
+
+  return {
+    url,
+    signalUrl: url + SIGNAL_PATH,
+    host: opts.listen.host,
+    port,
+    stunPort: stun?.port ?? 0,
+    hub,
+    close: () => (closed ??= close()),
+  };
+}
