@@ -1,0 +1,211 @@
+/**
+ * The agent's composition root: identity + signaling client + transport + mesh manager + local API.
+ * Everything with I/O is created here and passed into the core (src/), which never imports it.
+ */
+import { existsSync, unlinkSync } from "node:fs";
+import { hostname } from "node:os";
+import { WeftError } from "../src/errors.js";
+import { createLogger, type Logger } from "../src/log.js";
+import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/manager.js";
+import type { PeerTiming } from "../src/mesh/peer.js";
+import type { Transport } from "../src/mesh/transport.js";
+import { startApiServer, type ApiServer } from "./api.js";
+import { newInstanceId, SignalClient } from "./signal-client.js";
+import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
+import { apiRequest } from "./api-client.js";
+import { VERSION } from "./version.js";
+
+export type IceServer = { urls: string | string[]; username?: string; credential?: string };
+
+export interface AgentConfig {
+  signal: string;
+  token: string;
+  stateDir: string;
+  name?: string;
+  /** Data plane (TUN). Not built yet: only `false` is supported. */
+  tun?: boolean;
+  iceServers?: IceServer[];
+  /** Use the signaling server's STUN responder (default true). */
+  useServerStun?: boolean;
+  logger?: Logger;
+  timing?: Partial<PeerTiming>;
+  /** Serve the local API on <stateDir>/agent.sock (default true). */
+  api?: boolean;
+  meta?: Record<string, string>;
+  /** Inject a transport (tests); default werift. */
+  transport?: Transport;
+  /** werift tuning, e.g. { loopbackOnly: true } for single-host tests and demos. */
+  werift?: { loopbackOnly?: boolean; icePortRange?: [number, number] };
+}
+
+export interface AgentStatus {
+  node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null } };
+  peers: PeerStatus[];
+  counters: MeshCounters & { badSignalFrames: number };
+}
+
+export class Agent {
+  private tickTimer: NodeJS.Timeout | undefined;
+  private api: ApiServer | undefined;
+  private readonly startedAt = Date.now();
+  private fatalError: WeftError | undefined;
+  private fatalListeners: ((e: WeftError) => void)[] = [];
+  private registeredWaiters: (() => void)[] = [];
+  private stunPort = 0;
+  private reflexive: string | null = null;
+  private stopping: Promise<void> | undefined;
+
+  private constructor(
+    readonly cfg: AgentConfig,
+    readonly id: string,
+    readonly name: string,
+    readonly instance: string,
+    readonly mesh: MeshManager,
+    readonly signal: SignalClient,
+    readonly transport: Transport,
+    readonly log: Logger,
+  ) {}
+
+  static async start(cfg: AgentConfig): Promise<Agent> {
+    const log = cfg.logger ?? createLogger({ level: "warn" });
+    if (cfg.tun) throw new WeftError("ERR_NO_DATAPLANE", "the TUN data plane is not available in this build; run with --no-tun");
+    const { identity, created } = loadOrCreateIdentity(cfg.stateDir);
+    const name = cfg.name ?? hostname();
+    const instance = newInstanceId();
+    const sock = apiSocketPath(cfg.stateDir);
+    if (cfg.api !== false) await claimSocket(sock, cfg.stateDir);
+    const transport =
+      cfg.transport ?? (await (await import("./transport/werift.js")).createWeriftTransport({ logger: log, ...(cfg.werift ?? {}) }));
+    const agentLog = log.child("agent", { node: identity.id, name });
+    if (created) agentLog.info("created a new node identity", { stateDir: cfg.stateDir });
+
+    // The mesh and the signaling client refer to each other; wire them through closures.
+    let agent: Agent | undefined;
+    const signal = new SignalClient({
+      url: cfg.signal,
+      token: cfg.token,
+      identity,
+      name,
+      instance,
+      meta: { version: VERSION, ...(cfg.meta ?? {}) },
+      logger: agentLog.child("signal"),
+      events: {
+        onWelcome: (peers, info) => {
+          if (!agent) return;
+          agent.stunPort = info.stunPort;
+          agent.reflexive = info.addr;
+          agent.mesh.onWelcome(peers);
+          for (const w of agent.registeredWaiters.splice(0)) w();
+        },
+        onJoin: (p) => agent?.mesh.onJoin(p),
+        onLeave: (id) => agent?.mesh.onLeave(id),
+        onSignal: (from, data) => agent?.mesh.onSignal(from, data),
+        onServerError: (code, msg, ref) => agentLog.debug("signaling server reported an error", { code, msg, ref }),
+        onDown: (reason) => agentLog.warn("lost the signaling server; existing links stay up", { reason }),
+        onFatal: (err) => agent?.fatal(err),
+      },
+    });
+    const mesh = new MeshManager({
+      identity,
+      token: cfg.token,
+      name,
+      instance,
+      version: VERSION,
+      transport,
+      signal,
+      iceServers: () => agent?.iceServers() ?? [],
+      logger: agentLog.child("mesh"),
+      now: () => Date.now(),
+      timing: cfg.timing ?? {},
+    });
+    agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
+    if (cfg.api !== false) agent.api = await startApiServer(sock, agent);
+    signal.start();
+    agent.tickTimer = setInterval(() => mesh.tick(), 200);
+    return agent;
+  }
+
+  iceServers(): IceServer[] {
+    const out: IceServer[] = [];
+    if (this.cfg.useServerStun !== false && this.stunPort > 0) {
+      const host = this.signal.host.includes(":") ? `[${this.signal.host}]` : this.signal.host;
+      out.push({ urls: `stun:${host}:${this.stunPort}` });
+    }
+    return out.concat(this.cfg.iceServers ?? []);
+  }
+
+  /** Resolves once registered with the signaling server; rejects on a fatal refusal or timeout. */
+  whenRegistered(timeoutMs = 10_000): Promise<void> {
+    if (this.fatalError) return Promise.reject(this.fatalError);
+    if (this.signal.up) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new WeftError("ERR_TIMEOUT", `not registered with ${this.cfg.signal} after ${timeoutMs} ms`)), timeoutMs);
+      this.registeredWaiters.push(() => {
+        clearTimeout(t);
+        resolve();
+      });
+      this.fatalListeners.push((e) => {
+        clearTimeout(t);
+        reject(e);
+      });
+    });
+  }
+
+  onFatal(f: (e: WeftError) => void): void {
+    if (this.fatalError) f(this.fatalError);
+    else this.fatalListeners.push(f);
+  }
+
+  private fatal(err: WeftError): void {
+    this.fatalError = err;
+    this.log.error(err.message, { code: err.code });
+    for (const f of this.fatalListeners.splice(0)) f(err);
+  }
+
+  async status(): Promise<AgentStatus> {
+    return {
+      node: {
+        id: this.id,
+        name: this.name,
+        instance: this.instance,
+        version: VERSION,
+        uptimeMs: Date.now() - this.startedAt,
+        transport: this.transport.name,
+        fingerprint: `${this.transport.fingerprint.algorithm} ${this.transport.fingerprint.value}`,
+        signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive },
+      },
+      peers: await this.mesh.status(),
+      counters: { ...this.mesh.counters, badSignalFrames: this.signal.badFrames },
+    };
+  }
+
+  async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number }> {
+    const id = this.mesh.resolvePeer(target);
+    if (!id) throw new WeftError("ERR_NO_PEER", `no peer matches ${JSON.stringify(target)} (use a node id, a unique id prefix or a name from \`weftnet status\`)`);
+    const rtt = await this.mesh.ping(id, timeoutMs);
+    return { id, name: this.mesh.peerName(id) ?? id, rttMs: Math.round(rtt * 1000) / 1000 };
+  }
+
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      if (this.tickTimer) clearInterval(this.tickTimer);
+      await this.mesh.stop();
+      this.signal.stop();
+      await this.api?.close();
+      await this.transport.close();
+    })();
+    return this.stopping;
+  }
+}
+
+/** Refuse to start when another agent already serves this state dir; remove a stale socket. */
+async function claimSocket(sock: string, stateDir: string): Promise<void> {
+  if (!existsSync(sock)) return;
+  try {
+    await apiRequest(sock, "GET", "/v1/status", undefined, 1000);
+  } catch {
+    unlinkSync(sock);
+    return;
+  }
+  throw new WeftError("ERR_ALREADY_RUNNING", `another agent is already running with state dir ${stateDir}; stop it or use a different --state-dir`);
+}

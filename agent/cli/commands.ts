@@ -1,0 +1,208 @@
+/** `weftnet agent`, `weftnet status`, `weftnet ping`. */
+import { createLogger, parseLevel } from "../../src/log.js";
+import { UsageError, WeftError } from "../../src/errors.js";
+import { Agent, type AgentStatus, type IceServer } from "../agent.js";
+import { apiRequest } from "../api-client.js";
+import { apiSocketPath, defaultStateDir } from "../state.js";
+import { errorLine, fmtBytes, fmtDuration, parse, positiveInt, resolveToken, table } from "./util.js";
+
+export const AGENT_HELP = `Usage: weftnet agent --signal URL (--token T | --token-file F) [options]
+
+Run the node agent: register with the signaling server, build the WebRTC mesh with every other agent
+and serve the local API on <state-dir>/agent.sock (used by status/ping).
+
+Options:
+  --signal URL          signaling server, ws://HOST:PORT or wss://HOST:PORT (required)
+  --token T             cluster token (or --token-file F, or env WEFTNET_TOKEN)
+  --token-file F        read the cluster token from file F
+  --name N              node name shown to peers (default: hostname)
+  --state-dir D         identity key and local API socket (default: /var/lib/weftnet as root,
+                        else $XDG_STATE_HOME/weftnet)
+  --no-tun              control plane only: no TUN device, no root needed. Required in this release
+                        (the TUN data plane is not built yet)
+  --ice-server URL      extra STUN/TURN server, repeatable: stun:HOST:PORT or
+                        turn:USER:PASS@HOST:PORT (credentials may also come as turn:HOST:PORT?user=U&pass=P)
+  --no-server-stun      do not use the signaling server's built-in STUN responder
+  --loopback-only       ICE on 127.0.0.1 only (single-host demos and tests)
+  --log-level L         debug | info | warn | error (default warn; env WEFTNET_LOG)
+  --verbose             same as --log-level info
+  -h, --help            this help
+`;
+
+export const STATUS_HELP = `Usage: weftnet status [--json] [--state-dir D]
+
+Show this node and its peers: id, name, state, path, RTT, bytes in/out, link uptime.
+  --json          machine-readable output: {node:{id,name,...}, peers:[{id,name,state,path,rttMs,...}]}
+  --state-dir D   the agent's state dir (default: /var/lib/weftnet as root, else $XDG_STATE_HOME/weftnet)
+`;
+
+export const PING_HELP = `Usage: weftnet ping NODE [--count N] [--timeout MS] [--json] [--state-dir D]
+
+Measure the round-trip time to a peer over the mesh's control channel.
+NODE is a node id, a unique id prefix, or a node name.
+  -c, --count N     pings to send (default 3)
+  --timeout MS      per-ping timeout in ms (default 3000)
+  --json            print {id, name, rttMs: [...], lost}
+  --state-dir D     the agent's state dir
+`;
+
+export function parseIceServer(url: string): IceServer {
+  const m = /^(stuns?|turns?):(?:([^:@]+):([^@]+)@)?([^?]+)(\?.*)?$/.exec(url);
+  if (!m) throw new UsageError(`weftnet agent: --ice-server ${JSON.stringify(url)} is not a stun:/turn: URL`);
+  const [, scheme, user, pass, hostport, query] = m;
+  const params = new URLSearchParams(query?.slice(1) ?? "");
+  const username = user ?? params.get("user") ?? undefined;
+  const credential = pass ?? params.get("pass") ?? undefined;
+  params.delete("user");
+  params.delete("pass");
+  const rest = params.toString();
+  const out: IceServer = { urls: `${scheme}:${hostport}${rest ? `?${rest}` : ""}` };
+  if (scheme!.startsWith("turn") && (!username || !credential)) throw new UsageError(`weftnet agent: --ice-server ${url}: TURN needs a username and password`);
+  if (username) out.username = decodeURIComponent(username);
+  if (credential) out.credential = decodeURIComponent(credential);
+  return out;
+}
+
+export async function runAgent(argv: string[]): Promise<number> {
+  const { values } = parse("agent", argv, {
+    signal: { type: "string" },
+    token: { type: "string" },
+    "token-file": { type: "string" },
+    name: { type: "string" },
+    "state-dir": { type: "string" },
+    "no-tun": { type: "boolean" },
+    "ice-server": { type: "string", multiple: true },
+    "no-server-stun": { type: "boolean" },
+    "loopback-only": { type: "boolean" },
+    "log-level": { type: "string" },
+    verbose: { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  });
+  if (values.help) {
+    process.stdout.write(AGENT_HELP);
+    return 0;
+  }
+  if (!values.signal) throw new UsageError("weftnet agent: --signal URL is required (e.g. --signal ws://10.0.0.1:7000)");
+  const token = resolveToken("agent", values.token, values["token-file"]);
+  if (!token) throw new UsageError("weftnet agent: a cluster token is required: --token T, --token-file F or env WEFTNET_TOKEN (printed by `weftnet signal` at first start)");
+  if (!values["no-tun"]) throw new UsageError("weftnet agent: the TUN data plane is not available in this release; run with --no-tun (control plane only)");
+  if (values.name !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(values.name)) throw new UsageError(`weftnet agent: --name ${JSON.stringify(values.name)} must be 1-63 chars of letters, digits, '.', '_' or '-'`);
+  const level = values.verbose ? "info" : parseLevel(values["log-level"] ?? process.env.WEFTNET_LOG, "warn");
+  if (values["log-level"] !== undefined && parseLevel(values["log-level"], "debug") !== values["log-level"]) throw new UsageError(`weftnet agent: --log-level must be debug, info, warn or error`);
+  const logger = createLogger({ level });
+  const iceServers = (values["ice-server"] ?? []).map(parseIceServer);
+  const stateDir = values["state-dir"] ?? defaultStateDir();
+
+  const agent = await Agent.start({
+    signal: values.signal,
+    token,
+    stateDir,
+    tun: false,
+    iceServers,
+    useServerStun: !values["no-server-stun"],
+    logger,
+    ...(values.name !== undefined ? { name: values.name } : {}),
+    ...(values["loopback-only"] ? { werift: { loopbackOnly: true } } : {}),
+  });
+  process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
+  return await new Promise<number>((resolve) => {
+    let done = false;
+    const finish = async (code: number) => {
+      if (done) return;
+      done = true;
+      await agent.stop().catch(() => {});
+      resolve(code);
+    };
+    agent.onFatal((e) => {
+      process.stderr.write(`${errorLine(e)}\n`);
+      void finish(1);
+    });
+    agent.whenRegistered(10_000).then(
+      () => process.stdout.write(`registered with ${agent.signal.endpoint}\n`),
+      (e: WeftError) => {
+        if (e.code === "ERR_TIMEOUT") process.stderr.write(`weftnet: still trying to reach the signaling server at ${agent.signal.endpoint} (retrying with backoff)\n`);
+      },
+    );
+    process.once("SIGINT", () => void finish(0));
+    process.once("SIGTERM", () => void finish(0));
+  });
+}
+
+export async function runStatus(argv: string[]): Promise<number> {
+  const { values } = parse("status", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } });
+  if (values.help) {
+    process.stdout.write(STATUS_HELP);
+    return 0;
+  }
+  const st = await apiRequest<AgentStatus>(apiSocketPath(values["state-dir"] ?? defaultStateDir()), "GET", "/v1/status");
+  if (values.json) {
+    process.stdout.write(JSON.stringify(st, null, 2) + "\n");
+    return 0;
+  }
+  process.stdout.write(renderStatus(st));
+  return 0;
+}
+
+export function renderStatus(st: AgentStatus): string {
+  const n = st.node;
+  const head =
+    `node      ${n.name} (${n.id})\n` +
+    `version   ${n.version}, transport ${n.transport}, up ${fmtDuration(n.uptimeMs)}\n` +
+    `signaling ${n.signal.url} ${n.signal.connected ? "connected" : "DISCONNECTED"}${n.signal.addr ? `, seen as ${n.signal.addr}` : ""}\n`;
+  const connected = st.peers.filter((p) => p.state === "connected").length;
+  const rows = [["PEER", "ID", "STATE", "PATH", "RTT", "IN", "OUT", "UPTIME", "NOTE"]];
+  for (const p of st.peers) {
+    rows.push([
+      p.name,
+      p.id,
+      p.state,
+      p.path === "none" ? "-" : p.path,
+      p.rttMs === null ? "-" : `${p.rttMs.toFixed(1)}ms`,
+      fmtBytes(p.bytesIn),
+      fmtBytes(p.bytesOut),
+      fmtDuration(p.uptimeMs),
+      p.state === "connected" ? (p.selected ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}` : "") : (p.lastError ?? ""),
+    ]);
+  }
+  return `${head}peers     ${connected}/${st.peers.length} connected\n\n${st.peers.length ? table(rows) : "(no peers yet)"}\n`;
+}
+
+export async function runPing(argv: string[]): Promise<number> {
+  const { values, positionals } = parse(
+    "ping",
+    argv,
+    { count: { type: "string", short: "c" }, timeout: { type: "string" }, json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } },
+    true,
+  );
+  if (values.help) {
+    process.stdout.write(PING_HELP);
+    return 0;
+  }
+  if (positionals.length !== 1) throw new UsageError("weftnet ping: give exactly one NODE (id, id prefix or name)");
+  const count = positiveInt("ping", "--count", values.count, 3);
+  const timeoutMs = positiveInt("ping", "--timeout", values.timeout, 3000);
+  const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
+  const rtts: number[] = [];
+  let lost = 0;
+  let target: { id: string; name: string } | undefined;
+  for (let i = 0; i < count; i++) {
+    try {
+      const r = await apiRequest<{ id: string; name: string; rttMs: number }>(sock, "POST", "/v1/ping", { node: positionals[0], timeoutMs }, timeoutMs + 2000);
+      target = r;
+      rtts.push(r.rttMs);
+      if (!values.json) process.stdout.write(`reply from ${r.name} (${r.id}): time=${r.rttMs.toFixed(3)} ms\n`);
+    } catch (e) {
+      if (e instanceof WeftError && (e.code === "ERR_TIMEOUT" || e.code === "ERR_NOT_CONNECTED")) {
+        lost++;
+        if (!values.json) process.stdout.write(`no reply: ${e.message}\n`);
+      } else throw e;
+    }
+    if (i + 1 < count) await new Promise((r) => setTimeout(r, 200));
+  }
+  if (values.json) process.stdout.write(JSON.stringify({ id: target?.id ?? null, name: target?.name ?? null, rttMs: rtts, lost }) + "\n");
+  else if (rtts.length) {
+    const sorted = [...rtts].sort((a, b) => a - b);
+    process.stdout.write(`${count} sent, ${rtts.length} received, min/median/max ${sorted[0]!.toFixed(3)}/${sorted[Math.floor(sorted.length / 2)]!.toFixed(3)}/${sorted[sorted.length - 1]!.toFixed(3)} ms\n`);
+  }
+  return rtts.length > 0 ? 0 : 1;
+}

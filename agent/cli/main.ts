@@ -1,0 +1,66 @@
+#!/usr/bin/env node
+/** The `weftnet` command: dispatches to subcommands. */
+import { realpathSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { UsageError } from "../../src/errors.js";
+import { VERSION } from "../version.js";
+import { errorLine } from "./util.js";
+
+export const MAIN_HELP = `weftnet ${VERSION} — peer-to-peer WebRTC overlay network for pods
+
+Usage: weftnet <command> [options]
+
+Commands:
+  signal     run the signaling server (matchmaker + STUN)
+  agent      run the node agent
+  status     show this node and its peers
+  ping NODE  measure RTT to a peer over the mesh
+  version    print the version
+
+Run \`weftnet <command> --help\` for the options of each command.
+`;
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case undefined:
+      case "help":
+      case "-h":
+      case "--help":
+        process.stdout.write(MAIN_HELP);
+        return cmd === undefined ? 2 : 0;
+      case "version":
+      case "--version":
+      case "-v":
+        process.stdout.write(`${VERSION}\n`);
+        return 0;
+      case "signal": {
+        const { runSignal } = await import("../../signaling/cli.js");
+        return await runSignal(rest);
+      }
+      case "agent":
+        return await (await import("./commands.js")).runAgent(rest);
+      case "status":
+        return await (await import("./commands.js")).runStatus(rest);
+      case "ping":
+        return await (await import("./commands.js")).runPing(rest);
+      default:
+        throw new UsageError(`unknown command ${JSON.stringify(cmd)}; run \`weftnet --help\` for the list`);
+    }
+  } catch (e) {
+    process.stderr.write(`${errorLine(e)}\n`);
+    return e instanceof UsageError ? 2 : 1;
+  }
+}
+
+function isMain(): boolean {
+  try {
+    return process.argv[1] !== undefined && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
+  } catch {
+    return false;
+  }
+}
+if (isMain()) {
+  main(process.argv.slice(2)).then((code) => process.exit(code));
+}

@@ -1,0 +1,188 @@
+/**
+ * Signaling client: keeps one authenticated WebSocket to the signaling server, reconnecting with
+ * jittered exponential backoff. Emits presence and relayed signals; a fatal refusal (bad token,
+ * duplicate identity) stops reconnecting and is reported once through onFatal.
+ * Established WebRTC links do not depend on this connection.
+ */
+import { nanoid } from "nanoid";
+import WebSocket from "ws";
+import { CTX_HELLO, signFields, tokenMac, type Identity } from "../src/identity.js";
+import type { Logger } from "../src/log.js";
+import { backoffDelay, type BackoffConfig } from "../src/mesh/backoff.js";
+import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type PeerInfo, type SignalData } from "../src/wire/signal.js";
+import { WeftError } from "../src/errors.js";
+
+export interface SignalClientEvents {
+  onWelcome(peers: PeerInfo[], info: { addr: string; stunPort: number }): void;
+  onJoin(peer: PeerInfo): void;
+  onLeave(id: string): void;
+  onSignal(from: string, data: SignalData): void;
+  onServerError(code: string, msg: string, ref?: string): void;
+  onDown(reason: string): void;
+  onFatal(err: WeftError): void;
+}
+
+export interface SignalClientOptions {
+  url: string;
+  token: string;
+  identity: Identity;
+  name: string;
+  instance: string;
+  meta: Record<string, string>;
+  logger: Logger;
+  backoff?: BackoffConfig;
+  events: SignalClientEvents;
+}
+
+export function signalEndpoint(url: string): string {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    throw new WeftError("ERR_USAGE", `--signal ${JSON.stringify(url)} is not a URL (expected ws://HOST:PORT or wss://HOST:PORT)`);
+  }
+  if (u.protocol === "http:") u.protocol = "ws:";
+  if (u.protocol === "https:") u.protocol = "wss:";
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new WeftError("ERR_USAGE", `--signal must be a ws:// or wss:// URL, got ${u.protocol}`);
+  if (u.pathname === "/" || u.pathname === "") u.pathname = SIGNAL_PATH;
+  return u.toString();
+}
+
+export class SignalClient {
+  private ws: WebSocket | undefined;
+  private attempts = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  private registered = false;
+  readonly endpoint: string;
+  readonly host: string;
+  badFrames = 0;
+
+  constructor(private readonly opts: SignalClientOptions) {
+    this.endpoint = signalEndpoint(opts.url);
+    this.host = new URL(this.endpoint).hostname;
+  }
+
+  get up(): boolean {
+    return this.registered && this.ws?.readyState === WebSocket.OPEN;
+  }
+
+  start(): void {
+    this.connect();
+  }
+
+  send(to: string, data: SignalData): boolean {
+    if (!this.up || !this.ws) return false;
+    this.ws.send(encodeSignal({ t: "signal", to, data }));
+    return true;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.ws?.close(1000, "agent stopping");
+    this.ws = undefined;
+  }
+
+  private connect(): void {
+    if (this.stopped) return;
+    const log = this.opts.logger;
+    const ws = new WebSocket(this.endpoint, { handshakeTimeout: 10_000, maxPayload: 256 * 1024 });
+    this.ws = ws;
+    let pingTimer: NodeJS.Timeout | undefined;
+    let lastPong = Date.now();
+    ws.binaryType = "nodebuffer";
+    ws.on("open", () => {
+      log.debug("signaling socket open", { url: this.endpoint });
+      pingTimer = setInterval(() => {
+        if (Date.now() - lastPong > 30_000) ws.terminate();
+        else ws.ping();
+      }, 10_000);
+      pingTimer.unref();
+    });
+    ws.on("pong", () => (lastPong = Date.now()));
+    ws.on("ping", () => (lastPong = Date.now()));
+    ws.on("message", (raw: Buffer, isBinary: boolean) => {
+      lastPong = Date.now();
+      if (!isBinary) {
+        this.badFrames++;
+        return;
+      }
+      let msg;
+      try {
+        msg = decodeServerMsg(raw);
+      } catch (e) {
+        this.badFrames++;
+        if (this.badFrames === 1) log.warn("dropping malformed message from signaling server", { err: e });
+        return;
+      }
+      const ev = this.opts.events;
+      switch (msg.t) {
+        case "challenge": {
+          const { identity, token, instance } = this.opts;
+          ws.send(
+            encodeSignal({
+              t: "hello",
+              id: identity.id,
+              pub: identity.publicKey,
+              name: this.opts.name,
+              instance,
+              meta: this.opts.meta,
+              mac: tokenMac(token, CTX_HELLO, msg.nonce, identity.id, instance),
+              sig: signFields(identity, CTX_HELLO, msg.nonce, identity.id, instance),
+            }),
+          );
+          break;
+        }
+        case "welcome":
+          this.registered = true;
+          this.attempts = 0;
+          log.info("registered with signaling server", { url: this.endpoint, peers: msg.peers.length, addr: msg.you.addr });
+          ev.onWelcome(msg.peers, { addr: msg.you.addr, stunPort: msg.stunPort });
+          break;
+        case "join":
+          ev.onJoin(msg.peer);
+          break;
+        case "leave":
+          ev.onLeave(msg.id);
+          break;
+        case "signal":
+          ev.onSignal(msg.from, msg.data);
+          break;
+        case "error":
+          ev.onServerError(msg.code, msg.msg, msg.ref);
+          break;
+      }
+    });
+    ws.on("error", (err) => {
+      log.debug("signaling socket error", { err });
+    });
+    ws.on("close", (code: number, reasonBuf: Buffer) => {
+      if (pingTimer) clearInterval(pingTimer);
+      const reason = reasonBuf.toString() || `code ${code}`;
+      const wasUp = this.registered;
+      this.registered = false;
+      if (this.ws === ws) this.ws = undefined;
+      if (this.stopped) return;
+      if (code === CLOSE_CODES.BAD_TOKEN || code === CLOSE_CODES.BAD_IDENTITY) {
+        this.stopped = true;
+        this.opts.events.onFatal(new WeftError(code === CLOSE_CODES.BAD_TOKEN ? "ERR_BAD_TOKEN" : "ERR_BAD_IDENTITY", `signaling server refused this agent: ${reason}`));
+        return;
+      }
+      if (code === CLOSE_CODES.DUPLICATE_ID) {
+        this.stopped = true;
+        this.opts.events.onFatal(new WeftError("ERR_DUPLICATE_ID", `signaling server refused this agent: ${reason}`));
+        return;
+      }
+      if (wasUp) this.opts.events.onDown(reason);
+      const delay = backoffDelay(this.attempts++, this.opts.backoff);
+      log[wasUp ? "warn" : "debug"]("signaling connection lost; reconnecting", { reason, inMs: delay });
+      this.timer = setTimeout(() => this.connect(), delay);
+      this.timer.unref?.();
+    });
+  }
+}
+
+export function newInstanceId(): string {
+  return nanoid(12);
+}

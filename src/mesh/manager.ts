@@ -1,0 +1,466 @@
+/**
+ * MeshManager: owns one PeerFsm per known peer and drives TransportLinks from their actions.
+ * Inputs: presence and relayed signals (from the signaling client), link events (from the transport),
+ * `tick()` (from a timer in the agent). Time comes from the injected clock; no timers live here.
+ */
+import { nanoid } from "nanoid";
+import { AuthError, ProtocolError, WeftError } from "../errors.js";
+import type { Identity } from "../identity.js";
+import type { Logger } from "../log.js";
+import { decodeControl, encodeControl, type ControlMsg } from "../wire/control.js";
+import type { PeerInfo, SignalData } from "../wire/signal.js";
+import { proveSdp, verifySdp } from "./auth.js";
+import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
+import type { ChannelName, LinkSignal, LinkStats, Transport, TransportLink } from "./transport.js";
+
+/** A peer that sends this many undecodable control messages in a row is disconnected. */
+export const MAX_BAD_CONTROL = 50;
+
+export interface SignalPort {
+  readonly up: boolean;
+  send(to: string, data: SignalData): boolean;
+}
+
+export interface MeshOptions {
+  identity: Identity;
+  token: string;
+  name: string;
+  instance: string;
+  version: string;
+  transport: Transport;
+  signal: SignalPort;
+  iceServers: () => { urls: string | string[]; username?: string; credential?: string }[];
+  logger: Logger;
+  now: () => number;
+  timing?: Partial<PeerTiming>;
+}
+
+export interface PeerStatus {
+  id: string;
+  name: string;
+  state: PeerState;
+  path: "direct" | "none";
+  rttMs: number | null;
+  srttMs: number | null;
+  bytesIn: number;
+  bytesOut: number;
+  uptimeMs: number | null;
+  offerer: boolean;
+  attempts: number;
+  lastError: string | null;
+  selected: LinkStats["selected"] | null;
+  meta: Record<string, string>;
+  version: string | null;
+}
+
+interface Entry {
+  fsm: PeerFsm;
+  info: PeerInfo;
+  link: TransportLink | undefined;
+  linkConn: string | undefined;
+  pendingOffer: string | undefined;
+  hello: Extract<ControlMsg, { t: "hello" }> | undefined;
+  badControl: number;
+  badLogged: boolean;
+}
+
+export interface MeshCounters {
+  badSignal: number;
+  badControl: number;
+  authFailures: number;
+  unknownSender: number;
+  linksOpened: number;
+  linksClosed: number;
+}
+
+type AppHandler = (from: string, body: unknown) => void;
+
+export class MeshManager {
+  private readonly peers = new Map<string, Entry>();
+  private readonly timing: PeerTiming;
+  private readonly pings = new Map<number, { peer: string; resolve: (rtt: number) => void; reject: (e: Error) => void; sentAt: number; timer: ReturnType<typeof setTimeout> }>();
+  private pingSeq = 1_000_000;
+  private readonly appHandlers = new Map<string, AppHandler>();
+  private readonly upListeners: ((id: string) => void)[] = [];
+  private readonly downListeners: ((id: string) => void)[] = [];
+  private packetHandler: ((from: string, data: Uint8Array) => void) | undefined;
+  private stopped = false;
+  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, linksClosed: 0 };
+
+  constructor(private readonly o: MeshOptions) {
+    this.timing = { ...DEFAULT_TIMING, ...o.timing };
+  }
+
+  get selfId(): string {
+    return this.o.identity.id;
+  }
+
+  // ---- inputs from signaling -------------------------------------------------------------------
+
+  onWelcome(peers: PeerInfo[]): void {
+    const listed = new Set<string>();
+    for (const p of peers) {
+      if (p.id === this.selfId) continue;
+      listed.add(p.id);
+      this.ensure(p);
+      this.feed(p.id, { type: "present" });
+    }
+    for (const id of [...this.peers.keys()]) if (!listed.has(id)) this.feed(id, { type: "absent" });
+  }
+
+  onJoin(p: PeerInfo): void {
+    if (p.id === this.selfId) return;
+    this.ensure(p);
+    this.feed(p.id, { type: "present" });
+  }
+
+  onLeave(id: string): void {
+    if (this.peers.has(id)) this.feed(id, { type: "absent" });
+  }
+
+  onSignal(from: string, data: SignalData): void {
+    const e = this.peers.get(from);
+    if (!e) {
+      this.counters.unknownSender++;
+      this.o.logger.debug("signal from a node we have no presence for; dropped", { from });
+      return;
+    }
+    switch (data.kind) {
+      case "offer":
+      case "answer": {
+        try {
+          verifySdp({ token: this.o.token, selfId: this.selfId, from, fromPub: e.info.pub, conn: data.conn, sdp: data.sdp, proof: data });
+        } catch (err) {
+          this.counters.authFailures++;
+          const reason = `authentication failed: ${(err as Error).message}`;
+          this.o.logger.warn("peer failed authentication; link refused", { peer: from, name: e.info.name, reason });
+          this.feed(from, { type: "auth-failed", conn: data.kind === "answer" ? data.conn : undefined, reason });
+          return;
+        }
+        if (data.kind === "offer") {
+          e.pendingOffer = data.sdp;
+          this.feed(from, { type: "offer", conn: data.conn });
+        } else if (e.link && e.linkConn === data.conn) {
+          this.linkSignal(e, { kind: "answer", sdp: data.sdp });
+        }
+        break;
+      }
+      case "candidate":
+        if (e.link && e.linkConn === data.conn) this.linkSignal(e, { kind: "candidate", candidate: data.candidate });
+        break;
+      case "bye":
+        if (e.link && e.linkConn === data.conn) e.link.close();
+        break;
+    }
+  }
+
+  // ---- timer -------------------------------------------------------------------------------------
+
+  tick(): void {
+    if (this.stopped) return;
+    for (const id of [...this.peers.keys()]) this.feed(id, { type: "tick", canDial: this.o.signal.up });
+  }
+
+  // ---- outputs / API -------------------------------------------------------------------------------
+
+  onApp(ch: string, h: AppHandler): void {
+    this.appHandlers.set(ch, h);
+  }
+  onPacket(h: (from: string, data: Uint8Array) => void): void {
+    this.packetHandler = h;
+  }
+  onPeerUp(f: (id: string) => void): void {
+    this.upListeners.push(f);
+  }
+  onPeerDown(f: (id: string) => void): void {
+    this.downListeners.push(f);
+  }
+
+  sendApp(peer: string, ch: string, body: unknown): boolean {
+    return this.sendControl(peer, { t: "app", ch, body });
+  }
+  sendPacket(peer: string, data: Uint8Array): boolean {
+    const e = this.peers.get(peer);
+    return !!e?.link && e.fsm.state === "connected" && e.link.send("packets", data);
+  }
+  link(peer: string): TransportLink | undefined {
+    const e = this.peers.get(peer);
+    return e?.fsm.state === "connected" ? e.link : undefined;
+  }
+  connectedPeers(): string[] {
+    return [...this.peers.values()].filter((e) => e.fsm.state === "connected").map((e) => e.info.id);
+  }
+  peerName(id: string): string | undefined {
+    return this.peers.get(id)?.info.name;
+  }
+  resolvePeer(idOrName: string): string | undefined {
+    if (this.peers.has(idOrName)) return idOrName;
+    const byName = [...this.peers.values()].filter((e) => e.info.name === idOrName);
+    if (byName.length === 1) return byName[0]!.info.id;
+    const byPrefix = [...this.peers.keys()].filter((id) => id.startsWith(idOrName));
+    return byPrefix.length === 1 ? byPrefix[0] : undefined;
+  }
+
+  /** Round trip over the control channel. Rejects if the peer is not connected or does not answer. */
+  ping(peer: string, timeoutMs = 3000): Promise<number> {
+    const e = this.peers.get(peer);
+    if (!e || e.fsm.state !== "connected") return Promise.reject(new WeftError("ERR_NOT_CONNECTED", `peer ${peer} is not connected`));
+    const seq = ++this.pingSeq;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pings.delete(seq);
+        reject(new WeftError("ERR_TIMEOUT", `no answer from ${peer} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const sentAt = performance.now();
+      this.pings.set(seq, { peer, resolve, reject, sentAt, timer });
+      if (!this.sendControl(peer, { t: "ping", seq, ts: this.o.now() })) {
+        clearTimeout(timer);
+        this.pings.delete(seq);
+        reject(new WeftError("ERR_NOT_CONNECTED", `cannot send to ${peer}`));
+      }
+    });
+  }
+
+  async status(): Promise<PeerStatus[]> {
+    const now = this.o.now();
+    const out: PeerStatus[] = [];
+    for (const e of this.peers.values()) {
+      let stats: LinkStats | undefined;
+      if (e.link && e.fsm.state === "connected") {
+        try {
+          stats = await e.link.stats();
+        } catch {
+          stats = undefined;
+        }
+      }
+      const f = e.fsm;
+      out.push({
+        id: e.info.id,
+        name: e.info.name,
+        state: f.state,
+        path: f.state === "connected" ? "direct" : "none",
+        rttMs: f.state === "connected" && f.rttMs !== undefined ? round(f.rttMs) : null,
+        srttMs: f.state === "connected" && f.srttMs !== undefined ? round(f.srttMs) : null,
+        bytesIn: stats?.bytesReceived ?? 0,
+        bytesOut: stats?.bytesSent ?? 0,
+        uptimeMs: f.connectedAt !== undefined ? now - f.connectedAt : null,
+        offerer: f.offerer,
+        attempts: f.attempts,
+        lastError: f.lastError ?? null,
+        selected: stats?.selected ?? null,
+        meta: e.info.meta,
+        version: e.hello?.version ?? null,
+      });
+    }
+    out.sort((a, b) => a.name.localeCompare(b.name) || a.id.localeCompare(b.id));
+    return out;
+  }
+
+  /** Graceful: tell every connected peer we leave, then close all links. */
+  async stop(reason = "agent stopping"): Promise<void> {
+    this.stopped = true;
+    for (const e of this.peers.values()) {
+      if (e.fsm.state === "connected") this.sendControl(e.info.id, { t: "bye", reason });
+    }
+    // Give the bye a moment to leave the SCTP queue before tearing the links down.
+    await new Promise((r) => setTimeout(r, 50));
+    for (const e of this.peers.values()) {
+      e.link?.close();
+      e.link = undefined;
+    }
+    for (const p of this.pings.values()) {
+      clearTimeout(p.timer);
+      p.reject(new WeftError("ERR_STOPPED", "agent stopping"));
+    }
+    this.pings.clear();
+  }
+
+  // ---- internals -----------------------------------------------------------------------------------
+
+  private ensure(p: PeerInfo): Entry {
+    let e = this.peers.get(p.id);
+    if (!e) {
+      const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false };
+      this.peers.set(p.id, e);
+    } else {
+      e.info = p;
+    }
+    return e;
+  }
+
+  private feed(id: string, ev: PeerEvent): void {
+    const e = this.peers.get(id);
+    if (!e) return;
+    const before = e.fsm.state;
+    const actions = e.fsm.handle(ev, this.o.now());
+    for (const a of actions) this.perform(e, a);
+    const after = e.fsm.state;
+    if (before !== after) {
+      this.o.logger.debug("peer state", { peer: id, name: e.info.name, from: before, to: after, reason: e.fsm.lastError });
+      if (after === "connected") {
+        this.o.logger.info("peer connected", { peer: id, name: e.info.name });
+        for (const f of this.upListeners) f(id);
+      } else if (before === "connected") {
+        this.o.logger.info("peer disconnected", { peer: id, name: e.info.name, reason: e.fsm.lastError });
+        for (const f of this.downListeners) f(id);
+      }
+    }
+  }
+
+  private perform(e: Entry, a: PeerAction): void {
+    const id = e.info.id;
+    switch (a.type) {
+      case "dial":
+      case "accept": {
+        this.dropLink(e);
+        const conn = a.conn;
+        const link = this.o.transport.createLink({
+          initiator: a.type === "dial",
+          iceServers: this.o.iceServers(),
+          handlers: {
+            onSignal: (sig) => this.onLinkSignal(e, conn, sig),
+            onOpen: () => {
+              this.counters.linksOpened++;
+              this.feed(id, { type: "open", conn });
+            },
+            onMessage: (ch, data) => this.onLinkMessage(e, conn, ch, data),
+            onClose: (reason) => {
+              this.counters.linksClosed++;
+              if (e.linkConn === conn) {
+                e.link = undefined;
+                e.linkConn = undefined;
+              }
+              this.feed(id, { type: "closed", conn, reason });
+            },
+          },
+        });
+        e.link = link;
+        e.linkConn = conn;
+        if (a.type === "dial") {
+          link.start().catch((err) => this.o.logger.warn("could not create offer", { peer: id, err }));
+        } else {
+          const sdp = e.pendingOffer;
+          e.pendingOffer = undefined;
+          if (sdp) this.linkSignal(e, { kind: "offer", sdp });
+        }
+        break;
+      }
+      case "close":
+        if (e.linkConn === a.conn) {
+          this.o.signal.send(id, { kind: "bye", conn: a.conn });
+          this.dropLink(e);
+        }
+        break;
+      case "ping":
+        this.sendControl(id, { t: "ping", seq: a.seq, ts: this.o.now() });
+        break;
+      case "hello":
+        this.sendControl(id, { t: "hello", name: this.o.name, instance: this.o.instance, version: this.o.version, startedAt: this.o.now() });
+        break;
+      case "remove":
+        this.dropLink(e);
+        this.peers.delete(id);
+        break;
+    }
+  }
+
+  private dropLink(e: Entry): void {
+    const link = e.link;
+    e.link = undefined;
+    e.linkConn = undefined;
+    link?.close();
+  }
+
+  private linkSignal(e: Entry, sig: LinkSignal): void {
+    e.link?.handleSignal(sig).catch((err) => this.o.logger.warn("could not apply remote signal", { peer: e.info.id, kind: sig.kind, err }));
+  }
+
+  private onLinkSignal(e: Entry, conn: string, sig: LinkSignal): void {
+    if (e.linkConn !== conn) return;
+    const to = e.info.id;
+    if (sig.kind === "candidate") {
+      this.o.signal.send(to, { kind: "candidate", conn, candidate: sig.candidate });
+      return;
+    }
+    try {
+      const proof = proveSdp(this.o.identity, this.o.token, to, conn, sig.sdp);
+      this.o.signal.send(to, { kind: sig.kind, conn, sdp: sig.sdp, sig: proof.sig, mac: proof.mac });
+    } catch (err) {
+      this.o.logger.error("cannot sign local SDP", { peer: to, err });
+    }
+  }
+
+  private sendControl(peer: string, msg: ControlMsg): boolean {
+    const e = this.peers.get(peer);
+    if (!e?.link || e.fsm.state !== "connected") return false;
+    return e.link.send("control", encodeControl(msg));
+  }
+
+  private onLinkMessage(e: Entry, conn: string, ch: ChannelName, data: Uint8Array): void {
+    if (e.linkConn !== conn) return;
+    const id = e.info.id;
+    if (ch === "packets") {
+      this.packetHandler?.(id, data);
+      return;
+    }
+    let msg: ControlMsg;
+    try {
+      msg = decodeControl(data);
+    } catch (err) {
+      this.counters.badControl++;
+      e.badControl++;
+      if (!e.badLogged) {
+        e.badLogged = true;
+        this.o.logger.warn("dropping malformed control message from peer", { peer: id, name: e.info.name, err, code: (err as ProtocolError).code });
+      }
+      if (e.badControl >= MAX_BAD_CONTROL) {
+        this.o.logger.warn("disconnecting peer after repeated malformed control messages", { peer: id, count: e.badControl });
+        this.feed(id, { type: "auth-failed", conn, reason: `disconnected after ${e.badControl} malformed control messages` });
+      }
+      return;
+    }
+    e.badControl = 0;
+    this.feed(id, { type: "heard" });
+    switch (msg.t) {
+      case "hello":
+        e.hello = msg;
+        break;
+      case "ping":
+        this.sendControl(id, { t: "pong", seq: msg.seq, ts: msg.ts });
+        break;
+      case "pong": {
+        const p = this.pings.get(msg.seq);
+        if (p && p.peer === id) {
+          this.pings.delete(msg.seq);
+          clearTimeout(p.timer);
+          p.resolve(performance.now() - p.sentAt);
+        } else {
+          this.feed(id, { type: "pong", seq: msg.seq, sentAt: msg.ts });
+        }
+        break;
+      }
+      case "bye":
+        this.feed(id, { type: "bye", reason: msg.reason });
+        break;
+      case "app": {
+        const h = this.appHandlers.get(msg.ch);
+        if (h) {
+          try {
+            h(id, msg.body);
+          } catch (err) {
+            this.counters.badControl++;
+            this.o.logger.warn("app handler rejected a control message", { peer: id, ch: msg.ch, err });
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+function round(x: number): number {
+  return Math.round(x * 100) / 100;
+}
+
+export { AuthError };

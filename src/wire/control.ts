@@ -1,0 +1,49 @@
+/**
+ * Control-channel protocol: messages between two agents on the reliable, ordered `control` data channel
+ * (one msgpack map per data-channel message, see codec.ts for the envelope).
+ *
+ * Flow on a new link (after DTLS; both peers are already authenticated by the signed SDP fingerprints,
+ * see mesh/auth.ts):
+ *   A -> B  hello {name, instance, version, startedAt}     once, right after the channel opens
+ *   A -> B  ping {seq, ts}       every heartbeat interval (both directions)
+ *   B -> A  pong {seq, ts}       ts echoed; RTT = now - ts at the sender
+ *   A -> B  bye {reason}         graceful shutdown: B marks A gone at once instead of waiting
+ *   A -> B  app {ch, body}       payload for a higher layer (ch: "ipam", "topo", ...), body is opaque here
+ *
+ * Limits: MAX_CONTROL_BYTES per message. Unknown `t` values and bad fields raise ProtocolError; the
+ * receiver counts and drops them (and logs once per peer) — a misbehaving peer never crashes us.
+ */
+import { ProtocolError } from "../errors.js";
+import { PROTOCOL_VERSION, decodeEnvelope, encodeMessage, num, str, type WireMap } from "./codec.js";
+
+export const MAX_CONTROL_BYTES = 256 * 1024;
+
+export type ControlMsg =
+  | { t: "hello"; name: string; instance: string; version: string; startedAt: number }
+  | { t: "ping"; seq: number; ts: number }
+  | { t: "pong"; seq: number; ts: number }
+  | { t: "bye"; reason: string }
+  | { t: "app"; ch: string; body: unknown };
+
+export function encodeControl(msg: ControlMsg): Uint8Array {
+  const out = encodeMessage({ v: PROTOCOL_VERSION, ...msg } as WireMap);
+  if (out.byteLength > MAX_CONTROL_BYTES) throw new ProtocolError("ERR_TOO_LARGE", `control message of ${out.byteLength} bytes exceeds ${MAX_CONTROL_BYTES}`);
+  return out;
+}
+
+export function decodeControl(data: Uint8Array): ControlMsg {
+  const m = decodeEnvelope(data, MAX_CONTROL_BYTES);
+  switch (m.t) {
+    case "hello":
+      return { t: "hello", name: str(m, "name", 64), instance: str(m, "instance", 64), version: str(m, "version", 32), startedAt: num(m, "startedAt") };
+    case "ping":
+    case "pong":
+      return { t: m.t, seq: num(m, "seq"), ts: num(m, "ts") };
+    case "bye":
+      return { t: "bye", reason: str(m, "reason", 256) };
+    case "app":
+      return { t: "app", ch: str(m, "ch", 32), body: m.body };
+    default:
+      throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown control message type ${JSON.stringify(m.t)}`);
+  }
+}
