@@ -106,6 +106,7 @@ export class PeerFsm {
         if (this.conn !== undefined && this.conn !== ev.conn) out.push({ type: "close", conn: this.conn, reason: "replaced by a new offer" });
         this.conn = ev.conn;
         this.state = "connecting";
+        this.connectedAt = undefined;
         this.deadline = now + this.timing.connectTimeoutMs;
         out.push({ type: "accept", conn: ev.conn });
         break;

@@ -1,0 +1,121 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { DEFAULT_TIMING, isOfferer, PeerFsm, type PeerAction, type PeerEvent } from "../../src/mesh/peer.js";
+
+const A = "0000000000000001";
+const B = "0000000000000002";
+const timing = { ...DEFAULT_TIMING, connectTimeoutMs: 1000, heartbeatMs: 100, deadAfterMs: 500, goneTtlMs: 10_000, backoff: { baseMs: 100, maxMs: 1000, minMs: 50 } };
+const types = (as: PeerAction[]) => as.map((a) => a.type);
+
+describe("PeerFsm", () => {
+  it("the lower id offers, the other waits (no glare)", () => {
+    expect(isOfferer(A, B)).toBe(true);
+    expect(isOfferer(B, A)).toBe(false);
+    const offerer = new PeerFsm(A, B, timing);
+    const answerer = new PeerFsm(B, A, timing);
+    expect(types(offerer.handle({ type: "present" }, 0))).toEqual(["dial"]);
+    expect(types(answerer.handle({ type: "present" }, 0))).toEqual([]);
+    expect(types(answerer.handle({ type: "offer", conn: "x" }, 1))).toEqual(["accept"]);
+    expect(offerer.handle({ type: "offer", conn: "y" }, 1)).toEqual([]); // offerer ignores offers
+  });
+
+  it("connects, pings on heartbeat, measures RTT", () => {
+    const f = new PeerFsm(A, B, timing);
+    const [dial] = f.handle({ type: "present" }, 0) as [{ type: "dial"; conn: string }];
+    expect(types(f.handle({ type: "open", conn: dial.conn }, 10))).toEqual(["hello", "ping"]);
+    expect(f.state).toBe("connected");
+    expect(types(f.handle({ type: "tick", canDial: true }, 50))).toEqual([]);
+    expect(types(f.handle({ type: "tick", canDial: true }, 111))).toEqual(["ping"]);
+    f.handle({ type: "pong", seq: 2, sentAt: 111 }, 115);
+    expect(f.rttMs).toBe(4);
+  });
+
+  it("times out a link that never opens and redials with backoff", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`, () => 0);
+    f.handle({ type: "present" }, 0);
+    const acts = f.handle({ type: "tick", canDial: true }, 1001);
+    expect(acts).toEqual([{ type: "close", conn: "c1", reason: expect.stringMatching(/did not open/) }]);
+    expect(f.state).toBe("backoff");
+    expect(f.handle({ type: "tick", canDial: true }, 1002)).toEqual([]); // minMs 50 not elapsed
+    expect(f.handle({ type: "tick", canDial: false }, 2000)).toEqual([]); // signaling down: no dial
+    expect(f.handle({ type: "tick", canDial: true }, 2000)).toEqual([{ type: "dial", conn: "c2" }]);
+  });
+
+  it("detects a dead link by missing heartbeats", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "open", conn: "c1" }, 0);
+    f.handle({ type: "heard" }, 300);
+    expect(f.handle({ type: "tick", canDial: true }, 800).map((a) => a.type)).not.toContain("close");
+    expect(f.handle({ type: "tick", canDial: true }, 801)).toContainEqual({ type: "close", conn: "c1", reason: expect.stringMatching(/no heartbeat/) });
+    expect(f.state).toBe("backoff");
+  });
+
+  it("keeps a connected link when the peer leaves signaling; bye ends it", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "open", conn: "c1" }, 0);
+    expect(f.handle({ type: "absent" }, 10)).toEqual([]);
+    expect(f.state).toBe("connected");
+    expect(f.handle({ type: "bye", reason: "stopping" }, 20)).toEqual([{ type: "close", conn: "c1", reason: "peer said bye: stopping" }]);
+    expect(f.state).toBe("gone");
+    expect(types(f.handle({ type: "tick", canDial: true }, 20 + timing.goneTtlMs))).toEqual(["remove"]);
+  });
+
+  it("ignores events for stale connections", () => {
+    const f = new PeerFsm(B, A, timing);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "offer", conn: "new" }, 0);
+    expect(f.handle({ type: "open", conn: "old" }, 1)).toEqual([]);
+    expect(f.handle({ type: "closed", conn: "old", reason: "x" }, 1)).toEqual([]);
+    expect(f.state).toBe("connecting");
+  });
+
+  it("reports auth failures and does not drop a live link for a forged offer", () => {
+    const f = new PeerFsm(B, A, timing);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "offer", conn: "c" }, 0);
+    f.handle({ type: "open", conn: "c" }, 1);
+    expect(f.handle({ type: "auth-failed", reason: "forged" }, 2)).toEqual([]);
+    expect(f.state).toBe("connected");
+    const g = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    g.handle({ type: "present" }, 0);
+    expect(g.handle({ type: "auth-failed", conn: "c1", reason: "bad sig" }, 1)).toEqual([{ type: "close", conn: "c1", reason: "bad sig" }]);
+    expect(g.state).toBe("auth-failed");
+    expect(g.lastError).toBe("bad sig");
+  });
+
+  it("random event sequences keep the machine consistent", () => {
+    const ev: fc.Arbitrary<PeerEvent> = fc.oneof(
+      fc.constant({ type: "present" } as const),
+      fc.constant({ type: "absent" } as const),
+      fc.record({ type: fc.constant("offer" as const), conn: fc.constantFrom("c1", "c2", "c3") }),
+      fc.record({ type: fc.constant("open" as const), conn: fc.constantFrom("c1", "c2", "c3") }),
+      fc.record({ type: fc.constant("closed" as const), conn: fc.constantFrom("c1", "c2", "c3"), reason: fc.constant("x") }),
+      fc.record({ type: fc.constant("auth-failed" as const), conn: fc.option(fc.constantFrom("c1", "c2"), { nil: undefined }), reason: fc.constant("y") }),
+      fc.constant({ type: "heard" } as const),
+      fc.record({ type: fc.constant("tick" as const), canDial: fc.boolean() }),
+      fc.record({ type: fc.constant("bye" as const), reason: fc.constant("z") }),
+    );
+    fc.assert(
+      fc.property(fc.boolean(), fc.array(fc.tuple(ev, fc.integer({ min: 0, max: 700 })), { maxLength: 60 }), (offerer, evs) => {
+        const f = offerer ? new PeerFsm(A, B, timing, (n) => `c${n}`) : new PeerFsm(B, A, timing);
+        let now = 0;
+        let open: string | undefined; // the conn the driver holds a link for
+        for (const [e, dt] of evs) {
+          now += dt;
+          for (const a of f.handle(e, now)) {
+            if (a.type === "dial" || a.type === "accept") open = a.conn;
+            if (a.type === "close" && a.conn === open) open = undefined;
+          }
+          // Invariants: connected/connecting always have a conn; gone/backoff/waiting never hold one.
+          if (f.state === "connected" || f.state === "connecting") expect(f.conn).toBeDefined();
+          if (f.state === "gone" || f.state === "backoff" || f.state === "waiting") expect(f.conn).toBeUndefined();
+          if (f.conn !== undefined) expect(open).toBe(f.conn);
+          if (f.state !== "connected") expect(f.connectedAt).toBeUndefined();
+        }
+      }),
+      { numRuns: 500 },
+    );
+  });
+});
