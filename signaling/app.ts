@@ -20,6 +20,8 @@ export interface SignalAppOptions extends SignalHubOptions {
   now?: () => number;
   /** use an existing hub instead of creating one */
   hub?: SignalHub;
+  /** more counters merged into GET /v1/stats (the server adds the STUN responder's) */
+  extraStats?: () => Record<string, unknown>;
 }
 
 /** Constant-time token comparison (hash first so lengths never leak through timing). */
@@ -51,7 +53,7 @@ export function createSignalApp(opts: SignalAppOptions): { app: Hono; hub: Signa
     }),
   );
 
-  app.get("/v1/stats", requireToken, (c) => c.json(hub.stats()));
+  app.get("/v1/stats", requireToken, (c) => c.json({ ...hub.stats(), ...(opts.extraStats?.() ?? {}) }));
 
   app.notFound((c) => c.json({ error: `no route ${c.req.method} ${new URL(c.req.url).pathname}` }, 404));
   app.onError((err, c) => {

@@ -402,7 +402,8 @@ export class SignalHub {
     s.member = undefined;
     s.terminate(
       CLOSE_CODES.DUPLICATE_ID,
-      `duplicate id: node ${m.id} is already connected from ${holder.addr}; two agents share one identity key (copied state dir?)`,
+      // close reasons are capped at 123 bytes: the explanation first, the details after
+      `duplicate id: two agents share one identity key (copied state dir?); ${m.id} is live at ${holder.addr}`,
     );
   }
 

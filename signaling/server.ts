@@ -15,7 +15,7 @@ import { silentLogger, type Logger } from "../src/log.js";
 import { CLOSE_CODES, MAX_SIGNAL_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
 import { createSignalApp } from "./app.js";
 import type { SignalHub, SignalSocket } from "./hub.js";
-import { startStunServer, type StunServer } from "./stun.js";
+import { startStunServer, type StunServer, type StunStats } from "./stun.js";
 
 export const DEFAULT_PING_INTERVAL_MS = 15_000;
 export const MISSED_PONGS_LIMIT = 2;
@@ -44,6 +44,8 @@ export interface SignalServer {
   /** bound STUN port, 0 when STUN is off */
   readonly stunPort: number;
   readonly hub: SignalHub;
+  /** STUN responder counters (undefined when STUN is off) */
+  stunStats(): StunStats | undefined;
   close(): Promise<void>;
 }
 
@@ -87,6 +89,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     ...(opts.helloTimeoutMs !== undefined ? { helloTimeoutMs: opts.helloTimeoutMs } : {}),
     ...(opts.probeTimeoutMs !== undefined ? { probeTimeoutMs: opts.probeTimeoutMs } : {}),
     ...(opts.now !== undefined ? { now: opts.now } : {}),
+    extraStats: () => (stun ? { stun: stun.stats() } : {}),
   };
   const { app, hub } = createSignalApp(hubOpts);
   const server = createAdaptorServer({ fetch: app.fetch }) as Server;
@@ -217,6 +220,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     port,
     stunPort: stun?.port ?? 0,
     hub,
+    stunStats: () => stun?.stats(),
     close: () => (closed ??= close()),
   };
 }
