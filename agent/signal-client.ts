@@ -176,7 +176,7 @@ export class SignalClient {
       }
       if (wasUp) this.opts.events.onDown(reason);
       const delay = backoffDelay(this.attempts++, this.opts.backoff);
-      log[wasUp ? "warn" : "debug"]("signaling connection lost; reconnecting", { reason, inMs: delay });
+      log.debug("signaling connection lost; reconnecting", { reason, inMs: delay });
       this.timer = setTimeout(() => this.connect(), delay);
       this.timer.unref?.();
     });

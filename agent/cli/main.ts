@@ -62,5 +62,12 @@ function isMain(): boolean {
   }
 }
 if (isMain()) {
+  // Supervisors (the demo, tests) set this so the process never outlives them: when the parent dies,
+  // our stdin pipe closes and we shut down like on SIGTERM.
+  if (process.env.WEFTNET_EXIT_WITH_PARENT === "1") {
+    process.stdin.on("end", () => process.kill(process.pid, "SIGTERM"));
+    process.stdin.on("error", () => process.kill(process.pid, "SIGTERM"));
+    process.stdin.resume();
+  }
   main(process.argv.slice(2)).then((code) => process.exit(code));
 }
