@@ -1,0 +1,266 @@
+/**
+ * `weftnet signal`: run the signaling server (matchmaker + STUN).
+ * Called by agent/cli/main.ts as runSignal(process.argv.slice(3)); resolves with the exit code once the
+ * server has stopped (SIGINT/SIGTERM) or failed to start.
+ */
+import { chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { homedir, networkInterfaces } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { nanoid } from "nanoid";
+import { UsageError, WeftError } from "../src/errors.js";
+import { createLogger, parseLevel } from "../src/log.js";
+import { SIGNAL_PATH } from "../src/wire/signal.js";
+import { startSignalServer, type SignalServer } from "./server.js";
+
+export const DEFAULT_LISTEN = "0.0.0.0:7000";
+export const DEFAULT_STUN_PORT = 3478;
+
+export const SIGNAL_HELP = `Usage: weftnet signal [options]
+
+Run the signaling server: agents register here, learn about each other and exchange WebRTC offers,
+answers and candidates. It also answers STUN Binding requests on UDP so agents behind NAT learn their
+public address. It holds presence only: after a restart agents re-register and everything is rebuilt.
+
+Options:
+  --listen HOST:PORT   HTTP + WebSocket address (default ${DEFAULT_LISTEN}; [::]:7000 for IPv6)
+  --token T            cluster token agents must prove (visible in ps; prefer --token-file or the env)
+  --token-file F       read the cluster token from file F
+  --state-dir D        where a generated token is kept (default /var/lib/weftnet-signal as root,
+                       else $XDG_STATE_HOME/weftnet-signal or ~/.local/state/weftnet-signal)
+  --stun-port N        UDP port of the STUN responder (default ${DEFAULT_STUN_PORT}; 0 disables it)
+  --verbose            log joins, leaves and refusals (JSON lines on stderr; WEFTNET_LOG=debug|info|warn)
+  -h, --help           show this help
+
+Environment:
+  WEFTNET_TOKEN        cluster token, used when neither --token nor --token-file is given
+
+Without any token a random one is generated on first start, stored in <state-dir>/token (mode 0600)
+and reused afterwards. Join an agent with:
+  weftnet agent --signal ws://HOST:PORT --token <T>
+
+Endpoints: GET /healthz, GET /v1/nodes (Authorization: Bearer <token>), WebSocket ${SIGNAL_PATH}.
+`;
+
+export interface SignalCliIo {
+  stdout?: (s: string) => void;
+  stderr?: (s: string) => void;
+  env?: NodeJS.ProcessEnv;
+  /** stop the server when aborted (tests); SIGINT/SIGTERM always do */
+  signal?: AbortSignal;
+  /** called once the server listens (tests) */
+  onListening?: (server: SignalServer) => void;
+}
+
+/** "HOST:PORT", "[v6]:PORT", ":PORT" or "PORT". */
+export function parseListen(s: string): { host: string; port: number } {
+  let host: string;
+  let portStr: string;
+  const v6 = /^\[([^\]]+)\]:(\d+)$/.exec(s);
+  if (v6) {
+    host = v6[1]!;
+    portStr = v6[2]!;
+  } else if (/^\d+$/.test(s)) {
+    host = "0.0.0.0";
+    portStr = s;
+  } else {
+    const i = s.lastIndexOf(":");
+    if (i < 0 || s.indexOf(":") !== i) throw new UsageError(`--listen ${JSON.stringify(s)}: expected HOST:PORT (IPv6 as [ADDR]:PORT)`);
+    host = s.slice(0, i) || "0.0.0.0";
+    portStr = s.slice(i + 1);
+  }
+  return { host, port: parsePort(portStr, "--listen") };
+}
+
+export function parsePort(s: string, flag: string): number {
+  if (!/^\d{1,5}$/.test(s) || Number(s) > 65535) throw new UsageError(`${flag} ${JSON.stringify(s)}: port must be a number from 0 to 65535`);
+  return Number(s);
+}
+
+export function defaultStateDir(env: NodeJS.ProcessEnv = process.env, uid: number | undefined = process.getuid?.()): string {
+  if (uid === 0) return "/var/lib/weftnet-signal";
+  const xdg = env.XDG_STATE_HOME;
+  if (xdg !== undefined && xdg.startsWith("/")) return join(xdg, "weftnet-signal");
+  return join(env.HOME || homedir(), ".local", "state", "weftnet-signal");
+}
+
+/** Write a file atomically with mode 0600 (temp file in the same dir, fsync, rename). */
+export function writeSecretFile(path: string, content: string): void {
+  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
+  const fd = openSync(tmp, "wx", 0o600);
+  try {
+    writeSync(fd, content);
+    fsyncSync(fd);
+  } catch (e) {
+    closeSync(fd);
+    try {
+      unlinkSync(tmp);
+    } catch {
+      /* already gone */
+    }
+    throw e;
+  }
+  closeSync(fd);
+  chmodSync(tmp, 0o600);
+  renameSync(tmp, path);
+}
+
+function readTokenFile(path: string, what: string): string {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    throw new UsageError(`${what} ${path}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`);
+  }
+  const token = text.trim();
+  if (token.length === 0) throw new UsageError(`${what} ${path} is empty`);
+  return token;
+}
+
+/** Token stored in <stateDir>/token, generated on first use. */
+export function loadOrCreateToken(stateDir: string): { token: string; path: string; created: boolean } {
+  const path = join(stateDir, "token");
+  let exists = true;
+  try {
+    statSync(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw new UsageError(`token file ${path}: ${(e as Error).message}`);
+    exists = false;
+  }
+  if (exists) {
+    try {
+      return { token: readTokenFile(path, "token file"), path, created: false };
+    } catch (e) {
+      throw new UsageError(`${(e as Error).message}; delete it to generate a new token`);
+    }
+  }
+  try {
+    mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+    const token = nanoid(32);
+    writeSecretFile(path, token + "\n");
+    return { token, path, created: true };
+  } catch (e) {
+    throw new UsageError(`cannot store a generated token in ${stateDir}: ${(e as Error).message} (use --state-dir, --token or --token-file)`);
+  }
+}
+
+function isWildcard(host: string): boolean {
+  return host === "0.0.0.0" || host === "::" || host === "";
+}
+
+/** A guess at the address remote agents should dial when we listen on a wildcard. */
+function publicHostGuess(host: string): string {
+  if (!isWildcard(host)) return host.includes(":") ? `[${host}]` : host;
+  for (const addrs of Object.values(networkInterfaces())) {
+    for (const a of addrs ?? []) if (a.family === "IPv4" && !a.internal) return a.address;
+  }
+  return "<this-host>";
+}
+
+export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<number> {
+  const out = io.stdout ?? ((s: string) => void process.stdout.write(s));
+  const err = io.stderr ?? ((s: string) => void process.stderr.write(s));
+  const env = io.env ?? process.env;
+
+  let values: { listen?: string; token?: string; "token-file"?: string; "state-dir"?: string; "stun-port"?: string; verbose?: boolean; help?: boolean };
+  try {
+    values = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        listen: { type: "string" },
+        token: { type: "string" },
+        "token-file": { type: "string" },
+        "state-dir": { type: "string" },
+        "stun-port": { type: "string" },
+        verbose: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
+      },
+    }).values;
+  } catch (e) {
+    err(`weftnet signal: ${(e as Error).message.split("\n")[0]} (see weftnet signal --help)\n`);
+    return 2;
+  }
+  if (values.help) {
+    out(SIGNAL_HELP);
+    return 0;
+  }
+
+  let listen: { host: string; port: number };
+  let stunPort: number;
+  let token: string;
+  let tokenNote: string | undefined;
+  try {
+    listen = parseListen(values.listen ?? DEFAULT_LISTEN);
+    stunPort = values["stun-port"] === undefined ? DEFAULT_STUN_PORT : parsePort(values["stun-port"], "--stun-port");
+    if (values.token !== undefined && values["token-file"] !== undefined) throw new UsageError("give either --token or --token-file, not both");
+    if (values.token !== undefined) {
+      token = values.token.trim();
+      if (token.length === 0) throw new UsageError("--token must not be empty");
+    } else if (values["token-file"] !== undefined) {
+      token = readTokenFile(values["token-file"], "--token-file");
+    } else if (env.WEFTNET_TOKEN !== undefined && env.WEFTNET_TOKEN.trim() !== "") {
+      token = env.WEFTNET_TOKEN.trim();
+    } else {
+      const stateDir = values["state-dir"] ?? defaultStateDir(env);
+      const t = loadOrCreateToken(stateDir);
+      token = t.token;
+      tokenNote = t.created ? `generated cluster token ${t.token} (stored in ${t.path})` : `using the cluster token stored in ${t.path}`;
+    }
+  } catch (e) {
+    err(`weftnet signal: ${(e as Error).message}\n`);
+    return 2;
+  }
+
+  const logger = createLogger({ level: values.verbose ? "debug" : parseLevel(env.WEFTNET_LOG, "warn"), component: "weftnet-signal" });
+  let server: SignalServer;
+  try {
+    server = await startSignalServer({ listen, token, stunPort, logger });
+  } catch (e) {
+    err(`weftnet signal: ${(e as Error).message}\n`);
+    return e instanceof WeftError && e.code === "ERR_USAGE" ? 2 : 1;
+  }
+
+  const stunText = server.stunPort ? `STUN on udp/${server.stunPort}` : "STUN off";
+  out(`weftnet signal listening on ws://${listen.host.includes(":") ? `[${listen.host}]` : listen.host}:${server.port} (${stunText})\n`);
+  if (tokenNote !== undefined) {
+    out(`${tokenNote}\n`);
+    const shown = tokenNote.startsWith("generated") ? token : "<token>";
+    out(`join agents with: weftnet agent --signal ws://${publicHostGuess(listen.host)}:${server.port} --token ${shown}\n`);
+  }
+  io.onListening?.(server);
+
+  await new Promise<void>((resolve) => {
+    let stopping = false;
+    const cleanup = () => {
+      process.off("SIGINT", onInt);
+      process.off("SIGTERM", onTerm);
+      io.signal?.removeEventListener("abort", onAbort);
+    };
+    const stop = (why: string) => {
+      if (stopping) {
+        if (why !== "abort") process.exit(130); // second Ctrl-C: do not wait any more
+        return;
+      }
+      stopping = true;
+      logger.info("shutting down", { why });
+      server
+        .close()
+        .catch((e: unknown) => logger.error("shutdown failed", { err: e }))
+        .finally(() => {
+          cleanup();
+          resolve();
+        });
+    };
+    const onInt = () => stop("SIGINT");
+    const onTerm = () => stop("SIGTERM");
+    const onAbort = () => stop("abort");
+    process.on("SIGINT", onInt);
+    process.on("SIGTERM", onTerm);
+    if (io.signal?.aborted) onAbort();
+    else io.signal?.addEventListener("abort", onAbort, { once: true });
+  });
+  out("weftnet signal stopped\n");
+  return 0;
+}
