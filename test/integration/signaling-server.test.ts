@@ -409,4 +409,28 @@ describe("signaling server", () => {
     expect(r.value.mapped).toEqual({ family: "IPv4", address: "127.0.0.1", port: udp.address().port });
     expect(server.stunStats()).toMatchObject({ requests: 1, responses: 1, dropped: 2 });
   });
+
+  it("STUN on a dual-stack socket: IPv6 clients get IPv6, IPv4 clients get IPv4 (not ::ffff:)", async () => {
+    const server = await start({ listen: { host: "::", port: 0 }, stunPort: "ephemeral" });
+    for (const [type, host] of [["udp6", "::1"], ["udp4", "127.0.0.1"]] as const) {
+      const udp = createSocket(type);
+      cleanups.push(() => udp.close());
+      await new Promise<void>((resolve) => udp.bind(0, host, () => resolve()));
+      const reply = new Promise<Buffer>((resolve) => udp.once("message", (m) => resolve(m)));
+      udp.send(encodeBindingRequest(new Uint8Array(randomBytes(12))), server.stunPort, host);
+      const r = parseBindingSuccess(await reply);
+      expect(r.ok && r.value.mapped).toEqual({ family: type === "udp6" ? "IPv6" : "IPv4", address: host, port: udp.address().port });
+    }
+  });
+
+  it("a frame above the ws payload cap closes only that connection (1009); the others are told it left", async () => {
+    const server = await start();
+    const peer = await register(server, generateIdentity());
+    const big = await register(server, generateIdentity());
+    await peer.c.next("join");
+    big.c.send(new Uint8Array(MAX_SIGNAL_BYTES * 4));
+    expect((await big.c.closed).code).toBe(1009);
+    expect(await peer.c.next("leave")).toEqual({ t: "leave", id: big.welcome.you.id });
+    expect(peer.c.ws.readyState).toBe(WebSocket.OPEN);
+  });
 });

@@ -1,8 +1,9 @@
+import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { createSignalApp, tokenMatches } from "../../signaling/app.js";
 import type { SignalSocket } from "../../signaling/hub.js";
 import { CTX_HELLO, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
-import { decodeEnvelope } from "../../src/wire/codec.js";
+import { decodeEnvelope, encodeMessage } from "../../src/wire/codec.js";
 import { CLOSE_CODES, MAX_SIGNAL_BYTES, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 
 const TOKEN = "s3cret-token-for-tests";
@@ -159,6 +160,44 @@ describe("signaling hub (in-memory port)", () => {
     expect(deadSock.closedWith?.code).toBe(CLOSE_CODES.REPLACED);
     expect(fresh.last("welcome")?.you.id).toBe(a.id);
     expect(other.sent.map((m) => m.t)).toEqual(["challenge", "welcome", "leave", "join"]);
+    hub.closeAll();
+  });
+
+  it("fuzz: no input makes a session fail internally (only error frames or protocol closes)", () => {
+    const { hub, join } = setup();
+    const a = generateIdentity();
+    const b = generateIdentity();
+    join(b);
+    const value = fc.oneof(fc.anything(), fc.uint8Array({ maxLength: 40 }), fc.constantFrom(a.id, b.id, "x"));
+    const wireMap = fc
+      .record({ v: fc.oneof(fc.constant(1), fc.integer()), t: fc.constantFrom("hello", "signal", "join", "") }, { requiredKeys: ["t"] })
+      .chain((base) =>
+        fc.record({ to: value, data: fc.oneof(value, fc.dictionary(fc.constantFrom("kind", "conn", "sdp", "candidate"), value)), id: value, pub: value, mac: value, sig: value, name: value, instance: value, meta: value }, { requiredKeys: [] }).map((rest) => ({ ...rest, ...base })),
+      );
+    const frame = fc.oneof(
+      fc.uint8Array({ maxLength: 300 }),
+      wireMap.map((m) => {
+        try {
+          return encodeMessage(m as never);
+        } catch {
+          return new Uint8Array(0);
+        }
+      }),
+      fc.string(),
+    );
+    fc.assert(
+      fc.property(fc.array(frame, { maxLength: 30 }), fc.boolean(), (frames, registered) => {
+        const { sock, session } = registered ? join(a) : (() => {
+          const sock = new MemorySocket();
+          return { sock, session: hub.open(sock) };
+        })();
+        for (const f of frames) session.receive(f);
+        expect(sock.closedWith?.code ?? 0).not.toBe(1011);
+        session.closed();
+      }),
+      { numRuns: 300 },
+    );
+    expect(hub.size).toBe(1);
     hub.closeAll();
   });
 });
