@@ -1,0 +1,354 @@
+/**
+ * Real werift peers in one process, wired by passing signals directly (no signaling server, no mocks).
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createWeriftTransport, LIMITS, type WeriftTransport } from "../../agent/transport/werift.js";
+import { sdpFingerprint, type ChannelName, type LinkSignal, type TransportLink } from "../../src/mesh/transport.js";
+import { createLogger } from "../../src/log.js";
+
+const logLines: string[] = [];
+const logger = createLogger({ level: "info", sink: (l) => logLines.push(l) });
+
+interface Side {
+  link: TransportLink;
+  signals: LinkSignal[];
+  messages: { channel: ChannelName; data: Uint8Array }[];
+  closes: string[];
+  drains: ChannelName[];
+  opened: Promise<void>;
+  closed: Promise<string>;
+  onMessage?: (channel: ChannelName, data: Uint8Array) => void;
+}
+
+function makeSide(t: WeriftTransport, initiator: boolean, deliver: (sig: LinkSignal) => void): Side {
+  let opened!: () => void;
+  let closed!: (r: string) => void;
+  const side: Side = {
+    link: undefined as unknown as TransportLink,
+    signals: [],
+    messages: [],
+    closes: [],
+    drains: [],
+    opened: new Promise<void>((r) => (opened = r)),
+    closed: new Promise<string>((r) => (closed = r)),
+  };
+  side.link = t.createLink({
+    initiator,
+    iceServers: [],
+    handlers: {
+      onSignal: (sig) => {
+        side.signals.push(sig);
+        deliver(sig);
+      },
+      onOpen: () => opened(),
+      onMessage: (channel, data) => {
+        side.messages.push({ channel, data });
+        side.onMessage?.(channel, data);
+      },
+      onClose: (reason) => {
+        side.closes.push(reason);
+        closed(reason);
+      },
+      onDrain: (channel) => side.drains.push(channel),
+    },
+  });
+  return side;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+const udpHandles = () => process.getActiveResourcesInfo().filter((r) => r === "UDPWrap").length;
+
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timeout: ${what}`)), ms);
+    }),
+  ]);
+}
+
+/** Connect two links directly. `shuffle`: hold candidates, deliver them before the offer and shuffled. */
+async function connectPair(ta: WeriftTransport, tb: WeriftTransport, shuffle = false): Promise<{ a: Side; b: Side }> {
+  let a!: Side;
+  let b!: Side;
+  const toB: LinkSignal[] = [];
+  const toA: LinkSignal[] = [];
+  const fwd = (target: () => Side, queue: LinkSignal[]) => (sig: LinkSignal) => {
+    if (!shuffle) {
+      void target().link.handleSignal(sig);
+      return;
+    }
+    if (sig.kind === "candidate") {
+      queue.push(sig);
+      return;
+    }
+    // Deliver every held candidate (shuffled) first, then the description after a delay.
+    const held = queue.splice(0).sort(() => Math.random() - 0.5);
+    for (const c of held) void target().link.handleSignal(c);
+    setTimeout(() => {
+      void target().link.handleSignal(sig);
+      // Candidates produced later go straight through, delayed.
+      queue.length = 0;
+    }, 50);
+  };
+  a = makeSide(ta, true, fwd(() => b, toB));
+  b = makeSide(tb, false, fwd(() => a, toA));
+  await a.link.start();
+  await within(Promise.all([a.opened, b.opened]), 10_000, "links open");
+  return { a, b };
+}
+
+describe("werift transport (loopback, one process)", () => {
+  let ta: WeriftTransport;
+  let tb: WeriftTransport;
+  let baselineUdp = 0;
+
+  beforeAll(async () => {
+    baselineUdp = udpHandles();
+    ta = await createWeriftTransport({ logger, loopbackOnly: true });
+    tb = await createWeriftTransport({ logger, loopbackOnly: true });
+  });
+
+  afterAll(async () => {
+    await ta?.close();
+    await tb?.close();
+  });
+
+  it("knows its fingerprint before any link, and every SDP carries it", async () => {
+    expect(ta.fingerprint.algorithm).toBe("sha-256");
+    expect(ta.fingerprint.value).toMatch(/^([0-9A-F]{2}:){31}[0-9A-F]{2}$/);
+    expect(ta.fingerprint).not.toEqual(tb.fingerprint);
+    const { a, b } = await connectPair(ta, tb);
+    const offer = a.signals.find((s) => s.kind === "offer");
+    const answer = b.signals.find((s) => s.kind === "answer");
+    expect(offer && offer.kind === "offer" && sdpFingerprint(offer.sdp)).toEqual(ta.fingerprint);
+    expect(answer && answer.kind === "answer" && sdpFingerprint(answer.sdp)).toEqual(tb.fingerprint);
+    // A second link of the same transport uses the same certificate.
+    const { a: a2 } = await connectPair(ta, tb);
+    const offer2 = a2.signals.find((s) => s.kind === "offer");
+    expect(offer2 && offer2.kind === "offer" && sdpFingerprint(offer2.sdp)).toEqual(ta.fingerprint);
+    a.link.close();
+    a2.link.close();
+  });
+
+  it("buffers candidates that arrive before the description, opens, and carries messages both ways on both channels", async () => {
+    const { a, b } = await connectPair(ta, tb, true);
+    expect(a.link.state).toBe("open");
+    expect(b.link.state).toBe("open");
+    // Candidates were really delivered before the offer on the answer side.
+    expect(a.signals.findIndex((s) => s.kind === "candidate")).toBeLessThan(a.signals.findIndex((s) => s.kind === "offer"));
+
+    expect(a.link.send("control", new Uint8Array([1, 2, 3]))).toBe(true);
+    expect(a.link.send("packets", new Uint8Array([4, 5]))).toBe(true);
+    expect(b.link.send("control", new Uint8Array([6]))).toBe(true);
+    expect(b.link.send("packets", new Uint8Array([7, 8, 9, 10]))).toBe(true);
+    await within(
+      (async () => {
+        while (a.messages.length < 2 || b.messages.length < 2) await sleep(10);
+      })(),
+      5000,
+      "messages",
+    );
+    const got = (s: Side, ch: ChannelName) => s.messages.filter((m) => m.channel === ch).map((m) => [...m.data]);
+    expect(got(b, "control")).toEqual([[1, 2, 3]]);
+    expect(got(b, "packets")).toEqual([[4, 5]]);
+    expect(got(a, "control")).toEqual([[6]]);
+    expect(got(a, "packets")).toEqual([[7, 8, 9, 10]]);
+    for (const m of [...a.messages, ...b.messages]) expect(m.data).toBeInstanceOf(Uint8Array);
+
+    const stats = await a.link.stats();
+    expect(stats.bytesSent).toBe(5);
+    expect(stats.bytesReceived).toBe(5);
+    expect(stats.selected?.localAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(stats.selected?.remoteAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(stats.selected?.localType).toBe("host");
+    a.link.close();
+  });
+
+  it("round-trips a 200 KiB control message", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    b.onMessage = (ch, data) => {
+      if (ch === "control") b.link.send("control", data);
+    };
+    const big = new Uint8Array(200 * 1024);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
+    const t0 = Date.now();
+    expect(a.link.send("control", big)).toBe(true);
+    await within(
+      (async () => {
+        while (a.messages.length < 1) await sleep(10);
+      })(),
+      15_000,
+      "200 KiB echo",
+    );
+    const ms = Date.now() - t0;
+    console.log(`[measure] 200 KiB control message round trip: ${ms} ms`);
+    expect(a.messages[0]?.data.byteLength).toBe(big.byteLength);
+    expect(Buffer.from(a.messages[0]!.data).equals(Buffer.from(big))).toBe(true);
+    a.link.close();
+  });
+
+  it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    expect(a.link.send("control", new Uint8Array(LIMITS.maxMessageSize + 1))).toBe(false);
+    expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
+
+    const chunk = new Uint8Array(8 * 1024);
+    let accepted = 0;
+    while (a.link.send("packets", chunk)) {
+      accepted++;
+      expect(accepted).toBeLessThan(1000);
+    }
+    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(LIMITS.packetsLowWater);
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
+    await within(
+      (async () => {
+        while (!a.drains.includes("packets")) await sleep(5);
+      })(),
+      10_000,
+      "drain",
+    );
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsLowWater);
+    expect(a.link.send("packets", chunk)).toBe(true);
+    // Same on control with its larger limit.
+    const cchunk = new Uint8Array(64 * 1024);
+    let caccepted = 0;
+    while (a.link.send("control", cchunk)) caccepted++;
+    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(LIMITS.controlBufferLimit);
+    await within(
+      (async () => {
+        while (!a.drains.includes("control")) await sleep(5);
+      })(),
+      20_000,
+      "control drain",
+    );
+    expect(b.messages.length).toBeGreaterThan(0);
+    a.link.close();
+  });
+
+  it("delivers string messages from a misbehaving peer as bytes", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    // Reach into werift to send a string, as a non-weftnet peer could.
+    (a.link as unknown as { dc: Record<ChannelName, { send(d: string): void }> }).dc.control.send("héllo");
+    await within(
+      (async () => {
+        while (b.messages.length < 1) await sleep(10);
+      })(),
+      5000,
+      "string message",
+    );
+    expect(b.messages[0]?.data).toBeInstanceOf(Uint8Array);
+    expect(Buffer.from(b.messages[0]!.data).toString("utf8")).toBe("héllo");
+    a.link.close();
+  });
+
+  it("close() on one side closes the other within a few seconds; onClose fires once", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    const t0 = Date.now();
+    a.link.close();
+    a.link.close();
+    expect(a.link.state).toBe("closed");
+    expect(a.link.send("control", new Uint8Array(1))).toBe(false);
+    const reason = await within(b.closed, 3000, "remote close");
+    console.log(`[measure] remote noticed close after ${Date.now() - t0} ms (${reason})`);
+    await sleep(200);
+    expect(a.closes).toEqual(["closed locally"]);
+    expect(b.closes.length).toBe(1);
+    expect(b.link.state).toBe("closed");
+    expect(b.link.send("control", new Uint8Array(1))).toBe(false);
+  });
+
+  it("close() before connecting frees its sockets", async () => {
+    const before = udpHandles();
+    const a = makeSide(ta, true, () => {});
+    await a.link.start(); // gathers host candidates: opens UDP sockets
+    expect(udpHandles()).toBeGreaterThan(before);
+    a.link.close();
+    expect(a.closes).toEqual(["closed locally"]);
+    await within(
+      (async () => {
+        while (udpHandles() > before) await sleep(20);
+      })(),
+      3000,
+      "sockets freed",
+    );
+    // A link closed before start() never opens anything.
+    const c = makeSide(ta, true, () => {});
+    c.link.close();
+    await c.link.start();
+    expect(c.signals).toEqual([]);
+    expect(udpHandles()).toBe(before);
+  });
+
+  it("a link whose peer never answers can be closed cleanly", async () => {
+    const before = udpHandles();
+    let b!: Side;
+    const a = makeSide(ta, true, (sig) => void b.link.handleSignal(sig));
+    b = makeSide(tb, false, () => {}); // answers go nowhere
+    await a.link.start();
+    await sleep(1000);
+    expect(a.link.state).toBe("connecting");
+    a.link.close();
+    b.link.close();
+    expect(a.closes.length).toBe(1);
+    expect(b.closes.length).toBe(1);
+    await within(
+      (async () => {
+        while (udpHandles() > before) await sleep(20);
+      })(),
+      3000,
+      "sockets freed",
+    );
+  });
+
+  it("transport.close() closes its links and frees every socket", async () => {
+    const tc = await createWeriftTransport({ logger, loopbackOnly: true });
+    const td = await createWeriftTransport({ logger, loopbackOnly: true });
+    const { a, b } = await connectPair(tc, td);
+    await tc.close();
+    await td.close();
+    expect(a.closes.length).toBe(1);
+    expect(b.closes.length).toBe(1);
+    expect(tc.linkCount).toBe(0);
+    expect(() => tc.createLink({ initiator: true, iceServers: [], handlers: { onSignal() {}, onOpen() {}, onMessage() {}, onClose() {} } })).toThrow();
+  });
+
+  it("handlers that throw do not break the link", async () => {
+    let a!: Side;
+    let b!: Side;
+    a = makeSide(ta, true, (s) => void b.link.handleSignal(s));
+    b = makeSide(tb, false, (s) => void a.link.handleSignal(s));
+    b.onMessage = () => {
+      throw new Error("boom");
+    };
+    await a.link.start();
+    await within(Promise.all([a.opened, b.opened]), 10_000, "open");
+    a.link.send("control", new Uint8Array([1]));
+    a.link.send("control", new Uint8Array([2]));
+    await within(
+      (async () => {
+        while (b.messages.length < 2) await sleep(10);
+      })(),
+      5000,
+      "messages despite throwing handler",
+    );
+    expect(logLines.some((l) => l.includes("link handler threw"))).toBe(true);
+    a.link.close();
+    await within(b.closed, 3000, "close");
+  });
+
+  it("measures: 10 links in one process", async () => {
+    const t0 = Date.now();
+    const pairs = await Promise.all(Array.from({ length: 10 }, () => connectPair(ta, tb)));
+    const ms = Date.now() - t0;
+    console.log(`[measure] 10 links (20 peer connections, one process) open after ${ms} ms`);
+    for (const p of pairs) p.a.link.close();
+    await Promise.all(pairs.map((p) => within(p.b.closed, 5000, "close")));
+  });
+
+  it("leaves no UDP sockets behind", async () => {
+    await sleep(300);
+    expect(udpHandles()).toBe(baselineUdp);
+  });
+});
