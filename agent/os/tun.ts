@@ -47,8 +47,11 @@ export class TunError extends WeftError {
 export interface TunOptions {
   /** Interface name, at most 15 chars; "%d" lets the kernel pick a number. Default "weft0". */
   name?: string;
-  /** IFF_VNET_HDR + offloads (GSO super-packets). Default true. */
+  /** IFF_VNET_HDR: every packet carries a virtio_net_hdr. Default true. */
   vnetHdr?: boolean;
+  /** With vnetHdr: TUNSETOFFLOAD CSUM|TSO4|TSO6 so the kernel hands over GSO super-packets. Default true.
+   *  false: plain MTU-sized packets (still with a virtio header, gso_type NONE), for comparison. */
+  offload?: boolean;
   /** Most packets per onBatch call. Default 256. */
   maxBatch?: number;
   /** Most bytes per onBatch call. Default 2 MiB. */
@@ -254,7 +257,7 @@ export class TunDevice implements PacketDevice {
         const rc = c.ioctlPtr(fd, TUNSETVNETLE, one);
         // Little-endian hosts speak LE virtio headers anyway; only a big-endian host truly needs the ioctl.
         if (rc < 0 && new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) setup("TUNSETVNETLE", rc);
-        setup("TUNSETOFFLOAD", c.ioctlVal(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6));
+        setup("TUNSETOFFLOAD", c.ioctlVal(fd, TUNSETOFFLOAD, opts.offload === false ? 0 : TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6));
       }
       efd = c.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
       if (efd < 0) throw new TunError("ERR_TUN_SETUP", `eventfd failed: ${c.errnoName(c.koffi.errno())}`);

@@ -14,7 +14,7 @@ import { customAlphabet } from "nanoid";
 import { openTun, type TunDevice } from "../../agent/os/tun.js";
 import { DropCounters } from "../../src/packet/drop.js";
 import { FrameEncoder, decodeFrame, nodeIdToBytes } from "../../src/packet/frame.js";
-import { ipv4Dst } from "../../src/packet/ip.js";
+import { ipv4Dst, peekIp } from "../../src/packet/ip.js";
 import { RouteTable } from "../../src/packet/route.js";
 import { VNET_HDR_LEN, isGso } from "../../src/packet/vnet.js";
 
@@ -59,7 +59,7 @@ function ip(args: string[]): void {
   execFileSync("ip", args, { stdio: ["ignore", "ignore", "pipe"] });
 }
 
-export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number } = {}): Promise<TunLab> {
+export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number; offload?: boolean } = {}): Promise<TunLab> {
   const id = suffix();
   const net = 1 + Math.floor(Math.random() * 250);
   const namespaces: string[] = [];
@@ -91,7 +91,7 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
       const ns = `wt-${id}-${tag}`;
       ip(["netns", "add", ns]);
       namespaces.push(ns);
-      const tun = openTun({ name: `wt${tag}${id}` });
+      const tun = openTun({ name: `wt${tag}${id}`, offload: opts.offload ?? true });
       tuns.push(tun);
       const addr = `10.99.${net}.${i + 1}`;
       ip(["link", "set", tun.name, "netns", ns]);
@@ -132,7 +132,8 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
           const dst = ipv4Dst(p, VNET_HDR_LEN);
           const to = dst < 0 ? undefined : routes.lookup4(dst);
           if (!to || to === from) {
-            stats.drops.drop(dst < 0 ? "malformed" : "no-route"); // IPv6 router solicitations etc.
+            const h = dst < 0 ? peekIp(p, VNET_HDR_LEN) : undefined;
+            stats.drops.drop(h && !h.ok ? h.reason : "no-route"); // IPv6 router solicitations: no route
             continue;
           }
           if (open !== to) {
