@@ -16,7 +16,7 @@ import { DropCounters } from "../../src/packet/drop.js";
 import { FrameEncoder, decodeFrame, nodeIdToBytes } from "../../src/packet/frame.js";
 import { ipv4Dst, peekIp } from "../../src/packet/ip.js";
 import { RouteTable } from "../../src/packet/route.js";
-import { VNET_HDR_LEN, isGso } from "../../src/packet/vnet.js";
+import { VNET_GSO_TCPV6, VNET_HDR_LEN, isGso } from "../../src/packet/vnet.js";
 
 export const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 
@@ -24,6 +24,8 @@ export interface LabSide {
   ns: string;
   tun: TunDevice;
   addr: string;
+  /** IPv6 address (fd99:N::1 / ::2, /64, no DAD). */
+  addr6: string;
   nodeId: string;
 }
 
@@ -31,6 +33,7 @@ export interface LabStats {
   frames: number;
   packets: number;
   gsoPackets: number;
+  gso6Packets: number;
   maxPacket: number;
   maxFramePackets: number;
   drops: DropCounters;
@@ -65,7 +68,7 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
   const namespaces: string[] = [];
   const tuns: TunDevice[] = [];
   const children = new Set<ChildProcess>();
-  const stats: LabStats = { frames: 0, packets: 0, gsoPackets: 0, maxPacket: 0, maxFramePackets: 0, drops: new DropCounters() };
+  const stats: LabStats = { frames: 0, packets: 0, gsoPackets: 0, gso6Packets: 0, maxPacket: 0, maxFramePackets: 0, drops: new DropCounters() };
 
   const close = async (): Promise<void> => {
     for (const c of children) if (c.exitCode === null && c.signalCode === null && c.pid) {
@@ -95,10 +98,12 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
       tuns.push(tun);
       const addr = `10.99.${net}.${i + 1}`;
       ip(["link", "set", tun.name, "netns", ns]);
+      const addr6 = `fd99:${net.toString(16)}::${i + 1}`;
       ip(["-n", ns, "addr", "add", `${addr}/24`, "dev", tun.name]);
+      ip(["-n", ns, "addr", "add", `${addr6}/64`, "dev", tun.name, "nodad"]);
       ip(["-n", ns, "link", "set", tun.name, "mtu", String(opts.mtu ?? 1500), "up"]);
       ip(["-n", ns, "link", "set", "lo", "up"]);
-      sides.push({ ns, tun, addr, nodeId: (tag === "a" ? "aa" : "bb").repeat(8) });
+      sides.push({ ns, tun, addr, addr6, nodeId: (tag === "a" ? "aa" : "bb").repeat(8) });
     }
     const [a, b] = sides as [LabSide, LabSide];
 
@@ -106,6 +111,8 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
     const routes = new RouteTable<LabSide>();
     routes.insert(`${a.addr}/32`, a);
     routes.insert(`${b.addr}/32`, b);
+    routes.insert(`${a.addr6}/128`, a);
+    routes.insert(`${b.addr6}/128`, b);
 
     const wire = (from: LabSide) => {
       const enc = new FrameEncoder(opts.maxMessageSize !== undefined ? { maxMessageSize: opts.maxMessageSize } : {});
@@ -128,12 +135,24 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
         for (const p of batch) {
           stats.packets++;
           if (p.length > stats.maxPacket) stats.maxPacket = p.length;
-          if (isGso(p)) stats.gsoPackets++;
+          if (isGso(p)) {
+            stats.gsoPackets++;
+            if (p[1] === VNET_GSO_TCPV6) stats.gso6Packets++;
+          }
+          // fast path for IPv4 (no allocation); IPv6 goes through the full peek
           const dst = ipv4Dst(p, VNET_HDR_LEN);
-          const to = dst < 0 ? undefined : routes.lookup4(dst);
+          let to: LabSide | undefined;
+          if (dst >= 0) to = routes.lookup4(dst);
+          else {
+            const h = peekIp(p, VNET_HDR_LEN);
+            if (!h.ok) {
+              stats.drops.drop(h.reason);
+              continue;
+            }
+            to = routes.lookupHeader(h);
+          }
           if (!to || to === from) {
-            const h = dst < 0 ? peekIp(p, VNET_HDR_LEN) : undefined;
-            stats.drops.drop(h && !h.ok ? h.reason : "no-route"); // IPv6 router solicitations: no route
+            stats.drops.drop("no-route"); // e.g. IPv6 router solicitations to ff02::2
             continue;
           }
           if (open !== to) {

@@ -101,6 +101,20 @@ describe.skipIf(!isRoot)("TUN-to-TUN through the frame codec (root, real kernel)
     console.log(`tun e2e: ${stats.packets} packets, ${stats.gsoPackets} GSO, largest ${stats.maxPacket} B, ${stats.frames} frames, up to ${stats.maxFramePackets} packets/frame`);
   }, 60_000);
 
+  it("IPv6: ping and an 8 MB TCP transfer through TCPv6 GSO super-packets", async () => {
+    const { a, b, run, stats } = lab!;
+    const p = run(a.ns, "ping", ["-6", "-c", "2", "-i", "0.2", "-W", "2", b.addr6]);
+    expect(await p.exited, p.stdout() + p.stderr()).toBe(0);
+    const before = stats.gso6Packets;
+    const rx = run(b.ns, process.execPath, ["-e", RECEIVER, b.addr6, "5202"]);
+    await waitForOutput(rx, "ready");
+    const tx = run(a.ns, process.execPath, ["-e", SENDER, b.addr6, "5202", String(8 << 20)]);
+    expect(await tx.exited, tx.stderr()).toBe(0);
+    const r = JSON.parse(tx.stdout()) as { hash: string; reply: { n: number; hash: string } };
+    expect(r.reply).toEqual({ n: 8 << 20, hash: r.hash });
+    expect(stats.gso6Packets).toBeGreaterThan(before);
+  }, 60_000);
+
   it("pause() stops reading (ping fails) and resume() restarts it", async () => {
     const { a, b, run } = lab!;
     a.tun.pause();
