@@ -42,7 +42,6 @@ import type {
   Transport,
   TransportLink,
 } from "../../src/mesh/transport.js";
-import { sdpFingerprint } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 
@@ -578,4 +577,3 @@ function selectedPathFromIce(pc: RTCPeerConnection): SelectedPath | undefined {
   };
 }
 
-export { sdpFingerprint };
