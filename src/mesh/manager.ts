@@ -62,6 +62,8 @@ interface Entry {
   hello: Extract<ControlMsg, { t: "hello" }> | undefined;
   badControl: number;
   badLogged: boolean;
+  /** Candidates that arrived before the offer they belong to (trickle can overtake it): replayed on accept. */
+  early: Map<string, LinkSignal[]>;
 }
 
 export interface MeshCounters {
@@ -71,6 +73,8 @@ export interface MeshCounters {
   unknownSender: number;
   linksOpened: number;
   linksClosed: number;
+  dials: number;
+  connectTimeouts: number;
 }
 
 type AppHandler = (from: string, body: unknown) => void;
@@ -85,7 +89,7 @@ export class MeshManager {
   private readonly downListeners: ((id: string) => void)[] = [];
   private packetHandler: ((from: string, data: Uint8Array) => void) | undefined;
   private stopped = false;
-  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, linksClosed: 0 };
+  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, linksClosed: 0, dials: 0, connectTimeouts: 0 };
 
   constructor(private readonly o: MeshOptions) {
     this.timing = { ...DEFAULT_TIMING, ...o.timing };
@@ -133,7 +137,7 @@ export class MeshManager {
         } catch (err) {
           this.counters.authFailures++;
           const reason = `authentication failed: ${(err as Error).message}`;
-          this.o.logger.warn("peer failed authentication; link refused", { peer: from, name: e.info.name, reason });
+          this.o.logger.warn("peer failed authentication; link refused", { peer: from, peerName: e.info.name, reason });
           this.feed(from, { type: "auth-failed", conn: data.kind === "answer" ? data.conn : undefined, reason });
           return;
         }
@@ -147,6 +151,16 @@ export class MeshManager {
       }
       case "candidate":
         if (e.link && e.linkConn === data.conn) this.linkSignal(e, { kind: "candidate", candidate: data.candidate });
+        else if (!e.fsm.offerer) {
+          // An offer for this conn may still be on its way: keep a few candidates, bounded.
+          let q = e.early.get(data.conn);
+          if (!q) {
+            if (e.early.size >= 4) e.early.delete(e.early.keys().next().value!);
+            q = [];
+            e.early.set(data.conn, q);
+          }
+          if (q.length < 64) q.push({ kind: "candidate", candidate: data.candidate });
+        }
         break;
       case "bye":
         if (e.link && e.linkConn === data.conn) e.link.close();
@@ -281,7 +295,7 @@ export class MeshManager {
     let e = this.peers.get(p.id);
     if (!e) {
       const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
-      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false };
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map() };
       this.peers.set(p.id, e);
     } else {
       e.info = p;
@@ -297,12 +311,12 @@ export class MeshManager {
     for (const a of actions) this.perform(e, a);
     const after = e.fsm.state;
     if (before !== after) {
-      this.o.logger.debug("peer state", { peer: id, name: e.info.name, from: before, to: after, reason: e.fsm.lastError });
+      this.o.logger.debug("peer state", { peer: id, peerName: e.info.name, from: before, to: after, reason: e.fsm.lastError });
       if (after === "connected") {
-        this.o.logger.info("peer connected", { peer: id, name: e.info.name });
+        this.o.logger.info("peer connected", { peer: id, peerName: e.info.name });
         for (const f of this.upListeners) f(id);
       } else if (before === "connected") {
-        this.o.logger.info("peer disconnected", { peer: id, name: e.info.name, reason: e.fsm.lastError });
+        this.o.logger.info("peer disconnected", { peer: id, peerName: e.info.name, reason: e.fsm.lastError });
         for (const f of this.downListeners) f(id);
       }
     }
@@ -314,6 +328,7 @@ export class MeshManager {
       case "dial":
       case "accept": {
         this.dropLink(e);
+        if (a.type === "dial") this.counters.dials++;
         const conn = a.conn;
         const link = this.o.transport.createLink({
           initiator: a.type === "dial",
@@ -328,8 +343,11 @@ export class MeshManager {
             onClose: (reason) => {
               this.counters.linksClosed++;
               if (e.linkConn === conn) {
+                // The link died under us (ICE failed, remote vanished): tell the peer through signaling,
+                // so its side of this attempt ends now instead of at its connect timeout.
                 e.link = undefined;
                 e.linkConn = undefined;
+                if (!this.stopped) this.o.signal.send(id, { kind: "bye", conn });
               }
               this.feed(id, { type: "closed", conn, reason });
             },
@@ -343,10 +361,13 @@ export class MeshManager {
           const sdp = e.pendingOffer;
           e.pendingOffer = undefined;
           if (sdp) this.linkSignal(e, { kind: "offer", sdp });
+          for (const c of e.early.get(conn) ?? []) this.linkSignal(e, c);
+          e.early.clear();
         }
         break;
       }
       case "close":
+        if (/did not open/.test(a.reason)) this.counters.connectTimeouts++;
         if (e.linkConn === a.conn) {
           this.o.signal.send(id, { kind: "bye", conn: a.conn });
           this.dropLink(e);
@@ -412,7 +433,7 @@ export class MeshManager {
       e.badControl++;
       if (!e.badLogged) {
         e.badLogged = true;
-        this.o.logger.warn("dropping malformed control message from peer", { peer: id, name: e.info.name, err, code: (err as ProtocolError).code });
+        this.o.logger.warn("dropping malformed control message from peer", { peer: id, peerName: e.info.name, err, code: (err as ProtocolError).code });
       }
       if (e.badControl >= MAX_BAD_CONTROL) {
         this.o.logger.warn("disconnecting peer after repeated malformed control messages", { peer: id, count: e.badControl });
