@@ -196,7 +196,7 @@ export class TunDevice implements PacketDevice {
     this.maxBatchBytes = Math.max(READ_SIZE, opts.maxBatchBytes ?? 2 << 20);
     this.slabSize = Math.max(READ_SIZE, opts.slabSize ?? 1 << 20);
     this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
-    this.slab = new Uint8Array(this.slabSize);
+    this.slab = Buffer.allocUnsafeSlow(this.slabSize);
     this.pfd = Buffer.alloc(16); // struct pollfd[2] { int fd; short events; short revents; }
     this.pfd.writeInt32LE(fd, 0);
     this.pfd.writeInt16LE(POLLIN, 4);
@@ -347,7 +347,7 @@ export class TunDevice implements PacketDevice {
     let wouldBlock = false;
     while (batch.length < this.maxBatch && bytes < this.maxBatchBytes) {
       if (this.slab.length - this.off < READ_SIZE) {
-        this.slab = new Uint8Array(this.slabSize); // delivered packets keep the old slab alive
+        this.slab = Buffer.allocUnsafeSlow(this.slabSize); // delivered packets keep the old slab alive
         this.off = 0;
       }
       const n = c.read(fd, this.slab.subarray(this.off), READ_SIZE);

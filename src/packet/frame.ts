@@ -147,7 +147,7 @@ export class FrameEncoder {
     }
     this.maxMessageSize = max;
     this.slabSize = Math.max(opts.slabSize ?? 1 << 20, max);
-    this.slab = new Uint8Array(this.slabSize);
+    this.slab = allocSlab(this.slabSize);
   }
 
   /** Start a frame. src/dst: 8-byte node ids (nodeIdToBytes, computed once per peer, not per packet). */
@@ -155,7 +155,7 @@ export class FrameEncoder {
     if (src.length !== 8 || dst.length !== 8) throw new ProtocolError("ERR_INVALID", "node ids must be 8 bytes");
     if (!Number.isInteger(ttl) || ttl < 1 || ttl > 255) throw new ProtocolError("ERR_INVALID", `ttl ${ttl} out of range 1..255`);
     if (this.slab.length - this.pos < this.maxMessageSize) {
-      this.slab = new Uint8Array(this.slabSize); // the old slab lives on in frames already handed out
+      this.slab = allocSlab(this.slabSize); // the old slab lives on in frames already handed out
       this.pos = 0;
     }
     const s = this.slab;
@@ -237,6 +237,15 @@ export function encodeFrames(
   const last = enc.finish();
   if (last) frames.push(last);
   return { frames, dropped };
+}
+
+/**
+ * Uninitialised memory when Node's Buffer is there (no 1 MiB zero-fill per slab); only bytes we wrote are
+ * ever exposed (frames are subarrays of written ranges).
+ */
+export function allocSlab(n: number): Uint8Array {
+  const B = (globalThis as { Buffer?: { allocUnsafeSlow(n: number): Uint8Array } }).Buffer;
+  return B ? B.allocUnsafeSlow(n) : new Uint8Array(n);
 }
 
 // ---- decoding ------------------------------------------------------------------------------------
