@@ -10,7 +10,7 @@ import { CTX_HELLO, signFields, tokenMac, type Identity } from "../src/identity.
 import type { Logger } from "../src/log.js";
 import { backoffDelay, type BackoffConfig } from "../src/mesh/backoff.js";
 import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type PeerInfo, type SignalData } from "../src/wire/signal.js";
-import { WeftError } from "../src/errors.js";
+import { UsageError, WeftError } from "../src/errors.js";
 
 export interface SignalClientEvents {
   onWelcome(peers: PeerInfo[], info: { addr: string; stunPort: number }): void;
@@ -39,11 +39,11 @@ export function signalEndpoint(url: string): string {
   try {
     u = new URL(url);
   } catch {
-    throw new WeftError("ERR_USAGE", `--signal ${JSON.stringify(url)} is not a URL (expected ws://HOST:PORT or wss://HOST:PORT)`);
+    throw new UsageError(`--signal ${JSON.stringify(url)} is not a URL (expected ws://HOST:PORT or wss://HOST:PORT)`);
   }
   if (u.protocol === "http:") u.protocol = "ws:";
   if (u.protocol === "https:") u.protocol = "wss:";
-  if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new WeftError("ERR_USAGE", `--signal must be a ws:// or wss:// URL, got ${u.protocol}`);
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") throw new UsageError(`--signal must be a ws:// or wss:// URL, got ${u.protocol}`);
   if (u.pathname === "/" || u.pathname === "") u.pathname = SIGNAL_PATH;
   return u.toString();
 }
