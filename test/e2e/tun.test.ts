@@ -150,6 +150,24 @@ describe.skipIf(!isRoot)("TUN lifecycle (root)", () => {
     await t.close(); // idempotent
   });
 
+  it("close() under load (flood ping both ways) is prompt and clean", async () => {
+    const lab = await createTunLab();
+    try {
+      lab.run(lab.a.ns, "ping", ["-f", "-s", "1400", "-w", "5", lab.b.addr]);
+      lab.run(lab.b.ns, "ping", ["-f", "-s", "1400", "-w", "5", lab.a.addr]);
+      await new Promise((r) => setTimeout(r, 700));
+      expect(lab.stats.packets).toBeGreaterThan(100);
+      const t0 = Date.now();
+      await Promise.all([lab.a.tun.close(), lab.b.tun.close()]);
+      expect(Date.now() - t0).toBeLessThan(1000);
+      const failed = lab.b.tun.drops.get("write-failed");
+      expect(lab.b.tun.writeBatch([new Uint8Array(40)])).toBe(0); // closed: counted, not thrown
+      expect(lab.b.tun.drops.get("write-failed")).toBe(failed + 1);
+    } finally {
+      await lab.close(); // kills the pings by PID, deletes the namespaces
+    }
+  }, 30_000);
+
   it("a second open of a name in use fails with ERR_TUN_BUSY", async () => {
     const name = `wtd${Math.random().toString(36).slice(2, 8)}`;
     const t = openTun({ name });
