@@ -1,0 +1,130 @@
+/**
+ * IPAM gossip messages, carried as plain (msgpack-able) maps on the mesh "ipam" app channel.
+ *
+ * Every body is { v: 1, t: type, ... }; decoders ignore unknown fields (a newer sender may append).
+ *   hello  periodic, per directly connected peer:
+ *            epoch   {id, founder, at, range, bp} | null   the cluster IPAM the sender belongs to
+ *            beat    sender's heartbeat (strictly increasing per node, survives restarts)
+ *            beats   [[nodeId, beat]]   highest heartbeat the sender has seen of each member (liveness
+ *                    evidence travels transitively, so reclaim works on partial meshes)
+ *            free    number of whole free blocks the sender could give away
+ *            digest  FNV digest of the sender's block table; a mismatch triggers a full state sync
+ *   state  epoch id + [[blockIndex, owner, version, kind]] (a delta, or a chunk of a full sync)
+ *   req    "give me one block" (epoch id)
+ *   nak    "I have nothing to give / cannot right now" (epoch id)
+ *
+ * decodeIpamMessage throws ProtocolError (malformed) — the caller counts and drops. Semantic checks
+ * against our state (epoch, index range, CRDT conflicts) happen in node.ts and raise IpamError.
+ */
+import { ProtocolError } from "../errors.js";
+import { NODE_ID_RE, arr, isPlainObject, nodeId, num, obj, str } from "../wire/codec.js";
+import type { EntryKind, EntryTuple } from "./table.js";
+
+export const IPAM_WIRE_VERSION = 1;
+export const MAX_BLOCKS = 65536;
+/** Entries per state message: ~28 bytes each keeps a chunk well under the mesh's ~200 KiB limit. */
+export const STATE_CHUNK = 4096;
+export const MAX_BEATS = 4096;
+
+export interface EpochInfo {
+  /** `${founder}.${at}` */
+  readonly id: string;
+  readonly founder: string;
+  readonly at: number;
+  readonly range: string;
+  readonly bp: number;
+}
+
+export type IpamMessage =
+  | { t: "hello"; epoch: EpochInfo | null; beat: number; beats: [string, number][]; free: number; digest: number }
+  | { t: "state"; epoch: string; entries: EntryTuple[] }
+  | { t: "req"; epoch: string }
+  | { t: "nak"; epoch: string };
+
+export type IpamWire = { v: number; t: string } & Record<string, unknown>;
+
+export function encodeIpamMessage(m: IpamMessage): IpamWire {
+  switch (m.t) {
+    case "hello":
+      return { v: IPAM_WIRE_VERSION, t: "hello", epoch: m.epoch ? { ...m.epoch } : null, beat: m.beat, beats: m.beats, free: m.free, digest: m.digest };
+    case "state":
+      return { v: IPAM_WIRE_VERSION, t: "state", epoch: m.epoch, entries: m.entries };
+    case "req":
+    case "nak":
+      return { v: IPAM_WIRE_VERSION, t: m.t, epoch: m.epoch };
+  }
+}
+
+function uint(m: Record<string, unknown>, k: string, max = Number.MAX_SAFE_INTEGER): number {
+  const x = num(m, k);
+  if (!Number.isInteger(x) || x < 0 || x > max) throw new ProtocolError("ERR_INVALID", `field ${k} must be an integer in 0..${max}`);
+  return x;
+}
+
+const EPOCH_ID_RE = /^[0-9a-f]{16}\.[0-9]{1,16}$/;
+
+export function epochId(founder: string, at: number): string {
+  return `${founder}.${at}`;
+}
+
+function decodeEpoch(x: unknown): EpochInfo {
+  if (!isPlainObject(x)) throw new ProtocolError("ERR_INVALID", "epoch must be a map");
+  const founder = nodeId(x, "founder");
+  const at = uint(x, "at");
+  const id = str(x, "id", 40);
+  if (id !== epochId(founder, at)) throw new ProtocolError("ERR_INVALID", "epoch id does not match founder and time");
+  const range = str(x, "range", 18);
+  const bp = uint(x, "bp", 32);
+  return { id, founder, at, range, bp };
+}
+
+function epochRef(m: Record<string, unknown>): string {
+  const id = str(m, "epoch", 40);
+  if (!EPOCH_ID_RE.test(id)) throw new ProtocolError("ERR_INVALID", "field epoch is not an epoch id");
+  return id;
+}
+
+function decodeEntry(x: unknown): EntryTuple {
+  if (!Array.isArray(x) || x.length < 4) throw new ProtocolError("ERR_INVALID", "entry must be [index, owner, version, kind]");
+  const [i, owner, version, kind] = x as unknown[];
+  if (typeof i !== "number" || !Number.isInteger(i) || i < 0 || i >= MAX_BLOCKS) throw new ProtocolError("ERR_INVALID", "entry index out of range");
+  if (typeof owner !== "string" || !NODE_ID_RE.test(owner)) throw new ProtocolError("ERR_INVALID", "entry owner is not a node id");
+  if (typeof version !== "number" || !Number.isSafeInteger(version) || version < 0) throw new ProtocolError("ERR_INVALID", "entry version must be a non-negative integer");
+  if (kind !== "t" && kind !== "c" && kind !== "f") throw new ProtocolError("ERR_INVALID", "entry kind must be t, c or f");
+  return [i, owner, version, kind as EntryKind];
+}
+
+/** Validate a remote body. Throws ProtocolError; never returns partially checked data. */
+export function decodeIpamMessage(body: unknown): IpamMessage {
+  if (!isPlainObject(body)) throw new ProtocolError("ERR_MALFORMED", "ipam message is not a map");
+  const v = body.v;
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1) throw new ProtocolError("ERR_MALFORMED", "ipam message has no valid version");
+  if (v > IPAM_WIRE_VERSION) throw new ProtocolError("ERR_VERSION", `ipam message version ${v} is newer than ${IPAM_WIRE_VERSION}`);
+  const t = body.t;
+  switch (t) {
+    case "hello": {
+      const epoch = body.epoch === null || body.epoch === undefined ? null : decodeEpoch(obj(body, "epoch"));
+      const beat = uint(body, "beat");
+      const beats = arr(body, "beats", MAX_BEATS).map((x): [string, number] => {
+        if (!Array.isArray(x) || x.length < 2) throw new ProtocolError("ERR_INVALID", "beat must be [node, beat]");
+        const [n, b] = x as unknown[];
+        if (typeof n !== "string" || !NODE_ID_RE.test(n)) throw new ProtocolError("ERR_INVALID", "beat node is not a node id");
+        if (typeof b !== "number" || !Number.isSafeInteger(b) || b < 0) throw new ProtocolError("ERR_INVALID", "beat must be a non-negative integer");
+        return [n, b];
+      });
+      const free = uint(body, "free", MAX_BLOCKS);
+      const digest = uint(body, "digest", 0xffffffff);
+      return { t, epoch, beat, beats, free, digest };
+    }
+    case "state": {
+      const epoch = epochRef(body);
+      const entries = arr(body, "entries", STATE_CHUNK).map(decodeEntry);
+      return { t, epoch, entries };
+    }
+    case "req":
+    case "nak":
+      return { t, epoch: epochRef(body) };
+    default:
+      throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown ipam message type ${JSON.stringify(t)}`);
+  }
+}

@@ -1,0 +1,206 @@
+// Simulated network of IpamNodes in one process with a manual clock (shared by the ipam unit and
+// property tests). Links follow partition groups + explicit cuts; messages sent in one tick are
+// delivered before the next tick (bounded delay), shuffled (reordering) and sometimes duplicated;
+// a link going down drops what is in flight on it (loss).
+import { IpamNode, type IpamConfig, type IpamOutput, type IpamSnapshot } from "../../src/ipam/index.js";
+
+export const SIM_CFG = {
+  range: "10.40.0.0/22",
+  blockPrefix: 28,
+  reclaimAfterMs: 8_000,
+  safetyMarginMs: 3_000,
+  resyncMs: 2_000,
+  claimSettleMs: 1_000,
+  bootstrapWaitMs: 0,
+  requestTimeoutMs: 2_000,
+  syncIntervalMs: 2_000,
+} satisfies Omit<IpamConfig, "id">;
+export const TICK = 500;
+
+export interface SimNode {
+  id: string;
+  node: IpamNode | null; // null while crashed
+  snap: IpamSnapshot | null; // last persisted state
+  group: number;
+  gone: boolean; // left or died for good
+}
+
+/** Tiny deterministic PRNG (mulberry32) so a fast-check seed replays exactly. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const pair = (a: string, b: string) => (a < b ? `${a}|${b}` : `${b}|${a}`);
+
+export class Sim {
+  now = 1_000_000;
+  readonly nodes: SimNode[] = [];
+  readonly cuts = new Set<string>();
+  private links = new Set<string>();
+  private queue: { from: string; to: string; body: unknown }[] = [];
+  private seq = 0;
+  dupRate = 0.05;
+  readonly errors: string[] = [];
+  podSeq = 0;
+
+  constructor(
+    readonly rand: () => number,
+    readonly cfg: Omit<IpamConfig, "id"> = SIM_CFG,
+  ) {}
+
+  newId(): string {
+    this.seq++;
+    // ids in a random-ish but unique order so "lowest id" is not always the oldest node
+    const r = Math.floor(this.rand() * 0xffff);
+    return (r.toString(16).padStart(4, "0") + this.seq.toString(16).padStart(12, "0")).slice(0, 16);
+  }
+
+  live(): SimNode[] {
+    return this.nodes.filter((n) => n.node !== null);
+  }
+
+  add(opts: { mayFound: boolean; group?: number; id?: string }): SimNode {
+    const id = opts.id ?? this.newId();
+    const sn: SimNode = { id, node: new IpamNode({ ...this.cfg, id, mayFound: opts.mayFound }, this.now), snap: null, group: opts.group ?? 0, gone: false };
+    this.nodes.push(sn);
+    this.syncLinks();
+    return sn;
+  }
+
+  crash(sn: SimNode, forever = false): void {
+    sn.node = null;
+    sn.gone = forever;
+    this.syncLinks();
+  }
+
+  restart(sn: SimNode): void {
+    if (sn.node || sn.gone) return;
+    sn.node = sn.snap ? IpamNode.restore(structuredClone(sn.snap), { ...this.cfg, id: sn.id, mayFound: false }, this.now) : new IpamNode({ ...this.cfg, id: sn.id, mayFound: false }, this.now);
+    this.syncLinks();
+  }
+
+  apply(sn: SimNode, out: IpamOutput): void {
+    if (out.persist && sn.node) sn.snap = structuredClone(sn.node.snapshot());
+    for (const s of out.send) if (this.links.has(pair(sn.id, s.to))) this.queue.push({ from: sn.id, to: s.to, body: structuredClone(s.body) });
+    for (const e of out.errors) this.errors.push(`${sn.id}: ${e.code} ${e.message}`);
+  }
+
+  /** Bring links in line with groups, cuts and liveness; peerDown/peerUp both ends; drop in-flight on down. */
+  syncLinks(): void {
+    const want = new Set<string>();
+    const live = this.live();
+    for (let i = 0; i < live.length; i++)
+      for (let j = i + 1; j < live.length; j++) {
+        const a = live[i]!;
+        const b = live[j]!;
+        const k = pair(a.id, b.id);
+        if (a.group === b.group && !this.cuts.has(k)) want.add(k);
+      }
+    const byId = new Map(this.nodes.map((n) => [n.id, n]));
+    for (const k of [...this.links]) {
+      if (want.has(k)) continue;
+      this.links.delete(k);
+      this.queue = this.queue.filter((m) => pair(m.from, m.to) !== k);
+      for (const [x, y] of [k.split("|"), k.split("|").reverse()] as [string, string][]) {
+        const sn = byId.get(x)!;
+        if (sn.node) this.apply(sn, sn.node.handle({ type: "peerDown", peer: y }, this.now));
+      }
+    }
+    for (const k of want) {
+      if (this.links.has(k)) continue;
+      this.links.add(k);
+      const [x, y] = k.split("|") as [string, string];
+      for (const [a, b] of [[x, y], [y, x]] as [string, string][]) {
+        const sn = byId.get(a)!;
+        if (sn.node) this.apply(sn, sn.node.handle({ type: "peerUp", peer: b }, this.now));
+      }
+    }
+  }
+
+  flap(a: SimNode, b: SimNode): void {
+    const k = pair(a.id, b.id);
+    if (!this.links.has(k)) return;
+    this.cuts.add(k);
+    this.syncLinks();
+    this.cuts.delete(k);
+    this.syncLinks();
+  }
+
+  deliver(): void {
+    const q = this.queue;
+    this.queue = [];
+    for (let i = q.length - 1; i > 0; i--) {
+      const j = Math.floor(this.rand() * (i + 1));
+      [q[i], q[j]] = [q[j]!, q[i]!];
+    }
+    const byId = new Map(this.nodes.map((n) => [n.id, n]));
+    for (const m of q) {
+      if (!this.links.has(pair(m.from, m.to))) continue;
+      const sn = byId.get(m.to)!;
+      if (!sn.node) continue;
+      const times = this.rand() < this.dupRate ? 2 : 1;
+      for (let t = 0; t < times; t++) this.apply(sn, sn.node.handle({ type: "message", from: m.from, body: m.body }, this.now));
+    }
+  }
+
+  tick(check: () => void = () => this.checkSafety()): void {
+    this.now += TICK;
+    this.deliver();
+    check();
+    for (const sn of this.live()) this.apply(sn, sn.node!.handle({ type: "tick" }, this.now));
+    check();
+  }
+
+  run(ticks: number, check?: () => void): void {
+    for (let i = 0; i < ticks; i++) this.tick(check);
+  }
+
+  allocate(sn: SimNode, podId = `pod-${++this.podSeq}`): string | null {
+    if (!sn.node) return null;
+    const r = sn.node.allocate(podId, this.now);
+    this.apply(sn, r.output);
+    if (!r.ok) return null;
+    if (r.changed) this.checkHandout(sn, r.ip);
+    return r.ip;
+  }
+
+  /** I1: no block is allocatable by two live nodes at the same moment. */
+  checkSafety(): void {
+    const owner = new Map<number, string>();
+    for (const sn of this.live()) {
+      for (const i of sn.node!.allocatableBlocks(this.now)) {
+        const o = owner.get(i);
+        if (o !== undefined) throw new Error(`t=${this.now}: block ${i} allocatable by both ${o} and ${sn.id}`);
+        owner.set(i, sn.id);
+      }
+    }
+  }
+
+  /** I3: a freshly handed-out address is not held by another live node, unless that holding is stale. */
+  checkHandout(by: SimNode, ip: string): void {
+    const myView = by.node!.view();
+    for (const sn of this.live()) {
+      if (sn === by) continue;
+      for (const [, held] of sn.node!.allocations()) {
+        if (held !== ip) continue;
+        const idx = this.blockOf(ip);
+        const theirs = sn.node!.view()[idx]!;
+        const mine = myView[idx]!;
+        if (theirs[2] >= mine[2]) throw new Error(`t=${this.now}: ${ip} handed out by ${by.id} while ${sn.id} holds it (versions ${theirs[2]} >= ${mine[2]})`);
+      }
+    }
+  }
+
+  blockOf(ip: string): number {
+    const [a, b, c, d] = ip.split(".").map(Number) as [number, number, number, number];
+    const n = ((a * 256 + b) * 256 + c) * 256 + d;
+    return Math.floor((n - (10 * 2 ** 24 + 40 * 2 ** 16)) / 2 ** (32 - (this.cfg.blockPrefix ?? 26)));
+  }
+}
