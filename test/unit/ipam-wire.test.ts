@@ -1,0 +1,63 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { ProtocolError } from "../../src/errors.js";
+import { decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "../../src/ipam/index.js";
+import { decodeEnvelope, encodeMessage } from "../../src/wire/codec.js";
+
+const id = fc.string({ unit: fc.constantFrom(..."0123456789abcdef"), minLength: 16, maxLength: 16 });
+const eid = fc.tuple(id, fc.integer({ min: 0, max: 2 ** 40 })).map(([f, at]) => epochId(f, at));
+const msg: fc.Arbitrary<IpamMessage> = fc.oneof(
+  fc.record({
+    t: fc.constant("hello" as const),
+    epoch: fc.option(fc.tuple(id, fc.integer({ min: 0, max: 2 ** 40 })).map(([founder, at]) => ({ id: epochId(founder, at), founder, at, range: "10.40.0.0/16", bp: 26 })), { nil: null }),
+    beat: fc.nat(),
+    beats: fc.array(fc.tuple(id, fc.nat())),
+    free: fc.integer({ min: 0, max: 1024 }),
+    digest: fc.integer({ min: 0, max: 0xffffffff }),
+  }),
+  fc.record({ t: fc.constant("state" as const), epoch: eid, entries: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), id, fc.nat(), fc.constantFrom("t" as const, "c" as const, "f" as const))) }),
+  fc.record({ t: fc.constantFrom("req" as const, "nak" as const), epoch: eid }),
+);
+
+describe("ipam wire", () => {
+  it("round-trips through msgpack", () => {
+    fc.assert(
+      fc.property(msg, (m) => {
+        const wire = decodeEnvelope(encodeMessage(encodeIpamMessage(m)), 1 << 20);
+        expect(decodeIpamMessage(wire)).toEqual(m);
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("rejects malformed bodies with ProtocolError only", () => {
+    fc.assert(
+      fc.property(fc.anything(), (x) => {
+        try {
+          decodeIpamMessage(x);
+        } catch (e) {
+          expect(e).toBeInstanceOf(ProtocolError);
+        }
+      }),
+      { numRuns: 500 },
+    );
+    const good = encodeIpamMessage({ t: "state", epoch: epochId("0123456789abcdef", 5), entries: [[0, "0123456789abcdef", 1, "t"]] });
+    const cases: unknown[] = [
+      null,
+      [],
+      { ...good, v: 0 },
+      { ...good, v: 2 },
+      { ...good, t: "nope" },
+      { ...good, epoch: "x" },
+      { ...good, entries: [[0, "0123456789ABCDEF", 1, "t"]] },
+      { ...good, entries: [[-1, "0123456789abcdef", 1, "t"]] },
+      { ...good, entries: [[0, "0123456789abcdef", 1.5, "t"]] },
+      { ...good, entries: [[0, "0123456789abcdef", 1, "x"]] },
+      { ...good, entries: [[0, "0123456789abcdef", 1]] },
+      { v: 1, t: "hello", epoch: { id: "0123456789abcdef.1", founder: "0123456789abcdef", at: 2, range: "10.40.0.0/16", bp: 26 }, beat: 1, beats: [], free: 0, digest: 0 },
+      { v: 1, t: "hello", epoch: null, beat: -1, beats: [], free: 0, digest: 0 },
+    ];
+    for (const c of cases) expect(() => decodeIpamMessage(c), JSON.stringify(c)).toThrow(ProtocolError);
+    expect(decodeIpamMessage({ ...good, extra: 1 })).toMatchObject({ t: "state" });
+  });
+});
