@@ -87,6 +87,7 @@ export class MeshManager {
   private readonly appHandlers = new Map<string, AppHandler>();
   private readonly upListeners: ((id: string) => void)[] = [];
   private readonly downListeners: ((id: string) => void)[] = [];
+  private readonly drainListeners: ((id: string, ch: ChannelName) => void)[] = [];
   private packetHandler: ((from: string, data: Uint8Array) => void) | undefined;
   private stopped = false;
   readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, linksClosed: 0, dials: 0, connectTimeouts: 0 };
@@ -193,9 +194,14 @@ export class MeshManager {
   sendApp(peer: string, ch: string, body: unknown): boolean {
     return this.sendControl(peer, { t: "app", ch, body });
   }
-  sendPacket(peer: string, data: Uint8Array): boolean {
+  /** Queue a data-plane frame; "queue-full" means the link is up but its packets buffer is over the limit. */
+  sendPacket(peer: string, data: Uint8Array): "ok" | "no-link" | "queue-full" {
     const e = this.peers.get(peer);
-    return !!e?.link && e.fsm.state === "connected" && e.link.send("packets", data);
+    if (!e?.link || e.fsm.state !== "connected") return "no-link";
+    return e.link.send("packets", data) ? "ok" : "queue-full";
+  }
+  onDrain(f: (peer: string, channel: ChannelName) => void): void {
+    this.drainListeners.push(f);
   }
   link(peer: string): TransportLink | undefined {
     const e = this.peers.get(peer);
@@ -340,6 +346,9 @@ export class MeshManager {
               this.feed(id, { type: "open", conn });
             },
             onMessage: (ch, data) => this.onLinkMessage(e, conn, ch, data),
+            onDrain: (ch) => {
+              if (e.linkConn === conn) for (const f of this.drainListeners) f(id, ch);
+            },
             onClose: (reason) => {
               this.counters.linksClosed++;
               if (e.linkConn === conn) {

@@ -15,7 +15,7 @@ const withVnet = (ip: Uint8Array) => {
   p.set(ip, VNET_HDR_LEN);
   return p;
 };
-const pkt = (dst: string, payload = new Uint8Array(100).fill(7)) => withVnet(ipv4Packet(parseIPv4("10.40.0.2"), parseIPv4(dst), payload));
+const pkt = (dst: string, payload = new Uint8Array(100).fill(7)) => withVnet(ipv4Packet(parseIPv4("10.40.0.2")!, parseIPv4(dst)!, payload));
 
 function net(hops: Record<string, Record<string, string | undefined>>, full = new Set<string>()) {
   const routes = new RouteTable<string>();
