@@ -60,6 +60,8 @@ export interface IpamSnapshot {
   entries: EntryTuple[];
   allocs: [string, string][];
   settling: number[];
+  /** claim promises given as an acceptor: [blockIndex, version, claimer] */
+  promises: [number, number, string, number][];
   beat: number;
 }
 
@@ -153,6 +155,10 @@ export class IpamNode {
   private readonly ipToPod = new Map<number, string>();
   private readonly used = new Map<number, number>(); // block index -> allocated count
   private readonly settleUntil = new Map<number, number>();
+  private readonly promises = new Map<number, { v: number; to: string; until: number }>();
+  /** our blocks that a peer reports as promised to a claimer: never used until that resolves */
+  private readonly doomedBy = new Map<string, Set<number>>();
+  private readonly proposals = new Map<number, { v: number; dead: string; acks: Set<string>; until: number }>();
   private beat = 0;
   private readonly beats = new Map<string, { beat: number; at: number }>();
   private readonly heard = new Map<string, number>();
@@ -181,6 +187,7 @@ export class IpamNode {
       entries: this.table ? this.table.nonBaseline() : [],
       allocs: [...this.allocs].map(([p, ip]) => [p, formatIp(ip)]),
       settling: [...this.settleUntil.keys()].sort((a, b) => a - b),
+      promises: [...this.promises].map(([i, p]): [number, number, string, number] => [i, p.v, p.to, p.until]),
       beat: this.beat,
     };
   }
@@ -205,6 +212,7 @@ export class IpamNode {
         n.addAlloc(podId, ip);
       }
       for (const i of snap.settling) if (n.table!.get(i).owner === n.id) n.settleUntil.set(i, now + n.cfg.S);
+      for (const [i, v, to, until] of snap.promises ?? []) n.promises.set(i, { v, to, until });
       n.needsResync = true;
     } else if (snap.allocs.length > 0) {
       throw new IpamError("ERR_CONFIG", "snapshot has allocations but no cluster");
@@ -327,7 +335,12 @@ export class IpamNode {
   /** Blocks this node may hand new addresses out of right now (owned, lease valid, not settling). */
   allocatableBlocks(now: number): number[] {
     if (!this.table || this.whyNot(now)) return [];
-    return this.table.indicesOf(this.id).filter((i) => !((this.settleUntil.get(i) ?? NEG) > now));
+    return this.table.indicesOf(this.id).filter((i) => !((this.settleUntil.get(i) ?? NEG) > now) && !this.isDoomed(i));
+  }
+
+  private isDoomed(i: number): boolean {
+    for (const s of this.doomedBy.values()) if (s.has(i)) return true;
+    return false;
   }
 
   canAllocate(now: number): boolean {
@@ -457,7 +470,7 @@ export class IpamNode {
 
   private wholeFreeBlocks(now: number): number[] {
     if (!this.table) return [];
-    return this.table.indicesOf(this.id).filter((i) => (this.used.get(i) ?? 0) === 0 && !((this.settleUntil.get(i) ?? NEG) > now));
+    return this.table.indicesOf(this.id).filter((i) => (this.used.get(i) ?? 0) === 0 && !((this.settleUntil.get(i) ?? NEG) > now) && !this.isDoomed(i));
   }
 
   private firstFree(i: number): number | null {
@@ -546,23 +559,99 @@ export class IpamNode {
     out.send.push({ to: target, body: encodeIpamMessage({ t: "req", epoch: this.epoch.id }) });
   }
 
-  /** Reclaim the blocks of members silent for R, if we hold the lease and are the deterministic heir. */
+  /** Silence of member m as we see it: time since its heartbeat last advanced (or since we learned of it). */
+  private silentFor(m: string, now: number): number {
+    if (m === this.id) return 0;
+    let b = this.beats.get(m);
+    if (!b) {
+      b = { beat: 0, at: now };
+      this.beats.set(m, b);
+    }
+    return now - b.at;
+  }
+
+  /**
+   * Reclaim, step 1: for members silent for R, the deterministic heir (lowest id among us and the
+   * epoch peers heard within W) proposes a claim of each block at version+1 to every peer, and promises
+   * it to itself. Step 2 (completeProposals): with promises from a strict majority of the members, the
+   * claim entry is written and gossiped. Acceptors only promise if THEY also saw the owner silent for
+   * R - M/2, and promise each (block, version) to one claimer only (until that claimer goes silent too).
+   */
   private reclaim(now: number, out: IpamOutput): void {
     const table = this.table!;
+    for (const [i, p] of this.proposals) if (this.beat >= p.until || table.get(i).version >= p.v) this.proposals.delete(i);
+    for (const [i, p] of this.promises) {
+      const void_ = p.to === this.id ? this.beat >= p.until : this.silentFor(p.to, now) >= this.cfg.R - this.cfg.M / 2;
+      if (table.get(i).version >= p.v || void_) this.promises.delete(i);
+    }
+    for (const [peer, set] of this.doomedBy) {
+      for (const i of set) if (table.get(i).owner !== this.id) set.delete(i);
+      if (set.size === 0 || this.silentFor(peer, now) >= this.cfg.R) this.doomedBy.delete(peer);
+    }
     const members = table.owners();
-    for (const m of members) if (m !== this.id && !this.beats.has(m)) this.beats.set(m, { beat: 0, at: now });
-    const silent = [...members].filter((m) => m !== this.id && now - this.beats.get(m)!.at >= this.cfg.R);
+    for (const m of members) this.silentFor(m, now);
+    const silent = [...members].filter((m) => m !== this.id && this.silentFor(m, now) >= this.cfg.R);
     if (silent.length === 0 || !this.leaseValid(now)) return;
-    const delta: EntryTuple[] = [];
     for (const dead of silent) {
       const candidates = [this.id, ...[...this.peers].filter((p) => p !== dead && this.info.get(p)?.epochOk && now - (this.heard.get(p) ?? NEG) < this.W)];
       if (candidates.sort()[0] !== this.id) continue;
+      const blocks: [number, number][] = [];
+      const until = this.beat + this.cfg.reqTimeout;
       for (const i of table.indicesOf(dead)) {
-        const e = table.get(i);
-        table.write(i, { owner: this.id, version: e.version + 1, kind: "c" });
-        this.settleUntil.set(i, now + this.cfg.S);
-        delta.push([i, this.id, e.version + 1, "c"]);
+        if (this.proposals.has(i)) continue;
+        const v = table.get(i).version + 1;
+        const acks = new Set<string>();
+        if (this.accept(i, v, this.id, until, now)) {
+          acks.add(this.id);
+          out.persist = true;
+        }
+        this.proposals.set(i, { v, dead, acks, until });
+        blocks.push([i, v]);
       }
+      if (blocks.length === 0) continue;
+      for (const p of this.peers) {
+        if (!this.info.get(p)?.epochOk) continue;
+        for (let k = 0; k < blocks.length; k += STATE_CHUNK) out.send.push({ to: p, body: encodeIpamMessage({ t: "prop", epoch: this.epoch!.id, dead, until, blocks: blocks.slice(k, k + STATE_CHUNK) }) });
+      }
+    }
+    this.completeProposals(now, out);
+  }
+
+  /** Acceptor rule for one (block, version) proposed by `claimer`. Records the promise if given. */
+  private accept(i: number, v: number, claimer: string, until: number, now: number): boolean {
+    const table = this.table!;
+    if (i >= table.count) return false;
+    const e = table.get(i);
+    if (e.version !== v - 1 || e.owner === this.id || e.owner === claimer) return false;
+    if (this.silentFor(e.owner, now) < this.cfg.R - this.cfg.M / 2) return false;
+    const p = this.promises.get(i);
+    if (p && (p.v > v || (p.v === v && p.to !== claimer && this.silentFor(p.to, now) < this.cfg.R - this.cfg.M / 2))) return false;
+    if (claimer !== this.id && (this.beats.get(claimer)?.beat ?? -1) >= until) return false; // already abandoned
+    this.promises.set(i, { v, to: claimer, until });
+    return true;
+  }
+
+  private completeProposals(now: number, out: IpamOutput): void {
+    const table = this.table!;
+    const members = table.owners();
+    const delta: EntryTuple[] = [];
+    for (const [i, p] of this.proposals) {
+      const e = table.get(i);
+      if (e.version !== p.v - 1 || e.owner !== p.dead) {
+        this.proposals.delete(i);
+        continue;
+      }
+      if (this.beat >= p.until) {
+        this.proposals.delete(i);
+        continue;
+      }
+      let n = 0;
+      for (const a of p.acks) if (members.has(a)) n++;
+      if (2 * n <= members.size || !this.leaseValid(now)) continue;
+      this.proposals.delete(i);
+      table.write(i, { owner: this.id, version: p.v, kind: "c" });
+      this.settleUntil.set(i, now + this.cfg.S);
+      delta.push([i, this.id, p.v, "c"]);
     }
     if (delta.length > 0) {
       this.counters.claims += delta.length;
@@ -583,6 +672,7 @@ export class IpamNode {
         beats,
         free: this.table ? this.wholeFreeBlocks(now).length : 0,
         digest: this.table ? this.table.digest() : 0,
+        promised: [...this.promises].filter(([i, p]) => this.table !== null && this.table.get(i).version < p.v).map(([i, p]): [number, number] => [i, p.v]),
       }),
     });
   }
@@ -629,6 +719,7 @@ export class IpamNode {
     const inf = this.info.get(from)!;
     if (m.t === "hello") {
       this.mergeBeat(from, m.beat, now);
+      for (const [i, p] of this.promises) if (p.to === from && m.beat >= p.until) this.promises.delete(i);
       if (m.epoch === null) {
         inf.epochOk = false;
         return;
@@ -655,6 +746,12 @@ export class IpamNode {
       }
       inf.free = m.free;
       inf.digest = m.digest;
+      const doomed = new Set<number>();
+      for (const [i, v] of m.promised) {
+        if (i < this.table!.count && this.table!.get(i).owner === this.id && this.table!.get(i).version === v - 1) doomed.add(i);
+      }
+      if (doomed.size > 0) this.doomedBy.set(from, doomed);
+      else this.doomedBy.delete(from);
       for (const [n, b] of m.beats) this.mergeBeat(n, b, now);
       if (m.digest !== this.table!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.cfg.syncInterval)) this.sendFull(from, now, out);
       return;
@@ -669,6 +766,21 @@ export class IpamNode {
         return;
       case "req":
         this.onRequest(from, now, out);
+        return;
+      case "prop": {
+        const ok = m.blocks.filter(([i, v]) => this.accept(i, v, from, m.until, now));
+        if (ok.length > 0) {
+          out.persist = true;
+          out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok }) });
+        }
+        return;
+      }
+      case "prom":
+        for (const [i, v] of m.blocks) {
+          const p = this.proposals.get(i);
+          if (p && p.v === v) p.acks.add(from);
+        }
+        this.completeProposals(now, out);
         return;
       case "nak":
         if (this.pending?.to === from) this.pending = null;

@@ -61,6 +61,7 @@ export function sameEntry(a: Entry, b: Entry): boolean {
 
 export class BlockTable {
   private readonly entries: Entry[];
+  private cachedDigest: number | null = null;
 
   /** A fresh table: every block owned by the founder at version 0. */
   constructor(
@@ -82,6 +83,7 @@ export class BlockTable {
   write(i: number, e: Entry): void {
     if (compareEntries(e, this.get(i), i) <= 0) throw new IpamError("ERR_INVARIANT", `local write to block ${i} does not supersede the current entry`);
     this.entries[i] = e;
+    this.cachedDigest = null;
   }
 
   /**
@@ -101,6 +103,7 @@ export class BlockTable {
       this.entries[i] = e;
       delta.push([i, e.owner, e.version, e.kind]);
     }
+    if (delta.length > 0) this.cachedDigest = null;
     return delta;
   }
 
@@ -131,6 +134,7 @@ export class BlockTable {
 
   /** Order-independent 32-bit FNV-1a digest of the whole table, to detect divergence cheaply in hellos. */
   digest(): number {
+    if (this.cachedDigest !== null) return this.cachedDigest;
     let h = 0x811c9dc5;
     const mix = (s: string) => {
       for (let k = 0; k < s.length; k++) {
@@ -141,12 +145,14 @@ export class BlockTable {
     this.entries.forEach((e, i) => {
       if (e.version > 0) mix(`${i}:${e.owner}:${e.version}:${e.kind};`);
     });
-    return h >>> 0;
+    this.cachedDigest = h >>> 0;
+    return this.cachedDigest;
   }
 
   clone(): BlockTable {
     const t = new BlockTable(this.count, "0000000000000000");
     this.entries.forEach((e, i) => ((t.entries as Entry[])[i] = e));
+    t.cachedDigest = null;
     return t;
   }
 }

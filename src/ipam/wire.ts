@@ -9,7 +9,14 @@
  *                    evidence travels transitively, so reclaim works on partial meshes)
  *            free    number of whole free blocks the sender could give away
  *            digest  FNV digest of the sender's block table; a mismatch triggers a full state sync
+ *            promised [[blockIndex, version]] outstanding claim promises the sender gave as an acceptor:
+ *                    the current owner of such a block stops using it until the claim resolves
  *   state  epoch id + [[blockIndex, owner, version, kind]] (a delta, or a chunk of a full sync)
+ *   prop   claim proposal: "member `dead` has been silent for reclaimAfter; promise me these
+ *          [[blockIndex, newVersion]]" (epoch id); `until` = the proposer's heartbeat value at which it
+ *          abandons the proposal: a promise is void once a hello from the proposer carries beat >= until
+ *   prom   the subset of a proposal this acceptor promised (it promises each (block, version) to at
+ *          most one live claimer, persistently); a claim is written only with a majority of promises
  *   req    "give me one block" (epoch id)
  *   nak    "I have nothing to give / cannot right now" (epoch id)
  *
@@ -36,8 +43,10 @@ export interface EpochInfo {
 }
 
 export type IpamMessage =
-  | { t: "hello"; epoch: EpochInfo | null; beat: number; beats: [string, number][]; free: number; digest: number }
+  | { t: "hello"; epoch: EpochInfo | null; beat: number; beats: [string, number][]; free: number; digest: number; promised: [number, number][] }
   | { t: "state"; epoch: string; entries: EntryTuple[] }
+  | { t: "prop"; epoch: string; dead: string; until: number; blocks: [number, number][] }
+  | { t: "prom"; epoch: string; blocks: [number, number][] }
   | { t: "req"; epoch: string }
   | { t: "nak"; epoch: string };
 
@@ -46,9 +55,13 @@ export type IpamWire = { v: number; t: string } & Record<string, unknown>;
 export function encodeIpamMessage(m: IpamMessage): IpamWire {
   switch (m.t) {
     case "hello":
-      return { v: IPAM_WIRE_VERSION, t: "hello", epoch: m.epoch ? { ...m.epoch } : null, beat: m.beat, beats: m.beats, free: m.free, digest: m.digest };
+      return { v: IPAM_WIRE_VERSION, t: "hello", epoch: m.epoch ? { ...m.epoch } : null, beat: m.beat, beats: m.beats, free: m.free, digest: m.digest, promised: m.promised };
     case "state":
       return { v: IPAM_WIRE_VERSION, t: "state", epoch: m.epoch, entries: m.entries };
+    case "prop":
+      return { v: IPAM_WIRE_VERSION, t: "prop", epoch: m.epoch, dead: m.dead, until: m.until, blocks: m.blocks };
+    case "prom":
+      return { v: IPAM_WIRE_VERSION, t: "prom", epoch: m.epoch, blocks: m.blocks };
     case "req":
     case "nak":
       return { v: IPAM_WIRE_VERSION, t: m.t, epoch: m.epoch };
@@ -94,6 +107,14 @@ function decodeEntry(x: unknown): EntryTuple {
   return [i, owner, version, kind as EntryKind];
 }
 
+function decodeBlockVersion(x: unknown): [number, number] {
+  if (!Array.isArray(x) || x.length < 2) throw new ProtocolError("ERR_INVALID", "block version must be [index, version]");
+  const [i, v] = x as unknown[];
+  if (typeof i !== "number" || !Number.isInteger(i) || i < 0 || i >= MAX_BLOCKS) throw new ProtocolError("ERR_INVALID", "block index out of range");
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1) throw new ProtocolError("ERR_INVALID", "claim version must be a positive integer");
+  return [i, v];
+}
+
 /** Validate a remote body. Throws ProtocolError; never returns partially checked data. */
 export function decodeIpamMessage(body: unknown): IpamMessage {
   if (!isPlainObject(body)) throw new ProtocolError("ERR_MALFORMED", "ipam message is not a map");
@@ -114,13 +135,18 @@ export function decodeIpamMessage(body: unknown): IpamMessage {
       });
       const free = uint(body, "free", MAX_BLOCKS);
       const digest = uint(body, "digest", 0xffffffff);
-      return { t, epoch, beat, beats, free, digest };
+      const promised = body.promised === undefined ? [] : arr(body, "promised", MAX_BLOCKS).map(decodeBlockVersion);
+      return { t, epoch, beat, beats, free, digest, promised };
     }
     case "state": {
       const epoch = epochRef(body);
       const entries = arr(body, "entries", STATE_CHUNK).map(decodeEntry);
       return { t, epoch, entries };
     }
+    case "prop":
+      return { t, epoch: epochRef(body), dead: nodeId(body, "dead"), until: uint(body, "until"), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
+    case "prom":
+      return { t, epoch: epochRef(body), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
     case "req":
     case "nak":
       return { t, epoch: epochRef(body) };

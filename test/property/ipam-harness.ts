@@ -8,7 +8,7 @@ export const SIM_CFG = {
   range: "10.40.0.0/22",
   blockPrefix: 28,
   reclaimAfterMs: 8_000,
-  safetyMarginMs: 3_000,
+  safetyMarginMs: 4_000,
   resyncMs: 2_000,
   claimSettleMs: 1_000,
   bootstrapWaitMs: 0,
@@ -88,7 +88,7 @@ export class Sim {
 
   apply(sn: SimNode, out: IpamOutput): void {
     if (out.persist && sn.node) sn.snap = structuredClone(sn.node.snapshot());
-    for (const s of out.send) if (this.links.has(pair(sn.id, s.to))) this.queue.push({ from: sn.id, to: s.to, body: structuredClone(s.body) });
+    for (const s of out.send) if (this.links.has(pair(sn.id, s.to))) this.queue.push({ from: sn.id, to: s.to, body: s.body });
     for (const e of out.errors) this.errors.push(`${sn.id}: ${e.code} ${e.message}`);
   }
 
@@ -177,7 +177,10 @@ export class Sim {
     for (const sn of this.live()) {
       for (const i of sn.node!.allocatableBlocks(this.now)) {
         const o = owner.get(i);
-        if (o !== undefined) throw new Error(`t=${this.now}: block ${i} allocatable by both ${o} and ${sn.id}`);
+        if (o !== undefined) {
+          const views = this.nodes.map((n) => `${n.id}${n.node ? "" : n.gone ? "(gone)" : "(down)"} g${n.group}: ${JSON.stringify(n.node?.view()[i] ?? n.snap?.entries.find((e) => e[0] === i))}`);
+          throw new Error(`t=${this.now}: block ${i} allocatable by both ${o} and ${sn.id}\n${views.join("\n")}`);
+        }
         owner.set(i, sn.id);
       }
     }

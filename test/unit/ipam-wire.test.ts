@@ -6,7 +6,7 @@ import { decodeEnvelope, encodeMessage } from "../../src/wire/codec.js";
 
 const id = fc.string({ unit: fc.constantFrom(..."0123456789abcdef"), minLength: 16, maxLength: 16 });
 const eid = fc.tuple(id, fc.integer({ min: 0, max: 2 ** 40 })).map(([f, at]) => epochId(f, at));
-const msg: fc.Arbitrary<IpamMessage> = fc.oneof(
+const msg = fc.oneof(
   fc.record({
     t: fc.constant("hello" as const),
     epoch: fc.option(fc.tuple(id, fc.integer({ min: 0, max: 2 ** 40 })).map(([founder, at]) => ({ id: epochId(founder, at), founder, at, range: "10.40.0.0/16", bp: 26 })), { nil: null }),
@@ -14,9 +14,12 @@ const msg: fc.Arbitrary<IpamMessage> = fc.oneof(
     beats: fc.array(fc.tuple(id, fc.nat())),
     free: fc.integer({ min: 0, max: 1024 }),
     digest: fc.integer({ min: 0, max: 0xffffffff }),
+    promised: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), fc.integer({ min: 1, max: 1000 }))),
   }),
   fc.record({ t: fc.constant("state" as const), epoch: eid, entries: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), id, fc.nat(), fc.constantFrom("t" as const, "c" as const, "f" as const))) }),
   fc.record({ t: fc.constantFrom("req" as const, "nak" as const), epoch: eid }),
+  fc.record({ t: fc.constant("prop" as const), epoch: eid, dead: id, until: fc.nat(), blocks: fc.array(fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }))) }),
+  fc.record({ t: fc.constant("prom" as const), epoch: eid, blocks: fc.array(fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }))) }),
 );
 
 describe("ipam wire", () => {
@@ -24,7 +27,7 @@ describe("ipam wire", () => {
     fc.assert(
       fc.property(msg, (m) => {
         const wire = decodeEnvelope(encodeMessage(encodeIpamMessage(m)), 1 << 20);
-        expect(decodeIpamMessage(wire)).toEqual(m);
+        expect(decodeIpamMessage(wire)).toEqual(m as IpamMessage);
       }),
       { numRuns: 300 },
     );
