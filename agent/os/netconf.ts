@@ -29,6 +29,8 @@
  *   - Sysctls carry no marker, so the values we replaced are written to `stateFile` (when given) before
  *     we change them; a restarted agent reads it back, and teardown restores those values and deletes the
  *     file. Without a stateFile a crash loses the record and the sysctl stays as we set it (ip_forward=1).
+ *   - Pods (agent/os/pod.ts) outlive the agent: teardown deletes the bridge, which detaches their host
+ *     veths (pod traffic stops), and the next apply() attaches every veth marked as a weftnet pod again.
  *   - The TUN device is the agent's (agent/os/tun.ts, non-persistent: it disappears with its fd). We set
  *     its MTU and bring it up; teardown leaves it alone (its routes go with our proto-87 routes anyway).
  *
@@ -81,6 +83,8 @@ export const ROUTE_PROTO = 87;
 /** ifalias marking a bridge weftnet created. */
 export const BRIDGE_MARKER = "weftnet-managed";
 export const FORWARD_CHAIN = "WEFTNET-FWD";
+/** ifalias prefix of a pod's host veth (agent/os/pod.ts POD_MARKER; repeated here to keep imports one-way). */
+const POD_VETH_MARKER = "weftnet-pod ";
 
 const IP_FORWARD = "/proc/sys/net/ipv4/ip_forward";
 const BRIDGE_NF_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables";
@@ -201,6 +205,15 @@ export class NodeNetwork {
       if (!br) throw new NetconfError("ERR_NETCONF_COMMAND", `bridge ${this.bridge} vanished right after it was created`);
     }
     await this.ensureMtuUp(br, changes, "bridge");
+
+    // 2b. Pod veths (marked by agent/os/pod.ts) that lost their bridge, e.g. because a previous agent's
+    //     teardown deleted it while the pods lived on: attach them again.
+    const vethRows = await this.host.ipJson<LinkJson & { master?: string }>(["link", "show", "type", "veth"]);
+    for (const v of vethRows) {
+      if (!v.ifalias?.startsWith(POD_VETH_MARKER) || v.master === this.bridge) continue;
+      await this.ip(["link", "set", "dev", v.ifname, "master", this.bridge]);
+      changes.push(`attach pod veth ${v.ifname} to ${this.bridge}`);
+    }
 
     // 3. Gateway addresses on the bridge: exactly one per local block.
     const have = await this.bridgeAddrs();

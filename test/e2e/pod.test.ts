@@ -143,6 +143,21 @@ describe.skipIf(!isRoot)("pods on the node bridge (root, real kernel)", () => {
     await expect(addPod({ ...spec, netns: { path: "/run/netns/wn-missing-" + id } })).rejects.toMatchObject({ code: "ERR_POD_NO_NETNS" });
   });
 
+  it("pods survive an agent restart: teardown detaches them, the next apply attaches them again", async () => {
+    const a = await addPod(base(8, "10.40.3.20"));
+    await addPod(base(9, "10.40.3.21"));
+    await net.teardown();
+    expect(sh(["-n", node, "link", "show", a.hostVeth])).not.toMatch(/master/);
+    net = new NodeNetwork({ tunName: "weft0", netns: node });
+    const { changes } = await net.apply({ clusterRanges: ["10.40.0.0/16"], localBlocks: ["10.40.3.0/26"] });
+    expect(changes).toContain(`attach pod veth ${a.hostVeth} to weft-br0`);
+    const p = ping(pod(8), "10.40.3.21");
+    expect(p.ok, p.out).toBe(true);
+    expect((await checkPod(base(8, "10.40.3.20"))).ok).toBe(true);
+    await delPod({ netns: { name: pod(8) }, hostNetns: node, deleteNetns: true });
+    await delPod({ netns: { name: pod(9) }, hostNetns: node, deleteNetns: true });
+  });
+
   it("a failed add leaves nothing behind", async () => {
     const linksBefore = hostLinks(node);
     const nsBefore = netnsList();
