@@ -61,9 +61,11 @@
  *   mesh.onPeerDown(p => local(now));
  *   mesh.onApp("topo", (from, body) => {
  *     let recs; try { recs = decodeTopologyMessage(body); } catch (e) { counters.bad++; return; }
- *     const { delta, rejected } = topo.mergeDetailed(recs, now);     // count `rejected`
- *     if (delta.length) { flood(delta, from); recompute routes; }  // our own re-originated record
- *   });                                                             // (restart case) is in delta too
+ *     const { delta, originated, rejected } = topo.mergeDetailed(recs, now);   // count `rejected`
+ *     flood(delta.filter(r => r !== originated), from);  // not back to the sender: it has them
+ *     if (originated) flood([originated]);               // our re-originated record (restart case,
+ *     if (delta.length) recompute routes;                // see above) goes to everyone, sender too
+ *   });
  *   every ~1 s: local(now) (new RTT samples);
  *               const r = topo.refresh(now); if (r) flood([r]);
  *               if (topo.expire(now).length) recompute routes;
@@ -132,8 +134,11 @@ export class TopologyError extends WeftError {
 }
 
 export interface MergeResult {
-  /** records that changed our state, in input order (plus our re-originated record, if any) */
+  /** records that changed our state, in input order (plus our re-originated record, if any, last) */
   readonly delta: TopologyRecord[];
+  /** our own record, re-originated because the mesh still held an older incarnation with a seq >= ours:
+   *  send it to every peer, including the one the stale copy came from */
+  readonly originated: TopologyRecord | undefined;
   /** remote records refused (invalid, or over the node limit); the rest was merged */
   readonly rejected: (ProtocolError | TopologyError)[];
 }
@@ -422,8 +427,9 @@ export class Topology {
       this.entries.set(r.node, { rec: r, key: recordKey(r), receivedAt: now });
       delta.push(r);
     }
-    if (selfConflict && this.hasLocal) delta.push(this.originate(now));
-    return { delta, rejected };
+    const originated = selfConflict && this.hasLocal ? this.originate(now) : undefined;
+    if (originated) delta.push(originated);
+    return { delta, originated, rejected };
   }
 
   private remoteCount(): number {

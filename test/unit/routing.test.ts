@@ -108,12 +108,14 @@ describe("computeRoutes", () => {
     });
 
     it("never keeps a next hop that is not closer to the destination (feasibility)", () => {
-      // A-B 1, A-D 1, B-D 100, D is dst. Previous: A -> B for D (as if B-D was once short).
-      const prev = computeRoutes(A, recs([A, B, D], [[A, B, 1], [B, D, 1], [A, D, 10]]));
+      // Previous: A -> B -> D (B-D short). Then B-D degrades to 100: B's best route to D is back through
+      // A (3 + 32 = 35), so via B costs 3 + 35 = 38 and the best (direct, 32) is within 20% of it —
+      // the 20% rule alone would keep B, and A <-> B would loop. Feasibility (35 < 32 fails) switches.
+      const prev = computeRoutes(A, recs([A, B, D], [[A, B, 1], [B, D, 1], [A, D, 30]]));
       expect(prev.nextHop(D)).toBe(B);
-      // now B's best route to D is back through A: keeping B would loop
-      const t = computeRoutes(A, recs([A, B, D], [[A, B, 1], [B, D, 100], [A, D, 10]]), {}, prev);
+      const t = computeRoutes(A, recs([A, B, D], [[A, B, 1], [B, D, 100], [A, D, 30]]), {}, prev);
       expect(t.nextHop(D)).toBe(D);
+      expect(computeRoutes(B, recs([A, B, D], [[A, B, 1], [B, D, 100], [A, D, 30]])).nextHop(D)).toBe(A);
     });
   });
 

@@ -128,8 +128,9 @@ describe("Topology.merge", () => {
     const t = new Topology(A);
     t.setLocal([{ peer: B, rttMs: 1 }], [], 1000); // clock far behind: seq 1000
     const stale = rec(A, 5_000, [[C, 9]], ["10.40.9.0/24"]);
-    const { delta } = t.mergeDetailed([stale], 1001);
+    const { delta, originated } = t.mergeDetailed([stale], 1001);
     expect(delta).toHaveLength(1);
+    expect(originated).toBe(delta[0]);
     expect(delta[0]!.node).toBe(A);
     expect(delta[0]!.seq).toBe(5_001);
     expect(delta[0]!.links).toEqual([{ peer: B, rttMs: 1 }]);
