@@ -70,6 +70,8 @@
  *               const r = topo.refresh(now); if (r) flood([r]);
  *               if (topo.expire(now).length) recompute routes;
  *   persist topo.seq now and then (optional, see above).
+ *   recompute routes (routing.ts): table = computeRoutes(selfId, topo.records(), {}, table);
+ *               packetRoutes.replaceAll(nextHopEntries(topo.records(), table));   // prefix -> next hop
  * The control channel is reliable and ordered, so deltas are not lost while a link is up; a link that
  * goes down and up again gets a fresh full sync.
  */
