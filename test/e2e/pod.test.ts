@@ -15,6 +15,7 @@ const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 if (!isRoot) console.warn("test/e2e/pod.test.ts: skipped, needs root (creates network namespaces and veth pairs)");
 
 const suffix = customAlphabet("abcdefghijklmnopqrstuvwxyz0123456789", 8);
+const id = suffix();
 const sh = (args: string[]) => execFileSync("ip", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
 const hasIptables = (() => {
   try {
@@ -24,8 +25,19 @@ const hasIptables = (() => {
     return false;
   }
 })();
-const netnsList = () => sh(["netns", "list"]);
-const hostLinks = (node: string) => sh(["-n", node, "-br", "link"]);
+/** Names only: operstate/carrier of the bridge changes asynchronously as ports come and go. */
+const netnsList = () =>
+  sh(["netns", "list"])
+    .split("\n")
+    .map((l) => l.split(" ")[0])
+    .filter((n) => n?.startsWith(`wn-${id}`)) // other test files make namespaces concurrently
+    .sort()
+    .join(" ");
+const hostLinks = (node: string) =>
+  (JSON.parse(sh(["-n", node, "-j", "link"])) as { ifname: string }[])
+    .map((l) => l.ifname)
+    .sort()
+    .join(" ");
 
 function ping(fromNs: string, to: string): { ok: boolean; out: string } {
   try {
@@ -37,7 +49,6 @@ function ping(fromNs: string, to: string): { ok: boolean; out: string } {
 }
 
 describe.skipIf(!isRoot)("pods on the node bridge (root, real kernel)", () => {
-  const id = suffix();
   const node = `wn-${id}`;
   const made = new Set<string>([node]);
   const pod = (n: number) => {
