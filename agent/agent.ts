@@ -9,6 +9,7 @@ import { createLogger, type Logger } from "../src/log.js";
 import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/manager.js";
 import type { PeerTiming } from "../src/mesh/peer.js";
 import type { Transport } from "../src/mesh/transport.js";
+import { Router } from "../src/mesh/router.js";
 import { startApiServer, type ApiServer } from "./api.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
@@ -38,10 +39,22 @@ export interface AgentConfig {
   werift?: { loopbackOnly?: boolean; icePortRange?: [number, number] };
 }
 
+export interface RouteStatus {
+  dst: string;
+  name: string;
+  nextHop: string;
+  nextHopName: string;
+  via: string;
+  costMs: number;
+  path: string[];
+}
+
+export type PeerPath = "direct" | `via ${string}` | "none";
+
 export interface AgentStatus {
   node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null } };
-  peers: PeerStatus[];
-  counters: MeshCounters & { badSignalFrames: number };
+  peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null })[];
+  counters: MeshCounters & { badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
 }
 
 export class Agent {
@@ -54,6 +67,7 @@ export class Agent {
   private stunPort = 0;
   private reflexive: string | null = null;
   private stopping: Promise<void> | undefined;
+  readonly router: Router;
 
   private constructor(
     readonly cfg: AgentConfig,
@@ -64,7 +78,14 @@ export class Agent {
     readonly signal: SignalClient,
     readonly transport: Transport,
     readonly log: Logger,
-  ) {}
+  ) {
+    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.localPrefixes() });
+  }
+
+  /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
+  localPrefixes(): string[] {
+    return [];
+  }
 
   static async start(cfg: AgentConfig): Promise<Agent> {
     const log = cfg.logger ?? createLogger({ level: "warn" });
@@ -121,7 +142,11 @@ export class Agent {
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
     if (cfg.api !== false) agent.api = await startApiServer(sock, agent);
     signal.start();
-    agent.tickTimer = setInterval(() => mesh.tick(), 200);
+    let ticks = 0;
+    agent.tickTimer = setInterval(() => {
+      mesh.tick();
+      if (++ticks % 5 === 0) agent!.router.tick();
+    }, 200);
     return agent;
   }
 
@@ -174,9 +199,19 @@ export class Agent {
         fingerprint: `${this.transport.fingerprint.algorithm} ${this.transport.fingerprint.value}`,
         signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive },
       },
-      peers: await this.mesh.status(),
-      counters: { ...this.mesh.counters, badSignalFrames: this.signal.badFrames },
+      peers: (await this.mesh.status()).map((p) => {
+        const r = this.router.route(p.id);
+        const via = r && r.via !== "direct" ? r.via : null;
+        const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.state === "connected" || r ? "direct" : "none";
+        return { ...p, path, via };
+      }),
+      counters: { ...this.mesh.counters, badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
     };
+  }
+
+  routes(): RouteStatus[] {
+    const name = (id: string) => this.mesh.peerName(id) ?? id;
+    return this.router.entries().map((e) => ({ dst: e.dst, name: name(e.dst), nextHop: e.nextHop, nextHopName: name(e.nextHop), via: e.via === "direct" ? "direct" : `via ${name(e.via)}`, costMs: e.cost, path: [...e.path] }));
   }
 
   async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number }> {

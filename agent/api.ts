@@ -3,6 +3,7 @@
  * the state dir (root for a system agent) can talk to it. The CLI's client commands use it.
  *
  *   GET  /v1/status            -> AgentStatus (see agent.ts)
+ *   GET  /v1/routes            -> {routes: RouteStatus[]} (next hop per node, from link-state routing)
  *   POST /v1/ping {node, timeoutMs?} -> {id, name, rttMs}
  * Errors: JSON {error: {code, message}} with 4xx/5xx.
  */
@@ -17,9 +18,10 @@ export interface ApiServer {
   close(): Promise<void>;
 }
 
-export function createApiApp(agent: Pick<Agent, "status" | "ping">): Hono {
+export function createApiApp(agent: Pick<Agent, "status" | "ping" | "routes">): Hono {
   const app = new Hono();
   app.get("/v1/status", async (c) => c.json(await agent.status()));
+  app.get("/v1/routes", (c) => c.json({ routes: agent.routes() }));
   app.post("/v1/ping", async (c) => {
     let body: unknown;
     try {
@@ -42,7 +44,7 @@ export function createApiApp(agent: Pick<Agent, "status" | "ping">): Hono {
   return app;
 }
 
-export async function startApiServer(socketPath: string, agent: Pick<Agent, "status" | "ping">): Promise<ApiServer> {
+export async function startApiServer(socketPath: string, agent: Pick<Agent, "status" | "ping" | "routes">): Promise<ApiServer> {
   const app = createApiApp(agent);
   const server = createAdaptorServer({ fetch: app.fetch }) as Server;
   await new Promise<void>((resolve, reject) => {

@@ -1,7 +1,7 @@
 /** `weftnet agent`, `weftnet status`, `weftnet ping`. */
 import { createLogger, parseLevel } from "../../src/log.js";
 import { UsageError, WeftError } from "../../src/errors.js";
-import { Agent, type AgentStatus, type IceServer } from "../agent.js";
+import { Agent, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
 import { apiRequest } from "../api-client.js";
 import { apiSocketPath, defaultStateDir } from "../state.js";
 import { errorLine, fmtBytes, fmtDuration, parse, positiveInt, resolveToken, table } from "./util.js";
@@ -29,9 +29,10 @@ Options:
   -h, --help            this help
 `;
 
-export const STATUS_HELP = `Usage: weftnet status [--json] [--state-dir D]
+export const STATUS_HELP = `Usage: weftnet status [routes] [--json] [--state-dir D]
 
 Show this node and its peers: id, name, state, path, RTT, bytes in/out, link uptime.
+\`weftnet status routes\` shows the routing table: next hop per node (direct or via another agent).
   --json          machine-readable output: {node:{id,name,...}, peers:[{id,name,state,path,rttMs,...}]}
   --state-dir D   the agent's state dir (default: /var/lib/weftnet as root, else $XDG_STATE_HOME/weftnet)
 `;
@@ -129,12 +130,24 @@ export async function runAgent(argv: string[]): Promise<number> {
 }
 
 export async function runStatus(argv: string[]): Promise<number> {
-  const { values } = parse("status", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } });
+  const { values, positionals } = parse("status", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } }, true);
   if (values.help) {
     process.stdout.write(STATUS_HELP);
     return 0;
   }
-  const st = await apiRequest<AgentStatus>(apiSocketPath(values["state-dir"] ?? defaultStateDir()), "GET", "/v1/status");
+  const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
+  if (positionals.length > 1 || (positionals[0] !== undefined && positionals[0] !== "routes")) throw new UsageError(`weftnet status: unknown section ${JSON.stringify(positionals.join(" "))} (try \`weftnet status routes\`)`);
+  if (positionals[0] === "routes") {
+    const { routes } = await apiRequest<{ routes: RouteStatus[] }>(sock, "GET", "/v1/routes");
+    if (values.json) process.stdout.write(JSON.stringify({ routes }, null, 2) + "\n");
+    else {
+      const rows = [["DESTINATION", "ID", "NEXT HOP", "VIA", "COST", "PATH"]];
+      for (const r of routes) rows.push([r.name, r.dst, r.nextHopName, r.via, `${r.costMs.toFixed(1)}ms`, r.path.join(" > ")]);
+      process.stdout.write(routes.length ? table(rows) + "\n" : "(no routes yet)\n");
+    }
+    return 0;
+  }
+  const st = await apiRequest<AgentStatus>(sock, "GET", "/v1/status");
   if (values.json) {
     process.stdout.write(JSON.stringify(st, null, 2) + "\n");
     return 0;

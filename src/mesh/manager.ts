@@ -210,6 +210,16 @@ export class MeshManager {
   connectedPeers(): string[] {
     return [...this.peers.values()].filter((e) => e.fsm.state === "connected").map((e) => e.info.id);
   }
+  /** Live direct links with their smoothed RTT (for topology gossip). */
+  linkRtts(): { peer: string; rttMs?: number }[] {
+    const out: { peer: string; rttMs?: number }[] = [];
+    for (const e of this.peers.values()) {
+      if (e.fsm.state !== "connected") continue;
+      const rtt = e.fsm.srttMs;
+      out.push(rtt === undefined ? { peer: e.info.id } : { peer: e.info.id, rttMs: Math.max(0.01, rtt) });
+    }
+    return out;
+  }
   peerName(id: string): string | undefined {
     return this.peers.get(id)?.info.name;
   }

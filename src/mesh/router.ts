@@ -1,0 +1,128 @@
+/**
+ * Router: drives the topology gossip (topology.ts) and link-state routing (routing.ts) from mesh events,
+ * and keeps the two tables the data path reads:
+ *   owners   prefix -> node that owns/advertises it (frame destination)
+ *   routing  node -> next hop (direct or via another agent), with hysteresis
+ * Sans-I/O: the agent calls tick(now) about once a second; everything else reacts to mesh events.
+ */
+import type { Logger } from "../log.js";
+import { RouteTable } from "../packet/route.js";
+import type { MeshManager } from "./manager.js";
+import { computeRoutes, prefixRoutes, type RouteEntry, type RoutingTable } from "./routing.js";
+import { decodeTopologyMessage, encodeTopologyMessages, Topology, TOPO_CHANNEL, type TopologyRecord } from "./topology.js";
+
+export interface RouterOptions {
+  mesh: MeshManager;
+  logger: Logger;
+  now: () => number;
+  /** prefixes this node owns/advertises (IPAM blocks, advertised routes) */
+  localPrefixes: () => string[];
+  initialSeq?: number;
+}
+
+export class Router {
+  readonly topo: Topology;
+  private table: RoutingTable;
+  readonly owners = new RouteTable<string>();
+  conflicts: { cidr: string; owners: string[] }[] = [];
+  readonly counters = { badGossip: 0, rejectedRecords: 0, recomputes: 0 };
+  private readonly changeListeners: (() => void)[] = [];
+
+  constructor(private readonly o: RouterOptions) {
+    const self = o.mesh.selfId;
+    this.topo = new Topology(self, o.initialSeq !== undefined ? { initialSeq: o.initialSeq } : {});
+    this.table = computeRoutes(self, [], {});
+    o.mesh.onPeerUp((p) => {
+      this.local();
+      for (const body of encodeTopologyMessages(this.topo.fullSync())) o.mesh.sendApp(p, TOPO_CHANNEL, body);
+      this.recompute();
+    });
+    o.mesh.onPeerDown(() => {
+      this.local();
+      this.recompute();
+    });
+    o.mesh.onApp(TOPO_CHANNEL, (from, body) => this.onGossip(from, body));
+  }
+
+  onChange(f: () => void): void {
+    this.changeListeners.push(f);
+  }
+
+  tick(): void {
+    const now = this.o.now();
+    let changed = this.local();
+    const r = this.topo.refresh(now);
+    if (r) this.flood([r]);
+    if (this.topo.expire(now).length) changed = true;
+    if (changed) this.recompute();
+  }
+
+  nextHop(node: string): string | undefined {
+    const hop = this.table.nextHop(node);
+    if (hop !== undefined) return hop;
+    // Before the first gossip round arrives, a live direct link is a route by itself.
+    return this.o.mesh.connectedPeers().includes(node) ? node : undefined;
+  }
+
+  route(node: string): RouteEntry | undefined {
+    return this.table.get(node);
+  }
+
+  entries(): RouteEntry[] {
+    return this.table.entries();
+  }
+
+  records(): TopologyRecord[] {
+    return this.topo.records();
+  }
+
+  /** Re-announce our prefixes now (IPAM blocks changed). */
+  prefixesChanged(): void {
+    if (this.local()) this.recompute();
+  }
+
+  private local(): boolean {
+    const links = this.o.mesh.linkRtts();
+    const r = this.topo.setLocal(links, this.o.localPrefixes(), this.o.now());
+    if (r) this.flood([r]);
+    return r !== undefined;
+  }
+
+  private flood(recs: TopologyRecord[], except?: string): void {
+    if (recs.length === 0) return;
+    const bodies = encodeTopologyMessages(recs);
+    for (const p of this.o.mesh.connectedPeers()) if (p !== except) for (const b of bodies) this.o.mesh.sendApp(p, TOPO_CHANNEL, b);
+  }
+
+  private onGossip(from: string, body: unknown): void {
+    let recs: TopologyRecord[];
+    try {
+      recs = decodeTopologyMessage(body);
+    } catch (err) {
+      this.counters.badGossip++;
+      this.o.logger.debug("dropping malformed topology gossip", { peer: from, err });
+      return;
+    }
+    const { delta, originated, rejected } = this.topo.mergeDetailed(recs, this.o.now());
+    if (rejected.length) {
+      this.counters.rejectedRecords += rejected.length;
+      this.o.logger.debug("rejected topology records", { peer: from, count: rejected.length });
+    }
+    this.flood(
+      delta.filter((r) => r !== originated),
+      from,
+    );
+    if (originated) this.flood([originated]);
+    if (delta.length) this.recompute();
+  }
+
+  private recompute(): void {
+    this.counters.recomputes++;
+    const records = this.topo.records();
+    this.table = computeRoutes(this.o.mesh.selfId, records, {}, this.table);
+    const { routes, conflicts } = prefixRoutes(records, this.table);
+    this.conflicts = conflicts;
+    this.owners.replaceAll(routes.map((r) => [r.cidr, r.owner] as const));
+    for (const f of this.changeListeners) f();
+  }
+}
