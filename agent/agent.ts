@@ -10,6 +10,8 @@ import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/man
 import type { PeerTiming } from "../src/mesh/peer.js";
 import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
+import { IpamDriver, type PodAddress } from "./ipam.js";
+import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import { startApiServer, type ApiServer } from "./api.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
@@ -35,6 +37,8 @@ export interface AgentConfig {
   meta?: Record<string, string>;
   /** Inject a transport (tests); default werift. */
   transport?: Transport;
+  /** IPAM: cluster range (default 10.40.0.0/16), block prefix (default 26), reclaim grace (default 10 min). */
+  ipam?: { range?: string; blockPrefix?: number; reclaimAfterMs?: number; resyncMs?: number; claimSettleMs?: number; bootstrapWaitMs?: number; safetyMarginMs?: number };
   /** werift tuning, e.g. { loopbackOnly: true } for single-host tests and demos. */
   werift?: { loopbackOnly?: boolean; icePortRange?: [number, number] };
 }
@@ -68,6 +72,7 @@ export class Agent {
   private reflexive: string | null = null;
   private stopping: Promise<void> | undefined;
   readonly router: Router;
+  ipam!: IpamDriver;
 
   private constructor(
     readonly cfg: AgentConfig,
@@ -84,7 +89,7 @@ export class Agent {
 
   /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
   localPrefixes(): string[] {
-    return [];
+    return this.ipam ? aggregateCidrs(this.ipam.localBlocks()) : [];
   }
 
   static async start(cfg: AgentConfig): Promise<Agent> {
@@ -140,12 +145,22 @@ export class Agent {
       timing: cfg.timing ?? {},
     });
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
+    try {
+      agent.ipam = new IpamDriver({ id: identity.id, ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
+    } catch (e) {
+      await transport.close();
+      throw e;
+    }
+    agent.ipam.onBlocksChanged(() => agent!.router.prefixesChanged());
     if (cfg.api !== false) agent.api = await startApiServer(sock, agent);
     signal.start();
     let ticks = 0;
     agent.tickTimer = setInterval(() => {
       mesh.tick();
-      if (++ticks % 5 === 0) agent!.router.tick();
+      if (++ticks % 5 === 0) {
+        agent!.router.tick();
+        agent!.ipam.tick();
+      }
     }, 200);
     return agent;
   }
@@ -212,6 +227,33 @@ export class Agent {
   routes(): RouteStatus[] {
     const name = (id: string) => this.mesh.peerName(id) ?? id;
     return this.router.entries().map((e) => ({ dst: e.dst, name: name(e.dst), nextHop: e.nextHop, nextHopName: name(e.nextHop), via: e.via === "direct" ? "direct" : `via ${name(e.via)}`, costMs: e.cost, path: [...e.path] }));
+  }
+
+  ipamStatus() {
+    const st = this.ipam.status();
+    const connected = new Set(this.mesh.connectedPeers());
+    const name = (id: string) => (id === this.id ? this.name : (this.mesh.peerName(id) ?? null));
+    return {
+      ...st,
+      blocks: st.blocks.map((b) => ({ ...b, ownerName: name(b.owner), reachable: b.owner === this.id || connected.has(b.owner) || this.router.nextHop(b.owner) !== undefined })),
+    };
+  }
+
+  allocate(podId: string, timeoutMs?: number): Promise<PodAddress> {
+    return this.ipam.allocate(podId, timeoutMs);
+  }
+
+  release(podId: string): boolean {
+    return this.ipam.release(podId);
+  }
+
+  ipamRelease(target: string): { node: string } {
+    const id = /^[0-9a-f]{16}$/.test(target) ? target : this.mesh.resolvePeer(target);
+    if (!id) throw new WeftError("ERR_NO_PEER", `no node matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
+    if (id === this.id) throw new WeftError("ERR_USAGE", "refusing to release this node's own blocks; stop the agent and remove its ipam.json instead");
+    if (this.mesh.connectedPeers().includes(id)) throw new WeftError("ERR_USAGE", `node ${id} is connected right now; release only nodes that are gone`);
+    this.ipam.forceRelease(id);
+    return { node: id };
   }
 
   async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number }> {

@@ -5,6 +5,10 @@
  *   GET  /v1/status            -> AgentStatus (see agent.ts)
  *   GET  /v1/routes            -> {routes: RouteStatus[]} (next hop per node, from link-state routing)
  *   POST /v1/ping {node, timeoutMs?} -> {id, name, rttMs}
+ *   GET  /v1/ipam              -> IPAM status (range, blocks with owners, allocations, pending)
+ *   POST /v1/ipam/allocate {podId, timeoutMs?} -> {podId, ip, prefixLen, gateway, block} (idempotent)
+ *   POST /v1/ipam/free {podId} -> {released}
+ *   POST /v1/ipam/release-node {node} -> {node}   (operator: force-release a gone node's blocks)
  * Errors: JSON {error: {code, message}} with 4xx/5xx.
  */
 import { chmodSync, unlinkSync } from "node:fs";
@@ -18,10 +22,57 @@ export interface ApiServer {
   close(): Promise<void>;
 }
 
-export function createApiApp(agent: Pick<Agent, "status" | "ping" | "routes">): Hono {
+type ApiAgent = Pick<Agent, "status" | "ping" | "routes" | "ipamStatus" | "allocate" | "release" | "ipamRelease">;
+
+function errorStatus(code: string): 400 | 404 | 409 | 500 | 503 {
+  if (code === "ERR_USAGE") return 400;
+  if (code === "ERR_NO_PEER" || code === "ERR_NOT_FOUND") return 404;
+  if (code === "ERR_EXISTS") return 409;
+  if (code === "ERR_TIMEOUT" || code === "ERR_NOT_CONNECTED" || code === "ERR_IPAM_TIMEOUT" || code === "ERR_NOT_READY") return 503;
+  return 500;
+}
+
+async function jsonBody(c: { req: { json(): Promise<unknown> } }): Promise<Record<string, unknown> | undefined> {
+  try {
+    const b = await c.req.json();
+    return b && typeof b === "object" && !Array.isArray(b) ? (b as Record<string, unknown>) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const POD_ID_RE = /^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$/;
+
+export function createApiApp(agent: ApiAgent): Hono {
   const app = new Hono();
   app.get("/v1/status", async (c) => c.json(await agent.status()));
   app.get("/v1/routes", (c) => c.json({ routes: agent.routes() }));
+  app.get("/v1/ipam", (c) => c.json(agent.ipamStatus()));
+  app.post("/v1/ipam/allocate", async (c) => {
+    const b = await jsonBody(c);
+    if (!b || typeof b.podId !== "string" || !POD_ID_RE.test(b.podId)) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {podId} (1-200 chars: letters, digits, . _ : / -)" } }, 400);
+    try {
+      return c.json(await agent.allocate(b.podId, typeof b.timeoutMs === "number" ? Math.min(Math.max(b.timeoutMs, 0), 120_000) : 30_000));
+    } catch (e) {
+      const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
+      return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));
+    }
+  });
+  app.post("/v1/ipam/free", async (c) => {
+    const b = await jsonBody(c);
+    if (!b || typeof b.podId !== "string" || !POD_ID_RE.test(b.podId)) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {podId}" } }, 400);
+    return c.json({ released: agent.release(b.podId) });
+  });
+  app.post("/v1/ipam/release-node", async (c) => {
+    const b = await jsonBody(c);
+    if (!b || typeof b.node !== "string" || b.node.length > 128) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {node}" } }, 400);
+    try {
+      return c.json(agent.ipamRelease(b.node));
+    } catch (e) {
+      const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
+      return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));
+    }
+  });
   app.post("/v1/ping", async (c) => {
     let body: unknown;
     try {
@@ -44,7 +95,7 @@ export function createApiApp(agent: Pick<Agent, "status" | "ping" | "routes">): 
   return app;
 }
 
-export async function startApiServer(socketPath: string, agent: Pick<Agent, "status" | "ping" | "routes">): Promise<ApiServer> {
+export async function startApiServer(socketPath: string, agent: ApiAgent): Promise<ApiServer> {
   const app = createApiApp(agent);
   const server = createAdaptorServer({ fetch: app.fetch }) as Server;
   await new Promise<void>((resolve, reject) => {

@@ -20,6 +20,11 @@ Options:
                         else $XDG_STATE_HOME/weftnet)
   --no-tun              control plane only: no TUN device, no root needed. Required in this release
                         (the TUN data plane is not built yet)
+  --range CIDR          cluster pod range; the first agent's range becomes the mesh's, an agent with a
+                        different one is refused (default 10.40.0.0/16)
+  --block-size N        prefix length of the blocks nodes own (default 26: 64 addresses)
+  --reclaim-after DUR   blocks of a node silent this long are taken over by exactly one heir
+                        (default 10m; e.g. 90s, 10m, 1h)
   --ice-server URL      extra STUN/TURN server, repeatable: stun:HOST:PORT or
                         turn:USER:PASS@HOST:PORT (credentials may also come as turn:HOST:PORT?user=U&pass=P)
   --no-server-stun      do not use the signaling server's built-in STUN responder
@@ -29,10 +34,12 @@ Options:
   -h, --help            this help
 `;
 
-export const STATUS_HELP = `Usage: weftnet status [routes] [--json] [--state-dir D]
+export const STATUS_HELP = `Usage: weftnet status [routes|ipam] [--json] [--state-dir D]
 
 Show this node and its peers: id, name, state, path, RTT, bytes in/out, link uptime.
 \`weftnet status routes\` shows the routing table: next hop per node (direct or via another agent).
+\`weftnet status ipam\` shows the cluster range, every block with its owner (reachable or not), free
+addresses, this node's allocations and pending block requests; --json includes {range, blocks:[{cidr, owner}]}.
   --json          machine-readable output: {node:{id,name,...}, peers:[{id,name,state,path,rttMs,...}]}
   --state-dir D   the agent's state dir (default: /var/lib/weftnet as root, else $XDG_STATE_HOME/weftnet)
 `;
@@ -74,6 +81,9 @@ export async function runAgent(argv: string[]): Promise<number> {
     "no-tun": { type: "boolean" },
     "ice-server": { type: "string", multiple: true },
     "no-server-stun": { type: "boolean" },
+    range: { type: "string" },
+    "block-size": { type: "string" },
+    "reclaim-after": { type: "string" },
     "loopback-only": { type: "boolean" },
     "log-level": { type: "string" },
     verbose: { type: "boolean" },
@@ -93,8 +103,20 @@ export async function runAgent(argv: string[]): Promise<number> {
   const logger = createLogger({ level });
   const iceServers = (values["ice-server"] ?? []).map(parseIceServer);
   const stateDir = values["state-dir"] ?? defaultStateDir();
+  const ipam: { range?: string; blockPrefix?: number; reclaimAfterMs?: number } = {};
+  if (values.range !== undefined) {
+    if (!/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/.test(values.range)) throw new UsageError(`weftnet agent: --range ${JSON.stringify(values.range)} must be an IPv4 CIDR like 10.40.0.0/16`);
+    ipam.range = values.range;
+  }
+  if (values["block-size"] !== undefined) {
+    const n = Number(values["block-size"].replace(/^\//, ""));
+    if (!Number.isInteger(n) || n < 16 || n > 30) throw new UsageError(`weftnet agent: --block-size must be a prefix length between 16 and 30, got ${JSON.stringify(values["block-size"])}`);
+    ipam.blockPrefix = n;
+  }
+  if (values["reclaim-after"] !== undefined) ipam.reclaimAfterMs = parseDuration("agent", "--reclaim-after", values["reclaim-after"]);
 
   const agent = await Agent.start({
+    ipam,
     signal: values.signal,
     token,
     stateDir,
@@ -136,7 +158,12 @@ export async function runStatus(argv: string[]): Promise<number> {
     return 0;
   }
   const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
-  if (positionals.length > 1 || (positionals[0] !== undefined && positionals[0] !== "routes")) throw new UsageError(`weftnet status: unknown section ${JSON.stringify(positionals.join(" "))} (try \`weftnet status routes\`)`);
+  if (positionals.length > 1 || (positionals[0] !== undefined && positionals[0] !== "routes" && positionals[0] !== "ipam")) throw new UsageError(`weftnet status: unknown section ${JSON.stringify(positionals.join(" "))} (try \`weftnet status routes\` or \`weftnet status ipam\`)`);
+  if (positionals[0] === "ipam") {
+    const v = await apiRequest<IpamView>(sock, "GET", "/v1/ipam");
+    process.stdout.write(values.json ? JSON.stringify(v, null, 2) + "\n" : renderIpam(v));
+    return 0;
+  }
   if (positionals[0] === "routes") {
     const { routes } = await apiRequest<{ routes: RouteStatus[] }>(sock, "GET", "/v1/routes");
     if (values.json) process.stdout.write(JSON.stringify({ routes }, null, 2) + "\n");
@@ -178,6 +205,82 @@ export function renderStatus(st: AgentStatus): string {
     ]);
   }
   return `${head}peers     ${connected}/${st.peers.length} connected\n\n${st.peers.length ? table(rows) : "(no peers yet)"}\n`;
+}
+
+export function parseDuration(cmd: string, flag: string, v: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(v.trim());
+  if (!m) throw new UsageError(`weftnet ${cmd}: ${flag} must be a duration like 90s, 10m or 1h, got ${JSON.stringify(v)}`);
+  const n = Number(m[1]) * ({ ms: 1, s: 1000, m: 60_000, h: 3_600_000 } as const)[(m[2] ?? "s") as "ms" | "s" | "m" | "h"];
+  if (n < 1000) throw new UsageError(`weftnet ${cmd}: ${flag} must be at least 1s`);
+  return Math.round(n);
+}
+
+export const IPAM_HELP = `Usage: weftnet ipam <command> [--state-dir D] [--json]
+
+Commands:
+  release NODE      force-release the blocks of a node that is gone for good (by id or name); the
+                    mesh reclaims silent nodes by itself after --reclaim-after, this is for operators
+                    who know the node will not come back
+  allocate POD      allocate (idempotently) an address for pod id POD on this node and print it
+  free POD          release the address of pod id POD
+See \`weftnet status ipam\` for the range, blocks and allocations.
+`;
+
+export async function runIpam(argv: string[]): Promise<number> {
+  const { values, positionals } = parse("ipam", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } }, true);
+  if (values.help) {
+    process.stdout.write(IPAM_HELP);
+    return 0;
+  }
+  const [sub, arg, ...extra] = positionals;
+  if (!sub || !arg || extra.length) throw new UsageError("weftnet ipam: expected `release NODE`, `allocate POD` or `free POD`");
+  const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
+  let out: unknown;
+  switch (sub) {
+    case "release":
+      out = await apiRequest(sock, "POST", "/v1/ipam/release-node", { node: arg });
+      if (!values.json) process.stdout.write(`released the blocks of ${(out as { node: string }).node}; they are free for other nodes\n`);
+      break;
+    case "allocate": {
+      const a = await apiRequest<{ ip: string; prefixLen: number; gateway: string }>(sock, "POST", "/v1/ipam/allocate", { podId: arg }, 40_000);
+      out = a;
+      if (!values.json) process.stdout.write(`${a.ip}/${a.prefixLen} gateway ${a.gateway}\n`);
+      break;
+    }
+    case "free":
+      out = await apiRequest(sock, "POST", "/v1/ipam/free", { podId: arg });
+      if (!values.json) process.stdout.write((out as { released: boolean }).released ? `released ${arg}\n` : `${arg} had no address\n`);
+      break;
+    default:
+      throw new UsageError(`weftnet ipam: unknown command ${JSON.stringify(sub)}`);
+  }
+  if (values.json) process.stdout.write(JSON.stringify(out) + "\n");
+  return 0;
+}
+
+type IpamView = {
+  range: string;
+  blockPrefix: number;
+  canAllocate: boolean;
+  reason: string | null;
+  blocks: { cidr: string; owner: string; ownerName: string | null; reachable: boolean; free: number | null; mine: boolean; settling: boolean; kind: string }[];
+  allocations: { podId: string; ip: string }[];
+  pending: { to: string; sinceMs: number } | null;
+  conflicts: { peer: string; code: string; message: string }[];
+};
+
+export function renderIpam(v: IpamView): string {
+  const owned = v.blocks.filter((b) => b.owner);
+  let out = `range     ${v.range} (blocks /${v.blockPrefix})\nallocate  ${v.canAllocate ? "ready" : `not ready: ${v.reason ?? "unknown"}`}\n`;
+  if (v.pending) out += `pending   block request to ${v.pending.to} for ${Math.round(v.pending.sinceMs / 1000)}s\n`;
+  for (const c of v.conflicts) out += `CONFLICT  with ${c.peer}: ${c.message} (${c.code})\n`;
+  const rows = [["BLOCK", "OWNER", "ID", "REACHABLE", "FREE", "NOTE"]];
+  for (const b of owned) rows.push([b.cidr, b.ownerName ?? "?", b.owner, b.reachable ? "yes" : "NO", b.free === null ? "-" : String(b.free), [b.mine ? "this node" : "", b.settling ? "settling" : ""].filter(Boolean).join(", ")]);
+  out += `\n${owned.length ? table(rows) : "(no blocks owned yet)"}\n`;
+  if (v.allocations.length) {
+    out += `\n${table([["POD", "IP"], ...v.allocations.map((a) => [a.podId, a.ip])])}\n`;
+  }
+  return out;
 }
 
 export async function runPing(argv: string[]): Promise<number> {

@@ -15,6 +15,7 @@ Commands:
   agent      run the node agent
   status     show this node and its peers
   ping NODE  measure RTT to a peer over the mesh
+  ipam       operator commands for the shared address range (release NODE, allocate/free POD)
   version    print the version
 
 Run \`weftnet <command> --help\` for the options of each command.
@@ -45,6 +46,8 @@ export async function main(argv: string[]): Promise<number> {
         return await (await import("./commands.js")).runStatus(rest);
       case "ping":
         return await (await import("./commands.js")).runPing(rest);
+      case "ipam":
+        return await (await import("./commands.js")).runIpam(rest);
       default:
         throw new UsageError(`unknown command ${JSON.stringify(cmd)}; run \`weftnet --help\` for the list`);
     }

@@ -1,0 +1,173 @@
+/**
+ * Agent-side driver of the IPAM core (src/ipam): wires it to the mesh, persists its snapshot atomically
+ * in the state dir BEFORE anything it decided leaves the process (gossip, an address handed to a pod),
+ * and retries allocations that are not possible yet (bootstrap, resync, a block request in flight).
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { WeftError } from "../src/errors.js";
+import { IpamNode, type IpamConfig, type IpamOutput, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
+import type { Logger } from "../src/log.js";
+import type { MeshManager } from "../src/mesh/manager.js";
+import { writeFileAtomic } from "./state.js";
+
+export const IPAM_FILE = "ipam.json";
+export const IPAM_CHANNEL = "ipam";
+
+export interface PodAddress {
+  podId: string;
+  ip: string;
+  prefixLen: number;
+  gateway: string;
+  block: string;
+}
+
+export class IpamDriver {
+  readonly node: IpamNode;
+  private readonly path: string;
+  readonly counters = { remoteErrors: 0, persists: 0 };
+  private readonly blockListeners: (() => void)[] = [];
+  private readonly revokeListeners: ((r: { podId: string; ip: string }) => void)[] = [];
+  private lastBlocks = "";
+  private lastError: WeftError | undefined;
+
+  constructor(
+    private readonly cfg: IpamConfig,
+    private readonly stateDir: string,
+    private readonly mesh: MeshManager,
+    private readonly log: Logger,
+    private readonly now: () => number = Date.now,
+  ) {
+    this.path = join(stateDir, IPAM_FILE);
+    this.node = this.load();
+    mesh.onPeerUp((peer) => this.apply(this.node.handle({ type: "peerUp", peer }, this.now())));
+    mesh.onPeerDown((peer) => this.apply(this.node.handle({ type: "peerDown", peer }, this.now())));
+    mesh.onApp(IPAM_CHANNEL, (from, body) => this.apply(this.node.handle({ type: "message", from, body }, this.now())));
+  }
+
+  private load(): IpamNode {
+    const now = this.now();
+    if (!existsSync(this.path)) return new IpamNode(this.cfg, now);
+    let snap: IpamSnapshot;
+    try {
+      snap = JSON.parse(readFileSync(this.path, "utf8")) as IpamSnapshot;
+    } catch (e) {
+      throw new WeftError("ERR_IPAM_STATE", `cannot read IPAM state ${this.path}: ${(e as Error).message}; move it away only if you accept that this node's pods get new addresses`);
+    }
+    try {
+      return IpamNode.restore(snap, this.cfg, now);
+    } catch (e) {
+      throw new WeftError((e as WeftError).code ?? "ERR_IPAM_STATE", `IPAM state ${this.path} does not fit this agent: ${(e as Error).message}`);
+    }
+  }
+
+  tick(): void {
+    this.apply(this.node.handle({ type: "tick" }, this.now()));
+  }
+
+  onBlocksChanged(f: () => void): void {
+    this.blockListeners.push(f);
+  }
+  onRevoked(f: (r: { podId: string; ip: string }) => void): void {
+    this.revokeListeners.push(f);
+  }
+
+  private persist(): void {
+    writeFileAtomic(this.path, JSON.stringify(this.node.snapshot()), 0o600);
+    this.counters.persists++;
+  }
+
+  private apply(out: IpamOutput): void {
+    if (out.persist) this.persist();
+    for (const { to, body } of out.send) this.mesh.sendApp(to, IPAM_CHANNEL, body);
+    for (const r of out.revoked) {
+      this.log.warn("pod address revoked: its block was reclaimed while this node was away", r);
+      for (const f of this.revokeListeners) f(r);
+    }
+    for (const e of out.errors) {
+      this.counters.remoteErrors++;
+      if (this.lastError?.message !== e.message) this.log.warn("IPAM refused data from a peer", { code: e.code, err: e.message });
+      this.lastError = e;
+    }
+    const blocks = this.localBlocks().join(",");
+    if (blocks !== this.lastBlocks) {
+      this.lastBlocks = blocks;
+      for (const f of this.blockListeners) f();
+    }
+  }
+
+  /** Blocks this node owns (CIDR strings), for routes and the bridge. */
+  localBlocks(): string[] {
+    return this.node
+      .status(this.now())
+      .blocks.filter((b) => b.mine)
+      .map((b) => b.cidr);
+  }
+
+  /** Owned blocks that hold at least one pod: these get a gateway address on the bridge. */
+  activeBlocks(): string[] {
+    const st = this.node.status(this.now());
+    const used = new Set<string>();
+    for (const a of st.allocations) {
+      const b = st.blocks.find((x) => x.mine && cidrContains(x.cidr, a.ip));
+      if (b) used.add(b.cidr);
+    }
+    return [...used].sort();
+  }
+
+  status(): IpamStatus {
+    return this.node.status(this.now());
+  }
+
+  /**
+   * Allocate (idempotently) an address for a pod, persisting it before returning. Retries while the IPAM
+   * is not ready or waits for a block, up to `timeoutMs`.
+   */
+  async allocate(podId: string, timeoutMs = 30_000): Promise<PodAddress> {
+    const t0 = this.now();
+    for (;;) {
+      const r = this.node.allocate(podId, this.now());
+      if (r.ok && r.changed) r.output.persist = true;
+      this.apply(r.output);
+      if (r.ok) return this.describe(podId, r.ip);
+      if (r.error.code !== "ERR_NOT_READY" && r.error.code !== "ERR_EXHAUSTED") throw r.error;
+      if (this.now() - t0 > timeoutMs) throw new WeftError("ERR_IPAM_TIMEOUT", `no address for ${podId} after ${Math.round(timeoutMs / 1000)} s: ${r.error.message}`);
+      await new Promise((res) => setTimeout(res, 200));
+    }
+  }
+
+  release(podId: string): boolean {
+    const r = this.node.release(podId);
+    if (r.changed) r.output.persist = true;
+    this.apply(r.output);
+    return r.changed;
+  }
+
+  forceRelease(node: string): void {
+    const out = this.node.forceRelease(node, this.now());
+    out.persist = true;
+    this.apply(out);
+  }
+
+  describe(podId: string, ip: string): PodAddress {
+    const st = this.node.status(this.now());
+    const block = st.blocks.find((b) => b.mine && cidrContains(b.cidr, ip));
+    if (!block) throw new WeftError("ERR_INVARIANT", `allocated ${ip} is outside this node's blocks`);
+    const [net, len] = block.cidr.split("/") as [string, string];
+    return { podId, ip, prefixLen: Number(len), gateway: intToIp(ipToInt(net) + 1), block: block.cidr };
+  }
+}
+
+function ipToInt(ip: string): number {
+  return ip.split(".").reduce((a, o) => a * 256 + Number(o), 0);
+}
+function intToIp(n: number): string {
+  return [24, 16, 8, 0].map((s) => Math.floor(n / 2 ** s) % 256).join(".");
+}
+function cidrContains(cidr: string, ip: string): boolean {
+  const [net, len] = cidr.split("/") as [string, string];
+  const size = 2 ** (32 - Number(len));
+  const base = ipToInt(net);
+  const x = ipToInt(ip);
+  return x >= base && x < base + size;
+}

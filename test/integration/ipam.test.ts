@@ -1,0 +1,92 @@
+/**
+ * IPAM through the real mesh: 5 agents (werift on loopback, real signaling server) agree on blocks of one
+ * range, keep them across a restart, and reclaim a stopped agent's blocks with exactly one heir.
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Agent } from "../../agent/agent.js";
+import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
+
+const TOKEN = "ipam-integration-token";
+const IPAM = { reclaimAfterMs: 5000, safetyMarginMs: 1000, resyncMs: 800, claimSettleMs: 500, bootstrapWaitMs: 500 };
+
+const ipToInt = (ip: string) => ip.split(".").reduce((a, o) => a * 256 + Number(o), 0);
+const owners = (a: Agent) => new Map(a.ipamStatus().blocks.filter((b) => b.owner).map((b) => [b.cidr, b.owner]));
+
+describe("IPAM over the mesh", () => {
+  let c: Cluster;
+  let agents: Agent[];
+
+  beforeAll(async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    agents = [];
+    for (const n of ["i1", "i2", "i3", "i4", "i5"]) agents.push(await c.agent(n, { ipam: IPAM }));
+    await waitFor(() => fullMesh(agents), 30_000, "full mesh");
+  }, 60_000);
+  afterAll(async () => c?.cleanup());
+
+  it("five agents get disjoint blocks of one range and allocate from them", async () => {
+    const addrs = await Promise.all(agents.map((a, i) => a.allocate(`pod-${i}`, 20_000)));
+    for (const [i, a] of addrs.entries()) {
+      expect(a.ip).toMatch(/^10\.40\./);
+      expect(agents[i]!.ipam.localBlocks()).toContain(a.block);
+    }
+    expect(new Set(addrs.map((a) => a.ip)).size).toBe(5);
+    const blocks = agents.map((a) => a.ipam.localBlocks());
+    const all = blocks.flat();
+    expect(new Set(all).size).toBe(all.length); // no block owned twice
+    for (const b of all) expect(b).toMatch(/\/26$/);
+    // same pod id, same address (idempotent)
+    expect((await agents[0]!.allocate("pod-0")).ip).toBe(addrs[0]!.ip);
+    // every node converges to the same ownership view
+    await waitFor(() => agents.every((a) => JSON.stringify([...owners(a)].sort()) === JSON.stringify([...owners(agents[0]!)].sort())), 10_000, "same view everywhere");
+    const st = agents[0]!.ipamStatus();
+    expect(st.range).toBe("10.40.0.0/16");
+    expect(st.blocks.find((b) => b.cidr === addrs[1]!.block)).toMatchObject({ owner: agents[1]!.id, reachable: true });
+    void ipToInt;
+  }, 40_000);
+
+  it("a restarted agent keeps its blocks and its pods keep their addresses", async () => {
+    const old = agents[2]!;
+    const blocks = old.ipam.localBlocks();
+    const before = await old.allocate("pod-2");
+    const { stateDir, name } = old.cfg;
+    await old.stop();
+    const again = await c.agent(name!, { stateDir, ipam: IPAM });
+    agents[2] = again;
+    expect(again.id).toBe(old.id);
+    expect(again.ipam.localBlocks()).toEqual(blocks);
+    await waitFor(() => fullMesh(agents), 20_000, "mesh again");
+    const after = await again.allocate("pod-2", 20_000);
+    expect(after.ip).toBe(before.ip);
+  }, 40_000);
+
+  it("a stopped agent's blocks are reclaimed by exactly one heir, and everyone agrees", async () => {
+    const gone = agents[4]!;
+    const goneBlocks = gone.ipam.localBlocks();
+    expect(goneBlocks.length).toBeGreaterThan(0);
+    await gone.stop();
+    const live = agents.slice(0, 4);
+    await waitFor(
+      () => live.every((a) => goneBlocks.every((b) => { const o = owners(a).get(b); return o !== undefined && o !== gone.id; })),
+      30_000,
+      "reclaim of the stopped agent's blocks",
+    );
+    await waitFor(() => live.every((a) => goneBlocks.every((b) => owners(a).get(b) === owners(live[0]!).get(b))), 10_000, "agreement on the heir");
+    const heirs = new Set(goneBlocks.map((b) => owners(live[0]!).get(b)));
+    expect(heirs.size).toBe(1);
+    const heir = live.find((a) => heirs.has(a.id))!;
+    for (const b of goneBlocks) expect(heir.ipam.localBlocks()).toContain(b);
+    for (const a of live) if (a !== heir) for (const b of goneBlocks) expect(a.ipam.localBlocks()).not.toContain(b);
+  }, 60_000);
+
+  it("refuses an agent started with a different range, with a clear error", async () => {
+    const odd = await c.agent("odd", { ipam: { ...IPAM, range: "10.99.0.0/16" } });
+    await waitFor(() => odd.mesh.connectedPeers().length > 0, 15_000, "odd agent links up");
+    await waitFor(() => odd.ipamStatus().conflicts.length > 0 || agents[0]!.ipamStatus().conflicts.length > 0, 10_000, "range conflict reported");
+    const conflict = [...odd.ipamStatus().conflicts, ...agents[0]!.ipamStatus().conflicts][0]!;
+    expect(conflict.code).toBe("ERR_RANGE_MISMATCH");
+    expect(conflict.message).toMatch(/10\.99\.0\.0\/16|10\.40\.0\.0\/16/);
+    await expect(odd.allocate("x", 1500)).rejects.toThrow();
+    await odd.stop();
+  }, 40_000);
+});
