@@ -12,6 +12,18 @@ import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
+import type { DataPlane, PodInfo } from "./dataplane.js";
+
+function inRange(ip: string, cidr: string): boolean {
+  const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(ip);
+  if (!m) return false;
+  const [net, len] = cidr.split("/") as [string, string];
+  const toInt = (s: string) => s.split(".").reduce((a, o) => a * 256 + Number(o), 0);
+  const size = 2 ** (32 - Number(len));
+  const x = toInt(ip);
+  const base = Math.floor(toInt(net) / size) * size;
+  return x >= base && x < base + size;
+}
 import { startApiServer, type ApiServer } from "./api.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
@@ -25,8 +37,12 @@ export interface AgentConfig {
   token: string;
   stateDir: string;
   name?: string;
-  /** Data plane (TUN). Not built yet: only `false` is supported. */
+  /** Data plane: TUN device, bridge and routes (root / CAP_NET_ADMIN). Default false here; the CLI defaults to true. */
   tun?: boolean;
+  /** TUN interface name (default weft0), pod bridge (default weft-br0), MTU of both (default 1400). */
+  iface?: string;
+  bridge?: string;
+  mtu?: number;
   iceServers?: IceServer[];
   /** Use the signaling server's STUN responder (default true). */
   useServerStun?: boolean;
@@ -58,6 +74,7 @@ export type PeerPath = "direct" | `via ${string}` | "none";
 export interface AgentStatus {
   node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null } };
   peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null })[];
+  dataplane: ReturnType<DataPlane["stats"]> | null;
   counters: MeshCounters & { badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
 }
 
@@ -73,6 +90,7 @@ export class Agent {
   private stopping: Promise<void> | undefined;
   readonly router: Router;
   ipam!: IpamDriver;
+  dataplane: DataPlane | undefined;
 
   private constructor(
     readonly cfg: AgentConfig,
@@ -94,14 +112,19 @@ export class Agent {
 
   static async start(cfg: AgentConfig): Promise<Agent> {
     const log = cfg.logger ?? createLogger({ level: "warn" });
-    if (cfg.tun) throw new WeftError("ERR_NO_DATAPLANE", "the TUN data plane is not available in this build; run with --no-tun");
     const { identity, created } = loadOrCreateIdentity(cfg.stateDir);
     const name = cfg.name ?? hostname();
     const instance = newInstanceId();
     const sock = apiSocketPath(cfg.stateDir);
     if (cfg.api !== false) await claimSocket(sock, cfg.stateDir);
     const transport =
-      cfg.transport ?? (await (await import("./transport/werift.js")).createWeriftTransport({ logger: log, ...(cfg.werift ?? {}) }));
+      cfg.transport ??
+      (await (await import("./transport/werift.js")).createWeriftTransport({
+        logger: log,
+        ...(cfg.werift ?? {}),
+        // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
+        excludeAddress: (ip) => inRange(ip, cfg.ipam?.range ?? "10.40.0.0/16"),
+      }));
     const agentLog = log.child("agent", { node: identity.id, name });
     if (created) agentLog.info("created a new node identity", { stateDir: cfg.stateDir });
 
@@ -152,6 +175,19 @@ export class Agent {
       throw e;
     }
     agent.ipam.onBlocksChanged(() => agent!.router.prefixesChanged());
+    if (cfg.tun) {
+      try {
+        agent.dataplane = await (await import("./dataplane.js")).DataPlane.start(agent, {
+          logger: agentLog.child("dataplane"),
+          ...(cfg.iface !== undefined ? { iface: cfg.iface } : {}),
+          ...(cfg.bridge !== undefined ? { bridge: cfg.bridge } : {}),
+          ...(cfg.mtu !== undefined ? { mtu: cfg.mtu } : {}),
+        });
+      } catch (e) {
+        await transport.close();
+        throw e;
+      }
+    }
     if (cfg.api !== false) agent.api = await startApiServer(sock, agent);
     signal.start();
     let ticks = 0;
@@ -220,6 +256,7 @@ export class Agent {
         const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.state === "connected" || r ? "direct" : "none";
         return { ...p, path, via };
       }),
+      dataplane: this.dataplane ? this.dataplane.stats() : null,
       counters: { ...this.mesh.counters, badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
     };
   }
@@ -256,6 +293,19 @@ export class Agent {
     return { node: id };
   }
 
+  private requireDataplane(): DataPlane {
+    if (!this.dataplane) throw new WeftError("ERR_NO_DATAPLANE", "this agent runs without a data plane (--no-tun); pods need the TUN data plane");
+    return this.dataplane;
+  }
+
+  addPod(name: string): Promise<PodInfo> {
+    return this.requireDataplane().addPod(name);
+  }
+
+  delPod(name: string): Promise<{ released: boolean }> {
+    return this.requireDataplane().delPod(name);
+  }
+
   async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number }> {
     const id = this.mesh.resolvePeer(target);
     if (!id) throw new WeftError("ERR_NO_PEER", `no peer matches ${JSON.stringify(target)} (use a node id, a unique id prefix or a name from \`weftnet status\`)`);
@@ -269,6 +319,7 @@ export class Agent {
       await this.mesh.stop();
       this.signal.stop();
       await this.api?.close();
+      await this.dataplane?.stop().catch((err) => this.log.error("could not remove the node network", { err }));
       await this.transport.close();
     })();
     return this.stopping;

@@ -2,7 +2,7 @@
 import { request } from "node:http";
 import { WeftError } from "../src/errors.js";
 
-export function apiRequest<T = unknown>(socketPath: string, method: "GET" | "POST", path: string, body?: unknown, timeoutMs = 10_000): Promise<T> {
+export function apiRequest<T = unknown>(socketPath: string, method: "GET" | "POST" | "DELETE", path: string, body?: unknown, timeoutMs = 10_000): Promise<T> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const req = request(

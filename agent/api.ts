@@ -8,6 +8,8 @@
  *   GET  /v1/ipam              -> IPAM status (range, blocks with owners, allocations, pending)
  *   POST /v1/ipam/allocate {podId, timeoutMs?} -> {podId, ip, prefixLen, gateway, block} (idempotent)
  *   POST /v1/ipam/free {podId} -> {released}
+ *   POST /v1/pods {name}       -> PodInfo (netns NAME, veth on the bridge, IP from this node's blocks)
+ *   DELETE /v1/pods/NAME       -> {released}
  *   POST /v1/ipam/release-node {node} -> {node}   (operator: force-release a gone node's blocks)
  * Errors: JSON {error: {code, message}} with 4xx/5xx.
  */
@@ -22,10 +24,10 @@ export interface ApiServer {
   close(): Promise<void>;
 }
 
-type ApiAgent = Pick<Agent, "status" | "ping" | "routes" | "ipamStatus" | "allocate" | "release" | "ipamRelease">;
+type ApiAgent = Pick<Agent, "status" | "ping" | "routes" | "ipamStatus" | "allocate" | "release" | "ipamRelease" | "addPod" | "delPod">;
 
 function errorStatus(code: string): 400 | 404 | 409 | 500 | 503 {
-  if (code === "ERR_USAGE") return 400;
+  if (code === "ERR_USAGE" || code === "ERR_NO_DATAPLANE" || code.startsWith("ERR_POD_INPUT")) return 400;
   if (code === "ERR_NO_PEER" || code === "ERR_NOT_FOUND") return 404;
   if (code === "ERR_EXISTS") return 409;
   if (code === "ERR_TIMEOUT" || code === "ERR_NOT_CONNECTED" || code === "ERR_IPAM_TIMEOUT" || code === "ERR_NOT_READY") return 503;
@@ -62,6 +64,24 @@ export function createApiApp(agent: ApiAgent): Hono {
     const b = await jsonBody(c);
     if (!b || typeof b.podId !== "string" || !POD_ID_RE.test(b.podId)) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {podId}" } }, 400);
     return c.json({ released: agent.release(b.podId) });
+  });
+  app.post("/v1/pods", async (c) => {
+    const b = await jsonBody(c);
+    if (!b || typeof b.name !== "string") return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {name}" } }, 400);
+    try {
+      return c.json(await agent.addPod(b.name));
+    } catch (e) {
+      const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
+      return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));
+    }
+  });
+  app.delete("/v1/pods/:name", async (c) => {
+    try {
+      return c.json(await agent.delPod(c.req.param("name")));
+    } catch (e) {
+      const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
+      return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));
+    }
   });
   app.post("/v1/ipam/release-node", async (c) => {
     const b = await jsonBody(c);

@@ -18,8 +18,11 @@ Options:
   --name N              node name shown to peers (default: hostname)
   --state-dir D         identity key and local API socket (default: /var/lib/weftnet as root,
                         else $XDG_STATE_HOME/weftnet)
-  --no-tun              control plane only: no TUN device, no root needed. Required in this release
-                        (the TUN data plane is not built yet)
+  --no-tun              control plane only: no TUN device, bridge or routes, no root needed
+  --iface NAME          TUN interface for the cluster range (default weft0)
+  --bridge NAME         bridge for this node's pods (default weft-br0)
+  --mtu N               MTU of the TUN, the bridge and pods (default 1400: fits one 1500-byte
+                        datagram after DTLS/SCTP/UDP/IP overhead)
   --range CIDR          cluster pod range; the first agent's range becomes the mesh's, an agent with a
                         different one is refused (default 10.40.0.0/16)
   --block-size N        prefix length of the blocks nodes own (default 26: 64 addresses)
@@ -79,6 +82,9 @@ export async function runAgent(argv: string[]): Promise<number> {
     name: { type: "string" },
     "state-dir": { type: "string" },
     "no-tun": { type: "boolean" },
+    iface: { type: "string" },
+    bridge: { type: "string" },
+    mtu: { type: "string" },
     "ice-server": { type: "string", multiple: true },
     "no-server-stun": { type: "boolean" },
     range: { type: "string" },
@@ -96,7 +102,17 @@ export async function runAgent(argv: string[]): Promise<number> {
   if (!values.signal) throw new UsageError("weftnet agent: --signal URL is required (e.g. --signal ws://10.0.0.1:7000)");
   const token = resolveToken("agent", values.token, values["token-file"]);
   if (!token) throw new UsageError("weftnet agent: a cluster token is required: --token T, --token-file F or env WEFTNET_TOKEN (printed by `weftnet signal` at first start)");
-  if (!values["no-tun"]) throw new UsageError("weftnet agent: the TUN data plane is not available in this release; run with --no-tun (control plane only)");
+  const tun = !values["no-tun"];
+  for (const f of ["iface", "bridge"] as const) {
+    const v = values[f];
+    if (v !== undefined && !/^[A-Za-z0-9_.-]{1,15}$/.test(v)) throw new UsageError(`weftnet agent: --${f} ${JSON.stringify(v)} is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)`);
+  }
+  let mtu: number | undefined;
+  if (values.mtu !== undefined) {
+    mtu = Number(values.mtu);
+    if (!Number.isInteger(mtu) || mtu < 576 || mtu > 9000) throw new UsageError(`weftnet agent: --mtu must be an integer between 576 and 9000, got ${JSON.stringify(values.mtu)}`);
+  }
+  if (!tun && (values.iface !== undefined || values.bridge !== undefined || mtu !== undefined)) throw new UsageError("weftnet agent: --iface, --bridge and --mtu configure the data plane; they make no sense with --no-tun");
   if (values.name !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(values.name)) throw new UsageError(`weftnet agent: --name ${JSON.stringify(values.name)} must be 1-63 chars of letters, digits, '.', '_' or '-'`);
   const level = values.verbose ? "info" : parseLevel(values["log-level"] ?? process.env.WEFTNET_LOG, "warn");
   if (values["log-level"] !== undefined && parseLevel(values["log-level"], "debug") !== values["log-level"]) throw new UsageError(`weftnet agent: --log-level must be debug, info, warn or error`);
@@ -120,7 +136,10 @@ export async function runAgent(argv: string[]): Promise<number> {
     signal: values.signal,
     token,
     stateDir,
-    tun: false,
+    tun,
+    ...(values.iface !== undefined ? { iface: values.iface } : {}),
+    ...(values.bridge !== undefined ? { bridge: values.bridge } : {}),
+    ...(mtu !== undefined ? { mtu } : {}),
     iceServers,
     useServerStun: !values["no-server-stun"],
     logger,
@@ -281,6 +300,34 @@ export function renderIpam(v: IpamView): string {
     out += `\n${table([["POD", "IP"], ...v.allocations.map((a) => [a.podId, a.ip])])}\n`;
   }
   return out;
+}
+
+export const POD_HELP = `Usage: weftnet pod add NAME [--json] | weftnet pod del NAME  [--state-dir D]
+
+add: create network namespace NAME with a veth (eth0) on the node bridge, an address from this node's
+     IPAM blocks (allocated by pod id, kept across agent restarts), a default route and the overlay MTU;
+     prints the address. Then e.g.: ip netns exec NAME ping <another pod's IP>
+del: remove the namespace and its veth and release the address (succeeds when already gone).
+Needs an agent running with the data plane (not --no-tun) and root.
+`;
+
+export async function runPod(argv: string[]): Promise<number> {
+  const { values, positionals } = parse("pod", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } }, true);
+  if (values.help) {
+    process.stdout.write(POD_HELP);
+    return 0;
+  }
+  const [sub, name, ...extra] = positionals;
+  if (!sub || !name || extra.length || (sub !== "add" && sub !== "del")) throw new UsageError("weftnet pod: expected `add NAME` or `del NAME`");
+  const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
+  if (sub === "add") {
+    const p = await apiRequest<{ name: string; ip: string; prefixLen: number; gateway: string; hostVeth: string }>(sock, "POST", "/v1/pods", { name }, 60_000);
+    process.stdout.write(values.json ? JSON.stringify(p) + "\n" : `${p.ip}\n`);
+  } else {
+    const r = await apiRequest<{ released: boolean }>(sock, "DELETE", `/v1/pods/${encodeURIComponent(name)}`, undefined, 30_000);
+    process.stdout.write(values.json ? JSON.stringify(r) + "\n" : `deleted pod ${name}\n`);
+  }
+  return 0;
 }
 
 export async function runPing(argv: string[]): Promise<number> {

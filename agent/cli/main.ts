@@ -15,6 +15,7 @@ Commands:
   agent      run the node agent
   status     show this node and its peers
   ping NODE  measure RTT to a peer over the mesh
+  pod        add NAME / del NAME: a pod (network namespace) on this node's bridge
   ipam       operator commands for the shared address range (release NODE, allocate/free POD)
   version    print the version
 
@@ -46,6 +47,8 @@ export async function main(argv: string[]): Promise<number> {
         return await (await import("./commands.js")).runStatus(rest);
       case "ping":
         return await (await import("./commands.js")).runPing(rest);
+      case "pod":
+        return await (await import("./commands.js")).runPod(rest);
       case "ipam":
         return await (await import("./commands.js")).runIpam(rest);
       default:

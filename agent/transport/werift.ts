@@ -80,6 +80,11 @@ export interface WeriftTransportOptions {
    * Other host candidates are still gathered and advertised (werift cannot skip them) but never checked.
    */
   loopbackOnly?: boolean;
+  /**
+   * Never pair candidates whose address matches (local or remote): the agent passes the overlay's own
+   * ranges so ICE never tries to reach a peer through the TUN/bridge it is about to build (recursion).
+   */
+  excludeAddress?: (ip: string) => boolean;
   /** Reuse an existing certificate instead of generating one. */
   certificate?: DtlsCertificatePem;
   /** Overrides of LIMITS (tests, tuning). */
@@ -130,6 +135,16 @@ export async function createWeriftTransport(opts: WeriftTransportOptions = {}): 
     ice.iceAdditionalHostAddresses = [...new Set(["127.0.0.1", ...(opts.iceAdditionalHostAddresses ?? [])])];
     ice.iceUseIpv6 = false;
     ice.iceFilterCandidatePair = (pair) => isLoopback(pair.localCandidate?.host) && isLoopback(pair.remoteCandidate?.host);
+  }
+  if (opts.excludeAddress) {
+    const ex = opts.excludeAddress;
+    const prev = ice.iceFilterCandidatePair;
+    ice.iceFilterCandidatePair = (pair) => {
+      const l = pair.localCandidate?.host;
+      const r = pair.remoteCandidate?.host;
+      if ((l && ex(l)) || (r && ex(r))) return false;
+      return prev ? prev(pair) : true;
+    };
   }
 
   return {

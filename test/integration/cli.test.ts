@@ -19,7 +19,7 @@ describe("weftnet CLI", () => {
   });
 
   it("prints help for every command, exit 0", () => {
-    for (const args of [["--help"], ["agent", "--help"], ["signal", "--help"], ["status", "--help"], ["ping", "--help"]]) {
+    for (const args of [["--help"], ["agent", "--help"], ["signal", "--help"], ["status", "--help"], ["ping", "--help"], ["pod", "--help"], ["ipam", "--help"]]) {
       const r = run(args);
       expect(r.code, args.join(" ")).toBe(0);
       expect(r.out).toMatch(/Usage: weftnet/);
@@ -33,7 +33,12 @@ describe("weftnet CLI", () => {
       [["agent", "--bogus"], /weftnet agent: .*--bogus/],
       [["agent", "--no-tun", "--token", "t"], /--signal URL is required/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1"], /cluster token is required/],
-      [["agent", "--signal", "ws://127.0.0.1:1", "--token", "t"], /--no-tun/],
+      [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--mtu", "100"], /--mtu must be/],
+      [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--iface", "x"], /make no sense with --no-tun/],
+      [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--range", "10.40.0.0"], /--range/],
+      [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--reclaim-after", "soon"], /--reclaim-after must be a duration/],
+      [["pod", "add"], /expected `add NAME`/],
+      [["ipam", "frob", "x"], /unknown command "frob"/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--name", "bad name!"], /--name/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--ice-server", "turn:example.org:3478"], /TURN needs a username/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--token-file", "/nonexistent"], /not both/],

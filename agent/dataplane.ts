@@ -1,0 +1,171 @@
+/**
+ * The node's data plane: TUN device + node network (bridge, routes) + the forwarder + pods.
+ *
+ *   pod (veth) -> bridge weft-br0 -> kernel route "cluster range -> weft0" -> TUN read batch
+ *     -> Forwarder: LPM over gossiped prefixes -> owner node -> next hop (router) -> packets channel
+ *   packets channel -> Forwarder: ours? -> TUN write -> kernel -> bridge -> pod
+ *                                 transit? -> next hop (header only, TTL spent)
+ *
+ * OS state is declarative (NodeNetwork.apply) and re-applied whenever this node's pod blocks change;
+ * stop() removes what was added. Pods are network namespaces attached to the bridge (agent/os/pod.ts),
+ * addressed from this node's IPAM blocks by pod id, the same path the CNI plugin uses.
+ */
+import { join } from "node:path";
+import { WeftError } from "../src/errors.js";
+import type { Logger } from "../src/log.js";
+import { Forwarder } from "../src/packet/forwarder.js";
+import type { Agent } from "./agent.js";
+import type { PodAddress } from "./ipam.js";
+import { NodeNetwork } from "./os/netconf.js";
+import { addPod, delPod, listPods, podVethName, type PodResult } from "./os/pod.js";
+import { openTun, type TunDevice } from "./os/tun.js";
+
+export const DEFAULT_IFACE = "weft0";
+export const DEFAULT_BRIDGE = "weft-br0";
+export const DEFAULT_MTU = 1400;
+
+export interface DataPlaneOptions {
+  iface?: string;
+  bridge?: string;
+  mtu?: number;
+  logger: Logger;
+}
+
+export interface PodInfo extends PodAddress {
+  name: string;
+  hostVeth: string;
+  netns: string;
+}
+
+export class DataPlane {
+  readonly forwarder: Forwarder;
+  private applying: Promise<unknown> = Promise.resolve();
+  private stopped = false;
+  readonly iface: string;
+  readonly bridge: string;
+  readonly mtu: number;
+
+  private constructor(
+    private readonly agent: Agent,
+    readonly tun: TunDevice,
+    readonly net: NodeNetwork,
+    private readonly log: Logger,
+    opts: DataPlaneOptions,
+  ) {
+    this.iface = tun.name;
+    this.bridge = opts.bridge ?? DEFAULT_BRIDGE;
+    this.mtu = opts.mtu ?? DEFAULT_MTU;
+    const mesh = agent.mesh;
+    this.forwarder = new Forwarder({
+      selfId: agent.id,
+      routes: agent.router.owners,
+      nextHop: (n) => agent.router.nextHop(n),
+      send: (peer, frame) => mesh.sendPacket(peer, frame),
+      deliver: (pkts) => {
+        tun.writeBatch(pkts);
+      },
+      vnetHdr: tun.vnetHdr,
+    });
+  }
+
+  static async start(agent: Agent, opts: DataPlaneOptions): Promise<DataPlane> {
+    const tun = openTun({ name: opts.iface ?? DEFAULT_IFACE });
+    const net = new NodeNetwork({ tunName: tun.name, bridge: opts.bridge ?? DEFAULT_BRIDGE, mtu: opts.mtu ?? DEFAULT_MTU, logger: opts.logger, stateFile: join(agent.cfg.stateDir, "netconf.json") });
+    const dp = new DataPlane(agent, tun, net, opts.logger, opts);
+    try {
+      await dp.reconcile();
+    } catch (e) {
+      await tun.close().catch(() => {});
+      await net.teardown().catch(() => {});
+      throw e;
+    }
+    const fw = dp.forwarder;
+    tun.start(
+      (batch) => {
+        fw.fromTun(batch);
+        if (fw.shouldPause()) tun.pause();
+      },
+      (err) => opts.logger.error("TUN read loop stopped", { err }),
+    );
+    agent.mesh.onPacket((from, data) => fw.fromPeer(from, data));
+    agent.mesh.onDrain((peer, ch) => {
+      if (ch !== "packets") return;
+      fw.drained(peer);
+      if (tun.paused) tun.resume();
+    });
+    agent.mesh.onPeerDown((peer) => {
+      fw.linkDown(peer);
+      if (tun.paused && !fw.shouldPause()) tun.resume();
+    });
+    agent.ipam.onBlocksChanged(() => void dp.reconcile().catch((err) => opts.logger.error("could not apply the node network", { err })));
+    agent.ipam.onRevoked((r) => void dp.revoked(r.podId));
+    return dp;
+  }
+
+  /** Apply the desired OS state (serialised; a second identical apply changes nothing). */
+  reconcile(): Promise<void> {
+    const run = async () => {
+      if (this.stopped) return;
+      const { changes } = await this.net.apply({ clusterRanges: [this.agent.ipam.status().range], localBlocks: this.agent.ipam.activeBlocks() });
+      if (changes.length) this.log.info("node network updated", { changes });
+    };
+    const p = this.applying.then(run, run);
+    this.applying = p.catch(() => {});
+    return p;
+  }
+
+  /** `weftnet pod add NAME`: a netns with a veth on the bridge and an address from this node's blocks. */
+  async addPod(name: string): Promise<PodInfo> {
+    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) throw new WeftError("ERR_USAGE", `pod name ${JSON.stringify(name)} must be 1-64 chars of letters, digits, '.', '_' or '-'`);
+    const podId = `pod/${name}`;
+    const addr = await this.agent.allocate(podId);
+    await this.reconcile(); // the block now has a pod: give it its gateway on the bridge
+    let res: PodResult;
+    try {
+      res = await addPod({ netns: { name }, podId, ip: addr.ip, prefixLen: addr.prefixLen, gateway: addr.gateway, bridge: this.bridge, mtu: this.mtu, logger: this.log });
+    } catch (e) {
+      this.agent.release(podId);
+      await this.reconcile().catch(() => {});
+      throw e;
+    }
+    return { ...addr, name, hostVeth: res.hostVeth, netns: name };
+  }
+
+  async delPod(name: string): Promise<{ released: boolean }> {
+    const podId = `pod/${name}`;
+    await delPod({ netns: { name }, podId, hostVeth: podVethName(podId), deleteNetns: true, logger: this.log });
+    const released = this.agent.release(podId);
+    await this.reconcile();
+    return { released };
+  }
+
+  private async revoked(podId: string): Promise<void> {
+    if (!podId.startsWith("pod/")) return;
+    const name = podId.slice(4);
+    await delPod({ netns: { name }, podId, hostVeth: podVethName(podId), deleteNetns: false, logger: this.log }).catch((err) => this.log.warn("could not detach revoked pod", { pod: name, err }));
+  }
+
+  async pods(): Promise<unknown[]> {
+    return listPods();
+  }
+
+  stats() {
+    const f = this.forwarder;
+    return {
+      iface: this.iface,
+      bridge: this.bridge,
+      mtu: this.mtu,
+      paused: this.tun.paused,
+      tun: this.tun.stats,
+      forwarder: { ...f.stats, perPeer: Object.fromEntries(f.stats.perPeer) },
+      drops: { ...f.drops.snapshot(), ...Object.fromEntries(Object.entries(this.tun.drops.snapshot()).map(([k, v]) => [`tun-${k}`, v])) },
+    };
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.applying;
+    await this.tun.close();
+    await this.net.teardown();
+  }
+}
