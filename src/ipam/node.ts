@@ -60,8 +60,8 @@ export interface IpamSnapshot {
   entries: EntryTuple[];
   allocs: [string, string][];
   settling: number[];
-  /** claim promises given as an acceptor: [blockIndex, version, claimer] */
-  promises: [number, number, string, number][];
+  /** promises given as an acceptor: [blockIndex, version, newOwner, proposer, kind, until] */
+  promises: [number, number, string, string, "t" | "c", number][];
   beat: number;
 }
 
@@ -146,6 +146,24 @@ interface PeerInfo {
 
 const NEG = Number.NEGATIVE_INFINITY;
 
+/** A promise this node gave as an acceptor: block version `v` may be written by `by`, naming `to`. */
+interface Promise_ {
+  v: number;
+  to: string;
+  by: string;
+  kind: "t" | "c";
+  until: number;
+}
+/** A write this node proposed: needs promises from a strict majority of the members. */
+interface Proposal {
+  v: number;
+  kind: "t" | "c";
+  owner: string; // current owner (the silent member for claims, us for grants)
+  to: string; // new owner (us for claims, the requester for grants)
+  acks: Set<string>;
+  until: number;
+}
+
 export class IpamNode {
   readonly id: string;
   private readonly cfg: Resolved;
@@ -155,10 +173,11 @@ export class IpamNode {
   private readonly ipToPod = new Map<number, string>();
   private readonly used = new Map<number, number>(); // block index -> allocated count
   private readonly settleUntil = new Map<number, number>();
-  private readonly promises = new Map<number, { v: number; to: string; until: number }>();
+  private readonly promises = new Map<number, Promise_>();
   /** our blocks that a peer reports as promised to a claimer: never used until that resolves */
   private readonly doomedBy = new Map<string, Set<number>>();
-  private readonly proposals = new Map<number, { v: number; dead: string; acks: Set<string>; until: number }>();
+  private readonly proposals = new Map<number, Proposal>();
+  private grantQueue: string[] = [];
   private beat = 0;
   private readonly beats = new Map<string, { beat: number; at: number }>();
   private readonly heard = new Map<string, number>();
@@ -187,7 +206,7 @@ export class IpamNode {
       entries: this.table ? this.table.nonBaseline() : [],
       allocs: [...this.allocs].map(([p, ip]) => [p, formatIp(ip)]),
       settling: [...this.settleUntil.keys()].sort((a, b) => a - b),
-      promises: [...this.promises].map(([i, p]): [number, number, string, number] => [i, p.v, p.to, p.until]),
+      promises: [...this.promises].map(([i, p]): [number, number, string, string, "t" | "c", number] => [i, p.v, p.to, p.by, p.kind, p.until]),
       beat: this.beat,
     };
   }
@@ -212,7 +231,7 @@ export class IpamNode {
         n.addAlloc(podId, ip);
       }
       for (const i of snap.settling) if (n.table!.get(i).owner === n.id) n.settleUntil.set(i, now + n.cfg.S);
-      for (const [i, v, to, until] of snap.promises ?? []) n.promises.set(i, { v, to, until });
+      for (const [i, v, to, by, kind, until] of snap.promises ?? []) n.promises.set(i, { v, to, by, kind, until });
       n.needsResync = true;
     } else if (snap.allocs.length > 0) {
       throw new IpamError("ERR_CONFIG", "snapshot has allocations but no cluster");
@@ -339,6 +358,7 @@ export class IpamNode {
   }
 
   private isDoomed(i: number): boolean {
+    if (this.proposals.has(i)) return true;
     for (const s of this.doomedBy.values()) if (s.has(i)) return true;
     return false;
   }
@@ -422,7 +442,7 @@ export class IpamNode {
   /** Strict majority of the current members (block owners) heard from directly within W (self counts). */
   private hasMajority(now: number): boolean {
     if (!this.table) return false;
-    const members = this.table.owners();
+    const members = this.memberSet();
     let n = 0;
     for (const m of members) if (m === this.id || now - (this.heard.get(m) ?? NEG) < this.W) n++;
     return 2 * n > members.size;
@@ -431,7 +451,7 @@ export class IpamNode {
   /** The lease: majority contact now, held for U after a restart or after a lapse. Updates lease state. */
   private leaseValid(now: number): boolean {
     if (!this.table) return false;
-    const members = this.table.owners();
+    const members = this.memberSet();
     if (members.size === 1 && members.has(this.id)) {
       this.leaseSince ??= now;
       this.needsResync = false;
@@ -533,7 +553,10 @@ export class IpamNode {
       if ([...this.peers].every((p) => p > this.id)) this.found(now, out);
     }
     if (this.table && this.epoch) {
+      this.prune(now);
       this.reclaim(now, out);
+      this.completeProposals(now, out);
+      this.nextGrant(now, out);
       if (this.pending && now - this.pending.since >= this.cfg.reqTimeout) this.pending = null;
       if (this.needsBlock(now)) this.maybeRequest(now, out);
     }
@@ -570,24 +593,70 @@ export class IpamNode {
     return now - b.at;
   }
 
+  private get A(): number {
+    return this.cfg.R - this.cfg.M / 2;
+  }
+
+  /** A promise is void once its proposer abandoned it (beat >= until) or went silent for A. */
+  private promiseVoid(p: Promise_, now: number): boolean {
+    if (p.by === this.id) return this.beat >= p.until;
+    return (this.beats.get(p.by)?.beat ?? -1) >= p.until || this.silentFor(p.by, now) >= this.A;
+  }
+
   /**
-   * Reclaim, step 1: for members silent for R, the deterministic heir (lowest id among us and the
-   * epoch peers heard within W) proposes a claim of each block at version+1 to every peer, and promises
-   * it to itself. Step 2 (completeProposals): with promises from a strict majority of the members, the
-   * claim entry is written and gossiped. Acceptors only promise if THEY also saw the owner silent for
-   * R - M/2, and promise each (block, version) to one claimer only (until that claimer goes silent too).
+   * The member set used for majorities: the block owners, plus the new owners of grants we promised
+   * and that are not yet written (a grant to a new node is a membership change: it counts against us
+   * as soon as we promised it, so a majority computed from an older view can never be outvoted).
    */
-  private reclaim(now: number, out: IpamOutput): void {
+  private memberSet(): Set<string> {
+    const m = this.table!.owners();
+    for (const p of this.promises.values()) if (p.kind === "t") m.add(p.to);
+    return m;
+  }
+
+  private prune(now: number): void {
     const table = this.table!;
     for (const [i, p] of this.proposals) if (this.beat >= p.until || table.get(i).version >= p.v) this.proposals.delete(i);
-    for (const [i, p] of this.promises) {
-      const void_ = p.to === this.id ? this.beat >= p.until : this.silentFor(p.to, now) >= this.cfg.R - this.cfg.M / 2;
-      if (table.get(i).version >= p.v || void_) this.promises.delete(i);
-    }
+    for (const [i, p] of this.promises) if (table.get(i).version >= p.v || this.promiseVoid(p, now)) this.promises.delete(i);
     for (const [peer, set] of this.doomedBy) {
       for (const i of set) if (table.get(i).owner !== this.id) set.delete(i);
       if (set.size === 0 || this.silentFor(peer, now) >= this.cfg.R) this.doomedBy.delete(peer);
     }
+  }
+
+  /** Start a proposal round for `blocks` (self-promise, then `prop` to every epoch peer). */
+  private propose(kind: "t" | "c", owner: string, to: string, blocks: number[], now: number, out: IpamOutput): void {
+    const table = this.table!;
+    const until = this.beat + this.cfg.reqTimeout;
+    const sent: [number, number][] = [];
+    for (const i of blocks) {
+      if (this.proposals.has(i)) continue;
+      const v = table.get(i).version + 1;
+      const acks = new Set<string>();
+      if (this.accept(i, v, this.id, kind, owner, to, until, now)) {
+        acks.add(this.id);
+        out.persist = true;
+      }
+      this.proposals.set(i, { v, kind, owner, to, acks, until });
+      sent.push([i, v]);
+    }
+    if (sent.length === 0) return;
+    for (const p of this.peers) {
+      if (!this.info.get(p)?.epochOk) continue;
+      for (let k = 0; k < sent.length; k += STATE_CHUNK) {
+        out.send.push({ to: p, body: encodeIpamMessage({ t: "prop", epoch: this.epoch!.id, kind, owner, to, until, blocks: sent.slice(k, k + STATE_CHUNK) }) });
+      }
+    }
+    this.completeProposals(now, out);
+  }
+
+  /**
+   * Reclaim: for members silent for R, the deterministic heir (lowest id among us and the epoch peers
+   * heard within W) proposes a claim of each of their blocks at version+1. The claim is written once a
+   * strict majority of the members promised it (completeProposals).
+   */
+  private reclaim(now: number, out: IpamOutput): void {
+    const table = this.table!;
     const members = table.owners();
     for (const m of members) this.silentFor(m, now);
     const silent = [...members].filter((m) => m !== this.id && this.silentFor(m, now) >= this.cfg.R);
@@ -595,66 +664,65 @@ export class IpamNode {
     for (const dead of silent) {
       const candidates = [this.id, ...[...this.peers].filter((p) => p !== dead && this.info.get(p)?.epochOk && now - (this.heard.get(p) ?? NEG) < this.W)];
       if (candidates.sort()[0] !== this.id) continue;
-      const blocks: [number, number][] = [];
-      const until = this.beat + this.cfg.reqTimeout;
-      for (const i of table.indicesOf(dead)) {
-        if (this.proposals.has(i)) continue;
-        const v = table.get(i).version + 1;
-        const acks = new Set<string>();
-        if (this.accept(i, v, this.id, until, now)) {
-          acks.add(this.id);
-          out.persist = true;
-        }
-        this.proposals.set(i, { v, dead, acks, until });
-        blocks.push([i, v]);
-      }
-      if (blocks.length === 0) continue;
-      for (const p of this.peers) {
-        if (!this.info.get(p)?.epochOk) continue;
-        for (let k = 0; k < blocks.length; k += STATE_CHUNK) out.send.push({ to: p, body: encodeIpamMessage({ t: "prop", epoch: this.epoch!.id, dead, until, blocks: blocks.slice(k, k + STATE_CHUNK) }) });
-      }
+      this.propose("c", dead, this.id, table.indicesOf(dead), now, out);
     }
-    this.completeProposals(now, out);
   }
 
-  /** Acceptor rule for one (block, version) proposed by `claimer`. Records the promise if given. */
-  private accept(i: number, v: number, claimer: string, until: number, now: number): boolean {
+  /**
+   * Acceptor rule for writing version v of block i. Every write except an operator force needs a
+   * majority of these promises, and each acceptor promises a (block, version) to one live proposer:
+   *   claim ("c"): the owner is someone else, and WE also saw it silent for A = R - M/2;
+   *   transfer ("t"): proposed by the owner itself; if it adds a new member, only one such membership
+   *   change may be outstanding per acceptor.
+   */
+  private accept(i: number, v: number, by: string, kind: "t" | "c", owner: string, to: string, until: number, now: number): boolean {
     const table = this.table!;
     if (i >= table.count) return false;
     const e = table.get(i);
-    if (e.version !== v - 1 || e.owner === this.id || e.owner === claimer) return false;
-    if (this.silentFor(e.owner, now) < this.cfg.R - this.cfg.M / 2) return false;
+    if (e.version !== v - 1 || e.owner !== owner || to === owner) return false;
+    if (kind === "c") {
+      if (by !== to || owner === this.id || this.silentFor(owner, now) < this.A) return false;
+    } else {
+      if (by !== owner) return false;
+      if (!table.owners().has(to)) {
+        for (const [j, q] of this.promises) if (j !== i && q.kind === "t" && q.to !== to && !table.owners().has(q.to) && !this.promiseVoid(q, now)) return false;
+      }
+    }
     const p = this.promises.get(i);
-    if (p && (p.v > v || (p.v === v && p.to !== claimer && this.silentFor(p.to, now) < this.cfg.R - this.cfg.M / 2))) return false;
-    if (claimer !== this.id && (this.beats.get(claimer)?.beat ?? -1) >= until) return false; // already abandoned
-    this.promises.set(i, { v, to: claimer, until });
+    if (p && !this.promiseVoid(p, now) && (p.v > v || (p.v === v && (p.by !== by || p.to !== to || p.kind !== kind)))) return false;
+    if (by !== this.id && (this.beats.get(by)?.beat ?? -1) >= until) return false; // already abandoned
+    this.promises.set(i, { v, to, by, kind, until });
     return true;
   }
 
   private completeProposals(now: number, out: IpamOutput): void {
     const table = this.table!;
-    const members = table.owners();
+    const members = this.memberSet();
+    const owners = table.owners();
     const delta: EntryTuple[] = [];
     for (const [i, p] of this.proposals) {
       const e = table.get(i);
-      if (e.version !== p.v - 1 || e.owner !== p.dead) {
+      if (e.version !== p.v - 1 || e.owner !== p.owner || this.beat >= p.until) {
         this.proposals.delete(i);
         continue;
       }
-      if (this.beat >= p.until) {
-        this.proposals.delete(i);
-        continue;
-      }
+      // a grant is approved by the configuration before it (the new member cannot vote on itself)
+      const voters = p.kind === "t" && !owners.has(p.to) ? members.size - 1 : members.size;
       let n = 0;
-      for (const a of p.acks) if (members.has(a)) n++;
-      if (2 * n <= members.size || !this.leaseValid(now)) continue;
+      for (const a of p.acks) if (owners.has(a)) n++;
+      if (2 * n <= voters || !this.leaseValid(now)) continue;
       this.proposals.delete(i);
-      table.write(i, { owner: this.id, version: p.v, kind: "c" });
-      this.settleUntil.set(i, now + this.cfg.S);
-      delta.push([i, this.id, p.v, "c"]);
+      table.write(i, { owner: p.to, version: p.v, kind: p.kind });
+      delta.push([i, p.to, p.v, p.kind]);
+      if (p.kind === "c") {
+        this.settleUntil.set(i, now + this.cfg.S);
+        this.counters.claims++;
+      } else {
+        this.settleUntil.delete(i);
+        this.counters.grants++;
+      }
     }
     if (delta.length > 0) {
-      this.counters.claims += delta.length;
       out.persist = true;
       this.broadcast(delta, null, out);
     }
@@ -768,7 +836,7 @@ export class IpamNode {
         this.onRequest(from, now, out);
         return;
       case "prop": {
-        const ok = m.blocks.filter(([i, v]) => this.accept(i, v, from, m.until, now));
+        const ok = m.blocks.filter(([i, v]) => this.accept(i, v, from, m.kind, m.owner, m.to, m.until, now));
         if (ok.length > 0) {
           out.persist = true;
           out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok }) });
@@ -781,6 +849,7 @@ export class IpamNode {
           if (p && p.v === v) p.acks.add(from);
         }
         this.completeProposals(now, out);
+        this.nextGrant(now, out);
         return;
       case "nak":
         if (this.pending?.to === from) this.pending = null;
@@ -837,13 +906,29 @@ export class IpamNode {
       out.send.push({ to: from, body: encodeIpamMessage({ t: "nak", epoch: this.epoch!.id }) });
       return;
     }
-    const i = free[0]!;
-    const e = this.table!.get(i);
-    this.table!.write(i, { owner: from, version: e.version + 1, kind: "t" });
-    this.settleUntil.delete(i);
-    this.counters.grants++;
-    out.persist = true;
-    this.broadcast([[i, from, e.version + 1, "t"]], null, out);
+    const mine = [...this.proposals.values()].filter((p) => p.kind === "t");
+    if (mine.some((p) => p.to === from)) return; // already proposing a block for this requester
+    if (mine.length > 0) {
+      if (!this.grantQueue.includes(from)) this.grantQueue.push(from); // one grant round at a time
+      return;
+    }
+    this.propose("t", this.id, from, [free[0]!], now, out);
+  }
+
+  /** Start the next queued grant once the previous round is over. */
+  private nextGrant(now: number, out: IpamOutput): void {
+    if ([...this.proposals.values()].some((p) => p.kind === "t")) return;
+    while (this.grantQueue.length > 0) {
+      const to = this.grantQueue.shift()!;
+      if (!this.peers.has(to) || !this.info.get(to)?.epochOk) continue;
+      const free = this.leaseValid(now) ? this.wholeFreeBlocks(now) : [];
+      if (free.length < 2) {
+        out.send.push({ to, body: encodeIpamMessage({ t: "nak", epoch: this.epoch!.id }) });
+        continue;
+      }
+      this.propose("t", this.id, to, [free[0]!], now, out);
+      return;
+    }
   }
 
   /** Our own state must always satisfy these; a failure is a bug and throws loudly. */

@@ -12,11 +12,12 @@
  *            promised [[blockIndex, version]] outstanding claim promises the sender gave as an acceptor:
  *                    the current owner of such a block stops using it until the claim resolves
  *   state  epoch id + [[blockIndex, owner, version, kind]] (a delta, or a chunk of a full sync)
- *   prop   claim proposal: "member `dead` has been silent for reclaimAfter; promise me these
- *          [[blockIndex, newVersion]]" (epoch id); `until` = the proposer's heartbeat value at which it
- *          abandons the proposal: a promise is void once a hello from the proposer carries beat >= until
+ *   prop   write proposal: kind "c" (claim: `owner` has been silent for reclaimAfter, `to` = proposer)
+ *          or "t" (transfer/grant by `owner` = proposer to `to`); "promise me these [[blockIndex,
+ *          newVersion]]" (epoch id); `until` = the proposer's heartbeat value at which it abandons the
+ *          proposal: a promise is void once a hello from the proposer carries beat >= until
  *   prom   the subset of a proposal this acceptor promised (it promises each (block, version) to at
- *          most one live claimer, persistently); a claim is written only with a majority of promises
+ *          most one live proposer, persistently); a write happens only with a majority of promises
  *   req    "give me one block" (epoch id)
  *   nak    "I have nothing to give / cannot right now" (epoch id)
  *
@@ -45,7 +46,7 @@ export interface EpochInfo {
 export type IpamMessage =
   | { t: "hello"; epoch: EpochInfo | null; beat: number; beats: [string, number][]; free: number; digest: number; promised: [number, number][] }
   | { t: "state"; epoch: string; entries: EntryTuple[] }
-  | { t: "prop"; epoch: string; dead: string; until: number; blocks: [number, number][] }
+  | { t: "prop"; epoch: string; kind: "t" | "c"; owner: string; to: string; until: number; blocks: [number, number][] }
   | { t: "prom"; epoch: string; blocks: [number, number][] }
   | { t: "req"; epoch: string }
   | { t: "nak"; epoch: string };
@@ -59,7 +60,7 @@ export function encodeIpamMessage(m: IpamMessage): IpamWire {
     case "state":
       return { v: IPAM_WIRE_VERSION, t: "state", epoch: m.epoch, entries: m.entries };
     case "prop":
-      return { v: IPAM_WIRE_VERSION, t: "prop", epoch: m.epoch, dead: m.dead, until: m.until, blocks: m.blocks };
+      return { v: IPAM_WIRE_VERSION, t: "prop", epoch: m.epoch, kind: m.kind, owner: m.owner, to: m.to, until: m.until, blocks: m.blocks };
     case "prom":
       return { v: IPAM_WIRE_VERSION, t: "prom", epoch: m.epoch, blocks: m.blocks };
     case "req":
@@ -144,7 +145,9 @@ export function decodeIpamMessage(body: unknown): IpamMessage {
       return { t, epoch, entries };
     }
     case "prop":
-      return { t, epoch: epochRef(body), dead: nodeId(body, "dead"), until: uint(body, "until"), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
+      const kind = body.kind;
+      if (kind !== "t" && kind !== "c") throw new ProtocolError("ERR_INVALID", "proposal kind must be t or c");
+      return { t, epoch: epochRef(body), kind, owner: nodeId(body, "owner"), to: nodeId(body, "to"), until: uint(body, "until"), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
     case "prom":
       return { t, epoch: epochRef(body), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
     case "req":

@@ -179,7 +179,7 @@ export class Sim {
         const o = owner.get(i);
         if (o !== undefined) {
           const views = this.nodes.map((n) => `${n.id}${n.node ? "" : n.gone ? "(gone)" : "(down)"} g${n.group}: ${JSON.stringify(n.node?.view()[i] ?? n.snap?.entries.find((e) => e[0] === i))}`);
-          throw new Error(`t=${this.now}: block ${i} allocatable by both ${o} and ${sn.id}\n${views.join("\n")}`);
+          throw new Error(`t=${this.now}: block ${i} allocatable by both ${o} and ${sn.id}\n${views.join("\n")}\n${process.env.IPAM_DEBUG ? debugDump(this) : ""}`);
         }
         owner.set(i, sn.id);
       }
@@ -206,4 +206,10 @@ export class Sim {
     const n = ((a * 256 + b) * 256 + c) * 256 + d;
     return Math.floor((n - (10 * 2 ** 24 + 40 * 2 ** 16)) / 2 ** (32 - (this.cfg.blockPrefix ?? 26)));
   }
+}
+export function debugDump(sim: Sim): string {
+  return sim.live().map((n) => {
+    const st = n.node!.status(sim.now);
+    return `${n.id} g${n.group} members=${st.members.length} ${JSON.stringify(st.members.map((m) => [m.id.slice(0, 4), m.silentMs]))} reason=${st.reason} peers=${st.peers.map((p) => `${p.id.slice(0, 4)}:${p.heardAgoMs}`).join(",")}`;
+  }).join("\n");
 }

@@ -12,7 +12,7 @@ function cluster(n: number, seed = 1) {
   const f = sim.add({ mayFound: true });
   sim.run(1);
   const others = Array.from({ length: n - 1 }, () => sim.add({ mayFound: false }));
-  sim.run(6);
+  sim.run(4 + 3 * n);
   return { sim, nodes: [f, ...others] };
 }
 
