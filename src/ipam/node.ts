@@ -87,6 +87,8 @@ export interface IpamStatus {
   blocks: { index: number; cidr: string; owner: string; version: number; kind: string; mine: boolean; free: number | null; settling: boolean }[];
   allocations: { podId: string; ip: string }[];
   pending: { to: string; sinceMs: number } | null;
+  /** writes this node proposed and is collecting promises for (claims of silent members, grants) */
+  proposals: { index: number; cidr: string; kind: "t" | "c"; from: string; to: string; promises: number }[];
   peers: { id: string; epochOk: boolean; freeBlocks: number; heardAgoMs: number | null }[];
   members: { id: string; silentMs: number | null }[];
   conflicts: { peer: string; code: string; message: string }[];
@@ -329,11 +331,12 @@ export class IpamNode {
     return out;
   }
 
-  /** Graceful leave: hand every block (with its allocations dropped) to one live peer. */
+  /** Graceful leave: hand every block (with its allocations dropped) to one live peer that is already a member. */
   leave(now: number): { ok: boolean; to: string | null; output: IpamOutput } {
     const out: IpamOutput = { send: [], persist: false, revoked: [], errors: [] };
     if (!this.table || !this.epoch || !this.leaseValid(now)) return { ok: false, to: null, output: out };
-    const to = [...this.peers].filter((p) => this.info.get(p)?.epochOk && now - (this.heard.get(p) ?? NEG) < this.W).sort()[0];
+    const owners = this.table.owners();
+    const to = [...this.peers].filter((p) => owners.has(p) && this.info.get(p)?.epochOk && now - (this.heard.get(p) ?? NEG) < this.W).sort()[0];
     if (!to) return { ok: false, to: null, output: out };
     for (const pod of [...this.allocs.keys()]) this.removeAlloc(pod);
     const delta: EntryTuple[] = [];
@@ -417,6 +420,7 @@ export class IpamNode {
         : [],
       allocations: [...this.allocs].map(([podId, ip]) => ({ podId, ip: formatIp(ip) })),
       pending: this.pending ? { to: this.pending.to, sinceMs: now - this.pending.since } : null,
+      proposals: [...this.proposals].map(([i, p]) => ({ index: i, cidr: this.blockCidr(i), kind: p.kind, from: p.owner, to: p.to, promises: p.acks.size })),
       peers: [...this.peers].sort().map((p) => {
         const inf = this.info.get(p);
         const h = this.heard.get(p);
