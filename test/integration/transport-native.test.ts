@@ -1,0 +1,535 @@
+/**
+ * Real node-datachannel (libdatachannel) peers in one process, wired by passing signals directly (no
+ * signaling server, no mocks); mirrors transport-werift.test.ts, plus interop with werift in both directions
+ * and quick throughput figures (printed, not asserted).
+ *
+ * node-datachannel is an optional dependency: when it does not load, every test here is skipped with the reason.
+ */
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createNativeTransport, LIMITS, nativeAvailable, nativeLoadError, toNdcIceServers, type NativeTransport } from "../../agent/transport/native.js";
+import { createWeriftTransport, type WeriftTransport } from "../../agent/transport/werift.js";
+import { sdpFingerprint, type ChannelName, type LinkSignal, type Transport, type TransportLink } from "../../src/mesh/transport.js";
+import { createLogger } from "../../src/log.js";
+
+const available = await nativeAvailable();
+if (!available) console.warn(`[skip] node-datachannel did not load, native transport tests skipped: ${nativeLoadError()}`);
+
+const logLines: string[] = [];
+const logger = createLogger({ level: "info", sink: (l) => logLines.push(l) });
+
+interface Side {
+  link: TransportLink;
+  signals: LinkSignal[];
+  messages: { channel: ChannelName; data: Uint8Array }[];
+  closes: string[];
+  drains: ChannelName[];
+  opened: Promise<void>;
+  closed: Promise<string>;
+  onMessage?: (channel: ChannelName, data: Uint8Array) => void;
+  onDrain?: (channel: ChannelName) => void;
+}
+
+function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSignal) => void): Side {
+  let opened!: () => void;
+  let closed!: (r: string) => void;
+  const side: Side = {
+    link: undefined as unknown as TransportLink,
+    signals: [],
+    messages: [],
+    closes: [],
+    drains: [],
+    opened: new Promise<void>((r) => (opened = r)),
+    closed: new Promise<string>((r) => (closed = r)),
+  };
+  side.link = t.createLink({
+    initiator,
+    iceServers: [],
+    handlers: {
+      onSignal: (sig) => {
+        side.signals.push(sig);
+        deliver(sig);
+      },
+      onOpen: () => opened(),
+      onMessage: (channel, data) => {
+        side.messages.push({ channel, data });
+        side.onMessage?.(channel, data);
+      },
+      onClose: (reason) => {
+        side.closes.push(reason);
+        closed(reason);
+      },
+      onDrain: (channel) => {
+        side.drains.push(channel);
+        side.onDrain?.(channel);
+      },
+    },
+  });
+  return side;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** UDP sockets open in this process, native (libjuice) or Node's: /proc/self/fd inodes found in /proc/net/udp{,6}. */
+function udpSockets(): number {
+  const inodes = new Set<string>();
+  for (const f of ["/proc/net/udp", "/proc/net/udp6"]) {
+    try {
+      for (const line of readFileSync(f, "utf8").split("\n").slice(1)) {
+        const inode = line.trim().split(/\s+/)[9];
+        if (inode && inode !== "0") inodes.add(inode);
+      }
+    } catch {
+      /* no IPv6 */
+    }
+  }
+  let n = 0;
+  for (const fd of readdirSync("/proc/self/fd")) {
+    try {
+      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/self/fd/${fd}`));
+      if (m && inodes.has(m[1]!)) n++;
+    } catch {
+      /* fd closed meanwhile */
+    }
+  }
+  return n;
+}
+
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timeout: ${what}`)), ms);
+    }),
+  ]);
+}
+
+async function until(cond: () => boolean, ms: number, what: string): Promise<void> {
+  await within(
+    (async () => {
+      while (!cond()) await sleep(5);
+    })(),
+    ms,
+    what,
+  );
+}
+
+interface Pair {
+  a: Side;
+  b: Side;
+  /** Candidates the answerer was handed before its offer (shuffle mode). */
+  candidatesBeforeOffer: number;
+}
+
+/**
+ * Connect two links directly (a = initiator on ta). `shuffle`: hold each side's candidates until its
+ * description is emitted, then hand them over shuffled BEFORE the description, which follows 50 ms later;
+ * candidates produced after that are handed over at once, also before the delayed description.
+ */
+async function connectPair(ta: Transport, tb: Transport, shuffle = false): Promise<Pair> {
+  let a!: Side;
+  let b!: Side;
+  const pair = { candidatesBeforeOffer: 0 } as Pair;
+  let bHasOffer = false;
+  const fwd = (target: () => Side, toAnswerer: boolean) => {
+    const held: LinkSignal[] = [];
+    let descSent = false;
+    const hand = (sig: LinkSignal) => {
+      if (toAnswerer && sig.kind === "candidate" && !bHasOffer) pair.candidatesBeforeOffer++;
+      if (toAnswerer && sig.kind === "offer") bHasOffer = true;
+      void target().link.handleSignal(sig);
+    };
+    return (sig: LinkSignal) => {
+      if (!shuffle) return hand(sig);
+      if (sig.kind === "candidate") {
+        if (descSent) hand(sig);
+        else held.push(sig);
+        return;
+      }
+      descSent = true;
+      for (const c of held.splice(0).sort(() => Math.random() - 0.5)) hand(c);
+      setTimeout(() => hand(sig), 50);
+    };
+  };
+  a = makeSide(ta, true, fwd(() => b, true));
+  b = makeSide(tb, false, fwd(() => a, false));
+  pair.a = a;
+  pair.b = b;
+  await a.link.start();
+  await within(Promise.all([a.opened, b.opened]), 10_000, "links open");
+  return pair;
+}
+
+async function exchangeBothChannels(a: Side, b: Side): Promise<void> {
+  expect(a.link.send("control", new Uint8Array([1, 2, 3]))).toBe(true);
+  expect(a.link.send("packets", new Uint8Array([4, 5]))).toBe(true);
+  expect(b.link.send("control", new Uint8Array([6]))).toBe(true);
+  expect(b.link.send("packets", new Uint8Array([7, 8, 9, 10]))).toBe(true);
+  await until(() => a.messages.length >= 2 && b.messages.length >= 2, 5000, "messages");
+  const got = (s: Side, ch: ChannelName) => s.messages.filter((m) => m.channel === ch).map((m) => [...m.data]);
+  expect(got(b, "control")).toEqual([[1, 2, 3]]);
+  expect(got(b, "packets")).toEqual([[4, 5]]);
+  expect(got(a, "control")).toEqual([[6]]);
+  expect(got(a, "packets")).toEqual([[7, 8, 9, 10]]);
+  for (const m of [...a.messages, ...b.messages]) expect(m.data).toBeInstanceOf(Uint8Array);
+}
+
+/**
+ * Pump 16 KiB messages on `packets` from a to b for `ms`: send until send() returns false, resume on onDrain.
+ * Returns what b received.
+ */
+async function pump(a: Side, b: Side, ms: number, size = 16 * 1024): Promise<{ msgs: number; mbits: number; maxBuffered: number }> {
+  const chunk = new Uint8Array(size).fill(0xab);
+  let received = 0;
+  let bytes = 0;
+  b.onMessage = (ch, d) => {
+    if (ch === "packets") {
+      received++;
+      bytes += d.byteLength;
+    }
+  };
+  let stop = false;
+  let maxBuffered = 0;
+  const fill = () => {
+    while (!stop && a.link.send("packets", chunk)) maxBuffered = Math.max(maxBuffered, a.link.bufferedAmount("packets"));
+  };
+  a.onDrain = (ch) => {
+    if (ch === "packets") fill();
+  };
+  await sleep(50);
+  const r0 = received;
+  const b0 = bytes;
+  const t0 = performance.now();
+  fill();
+  await sleep(ms);
+  const secs = (performance.now() - t0) / 1000;
+  const msgs = (received - r0) / secs;
+  const mbits = ((bytes - b0) * 8) / secs / 1e6;
+  stop = true;
+  a.onDrain = undefined;
+  b.onMessage = undefined;
+  return { msgs: Math.round(msgs), mbits: Math.round(mbits), maxBuffered };
+}
+
+describe.skipIf(!available)("native transport (node-datachannel, loopback, one process)", () => {
+  let ta: NativeTransport;
+  let tb: NativeTransport;
+  let baselineUdp = 0;
+
+  beforeAll(async () => {
+    baselineUdp = udpSockets();
+    ta = await createNativeTransport({ logger, loopbackOnly: true });
+    tb = await createNativeTransport({ logger, loopbackOnly: true });
+  });
+
+  afterAll(async () => {
+    await ta?.close();
+    await tb?.close();
+  });
+
+  it("knows its fingerprint before any link, and every SDP carries it", async () => {
+    console.log(`[info] libdatachannel ${ta.libraryVersion}`);
+    expect(ta.name).toBe("native");
+    expect(ta.fingerprint.algorithm).toBe("sha-256");
+    expect(ta.fingerprint.value).toMatch(/^([0-9A-F]{2}:){31}[0-9A-F]{2}$/);
+    expect(ta.fingerprint).not.toEqual(tb.fingerprint);
+    const { a, b } = await connectPair(ta, tb);
+    const offer = a.signals.find((s) => s.kind === "offer");
+    const answer = b.signals.find((s) => s.kind === "answer");
+    expect(offer && offer.kind === "offer" && sdpFingerprint(offer.sdp)).toEqual(ta.fingerprint);
+    expect(answer && answer.kind === "answer" && sdpFingerprint(answer.sdp)).toEqual(tb.fingerprint);
+    // A second link of the same transport uses the same certificate, in both roles.
+    const { a: a2, b: b2 } = await connectPair(tb, ta);
+    const offer2 = a2.signals.find((s) => s.kind === "offer");
+    const answer2 = b2.signals.find((s) => s.kind === "answer");
+    expect(offer2 && offer2.kind === "offer" && sdpFingerprint(offer2.sdp)).toEqual(tb.fingerprint);
+    expect(answer2 && answer2.kind === "answer" && sdpFingerprint(answer2.sdp)).toEqual(ta.fingerprint);
+    // A transport given the same PEM has the same fingerprint.
+    const tc = await createNativeTransport({ logger, certificate: ta.certificate });
+    expect(tc.fingerprint).toEqual(ta.fingerprint);
+    await tc.close();
+    a.link.close();
+    a2.link.close();
+  });
+
+  it("buffers candidates that arrive before the description, opens, and carries messages both ways on both channels", async () => {
+    const { a, b, candidatesBeforeOffer } = await connectPair(ta, tb, true);
+    expect(a.link.state).toBe("open");
+    expect(b.link.state).toBe("open");
+    expect(candidatesBeforeOffer).toBeGreaterThan(0);
+    await exchangeBothChannels(a, b);
+
+    const stats = await a.link.stats();
+    expect(stats.bytesSent).toBe(5);
+    expect(stats.bytesReceived).toBe(5);
+    expect(stats.selected?.localAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(stats.selected?.remoteAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(stats.selected?.localType).toBe("host");
+    a.link.close();
+  });
+
+  it("round-trips a 200 KiB control message", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    b.onMessage = (ch, data) => {
+      if (ch === "control") b.link.send("control", data);
+    };
+    const big = new Uint8Array(200 * 1024);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
+    const t0 = Date.now();
+    expect(a.link.send("control", big)).toBe(true);
+    await until(() => a.messages.length >= 1, 15_000, "200 KiB echo");
+    console.log(`[measure] native: 200 KiB control message round trip: ${Date.now() - t0} ms`);
+    expect(a.messages[0]?.data.byteLength).toBe(big.byteLength);
+    expect(Buffer.from(a.messages[0]!.data).equals(Buffer.from(big))).toBe(true);
+    a.link.close();
+  });
+
+  it("honours the remote's a=max-message-size", async () => {
+    const small = await createNativeTransport({ logger, loopbackOnly: true, limits: { maxMessageSize: 65536 } });
+    try {
+      const { a, b } = await connectPair(ta, small);
+      const answer = b.signals.find((s) => s.kind === "answer");
+      expect(answer && answer.kind === "answer" && /^a=max-message-size:65536\s*$/m.test(answer.sdp)).toBe(true);
+      expect(a.link.send("control", new Uint8Array(65536))).toBe(true);
+      expect(a.link.send("control", new Uint8Array(65537))).toBe(false);
+      // The other way round, ours (1 MiB) applies... capped by b's own limit.
+      expect(b.link.send("control", new Uint8Array(65537))).toBe(false);
+      await until(() => b.messages.length >= 1, 5000, "64 KiB message");
+      expect(b.messages[0]?.data.byteLength).toBe(65536);
+      a.link.close();
+    } finally {
+      await small.close();
+    }
+  });
+
+  it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    expect(a.link.send("control", new Uint8Array(LIMITS.maxMessageSize + 1))).toBe(false);
+    expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
+
+    const chunk = new Uint8Array(8 * 1024);
+    let accepted = 0;
+    while (a.link.send("packets", chunk)) {
+      accepted++;
+      expect(accepted).toBeLessThan(10_000);
+    }
+    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(LIMITS.packetsLowWater);
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
+    await until(() => a.drains.includes("packets"), 10_000, "drain");
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsLowWater);
+    expect(a.link.send("packets", chunk)).toBe(true);
+    // Same on control with its larger limit.
+    const cchunk = new Uint8Array(64 * 1024);
+    let caccepted = 0;
+    while (a.link.send("control", cchunk)) caccepted++;
+    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(LIMITS.controlBufferLimit);
+    await until(() => a.drains.includes("control"), 20_000, "control drain");
+    expect(a.drains.filter((c) => c === "control").length).toBe(1);
+    expect(b.messages.length).toBeGreaterThan(0);
+    a.link.close();
+  });
+
+  it("delivers string messages from a misbehaving peer as bytes", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    // Reach into node-datachannel to send a string, as a non-weftnet peer could.
+    (a.link as unknown as { dc: Record<ChannelName, { sendMessage(d: string): void }> }).dc.control.sendMessage("héllo");
+    await until(() => b.messages.length >= 1, 5000, "string message");
+    expect(b.messages[0]?.data).toBeInstanceOf(Uint8Array);
+    expect(Buffer.from(b.messages[0]!.data).toString("utf8")).toBe("héllo");
+    expect(logLines.some((l) => l.includes("string data-channel message"))).toBe(true);
+    a.link.close();
+  });
+
+  it("close() on one side closes the other within a few seconds; onClose fires once", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    const t0 = Date.now();
+    a.link.close();
+    a.link.close();
+    expect(a.link.state).toBe("closed");
+    expect(a.link.send("control", new Uint8Array(1))).toBe(false);
+    const reason = await within(b.closed, 3000, "remote close");
+    console.log(`[measure] native: remote noticed close after ${Date.now() - t0} ms (${reason})`);
+    await sleep(200);
+    expect(a.closes).toEqual(["closed locally"]);
+    expect(b.closes.length).toBe(1);
+    expect(b.link.state).toBe("closed");
+    expect(b.link.send("control", new Uint8Array(1))).toBe(false);
+  });
+
+  it("close() before connecting frees its sockets", async () => {
+    const before = udpSockets();
+    const a = makeSide(ta, true, () => {});
+    await a.link.start(); // gathers host candidates: opens a UDP socket
+    await until(() => udpSockets() > before, 3000, "socket opened");
+    a.link.close();
+    expect(a.closes).toEqual(["closed locally"]);
+    await until(() => udpSockets() <= before, 3000, "sockets freed");
+    // A link closed before start() never opens anything.
+    const c = makeSide(ta, true, () => {});
+    c.link.close();
+    await c.link.start();
+    expect(c.signals).toEqual([]);
+    expect(udpSockets()).toBe(before);
+  });
+
+  it("a link whose peer never answers can be closed cleanly", async () => {
+    const before = udpSockets();
+    let b!: Side;
+    const a = makeSide(ta, true, (sig) => void b.link.handleSignal(sig));
+    b = makeSide(tb, false, () => {}); // answers go nowhere
+    await a.link.start();
+    await sleep(1000);
+    expect(a.link.state).toBe("connecting");
+    a.link.close();
+    b.link.close();
+    expect(a.closes.length).toBe(1);
+    expect(b.closes.length).toBe(1);
+    await until(() => udpSockets() <= before, 3000, "sockets freed");
+  });
+
+  it("transport.close() closes its links and frees every socket", async () => {
+    const before = udpSockets();
+    const tc = await createNativeTransport({ logger, loopbackOnly: true });
+    const td = await createNativeTransport({ logger, loopbackOnly: true });
+    const { a, b } = await connectPair(tc, td);
+    await tc.close();
+    await td.close();
+    expect(a.closes.length).toBe(1);
+    expect(b.closes.length).toBe(1);
+    expect(tc.linkCount).toBe(0);
+    expect(() => tc.createLink({ initiator: true, iceServers: [], handlers: { onSignal() {}, onOpen() {}, onMessage() {}, onClose() {} } })).toThrow();
+    await until(() => udpSockets() <= before, 3000, "sockets freed");
+  });
+
+  it("handlers that throw do not break the link", async () => {
+    let a!: Side;
+    let b!: Side;
+    a = makeSide(ta, true, (s) => void b.link.handleSignal(s));
+    b = makeSide(tb, false, (s) => void a.link.handleSignal(s));
+    b.onMessage = () => {
+      throw new Error("boom");
+    };
+    await a.link.start();
+    await within(Promise.all([a.opened, b.opened]), 10_000, "open");
+    a.link.send("control", new Uint8Array([1]));
+    a.link.send("control", new Uint8Array([2]));
+    await until(() => b.messages.length >= 2, 5000, "messages despite throwing handler");
+    expect(logLines.some((l) => l.includes("link handler threw"))).toBe(true);
+    a.link.close();
+    await within(b.closed, 3000, "close");
+  });
+
+  it("converts ICE server URLs (TURN over TCP/TLS skipped: libjuice relays over UDP only)", () => {
+    expect(
+      toNdcIceServers([
+        { urls: "stun:stun.example.org" },
+        { urls: ["turn:[2001:db8::1]:3479?transport=udp", "turn:relay.example.org?transport=tcp", "turns:relay.example.org"], username: "u", credential: "p" },
+        { urls: "turn:10.0.0.1" },
+        { urls: "http://nope" },
+      ]),
+    ).toEqual([
+      { hostname: "stun.example.org", port: 3478 },
+      { hostname: "2001:db8::1", port: 3479, username: "u", password: "p", relayType: "TurnUdp" },
+    ]);
+  });
+
+  it("measures: 10 links in one process", async () => {
+    const t0 = Date.now();
+    const pairs = await Promise.all(Array.from({ length: 10 }, () => connectPair(ta, tb)));
+    console.log(`[measure] native: 10 links (20 peer connections, one process) open after ${Date.now() - t0} ms`);
+    for (const p of pairs) p.a.link.close();
+    await Promise.all(pairs.map((p) => within(p.b.closed, 5000, "close")));
+  });
+
+  it("measures: 16 KiB messages on packets, native -> native", async () => {
+    const { a, b } = await connectPair(ta, tb);
+    const r = await pump(a, b, 3000);
+    console.log(`[measure] native->native packets 16 KiB: ${r.msgs} msg/s, ${r.mbits} Mbit/s (max bufferedAmount ${r.maxBuffered})`);
+    expect(r.maxBuffered).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
+    a.link.close();
+    await within(b.closed, 3000, "close");
+  });
+
+  it("leaves no UDP sockets behind", async () => {
+    await sleep(300);
+    expect(udpSockets()).toBe(baselineUdp);
+  });
+});
+
+describe.skipIf(!available)("native <-> werift interop (loopback, one process)", () => {
+  let tn: NativeTransport;
+  let tw: WeriftTransport;
+
+  beforeAll(async () => {
+    tn = await createNativeTransport({ logger, loopbackOnly: true });
+    tw = await createWeriftTransport({ logger, loopbackOnly: true });
+  });
+
+  afterAll(async () => {
+    await tn?.close();
+    await tw?.close();
+  });
+
+  for (const dir of ["werift offerer -> native answerer", "native offerer -> werift answerer"] as const) {
+    const nativeOffers = dir.startsWith("native");
+    it(`${dir}: candidates buffered, both channels both ways, fingerprints, 200 KiB control, close propagates`, async () => {
+      const [to, ta] = nativeOffers ? [tn, tw] : [tw, tn];
+      const { a, b, candidatesBeforeOffer } = await connectPair(to, ta, true);
+      expect(candidatesBeforeOffer).toBeGreaterThan(0);
+      const offer = a.signals.find((s) => s.kind === "offer");
+      const answer = b.signals.find((s) => s.kind === "answer");
+      expect(offer && offer.kind === "offer" && sdpFingerprint(offer.sdp)).toEqual(to.fingerprint);
+      expect(answer && answer.kind === "answer" && sdpFingerprint(answer.sdp)).toEqual(ta.fingerprint);
+      await exchangeBothChannels(a, b);
+
+      // 200 KiB control message each way (both sides advertise 1 MiB).
+      const big = new Uint8Array(200 * 1024).map((_, i) => (i * 7) & 0xff);
+      a.messages.length = 0;
+      b.messages.length = 0;
+      expect(a.link.send("control", big)).toBe(true);
+      expect(b.link.send("control", big)).toBe(true);
+      await until(() => a.messages.length >= 1 && b.messages.length >= 1, 15_000, "200 KiB both ways");
+      expect(Buffer.from(a.messages[0]!.data).equals(Buffer.from(big))).toBe(true);
+      expect(Buffer.from(b.messages[0]!.data).equals(Buffer.from(big))).toBe(true);
+
+      const nativeSide = nativeOffers ? a : b;
+      const stats = await nativeSide.link.stats();
+      expect(stats.selected?.localAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+      expect(stats.selected?.remoteAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+
+      // Close from the native side on one direction, from the werift side on the other.
+      const closer = nativeOffers ? b : a; // the werift side closes when native offered, and vice versa
+      const other = closer === a ? b : a;
+      const t0 = Date.now();
+      closer.link.close();
+      const reason = await within(other.closed, 3000, "remote close");
+      console.log(`[measure] ${dir}: ${closer === a ? "offerer" : "answerer"} closed, remote noticed after ${Date.now() - t0} ms (${reason})`);
+      await sleep(100);
+      expect(closer.closes.length).toBe(1);
+      expect(other.closes.length).toBe(1);
+    });
+
+    it(`${dir}: the other side's close propagates too`, async () => {
+      const [to, ta] = nativeOffers ? [tn, tw] : [tw, tn];
+      const { a, b } = await connectPair(to, ta);
+      const closer = nativeOffers ? a : b; // the native side closes this time
+      const other = closer === a ? b : a;
+      const t0 = Date.now();
+      closer.link.close();
+      const reason = await within(other.closed, 3000, "remote close");
+      console.log(`[measure] ${dir}: native side closed, werift noticed after ${Date.now() - t0} ms (${reason})`);
+      expect(other.closes.length).toBe(1);
+    });
+  }
+
+  it("measures: 16 KiB messages on packets, native <-> werift", async () => {
+    for (const nativeSends of [true, false]) {
+      const { a, b } = nativeSends ? await connectPair(tn, tw) : await connectPair(tw, tn);
+      const r = await pump(a, b, 3000);
+      console.log(`[measure] ${nativeSends ? "native->werift" : "werift->native"} packets 16 KiB: ${r.msgs} msg/s, ${r.mbits} Mbit/s (max bufferedAmount ${r.maxBuffered})`);
+      a.link.close();
+      await within(b.closed, 3000, "close");
+    }
+  });
+});
