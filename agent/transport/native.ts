@@ -109,6 +109,12 @@ export interface NativeTransportOptions {
    * not IPv4 loopback. Interoperates with werift's loopbackOnly.
    */
   loopbackOnly?: boolean;
+  /**
+   * Never use candidates whose address matches (as werift's excludeAddress): the agent passes the overlay's
+   * own ranges so ICE never reaches a peer through the TUN/bridge. Remote candidates that match are ignored
+   * (trickled or inside the SDP); local ones are neither trickled nor left in the SDP we send.
+   */
+  excludeAddress?: (ip: string) => boolean;
   /** Reuse an existing certificate instead of generating one (same PEM format as the werift transport). */
   certificate?: DtlsCertificatePem;
   /** Overrides of LIMITS (tests, tuning). */
@@ -192,6 +198,9 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   else if (opts.bindAddress) base.bindAddress = opts.bindAddress;
 
   const fingerprint = certificateFingerprint(ndc, base, pem);
+  const ex = opts.excludeAddress;
+  const loopOnly = !!opts.loopbackOnly;
+  const keepAddress = (ip: string): boolean => (!loopOnly || ip.startsWith("127.")) && !(ex && safe(() => ex(ip), false));
   const links = new Set<NativeLink>();
   let closed = false;
   let seq = 0;
@@ -209,7 +218,7 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       const n = ++seq;
       const linkLog = log.child("link", { link: n });
       const config: Ndc.RtcConfig = { ...base, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
-      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, loopbackOnly: !!opts.loopbackOnly, limits, log: linkLog, onGone: (l) => links.delete(l) });
+      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
       return link;
     },
@@ -293,7 +302,8 @@ interface LinkEnv {
   ndc: NdcModule;
   config: Ndc.RtcConfig;
   name: string;
-  loopbackOnly: boolean;
+  /** Candidate filter (loopbackOnly, excludeAddress). */
+  keepAddress(ip: string): boolean;
   limits: typeof LIMITS;
   log: Logger;
   onGone(l: NativeLink): void;
@@ -367,6 +377,7 @@ class NativeLink implements TransportLink {
         if (this.isDone()) return;
         // libdatachannel writes "a=candidate:..."; the W3C form (and werift) is "candidate:...".
         const c = candidate.startsWith("a=") ? candidate.slice(2) : candidate;
+        if (!this.keepCandidate(c)) return;
         this.emitSignal({ kind: "candidate", candidate: { candidate: c, sdpMid: mid, sdpMLineIndex: 0 } });
       }),
     );
@@ -514,7 +525,7 @@ class NativeLink implements TransportLink {
       const sdp = pc.localDescription()?.sdp;
       if (!sdp) throw new Error("no local description after setLocalDescription");
       if (this.isDone()) return;
-      this.emitSignal({ kind: "offer", sdp });
+      this.emitSignal({ kind: "offer", sdp: this.filterSdp(sdp) });
     } catch (err) {
       if (this.isDone()) return;
       this.log.warn("creating the offer failed", { err });
@@ -537,7 +548,7 @@ class NativeLink implements TransportLink {
           }
           this._state = "connecting";
           const pc = this.ensurePc();
-          pc.setRemoteDescription(this.remoteSdp(sig.sdp), "offer");
+          pc.setRemoteDescription(this.filterSdp(sig.sdp), "offer");
           this.remoteSet = true;
           this.remoteMid = firstMid(sig.sdp);
           this.flushCandidates();
@@ -545,7 +556,7 @@ class NativeLink implements TransportLink {
           pc.setLocalDescription("answer");
           const sdp = pc.localDescription()?.sdp;
           if (!sdp) throw new Error("no local description after setLocalDescription");
-          this.emitSignal({ kind: "answer", sdp });
+          this.emitSignal({ kind: "answer", sdp: this.filterSdp(sdp) });
           return;
         }
         case "answer": {
@@ -562,7 +573,7 @@ class NativeLink implements TransportLink {
             this.log.warn("answer before our offer; ignored", { signalingState: pc?.signalingState() });
             return;
           }
-          pc.setRemoteDescription(this.remoteSdp(sig.sdp), "answer");
+          pc.setRemoteDescription(this.filterSdp(sig.sdp), "answer");
           this.remoteSet = true;
           this.remoteMid = firstMid(sig.sdp);
           this.flushCandidates();
@@ -584,13 +595,18 @@ class NativeLink implements TransportLink {
     }
   }
 
-  /** loopbackOnly: drop non-loopback candidates carried inside the remote SDP too. */
-  private remoteSdp(sdp: string): string {
-    if (!this.env.loopbackOnly) return sdp;
+  /** Apply the candidate filter to the a=candidate lines of an SDP (remote before use, local before sending). */
+  private filterSdp(sdp: string): string {
+    if (!/^a=candidate:/m.test(sdp)) return sdp;
     return sdp
       .split(/\r?\n/)
-      .filter((l) => !l.startsWith("a=candidate:") || isLoopbackCandidate(l))
+      .filter((l) => !l.startsWith("a=candidate:") || this.keepCandidate(l))
       .join("\r\n");
+  }
+
+  private keepCandidate(line: string): boolean {
+    const addr = candidateAddress(line);
+    return addr === undefined || this.env.keepAddress(addr);
   }
 
   private flushCandidates(): void {
@@ -607,8 +623,8 @@ class NativeLink implements TransportLink {
     if (c === null || !this.pc) return;
     const line = c.candidate.trim();
     if (line === "") return; // the W3C end-of-candidates form
-    if (this.env.loopbackOnly && !isLoopbackCandidate(line)) {
-      this.log.debug("non-loopback remote candidate ignored (loopbackOnly)", { candidate: line });
+    if (!this.keepCandidate(line)) {
+      this.log.debug("remote candidate ignored (loopbackOnly/excludeAddress)", { candidate: line });
       return;
     }
     // werift and browsers put the mid in sdpMid; some peers only give sdpMLineIndex (one m-section here).
@@ -696,11 +712,9 @@ function firstMid(sdp: string): string | undefined {
   return /^a=mid:(\S+)\s*$/m.exec(sdp)?.[1];
 }
 
-/** "candidate:1 1 UDP 2114977791 127.0.0.1 46943 typ host" -> is the address IPv4 loopback? */
-function isLoopbackCandidate(line: string): boolean {
-  const parts = line.replace(/^a=/, "").split(/\s+/);
-  const addr = parts[4];
-  return !!addr && addr.startsWith("127.");
+/** "candidate:1 1 UDP 2114977791 127.0.0.1 46943 typ host" -> "127.0.0.1" (undefined when unparsable). */
+function candidateAddress(line: string): string | undefined {
+  return line.replace(/^a=/, "").trim().split(/\s+/)[4];
 }
 
 function hostPort(address: string, port: number): string {

@@ -420,6 +420,27 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     await within(b.closed, 3000, "close");
   });
 
+  it("excludeAddress: matching candidates are neither sent nor used", async () => {
+    const te = await createNativeTransport({ logger, loopbackOnly: true, excludeAddress: (ip) => ip === "127.0.0.1" });
+    try {
+      let b!: Side;
+      const a = makeSide(te, true, (sig) => void b.link.handleSignal(sig));
+      b = makeSide(tb, false, (sig) => void a.link.handleSignal(sig));
+      await a.link.start();
+      await sleep(1500);
+      const sent = a.signals.filter((s) => s.kind === "candidate" && s.candidate !== null);
+      expect(sent).toEqual([]);
+      const offer = a.signals.find((s) => s.kind === "offer");
+      expect(offer && offer.kind === "offer" && /^a=candidate:/m.test(offer.sdp)).toBe(false);
+      // b's 127.0.0.1 candidates are ignored too, so nothing can pair.
+      expect(a.link.state).toBe("connecting");
+      a.link.close();
+      b.link.close();
+    } finally {
+      await te.close();
+    }
+  });
+
   it("converts ICE server URLs (TURN over TCP/TLS skipped: libjuice relays over UDP only)", () => {
     expect(
       toNdcIceServers([
