@@ -1,0 +1,82 @@
+/**
+ * End to end (root): three agents in three namespaces behind one LAN, a signaling server, pods on each,
+ * pod-to-pod traffic through TUN -> WebRTC data channel -> TUN, multi-hop when a direct path is blocked.
+ */
+import { createHash, randomBytes } from "node:crypto";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
+
+const d = describe.skipIf(!isRoot);
+if (!isRoot) console.warn("skipping data-plane e2e: needs root (network namespaces, TUN, iptables)");
+
+d("data plane across three namespaces", () => {
+  const lab = new MeshLab(3);
+  const pods: { ip: string; name: string; node: LabNode }[] = [];
+  const dump = () => lab.nodes.map((n) => `--- ${n.name}\n${lab.log(`${n.name}.log`)}`).join("\n");
+
+  beforeAll(async () => {
+    await lab.setup();
+    await lab.startSignal();
+    for (const n of lab.nodes) lab.startAgent(n);
+    await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.filter((p) => p.state === "connected").length === 2), 30_000, "full mesh", dump);
+    for (const n of lab.nodes) pods.push({ ...(await lab.addPod(n, `p${n.name}`)), node: n });
+  }, 90_000);
+  afterAll(async () => lab.close(), 60_000);
+
+  it("gives every pod an address from its node's block", () => {
+    expect(new Set(pods.map((p) => p.ip)).size).toBe(3);
+    for (const p of pods) expect(p.ip).toMatch(/^10\.40\./);
+  });
+
+  it("all pairs of pods ping each other", async () => {
+    for (const a of pods)
+      for (const b of pods) {
+        if (a === b) continue;
+        await until(async () => (await sh(a.name, "ping", ["-c", "1", "-W", "1", b.ip], 5000)).stdout.includes("1 received"), 20_000, `${a.name} -> ${b.ip}`, dump);
+      }
+  }, 120_000);
+
+  it("carries a TCP stream byte for byte", async () => {
+    const [a, b] = pods as [(typeof pods)[0], (typeof pods)[0]];
+    const data = randomBytes(8 << 20);
+    const file = join(lab.root, "payload.bin");
+    writeFileSync(file, data);
+    const server = sh(b.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5201,'${b.ip}')`], 60_000);
+    await new Promise((r) => setTimeout(r, 500));
+    await sh(a.name, process.execPath, ["-e", `const c=require('net').connect(5201,'${b.ip}',()=>{require('fs').createReadStream('${file}').pipe(c)})`], 60_000);
+    const out = (await server).stdout.trim();
+    expect(out).toBe(`${data.length} ${createHash("sha256").update(data).digest("hex")}`);
+    const st = await lab.status(a.node);
+    expect(st.dataplane?.forwarder.txPackets).toBeGreaterThan(100);
+  }, 90_000);
+
+  it("goes via the third node when the direct path is blocked, and back when it heals", async () => {
+    const [n1, n2, n3] = lab.nodes as [LabNode, LabNode, LabNode];
+    const p1 = pods[0]!;
+    const p3 = pods[2]!;
+    const unblock = lab.block(n1, n3);
+    try {
+      await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n3")?.path === "via n2", 30_000, "n1 routes to n3 via n2", dump);
+      await until(async () => (await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000)).stdout.includes("1 received"), 15_000, "ping via n2", dump);
+      const fwd = (await lab.status(n2)).dataplane?.forwarder.fwdFrames ?? 0;
+      expect(fwd).toBeGreaterThan(0);
+    } finally {
+      unblock();
+    }
+    await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n3")?.path === "direct", 60_000, "n1 back to direct", dump);
+    await until(async () => (await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000)).stdout.includes("1 received"), 15_000, "ping direct again", dump);
+  }, 150_000);
+
+  it("an agent restart keeps pod addresses and traffic resumes", async () => {
+    const n2 = lab.nodes[1]!;
+    const p2 = pods[1]!;
+    await lab.stopAgent(n2);
+    lab.startAgent(n2);
+    await until(async () => (await lab.status(n2)).peers.filter((p) => p.state === "connected").length === 2, 30_000, "n2 back in the mesh", dump);
+    const ipam = JSON.parse(await lab.cli(n2, ["status", "ipam", "--json"])) as { allocations: { podId: string; ip: string }[] };
+    expect(ipam.allocations.find((a) => a.podId === `pod/${p2.name}`)?.ip).toBe(p2.ip);
+    await until(async () => (await sh(pods[0]!.name, "ping", ["-c", "1", "-W", "1", p2.ip], 5000)).stdout.includes("1 received"), 30_000, "ping after restart", dump);
+  }, 90_000);
+});
