@@ -51,8 +51,10 @@ export interface AgentConfig {
   /** Serve the local API on <stateDir>/agent.sock (default true). */
   api?: boolean;
   meta?: Record<string, string>;
-  /** Inject a transport (tests); default werift. */
+  /** Inject a transport (tests). */
   transport?: Transport;
+  /** WebRTC implementation: werift (pure JS), native (libdatachannel via node-datachannel), auto (native when it loads). Default werift. */
+  transportKind?: "auto" | "werift" | "native";
   /** IPAM: cluster range (default 10.40.0.0/16), block prefix (default 26), reclaim grace (default 10 min). */
   ipam?: { range?: string; blockPrefix?: number; reclaimAfterMs?: number; resyncMs?: number; claimSettleMs?: number; bootstrapWaitMs?: number; safetyMarginMs?: number };
   /** werift tuning, e.g. { loopbackOnly: true } for single-host tests and demos. */
@@ -117,14 +119,7 @@ export class Agent {
     const instance = newInstanceId();
     const sock = apiSocketPath(cfg.stateDir);
     if (cfg.api !== false) await claimSocket(sock, cfg.stateDir);
-    const transport =
-      cfg.transport ??
-      (await (await import("./transport/werift.js")).createWeriftTransport({
-        logger: log,
-        ...(cfg.werift ?? {}),
-        // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
-        excludeAddress: (ip) => inRange(ip, cfg.ipam?.range ?? "10.40.0.0/16"),
-      }));
+    const transport = cfg.transport ?? (await createTransport(cfg, log));
     const agentLog = log.child("agent", { node: identity.id, name });
     if (created) agentLog.info("created a new node identity", { stateDir: cfg.stateDir });
 
@@ -324,6 +319,21 @@ export class Agent {
     })();
     return this.stopping;
   }
+}
+
+async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport> {
+  // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
+  const range = cfg.ipam?.range ?? "10.40.0.0/16";
+  const common = { logger: log, ...(cfg.werift ?? {}), excludeAddress: (ip: string) => inRange(ip, range) };
+  let kind = cfg.transportKind ?? "werift";
+  if (kind !== "werift") {
+    const native = await import("./transport/native.js");
+    if (await native.nativeAvailable()) return native.createNativeTransport(common);
+    if (kind === "native") throw new WeftError("ERR_NO_NATIVE", `--transport native: node-datachannel does not load here (${native.nativeLoadError() ?? "unknown reason"}); use --transport werift`);
+    log.info("native transport unavailable; using werift", { reason: native.nativeLoadError() });
+    kind = "werift";
+  }
+  return (await import("./transport/werift.js")).createWeriftTransport(common);
 }
 
 /** Refuse to start when another agent already serves this state dir; remove a stale socket. */

@@ -19,11 +19,18 @@ d("data plane across three namespaces", () => {
   beforeAll(async () => {
     await lab.setup();
     await lab.startSignal();
-    for (const n of lab.nodes) lab.startAgent(n);
+    // n1 werift, n2 native (libdatachannel), n3 auto: werift<->native and native<->native pairs.
+    const kinds = ["werift", "native", "auto"];
+    lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", kinds[i]!]));
     await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.filter((p) => p.state === "connected").length === 2), 30_000, "full mesh", dump);
     for (const n of lab.nodes) pods.push({ ...(await lab.addPod(n, `p${n.name}`)), node: n });
   }, 90_000);
   afterAll(async () => lab.close(), 60_000);
+
+  it("runs the transports asked for", async () => {
+    const names = await Promise.all(lab.nodes.map(async (n) => (await lab.status(n)).node.transport));
+    expect(names).toEqual(["werift", "native", "native"]);
+  });
 
   it("gives every pod an address from its node's block", () => {
     expect(new Set(pods.map((p) => p.ip)).size).toBe(3);
