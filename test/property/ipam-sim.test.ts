@@ -79,7 +79,11 @@ export function runScenario(seed: number, initial: number, ops: Op[]): Sim {
       }
       case "restart": {
         const sn = pick(present.filter((n) => !n.node), o.n);
-        if (sn) sim.restart(sn);
+        if (sn) {
+          sim.restart(sn);
+          sim.checkSafety();
+          sim.allocate(sn); // a CNI call right after the agent restarts, before any gossip arrived
+        }
         break;
       }
       case "die": {
@@ -127,6 +131,7 @@ export function runScenario(seed: number, initial: number, ops: Op[]): Sim {
         break;
       }
     }
+    sim.checkSafety();
     sim.tick();
   }
   return sim;
@@ -149,7 +154,8 @@ export function healAndCheck(sim: Sim): void {
     }
   }
   sim.run(2 * R_TICKS + 10);
-  // converged: one epoch, one table
+  // converged: one epoch, one table (grants to late requesters may still be in flight: allow a bounded tail)
+  for (let extra = 0; extra < 2 * R_TICKS && new Set(live.map((n) => n.node!.digest())).size > 1; extra++) sim.run(1);
   expect(new Set(live.map((n) => n.node!.epochInfo()?.id)).size).toBe(1);
   const digests = new Set(live.map((n) => n.node!.digest()));
   if (digests.size !== 1) throw new Error(`views differ after quiet time: ${JSON.stringify(live.map((n) => [n.id, n.node!.digest()]))}`);
@@ -179,10 +185,12 @@ export function healAndCheck(sim: Sim): void {
 //  2. a proposer's self-promise outlived its proposal and doomed the owner's blocks forever -> `until`
 //  3. a granter kept adding members in its lease tail; the other side's stale view looked like a
 //     majority -> grants need majority promises, promised grantees count as members
+//  4. a grant still in flight when the quiet time ended (the check now allows a bounded tail)
 const REGRESSIONS: [number, number, Op[]][] = [
   [0, 6, [{ k: "die", n: 0 }, { k: "wait", t: 2 }, { k: "restart", n: 0 }, { k: "wait", t: 1 }, { k: "crash", n: 0 }, { k: "leave", n: 0 }, { k: "partition", g: [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 7 }]],
   [0, 4, [{ k: "partition", g: [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 7 }, { k: "partition", g: [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 3 }, { k: "crash", n: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "heal" }]],
   [1602047960, 11, [{ k: "partition", g: [1, 1, 0, 2, 2, 2, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0] }, { k: "join" }, { k: "wait", t: 14 }, { k: "partition", g: [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "alloc", n: 0, c: 1 }, { k: "cut", a: 0, b: 0 }]],
+  [1879048179, 10, [{ k: "flap", a: 155, b: 684 }, { k: "partition", g: [0, 1, 1, 1, 1, 1, 2, 0, 0, 2, 0, 0, 0, 0, 0, 0] }, { k: "die", n: 0 }, { k: "crash", n: 478 }, { k: "heal" }, { k: "restart", n: 0 }, { k: "join" }, { k: "wait", t: 15 }, { k: "release", n: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "join" }, { k: "cut", a: 463, b: 0 }, { k: "alloc", n: 0, c: 1 }]],
 ];
 
 describe("ipam simulated mesh (property)", () => {
@@ -196,5 +204,5 @@ describe("ipam simulated mesh (property)", () => {
       { numRuns: Number(process.env.IPAM_SIM_RUNS ?? 200), examples: REGRESSIONS },
     );
     console.log(`ipam sim: ${process.env.IPAM_SIM_RUNS ?? 200} cases in ${Date.now() - t0} ms`);
-  }, 120_000);
+  }, Math.max(120_000, Number(process.env.IPAM_SIM_RUNS ?? 200) * 150));
 });
