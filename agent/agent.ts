@@ -271,12 +271,17 @@ export class Agent {
     };
   }
 
-  allocate(podId: string, timeoutMs?: number): Promise<PodAddress> {
-    return this.ipam.allocate(podId, timeoutMs);
+  /** Also for API clients (the CNI plugin): the bridge gets the block's gateway before this returns. */
+  async allocate(podId: string, timeoutMs?: number): Promise<PodAddress> {
+    const addr = await this.ipam.allocate(podId, timeoutMs);
+    await this.dataplane?.reconcile();
+    return addr;
   }
 
   release(podId: string): boolean {
-    return this.ipam.release(podId);
+    const released = this.ipam.release(podId);
+    if (released) void this.dataplane?.reconcile().catch((err) => this.log.error("could not apply the node network", { err }));
+    return released;
   }
 
   ipamRelease(target: string): { node: string } {
