@@ -13,6 +13,7 @@ import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
+import type { MetricsServer } from "./metrics.js";
 
 function inRange(ip: string, cidr: string): boolean {
   const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(ip);
@@ -59,6 +60,8 @@ export interface AgentConfig {
   ipam?: { range?: string; blockPrefix?: number; reclaimAfterMs?: number; resyncMs?: number; claimSettleMs?: number; bootstrapWaitMs?: number; safetyMarginMs?: number };
   /** werift tuning, e.g. { loopbackOnly: true } for single-host tests and demos. */
   werift?: { loopbackOnly?: boolean; icePortRange?: [number, number] };
+  /** Serve Prometheus metrics on HOST:PORT (GET /metrics; port 0 = any free port). Off when unset. */
+  metricsListen?: string;
 }
 
 export interface RouteStatus {
@@ -93,6 +96,8 @@ export class Agent {
   readonly router: Router;
   ipam!: IpamDriver;
   dataplane: DataPlane | undefined;
+  /** the --metrics-listen server (its bound address), when enabled */
+  metrics: MetricsServer | undefined;
 
   private constructor(
     readonly cfg: AgentConfig,
@@ -184,6 +189,14 @@ export class Agent {
       }
     }
     if (cfg.api !== false) agent.api = await startApiServer(sock, agent);
+    if (cfg.metricsListen !== undefined) {
+      try {
+        agent.metrics = await (await import("./metrics.js")).startAgentMetrics(agent, cfg.metricsListen);
+      } catch (e) {
+        await agent.stop();
+        throw e;
+      }
+    }
     signal.start();
     let ticks = 0;
     agent.tickTimer = setInterval(() => {
@@ -319,6 +332,7 @@ export class Agent {
       await this.mesh.stop();
       this.signal.stop();
       await this.api?.close();
+      await this.metrics?.close();
       await this.dataplane?.stop().catch((err) => this.log.error("could not remove the node network", { err }));
       await this.transport.close();
     })();

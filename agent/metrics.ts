@@ -1,0 +1,372 @@
+/**
+ * Prometheus metrics for the agent (`--metrics-listen HOST:PORT`, off by default): a plain HTTP server
+ * that answers GET /metrics in the text exposition format (prom-client renders it).
+ *
+ * Every agent has its own prom-client Registry (never the global one), so several agents in one process
+ * (tests, the demo) do not collide. Values are computed at scrape time: a scrape first takes one
+ * snapshot of the agent (status(), ipamStatus(), data-plane counters: one await for the link stats),
+ * then the metrics' collect() callbacks copy from that snapshot. Nothing runs between scrapes.
+ *
+ *   weftnet_info{id,name,version,transport}           1
+ *   weftnet_signal_connected                          1 while registered with the signaling server
+ *   weftnet_peers{path,state}                         peers by path (direct|via|relay|none) and link state
+ *   weftnet_peer_rtt_seconds{peer,name}               smoothed heartbeat RTT of connected peers
+ *   weftnet_peer_bytes_total{peer,name,direction}     pod traffic to/from each node (forwarder, by end
+ *   weftnet_peer_packets_total{peer,name,direction}     node) with the data plane; link bytes without it
+ *   weftnet_link_bytes_total{peer,name,direction}     bytes on the peer connection (DTLS/SCTP payload
+ *                                                     counters of the transport; reset on reconnect)
+ *   weftnet_drops_total{stage,reason}                 data-path drops: stage forwarder|tun, typed reason
+ *   weftnet_tun_packets_total{direction}, weftnet_tun_bytes_total{direction}, weftnet_forwarded_frames_total
+ *   weftnet_ipam_blocks{state}                        owned (this node) | peer (a reachable node) |
+ *                                                     unreachable (owner not reachable) | free (no owner)
+ *   weftnet_ipam_addresses{state}                     allocated | free, in this node's blocks
+ *   weftnet_ipam_pending_requests                     block requests this node waits on (0 or 1)
+ *   weftnet_ipam_proposals                            open writes collecting promises (claims, grants)
+ *   weftnet_ipam_counter_total{name}                  IPAM counters (conflicts, claims, grants, ...)
+ *   weftnet_mesh_counter_total{name}                  mesh counters (badControl, authFailures, dials, ...)
+ *   weftnet_relayed_bytes_total                       bytes this agent relayed for others (0: no relay yet)
+ */
+import { createServer, type Server } from "node:http";
+import { Counter, Gauge, Registry } from "prom-client";
+import { WeftError } from "../src/errors.js";
+import { DROP_REASONS } from "../src/packet/drop.js";
+import type { Agent, AgentStatus } from "./agent.js";
+
+export const PEER_PATHS = ["direct", "via", "relay", "none"] as const;
+export const PEER_STATES = ["waiting", "connecting", "connected", "backoff", "auth-failed", "gone"] as const;
+
+type IpamView = ReturnType<Agent["ipamStatus"]>;
+
+interface Snapshot {
+  status: AgentStatus;
+  ipam: IpamView | null;
+}
+
+/** Parse HOST:PORT ([v6]:PORT for IPv6); port 0 binds any free port. */
+export function parseListen(s: string): { host: string; port: number } {
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(s.trim());
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || !(port >= 0 && port <= 65535)) throw new WeftError("ERR_USAGE", `--metrics-listen ${JSON.stringify(s)} must be HOST:PORT (e.g. 127.0.0.1:9465, 0.0.0.0:9465, [::1]:9465)`);
+  return { host: (m[1] ?? m[2])!, port };
+}
+
+function pathOf(p: string): (typeof PEER_PATHS)[number] {
+  if (p.startsWith("via")) return "via";
+  if (p === "direct" || p === "relay") return p;
+  return "none";
+}
+
+/** The agent's registry: metric definitions whose collect() read `source()`'s latest snapshot. */
+export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(): Promise<string> } {
+  const registry = new Registry();
+  let snap: Snapshot | undefined;
+  const registers = [registry];
+  const peerName = (id: string) => agent.mesh.peerName(id) ?? id;
+
+  new Gauge({
+    name: "weftnet_info",
+    help: "Agent identity and build (value 1).",
+    labelNames: ["id", "name", "version", "transport"],
+    registers,
+    collect() {
+      this.reset();
+      if (snap) this.set({ id: snap.status.node.id, name: snap.status.node.name, version: snap.status.node.version, transport: snap.status.node.transport }, 1);
+    },
+  });
+  new Gauge({
+    name: "weftnet_signal_connected",
+    help: "1 while the agent is registered with the signaling server.",
+    registers,
+    collect() {
+      this.set(snap?.status.node.signal.connected ? 1 : 0);
+    },
+  });
+  new Gauge({
+    name: "weftnet_peers",
+    help: "Known peers by path (direct, via another agent, relay, none) and link state.",
+    labelNames: ["path", "state"],
+    registers,
+    collect() {
+      this.reset();
+      const n = new Map<string, number>();
+      for (const p of snap?.status.peers ?? []) {
+        const k = `${pathOf(p.path)}\0${p.state}`;
+        n.set(k, (n.get(k) ?? 0) + 1);
+      }
+      for (const path of PEER_PATHS) for (const state of PEER_STATES) this.set({ path, state }, n.get(`${path}\0${state}`) ?? 0);
+    },
+  });
+  new Gauge({
+    name: "weftnet_peer_rtt_seconds",
+    help: "Smoothed heartbeat round-trip time to each connected peer.",
+    labelNames: ["peer", "name"],
+    registers,
+    collect() {
+      this.reset();
+      for (const p of snap?.status.peers ?? []) {
+        const ms = p.srttMs ?? p.rttMs;
+        if (p.state === "connected" && ms !== null) this.set({ peer: p.id, name: p.name }, ms / 1000);
+      }
+    },
+  });
+
+  // Per-peer traffic: the forwarder's per-node pod traffic when the data plane runs, link bytes otherwise.
+  new Counter({
+    name: "weftnet_peer_bytes_total",
+    help: "Bytes to (out) and from (in) each node: pod traffic framed by the data plane, or the link's bytes when the agent runs without a data plane (--no-tun).",
+    labelNames: ["peer", "name", "direction"],
+    registers,
+    collect() {
+      this.reset();
+      if (!snap) return;
+      const dp = snap.status.dataplane;
+      if (dp) {
+        for (const [id, s] of Object.entries(dp.forwarder.perPeer)) {
+          this.inc({ peer: id, name: peerName(id), direction: "in" }, s.rxBytes);
+          this.inc({ peer: id, name: peerName(id), direction: "out" }, s.txBytes);
+        }
+      } else {
+        for (const p of snap.status.peers) {
+          if (p.state !== "connected") continue;
+          this.inc({ peer: p.id, name: p.name, direction: "in" }, p.bytesIn);
+          this.inc({ peer: p.id, name: p.name, direction: "out" }, p.bytesOut);
+        }
+      }
+    },
+  });
+  new Counter({
+    name: "weftnet_peer_packets_total",
+    help: "Pod packets to (out) and from (in) each node through the data plane (absent without a data plane).",
+    labelNames: ["peer", "name", "direction"],
+    registers,
+    collect() {
+      this.reset();
+      for (const [id, s] of Object.entries(snap?.status.dataplane?.forwarder.perPeer ?? {})) {
+        this.inc({ peer: id, name: peerName(id), direction: "in" }, s.rxPackets);
+        this.inc({ peer: id, name: peerName(id), direction: "out" }, s.txPackets);
+      }
+    },
+  });
+  new Counter({
+    name: "weftnet_link_bytes_total",
+    help: "Bytes sent (out) and received (in) on the peer connection to each connected peer, control and packets channels (restarts at 0 when the link is re-established).",
+    labelNames: ["peer", "name", "direction"],
+    registers,
+    collect() {
+      this.reset();
+      for (const p of snap?.status.peers ?? []) {
+        if (p.state !== "connected") continue;
+        this.inc({ peer: p.id, name: p.name, direction: "in" }, p.bytesIn);
+        this.inc({ peer: p.id, name: p.name, direction: "out" }, p.bytesOut);
+      }
+    },
+  });
+  new Counter({
+    name: "weftnet_drops_total",
+    help: "Packets or frames dropped on the data path, by stage (forwarder, tun) and typed reason (src/packet/drop.ts).",
+    labelNames: ["stage", "reason"],
+    registers,
+    collect() {
+      this.reset();
+      const dp = agent.dataplane;
+      if (!snap || !dp) return;
+      const fw = dp.forwarder.drops.snapshot(true);
+      const tun = dp.tun.drops.snapshot(true);
+      for (const reason of DROP_REASONS) {
+        this.inc({ stage: "forwarder", reason }, fw[reason] ?? 0);
+        this.inc({ stage: "tun", reason }, tun[reason] ?? 0);
+      }
+    },
+  });
+  new Counter({
+    name: "weftnet_tun_packets_total",
+    help: "Packets read from (rx) and written to (tx) the TUN device.",
+    labelNames: ["direction"],
+    registers,
+    collect() {
+      this.reset();
+      const t = snap?.status.dataplane?.tun;
+      if (!t) return;
+      this.inc({ direction: "rx" }, t.rxPackets);
+      this.inc({ direction: "tx" }, t.txPackets);
+    },
+  });
+  new Counter({
+    name: "weftnet_tun_bytes_total",
+    help: "Bytes read from (rx) and written to (tx) the TUN device.",
+    labelNames: ["direction"],
+    registers,
+    collect() {
+      this.reset();
+      const t = snap?.status.dataplane?.tun;
+      if (!t) return;
+      this.inc({ direction: "rx" }, t.rxBytes);
+      this.inc({ direction: "tx" }, t.txBytes);
+    },
+  });
+  new Counter({
+    name: "weftnet_forwarded_frames_total",
+    help: "Transit frames this agent forwarded for other nodes (routing via this node).",
+    registers,
+    collect() {
+      this.reset();
+      this.inc(snap?.status.dataplane?.forwarder.fwdFrames ?? 0);
+    },
+  });
+
+  new Gauge({
+    name: "weftnet_ipam_blocks",
+    help: "Blocks of the cluster range: owned by this node, by a reachable peer, by an unreachable node, or free.",
+    labelNames: ["state"],
+    registers,
+    collect() {
+      this.reset();
+      const c = { owned: 0, peer: 0, unreachable: 0, free: 0 };
+      for (const b of snap?.ipam?.blocks ?? []) {
+        if (!b.owner) c.free++;
+        else if (b.mine) c.owned++;
+        else if (b.reachable) c.peer++;
+        else c.unreachable++;
+      }
+      for (const [state, v] of Object.entries(c)) this.set({ state }, v);
+    },
+  });
+  new Gauge({
+    name: "weftnet_ipam_addresses",
+    help: "Pod addresses in this node's blocks: allocated and free.",
+    labelNames: ["state"],
+    registers,
+    collect() {
+      this.reset();
+      const st = snap?.ipam;
+      let free = 0;
+      for (const b of st?.blocks ?? []) if (b.mine && b.free !== null) free += b.free;
+      this.set({ state: "allocated" }, st?.allocations.length ?? 0);
+      this.set({ state: "free" }, free);
+    },
+  });
+  new Gauge({
+    name: "weftnet_ipam_pending_requests",
+    help: "Block requests this node has sent and is waiting on.",
+    registers,
+    collect() {
+      this.set(snap?.ipam?.pending ? 1 : 0);
+    },
+  });
+  new Gauge({
+    name: "weftnet_ipam_proposals",
+    help: "IPAM writes this node proposed that are still collecting promises (claims of silent nodes, grants).",
+    registers,
+    collect() {
+      this.set(snap?.ipam?.proposals.length ?? 0);
+    },
+  });
+  new Counter({
+    name: "weftnet_ipam_counter_total",
+    help: "IPAM event counters (malformed messages, conflicts, claims, grants, revocations...).",
+    labelNames: ["name"],
+    registers,
+    collect() {
+      this.reset();
+      for (const [name, v] of Object.entries(snap?.ipam?.counters ?? {})) this.inc({ name }, v);
+    },
+  });
+  new Counter({
+    name: "weftnet_mesh_counter_total",
+    help: "Mesh counters: bad signal/control messages, auth failures, unknown senders, links opened/closed, dials, connect timeouts, bad gossip.",
+    labelNames: ["name"],
+    registers,
+    collect() {
+      this.reset();
+      for (const [name, v] of Object.entries(snap?.status.counters ?? {})) this.inc({ name }, v);
+    },
+  });
+  new Counter({
+    name: "weftnet_relayed_bytes_total",
+    help: "Bytes this agent relayed for other nodes over a relay path (0 until relays exist).",
+    registers,
+    collect() {
+      this.reset();
+      this.inc(0);
+    },
+  });
+
+  return {
+    registry,
+    async scrape() {
+      const status = await agent.status();
+      let ipam: IpamView | null = null;
+      try {
+        ipam = agent.ipam ? agent.ipamStatus() : null;
+      } catch {
+        ipam = null;
+      }
+      snap = { status, ipam };
+      try {
+        return await registry.metrics();
+      } finally {
+        snap = undefined;
+      }
+    },
+  };
+}
+
+export interface MetricsServer {
+  /** bound address (the real port when 0 was asked for) */
+  readonly address: { host: string; port: number };
+  /** http://host:port/metrics */
+  readonly url: string;
+  close(): Promise<void>;
+}
+
+/** Serve GET /metrics on HOST:PORT. Anything else is 404; a failed scrape is 500 (logged). */
+export async function startAgentMetrics(agent: Agent, listen: string): Promise<MetricsServer> {
+  const { host, port } = parseListen(listen);
+  const { registry, scrape } = createAgentRegistry(agent);
+  const log = agent.log.child("metrics");
+  // Scrapes are serialised: each one owns the snapshot while the collect callbacks run.
+  let chain: Promise<unknown> = Promise.resolve();
+  const server: Server = createServer((req, res) => {
+    const path = (req.url ?? "/").split("?")[0];
+    if (path !== "/metrics" || (req.method !== "GET" && req.method !== "HEAD")) {
+      res.writeHead(404, { "content-type": "text/plain" }).end("weftnet agent: only GET /metrics here\n");
+      return;
+    }
+    const run = chain.then(scrape, scrape);
+    chain = run.catch(() => {});
+    run.then(
+      (body) => {
+        res.writeHead(200, { "content-type": registry.contentType });
+        res.end(req.method === "HEAD" ? undefined : body);
+      },
+      (err) => {
+        log.error("metrics scrape failed", { err });
+        res.writeHead(500, { "content-type": "text/plain" }).end("scrape failed\n");
+      },
+    );
+  });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(port, host, () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+  } catch (e) {
+    throw new WeftError("ERR_LISTEN", `cannot serve metrics on tcp ${host}:${port}: ${(e as Error).message}`, { cause: e });
+  }
+  server.on("error", (err) => log.error("metrics server error", { err }));
+  const a = server.address();
+  const bound = { host, port: typeof a === "object" && a !== null ? a.port : port };
+  let closed: Promise<void> | undefined;
+  return {
+    address: bound,
+    url: `http://${host.includes(":") ? `[${host}]` : host}:${bound.port}/metrics`,
+    close: () =>
+      (closed ??= new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      })),
+  };
+}
