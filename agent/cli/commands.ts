@@ -34,6 +34,9 @@ Options:
                         turn:USER:PASS@HOST:PORT (credentials may also come as turn:HOST:PORT?user=U&pass=P)
   --no-server-stun      do not use the signaling server's built-in STUN responder
   --loopback-only       ICE on 127.0.0.1 only (single-host demos and tests)
+  --metrics-listen HOST:PORT
+                        serve Prometheus metrics at http://HOST:PORT/metrics (off by default; no
+                        auth: bind to 127.0.0.1 or a private address)
   --log-level L         debug | info | warn | error (default warn; env WEFTNET_LOG)
   --verbose             same as --log-level info
   -h, --help            this help
@@ -94,6 +97,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     "block-size": { type: "string" },
     "reclaim-after": { type: "string" },
     "loopback-only": { type: "boolean" },
+    "metrics-listen": { type: "string" },
     "log-level": { type: "string" },
     verbose: { type: "boolean" },
     help: { type: "boolean", short: "h" },
@@ -135,6 +139,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     ipam.blockPrefix = n;
   }
   if (values["reclaim-after"] !== undefined) ipam.reclaimAfterMs = parseDuration("agent", "--reclaim-after", values["reclaim-after"]);
+  if (values["metrics-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["metrics-listen"])) throw new UsageError(`weftnet agent: --metrics-listen ${JSON.stringify(values["metrics-listen"])} must be HOST:PORT (e.g. 127.0.0.1:9465)`);
 
   const agent = await Agent.start({
     ipam,
@@ -151,8 +156,10 @@ export async function runAgent(argv: string[]): Promise<number> {
     logger,
     ...(values.name !== undefined ? { name: values.name } : {}),
     ...(values["loopback-only"] ? { werift: { loopbackOnly: true } } : {}),
+    ...(values["metrics-listen"] !== undefined ? { metricsListen: values["metrics-listen"] } : {}),
   });
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
+  if (agent.metrics) process.stdout.write(`metrics on ${agent.metrics.url}\n`);
   return await new Promise<number>((resolve) => {
     let done = false;
     const finish = async (code: number) => {
