@@ -2,6 +2,8 @@
  * `npm run demo`: a signaling server and three agents on this machine, each a real `weftnet` process
  * with its own temporary state dir, meshing over WebRTC on loopback. Prints the status table and pings,
  * then keeps running until Ctrl-C (or exits at once with --once), and removes everything it made.
+ * As root it then runs examples/netns-demo.sh: three nodes in network namespaces with TUN devices and
+ * pods that ping each other and run iperf3 over the mesh (--no-pods skips that part).
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -49,6 +51,15 @@ function freePort(): Promise<number> {
       s.close(() => resolve(port));
     });
   });
+}
+
+async function stopChildren(): Promise<void> {
+  const stop = async (cs: ChildProcess[]) => {
+    for (const c of cs) if (c.exitCode === null) c.kill("SIGTERM");
+    await Promise.all(cs.map((c) => (c.exitCode !== null ? null : new Promise((r) => c.once("exit", r)))));
+  };
+  await stop(children.slice(1));
+  await stop(children.slice(0, 1));
 }
 
 let cleaned = false;
@@ -100,6 +111,19 @@ async function main(): Promise<void> {
   for (const target of NAMES.slice(1)) {
     say(`weftnet ping ${target} (from ${NAMES[0]})`);
     process.stdout.write((await run(["ping", target, "--count", "3", "--state-dir", join(root, NAMES[0]!)])).out + "\n");
+  }
+  if (process.getuid?.() === 0 && !process.argv.includes("--no-pods")) {
+    say("running as root: the data-plane demo with pods in network namespaces (examples/netns-demo.sh)");
+    await stopChildren();
+    const code = await new Promise<number>((resolve) => {
+      const c = spawn("bash", [join(here, "..", "..", "examples", "netns-demo.sh"), ...(once ? ["--once"] : [])], { stdio: "inherit" });
+      process.removeAllListeners("SIGINT");
+      process.on("SIGINT", () => c.kill("SIGINT"));
+      c.on("exit", (code) => resolve(code ?? 1));
+    });
+    await cleanup(code);
+  } else if (process.getuid?.() !== 0) {
+    say("(run as root to also see pods on three nodes ping each other over the mesh: sudo npm run demo)");
   }
   if (once) await cleanup(0);
   say("the mesh is running; press Ctrl-C to stop and clean up");

@@ -210,12 +210,12 @@ export class MeshManager {
   connectedPeers(): string[] {
     return [...this.peers.values()].filter((e) => e.fsm.state === "connected").map((e) => e.info.id);
   }
-  /** Live direct links with their smoothed RTT (for topology gossip). */
+  /** Live direct links with their windowed-minimum RTT (for topology gossip and routing weights). */
   linkRtts(): { peer: string; rttMs?: number }[] {
     const out: { peer: string; rttMs?: number }[] = [];
     for (const e of this.peers.values()) {
       if (e.fsm.state !== "connected") continue;
-      const rtt = e.fsm.srttMs;
+      const rtt = e.fsm.pathRttMs;
       out.push(rtt === undefined ? { peer: e.info.id } : { peer: e.info.id, rttMs: Math.max(0.01, rtt) });
     }
     return out;

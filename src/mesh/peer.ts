@@ -57,6 +57,9 @@ export type PeerAction =
   | { type: "hello" }
   | { type: "remove" };
 
+/** Samples in the windowed-minimum RTT (one per heartbeat: ~8 s at 1 Hz). */
+export const RTT_WINDOW = 8;
+
 export function isOfferer(self: string, peer: string): boolean {
   return self < peer;
 }
@@ -69,6 +72,8 @@ export class PeerFsm {
   lastError: string | undefined;
   rttMs: number | undefined;
   srttMs: number | undefined;
+  /** recent RTT samples (ring of RTT_WINDOW); their minimum is the routing weight */
+  private readonly recent: number[] = [];
   connectedAt: number | undefined;
   readonly offerer: boolean;
   private deadline = 0;
@@ -117,6 +122,7 @@ export class PeerFsm {
         this.lastError = undefined;
         this.connectedAt = now;
         this.lastHeard = now;
+        this.recent.length = 0;
         this.nextPing = now;
         out.push({ type: "hello" });
         this.maybePing(now, out);
@@ -142,6 +148,8 @@ export class PeerFsm {
         const rtt = Math.max(0, now - ev.sentAt);
         this.rttMs = rtt;
         this.srttMs = this.srttMs === undefined ? rtt : this.srttMs * 0.875 + rtt * 0.125;
+        this.recent.push(rtt);
+        if (this.recent.length > RTT_WINDOW) this.recent.shift();
         break;
       }
       case "bye":
@@ -188,6 +196,15 @@ export class PeerFsm {
         if (now - this.goneAt >= this.timing.goneTtlMs) out.push({ type: "remove" });
         break;
     }
+  }
+
+  /**
+   * RTT for routing: the minimum over the last RTT_WINDOW samples. The first samples of a new link are
+   * inflated (DTLS handshakes, CPU contention at start) and an EWMA would carry them for many seconds;
+   * the windowed minimum tracks the path's propagation delay and ignores queueing spikes (like BBR).
+   */
+  get pathRttMs(): number | undefined {
+    return this.recent.length ? Math.min(...this.recent) : undefined;
   }
 
   private maybePing(now: number, out: PeerAction[]): void {

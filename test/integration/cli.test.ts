@@ -99,7 +99,7 @@ describe("weftnet CLI", () => {
   });
 
   it("npm run demo: three agent processes mesh, status and ping work, everything is cleaned up", () => {
-    const r = spawnSync(process.execPath, [join(process.cwd(), "dist", "examples", "demo.js"), "--once"], { encoding: "utf8", timeout: 60_000 });
+    const r = spawnSync(process.execPath, [join(process.cwd(), "dist", "examples", "demo.js"), "--once", "--no-pods"], { encoding: "utf8", timeout: 60_000 });
     expect(r.status, r.stdout + r.stderr).toBe(0);
     expect(r.stdout).toMatch(/full mesh after \d+ ms/);
     expect(r.stdout).toMatch(/peers\s+2\/2 connected/);
