@@ -5,6 +5,7 @@
  *   GET /v1/nodes   200 {nodes:[{id,name,meta,addr,connectedAt}]}             Authorization: Bearer <token>
  *                   401 {error}                                               missing or wrong token
  *   GET /v1/stats   200 hub counters (bad frames, refusals, relays)          Authorization: Bearer <token>
+ *   GET /metrics    200 Prometheus text format (signaling/metrics.ts)        Authorization: Bearer <token>
  *
  * The WebSocket endpoint (SIGNAL_PATH) is not a hono route: server.ts handles the HTTP upgrade itself
  * and hands connections to the same SignalHub returned here.
@@ -13,6 +14,8 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { Hono, type MiddlewareHandler } from "hono";
 import { type Logger } from "../src/log.js";
 import { SignalHub, type SignalHubOptions } from "./hub.js";
+import { createSignalMetrics } from "./metrics.js";
+import type { StunStats } from "./stun.js";
 
 export interface SignalAppOptions extends SignalHubOptions {
   token: string;
@@ -22,6 +25,8 @@ export interface SignalAppOptions extends SignalHubOptions {
   hub?: SignalHub;
   /** more counters merged into GET /v1/stats (the server adds the STUN responder's) */
   extraStats?: () => Record<string, unknown>;
+  /** the STUN responder's counters for GET /metrics (default: the `stun` entry of extraStats) */
+  stunStats?: () => StunStats | undefined;
 }
 
 /** Constant-time token comparison (hash first so lengths never leak through timing). */
@@ -54,6 +59,14 @@ export function createSignalApp(opts: SignalAppOptions): { app: Hono; hub: Signa
   );
 
   app.get("/v1/stats", requireToken, (c) => c.json({ ...hub.stats(), ...(opts.extraStats?.() ?? {}) }));
+
+  // STUN counters: given directly, or the `stun` entry the server merges into /v1/stats.
+  const stunStats = opts.stunStats ?? (() => {
+    const s = opts.extraStats?.().stun;
+    return typeof s === "object" && s !== null && "requests" in s ? (s as StunStats) : undefined;
+  });
+  const metrics = createSignalMetrics({ hub, stunStats });
+  app.get("/metrics", requireToken, async (c) => c.body(await metrics.scrape(), 200, { "content-type": metrics.contentType }));
 
   app.notFound((c) => c.json({ error: `no route ${c.req.method} ${new URL(c.req.url).pathname}` }, 404));
   app.onError((err, c) => {
