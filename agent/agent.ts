@@ -77,7 +77,7 @@ export interface RouteStatus {
 export type PeerPath = "direct" | `via ${string}` | "none";
 
 export interface AgentStatus {
-  node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null } };
+  node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
   peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null })[];
   dataplane: ReturnType<DataPlane["stats"]> | null;
   counters: MeshCounters & { badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
@@ -91,6 +91,9 @@ export class Agent {
   private fatalListeners: ((e: WeftError) => void)[] = [];
   private registeredWaiters: (() => void)[] = [];
   private stunPort = 0;
+  private stunAltPort = 0;
+  /** handed out by the signaling server in `welcome` (TURN REST credentials); replaced on every welcome */
+  private serverIceServers: IceServer[] = [];
   private reflexive: string | null = null;
   private stopping: Promise<void> | undefined;
   readonly router: Router;
@@ -142,6 +145,8 @@ export class Agent {
         onWelcome: (peers, info) => {
           if (!agent) return;
           agent.stunPort = info.stunPort;
+          agent.stunAltPort = info.stunAltPort ?? 0;
+          agent.serverIceServers = info.iceServers ?? [];
           agent.reflexive = info.addr;
           agent.mesh.onWelcome(peers);
           for (const w of agent.registeredWaiters.splice(0)) w();
@@ -215,7 +220,7 @@ export class Agent {
       const host = this.signal.host.includes(":") ? `[${this.signal.host}]` : this.signal.host;
       out.push({ urls: `stun:${host}:${this.stunPort}` });
     }
-    return out.concat(this.cfg.iceServers ?? []);
+    return out.concat(this.cfg.iceServers ?? [], this.serverIceServers);
   }
 
   /** Resolves once registered with the signaling server; rejects on a fatal refusal or timeout. */
@@ -256,7 +261,7 @@ export class Agent {
         uptimeMs: Date.now() - this.startedAt,
         transport: this.transport.name,
         fingerprint: `${this.transport.fingerprint.algorithm} ${this.transport.fingerprint.value}`,
-        signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive },
+        signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive, stun: { host: this.signal.host, port: this.stunPort, altPort: this.stunAltPort } },
       },
       peers: (await this.mesh.status()).map((p) => {
         const r = this.router.route(p.id);

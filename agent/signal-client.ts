@@ -9,11 +9,11 @@ import WebSocket from "ws";
 import { CTX_HELLO, signFields, tokenMac, type Identity } from "../src/identity.js";
 import type { Logger } from "../src/log.js";
 import { backoffDelay, type BackoffConfig } from "../src/mesh/backoff.js";
-import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type PeerInfo, type SignalData } from "../src/wire/signal.js";
+import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type PeerInfo, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
 import { UsageError, WeftError } from "../src/errors.js";
 
 export interface SignalClientEvents {
-  onWelcome(peers: PeerInfo[], info: { addr: string; stunPort: number }): void;
+  onWelcome(peers: PeerInfo[], info: { addr: string; stunPort: number; stunAltPort?: number; iceServers?: WelcomeIceServer[] }): void;
   onJoin(peer: PeerInfo): void;
   onLeave(id: string): void;
   onSignal(from: string, data: SignalData): void;
@@ -138,7 +138,7 @@ export class SignalClient {
           this.registered = true;
           this.attempts = 0;
           log.info("registered with signaling server", { url: this.endpoint, peers: msg.peers.length, addr: msg.you.addr });
-          ev.onWelcome(msg.peers, { addr: msg.you.addr, stunPort: msg.stunPort });
+          ev.onWelcome(msg.peers, { addr: msg.you.addr, stunPort: msg.stunPort, ...(msg.stunAltPort ? { stunAltPort: msg.stunAltPort } : {}), ...(msg.iceServers ? { iceServers: msg.iceServers } : {}) });
           break;
         case "join":
           ev.onJoin(msg.peer);

@@ -11,6 +11,7 @@ import { nanoid } from "nanoid";
 import { UsageError, WeftError } from "../src/errors.js";
 import { createLogger, parseLevel } from "../src/log.js";
 import { SIGNAL_PATH } from "../src/wire/signal.js";
+import { DEFAULT_TURN_TTL_S, isTurnUrl } from "../src/wire/turn-rest.js";
 import { startSignalServer, type SignalServer } from "./server.js";
 
 export const DEFAULT_LISTEN = "0.0.0.0:7000";
@@ -29,11 +30,19 @@ Options:
   --state-dir D        where a generated token is kept (default /var/lib/weftnet-signal as root,
                        else $XDG_STATE_HOME/weftnet-signal or ~/.local/state/weftnet-signal)
   --stun-port N        UDP port of the STUN responder (default ${DEFAULT_STUN_PORT}; 0 disables it)
+  --stun-alt-port N    a second STUN port (off by default): agents compare the two mappings to tell
+                       symmetric NAT apart (\`weftnet netcheck\`)
+  --turn-url URL       TURN server handed to agents with REST credentials, repeatable
+                       (turn:HOST:PORT[?transport=udp|tcp], turns:...); needs a shared secret
+  --turn-secret-file F the TURN server's static-auth-secret (coturn use-auth-secret); or env
+                       WEFTNET_TURN_SECRET
+  --turn-ttl DUR       lifetime of handed-out TURN credentials (default 24h; e.g. 3600s, 90m, 24h)
   --verbose            log joins, leaves and refusals (JSON lines on stderr; WEFTNET_LOG=debug|info|warn)
   -h, --help           show this help
 
 Environment:
   WEFTNET_TOKEN        cluster token, used when neither --token nor --token-file is given
+  WEFTNET_TURN_SECRET  TURN REST shared secret, used when --turn-secret-file is not given
 
 Without any token a random one is generated on first start, stored in <state-dir>/token (mode 0600)
 and reused afterwards. Join an agent with:
@@ -157,12 +166,34 @@ function publicHostGuess(host: string): string {
   return "<this-host>";
 }
 
+/** --turn-url (repeatable) + --turn-secret-file / WEFTNET_TURN_SECRET + --turn-ttl; undefined when no URL. */
+export function parseTurn(values: { "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string }, env: NodeJS.ProcessEnv): { urls: string[]; secret: string; ttlS: number } | undefined {
+  const urls = values["turn-url"] ?? [];
+  for (const u of urls) if (!isTurnUrl(u)) throw new UsageError(`--turn-url ${JSON.stringify(u)}: expected turn:HOST:PORT or turns:HOST:PORT (optionally ?transport=udp|tcp), without credentials`);
+  let ttlS = DEFAULT_TURN_TTL_S;
+  if (values["turn-ttl"] !== undefined) {
+    const m = /^(\d+)(s|m|h)?$/.exec(values["turn-ttl"].trim());
+    if (!m) throw new UsageError(`--turn-ttl ${JSON.stringify(values["turn-ttl"])}: expected a duration like 3600s, 90m or 24h`);
+    ttlS = Number(m[1]) * ({ s: 1, m: 60, h: 3600 } as const)[(m[2] ?? "s") as "s" | "m" | "h"];
+    if (ttlS < 60) throw new UsageError("--turn-ttl must be at least 60s");
+  }
+  if (urls.length === 0) {
+    if (values["turn-secret-file"] !== undefined || values["turn-ttl"] !== undefined) throw new UsageError("--turn-secret-file and --turn-ttl need at least one --turn-url");
+    return undefined;
+  }
+  let secret: string;
+  if (values["turn-secret-file"] !== undefined) secret = readTokenFile(values["turn-secret-file"], "--turn-secret-file");
+  else if (env.WEFTNET_TURN_SECRET !== undefined && env.WEFTNET_TURN_SECRET.trim() !== "") secret = env.WEFTNET_TURN_SECRET.trim();
+  else throw new UsageError("--turn-url needs the TURN server's shared secret: --turn-secret-file F or env WEFTNET_TURN_SECRET");
+  return { urls, secret, ttlS };
+}
+
 export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<number> {
   const out = io.stdout ?? ((s: string) => void process.stdout.write(s));
   const err = io.stderr ?? ((s: string) => void process.stderr.write(s));
   const env = io.env ?? process.env;
 
-  let values: { listen?: string; token?: string; "token-file"?: string; "state-dir"?: string; "stun-port"?: string; verbose?: boolean; help?: boolean };
+  let values: { listen?: string; token?: string; "token-file"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; verbose?: boolean; help?: boolean };
   try {
     values = parseArgs({
       args: argv,
@@ -174,6 +205,10 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
         "token-file": { type: "string" },
         "state-dir": { type: "string" },
         "stun-port": { type: "string" },
+        "stun-alt-port": { type: "string" },
+        "turn-url": { type: "string", multiple: true },
+        "turn-secret-file": { type: "string" },
+        "turn-ttl": { type: "string" },
         verbose: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -189,11 +224,19 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
 
   let listen: { host: string; port: number };
   let stunPort: number;
+  let stunAltPort = 0;
+  let turn: { urls: string[]; secret: string; ttlS: number } | undefined;
   let token: string;
   let tokenNote: string | undefined;
   try {
     listen = parseListen(values.listen ?? DEFAULT_LISTEN);
     stunPort = values["stun-port"] === undefined ? DEFAULT_STUN_PORT : parsePort(values["stun-port"], "--stun-port");
+    if (values["stun-alt-port"] !== undefined) {
+      stunAltPort = parsePort(values["stun-alt-port"], "--stun-alt-port");
+      if (stunPort === 0 && stunAltPort !== 0) throw new UsageError("--stun-alt-port needs the STUN responder (--stun-port is 0)");
+      if (stunAltPort !== 0 && stunAltPort === stunPort) throw new UsageError("--stun-alt-port must differ from --stun-port");
+    }
+    turn = parseTurn(values, env);
     if (values.token !== undefined && values["token-file"] !== undefined) throw new UsageError("give either --token or --token-file, not both");
     if (values.token !== undefined) {
       token = values.token.trim();
@@ -216,13 +259,13 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const logger = createLogger({ level: values.verbose ? "debug" : parseLevel(env.WEFTNET_LOG, "warn"), component: "weftnet-signal" });
   let server: SignalServer;
   try {
-    server = await startSignalServer({ listen, token, stunPort, logger });
+    server = await startSignalServer({ listen, token, stunPort, logger, ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}) });
   } catch (e) {
     err(`weftnet signal: ${(e as Error).message}\n`);
     return e instanceof WeftError && e.code === "ERR_USAGE" ? 2 : 1;
   }
 
-  const stunText = server.stunPort ? `STUN on udp/${server.stunPort}` : "STUN off";
+  const stunText = (server.stunPort ? `STUN on udp/${server.stunPort}${server.stunAltPort ? ` and udp/${server.stunAltPort}` : ""}` : "STUN off") + (turn ? `, TURN credentials for ${turn.urls.join(" ")}` : "");
   out(`weftnet signal listening on ws://${listen.host.includes(":") ? `[${listen.host}]` : listen.host}:${server.port} (${stunText})\n`);
   if (tokenNote !== undefined) {
     out(`${tokenNote}\n`);

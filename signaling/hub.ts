@@ -21,7 +21,7 @@ import { ProtocolError, WeftError } from "../src/errors.js";
 import { CTX_HELLO, checkTokenMac, deriveNodeId, verifyFields } from "../src/identity.js";
 import { silentLogger, type Logger } from "../src/log.js";
 import { decodeEnvelope, isPlainObject, nodeId } from "../src/wire/codec.js";
-import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type PeerInfo, type ServerMsg, type SignalData } from "../src/wire/signal.js";
+import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type PeerInfo, type ServerMsg, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
 
 export const SERVER_VERSION = "weftnet-signal/0.1.0";
 export const DEFAULT_HELLO_TIMEOUT_MS = 10_000;
@@ -51,6 +51,10 @@ export interface SignalHubOptions {
   probeTimeoutMs?: number;
   /** UDP port of our STUN responder announced in `welcome`; 0 = none */
   stunPort?: number;
+  /** second STUN port announced in `welcome` (netcheck compares mappings); 0/absent = none */
+  stunAltPort?: number;
+  /** per-node ICE servers for `welcome` (TURN REST credentials); absent = none */
+  iceServersFor?: (nodeId: string) => WelcomeIceServer[];
   serverVersion?: string;
   /** nonce source, 32 bytes per call */
   random?: (n: number) => Uint8Array;
@@ -242,7 +246,7 @@ export class SignalHub {
   private readonly probeTimeoutMs: number;
   private readonly random: (n: number) => Uint8Array;
 
-  constructor(opts: SignalHubOptions) {
+  constructor(private readonly opts: SignalHubOptions) {
     if (typeof opts.token !== "string" || opts.token.length === 0) throw new WeftError("ERR_USAGE", "signaling hub needs a non-empty cluster token");
     this.token = opts.token;
     this.log = opts.logger ?? silentLogger;
@@ -419,7 +423,11 @@ export class SignalHub {
     }
     const peers: PeerInfo[] = [];
     for (const o of this.members.values()) if (o !== s) peers.push(peerInfo(o.member!));
-    s.send({ t: "welcome", you: { id: m.id, addr: m.addr }, peers, stunPort: this.stunPort });
+    const welcome: ServerMsg = { t: "welcome", you: { id: m.id, addr: m.addr }, peers, stunPort: this.stunPort };
+    if (this.opts.stunAltPort) welcome.stunAltPort = this.opts.stunAltPort;
+    const ice = this.opts.iceServersFor?.(m.id);
+    if (ice && ice.length) welcome.iceServers = ice;
+    s.send(welcome);
     const old = replacing?.member;
     const changed = old === undefined || old.name !== m.name || JSON.stringify(old.meta) !== JSON.stringify(m.meta);
     if (changed) this.broadcast({ t: "join", peer: peerInfo(m) }, s);

@@ -15,6 +15,7 @@ import { silentLogger, type Logger } from "../src/log.js";
 import { CLOSE_CODES, MAX_SIGNAL_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
 import { createSignalApp } from "./app.js";
 import type { SignalHub, SignalSocket } from "./hub.js";
+import { DEFAULT_TURN_TTL_S, turnIceServers } from "../src/wire/turn-rest.js";
 import { startStunServer, type StunServer, type StunStats } from "./stun.js";
 
 export const DEFAULT_PING_INTERVAL_MS = 15_000;
@@ -27,6 +28,10 @@ export interface SignalServerOptions {
   token: string;
   /** UDP port for STUN: a number binds it (0 or undefined = no STUN), "ephemeral" binds a free port (tests). */
   stunPort?: number | "ephemeral";
+  /** a second STUN port on the same host ("ephemeral" = any free port), announced in `welcome` so agents can tell symmetric NAT (netcheck) */
+  stunAltPort?: number | "ephemeral";
+  /** TURN REST: each agent gets {urls, username "<expiry>:<id>", credential} in `welcome` (see src/wire/turn-rest.ts) */
+  turn?: { urls: string[]; secret: string; ttlS?: number };
   logger?: Logger;
   helloTimeoutMs?: number;
   probeTimeoutMs?: number;
@@ -43,6 +48,8 @@ export interface SignalServer {
   readonly port: number;
   /** bound STUN port, 0 when STUN is off */
   readonly stunPort: number;
+  /** bound second STUN port, 0 when none */
+  readonly stunAltPort: number;
   readonly hub: SignalHub;
   /** STUN responder counters (undefined when STUN is off) */
   stunStats(): StunStats | undefined;
@@ -82,14 +89,27 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     }
   }
 
+  let stunAlt: StunServer | undefined;
+  if (stun && opts.stunAltPort !== undefined && opts.stunAltPort !== 0) {
+    const port = opts.stunAltPort === "ephemeral" ? 0 : opts.stunAltPort;
+    try {
+      stunAlt = await startStunServer({ host: opts.listen.host, port, logger: log.child("stun-alt") });
+    } catch (e) {
+      await stun.close();
+      throw new WeftError("ERR_LISTEN", `cannot bind the second STUN port on udp ${opts.listen.host}:${port}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  const turn = opts.turn && opts.turn.urls.length > 0 ? opts.turn : undefined;
   const hubOpts = {
     token: opts.token,
     logger: log.child("signal"),
     stunPort: stun?.port ?? 0,
+    stunAltPort: stunAlt?.port ?? 0,
+    ...(turn ? { iceServersFor: (id: string) => turnIceServers(turn.urls, turn.secret, id, Date.now(), turn.ttlS ?? DEFAULT_TURN_TTL_S) } : {}),
     ...(opts.helloTimeoutMs !== undefined ? { helloTimeoutMs: opts.helloTimeoutMs } : {}),
     ...(opts.probeTimeoutMs !== undefined ? { probeTimeoutMs: opts.probeTimeoutMs } : {}),
     ...(opts.now !== undefined ? { now: opts.now } : {}),
-    extraStats: () => (stun ? { stun: stun.stats() } : {}),
+    extraStats: () => ({ ...(stun ? { stun: stun.stats() } : {}), ...(stunAlt ? { stunAlt: stunAlt.stats() } : {}) }),
   };
   const { app, hub } = createSignalApp(hubOpts);
   const server = createAdaptorServer({ fetch: app.fetch }) as Server;
@@ -189,6 +209,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
   } catch (e) {
     clearInterval(keepalive);
     await stun?.close();
+    await stunAlt?.close();
     throw new WeftError("ERR_LISTEN", `cannot listen on tcp ${opts.listen.host}:${opts.listen.port}: ${(e as Error).message}`, { cause: e });
   }
   server.on("error", (e) => log.error("http server error", { err: e }));
@@ -211,6 +232,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
       server.closeAllConnections();
     });
     await stun?.close();
+    await stunAlt?.close();
   };
 
   return {
@@ -219,6 +241,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     host: opts.listen.host,
     port,
     stunPort: stun?.port ?? 0,
+    stunAltPort: stunAlt?.port ?? 0,
     hub,
     stunStats: () => stun?.stats(),
     close: () => (closed ??= close()),

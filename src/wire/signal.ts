@@ -10,6 +10,8 @@
  *     |                                       |   sig = Ed25519(CTX_HELLO|nonce|id|instance)
  *     |                                       |   id must equal deriveNodeId(pub)
  *     |  <--- welcome {you, peers, stunPort} - |   or close 4001/4002/4009 (see CLOSE_CODES)
+ *     |       optional: stunAltPort (second STUN port, netcheck), iceServers [{urls, username?,
+ *     |       credential?}] (TURN REST credentials for this node); absent = none; old agents ignore them
  *     |  <--- join {peer} / leave {id} ------ |   presence of every other member
  *     |  ---- signal {to, data} ------------> |   relayed verbatim as signal {from, data};
  *     |  <--- signal {from, data} ----------- |   unknown `to` -> error {code:"ERR_NO_PEER", ref:to}
@@ -56,9 +58,27 @@ export type SignalData =
   | { kind: "candidate"; conn: string; candidate: IceCandidateInit | null }
   | { kind: "bye"; conn: string };
 
+/** A STUN/TURN server handed out in `welcome` (TURN REST credentials, see turn-rest.ts). */
+export type WelcomeIceServer = { urls: string | string[]; username?: string; credential?: string };
+
+function welcomeIceServers(m: Record<string, unknown>): WelcomeIceServer[] | undefined {
+  if (m.iceServers === undefined || m.iceServers === null) return undefined;
+  const list = arr(m, "iceServers", 8);
+  return list.map((x) => {
+    if (!isPlainObject(x)) throw new ProtocolError("ERR_INVALID", "iceServers entries must be maps");
+    const urls = Array.isArray(x.urls) ? arr(x, "urls", 8).map((u) => str({ u }, "u", 512)) : str(x, "urls", 512);
+    const out: WelcomeIceServer = { urls };
+    const username = optStr(x, "username", 512);
+    const credential = optStr(x, "credential", 512);
+    if (username !== undefined) out.username = username;
+    if (credential !== undefined) out.credential = credential;
+    return out;
+  });
+}
+
 export type ServerMsg =
   | { t: "challenge"; nonce: Uint8Array; server: string }
-  | { t: "welcome"; you: { id: string; addr: string }; peers: PeerInfo[]; stunPort: number }
+  | { t: "welcome"; you: { id: string; addr: string }; peers: PeerInfo[]; stunPort: number; stunAltPort?: number; iceServers?: WelcomeIceServer[] }
   | { t: "join"; peer: PeerInfo }
   | { t: "leave"; id: string }
   | { t: "signal"; from: string; data: SignalData }
@@ -139,7 +159,11 @@ export function decodeServerMsg(data: Uint8Array): ServerMsg {
       return { t: "challenge", nonce: bytes(m, "nonce", 32), server: str(m, "server", 64) };
     case "welcome": {
       const you = obj(m, "you");
-      return { t: "welcome", you: { id: nodeId(you, "id"), addr: str(you, "addr", 128) }, peers: arr(m, "peers").map(peerInfo), stunPort: num(m, "stunPort") };
+      const w: ServerMsg = { t: "welcome", you: { id: nodeId(you, "id"), addr: str(you, "addr", 128) }, peers: arr(m, "peers").map(peerInfo), stunPort: num(m, "stunPort") };
+      if (typeof m.stunAltPort === "number") w.stunAltPort = num(m, "stunAltPort");
+      const ice = welcomeIceServers(m);
+      if (ice !== undefined) w.iceServers = ice;
+      return w;
     }
     case "join":
       return { t: "join", peer: peerInfo(m.peer) };

@@ -40,3 +40,26 @@ describe("TURN REST credentials (coturn use-auth-secret)", () => {
     expect(isTurnUrl("turn:u:p@host:3478")).toBe(false);
   });
 });
+
+import { decodeServerMsg, encodeSignal } from "../../src/wire/signal.js";
+
+describe("welcome carries optional TURN credentials and a second STUN port", () => {
+  const base = { t: "welcome" as const, you: { id: "0123456789abcdef", addr: "198.18.0.10:4000" }, peers: [], stunPort: 3478 };
+
+  it("round-trips iceServers and stunAltPort", () => {
+    const ice = turnIceServers(["turn:198.18.0.1:3478"], "north", "0123456789abcdef", 0, 60);
+    const m = decodeServerMsg(encodeSignal({ ...base, stunAltPort: 3479, iceServers: ice }));
+    expect(m).toEqual({ ...base, stunAltPort: 3479, iceServers: ice });
+  });
+
+  it("decodes a welcome without them as before (fields absent)", () => {
+    const m = decodeServerMsg(encodeSignal(base));
+    expect(m).toEqual(base);
+    expect("iceServers" in m).toBe(false);
+  });
+
+  it("rejects malformed iceServers", () => {
+    expect(() => decodeServerMsg(encodeSignal({ ...base, iceServers: [{ urls: 5 }] } as never))).toThrow();
+    expect(() => decodeServerMsg(encodeSignal({ ...base, iceServers: ["turn:x"] } as never))).toThrow();
+  });
+});
