@@ -22,8 +22,8 @@
  *   weftnet_ipam_addresses{state}                     allocated | free, in this node's blocks
  *   weftnet_ipam_pending_requests                     block requests this node waits on (0 or 1)
  *   weftnet_ipam_proposals                            open writes collecting promises (claims, grants)
- *   weftnet_ipam_counter_total{name}                  IPAM counters (conflicts, claims, grants, ...)
- *   weftnet_mesh_counter_total{name}                  mesh counters (badControl, authFailures, dials, ...)
+ *   weftnet_ipam_events_total{name}                  IPAM counters (conflicts, claims, grants, ...)
+ *   weftnet_mesh_events_total{name}                  mesh counters (badControl, authFailures, dials, ...)
  *   weftnet_relayed_bytes_total                       bytes this agent relayed for others (0: no relay yet)
  */
 import { createServer, type Server } from "node:http";
@@ -262,7 +262,7 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
     },
   });
   new Counter({
-    name: "weftnet_ipam_counter_total",
+    name: "weftnet_ipam_events_total",
     help: "IPAM event counters (malformed messages, conflicts, claims, grants, revocations...).",
     labelNames: ["name"],
     registers,
@@ -272,7 +272,7 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
     },
   });
   new Counter({
-    name: "weftnet_mesh_counter_total",
+    name: "weftnet_mesh_events_total",
     help: "Mesh counters: bad signal/control messages, auth failures, unknown senders, links opened/closed, dials, connect timeouts, bad gossip.",
     labelNames: ["name"],
     registers,
