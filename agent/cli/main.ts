@@ -15,6 +15,7 @@ Commands:
   agent      run the node agent
   status     show this node and its peers
   ping NODE  measure RTT to a peer over the mesh
+  netcheck   this host's NAT behaviour (UDP reachable, reflexive address, cone or symmetric)
   pod        add NAME / del NAME: a pod (network namespace) on this node's bridge
   ipam       operator commands for the shared address range (release NODE, allocate/free POD)
   version    print the version
@@ -47,6 +48,8 @@ export async function main(argv: string[]): Promise<number> {
         return await (await import("./commands.js")).runStatus(rest);
       case "ping":
         return await (await import("./commands.js")).runPing(rest);
+      case "netcheck":
+        return await (await import("../netcheck.js")).runNetcheck(rest);
       case "pod":
         return await (await import("./commands.js")).runPod(rest);
       case "ipam":
