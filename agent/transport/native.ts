@@ -327,6 +327,7 @@ class NativeLink implements TransportLink {
   private remoteSet = false;
   /** a=mid of the remote description's first m-section, for candidates that come without sdpMid. */
   private remoteMid: string | undefined;
+  private sendFailLogged = false;
   private pendingCandidates: (IceCandidateInit | null)[] = [];
   private readonly wantDrain: Record<ChannelName, boolean> = { control: false, packets: false };
   private readonly oversizeLogged: Record<ChannelName, boolean> = { control: false, packets: false };
@@ -573,7 +574,18 @@ class NativeLink implements TransportLink {
             this.log.warn("answer before our offer; ignored", { signalingState: pc?.signalingState() });
             return;
           }
-          pc.setRemoteDescription(this.filterSdp(sig.sdp), "answer");
+          // libdatachannel sets up the ICE transport of a new offer on its own thread; an answer that
+          // comes back very fast (loaded host) can overtake it ("remote candidate without ICE
+          // transport"). Retry briefly instead of failing the whole attempt.
+          for (let attempt = 0; ; attempt++) {
+            try {
+              pc.setRemoteDescription(this.filterSdp(sig.sdp), "answer");
+              break;
+            } catch (err) {
+              if (attempt >= 20 || !/without ICE transport/i.test(errMsg(err)) || this.isDone()) throw err;
+              await new Promise<void>((r) => setTimeout(r, 25));
+            }
+          }
           this.remoteSet = true;
           this.remoteMid = firstMid(sig.sdp);
           this.flushCandidates();
@@ -668,7 +680,9 @@ class NativeLink implements TransportLink {
       this.bytesSent += size;
       return true;
     } catch (err) {
-      this.log.warn("data channel send failed", { channel, size, err });
+      // A channel that closes under a burst of sends would log once per message: warn once per link.
+      if (!this.sendFailLogged) this.log.warn("data channel send failed (further failures on this link are not logged)", { channel, size, err });
+      this.sendFailLogged = true;
       return false;
     }
   }

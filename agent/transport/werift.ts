@@ -203,6 +203,7 @@ class WeriftLink implements TransportLink {
   private readonly initiator: boolean;
   private _state: LinkState = "new";
   private remoteSet = false;
+  private sendFailLogged = false;
   private pendingCandidates: (IceCandidateInit | null)[] = [];
   private readonly wantDrain: Record<ChannelName, boolean> = { control: false, packets: false };
   private readonly oversizeLogged: Record<ChannelName, boolean> = { control: false, packets: false };
@@ -493,7 +494,9 @@ class WeriftLink implements TransportLink {
       this.bytesSent += size;
       return true;
     } catch (err) {
-      this.log.warn("data channel send failed", { channel, size, err });
+      // A channel that closes under a burst of sends would log once per message: warn once per link.
+      if (!this.sendFailLogged) this.log.warn("data channel send failed (further failures on this link are not logged)", { channel, size, err });
+      this.sendFailLogged = true;
       return false;
     }
   }

@@ -1,5 +1,5 @@
 /**
- * npm run bench:mesh -- --agents N [--runs R]
+ * npm run bench:mesh -- --agents N [--runs R] [--transport werift|native|auto]
  * Starts a signaling server and N agent processes (real `weftnet agent`, werift on loopback), measures the
  * time from launch to a full mesh (N*(N-1)/2 links up, seen from every agent's local API) and each
  * agent's RSS once meshed and after 5 s idle. Prints figures; never fails on a time.
@@ -14,7 +14,7 @@ import { parseArgs } from "node:util";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath } from "../../agent/state.js";
 
-const { values } = parseArgs({ options: { agents: { type: "string", default: "8" }, runs: { type: "string", default: "1" } } });
+const { values } = parseArgs({ options: { agents: { type: "string", default: "8" }, runs: { type: "string", default: "1" }, transport: { type: "string", default: "werift" } } });
 const N = Number(values.agents);
 const RUNS = Number(values.runs);
 if (!Number.isInteger(N) || N < 2 || !Number.isInteger(RUNS) || RUNS < 1) {
@@ -64,7 +64,7 @@ async function once(run: number): Promise<{ meshMs: number; rss: number[]; rssId
   const t0 = performance.now();
   const agents: ChildProcess[] = [];
   for (let i = 0; i < N; i++) {
-    agents.push(spawnCli(["agent", "--signal", `ws://127.0.0.1:${port}`, "--token", token, "--name", `n${i}`, "--state-dir", join(root, `n${i}`), "--no-tun", "--loopback-only"]));
+    agents.push(spawnCli(["agent", "--signal", `ws://127.0.0.1:${port}`, "--token", token, "--name", `n${i}`, "--state-dir", join(root, `n${i}`), "--no-tun", "--loopback-only", "--transport", values.transport!]));
   }
   let meshMs = NaN;
   for (;;) {
@@ -112,7 +112,7 @@ for (let r = 1; r <= RUNS; r++) {
   const rs = stats(res.rss);
   const ri = stats(res.rssIdle);
   process.stdout.write(
-    `run ${r}: ${N} agents, ${(N * (N - 1)) / 2} links: full mesh in ${(res.meshMs / 1000).toFixed(2)} s; ` +
+    `run ${r}: ${N} ${values.transport} agents, ${(N * (N - 1)) / 2} links: full mesh in ${(res.meshMs / 1000).toFixed(2)} s; ` +
       `agent RSS at mesh min/median/max ${rs.min.toFixed(0)}/${rs.median.toFixed(0)}/${rs.max.toFixed(0)} MiB, after 5 s idle ${ri.min.toFixed(0)}/${ri.median.toFixed(0)}/${ri.max.toFixed(0)} MiB\n`,
   );
 }
