@@ -11,8 +11,8 @@
  * CNI_PATH is never needed: this plugin does not delegate to other plugins (no IPAM plugin; addresses
  * come from the weftnet agent).
  *
- * Network configuration (stdin): the well-known cniVersion, name, type ("weftnet"; "weftnet-cni" is
- * accepted too, so the binary works under either file name), dns (echoed in the result), prevResult
+ * Network configuration (stdin): the well-known cniVersion, name, type (the executable's file name:
+ * "weftnet-cni", or "weftnet" if installed under that name), dns (echoed in the result), prevResult
  * (CHECK), runtimeConfig and args (ignored), cni.dev/valid-attachments (GC), and ours:
  *   stateDir       the agent's state dir (default /var/lib/weftnet); its socket is STATEDIR/agent.sock
  *   socket         the agent's API socket, if not STATEDIR/agent.sock
@@ -171,7 +171,7 @@ export function parseNetConf(stdin: string): NetConf {
   if (!(SUPPORTED_VERSIONS as readonly string[]).includes(v)) throw new CniError(CniCode.INCOMPATIBLE_VERSION, `incompatible CNI versions: config is ${JSON.stringify(v)}, plugin supports ${JSON.stringify(SUPPORTED_VERSIONS)}`);
   const bad = (msg: string) => new CniError(CniCode.INVALID_NETCONF, msg);
   if (typeof raw.name !== "string" || !NAME_RE.test(raw.name)) throw bad("network configuration needs a name (alphanumeric first, then letters, digits, _ . -)");
-  if (raw.type !== "weftnet" && raw.type !== "weftnet-cni") throw bad(`network configuration type is ${JSON.stringify(raw.type)}, this plugin is "weftnet"`);
+  if (raw.type !== "weftnet" && raw.type !== "weftnet-cni") throw bad(`network configuration type is ${JSON.stringify(raw.type)}, this plugin is "weftnet-cni" (or "weftnet")`);
   const str = (k: string): string | undefined => {
     const x = raw[k as keyof typeof raw];
     if (x === undefined) return undefined;

@@ -2,6 +2,7 @@
  * CNI plugin rules without root: the contract (spec.ts) and the command logic (plugin.ts) with a fake
  * agent and fake pod operations. The real thing runs in test/e2e/cni.test.ts.
  */
+import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { WeftError } from "../../src/errors.js";
 import { silentLogger } from "../../src/log.js";
@@ -49,6 +50,13 @@ describe("CNI contract", () => {
     const c = parseNetConf(conf({ type: "weftnet-cni", bridge: "br9", mtu: 1300, dns: { nameservers: ["10.0.0.10"] }, args: { anything: true }, runtimeConfig: {} }));
     expect(c).toMatchObject({ cniVersion: "1.1.0", type: "weftnet-cni", bridge: "br9", mtu: 1300, ipamTimeoutMs: 30_000, stateDir: "/nonexistent/weft" });
     expect(parseNetConf(JSON.stringify({ cniVersion: "1.0.0", name: "n", type: "weftnet" })).stateDir).toBe("/var/lib/weftnet");
+  });
+
+  it("accepts the sample conflist's plugin config as a runtime would pass it", () => {
+    const list = JSON.parse(readFileSync("examples/cni/10-weftnet.conflist", "utf8")) as { cniVersion: string; name: string; plugins: Record<string, unknown>[] };
+    expect(list.plugins).toHaveLength(1);
+    const c = parseNetConf(JSON.stringify({ ...list.plugins[0], cniVersion: list.cniVersion, name: list.name }));
+    expect(c).toMatchObject({ cniVersion: "1.1.0", name: "weftnet", type: "weftnet-cni", stateDir: "/var/lib/weftnet" });
   });
 
   it("maps attachments to pod ids and back", () => {
