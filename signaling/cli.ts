@@ -32,6 +32,9 @@ Options:
   --stun-port N        UDP port of the STUN responder (default ${DEFAULT_STUN_PORT}; 0 disables it)
   --stun-alt-port N    a second STUN port (off by default): agents compare the two mappings to tell
                        symmetric NAT apart (\`weftnet netcheck\`)
+  --relay-rate MBIT    per-agent rate limit of the data relay of last resort (default 100 Mbit/s)
+  --no-relay           refuse to relay data: agents whose peers are unreachable by ICE, via another
+                       agent or TURN stay disconnected from them
   --turn-url URL       TURN server handed to agents with REST credentials, repeatable
                        (turn:HOST:PORT[?transport=udp|tcp], turns:...); needs a shared secret
   --turn-secret-file F the TURN server's static-auth-secret (coturn use-auth-secret); or env
@@ -193,7 +196,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const err = io.stderr ?? ((s: string) => void process.stderr.write(s));
   const env = io.env ?? process.env;
 
-  let values: { listen?: string; token?: string; "token-file"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; verbose?: boolean; help?: boolean };
+  let values: { listen?: string; token?: string; "token-file"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; verbose?: boolean; help?: boolean };
   try {
     values = parseArgs({
       args: argv,
@@ -209,6 +212,8 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
         "turn-url": { type: "string", multiple: true },
         "turn-secret-file": { type: "string" },
         "turn-ttl": { type: "string" },
+        "relay-rate": { type: "string" },
+        "no-relay": { type: "boolean" },
         verbose: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -226,6 +231,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   let stunPort: number;
   let stunAltPort = 0;
   let turn: { urls: string[]; secret: string; ttlS: number } | undefined;
+  let relay: { enabled: boolean; rateBytesPerSec?: number } | undefined;
   let token: string;
   let tokenNote: string | undefined;
   try {
@@ -237,6 +243,13 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
       if (stunAltPort !== 0 && stunAltPort === stunPort) throw new UsageError("--stun-alt-port must differ from --stun-port");
     }
     turn = parseTurn(values, env);
+    if (values["relay-rate"] !== undefined) {
+      const r = Number(values["relay-rate"]);
+      if (!Number.isFinite(r) || r <= 0) throw new UsageError(`--relay-rate must be a positive number of Mbit/s per agent, got ${JSON.stringify(values["relay-rate"])}`);
+      if (values["no-relay"]) throw new UsageError("--relay-rate makes no sense with --no-relay");
+      relay = { enabled: true, rateBytesPerSec: (r * 1e6) / 8 };
+    }
+    if (values["no-relay"]) relay = { enabled: false };
     if (values.token !== undefined && values["token-file"] !== undefined) throw new UsageError("give either --token or --token-file, not both");
     if (values.token !== undefined) {
       token = values.token.trim();
@@ -259,7 +272,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const logger = createLogger({ level: values.verbose ? "debug" : parseLevel(env.WEFTNET_LOG, "warn"), component: "weftnet-signal" });
   let server: SignalServer;
   try {
-    server = await startSignalServer({ listen, token, stunPort, logger, ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}) });
+    server = await startSignalServer({ listen, token, stunPort, logger, ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}), ...(relay ? { relay } : {}) });
   } catch (e) {
     err(`weftnet signal: ${(e as Error).message}\n`);
     return e instanceof WeftError && e.code === "ERR_USAGE" ? 2 : 1;

@@ -21,7 +21,10 @@ import { ProtocolError, WeftError } from "../src/errors.js";
 import { CTX_HELLO, checkTokenMac, deriveNodeId, verifyFields } from "../src/identity.js";
 import { silentLogger, type Logger } from "../src/log.js";
 import { decodeEnvelope, isPlainObject, nodeId } from "../src/wire/codec.js";
-import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type PeerInfo, type ServerMsg, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
+import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_RELAY_BYTES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type PeerInfo, type ServerMsg, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
+
+/** 100 Mbit/s per agent. */
+export const DEFAULT_RELAY_RATE = 12_500_000;
 
 export const SERVER_VERSION = "weftnet-signal/0.1.0";
 export const DEFAULT_HELLO_TIMEOUT_MS = 10_000;
@@ -53,6 +56,11 @@ export interface SignalHubOptions {
   stunPort?: number;
   /** second STUN port announced in `welcome` (netcheck compares mappings); 0/absent = none */
   stunAltPort?: number;
+  /**
+   * Data relay of last resort: forward `relay` frames between agents. Default on, 100 Mbit/s per agent
+   * (token bucket, burst of one second's worth); `enabled: false` refuses them (--no-relay).
+   */
+  relay?: { enabled?: boolean; rateBytesPerSec?: number };
   /** per-node ICE servers for `welcome` (TURN REST credentials); absent = none */
   iceServersFor?: (nodeId: string) => WelcomeIceServer[];
   serverVersion?: string;
@@ -84,16 +92,23 @@ export interface HubStats {
   protocolCloses: number;
   relayed: number;
   noPeer: number;
+  /** data relay (last-resort path): frames and bytes forwarded, frames dropped (rate, disabled, no peer) */
+  relayFrames: number;
+  relayBytes: number;
+  relayDropped: number;
 }
 
 type State = "challenged" | "verifying" | "member" | "closed";
 
 /** Decoded client frame; `signal.data` stays the raw map so it is relayed verbatim. */
-type Inbound = Extract<ClientMsg, { t: "hello" }> | { t: "signal"; to: string; data: Record<string, unknown> };
+type Inbound = Extract<ClientMsg, { t: "hello" }> | { t: "signal"; to: string; data: Record<string, unknown> } | Extract<ClientMsg, { t: "relay" }>;
 
 function decodeInbound(frame: Uint8Array): Inbound {
-  const m = decodeEnvelope(frame, MAX_SIGNAL_BYTES);
+  const m = decodeEnvelope(frame, MAX_RELAY_BYTES);
+  if (m.t !== "relay" && frame.byteLength > MAX_SIGNAL_BYTES) throw new ProtocolError("ERR_TOO_LARGE", `message of ${frame.byteLength} bytes exceeds the ${MAX_SIGNAL_BYTES}-byte limit`);
   switch (m.t) {
+    case "relay":
+      return decodeClientMsg(frame) as Extract<ClientMsg, { t: "relay" }>;
     case "hello":
       return decodeClientMsg(frame) as Extract<ClientMsg, { t: "hello" }>;
     case "signal": {
@@ -111,9 +126,38 @@ export function formatAddr(ip: string, port: number | undefined): string {
   return port === undefined ? host : `${host}:${port}`;
 }
 
+/** Token bucket in bytes; capacity = one second of rate. */
+export class ByteBucket {
+  private tokens = -1;
+  private last = 0;
+  take(n: number, now: number, rate: number): boolean {
+    if (this.tokens < 0) {
+      this.tokens = rate;
+      this.last = now;
+    }
+    this.tokens = Math.min(rate, this.tokens + ((now - this.last) / 1000) * rate);
+    this.last = now;
+    if (n > this.tokens) return false;
+    this.tokens -= n;
+    return true;
+  }
+}
+
 export class SignalSession {
   state: State = "challenged";
   badFrames = 0;
+  readonly relayBucket = new ByteBucket();
+  private lastComplaint = new Map<string, number>();
+
+  /** An `error` reply at most once a second per code (a flood of relay frames gets one answer). */
+  complainOnce(code: string, msg: string, now: number, ref?: string): void {
+    const last = this.lastComplaint.get(code);
+    if (last !== undefined && now - last < 1000) return;
+    this.lastComplaint.set(code, now);
+    const e: ServerMsg = { t: "error", code, msg };
+    if (ref !== undefined) e.ref = ref;
+    this.send(e);
+  }
   member: MemberInfo | undefined;
   readonly addr: string;
   private helloTimer: ReturnType<typeof setTimeout> | undefined;
@@ -236,7 +280,12 @@ export class SignalHub {
     protocolCloses: 0,
     relayed: 0,
     noPeer: 0,
+    relayFrames: 0,
+    relayBytes: 0,
+    relayDropped: 0,
   };
+  readonly relayEnabled: boolean;
+  readonly relayRate: number;
   private readonly badByCode = new Map<string, number>();
   private readonly sessions = new Set<SignalSession>();
   private readonly members = new Map<string, SignalSession>();
@@ -256,6 +305,8 @@ export class SignalHub {
     this.stunPort = opts.stunPort ?? 0;
     this.serverVersion = (opts.serverVersion ?? SERVER_VERSION).slice(0, 64);
     this.random = opts.random ?? ((n) => new Uint8Array(randomBytes(n)));
+    this.relayEnabled = opts.relay?.enabled ?? true;
+    this.relayRate = opts.relay?.rateBytesPerSec ?? DEFAULT_RELAY_RATE;
   }
 
   /** A new connection: sends `challenge` and starts the hello timer. */
@@ -318,7 +369,8 @@ export class SignalHub {
         throw new ProtocolError("ERR_INVALID", `${msg.t} before welcome`);
       case "member":
         if (msg.t === "hello") throw new ProtocolError("ERR_INVALID", "already registered: hello is accepted once per connection");
-        this.relay(s, msg);
+        if (msg.t === "relay") this.relayData(s, msg);
+        else this.relay(s, msg);
         return;
       case "closed":
         return;
@@ -449,6 +501,31 @@ export class SignalHub {
     }
     this.stats_.relayed++;
     target.sendBytes(out);
+  }
+
+  /** Last-resort data path: forward opaque (end-to-end sealed) bytes, within the sender's rate. */
+  private relayData(s: SignalSession, msg: Extract<Inbound, { t: "relay" }>): void {
+    const from = s.member!.id;
+    const n = msg.data.byteLength;
+    if (!this.relayEnabled) {
+      this.stats_.relayDropped++;
+      s.complainOnce("ERR_RELAY_DISABLED", "this signaling server does not relay data (started with --no-relay)", this.now());
+      return;
+    }
+    if (!s.relayBucket.take(n, this.now(), this.relayRate)) {
+      this.stats_.relayDropped++;
+      s.complainOnce("ERR_RELAY_RATE", `relay rate limit of ${Math.round((this.relayRate * 8) / 1e6)} Mbit/s exceeded; frames dropped`, this.now());
+      return;
+    }
+    const target = msg.to === from ? undefined : this.members.get(msg.to);
+    if (target === undefined) {
+      this.stats_.relayDropped++;
+      s.complainOnce("ERR_NO_PEER", `no agent ${msg.to} is connected to this server`, this.now(), msg.to);
+      return;
+    }
+    this.stats_.relayFrames++;
+    this.stats_.relayBytes += n;
+    target.sendBytes(encodeSignal({ t: "relay", from, data: msg.data }));
   }
 
   private broadcast(msg: ServerMsg, except: SignalSession | undefined): void {

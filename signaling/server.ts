@@ -12,7 +12,7 @@ import { createAdaptorServer } from "@hono/node-server";
 import { WebSocket, WebSocketServer, type RawData } from "ws";
 import { WeftError } from "../src/errors.js";
 import { silentLogger, type Logger } from "../src/log.js";
-import { CLOSE_CODES, MAX_SIGNAL_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
+import { CLOSE_CODES, MAX_RELAY_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
 import { createSignalApp } from "./app.js";
 import type { SignalHub, SignalSocket } from "./hub.js";
 import { DEFAULT_TURN_TTL_S, turnIceServers } from "../src/wire/turn-rest.js";
@@ -20,8 +20,8 @@ import { startStunServer, type StunServer, type StunStats } from "./stun.js";
 
 export const DEFAULT_PING_INTERVAL_MS = 15_000;
 export const MISSED_PONGS_LIMIT = 2;
-/** ws drops frames above this itself (close 1009); between MAX_SIGNAL_BYTES and this we answer ERR_TOO_LARGE. */
-export const WS_MAX_PAYLOAD = MAX_SIGNAL_BYTES + 16 * 1024;
+/** ws drops frames above this itself (close 1009); between MAX_RELAY_BYTES and this we answer ERR_TOO_LARGE. */
+export const WS_MAX_PAYLOAD = MAX_RELAY_BYTES + 16 * 1024;
 
 export interface SignalServerOptions {
   listen: { host: string; port: number };
@@ -32,6 +32,8 @@ export interface SignalServerOptions {
   stunAltPort?: number | "ephemeral";
   /** TURN REST: each agent gets {urls, username "<expiry>:<id>", credential} in `welcome` (see src/wire/turn-rest.ts) */
   turn?: { urls: string[]; secret: string; ttlS?: number };
+  /** data relay of last resort (default on, 100 Mbit/s per agent) */
+  relay?: { enabled?: boolean; rateBytesPerSec?: number };
   logger?: Logger;
   helloTimeoutMs?: number;
   probeTimeoutMs?: number;
@@ -105,6 +107,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     logger: log.child("signal"),
     stunPort: stun?.port ?? 0,
     stunAltPort: stunAlt?.port ?? 0,
+    ...(opts.relay ? { relay: opts.relay } : {}),
     ...(turn ? { iceServersFor: (id: string) => turnIceServers(turn.urls, turn.secret, id, Date.now(), turn.ttlS ?? DEFAULT_TURN_TTL_S) } : {}),
     ...(opts.helloTimeoutMs !== undefined ? { helloTimeoutMs: opts.helloTimeoutMs } : {}),
     ...(opts.probeTimeoutMs !== undefined ? { probeTimeoutMs: opts.probeTimeoutMs } : {}),

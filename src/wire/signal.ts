@@ -16,6 +16,9 @@
  *     |  ---- signal {to, data} ------------> |   relayed verbatim as signal {from, data};
  *     |  <--- signal {from, data} ----------- |   unknown `to` -> error {code:"ERR_NO_PEER", ref:to}
  *     |  <--- error {code, msg} ------------- |   protocol complaints that do not close the socket
+ *     |  ---- relay {to, data} -------------> |   last-resort data path: opaque bytes (a relay link's
+ *     |  <--- relay {from, data} ------------ |   AEAD-sealed frames, see agent/transport/relay.ts),
+ *     |                                       |   rate-limited per agent, refused when relay is off
  *
  * The server never sees the cluster token (only its MAC over a fresh nonce) and never sees peer traffic.
  * Signal payloads (SignalData) are opaque to the server; agents authenticate them end to end:
@@ -30,6 +33,11 @@ import { ProtocolError } from "../errors.js";
 import { PROTOCOL_VERSION, arr, bytes, decodeEnvelope, encodeMessage, isPlainObject, nodeId, num, obj, optStr, str, type WireMap } from "./codec.js";
 
 export const MAX_SIGNAL_BYTES = 64 * 1024;
+/**
+ * Relay frames (last-resort data path through the server) may carry one 64 KiB GSO frame plus the
+ * relay link's header and AEAD tag; every other message stays within MAX_SIGNAL_BYTES.
+ */
+export const MAX_RELAY_BYTES = 80 * 1024;
 export const MAX_BAD_FRAMES = 20;
 export const SIGNAL_PATH = "/v1/signal";
 
@@ -54,7 +62,17 @@ export interface PeerInfo {
 export type IceCandidateInit = { candidate: string; sdpMid?: string; sdpMLineIndex?: number };
 
 export type SignalData =
-  | { kind: "offer" | "answer"; conn: string; sdp: string; sig: Uint8Array; mac: Uint8Array }
+  | {
+      kind: "offer" | "answer";
+      conn: string;
+      sdp: string;
+      sig: Uint8Array;
+      mac: Uint8Array;
+      /** transport of this link: absent = WebRTC, "relay" = through the signaling server */
+      tr?: "relay";
+      /** an upgrade attempt: keep the current link until this one is open (make-before-break) */
+      probe?: boolean;
+    }
   | { kind: "candidate"; conn: string; candidate: IceCandidateInit | null }
   | { kind: "bye"; conn: string };
 
@@ -82,11 +100,13 @@ export type ServerMsg =
   | { t: "join"; peer: PeerInfo }
   | { t: "leave"; id: string }
   | { t: "signal"; from: string; data: SignalData }
+  | { t: "relay"; from: string; data: Uint8Array }
   | { t: "error"; code: string; msg: string; ref?: string };
 
 export type ClientMsg =
   | { t: "hello"; id: string; pub: Uint8Array; name: string; instance: string; meta: Record<string, string>; mac: Uint8Array; sig: Uint8Array }
-  | { t: "signal"; to: string; data: SignalData };
+  | { t: "signal"; to: string; data: SignalData }
+  | { t: "relay"; to: string; data: Uint8Array };
 
 export function encodeSignal(msg: ServerMsg | ClientMsg): Uint8Array {
   return encodeMessage({ v: PROTOCOL_VERSION, ...msg } as WireMap);
@@ -114,7 +134,12 @@ export function decodeSignalData(x: unknown): SignalData {
   switch (kind) {
     case "offer":
     case "answer":
-      return { kind, conn, sdp: str(x, "sdp", 32 * 1024), sig: bytes(x, "sig", 64), mac: bytes(x, "mac", 32) };
+    {
+      const out: SignalData = { kind, conn, sdp: str(x, "sdp", 32 * 1024), sig: bytes(x, "sig", 64), mac: bytes(x, "mac", 32) };
+      if (x.tr === "relay") out.tr = "relay";
+      if (x.probe === true) out.probe = true;
+      return out;
+    }
     case "candidate": {
       if (x.candidate === null || x.candidate === undefined) return { kind, conn, candidate: null };
       const c = obj(x, "candidate");
@@ -131,8 +156,15 @@ export function decodeSignalData(x: unknown): SignalData {
   }
 }
 
+/** Relay frames may use MAX_RELAY_BYTES; every other type MAX_SIGNAL_BYTES. */
+function envelope(data: Uint8Array): WireMap {
+  const m = decodeEnvelope(data, MAX_RELAY_BYTES);
+  if (m.t !== "relay" && data.byteLength > MAX_SIGNAL_BYTES) throw new ProtocolError("ERR_TOO_LARGE", `message of ${data.byteLength} bytes exceeds the ${MAX_SIGNAL_BYTES}-byte limit`);
+  return m;
+}
+
 export function decodeClientMsg(data: Uint8Array): ClientMsg {
-  const m = decodeEnvelope(data, MAX_SIGNAL_BYTES);
+  const m = envelope(data);
   switch (m.t) {
     case "hello":
       return {
@@ -147,13 +179,15 @@ export function decodeClientMsg(data: Uint8Array): ClientMsg {
       };
     case "signal":
       return { t: "signal", to: nodeId(m, "to"), data: decodeSignalData(m.data) };
+    case "relay":
+      return { t: "relay", to: nodeId(m, "to"), data: bytes(m, "data", undefined, MAX_RELAY_BYTES) };
     default:
       throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown client message type ${JSON.stringify(m.t)}`);
   }
 }
 
 export function decodeServerMsg(data: Uint8Array): ServerMsg {
-  const m = decodeEnvelope(data, MAX_SIGNAL_BYTES);
+  const m = envelope(data);
   switch (m.t) {
     case "challenge":
       return { t: "challenge", nonce: bytes(m, "nonce", 32), server: str(m, "server", 64) };
@@ -171,6 +205,8 @@ export function decodeServerMsg(data: Uint8Array): ServerMsg {
       return { t: "leave", id: nodeId(m, "id") };
     case "signal":
       return { t: "signal", from: nodeId(m, "from"), data: decodeSignalData(m.data) };
+    case "relay":
+      return { t: "relay", from: nodeId(m, "from"), data: bytes(m, "data", undefined, MAX_RELAY_BYTES) };
     case "error": {
       const out: ServerMsg = { t: "error", code: str(m, "code", 64), msg: str(m, "msg", 1024) };
       const ref = optStr(m, "ref", 64);

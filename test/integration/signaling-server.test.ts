@@ -9,7 +9,7 @@ import { WebSocket } from "ws";
 import { startSignalServer, type SignalServer, type SignalServerOptions } from "../../signaling/server.js";
 import { CTX_HELLO, CTX_SDP, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { encodeMessage } from "../../src/wire/codec.js";
-import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, SIGNAL_PATH, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
+import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, MAX_RELAY_BYTES, SIGNAL_PATH, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 import { encodeBindingRequest, parseBindingSuccess } from "../../src/wire/stun.js";
 
 const TOKEN = "integration-token-0123456789";
@@ -284,7 +284,7 @@ describe("signaling server", () => {
 
     A.c.send(Uint8Array.of(0xc1, 0xff, 0x00)); // not msgpack
     expect(await A.c.next("error")).toMatchObject({ code: "ERR_MALFORMED" });
-    A.c.send(new Uint8Array(MAX_SIGNAL_BYTES + 100));
+    A.c.send(new Uint8Array(MAX_RELAY_BYTES + 100));
     expect(await A.c.next("error")).toMatchObject({ code: "ERR_TOO_LARGE" });
     A.c.send(encodeMessage({ v: 1, t: "teleport", to: b.id }));
     expect(await A.c.next("error")).toMatchObject({ code: "ERR_UNKNOWN_TYPE" });
@@ -432,5 +432,59 @@ describe("signaling server", () => {
     expect((await big.c.closed).code).toBe(1009);
     expect(await peer.c.next("leave")).toEqual({ t: "leave", id: big.welcome.you.id });
     expect(peer.c.ws.readyState).toBe(WebSocket.OPEN);
+  });
+});
+
+describe("data relay of last resort", () => {
+  it("forwards opaque bytes between agents, up to MAX_RELAY_BYTES, and counts them", async () => {
+    const server = await start();
+    try {
+      const a = generateIdentity();
+      const b = generateIdentity();
+      const A = await register(server, a);
+      const B = await register(server, b);
+      const payload = new Uint8Array(70_000).map((_, i) => i & 0xff);
+      A.c.send(encodeSignal({ t: "relay", to: b.id, data: payload }));
+      const got = await B.c.next("relay");
+      expect(got.from).toBe(a.id);
+      expect(Buffer.from(got.data).equals(Buffer.from(payload))).toBe(true);
+      A.c.send(encodeSignal({ t: "relay", to: "ffffffffffffffff", data: new Uint8Array(10) }));
+      expect(await A.c.next("error")).toMatchObject({ code: "ERR_NO_PEER" });
+      const st = server.hub.stats();
+      expect(st).toMatchObject({ relayFrames: 1, relayBytes: 70_000, relayDropped: 1 });
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("refuses to relay with --no-relay, and rate-limits per agent", async () => {
+    const off = await start({ relay: { enabled: false } });
+    try {
+      const a = generateIdentity();
+      const b = generateIdentity();
+      const A = await register(off, a);
+      await register(off, b);
+      A.c.send(encodeSignal({ t: "relay", to: b.id, data: new Uint8Array(100) }));
+      expect(await A.c.next("error")).toMatchObject({ code: "ERR_RELAY_DISABLED" });
+      expect(off.hub.stats().relayFrames).toBe(0);
+    } finally {
+      await off.close();
+    }
+    const slow = await start({ relay: { rateBytesPerSec: 100_000 } });
+    try {
+      const a = generateIdentity();
+      const b = generateIdentity();
+      const A = await register(slow, a);
+      const B = await register(slow, b);
+      for (let i = 0; i < 5; i++) A.c.send(encodeSignal({ t: "relay", to: b.id, data: new Uint8Array(40_000) }));
+      expect(await A.c.next("error")).toMatchObject({ code: "ERR_RELAY_RATE" });
+      await B.c.next("relay");
+      await B.c.next("relay");
+      const st = slow.hub.stats();
+      expect(st.relayFrames).toBe(2); // 100 kB burst: two 40 kB frames fit, the rest is dropped
+      expect(st.relayDropped).toBe(3);
+    } finally {
+      await slow.close();
+    }
   });
 });
