@@ -11,6 +11,7 @@ import type { PeerTiming } from "../src/mesh/peer.js";
 import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
+import { createRelayTransport } from "./transport/relay.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
 import type { MetricsServer } from "./metrics.js";
@@ -52,6 +53,8 @@ export interface AgentConfig {
   /** Serve the local API on <stateDir>/agent.sock (default true). */
   api?: boolean;
   meta?: Record<string, string>;
+  /** Use the signaling server's data relay when WebRTC cannot connect (default true). */
+  relay?: boolean;
   /** Inject a transport (tests). */
   transport?: Transport;
   /** WebRTC implementation: werift (pure JS), native (libdatachannel via node-datachannel), auto (native when it loads). Default werift. */
@@ -74,7 +77,7 @@ export interface RouteStatus {
   path: string[];
 }
 
-export type PeerPath = "direct" | `via ${string}` | "none";
+export type PeerPath = "direct" | "relay" | `via ${string}` | "none";
 
 export interface AgentStatus {
   node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
@@ -91,6 +94,8 @@ export class Agent {
   private fatalListeners: ((e: WeftError) => void)[] = [];
   private registeredWaiters: (() => void)[] = [];
   private stunPort = 0;
+  /** has this agent ever been welcomed by the signaling server (IPAM bootstrap needs presence) */
+  everRegistered = false;
   private stunAltPort = 0;
   /** handed out by the signaling server in `welcome` (TURN REST credentials); replaced on every welcome */
   private serverIceServers: IceServer[] = [];
@@ -144,6 +149,7 @@ export class Agent {
       events: {
         onWelcome: (peers, info) => {
           if (!agent) return;
+          agent.everRegistered = true;
           agent.stunPort = info.stunPort;
           agent.stunAltPort = info.stunAltPort ?? 0;
           agent.serverIceServers = info.iceServers ?? [];
@@ -154,12 +160,20 @@ export class Agent {
         onJoin: (p) => agent?.mesh.onJoin(p),
         onLeave: (id) => agent?.mesh.onLeave(id),
         onSignal: (from, data) => agent?.mesh.onSignal(from, data),
-        onServerError: (code, msg, ref) => agentLog.debug("signaling server reported an error", { code, msg, ref }),
+        onRelay: (from, data) => relay?.deliver(from, data),
+        onServerError: (code, msg, ref) => {
+          if (code === "ERR_RELAY_DISABLED" && agent && !agent.mesh.relayRefused) {
+            agent.mesh.relayRefused = true;
+            agentLog.warn("the signaling server does not relay data (--no-relay): peers unreachable by WebRTC stay disconnected", { msg });
+          } else agentLog.debug("signaling server reported an error", { code, msg, ref });
+        },
         onDown: (reason) => agentLog.warn("lost the signaling server; existing links stay up", { reason }),
         onFatal: (err) => agent?.fatal(err),
       },
     });
+    const relay = cfg.relay === false ? undefined : createRelayTransport({ selfId: identity.id, token: cfg.token, port: signal, logger: log });
     const mesh = new MeshManager({
+      ...(relay ? { relay } : {}),
       identity,
       token: cfg.token,
       name,
@@ -174,7 +188,11 @@ export class Agent {
     });
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
     try {
-      agent.ipam = new IpamDriver({ id: identity.id, ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
+      // Bootstrap rule: found the cluster's IPAM only when registered with the signaling server and this
+      // node has the lowest id of every node known to exist, so isolated nodes never found their own.
+      const a = agent;
+      const mayFound = () => a.everRegistered && a.mesh.knownPeers().every((p) => p > identity.id);
+      agent.ipam = new IpamDriver({ id: identity.id, mayFound, ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
     } catch (e) {
       await transport.close();
       throw e;
@@ -266,7 +284,7 @@ export class Agent {
       peers: (await this.mesh.status()).map((p) => {
         const r = this.router.route(p.id);
         const via = r && r.via !== "direct" ? r.via : null;
-        const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.state === "connected" || r ? "direct" : "none";
+        const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.path === "relay" ? "relay" : p.state === "connected" || r ? "direct" : "none";
         return { ...p, path, via };
       }),
       dataplane: this.dataplane ? this.dataplane.stats() : null,

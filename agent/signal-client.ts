@@ -17,6 +17,7 @@ export interface SignalClientEvents {
   onJoin(peer: PeerInfo): void;
   onLeave(id: string): void;
   onSignal(from: string, data: SignalData): void;
+  onRelay?(from: string, data: Uint8Array): void;
   onServerError(code: string, msg: string, ref?: string): void;
   onDown(reason: string): void;
   onFatal(err: WeftError): void;
@@ -75,6 +76,17 @@ export class SignalClient {
     if (!this.up || !this.ws) return false;
     this.ws.send(encodeSignal({ t: "signal", to, data }));
     return true;
+  }
+
+  /** One relay frame for the last-resort data path (see agent/transport/relay.ts). */
+  sendRelay(to: string, data: Uint8Array): boolean {
+    if (!this.up || !this.ws) return false;
+    this.ws.send(encodeSignal({ t: "relay", to, data }));
+    return true;
+  }
+
+  bufferedAmount(): number {
+    return this.ws?.bufferedAmount ?? 0;
   }
 
   stop(): void {
@@ -148,6 +160,9 @@ export class SignalClient {
           break;
         case "signal":
           ev.onSignal(msg.from, msg.data);
+          break;
+        case "relay":
+          ev.onRelay?.(msg.from, msg.data);
           break;
         case "error":
           ev.onServerError(msg.code, msg.msg, msg.ref);

@@ -30,6 +30,10 @@ Options:
                         (default 10m; e.g. 90s, 10m, 1h)
   --transport T         WebRTC implementation: auto (default: native when node-datachannel loads,
                         else werift), werift (pure JS), native (libdatachannel, ~4x the throughput)
+  --connect-timeout DUR give up on a WebRTC attempt that has not opened after this long (default 10s);
+                        after one such failure the link goes through the signaling server's relay
+                        while WebRTC is retried in the background (backoff up to 5 min)
+  --no-relay            never use the signaling server's relay (peers unreachable otherwise stay down)
   --ice-server URL      extra STUN/TURN server, repeatable: stun:HOST:PORT or
                         turn:USER:PASS@HOST:PORT (credentials may also come as turn:HOST:PORT?user=U&pass=P)
   --no-server-stun      do not use the signaling server's built-in STUN responder
@@ -93,6 +97,8 @@ export async function runAgent(argv: string[]): Promise<number> {
     "ice-server": { type: "string", multiple: true },
     "no-server-stun": { type: "boolean" },
     transport: { type: "string" },
+    "connect-timeout": { type: "string" },
+    "no-relay": { type: "boolean" },
     range: { type: "string" },
     "block-size": { type: "string" },
     "reclaim-after": { type: "string" },
@@ -141,8 +147,11 @@ export async function runAgent(argv: string[]): Promise<number> {
   if (values["reclaim-after"] !== undefined) ipam.reclaimAfterMs = parseDuration("agent", "--reclaim-after", values["reclaim-after"]);
   if (values["metrics-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["metrics-listen"])) throw new UsageError(`weftnet agent: --metrics-listen ${JSON.stringify(values["metrics-listen"])} must be HOST:PORT (e.g. 127.0.0.1:9465)`);
 
+  const timing = values["connect-timeout"] !== undefined ? { connectTimeoutMs: parseDuration("agent", "--connect-timeout", values["connect-timeout"]) } : undefined;
   const agent = await Agent.start({
     ipam,
+    ...(timing ? { timing } : {}),
+    ...(values["no-relay"] ? { relay: false } : {}),
     signal: values.signal,
     token,
     stateDir,
@@ -233,7 +242,13 @@ export function renderStatus(st: AgentStatus): string {
       fmtBytes(p.bytesIn),
       fmtBytes(p.bytesOut),
       fmtDuration(p.uptimeMs),
-      p.state === "connected" ? (p.selected ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}` : "") : (p.lastError ?? ""),
+      p.state !== "connected"
+        ? (p.lastError ?? "")
+        : p.path === "relay"
+          ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
+          : p.selected
+            ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}`
+            : "",
     ]);
   }
   return `${head}peers     ${connected}/${st.peers.length} connected\n\n${st.peers.length ? table(rows) : "(no peers yet)"}\n`;

@@ -78,5 +78,9 @@ if (isMain()) {
     process.stdin.on("error", () => process.kill(process.pid, "SIGTERM"));
     process.stdin.resume();
   }
-  main(process.argv.slice(2)).then((code) => process.exit(code));
+  // process.exit() right after a large write to a pipe would cut the output short (stdout to a pipe is
+  // asynchronous): exit only once stdout and stderr have flushed.
+  main(process.argv.slice(2)).then((code) => {
+    process.stdout.write("", () => process.stderr.write("", () => process.exit(code)));
+  });
 }

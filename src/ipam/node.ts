@@ -26,8 +26,13 @@ export interface IpamConfig {
   claimSettleMs?: number;
   /** a node without state that sees no IPAM waits this long before founding one; default 5 s */
   bootstrapWaitMs?: number;
-  /** may this node found a new cluster IPAM? (false = only ever join one); default true */
-  mayFound?: boolean;
+  /**
+   * may this node found a new cluster IPAM? (false = only ever join one); default true. A function is
+   * asked at every bootstrap decision: the agent answers from signaling presence ("am I the lowest id of
+   * every node I know exists, connected or not?"), so a node that cannot reach anyone yet (UDP blocked,
+   * relay still forming) does not found an IPAM of its own next to the real one.
+   */
+  mayFound?: boolean | (() => boolean);
   /** give up on an unanswered block request after this long; default 5 s */
   requestTimeoutMs?: number;
   /** minimum interval between two full state syncs to one peer on digest mismatch; default 30 s */
@@ -103,7 +108,7 @@ interface Resolved {
   U: number;
   S: number;
   bootstrapWait: number;
-  mayFound: boolean;
+  mayFound: boolean | (() => boolean);
   reqTimeout: number;
   syncInterval: number;
 }
@@ -553,7 +558,8 @@ export class IpamNode {
     this.beat = Math.max(this.beat + 1, Math.floor(now));
     for (const [i, t] of this.settleUntil) if (t <= now) this.settleUntil.delete(i);
     // Bootstrap: found only if allowed, after the wait, seeing no IPAM, and lowest id among connected peers.
-    if (!this.epoch && this.cfg.mayFound && now - this.startedAt >= this.cfg.bootstrapWait && this.conflicts.size === 0) {
+    const mayFound = typeof this.cfg.mayFound === "function" ? this.cfg.mayFound() : this.cfg.mayFound;
+    if (!this.epoch && mayFound && now - this.startedAt >= this.cfg.bootstrapWait && this.conflicts.size === 0) {
       if ([...this.peers].every((p) => p > this.id)) this.found(now, out);
     }
     if (this.table && this.epoch) {

@@ -15,6 +15,18 @@ import type { ChannelName, LinkSignal, LinkStats, Transport, TransportLink } fro
 
 /** A peer that sends this many undecodable control messages in a row is disconnected. */
 export const MAX_BAD_CONTROL = 50;
+/**
+ * After this many WebRTC attempts in a row that never opened, the offerer dials through the relay (and
+ * keeps trying WebRTC in the background). One: a failed attempt already waited a full connect timeout.
+ */
+export const RELAY_AFTER_FAILURES = 1;
+/** Added to a relay link's RTT in topology gossip, so routing prefers a path via another agent. */
+export const RELAY_RTT_PENALTY_MS = 50;
+/** While on the relay, retry WebRTC in the background: first after this, doubling up to PROBE_MAX_MS. */
+export const PROBE_FIRST_MS = 5_000;
+export const PROBE_MAX_MS = 300_000;
+
+export type LinkKind = "webrtc" | "relay";
 
 export interface SignalPort {
   readonly up: boolean;
@@ -28,6 +40,8 @@ export interface MeshOptions {
   instance: string;
   version: string;
   transport: Transport;
+  /** last-resort transport through the signaling server (agent/transport/relay.ts); absent = no relay */
+  relay?: Transport;
   signal: SignalPort;
   iceServers: () => { urls: string | string[]; username?: string; credential?: string }[];
   logger: Logger;
@@ -39,7 +53,11 @@ export interface PeerStatus {
   id: string;
   name: string;
   state: PeerState;
-  path: "direct" | "none";
+  path: "direct" | "relay" | "none";
+  /** the kind of the current link, and why the better kind is not in use */
+  link: LinkKind | null;
+  webrtcFailures: number;
+  lastWebrtcError: string | null;
   rttMs: number | null;
   srttMs: number | null;
   bytesIn: number;
@@ -64,6 +82,15 @@ interface Entry {
   badLogged: boolean;
   /** Candidates that arrived before the offer they belong to (trickle can overtake it): replayed on accept. */
   early: Map<string, LinkSignal[]>;
+  linkKind: LinkKind;
+  linkOpened: boolean;
+  pendingTr: LinkKind;
+  webrtcFailures: number;
+  lastWebrtcError: string | undefined;
+  /** a WebRTC attempt running next to a connected relay link (make-before-break upgrade) */
+  probe: { conn: string; link: TransportLink; opened: boolean; deadline: number } | undefined;
+  probeAttempts: number;
+  nextProbeAt: number;
 }
 
 export interface MeshCounters {
@@ -72,6 +99,8 @@ export interface MeshCounters {
   authFailures: number;
   unknownSender: number;
   linksOpened: number;
+  relayLinks: number;
+  upgrades: number;
   linksClosed: number;
   dials: number;
   connectTimeouts: number;
@@ -90,7 +119,9 @@ export class MeshManager {
   private readonly drainListeners: ((id: string, ch: ChannelName) => void)[] = [];
   private packetHandler: ((from: string, data: Uint8Array) => void) | undefined;
   private stopped = false;
-  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, linksClosed: 0, dials: 0, connectTimeouts: 0 };
+  /** the signaling server refused to relay (--no-relay): stop dialing relay links */
+  relayRefused = false;
+  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, relayLinks: 0, upgrades: 0, linksClosed: 0, dials: 0, connectTimeouts: 0 };
 
   constructor(private readonly o: MeshOptions) {
     this.timing = { ...DEFAULT_TIMING, ...o.timing };
@@ -143,15 +174,23 @@ export class MeshManager {
           return;
         }
         if (data.kind === "offer") {
+          if (data.probe && e.fsm.state === "connected" && !e.fsm.offerer) {
+            this.acceptProbe(e, data.conn, data.sdp);
+            break;
+          }
           e.pendingOffer = data.sdp;
+          e.pendingTr = data.tr === "relay" ? "relay" : "webrtc";
           this.feed(from, { type: "offer", conn: data.conn });
         } else if (e.link && e.linkConn === data.conn) {
           this.linkSignal(e, { kind: "answer", sdp: data.sdp });
+        } else if (e.probe && e.probe.conn === data.conn) {
+          this.signalTo(e.probe.link, e, { kind: "answer", sdp: data.sdp });
         }
         break;
       }
       case "candidate":
         if (e.link && e.linkConn === data.conn) this.linkSignal(e, { kind: "candidate", candidate: data.candidate });
+        else if (e.probe && e.probe.conn === data.conn) this.signalTo(e.probe.link, e, { kind: "candidate", candidate: data.candidate });
         else if (!e.fsm.offerer) {
           // An offer for this conn may still be on its way: keep a few candidates, bounded.
           let q = e.early.get(data.conn);
@@ -164,7 +203,13 @@ export class MeshManager {
         }
         break;
       case "bye":
-        if (e.link && e.linkConn === data.conn) e.link.close();
+        if (e.probe && e.probe.conn === data.conn) {
+          this.endProbe(e, "peer ended the upgrade attempt");
+        } else if (e.link && e.linkConn === data.conn) {
+          // The offerer moved to the upgraded link and retired this one: follow it (make-before-break).
+          if (e.probe?.opened) this.promote(e);
+          else e.link.close();
+        }
         break;
     }
   }
@@ -174,6 +219,11 @@ export class MeshManager {
   tick(): void {
     if (this.stopped) return;
     for (const id of [...this.peers.keys()]) this.feed(id, { type: "tick", canDial: this.o.signal.up });
+    const now = this.o.now();
+    for (const e of this.peers.values()) {
+      if (e.probe && !e.probe.opened && now >= e.probe.deadline) this.endProbe(e, "upgrade attempt did not open in time", true);
+      if (e.fsm.offerer && e.fsm.state === "connected" && e.linkKind === "relay" && !e.probe && this.o.signal.up && now >= e.nextProbeAt) this.startProbe(e);
+    }
   }
 
   // ---- outputs / API -------------------------------------------------------------------------------
@@ -216,9 +266,14 @@ export class MeshManager {
     for (const e of this.peers.values()) {
       if (e.fsm.state !== "connected") continue;
       const rtt = e.fsm.pathRttMs;
-      out.push(rtt === undefined ? { peer: e.info.id } : { peer: e.info.id, rttMs: Math.max(0.01, rtt) });
+      const penalty = e.linkKind === "relay" ? RELAY_RTT_PENALTY_MS : 0;
+      out.push(rtt === undefined ? (penalty ? { peer: e.info.id, rttMs: penalty } : { peer: e.info.id }) : { peer: e.info.id, rttMs: Math.max(0.01, rtt) + penalty });
     }
     return out;
+  }
+  /** Every node we know exists (present at the signaling server or linked to us), excluding gone ones. */
+  knownPeers(): string[] {
+    return [...this.peers.values()].filter((e) => e.fsm.present || e.fsm.state === "connected").map((e) => e.info.id);
   }
   peerName(id: string): string | undefined {
     return this.peers.get(id)?.info.name;
@@ -268,7 +323,10 @@ export class MeshManager {
         id: e.info.id,
         name: e.info.name,
         state: f.state,
-        path: f.state === "connected" ? "direct" : "none",
+        path: f.state === "connected" ? (e.linkKind === "relay" ? "relay" : "direct") : "none",
+        link: f.state === "connected" ? e.linkKind : null,
+        webrtcFailures: e.webrtcFailures,
+        lastWebrtcError: e.lastWebrtcError ?? null,
         rttMs: f.state === "connected" && f.rttMs !== undefined ? round(f.rttMs) : null,
         srttMs: f.state === "connected" && f.srttMs !== undefined ? round(f.srttMs) : null,
         bytesIn: stats?.bytesReceived ?? 0,
@@ -297,6 +355,8 @@ export class MeshManager {
     for (const e of this.peers.values()) {
       e.link?.close();
       e.link = undefined;
+      e.probe?.link.close();
+      e.probe = undefined;
     }
     for (const p of this.pings.values()) {
       clearTimeout(p.timer);
@@ -311,7 +371,7 @@ export class MeshManager {
     let e = this.peers.get(p.id);
     if (!e) {
       const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
-      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map() };
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, probe: undefined, probeAttempts: 0, nextProbeAt: 0 };
       this.peers.set(p.id, e);
     } else {
       e.info = p;
@@ -344,36 +404,25 @@ export class MeshManager {
       case "dial":
       case "accept": {
         this.dropLink(e);
-        if (a.type === "dial") this.counters.dials++;
+        let kind: LinkKind = "webrtc";
+        if (a.type === "dial") {
+          this.counters.dials++;
+          if (this.o.relay && !this.relayRefused && e.webrtcFailures >= RELAY_AFTER_FAILURES) kind = "relay";
+        } else {
+          kind = e.pendingTr;
+          if (kind === "relay" && !this.o.relay) {
+            this.o.logger.warn("peer offered a relay link but this agent has no relay transport", { peer: id });
+            break;
+          }
+          if (kind === "relay") e.lastWebrtcError ??= "the peer could not connect over WebRTC (ICE) and dialed through the relay";
+        }
         const conn = a.conn;
-        const link = this.o.transport.createLink({
-          initiator: a.type === "dial",
-          iceServers: this.o.iceServers(),
-          handlers: {
-            onSignal: (sig) => this.onLinkSignal(e, conn, sig),
-            onOpen: () => {
-              this.counters.linksOpened++;
-              this.feed(id, { type: "open", conn });
-            },
-            onMessage: (ch, data) => this.onLinkMessage(e, conn, ch, data),
-            onDrain: (ch) => {
-              if (e.linkConn === conn) for (const f of this.drainListeners) f(id, ch);
-            },
-            onClose: (reason) => {
-              this.counters.linksClosed++;
-              if (e.linkConn === conn) {
-                // The link died under us (ICE failed, remote vanished): tell the peer through signaling,
-                // so its side of this attempt ends now instead of at its connect timeout.
-                e.link = undefined;
-                e.linkConn = undefined;
-                if (!this.stopped) this.o.signal.send(id, { kind: "bye", conn });
-              }
-              this.feed(id, { type: "closed", conn, reason });
-            },
-          },
-        });
+        const link = this.makeLink(e, conn, a.type === "dial", kind);
         e.link = link;
         e.linkConn = conn;
+        e.linkKind = kind;
+        e.linkOpened = false;
+        if (kind === "relay") this.counters.relayLinks++;
         if (a.type === "dial") {
           link.start().catch((err) => this.o.logger.warn("could not create offer", { peer: id, err }));
         } else {
@@ -388,6 +437,7 @@ export class MeshManager {
       case "close":
         if (/did not open/.test(a.reason)) this.counters.connectTimeouts++;
         if (e.linkConn === a.conn) {
+          this.noteFailure(e, a.reason);
           this.o.signal.send(id, { kind: "bye", conn: a.conn });
           this.dropLink(e);
         }
@@ -405,7 +455,125 @@ export class MeshManager {
     }
   }
 
+  private makeLink(e: Entry, conn: string, initiator: boolean, kind: LinkKind): TransportLink {
+    const id = e.info.id;
+    const transport = kind === "relay" ? this.o.relay! : this.o.transport;
+    return transport.createLink({
+      initiator,
+      peer: id,
+      conn,
+      iceServers: this.o.iceServers(),
+      handlers: {
+        onSignal: (sig) => this.onLinkSignal(e, conn, sig, kind),
+        onOpen: () => {
+          this.counters.linksOpened++;
+          if (e.probe?.conn === conn) {
+            e.probe.opened = true;
+            // The offerer decides: it switches and retires the old link; the answerer follows on its bye.
+            if (e.fsm.offerer) this.promote(e);
+            return;
+          }
+          if (e.linkConn === conn) {
+            e.linkOpened = true;
+            if (kind === "webrtc") {
+              e.webrtcFailures = 0;
+              e.lastWebrtcError = undefined;
+            } else {
+              e.probeAttempts = 0;
+              e.nextProbeAt = this.o.now() + PROBE_FIRST_MS;
+            }
+          }
+          this.feed(id, { type: "open", conn });
+        },
+        onMessage: (ch, data) => this.onLinkMessage(e, conn, ch, data),
+        onDrain: (ch) => {
+          if (e.linkConn === conn) for (const f of this.drainListeners) f(id, ch);
+        },
+        onClose: (reason) => {
+          this.counters.linksClosed++;
+          if (e.probe?.conn === conn) {
+            this.endProbe(e, reason, false);
+            return;
+          }
+          if (e.linkConn === conn) {
+            // The link died under us (ICE failed, remote vanished): tell the peer through signaling,
+            // so its side of this attempt ends now instead of at its connect timeout.
+            this.noteFailure(e, reason);
+            e.link = undefined;
+            e.linkConn = undefined;
+            if (!this.stopped) this.o.signal.send(id, { kind: "bye", conn });
+          }
+          this.feed(id, { type: "closed", conn, reason });
+        },
+      },
+    });
+  }
+
+  /** A WebRTC attempt that never opened counts towards falling back to the relay. */
+  private noteFailure(e: Entry, reason: string): void {
+    if (e.linkKind === "webrtc" && !e.linkOpened) {
+      e.webrtcFailures++;
+      e.lastWebrtcError = reason;
+    }
+  }
+
+  private startProbe(e: Entry): void {
+    const conn = nanoid(12);
+    const link = this.makeLink(e, conn, true, "webrtc");
+    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs };
+    this.o.logger.debug("trying to upgrade a relayed link to WebRTC", { peer: e.info.id, attempt: e.probeAttempts + 1 });
+    link.start().catch((err) => this.o.logger.warn("could not create upgrade offer", { peer: e.info.id, err }));
+  }
+
+  private acceptProbe(e: Entry, conn: string, sdp: string): void {
+    if (e.probe) this.endProbe(e, "replaced by a newer upgrade attempt", true);
+    const link = this.makeLink(e, conn, false, "webrtc");
+    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs };
+    this.signalTo(link, e, { kind: "offer", sdp });
+    for (const c of e.early.get(conn) ?? []) this.signalTo(link, e, c);
+    e.early.delete(conn);
+  }
+
+  /** Close a probe that did not make it and schedule the next attempt (backoff up to PROBE_MAX_MS). */
+  private endProbe(e: Entry, reason: string, tellPeer = true): void {
+    const p = e.probe;
+    if (!p) return;
+    e.probe = undefined;
+    if (tellPeer && !this.stopped) this.o.signal.send(e.info.id, { kind: "bye", conn: p.conn });
+    p.link.close();
+    e.lastWebrtcError = reason;
+    e.probeAttempts++;
+    const delay = Math.min(PROBE_MAX_MS, PROBE_FIRST_MS * 2 ** e.probeAttempts);
+    e.nextProbeAt = this.o.now() + delay * (0.75 + Math.random() * 0.5);
+  }
+
+  /** Make-before-break: the open probe becomes the link; the old one is retired. */
+  private promote(e: Entry): void {
+    const p = e.probe;
+    if (!p || !p.opened) return;
+    const old = e.link;
+    const oldConn = e.linkConn;
+    e.probe = undefined;
+    e.link = p.link;
+    e.linkConn = p.conn;
+    e.linkKind = "webrtc";
+    e.linkOpened = true;
+    e.webrtcFailures = 0;
+    e.lastWebrtcError = undefined;
+    e.probeAttempts = 0;
+    this.counters.upgrades++;
+    this.feed(e.info.id, { type: "swap", conn: p.conn });
+    this.o.logger.info("path upgraded: relay -> direct WebRTC", { peer: e.info.id, peerName: e.info.name });
+    if (oldConn !== undefined && e.fsm.offerer && !this.stopped) this.o.signal.send(e.info.id, { kind: "bye", conn: oldConn });
+    old?.close();
+  }
+
+  private signalTo(link: TransportLink, e: Entry, sig: LinkSignal): void {
+    link.handleSignal(sig).catch((err) => this.o.logger.warn("could not apply remote signal", { peer: e.info.id, kind: sig.kind, err }));
+  }
+
   private dropLink(e: Entry): void {
+    if (e.probe) this.endProbe(e, "link replaced");
     const link = e.link;
     e.link = undefined;
     e.linkConn = undefined;
@@ -416,8 +584,9 @@ export class MeshManager {
     e.link?.handleSignal(sig).catch((err) => this.o.logger.warn("could not apply remote signal", { peer: e.info.id, kind: sig.kind, err }));
   }
 
-  private onLinkSignal(e: Entry, conn: string, sig: LinkSignal): void {
-    if (e.linkConn !== conn) return;
+  private onLinkSignal(e: Entry, conn: string, sig: LinkSignal, kind: LinkKind): void {
+    const probe = e.probe?.conn === conn;
+    if (e.linkConn !== conn && !probe) return;
     const to = e.info.id;
     if (sig.kind === "candidate") {
       this.o.signal.send(to, { kind: "candidate", conn, candidate: sig.candidate });
@@ -425,7 +594,7 @@ export class MeshManager {
     }
     try {
       const proof = proveSdp(this.o.identity, this.o.token, to, conn, sig.sdp);
-      this.o.signal.send(to, { kind: sig.kind, conn, sdp: sig.sdp, sig: proof.sig, mac: proof.mac });
+      this.o.signal.send(to, { kind: sig.kind, conn, sdp: sig.sdp, sig: proof.sig, mac: proof.mac, ...(kind === "relay" ? { tr: "relay" as const } : {}), ...(probe ? { probe: true } : {}) });
     } catch (err) {
       this.o.logger.error("cannot sign local SDP", { peer: to, err });
     }
@@ -438,7 +607,8 @@ export class MeshManager {
   }
 
   private onLinkMessage(e: Entry, conn: string, ch: ChannelName, data: Uint8Array): void {
-    if (e.linkConn !== conn) return;
+    // The probe carries traffic too: the peer may already have switched to it.
+    if (e.linkConn !== conn && e.probe?.conn !== conn) return;
     const id = e.info.id;
     if (ch === "packets") {
       this.packetHandler?.(id, data);

@@ -30,7 +30,7 @@ export interface PeerTiming {
 }
 
 export const DEFAULT_TIMING: PeerTiming = {
-  connectTimeoutMs: 15_000,
+  connectTimeoutMs: 10_000,
   heartbeatMs: 1_000,
   deadAfterMs: 5_000,
   goneTtlMs: 300_000,
@@ -47,6 +47,8 @@ export type PeerEvent =
   | { type: "heard" }
   | { type: "pong"; seq: number; sentAt: number }
   | { type: "bye"; reason: string }
+  /** the connected link moved to another connection (make-before-break path upgrade) */
+  | { type: "swap"; conn: string }
   | { type: "tick"; canDial: boolean };
 
 export type PeerAction =
@@ -157,6 +159,12 @@ export class PeerFsm {
         if (this.conn !== undefined) out.push({ type: "close", conn: this.conn, reason: `peer said bye: ${ev.reason}` });
         this.conn = undefined;
         this.toGone(now, `left: ${ev.reason}`, out);
+        break;
+      case "swap":
+        if (this.state === "connected") {
+          this.conn = ev.conn;
+          this.lastHeard = now;
+        }
         break;
       case "tick":
         this.tick(now, ev.canDial, out);

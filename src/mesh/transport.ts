@@ -61,6 +61,9 @@ export interface TransportLink {
 
 export interface LinkOptions {
   initiator: boolean;
+  /** the remote node and this attempt's connection id (transports that address peers themselves need them) */
+  peer?: string;
+  conn?: string;
   iceServers: { urls: string | string[]; username?: string; credential?: string }[];
   handlers: LinkHandlers;
 }
