@@ -20,7 +20,7 @@
  *                address:port a host sent to (port-restricted cone)
  *   symmetric    MASQUERADE --random-fully: a new random port per destination (address/port-dependent mapping)
  *   udp-blocked  MASQUERADE, and FORWARD drops UDP from the LAN: only TCP (the signaling WebSocket) leaves
- * NAT routers also drop NEW connections from the WAN to the LAN.
+ * NAT routers also drop NEW connections from the WAN, to the LAN and to themselves (see build()).
  *
  * Containment: no namespace here has a link to the root namespace, and no namespace has a default route
  * except the hosts (via their router, whose table only knows the lab ranges): nothing can reach the real
@@ -188,7 +188,14 @@ export class NatLab {
           ipt("-t", "nat", "-A", "POSTROUTING", "-s", lan, "-o", "wan", "-j", "MASQUERADE");
           break;
       }
-      if (!isPublic) ipt("-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP");
+      if (!isPublic) {
+        ipt("-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP");
+        // Like a home router's firewall: unsolicited packets to the router itself are dropped in INPUT, so their
+        // conntrack entries are never confirmed. Without this, a peer's early hole-punching packet leaves an
+        // UNREPLIED entry whose tuple clashes with the host's outgoing mapping, and MASQUERADE then picks a new
+        // port: the cone behaves like a symmetric NAT for exactly the peer it wants to reach.
+        ipt("-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP");
+      }
       const site: NatSite = { index: k, nat: spec.nat, router, wan, lanNet, gateway, hosts: [] };
       const count = spec.hosts ?? 1;
       for (let h = 1; h <= count; h++) {
@@ -223,7 +230,7 @@ export class NatLab {
   }
 
   /** coturn on TURN_IP:TURN_PORT, lab address only, REST shared-secret auth. Returns the secret. */
-  async startTurn(): Promise<string> {
+  async startTurn(opts: { verbose?: boolean } = {}): Promise<string> {
     const secret = "turn-secret-" + suffix() + suffix();
     this.turnSecret = secret;
     // prettier-ignore
@@ -234,7 +241,8 @@ export class NatLab {
       "--min-port", "49152", "--max-port", "65535", "--log-file", "stdout", "--simple-log",
       "--pidfile", join(this.root, "turnserver.pid"), "--userdb", join(this.root, "turndb.sqlite"),
     ];
-    this.turnProc = this.spawnIn(this.pub, "turnserver", args, "turn.log");
+    // stdbuf: coturn logs to a pipe block-buffered otherwise (nothing visible until it exits)
+    this.turnProc = this.spawnIn(this.pub, "stdbuf", ["-oL", "turnserver", ...args, ...(opts.verbose || process.env.WEFTNET_TURN_VERBOSE ? ["--verbose"] : [])], "turn.log");
     await until(async () => (await this.sh(this.pub, "ss", ["-Hnlu", `sport = :${TURN_PORT}`])).stdout.includes(`${TURN_IP}:${TURN_PORT}`), 10_000, "coturn listening", () => this.log("turn.log"));
     return secret;
   }
