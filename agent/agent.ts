@@ -4,7 +4,7 @@
  */
 import { existsSync, unlinkSync } from "node:fs";
 import { hostname } from "node:os";
-import { WeftError } from "../src/errors.js";
+import { UsageError, WeftError } from "../src/errors.js";
 import { createLogger, type Logger } from "../src/log.js";
 import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/manager.js";
 import type { PeerTiming } from "../src/mesh/peer.js";
@@ -13,8 +13,25 @@ import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
 import { createRelayTransport } from "./transport/relay.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
+import { overlaps, parseCidr } from "../src/ipam/cidr.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
 import type { MetricsServer } from "./metrics.js";
+
+/** Advertised routes must be valid IPv4 CIDRs outside the cluster range. */
+export function checkAdvertisedRoutes(routes: string[], clusterRange: string): void {
+  const range = parseCidr(clusterRange);
+  for (const r of routes) {
+    let c;
+    try {
+      c = parseCidr(r);
+    } catch {
+      throw new UsageError(`advertised route ${JSON.stringify(r)} is not an IPv4 CIDR like 192.168.1.0/24`);
+    }
+    if (overlaps(c, range)) throw new UsageError(`advertised route ${r} overlaps the cluster range ${clusterRange}: the mesh already routes it to pods; advertise networks outside it`);
+  }
+  for (let i = 0; i < routes.length; i++)
+    for (let j = i + 1; j < routes.length; j++) if (overlaps(parseCidr(routes[i]!), parseCidr(routes[j]!))) throw new UsageError(`advertised routes ${routes[i]} and ${routes[j]} overlap each other`);
+}
 
 function inRange(ip: string, cidr: string): boolean {
   const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(ip);
@@ -53,6 +70,11 @@ export interface AgentConfig {
   /** Serve the local API on <stateDir>/agent.sock (default true). */
   api?: boolean;
   meta?: Record<string, string>;
+  /** Prefixes this node is a gateway for (a home LAN, another cluster's pod range); `snatRoutes` masquerades mesh traffic to them. */
+  advertiseRoutes?: string[];
+  snatRoutes?: boolean;
+  /** Cluster label shown to peers (status groups peers by it). */
+  cluster?: string;
   /** Use the signaling server's data relay when WebRTC cannot connect (default true). */
   relay?: boolean;
   /** Inject a transport (tests). */
@@ -80,9 +102,10 @@ export interface RouteStatus {
 export type PeerPath = "direct" | "relay" | `via ${string}` | "none";
 
 export interface AgentStatus {
-  node: { id: string; name: string; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
+  node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
   peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null })[];
   dataplane: ReturnType<DataPlane["stats"]> | null;
+  routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: Agent["routeConflicts"] };
   counters: MeshCounters & { badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
 }
 
@@ -122,11 +145,52 @@ export class Agent {
 
   /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
   localPrefixes(): string[] {
-    return this.ipam ? aggregateCidrs(this.ipam.localBlocks()) : [];
+    const blocks = this.ipam ? aggregateCidrs(this.ipam.localBlocks()) : [];
+    return [...blocks, ...this.advertisedRoutes()];
+  }
+
+  /** Conflicts between our advertised routes and other nodes' (the lower node id keeps an overlapping prefix). */
+  routeConflicts: { route: string; other: string; node: string; nodeName: string; kept: boolean }[] = [];
+
+  /** Advertised routes still in force (overlaps with a lower node id's prefixes are withdrawn). */
+  advertisedRoutes(): string[] {
+    const withdrawn = new Set(this.routeConflicts.filter((c) => !c.kept).map((c) => c.route));
+    return (this.cfg.advertiseRoutes ?? []).filter((r) => !withdrawn.has(r));
+  }
+
+  /** Re-check our advertised routes against every other node's prefixes (outside the cluster range). */
+  checkRouteConflicts(): void {
+    const mine = this.cfg.advertiseRoutes ?? [];
+    if (mine.length === 0) return;
+    const range = parseCidr(this.cfg.ipam?.range ?? "10.40.0.0/16");
+    const next: typeof this.routeConflicts = [];
+    for (const rec of this.router.records()) {
+      if (rec.node === this.id) continue;
+      for (const p of rec.prefixes) {
+        const pc = parseCidr(p);
+        if (overlaps(pc, range)) continue;
+        for (const r of mine) {
+          if (!overlaps(parseCidr(r), pc)) continue;
+          next.push({ route: r, other: p, node: rec.node, nodeName: this.mesh.peerName(rec.node) ?? rec.node, kept: this.id < rec.node });
+        }
+      }
+    }
+    const key = (l: typeof next) => JSON.stringify(l.map((c) => [c.route, c.other, c.node, c.kept]).sort());
+    if (key(next) === key(this.routeConflicts)) return;
+    for (const c of next)
+      this.log.error(
+        c.kept
+          ? `advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); this node keeps it (lower node id), ${c.nodeName} withdraws its route`
+          : `advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); refused here and withdrawn (the lower node id keeps an overlapping prefix): fix --advertise-routes on one side`,
+        { route: c.route, other: c.other, node: c.node },
+      );
+    this.routeConflicts = next;
+    this.router.prefixesChanged();
   }
 
   static async start(cfg: AgentConfig): Promise<Agent> {
     const log = cfg.logger ?? createLogger({ level: "warn" });
+    checkAdvertisedRoutes(cfg.advertiseRoutes ?? [], cfg.ipam?.range ?? "10.40.0.0/16");
     const { identity, created } = loadOrCreateIdentity(cfg.stateDir);
     const name = cfg.name ?? hostname();
     const instance = newInstanceId();
@@ -144,7 +208,7 @@ export class Agent {
       identity,
       name,
       instance,
-      meta: { version: VERSION, ...(cfg.meta ?? {}) },
+      meta: { version: VERSION, ...(cfg.cluster ? { cluster: cfg.cluster } : {}), ...(cfg.meta ?? {}) },
       logger: agentLog.child("signal"),
       events: {
         onWelcome: (peers, info) => {
@@ -189,9 +253,16 @@ export class Agent {
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
     try {
       // Bootstrap rule: found the cluster's IPAM only when registered with the signaling server and this
-      // node has the lowest id of every node known to exist, so isolated nodes never found their own.
+      // node has the lowest id of every node known to exist.
       const a = agent;
-      const mayFound = () => a.everRegistered && a.mesh.knownPeers().every((p) => p > identity.id);
+      // It must also be linked to every node it knows of, so it has heard whether any of them already
+      // belongs to an IPAM (a node cut off at start must not found one of its own next to the real one).
+      const mayFound = () => {
+        if (!a.everRegistered) return false;
+        const known = a.mesh.knownPeers();
+        const linked = new Set(a.mesh.connectedPeers());
+        return known.every((p) => p > identity.id && linked.has(p));
+      };
       agent.ipam = new IpamDriver({ id: identity.id, mayFound, ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
     } catch (e) {
       await transport.close();
@@ -226,6 +297,7 @@ export class Agent {
       mesh.tick();
       if (++ticks % 5 === 0) {
         agent!.router.tick();
+        agent!.checkRouteConflicts();
         agent!.ipam.tick();
       }
     }, 200);
@@ -274,6 +346,7 @@ export class Agent {
       node: {
         id: this.id,
         name: this.name,
+        cluster: this.cfg.cluster ?? null,
         instance: this.instance,
         version: VERSION,
         uptimeMs: Date.now() - this.startedAt,
@@ -288,6 +361,7 @@ export class Agent {
         return { ...p, path, via };
       }),
       dataplane: this.dataplane ? this.dataplane.stats() : null,
+      routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
       counters: { ...this.mesh.counters, badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
     };
   }

@@ -19,6 +19,29 @@ import type { PodAddress } from "./ipam.js";
 import { NodeNetwork } from "./os/netconf.js";
 import { addPod, delPod, listPods, podVethName, type PodResult } from "./os/pod.js";
 import { openTun, type TunDevice } from "./os/tun.js";
+import { AdvertiseGateway } from "./os/advertise.js";
+import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
+import { networkInterfaces } from "node:os";
+
+/** IPv4 networks of this host's interfaces (except loopback and the overlay's own). */
+function localNetworks(): Cidr[] {
+  const out: Cidr[] = [];
+  for (const [name, addrs] of Object.entries(networkInterfaces())) {
+    for (const a of addrs ?? []) {
+      if (a.family !== "IPv4" || a.internal || !a.cidr) continue;
+      if (name.startsWith("weft")) continue;
+      const [ip, len] = a.cidr.split("/") as [string, string];
+      try {
+        const prefix = Number(len);
+        const size = 2 ** (32 - prefix);
+        out.push({ base: Math.floor(parseIp(ip) / size) * size, prefix });
+      } catch {
+        // not an address we understand
+      }
+    }
+  }
+  return out;
+}
 
 export const DEFAULT_IFACE = "weft0";
 export const DEFAULT_BRIDGE = "weft-br0";
@@ -56,6 +79,7 @@ export class DataPlane {
     this.bridge = opts.bridge ?? DEFAULT_BRIDGE;
     this.mtu = opts.mtu ?? DEFAULT_MTU;
     const mesh = agent.mesh;
+    this.gateway = new AdvertiseGateway({ logger: log });
     this.forwarder = new Forwarder({
       selfId: agent.id,
       routes: agent.router.owners,
@@ -98,6 +122,13 @@ export class DataPlane {
       if (tun.paused && !fw.shouldPause()) tun.resume();
     });
     agent.ipam.onBlocksChanged(() => void dp.reconcile().catch((err) => opts.logger.error("could not apply the node network", { err })));
+    // Routes advertised by other nodes (and our own advertisements) change with the gossip.
+    agent.router.onChange(() => {
+      const key = JSON.stringify([dp.remoteRoutes(), agent.advertisedRoutes()]);
+      if (key === dp.routesKey) return;
+      dp.routesKey = key;
+      void dp.reconcile().catch((err) => opts.logger.error("could not apply the node network", { err }));
+    });
     agent.ipam.onRevoked((r) => void dp.revoked(r.podId));
     return dp;
   }
@@ -106,12 +137,46 @@ export class DataPlane {
   reconcile(): Promise<void> {
     const run = async () => {
       if (this.stopped) return;
-      const { changes } = await this.net.apply({ clusterRanges: [this.agent.ipam.status().range], localBlocks: this.agent.ipam.activeBlocks() });
+      const range = this.agent.ipam.status().range;
+      const extraRoutes = this.remoteRoutes().map((cidr) => ({ cidr, dev: this.iface }));
+      const { changes } = await this.net.apply({ clusterRanges: [range], localBlocks: this.agent.ipam.activeBlocks(), extraRoutes });
       if (changes.length) this.log.info("node network updated", { changes });
+      const own = this.agent.advertisedRoutes();
+      if (own.length || this.gatewayActive) {
+        await this.gateway.apply({ tun: this.iface, clusterRanges: [range], routes: own, snat: !!this.agent.cfg.snatRoutes });
+        this.gatewayActive = own.length > 0;
+      }
     };
     const p = this.applying.then(run, run);
     this.applying = p.catch(() => {});
     return p;
+  }
+
+  routesKey = "";
+  private gatewayActive = false;
+  private readonly gateway: AdvertiseGateway;
+
+  /**
+   * Prefixes other nodes advertise outside the cluster range, to route into the TUN. A prefix that
+   * overlaps one of this host's own networks, or holds the signaling server, is skipped: those are
+   * reachable directly, and routing them into the overlay would carry the overlay's own packets.
+   */
+  remoteRoutes(): string[] {
+    const range = parseCidr(this.agent.ipam.status().range);
+    const local = localNetworks();
+    const signalHost = this.agent.signal.host;
+    const out = new Set<string>();
+    for (const rec of this.agent.router.records()) {
+      if (rec.node === this.agent.id) continue;
+      for (const p of rec.prefixes) {
+        const c = parseCidr(p);
+        if (overlaps(c, range)) continue;
+        if (local.some((l) => overlaps(l, c))) continue;
+        if (/^\d+\.\d+\.\d+\.\d+$/.test(signalHost) && containsIp(c, parseIp(signalHost))) continue;
+        out.add(p);
+      }
+    }
+    return [...out].sort();
   }
 
   /** `weftnet pod add NAME`: a netns with a veth on the bridge and an address from this node's blocks. */
@@ -166,6 +231,7 @@ export class DataPlane {
     this.stopped = true;
     await this.applying;
     await this.tun.close();
+    if (this.gatewayActive) await this.gateway.teardown().catch((err) => this.log.warn("could not remove the advertised-route rules", { err }));
     await this.net.teardown();
   }
 }

@@ -1,7 +1,7 @@
 /** `weftnet agent`, `weftnet status`, `weftnet ping`. */
 import { createLogger, parseLevel } from "../../src/log.js";
 import { UsageError, WeftError } from "../../src/errors.js";
-import { Agent, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
+import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
 import { apiRequest } from "../api-client.js";
 import { apiSocketPath, defaultStateDir } from "../state.js";
 import { errorLine, fmtBytes, fmtDuration, parse, positiveInt, resolveToken, table } from "./util.js";
@@ -34,6 +34,14 @@ Options:
                         after one such failure the link goes through the signaling server's relay
                         while WebRTC is retried in the background (backoff up to 5 min)
   --no-relay            never use the signaling server's relay (peers unreachable otherwise stay down)
+  --advertise-routes CIDR[,CIDR]
+                        make this node the mesh's gateway for networks it can reach that the mesh does
+                        not own (a home LAN, another cluster's pod range); refused when a prefix
+                        overlaps the cluster range; when it overlaps another node's, the lower node id
+                        keeps it and the other side reports the conflict in status
+  --snat-routes         masquerade mesh traffic to the advertised routes (else hosts there need a route
+                        back to the cluster range via this node)
+  --cluster NAME        cluster label shown to peers; \`weftnet status\` groups peers by it
   --ice-server URL      extra STUN/TURN server, repeatable: stun:HOST:PORT or
                         turn:USER:PASS@HOST:PORT (credentials may also come as turn:HOST:PORT?user=U&pass=P)
   --no-server-stun      do not use the signaling server's built-in STUN responder
@@ -98,6 +106,9 @@ export async function runAgent(argv: string[]): Promise<number> {
     "no-server-stun": { type: "boolean" },
     transport: { type: "string" },
     "connect-timeout": { type: "string" },
+    "advertise-routes": { type: "string", multiple: true },
+    "snat-routes": { type: "boolean" },
+    cluster: { type: "string" },
     "no-relay": { type: "boolean" },
     range: { type: "string" },
     "block-size": { type: "string" },
@@ -147,11 +158,23 @@ export async function runAgent(argv: string[]): Promise<number> {
   if (values["reclaim-after"] !== undefined) ipam.reclaimAfterMs = parseDuration("agent", "--reclaim-after", values["reclaim-after"]);
   if (values["metrics-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["metrics-listen"])) throw new UsageError(`weftnet agent: --metrics-listen ${JSON.stringify(values["metrics-listen"])} must be HOST:PORT (e.g. 127.0.0.1:9465)`);
 
+  const advertiseRoutes = (values["advertise-routes"] ?? []).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
+  if (values["snat-routes"] && advertiseRoutes.length === 0) throw new UsageError("weftnet agent: --snat-routes needs --advertise-routes");
+  if (advertiseRoutes.length && !tun) throw new UsageError("weftnet agent: --advertise-routes needs the data plane (not --no-tun)");
+  try {
+    checkAdvertisedRoutes(advertiseRoutes, ipam.range ?? "10.40.0.0/16");
+  } catch (e) {
+    throw new UsageError(`weftnet agent: ${(e as Error).message}`);
+  }
+  if (values.cluster !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(values.cluster)) throw new UsageError(`weftnet agent: --cluster ${JSON.stringify(values.cluster)} must be 1-63 chars of letters, digits, '.', '_' or '-'`);
   const timing = values["connect-timeout"] !== undefined ? { connectTimeoutMs: parseDuration("agent", "--connect-timeout", values["connect-timeout"]) } : undefined;
   const agent = await Agent.start({
     ipam,
     ...(timing ? { timing } : {}),
     ...(values["no-relay"] ? { relay: false } : {}),
+    ...(advertiseRoutes.length ? { advertiseRoutes } : {}),
+    ...(values["snat-routes"] ? { snatRoutes: true } : {}),
+    ...(values.cluster !== undefined ? { cluster: values.cluster } : {}),
     signal: values.signal,
     token,
     stateDir,
@@ -231,27 +254,35 @@ export function renderStatus(st: AgentStatus): string {
     `version   ${n.version}, transport ${n.transport}, up ${fmtDuration(n.uptimeMs)}\n` +
     `signaling ${n.signal.url} ${n.signal.connected ? "connected" : "DISCONNECTED"}${n.signal.addr ? `, seen as ${n.signal.addr}` : ""}\n`;
   const connected = st.peers.filter((p) => p.state === "connected").length;
-  const rows = [["PEER", "ID", "STATE", "PATH", "RTT", "IN", "OUT", "UPTIME", "NOTE"]];
-  for (const p of st.peers) {
-    rows.push([
-      p.name,
-      p.id,
-      p.state,
-      p.path === "none" ? "-" : p.path,
-      p.rttMs === null ? "-" : `${p.rttMs.toFixed(1)}ms`,
-      fmtBytes(p.bytesIn),
-      fmtBytes(p.bytesOut),
-      fmtDuration(p.uptimeMs),
-      p.state !== "connected"
-        ? (p.lastError ?? "")
-        : p.path === "relay"
-          ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
-          : p.selected
-            ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}`
-            : "",
-    ]);
-  }
-  return `${head}peers     ${connected}/${st.peers.length} connected\n\n${st.peers.length ? table(rows) : "(no peers yet)"}\n`;
+  const header = ["PEER", "ID", "STATE", "PATH", "RTT", "IN", "OUT", "UPTIME", "NOTE"];
+  const row = (p: AgentStatus["peers"][number]) => [
+    p.name,
+    p.id,
+    p.state,
+    p.path === "none" ? "-" : p.path,
+    p.rttMs === null ? "-" : `${p.rttMs.toFixed(1)}ms`,
+    fmtBytes(p.bytesIn),
+    fmtBytes(p.bytesOut),
+    fmtDuration(p.uptimeMs),
+    p.state !== "connected"
+      ? (p.lastError ?? "")
+      : p.path === "relay"
+        ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
+        : p.selected
+          ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}`
+          : "",
+  ];
+  // Group by cluster label when peers carry one (hybrid clusters).
+  const clusters = [...new Set(st.peers.map((p) => p.meta.cluster ?? ""))].sort();
+  const body =
+    clusters.length <= 1 && !clusters[0]
+      ? table([header, ...st.peers.map(row)])
+      : clusters.map((c) => `cluster ${c || "(none)"}\n${table([header, ...st.peers.filter((p) => (p.meta.cluster ?? "") === c).map(row)])}`).join("\n\n");
+  const withdrawn = st.routes?.conflicts.filter((c) => !c.kept) ?? [];
+  const adv = st.routes?.advertised.length
+    ? `routes    advertising ${st.routes.inForce.join(", ") || "(none in force)"}${st.routes.snat ? " with SNAT" : ""}${withdrawn.map((c) => `; ${c.route} WITHDRAWN: overlaps ${c.other} of ${c.nodeName}`).join("")}\n`
+    : "";
+  return `${head}${adv}peers     ${connected}/${st.peers.length} connected\n\n${st.peers.length ? body : "(no peers yet)"}\n`;
 }
 
 export function parseDuration(cmd: string, flag: string, v: string): number {
