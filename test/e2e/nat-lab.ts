@@ -229,7 +229,17 @@ export class NatLab {
     return p;
   }
 
-  /** coturn on TURN_IP:TURN_PORT, lab address only, REST shared-secret auth. Returns the secret. */
+  /**
+   * coturn on TURN_IP:TURN_PORT, lab address only, REST shared-secret auth. Returns the secret.
+   *
+   * `--denied-peer-ip` for the private ranges is required here, not just good practice: the pub namespace has
+   * no route to the sites' private LANs, so relaying a connectivity check to a peer's host candidate
+   * (10.<site>.0.x) fails in sendto() with ENETUNREACH, and coturn 4.6 then tears down the whole allocation
+   * ("closed (2nd stage) ... reason: general"). The clients' next requests land in a fresh session: libjuice
+   * gets 438 Wrong nonce then 400 Bad Request, werift loops on stale nonce, and no relay pair ever succeeds.
+   * Denied, CREATE_PERMISSION for those peers gets 403 and coturn never sends there (production coturn
+   * configs deny the private ranges anyway, against relaying into the TURN host's own networks).
+   */
   async startTurn(opts: { verbose?: boolean } = {}): Promise<string> {
     const secret = "turn-secret-" + suffix() + suffix();
     this.turnSecret = secret;
@@ -237,6 +247,8 @@ export class NatLab {
     const args = [
       "-n", "--listening-ip", TURN_IP, "--relay-ip", TURN_IP, "--listening-port", String(TURN_PORT),
       "--use-auth-secret", "--static-auth-secret", secret, "--realm", "weftnet",
+      "--denied-peer-ip", "10.0.0.0-10.255.255.255", "--denied-peer-ip", "172.16.0.0-172.31.255.255",
+      "--denied-peer-ip", "192.168.0.0-192.168.255.255", "--no-multicast-peers",
       "--no-tls", "--no-dtls", "--no-cli", "--no-rfc5780", "--no-stun-backward-compatibility",
       "--min-port", "49152", "--max-port", "65535", "--log-file", "stdout", "--simple-log",
       "--pidfile", join(this.root, "turnserver.pid"), "--userdb", join(this.root, "turndb.sqlite"),

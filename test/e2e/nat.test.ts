@@ -4,8 +4,8 @@
  *
  *   none-none, cone-cone, none-symmetric   direct (ICE host/srflx/prflx, never a relay)
  *   symmetric-symmetric                    never direct (a link-open timeout and more)
- *   TURN REST                              agents allocate at coturn with the credentials from welcome;
- *                                          links through the relay: todo (see below)
+ *   TURN REST                              agents allocate at coturn with the credentials from welcome
+ *   cone-symmetric, symmetric-symmetric    with coturn: a WebRTC link whose selected pair has a relay candidate
  *   symmetric + symmetric + none           the symmetric pair talks "via" the open site's agent
  *   netcheck                               none / cone / symmetric / UDP blocked per site
  *   udp-blocked                            needs the signaling server's relay (not built yet: todo)
@@ -14,7 +14,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { isRoot, NatLab, pairTypes, until, usesRelay, type NatHost, type NatKind } from "./nat-lab.js";
+import { isRoot, NatLab, pairTypes, TURN_IP, until, usesRelay, type NatHost, type NatKind } from "./nat-lab.js";
 
 function has(cmd: string): boolean {
   try {
@@ -163,13 +163,42 @@ describe.skipIf(!isRoot || !haveTurn)("TURN REST credentials from the signaling 
     await until(async () => ids.every((id) => new RegExp(`user <\\d+:${id}>: incoming packet ALLOCATE processed, success`).test(lab.log("turn.log", 5000))), 30_000, "both agents allocated at coturn", () => lab.dump());
     results.push(`TURN REST: both agents allocated relays at coturn (${ids.join(", ")})`);
   }, 60_000);
-
-  // The relay candidates are gathered and permissions created, but no ICE pair through coturn has
-  // succeeded in this lab yet, with either transport (libjuice: coturn answers 400 to requests after a
-  // 438 stale-nonce retry; werift: stale-nonce loops). Until that is solved, a symmetric pair needs a peer
-  // in between (the three-site case below) or the server relay.
-  it.todo("cone-symmetric and symmetric-symmetric with coturn: the link forms with a relay candidate (selected local or remote type \"relay\") and pods ping");
 });
+
+// Links through coturn: ICE picks a pair with a "relay" candidate on one end at least (the symmetric side's
+// relayed address, or both when both ends are symmetric). It must be a WebRTC link (peers[].link "webrtc"):
+// the signaling server's own relay (peers[].path "relay", used after a failed WebRTC attempt) does not count.
+for (const kinds of [
+  ["cone", "symmetric"],
+  ["symmetric", "symmetric"],
+] as [NatKind, NatKind][]) {
+  describe.skipIf(!isRoot || !haveTurn)(`${kinds.join("-")} with TURN`, () => {
+    let r: PairRun | undefined;
+    afterAll(() => r?.lab.close(), 30_000);
+    it("the link forms through coturn (a relay candidate on a WebRTC link) and pods ping", async () => {
+      r = await startPair(kinds, { turn: true });
+      const run = r;
+      const viaTurn = async (x: NatHost, y: NatHost) => {
+        const p = await run.lab.peer(x, y);
+        return p?.state === "connected" && p.link === "webrtc" && usesRelay(p);
+      };
+      await until(async () => (await viaTurn(run.a, run.b)) && (await viaTurn(run.b, run.a)), 25_000, `${kinds.join("-")}: a WebRTC link through coturn`, () => run.lab.dump());
+      await podsPing(run);
+      const pa = await run.lab.peer(run.a, run.b);
+      const pb = await run.lab.peer(run.b, run.a);
+      results.push(`${kinds.join("-")} + TURN: ${pa?.link} ${pairTypes(pa)} ${pa?.selected?.remoteAddress ?? ""} / ${pb?.link} ${pairTypes(pb)}`);
+      for (const p of [pa, pb]) {
+        expect(p?.link).toBe("webrtc");
+        expect(p?.path).not.toBe("relay");
+        expect(usesRelay(p), pairTypes(p)).toBe(true);
+      }
+      // the relayed end's address is coturn's relay address
+      const relayed = [pa!.selected!, pb!.selected!].flatMap((s) => [s.localType === "relay" ? s.localAddress : "", s.remoteType === "relay" ? s.remoteAddress : ""]).filter(Boolean);
+      expect(relayed.length).toBeGreaterThan(0);
+      for (const addr of relayed) expect(addr.split(":")[0]).toBe(TURN_IP);
+    }, 70_000);
+  });
+}
 
 d("symmetric + symmetric + an open site", () => {
   let lab: NatLab | undefined;
