@@ -161,6 +161,36 @@ describe("a signaling server in the middle", () => {
     expect(answerer.mesh.connectedPeers()).toEqual([]);
     expect(offerer.mesh.connectedPeers()).toEqual([]);
   });
+
+  it("that sends garbage to an agent: counted and dropped, the agent keeps working", async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    proxy = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((r) => proxy.once("listening", r));
+    proxy.on("connection", (client) => {
+      const upstream = new WebSocket(c.server.signalUrl);
+      const pending: Buffer[] = [];
+      upstream.on("open", () => pending.splice(0).forEach((m) => upstream.send(m)));
+      client.on("message", (m: Buffer) => (upstream.readyState === WebSocket.OPEN ? upstream.send(m) : pending.push(m)));
+      upstream.on("message", (m: Buffer) => {
+        client.send(m);
+        if (decodeServerMsg(m).t === "welcome") {
+          client.send(Buffer.from([0xc1, 0x00, 0xff])); // not msgpack
+          client.send("a text frame");
+          client.send(encodeSignal({ t: "leave", id: "not-a-node-id" } as never)); // bad field
+          client.send(Buffer.alloc(100 * 1024)); // over the 80 KiB limit (below the socket cap)
+        }
+      });
+      client.on("close", () => upstream.close());
+      upstream.on("close", (code, reason) => client.close(code, reason));
+    });
+    const url = `ws://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
+    const x = await c.agent("gx", { signal: url });
+    const y = await c.agent("gy");
+    await waitFor(async () => (await x.status()).counters.badSignalFrames >= 3, 10_000, "garbage counted");
+    await waitFor(() => fullMesh([x, y]), 20_000, "mesh despite garbage");
+    expect(x.signal.up).toBe(true);
+    expect((await x.ping(y.id)).rttMs).toBeGreaterThan(0);
+  });
 });
 
 void WeftError;
