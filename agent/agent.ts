@@ -11,7 +11,7 @@ import type { PeerTiming } from "../src/mesh/peer.js";
 import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
-import { createRelayTransport } from "./transport/relay.js";
+import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import { overlaps, parseCidr } from "../src/ipam/cidr.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
@@ -106,7 +106,7 @@ export interface AgentStatus {
   peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null })[];
   dataplane: ReturnType<DataPlane["stats"]> | null;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: Agent["routeConflicts"] };
-  counters: MeshCounters & { badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
+  counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
 }
 
 export class Agent {
@@ -127,6 +127,7 @@ export class Agent {
   readonly router: Router;
   ipam!: IpamDriver;
   dataplane: DataPlane | undefined;
+  relay: RelayTransport | undefined;
   /** the --metrics-listen server (its bound address), when enabled */
   metrics: MetricsServer | undefined;
 
@@ -251,6 +252,7 @@ export class Agent {
       timing: cfg.timing ?? {},
     });
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
+    agent.relay = relay;
     try {
       // Bootstrap rule: found the cluster's IPAM only when registered with the signaling server and this
       // node has the lowest id of every node known to exist.
@@ -362,7 +364,12 @@ export class Agent {
       }),
       dataplane: this.dataplane ? this.dataplane.stats() : null,
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
-      counters: { ...this.mesh.counters, badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
+      counters: {
+        ...this.mesh.counters,
+        relayBytesIn: this.relay?.counters.bytesIn ?? 0,
+        relayBytesOut: this.relay?.counters.bytesOut ?? 0,
+        relayBadFrames: this.relay?.counters.badFrames ?? 0,
+        badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
     };
   }
 

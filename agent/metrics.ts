@@ -24,7 +24,7 @@
  *   weftnet_ipam_proposals                            open writes collecting promises (claims, grants)
  *   weftnet_ipam_events_total{name}                  IPAM counters (conflicts, claims, grants, ...)
  *   weftnet_mesh_events_total{name}                  mesh counters (badControl, authFailures, dials, ...)
- *   weftnet_relayed_bytes_total                       bytes this agent relayed for others (0: no relay yet)
+ *   weftnet_relayed_bytes_total{path}                 server: through the signaling server's relay; transit: forwarded for others
  */
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Registry } from "prom-client";
@@ -283,11 +283,14 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
   });
   new Counter({
     name: "weftnet_relayed_bytes_total",
-    help: "Bytes this agent relayed for other nodes over a relay path (0 until relays exist).",
+    help: "Relayed bytes: path=server, sealed frames to and from the signaling server's relay; path=transit, frames this agent forwarded for other nodes (multi-hop).",
+    labelNames: ["path"],
     registers,
     collect() {
       this.reset();
-      this.inc(0);
+      const c = snap?.status.counters;
+      this.inc({ path: "server" }, (c?.relayBytesIn ?? 0) + (c?.relayBytesOut ?? 0));
+      this.inc({ path: "transit" }, snap?.status.dataplane?.forwarder.fwdBytes ?? 0);
     },
   });
 

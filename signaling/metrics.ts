@@ -14,7 +14,8 @@
  *   weftnet_signal_stun_requests_total              valid STUN Binding requests
  *   weftnet_signal_stun_responses_total             Binding responses sent
  *   weftnet_signal_stun_dropped_total{reason}       datagrams dropped by the STUN responder
- *   weftnet_signal_relayed_bytes_total              data relayed for agents without a direct path (0: no relay yet)
+ *   weftnet_signal_relayed_bytes_total              data relayed for agents without a direct path
+ *   weftnet_signal_relay_dropped_total              relay frames dropped (rate limit, --no-relay, unknown peer)
  */
 import { Counter, Gauge, Registry } from "prom-client";
 import type { SignalHub } from "./hub.js";
@@ -98,7 +99,8 @@ export function createSignalMetrics(opts: SignalMetricsOptions): { registry: Reg
       for (const [reason, n] of Object.entries(opts.stunStats?.()?.droppedByReason ?? {})) this.inc({ reason }, n ?? 0);
     },
   });
-  counter("weftnet_signal_relayed_bytes_total", "Data bytes relayed for agents without a direct or multi-hop path (0 until the relay exists).", () => 0);
+  counter("weftnet_signal_relayed_bytes_total", "Data bytes relayed for agents without a direct or multi-hop path.", () => hub.stats().relayBytes);
+  counter("weftnet_signal_relay_dropped_total", "Relay frames dropped (rate limit, relay disabled, unknown destination).", () => hub.stats().relayDropped);
 
   return { registry, scrape: () => registry.metrics(), contentType: registry.contentType };
 }

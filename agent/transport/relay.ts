@@ -49,7 +49,7 @@ export interface RelayTransportOptions {
 export interface RelayTransport extends Transport {
   /** a `relay` frame from the signaling server */
   deliver(from: string, data: Uint8Array): void;
-  readonly counters: { badFrames: number; framesIn: number; framesOut: number };
+  readonly counters: { badFrames: number; framesIn: number; framesOut: number; bytesIn: number; bytesOut: number };
 }
 
 function hex(b: Uint8Array): string {
@@ -78,7 +78,7 @@ export function parseRelaySdp(sdp: string): Uint8Array | undefined {
 export function createRelayTransport(o: RelayTransportOptions): RelayTransport {
   const log = (o.logger ?? silentLogger).child("relay");
   const links = new Map<string, RelayLink>(); // conn -> link
-  const counters = { badFrames: 0, framesIn: 0, framesOut: 0 };
+  const counters = { badFrames: 0, framesIn: 0, framesOut: 0, bytesIn: 0, bytesOut: 0 };
   const salt = createHash("sha256").update(o.token).digest();
   let drainTimer: NodeJS.Timeout | undefined;
   const waitDrain = () => {
@@ -104,6 +104,7 @@ export function createRelayTransport(o: RelayTransportOptions): RelayTransport {
     },
     deliver(from: string, data: Uint8Array) {
       counters.framesIn++;
+      counters.bytesIn += data.byteLength;
       const conn = peekConn(data);
       const l = conn === undefined ? undefined : links.get(conn);
       if (!l || l.peer !== from) {
@@ -150,7 +151,7 @@ class RelayLink implements TransportLink {
     private readonly t: RelayTransportOptions,
     private readonly salt: Buffer,
     private readonly log: Logger,
-    private readonly counters: { framesOut: number; badFrames: number },
+    private readonly counters: { framesOut: number; badFrames: number; bytesOut: number },
     private readonly waitDrain: () => void,
     private readonly forget: () => void,
   ) {
@@ -222,6 +223,7 @@ class RelayLink implements TransportLink {
     const frame = Buffer.concat([header, c.update(data), c.final(), c.getAuthTag()]);
     if (!this.t.port.sendRelay(this.peer, frame)) return false;
     this.counters.framesOut++;
+    this.counters.bytesOut += frame.byteLength;
     this.bytesSent += data.byteLength;
     return true;
   }

@@ -41,12 +41,13 @@ export interface ForwarderStats {
   rxPackets: number;
   rxBytes: number;
   fwdFrames: number;
+  fwdBytes: number;
   perPeer: Map<string, { txBytes: number; txPackets: number; rxBytes: number; rxPackets: number }>;
 }
 
 export class Forwarder {
   readonly drops = new DropCounters();
-  readonly stats: ForwarderStats = { txPackets: 0, txFrames: 0, txBytes: 0, rxFrames: 0, rxPackets: 0, rxBytes: 0, fwdFrames: 0, perPeer: new Map() };
+  readonly stats: ForwarderStats = { txPackets: 0, txFrames: 0, txBytes: 0, rxFrames: 0, rxPackets: 0, rxBytes: 0, fwdFrames: 0, fwdBytes: 0, perPeer: new Map() };
   private readonly enc: FrameEncoder;
   private readonly selfBytes: Uint8Array;
   private readonly idBytes = new Map<string, Uint8Array>();
@@ -173,6 +174,7 @@ export class Forwarder {
       return;
     }
     this.stats.fwdFrames++;
+    this.stats.fwdBytes += msg.length;
   }
 
   drained(peer: string): void {
