@@ -153,7 +153,8 @@ describe("metrics", () => {
     expect(sample(m, "weftnet_ipam_pending_requests")).toBe(ipam.pending ? 1 : 0);
     for (const name of ["badControl", "authFailures", "linksOpened", "dials", "badSignalFrames", "badGossip"]) expect(sample(m, "weftnet_mesh_events_total", { name }), name).toBeGreaterThanOrEqual(0);
     expect(sample(m, "weftnet_mesh_events_total", { name: "linksOpened" })).toBeGreaterThanOrEqual(1);
-    expect(sample(m, "weftnet_relayed_bytes_total")).toBe(0);
+    expect(sample(m, "weftnet_relayed_bytes_total", { path: "server" })).toBe(0); // direct links only in this test
+    expect(sample(m, "weftnet_relayed_bytes_total", { path: "transit" })).toBe(0);
   });
 
   it("IPAM gauges follow an allocation", async () => {
