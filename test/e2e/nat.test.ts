@@ -9,8 +9,9 @@
  *   symmetric + symmetric + none           the symmetric pair talks "via" the open site's agent
  *   netcheck                               none / cone / symmetric / UDP blocked per site
  *   udp-blocked                            needs the signaling server's relay (not built yet: todo)
+ *   conntrack flushed mid-transfer         cone-cone and none-symmetric: a TCP stream between pods completes, same SHA-256
  */
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -251,3 +252,76 @@ describe.skipIf(!isRoot || !haveServerRelay)("udp-blocked + cone", () => {
     expect(pa?.path === "relay" || usesRelay(pa), `${pa?.path} ${pairTypes(pa)}`).toBe(true);
   }, 90_000);
 });
+
+// A router "reboot" as far as NAT goes: the NAT routers forget every mapping while a TCP stream runs between
+// the pods. Packets from the peer that arrive before the host sends again are NEW at the router and dropped;
+// the host's next packet maps afresh (same port behind a cone, a new random one behind a symmetric NAT). The stream must complete with every byte intact (end-to-end SHA-256),
+// whether ICE keeps the pair alive or the mesh redials after heartbeat loss.
+const haveConntrack = has("conntrack");
+if (isRoot && !haveConntrack) console.warn("skipping the conntrack flush case: conntrack is not installed (apt-get install conntrack)");
+for (const FLUSH_KINDS of [
+  ["cone", "cone"], // the host's next packet gets the same port back: ICE keeps the pair
+  ["none", "symmetric"], // --random-fully maps to a new port: the old pair is dead, the mesh redials
+] as [NatKind, NatKind][]) {
+  describe.skipIf(!isRoot || !haveConntrack)(`${FLUSH_KINDS.join("-")}, conntrack flushed mid-transfer`, () => {
+    let r: PairRun | undefined;
+    afterAll(() => r?.lab.close(), 30_000);
+    it("a TCP stream between the pods resumes and completes with the right hash", async () => {
+      r = await startPair(FLUSH_KINDS);
+      const run = r;
+      await connected(run, 25_000);
+      await podsPing(run);
+      const [src, dst] = run.pods as [PairRun["pods"][0], PairRun["pods"][0]];
+      const port = 5201;
+      const total = 24 << 20; // 24 MiB at ~3 MiB/s: ~8 s, the flush lands in the middle
+      // prettier-ignore
+      const server = spawn("nsenter", [`--net=/run/netns/${dst.name}`, "--", process.execPath, "-e", `
+        const h = require("crypto").createHash("sha256"); let n = 0;
+        const s = require("net").createServer((c) => {
+          c.on("data", (d) => { h.update(d); n += d.length; });
+          c.on("end", () => { console.log(JSON.stringify({ n, hash: h.digest("hex") })); c.end(); s.close(); });
+        });
+        s.listen(${port}, "${dst.ip}", () => console.log("listening"));`], { stdio: ["ignore", "pipe", "pipe"] });
+      let out = "";
+      server.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+      server.stderr!.on("data", (d: Buffer) => (out += d.toString()));
+      try {
+        await until(async () => out.includes("listening"), 10_000, "stream server listening", () => out);
+        // prettier-ignore
+        const client = run.lab.sh(src.name, process.execPath, ["-e", `
+          const { createHash, randomBytes } = require("crypto"); const h = createHash("sha256");
+          const c = require("net").connect(${port}, "${dst.ip}");
+          c.on("error", (e) => { console.error(e.message); process.exit(1); });
+          c.on("connect", async () => {
+            const t0 = Date.now(); let n = 0;
+            while (n < ${total}) {
+              const chunk = randomBytes(64 << 10); h.update(chunk); n += chunk.length;
+              if (!c.write(chunk)) await new Promise((r) => c.once("drain", r));
+              const ahead = n / (3 << 20) * 1000 - (Date.now() - t0);
+              if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+            }
+            c.end(() => console.log(JSON.stringify({ n, hash: h.digest("hex"), ms: Date.now() - t0 })));
+          });`], 120_000);
+        await new Promise((res) => setTimeout(res, 3_000));
+        const before = await run.lab.peer(run.a, run.b);
+        for (const s of run.lab.sites.filter((x) => x.nat !== "none")) {
+          expect(Number((await run.lab.sh(s.router, "conntrack", ["-C"])).stdout.trim()), `${s.router} has NAT mappings to forget`).toBeGreaterThan(0);
+          run.lab.flushConntrack(s);
+        }
+        const flushedAt = Date.now();
+        const sent = JSON.parse((await client).stdout) as { n: number; hash: string; ms: number };
+        await until(async () => out.includes('"hash"'), 60_000, "stream server got the end of the stream", () => out + run.lab.dump());
+        const got = JSON.parse(out.split("\n").find((l) => l.includes('"hash"'))!) as { n: number; hash: string };
+        const after = await run.lab.peer(run.a, run.b);
+        const redialed = (after?.uptimeMs ?? 0) < Date.now() - flushedAt;
+        results.push(`${FLUSH_KINDS.join("-")} conntrack flush: ${sent.n} bytes in ${sent.ms} ms, ${redialed ? "link redialed" : "same link kept"} (${pairTypes(before)} ${before?.selected?.remoteAddress ?? ""} -> ${after?.path} ${pairTypes(after)} ${after?.selected?.remoteAddress ?? ""})`);
+        expect(got.n).toBe(total);
+        expect(got.hash).toBe(sent.hash);
+        expect(after?.state).toBe("connected");
+        expect(await run.lab.podPing(src.name, dst.ip, 2)).toBe(true);
+      } finally {
+        server.kill("SIGKILL");
+      }
+    }, 120_000);
+  });
+}
