@@ -16,6 +16,7 @@ import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import { overlaps, parseCidr } from "../src/ipam/cidr.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
 import type { MetricsServer } from "./metrics.js";
+import type { NodeWatchConfig, NodeWatcher } from "./k8s.js";
 
 /** Advertised routes must be valid IPv4 CIDRs outside the cluster range. */
 export function checkAdvertisedRoutes(routes: string[], clusterRange: string): void {
@@ -87,6 +88,8 @@ export interface AgentConfig {
   werift?: { loopbackOnly?: boolean; icePortRange?: [number, number] };
   /** Serve Prometheus metrics on HOST:PORT (GET /metrics; port 0 = any free port). Off when unset. */
   metricsListen?: string;
+  /** Watch Kubernetes Node objects (in-cluster) and release a deleted Node's blocks (agent name = Node name). Off when unset. */
+  k8sNodeWatch?: NodeWatchConfig;
 }
 
 export interface RouteStatus {
@@ -130,6 +133,12 @@ export class Agent {
   relay: RelayTransport | undefined;
   /** the --metrics-listen server (its bound address), when enabled */
   metrics: MetricsServer | undefined;
+  /** the --k8s-node-watch watcher, when enabled */
+  k8s: NodeWatcher | undefined;
+  /** id -> name of every peer seen connected (the mesh forgets gone peers; a Node may be deleted much later) */
+  private readonly seenNames = new Map<string, string>();
+  /** Nodes deleted while their agent was still reachable: name -> re-check deadline */
+  private readonly pendingDeletes = new Map<string, number>();
 
   private constructor(
     readonly cfg: AgentConfig,
@@ -271,6 +280,10 @@ export class Agent {
       throw e;
     }
     agent.ipam.onBlocksChanged(() => agent!.router.prefixesChanged());
+    mesh.onPeerUp((id) => {
+      const n = mesh.peerName(id);
+      if (n !== undefined) agent!.seenNames.set(id, n);
+    });
     if (cfg.tun) {
       try {
         agent.dataplane = await (await import("./dataplane.js")).DataPlane.start(agent, {
@@ -293,6 +306,17 @@ export class Agent {
         throw e;
       }
     }
+    if (cfg.k8sNodeWatch) {
+      const { NodeWatcher } = await import("./k8s.js");
+      const a = agent;
+      try {
+        a.k8s = new NodeWatcher(cfg.k8sNodeWatch, { onDeleted: (n) => a.k8sNodeDeleted(n), onPresent: (n) => a.pendingDeletes.delete(n) }, agentLog.child("k8s"));
+      } catch (e) {
+        await a.stop();
+        throw e;
+      }
+      a.k8s.start();
+    }
     signal.start();
     let ticks = 0;
     agent.tickTimer = setInterval(() => {
@@ -301,6 +325,7 @@ export class Agent {
         agent!.router.tick();
         agent!.checkRouteConflicts();
         agent!.ipam.tick();
+        agent!.recheckPendingDeletes();
       }
     }, 200);
     return agent;
@@ -410,6 +435,62 @@ export class Agent {
     return { node: id };
   }
 
+  /**
+   * A Kubernetes Node named `name` was deleted: force-release the blocks of the weftnet node(s) of that
+   * name (agents run with --name $(NODE_NAME)). Tolerant, unlike ipamRelease: a name no block owner has,
+   * our own name, or a node still reachable is logged and skipped (a reachable one is re-checked for
+   * `pendingMs`: a VM that was just terminated still looks connected until its heartbeats time out).
+   * The --reclaim-after mesh reclaim stays the fallback. Every agent sees the same deletion and they may
+   * all force-release at once: that converges, because forced writes are ordinary CRDT entries
+   * (src/ipam/table.ts: higher version wins, at equal version kind "f" beats "c" and "t", and two "f"
+   * at one version go to the lower owner id), so the agents agree on exactly one new owner per block.
+   */
+  k8sNodeDeleted(name: string, recheck = false): void {
+    const log = this.log.child("k8s");
+    if (name === this.name) {
+      log.warn("this node's own Kubernetes Node object was deleted; its blocks stay with it", { node: name });
+      return;
+    }
+    const owners = [...new Set(this.ipam.status().blocks.map((b) => b.owner).filter((o): o is string => !!o && o !== this.id))];
+    const ids = owners.filter((id) => (this.mesh.peerName(id) ?? this.seenNames.get(id)) === name);
+    if (ids.length === 0) {
+      this.pendingDeletes.delete(name);
+      if (!recheck) log.info("deleted Kubernetes Node: no weftnet node of that name owns address blocks (known to this agent); nothing to release", { node: name });
+      return;
+    }
+    let alive = false;
+    for (const id of ids) {
+      if (this.reachable(id)) {
+        alive = true;
+        if (!recheck) log.info("deleted Kubernetes Node: its weftnet agent is still connected; not releasing its blocks (re-checked for a while)", { node: name, id });
+        continue;
+      }
+      try {
+        const blocks = this.ipam.status().blocks.filter((b) => b.owner === id).length;
+        this.ipam.forceRelease(id);
+        log.warn("released the address blocks of a deleted Kubernetes Node", { node: name, id, blocks });
+      } catch (e) {
+        log.warn("could not release the blocks of a deleted Kubernetes Node; the mesh reclaims them after --reclaim-after", { node: name, id, err: (e as Error).message });
+      }
+    }
+    if (alive) {
+      if (!this.pendingDeletes.has(name)) this.pendingDeletes.set(name, Date.now() + (this.cfg.k8sNodeWatch?.pendingMs ?? 120_000));
+    } else this.pendingDeletes.delete(name);
+  }
+
+  private reachable(id: string): boolean {
+    return this.mesh.connectedPeers().includes(id) || this.router.nextHop(id) !== undefined;
+  }
+
+  private recheckPendingDeletes(): void {
+    for (const [name, until] of [...this.pendingDeletes]) {
+      if (Date.now() > until) {
+        this.pendingDeletes.delete(name);
+        this.log.child("k8s").info("deleted Kubernetes Node's agent is still connected; giving up (the mesh reclaims its blocks if it goes silent)", { node: name });
+      } else this.k8sNodeDeleted(name, true);
+    }
+  }
+
   private requireDataplane(): DataPlane {
     if (!this.dataplane) throw new WeftError("ERR_NO_DATAPLANE", "this agent runs without a data plane (--no-tun); pods need the TUN data plane");
     return this.dataplane;
@@ -433,6 +514,7 @@ export class Agent {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       if (this.tickTimer) clearInterval(this.tickTimer);
+      this.k8s?.stop();
       await this.mesh.stop();
       this.signal.stop();
       await this.api?.close();

@@ -3,6 +3,7 @@ import { createLogger, parseLevel } from "../../src/log.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
 import { apiRequest } from "../api-client.js";
+import { DEFAULT_TOKEN_PATH, inClusterAvailable } from "../k8s.js";
 import { apiSocketPath, defaultStateDir } from "../state.js";
 import { errorLine, fmtBytes, fmtDuration, parse, positiveInt, resolveToken, table } from "./util.js";
 
@@ -49,6 +50,10 @@ Options:
   --metrics-listen HOST:PORT
                         serve Prometheus metrics at http://HOST:PORT/metrics (off by default; no
                         auth: bind to 127.0.0.1 or a private address)
+  --k8s-node-watch      watch the Kubernetes API's Node objects and release a deleted Node's address
+                        blocks at once (the agent's --name must be the Node name); default on in a pod
+                        (KUBERNETES_SERVICE_HOST set and a service-account token mounted); needs
+                        get/list/watch on nodes. --no-k8s-node-watch turns it off
   --log-level L         debug | info | warn | error (default warn; env WEFTNET_LOG)
   --verbose             same as --log-level info
   -h, --help            this help
@@ -115,6 +120,8 @@ export async function runAgent(argv: string[]): Promise<number> {
     "reclaim-after": { type: "string" },
     "loopback-only": { type: "boolean" },
     "metrics-listen": { type: "string" },
+    "k8s-node-watch": { type: "boolean" },
+    "no-k8s-node-watch": { type: "boolean" },
     "log-level": { type: "string" },
     verbose: { type: "boolean" },
     help: { type: "boolean", short: "h" },
@@ -167,6 +174,10 @@ export async function runAgent(argv: string[]): Promise<number> {
     throw new UsageError(`weftnet agent: ${(e as Error).message}`);
   }
   if (values.cluster !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(values.cluster)) throw new UsageError(`weftnet agent: --cluster ${JSON.stringify(values.cluster)} must be 1-63 chars of letters, digits, '.', '_' or '-'`);
+  if (values["k8s-node-watch"] && values["no-k8s-node-watch"]) throw new UsageError("weftnet agent: --k8s-node-watch and --no-k8s-node-watch contradict each other");
+  const inCluster = inClusterAvailable();
+  if (values["k8s-node-watch"] && !inCluster) throw new UsageError(`weftnet agent: --k8s-node-watch needs to run in a Kubernetes pod: KUBERNETES_SERVICE_HOST set and a service-account token at ${DEFAULT_TOKEN_PATH} (automountServiceAccountToken: true)`);
+  const k8sNodeWatch = !values["no-k8s-node-watch"] && (values["k8s-node-watch"] || inCluster);
   const timing = values["connect-timeout"] !== undefined ? { connectTimeoutMs: parseDuration("agent", "--connect-timeout", values["connect-timeout"]) } : undefined;
   const agent = await Agent.start({
     ipam,
@@ -189,6 +200,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     ...(values.name !== undefined ? { name: values.name } : {}),
     ...(values["loopback-only"] ? { werift: { loopbackOnly: true } } : {}),
     ...(values["metrics-listen"] !== undefined ? { metricsListen: values["metrics-listen"] } : {}),
+    ...(k8sNodeWatch ? { k8sNodeWatch: {} } : {}),
   });
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
   if (agent.metrics) process.stdout.write(`metrics on ${agent.metrics.url}\n`);
