@@ -182,20 +182,27 @@ describe("examples/kubernetes/weftnet.yaml", () => {
     expect(volumeFor(agent, "/var/lib/weftnet").volume.hostPath.path).toBe(conflist.plugins[0].stateDir);
   });
 
-  it("RBAC is minimal: none at all (the agent does not call the API), or read-only nodes", () => {
-    for (const d of [...kinds(docs, "ClusterRole"), ...kinds(docs, "Role")]) {
-      for (const r of d.rules as Obj[]) {
-        expect(r.apiGroups).toEqual([""]);
-        expect(r.resources).toEqual(["nodes"]);
-        expect([...r.verbs].sort()).toEqual(["get", "list", "watch"]);
-      }
-    }
-    if (kinds(docs, "ClusterRole").length === 0) {
-      expect(kinds(docs, "ClusterRoleBinding")).toHaveLength(0);
-      expect(kinds(docs, "RoleBinding")).toHaveLength(0);
-      expect(pod.automountServiceAccountToken).toBe(false);
-      expect(one(docs, "ServiceAccount").automountServiceAccountToken).toBe(false);
-    }
+  it("RBAC is minimal: get/list/watch on nodes, nothing else, bound to the agent's service account only", () => {
+    // the agent watches Node objects (--k8s-node-watch) to release a deleted Node's address blocks
+    expect(kinds(docs, "Role")).toHaveLength(0);
+    expect(kinds(docs, "RoleBinding")).toHaveLength(0);
+    const role = one(docs, "ClusterRole");
+    expect(role.apiVersion).toBe("rbac.authorization.k8s.io/v1");
+    expect(role.rules).toEqual([{ apiGroups: [""], resources: ["nodes"], verbs: ["get", "list", "watch"] }]);
+    expect(role.aggregationRule).toBeUndefined();
+    const binding = one(docs, "ClusterRoleBinding");
+    expect(binding.roleRef).toEqual({ apiGroup: "rbac.authorization.k8s.io", kind: "ClusterRole", name: role.metadata.name });
+    const sa = one(docs, "ServiceAccount");
+    expect(binding.subjects).toEqual([{ kind: "ServiceAccount", name: sa.metadata.name, namespace: sa.metadata.namespace }]);
+    // a token only where it is used: the agent's pods mount it, the service account and the signaling server do not
+    expect(pod.serviceAccountName).toBe(sa.metadata.name);
+    expect(pod.automountServiceAccountToken).toBe(true);
+    expect(sa.automountServiceAccountToken).toBe(false);
+    expect(one(docs, "Deployment").spec.template.spec.automountServiceAccountToken).toBe(false);
+    // the watcher matches Nodes to agents by name: the agent's --name is the Node's name
+    expect(agent.args).toContain("--name=$(NODE_NAME)");
+    expect((agent.env as Obj[]).find((e) => e.name === "NODE_NAME")?.valueFrom).toEqual({ fieldRef: { fieldPath: "spec.nodeName" } });
+    expect(agent.args).not.toContain("--no-k8s-node-watch");
   });
 
   it("the signaling server: one replica on the host network, unprivileged, behind a Service", () => {
