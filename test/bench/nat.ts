@@ -4,8 +4,10 @@
  *      link connected; median (and min/max) of --runs runs (default 5), a fresh lab per run;
  *   2. iperf3 TCP pod-to-pod throughput, cone + cone + an open site: the direct path, then the same pods
  *      via the open site's agent (UDP between the two cone routers dropped), with the direct figure of
- *      the same run as the baseline; the server-relay figure comes from measureServerRelay() (hook).
- * Prints figures; never fails on a time. Flags: --runs N, --seconds S (iperf3 duration, default 5).
+ *      the same run as the baseline; then the server relay (a UDP-blocked site + an open site, its own lab),
+ *      also as a ratio to that direct figure.
+ * Prints figures; never fails on a time. Flags: --runs N, --seconds S (iperf3 duration, default 5),
+ * --relay-rate MBIT (the signaling server's --relay-rate for the server-relay figure; default its own, 100).
  */
 import { spawn } from "node:child_process";
 import { NatLab, type NatHost, type NatKind } from "../e2e/nat-lab.js";
@@ -17,6 +19,8 @@ const arg = (name: string, dflt: number) => {
 };
 const RUNS = arg("--runs", 5);
 const SECONDS = arg("--seconds", 5);
+/** --relay-rate MBIT: the signaling server's per-agent relay cap for the server-relay figure (default: the server's, 100) */
+const RELAY_RATE = arg("--relay-rate", 0);
 
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
@@ -66,12 +70,34 @@ async function iperf(lab: NatLab, client: string, server: string, serverIp: stri
 }
 
 /**
- * HOOK for the server-relay figure (issue 5, part 3): make the two pods' traffic go through the signaling
- * server's relay (e.g. block UDP at both cone routers and stop the open site's agent), measure with
- * iperf(), and return Mbit/s. Returns undefined until the relay engineer fills it in.
+ * The server-relay figure: a UDP-blocked site + an open site (a lab of its own, started after the direct and
+ * via-peer figures), so the only path between the two agents is the signaling server's relay
+ * (peers[].path "relay"); iperf3 pod -> pod over it. Mbit/s, or undefined when the link never went over the
+ * relay (the path seen is in the printed line).
  */
-async function measureServerRelay(_lab: NatLab, _pods: { name: string; ip: string }[]): Promise<number | undefined> {
-  return undefined;
+async function measureServerRelay(): Promise<{ mbps: number | undefined; path: string }> {
+  const lab = new NatLab([{ nat: "udp-blocked" }, { nat: "none" }]);
+  try {
+    await lab.setup();
+    await lab.startSignal(RELAY_RATE > 0 ? { extra: ["--relay-rate", String(RELAY_RATE)] } : {});
+    const [u, open] = lab.hosts as [NatHost, NatHost];
+    for (const h of lab.hosts) lab.startAgent(h);
+    let path = "none";
+    const t = Date.now();
+    while (Date.now() - t < 40_000) {
+      const [pu, po] = await Promise.all([lab.peer(u, open).catch(() => undefined), lab.peer(open, u).catch(() => undefined)]);
+      path = `${pu?.state}/${pu?.path}`;
+      if (pu?.state === "connected" && pu.path === "relay" && po?.state === "connected" && po.path === "relay") break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    if (path !== "connected/relay") return { mbps: undefined, path };
+    const p1 = await lab.addPod(u);
+    const p2 = await lab.addPod(open);
+    for (let i = 0; i < 40 && !(await lab.podPing(p1.name, p2.ip)); i++);
+    return { mbps: await iperf(lab, p1.name, p2.name, p2.ip), path };
+  } finally {
+    await lab.close();
+  }
 }
 
 async function throughput(): Promise<void> {
@@ -104,11 +130,15 @@ async function throughput(): Promise<void> {
     const path = (await lab.peer(c1, c2))?.path;
     await waitPing();
     const via = await iperf(lab, p1.name, p2.name, p2.ip);
-    const relay = await measureServerRelay(lab, [p1, p2]);
-    console.log(`\niperf3 TCP pod -> pod, ${SECONDS} s each (transport: agent default)`);
-    console.log(`  direct (cone-cone)        ${direct.toFixed(0).padStart(6)} Mbit/s   1.00`);
-    console.log(`  via peer (${path})   ${via.toFixed(0).padStart(6)} Mbit/s   ${(via / direct).toFixed(2)}`);
-    console.log(`  server relay              ${relay === undefined ? "     - (not measured: hook measureServerRelay)" : `${relay.toFixed(0).padStart(6)} Mbit/s   ${(relay / direct).toFixed(2)}`}`);
+    await lab.close(); // one lab at a time
+    const relay = await measureServerRelay();
+    const row = (label: string, mbps: number) => console.log(`  ${label.padEnd(34)} ${mbps.toFixed(0).padStart(6)} Mbit/s   ${(mbps / direct).toFixed(2)}`);
+    console.log(`\niperf3 TCP pod -> pod, ${SECONDS} s each (transport: agent default); ratio to the direct figure`);
+    row("direct (cone-cone)", direct);
+    row(`via peer (${path})`, via);
+    const relayLabel = `server relay (udp-blocked, rate ${RELAY_RATE > 0 ? RELAY_RATE : "100"})`;
+    if (relay.mbps === undefined) console.log(`  ${relayLabel.padEnd(34)}      - (no relay link: ${relay.path})`);
+    else row(relayLabel, relay.mbps);
   } finally {
     await lab.close();
   }
