@@ -65,11 +65,8 @@ import type * as Ndc from "node-datachannel";
 import type {
   ChannelName,
   Fingerprint,
-  LinkHandlers,
   LinkOptions,
-  LinkSignal,
-  LinkState,
-  LinkStats,
+  SelectedPath,
   Transport,
   TransportLink,
 } from "../../src/mesh/transport.js";
@@ -77,6 +74,7 @@ import { sdpFingerprint } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./werift.js";
+import { CHANNELS, errMsg, LinkBase } from "./link-base.js";
 
 export type { DtlsCertificatePem } from "./werift.js";
 
@@ -201,7 +199,7 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   const ex = opts.excludeAddress;
   const loopOnly = !!opts.loopbackOnly;
   const keepAddress = (ip: string): boolean => (!loopOnly || ip.startsWith("127.")) && !(ex && safe(() => ex(ip), false));
-  const links = new Set<NativeLink>();
+  const links = new Set<LinkBase>();
   let closed = false;
   let seq = 0;
 
@@ -306,46 +304,26 @@ interface LinkEnv {
   keepAddress(ip: string): boolean;
   limits: typeof LIMITS;
   log: Logger;
-  onGone(l: NativeLink): void;
+  onGone(l: LinkBase): void;
 }
-
-const CHANNELS: readonly ChannelName[] = ["control", "packets"];
 
 /** Between closing the channels (stream resets) and closing the peer connection. */
 const CLOSE_GRACE_MS = 20;
 
-class NativeLink implements TransportLink {
+class NativeLink extends LinkBase {
   private pc: Ndc.PeerConnection | undefined;
   /** Strong references: node-datachannel closes a DataChannel whose JS object is collected. */
   private dc: Partial<Record<ChannelName, Ndc.DataChannel>> = {};
   private readonly open: Record<ChannelName, boolean> = { control: false, packets: false };
-  private readonly handlers: LinkHandlers;
-  private readonly log: Logger;
-  private readonly limits: typeof LIMITS;
-  private readonly initiator: boolean;
-  private _state: LinkState = "new";
-  private remoteSet = false;
   /** a=mid of the remote description's first m-section, for candidates that come without sdpMid. */
   private remoteMid: string | undefined;
-  private sendFailLogged = false;
-  private pendingCandidates: (IceCandidateInit | null)[] = [];
-  private readonly wantDrain: Record<ChannelName, boolean> = { control: false, packets: false };
-  private readonly oversizeLogged: Record<ChannelName, boolean> = { control: false, packets: false };
-  private stringLogged = false;
   private endOfCandidatesSent = false;
-  private bytesSent = 0;
-  private bytesReceived = 0;
-  private closePromise: Promise<void> | undefined;
 
-  constructor(opts: LinkOptions, private readonly env: LinkEnv) {
-    this.handlers = opts.handlers;
-    this.log = env.log;
-    this.limits = env.limits;
-    this.initiator = opts.initiator;
-  }
-
-  get state(): LinkState {
-    return this._state;
+  constructor(
+    opts: LinkOptions,
+    private readonly env: LinkEnv,
+  ) {
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone });
   }
 
   /**
@@ -389,82 +367,28 @@ class NativeLink implements TransportLink {
         this.emitSignal({ kind: "candidate", candidate: null });
       }),
     );
-    pc.onStateChange((s) =>
-      this.guard("connection state", () => {
-        this.log.debug("connection state", { state: s });
-        if (s === "failed") this.finish("failed", "connection failed");
-        else if (s === "closed") this.finish("closed", "connection closed");
-      }),
-    );
+    pc.onStateChange((s) => this.guard("connection state", () => this.connectionState(s)));
     for (const name of CHANNELS) {
       const dc = this.dc[name]!;
-      const low = name === "control" ? this.limits.controlLowWater : this.limits.packetsLowWater;
+      const low = this.lowWater(name);
       dc.setBufferedAmountLowThreshold(low);
       dc.onOpen(() =>
         this.guard("channel open", () => {
-          this.log.debug("channel state", { channel: name, state: "open" });
           this.open[name] = true;
-          this.maybeOpen();
+          this.channelState(name, "open");
         }),
       );
       dc.onClosed(() =>
         this.guard("channel closed", () => {
-          this.log.debug("channel state", { channel: name, state: "closed" });
           this.open[name] = false;
-          this.finish("closed", `${name} channel closed`);
+          this.channelState(name, "closed");
         }),
       );
       dc.onError((err) => this.guard("channel error", () => this.log.debug("channel error", { channel: name, err })));
       dc.onMessage((m) => this.guard("channel message", () => this.deliver(name, m)));
-      dc.onBufferedAmountLow(() =>
-        this.guard("buffered amount low", () => {
-          if (!this.wantDrain[name] || this.isDone()) return;
-          // A crossing posted before our last refusal can arrive late: only report a real drain. The buffer is
-          // above the mark in that case, so libdatachannel will cross it again.
-          if (dc.bufferedAmount() > low) return;
-          this.wantDrain[name] = false;
-          this.call("onDrain", () => this.handlers.onDrain?.(name));
-        }),
-      );
-    }
-  }
-
-  private deliver(name: ChannelName, m: string | Buffer | ArrayBuffer): void {
-    if (this.isDone()) return;
-    let bytes: Uint8Array;
-    if (typeof m === "string") {
-      if (!this.stringLogged) {
-        this.stringLogged = true;
-        this.log.warn("peer sent a string data-channel message; delivering its UTF-8 bytes", { channel: name });
-      }
-      bytes = new TextEncoder().encode(m);
-    } else if (m instanceof ArrayBuffer) {
-      bytes = new Uint8Array(m);
-    } else {
-      bytes = new Uint8Array(m.buffer, m.byteOffset, m.byteLength);
-    }
-    this.bytesReceived += bytes.byteLength;
-    this.call("onMessage", () => this.handlers.onMessage(name, bytes));
-  }
-
-  private maybeOpen(): void {
-    if (this._state !== "new" && this._state !== "connecting") return;
-    if (!this.open.control || !this.open.packets) return;
-    this._state = "open";
-    this.log.debug("link open");
-    this.call("onOpen", () => this.handlers.onOpen());
-  }
-
-  private emitSignal(sig: LinkSignal): void {
-    this.call("onSignal", () => this.handlers.onSignal(sig));
-  }
-
-  /** Run a handler; never let it throw into node-datachannel. */
-  private call(what: string, fn: () => void): void {
-    try {
-      fn();
-    } catch (err) {
-      this.log.error("link handler threw", { handler: what, err });
+      // A crossing posted before our last refusal can arrive late: only report a real drain. The buffer is
+      // above the mark in that case, so libdatachannel will cross it again.
+      dc.onBufferedAmountLow(() => this.guard("buffered amount low", () => this.drained(name, { stillAbove: () => dc.bufferedAmount() > low })));
     }
   }
 
@@ -481,20 +405,13 @@ class NativeLink implements TransportLink {
     }
   }
 
-  private isDone(): boolean {
-    return this._state === "closed" || this._state === "failed";
+  protected override channelsOpen(): boolean {
+    return this.open.control && this.open.packets;
   }
 
-  /** Terminal transition: free everything, call onClose once. */
-  private finish(state: "closed" | "failed", reason: string): void {
-    if (this.isDone()) return;
-    this._state = state;
-    this.pendingCandidates = [];
+  protected override dispose(): Promise<void> {
     this.open.control = this.open.packets = false;
-    this.closePromise = this.teardown();
-    this.env.onGone(this);
-    this.log.debug("link closed", { reason, state });
-    this.call("onClose", () => this.handlers.onClose(reason));
+    return this.teardown();
   }
 
   /**
@@ -514,97 +431,39 @@ class NativeLink implements TransportLink {
     safe(() => pc.close(), undefined);
   }
 
-  // ---- port API -------------------------------------------------------------------------------------------
+  // ---- signaling ------------------------------------------------------------------------------------------
 
-  async start(): Promise<void> {
-    if (!this.initiator) throw new Error("start() is for the initiator only");
-    if (this._state !== "new") return;
-    this._state = "connecting";
-    try {
-      const pc = this.ensurePc();
-      pc.setLocalDescription("offer");
-      const sdp = pc.localDescription()?.sdp;
-      if (!sdp) throw new Error("no local description after setLocalDescription");
-      if (this.isDone()) return;
-      this.emitSignal({ kind: "offer", sdp: this.filterSdp(sdp) });
-    } catch (err) {
-      if (this.isDone()) return;
-      this.log.warn("creating the offer failed", { err });
-      this.finish("failed", `offer failed: ${errMsg(err)}`);
-    }
+  protected override async makeOffer(): Promise<string> {
+    const pc = this.ensurePc();
+    pc.setLocalDescription("offer");
+    return this.filterSdp(localSdp(pc));
   }
 
-  async handleSignal(sig: LinkSignal): Promise<void> {
-    if (this.isDone()) return;
-    try {
-      switch (sig.kind) {
-        case "offer": {
-          if (this.initiator) {
-            this.log.warn("initiator got an offer; ignored");
-            return;
-          }
-          if (this.remoteSet) {
-            this.log.warn("second offer ignored (renegotiation is not supported)");
-            return;
-          }
-          this._state = "connecting";
-          const pc = this.ensurePc();
-          pc.setRemoteDescription(this.filterSdp(sig.sdp), "offer");
-          this.remoteSet = true;
-          this.remoteMid = firstMid(sig.sdp);
-          this.flushCandidates();
-          if (this.isDone()) return;
-          pc.setLocalDescription("answer");
-          const sdp = pc.localDescription()?.sdp;
-          if (!sdp) throw new Error("no local description after setLocalDescription");
-          this.emitSignal({ kind: "answer", sdp: this.filterSdp(sdp) });
-          return;
-        }
-        case "answer": {
-          if (!this.initiator) {
-            this.log.warn("answerer got an answer; ignored");
-            return;
-          }
-          if (this.remoteSet) {
-            this.log.debug("duplicate answer ignored");
-            return;
-          }
-          const pc = this.pc;
-          if (!pc || pc.signalingState() !== "have-local-offer") {
-            this.log.warn("answer before our offer; ignored", { signalingState: pc?.signalingState() });
-            return;
-          }
-          // libdatachannel sets up the ICE transport of a new offer on its own thread; an answer that
-          // comes back very fast (loaded host) can overtake it ("remote candidate without ICE
-          // transport"). Retry briefly instead of failing the whole attempt.
-          for (let attempt = 0; ; attempt++) {
-            try {
-              pc.setRemoteDescription(this.filterSdp(sig.sdp), "answer");
-              break;
-            } catch (err) {
-              if (attempt >= 20 || !/without ICE transport/i.test(errMsg(err)) || this.isDone()) throw err;
-              await new Promise<void>((r) => setTimeout(r, 25));
-            }
-          }
-          this.remoteSet = true;
-          this.remoteMid = firstMid(sig.sdp);
-          this.flushCandidates();
-          return;
-        }
-        case "candidate": {
-          if (!this.remoteSet) {
-            if (this.pendingCandidates.length < 256) this.pendingCandidates.push(sig.candidate);
-            return;
-          }
-          this.addCandidate(sig.candidate);
-          return;
-        }
+  protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {
+    const pc = this.ensurePc();
+    // libdatachannel sets up the ICE transport of a new offer on its own thread; an answer that
+    // comes back very fast (loaded host) can overtake it ("remote candidate without ICE
+    // transport"). Retry briefly instead of failing the whole attempt.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        pc.setRemoteDescription(this.filterSdp(sdp), type);
+        break;
+      } catch (err) {
+        if (type !== "answer" || attempt >= 20 || !/without ICE transport/i.test(errMsg(err)) || this.isDone()) throw err;
+        await new Promise<void>((r) => setTimeout(r, 25));
       }
-    } catch (err) {
-      if (this.isDone()) return;
-      this.log.warn("handling a signal failed", { kind: sig.kind, err });
-      if (sig.kind !== "candidate") this.finish("failed", `${sig.kind} failed: ${errMsg(err)}`);
     }
+    this.remoteMid = firstMid(sdp);
+  }
+
+  protected override async makeAnswer(): Promise<string> {
+    const pc = this.ensurePc();
+    pc.setLocalDescription("answer");
+    return this.filterSdp(localSdp(pc));
+  }
+
+  protected override signalingState(): string | undefined {
+    return this.pc?.signalingState();
   }
 
   /** Apply the candidate filter to the a=candidate lines of an SDP (remote before use, local before sending). */
@@ -621,16 +480,7 @@ class NativeLink implements TransportLink {
     return addr === undefined || this.env.keepAddress(addr);
   }
 
-  private flushCandidates(): void {
-    const list = this.pendingCandidates;
-    this.pendingCandidates = [];
-    for (const c of list) {
-      if (this.isDone()) return;
-      this.addCandidate(c);
-    }
-  }
-
-  private addCandidate(c: IceCandidateInit | null): void {
+  protected override addCandidate(c: IceCandidateInit | null): void {
     // libdatachannel has no end-of-candidates call: nothing to do for null.
     if (c === null || !this.pc) return;
     const line = c.candidate.trim();
@@ -648,78 +498,44 @@ class NativeLink implements TransportLink {
     }
   }
 
-  send(channel: ChannelName, data: Uint8Array): boolean {
-    if (this._state !== "open" || !this.open[channel]) return false;
+  // ---- data -----------------------------------------------------------------------------------------------
+
+  protected override sendCapacity(channel: ChannelName): { maxSize: number; buffered: number } | undefined {
     const dc = this.dc[channel];
-    if (!dc) return false;
-    const size = data.byteLength;
-    let maxSize: number;
-    let buffered: number;
+    if (!this.open[channel] || !dc) return undefined;
     try {
-      maxSize = Math.min(dc.maxMessageSize(), this.limits.maxMessageSize);
-      buffered = dc.bufferedAmount();
+      return { maxSize: Math.min(dc.maxMessageSize(), this.limits.maxMessageSize), buffered: dc.bufferedAmount() };
     } catch {
-      return false;
-    }
-    if (size > maxSize) {
-      if (!this.oversizeLogged[channel]) {
-        this.oversizeLogged[channel] = true;
-        this.log.warn("message larger than the max message size dropped", { channel, size, max: maxSize });
-      }
-      return false;
-    }
-    const limit = channel === "control" ? this.limits.controlBufferLimit : this.limits.packetsBufferLimit;
-    const low = channel === "control" ? this.limits.controlLowWater : this.limits.packetsLowWater;
-    if (buffered > low && buffered + size > limit) {
-      this.wantDrain[channel] = true;
-      return false;
-    }
-    try {
-      // Returns false when libdatachannel queued the message instead of handing it to SCTP at once: still sent.
-      dc.sendMessageBinary(data);
-      this.bytesSent += size;
-      return true;
-    } catch (err) {
-      // A channel that closes under a burst of sends would log once per message: warn once per link.
-      if (!this.sendFailLogged) this.log.warn("data channel send failed (further failures on this link are not logged)", { channel, size, err });
-      this.sendFailLogged = true;
-      return false;
+      return undefined;
     }
   }
 
-  bufferedAmount(channel: ChannelName): number {
+  protected override sendNow(channel: ChannelName, data: Uint8Array): void {
+    // Returns false when libdatachannel queued the message instead of handing it to SCTP at once: still sent.
+    this.dc[channel]!.sendMessageBinary(data);
+  }
+
+  override bufferedAmount(channel: ChannelName): number {
     if (this.isDone()) return 0;
     return safe(() => this.dc[channel]?.bufferedAmount() ?? 0, 0);
   }
 
-  async stats(): Promise<LinkStats> {
-    const out: LinkStats = { bytesSent: this.bytesSent, bytesReceived: this.bytesReceived };
-    if (this.isDone() || !this.pc) return out;
-    try {
-      const pair = this.pc.getSelectedCandidatePair();
-      if (pair) {
-        out.selected = {
-          localType: pair.local.type,
-          localAddress: hostPort(pair.local.address, pair.local.port),
-          remoteType: pair.remote.type,
-          remoteAddress: hostPort(pair.remote.address, pair.remote.port),
-        };
-      }
-    } catch (err) {
-      this.log.debug("stats: selected pair unavailable", { err });
-    }
-    return out;
+  protected override selectedPath(): SelectedPath | undefined {
+    const pair = this.pc?.getSelectedCandidatePair();
+    if (!pair) return undefined;
+    return {
+      localType: pair.local.type,
+      localAddress: hostPort(pair.local.address, pair.local.port),
+      remoteType: pair.remote.type,
+      remoteAddress: hostPort(pair.remote.address, pair.remote.port),
+    };
   }
+}
 
-  close(): void {
-    this.finish("closed", "closed locally");
-  }
-
-  /** Close and wait until the native peer connection is closed. */
-  async closeAndWait(reason: string): Promise<void> {
-    this.finish("closed", reason);
-    await this.closePromise;
-  }
+function localSdp(pc: Ndc.PeerConnection): string {
+  const sdp = pc.localDescription()?.sdp;
+  if (!sdp) throw new Error("no local description after setLocalDescription");
+  return sdp;
 }
 
 function firstMid(sdp: string): string | undefined {
@@ -741,8 +557,4 @@ function safe<T>(fn: () => T, fallback: T): T {
   } catch {
     return fallback;
   }
-}
-
-function errMsg(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }

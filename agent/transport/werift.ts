@@ -33,17 +33,15 @@ import { RTCCertificate, RTCPeerConnection, CipherContext, type CandidatePair, t
 import type {
   ChannelName,
   Fingerprint,
-  LinkHandlers,
   LinkOptions,
   LinkSignal,
-  LinkState,
-  LinkStats,
   SelectedPath,
   Transport,
   TransportLink,
 } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
+import { CHANNELS, LinkBase } from "./link-base.js";
 
 export const LIMITS = {
   /** bufferedAmount above which send() refuses (see header). */
@@ -116,7 +114,7 @@ export async function createWeriftTransport(opts: WeriftTransportOptions = {}): 
   if (!fp) throw new Error("werift certificate has no fingerprint");
   const fingerprint: Fingerprint = { algorithm: fp.algorithm.toLowerCase(), value: fp.value.toUpperCase() };
   const limits = { ...LIMITS, ...(opts.limits ?? {}) };
-  const links = new Set<WeriftLink>();
+  const links = new Set<LinkBase>();
   let closed = false;
   let seq = 0;
 
@@ -187,37 +185,18 @@ interface LinkEnv {
   ice: IceConfig;
   limits: typeof LIMITS;
   log: Logger;
-  onGone(l: WeriftLink): void;
+  onGone(l: LinkBase): void;
 }
 
 const ABORT_GRACE_MS = 20;
 
-const CHANNELS: readonly ChannelName[] = ["control", "packets"];
-
-class WeriftLink implements TransportLink {
+class WeriftLink extends LinkBase {
   private readonly pc: RTCPeerConnection;
   private readonly dc: Record<ChannelName, RTCDataChannel>;
-  private readonly handlers: LinkHandlers;
-  private readonly log: Logger;
-  private readonly limits: typeof LIMITS;
-  private readonly initiator: boolean;
-  private _state: LinkState = "new";
-  private remoteSet = false;
-  private sendFailLogged = false;
-  private pendingCandidates: (IceCandidateInit | null)[] = [];
-  private readonly wantDrain: Record<ChannelName, boolean> = { control: false, packets: false };
-  private readonly oversizeLogged: Record<ChannelName, boolean> = { control: false, packets: false };
-  private stringLogged = false;
-  private bytesSent = 0;
-  private bytesReceived = 0;
-  private closePromise: Promise<void> | undefined;
   private readonly disposers: (() => void)[] = [];
 
-  constructor(opts: LinkOptions, private readonly env: LinkEnv) {
-    this.handlers = opts.handlers;
-    this.log = env.log;
-    this.limits = env.limits;
-    this.initiator = opts.initiator;
+  constructor(opts: LinkOptions, env: LinkEnv) {
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone });
     const ice = env.ice;
     this.pc = new RTCPeerConnection({
       iceServers: opts.iceServers,
@@ -238,10 +217,6 @@ class WeriftLink implements TransportLink {
     this.wire();
   }
 
-  get state(): LinkState {
-    return this._state;
-  }
-
   // ---- events -------------------------------------------------------------------------------------
 
   private wire(): void {
@@ -253,85 +228,23 @@ class WeriftLink implements TransportLink {
         this.emitSignal({ kind: "candidate", candidate: c ? candidateInit(c) : null });
       }),
     );
-    sub(
-      pc.connectionStateChange.subscribe((s) => {
-        this.log.debug("connection state", { state: s });
-        if (s === "failed") this.finish("failed", "connection failed");
-        else if (s === "closed") this.finish("closed", "connection closed");
-      }),
-    );
+    sub(pc.connectionStateChange.subscribe((s) => this.connectionState(s)));
     for (const name of CHANNELS) {
       const dc = this.dc[name];
-      dc.bufferedAmountLowThreshold = name === "control" ? this.limits.controlLowWater : this.limits.packetsLowWater;
-      sub(
-        dc.stateChanged.subscribe((s) => {
-          this.log.debug("channel state", { channel: name, state: s });
-          if (s === "open") this.maybeOpen();
-          else if (s === "closed" || s === "closing") this.finish("closed", `${name} channel closed`);
-        }),
-      );
+      dc.bufferedAmountLowThreshold = this.lowWater(name);
+      sub(dc.stateChanged.subscribe((s) => this.channelState(name, s)));
       sub(dc.onMessage.subscribe((m) => this.deliver(name, m)));
-      sub(
-        dc.bufferedAmountLow.subscribe(() => {
-          if (!this.wantDrain[name] || this.isDone()) return;
-          this.wantDrain[name] = false;
-          // werift fires this from inside its flush loop: call out asynchronously so a handler that sends
-          // again does not re-enter it.
-          setImmediate(() => {
-            if (this.isDone()) return;
-            this.call("onDrain", () => this.handlers.onDrain?.(name));
-          });
-        }),
-      );
+      // werift fires this from inside its flush loop: call out asynchronously so a handler that sends
+      // again does not re-enter it.
+      sub(dc.bufferedAmountLow.subscribe(() => this.drained(name, { defer: (fn) => setImmediate(fn) })));
     }
   }
 
-  private deliver(name: ChannelName, m: string | Buffer): void {
-    if (this.isDone()) return;
-    let bytes: Uint8Array;
-    if (typeof m === "string") {
-      if (!this.stringLogged) {
-        this.stringLogged = true;
-        this.log.warn("peer sent a string data-channel message; delivering its UTF-8 bytes", { channel: name });
-      }
-      bytes = new TextEncoder().encode(m);
-    } else {
-      bytes = new Uint8Array(m.buffer, m.byteOffset, m.byteLength);
-    }
-    this.bytesReceived += bytes.byteLength;
-    this.call("onMessage", () => this.handlers.onMessage(name, bytes));
+  protected override channelsOpen(): boolean {
+    return this.dc.control.readyState === "open" && this.dc.packets.readyState === "open";
   }
 
-  private maybeOpen(): void {
-    if (this._state !== "new" && this._state !== "connecting") return;
-    if (this.dc.control.readyState !== "open" || this.dc.packets.readyState !== "open") return;
-    this._state = "open";
-    this.log.debug("link open");
-    this.call("onOpen", () => this.handlers.onOpen());
-  }
-
-  private emitSignal(sig: LinkSignal): void {
-    this.call("onSignal", () => this.handlers.onSignal(sig));
-  }
-
-  /** Run a handler; never let it throw into werift. */
-  private call(what: string, fn: () => void): void {
-    try {
-      fn();
-    } catch (err) {
-      this.log.error("link handler threw", { handler: what, err });
-    }
-  }
-
-  private isDone(): boolean {
-    return this._state === "closed" || this._state === "failed";
-  }
-
-  /** Terminal transition: free everything, call onClose once. */
-  private finish(state: "closed" | "failed", reason: string): void {
-    if (this.isDone()) return;
-    this._state = state;
-    this.pendingCandidates = [];
+  protected override dispose(): Promise<void> {
     for (const d of this.disposers.splice(0)) {
       try {
         d();
@@ -339,10 +252,7 @@ class WeriftLink implements TransportLink {
         /* ignore */
       }
     }
-    this.closePromise = this.teardown();
-    this.env.onGone(this);
-    this.log.debug("link closed", { reason, state });
-    this.call("onClose", () => this.handlers.onClose(reason));
+    return this.teardown();
   }
 
   /**
@@ -369,97 +279,33 @@ class WeriftLink implements TransportLink {
     }
   }
 
-  // ---- port API -----------------------------------------------------------------------------------
+  // ---- signaling ----------------------------------------------------------------------------------
 
-  async start(): Promise<void> {
-    if (!this.initiator) throw new Error("start() is for the initiator only");
-    if (this._state !== "new") return;
-    this._state = "connecting";
-    try {
-      const offer = await this.pc.createOffer();
-      if (this.isDone()) return;
-      await this.pc.setLocalDescription(offer);
-      if (this.isDone()) return;
-      const sdp = this.pc.localDescription?.sdp ?? offer.sdp;
-      this.emitSignal({ kind: "offer", sdp });
-    } catch (err) {
-      if (this.isDone()) return;
-      this.log.warn("creating the offer failed", { err });
-      this.finish("failed", `offer failed: ${errMsg(err)}`);
-    }
+  protected override async makeOffer(): Promise<string | undefined> {
+    const offer = await this.pc.createOffer();
+    if (this.isDone()) return undefined;
+    await this.pc.setLocalDescription(offer);
+    if (this.isDone()) return undefined;
+    return this.pc.localDescription?.sdp ?? offer.sdp;
   }
 
-  async handleSignal(sig: LinkSignal): Promise<void> {
-    if (this.isDone()) return;
-    try {
-      switch (sig.kind) {
-        case "offer": {
-          if (this.initiator) {
-            this.log.warn("initiator got an offer; ignored");
-            return;
-          }
-          if (this.remoteSet) {
-            this.log.warn("second offer ignored (renegotiation is not supported)");
-            return;
-          }
-          this._state = "connecting";
-          await this.pc.setRemoteDescription({ type: "offer", sdp: sig.sdp });
-          if (this.isDone()) return;
-          this.remoteSet = true;
-          await this.flushCandidates();
-          if (this.isDone()) return;
-          const answer = await this.pc.createAnswer();
-          if (this.isDone()) return;
-          await this.pc.setLocalDescription(answer);
-          if (this.isDone()) return;
-          this.emitSignal({ kind: "answer", sdp: this.pc.localDescription?.sdp ?? answer.sdp });
-          return;
-        }
-        case "answer": {
-          if (!this.initiator) {
-            this.log.warn("answerer got an answer; ignored");
-            return;
-          }
-          if (this.remoteSet) {
-            this.log.debug("duplicate answer ignored");
-            return;
-          }
-          if (this.pc.signalingState !== "have-local-offer") {
-            this.log.warn("answer before our offer; ignored", { signalingState: this.pc.signalingState });
-            return;
-          }
-          await this.pc.setRemoteDescription({ type: "answer", sdp: sig.sdp });
-          if (this.isDone()) return;
-          this.remoteSet = true;
-          await this.flushCandidates();
-          return;
-        }
-        case "candidate": {
-          if (!this.remoteSet) {
-            if (this.pendingCandidates.length < 256) this.pendingCandidates.push(sig.candidate);
-            return;
-          }
-          await this.addCandidate(sig.candidate);
-          return;
-        }
-      }
-    } catch (err) {
-      if (this.isDone()) return;
-      this.log.warn("handling a signal failed", { kind: sig.kind, err });
-      if (sig.kind !== "candidate") this.finish("failed", `${sig.kind} failed: ${errMsg(err)}`);
-    }
+  protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {
+    await this.pc.setRemoteDescription({ type, sdp });
   }
 
-  private async flushCandidates(): Promise<void> {
-    const list = this.pendingCandidates;
-    this.pendingCandidates = [];
-    for (const c of list) {
-      if (this.isDone()) return;
-      await this.addCandidate(c);
-    }
+  protected override async makeAnswer(): Promise<string | undefined> {
+    const answer = await this.pc.createAnswer();
+    if (this.isDone()) return undefined;
+    await this.pc.setLocalDescription(answer);
+    if (this.isDone()) return undefined;
+    return this.pc.localDescription?.sdp ?? answer.sdp;
   }
 
-  private async addCandidate(c: IceCandidateInit | null): Promise<void> {
+  protected override signalingState(): string {
+    return this.pc.signalingState;
+  }
+
+  protected override async addCandidate(c: IceCandidateInit | null): Promise<void> {
     try {
       // werift takes `undefined`/null as end-of-candidates.
       await this.pc.addIceCandidate(c === null ? null : { candidate: c.candidate, sdpMid: c.sdpMid, sdpMLineIndex: c.sdpMLineIndex });
@@ -468,37 +314,16 @@ class WeriftLink implements TransportLink {
     }
   }
 
-  send(channel: ChannelName, data: Uint8Array): boolean {
-    if (this._state !== "open") return false;
+  // ---- data ---------------------------------------------------------------------------------------
+
+  protected override sendCapacity(channel: ChannelName): { maxSize: number; buffered: number } | undefined {
     const dc = this.dc[channel];
-    if (!dc || dc.readyState !== "open") return false;
-    const size = data.byteLength;
-    const maxSize = this.maxMessageSize();
-    if (size > maxSize) {
-      if (!this.oversizeLogged[channel]) {
-        this.oversizeLogged[channel] = true;
-        this.log.warn("message larger than the max message size dropped", { channel, size, max: maxSize });
-      }
-      return false;
-    }
-    const limit = channel === "control" ? this.limits.controlBufferLimit : this.limits.packetsBufferLimit;
-    const low = dc.bufferedAmountLowThreshold;
-    const buffered = dc.bufferedAmount;
-    if (buffered > low && buffered + size > limit) {
-      this.wantDrain[channel] = true;
-      return false;
-    }
-    try {
-      const buf = Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-      dc.send(buf);
-      this.bytesSent += size;
-      return true;
-    } catch (err) {
-      // A channel that closes under a burst of sends would log once per message: warn once per link.
-      if (!this.sendFailLogged) this.log.warn("data channel send failed (further failures on this link are not logged)", { channel, size, err });
-      this.sendFailLogged = true;
-      return false;
-    }
+    if (!dc || dc.readyState !== "open") return undefined;
+    return { maxSize: this.maxMessageSize(), buffered: dc.bufferedAmount };
+  }
+
+  protected override sendNow(channel: ChannelName, data: Uint8Array): void {
+    this.dc[channel].send(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
   }
 
   /** min(what we advertise, what the remote advertised); werift throws above the latter. */
@@ -508,30 +333,12 @@ class WeriftLink implements TransportLink {
     return remote === 0 ? this.limits.maxMessageSize : Math.min(remote, this.limits.maxMessageSize);
   }
 
-  bufferedAmount(channel: ChannelName): number {
+  override bufferedAmount(channel: ChannelName): number {
     return this.dc[channel]?.bufferedAmount ?? 0;
   }
 
-  async stats(): Promise<LinkStats> {
-    const out: LinkStats = { bytesSent: this.bytesSent, bytesReceived: this.bytesReceived };
-    if (this.isDone()) return out;
-    try {
-      const sel = (await selectedPathFromStats(this.pc)) ?? selectedPathFromIce(this.pc);
-      if (sel) out.selected = sel;
-    } catch (err) {
-      this.log.debug("stats: selected pair unavailable", { err });
-    }
-    return out;
-  }
-
-  close(): void {
-    this.finish("closed", "closed locally");
-  }
-
-  /** close() and wait for werift to release its sockets. */
-  async closeAndWait(reason: string): Promise<void> {
-    this.finish("closed", reason);
-    await this.closePromise;
+  protected override async selectedPath(): Promise<SelectedPath | undefined> {
+    return (await selectedPathFromStats(this.pc)) ?? selectedPathFromIce(this.pc);
   }
 }
 
@@ -552,10 +359,6 @@ async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | undefined>
   } finally {
     clearTimeout(timer);
   }
-}
-
-function errMsg(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }
 
 type StatsEntry = Record<string, unknown> & { type?: string; id?: string };

@@ -14,7 +14,7 @@ import { createWeriftTransport } from "../../agent/transport/werift.js";
 import type { LinkSignal, TransportLink } from "../../src/mesh/transport.js";
 
 const root = resolve(import.meta.dirname, "../..");
-const FILES = ["agent/transport/werift.ts", "src/mesh/transport.ts", "src/log.ts"];
+const FILES = ["agent/transport/werift.ts", "agent/transport/link-base.ts", "src/mesh/transport.ts", "src/log.ts"];
 
 const CHILD = `
 import { createInterface } from "node:readline";

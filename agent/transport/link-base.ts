@@ -1,0 +1,333 @@
+/**
+ * What the werift (werift.ts) and libdatachannel (native.ts) links have in common, as an abstract base class
+ * over the transport port (src/mesh/transport.ts). The base owns the link's state machine and bookkeeping:
+ *
+ * - signals: the offer/answer/candidate skeleton (an initiator ignores offers, an answerer ignores answers,
+ *   no renegotiation, remote candidates are buffered (up to 256) until the remote description is set);
+ * - terminal transition: finish() frees the link once and calls onClose exactly once;
+ * - handlers: every call into LinkHandlers goes through call(), which logs instead of throwing into the library;
+ * - send(): max-message-size check (logged once per link and channel), buffer limit / low-water refusal,
+ *   onDrain once after a refusal, send-failure logging once per link, byte counters;
+ * - receive: string messages (a misbehaving peer) are delivered as their UTF-8 bytes, logged once;
+ * - stats(): byte counters plus the selected candidate pair when the library knows it.
+ *
+ * Subclasses implement the small hooks below with their library's calls and keep everything
+ * library-specific (teardown order, candidate formats and filters, retries) to themselves.
+ */
+import type { ChannelName, LinkHandlers, LinkSignal, LinkState, LinkStats, SelectedPath, TransportLink } from "../../src/mesh/transport.js";
+import type { IceCandidateInit } from "../../src/wire/signal.js";
+import type { Logger } from "../../src/log.js";
+
+export const CHANNELS: readonly ChannelName[] = ["control", "packets"];
+
+/** The LIMITS fields the base uses (each adapter has its own defaults). */
+export interface LinkLimits {
+  controlBufferLimit: number;
+  packetsBufferLimit: number;
+  controlLowWater: number;
+  packetsLowWater: number;
+  maxMessageSize: number;
+}
+
+export interface LinkBaseOptions {
+  initiator: boolean;
+  handlers: LinkHandlers;
+  limits: LinkLimits;
+  log: Logger;
+  /** Called once, from finish(): the transport forgets the link. */
+  onGone(link: LinkBase): void;
+}
+
+/** Remote candidates kept while the remote description is not set yet. */
+const MAX_PENDING_CANDIDATES = 256;
+
+export abstract class LinkBase implements TransportLink {
+  protected readonly handlers: LinkHandlers;
+  protected readonly log: Logger;
+  protected readonly limits: LinkLimits;
+  protected readonly initiator: boolean;
+  private readonly onGone: (link: LinkBase) => void;
+  private _state: LinkState = "new";
+  private remoteSet = false;
+  private pendingCandidates: (IceCandidateInit | null)[] = [];
+  private sendFailLogged = false;
+  private readonly wantDrain: Record<ChannelName, boolean> = { control: false, packets: false };
+  private readonly oversizeLogged: Record<ChannelName, boolean> = { control: false, packets: false };
+  private stringLogged = false;
+  private bytesSent = 0;
+  private bytesReceived = 0;
+  private closePromise: Promise<void> | undefined;
+
+  constructor(opts: LinkBaseOptions) {
+    this.handlers = opts.handlers;
+    this.log = opts.log;
+    this.limits = opts.limits;
+    this.initiator = opts.initiator;
+    this.onGone = opts.onGone;
+  }
+
+  // ---- hooks: the library calls ---------------------------------------------------------------------
+
+  /** Create the offer and set it as local description; its SDP, or undefined when the link finished meanwhile. */
+  protected abstract makeOffer(): Promise<string | undefined>;
+  /** Set the remote description (the base has checked the role and that none is set yet). */
+  protected abstract setRemote(type: "offer" | "answer", sdp: string): Promise<void>;
+  /** After the remote offer: create the answer and set it as local description (undefined: link finished). */
+  protected abstract makeAnswer(): Promise<string | undefined>;
+  /** The library's signaling state, to ignore an answer that comes before our offer. */
+  protected abstract signalingState(): string | undefined;
+  /** Hand a remote candidate (null: end of candidates) to the library; never throws. */
+  protected abstract addCandidate(c: IceCandidateInit | null): Promise<void> | void;
+  /** Both data channels open. */
+  protected abstract channelsOpen(): boolean;
+  /** The channel is open: the largest message it may send now and its buffered amount; undefined when it cannot send. */
+  protected abstract sendCapacity(channel: ChannelName): { maxSize: number; buffered: number } | undefined;
+  /** Hand a message to the library; throws when it fails. */
+  protected abstract sendNow(channel: ChannelName, data: Uint8Array): void;
+  /** The selected candidate pair, when known. */
+  protected abstract selectedPath(): Promise<SelectedPath | undefined> | SelectedPath | undefined;
+  /**
+   * Called once from finish(), synchronously: drop the library's event subscriptions, then close it. The
+   * returned promise (the library let go of its sockets) is what closeAndWait() waits for.
+   */
+  protected abstract dispose(): Promise<void>;
+  abstract bufferedAmount(channel: ChannelName): number;
+
+  get state(): LinkState {
+    return this._state;
+  }
+
+  // ---- for the subclasses' event handlers -------------------------------------------------------------
+
+  protected isDone(): boolean {
+    return this._state === "closed" || this._state === "failed";
+  }
+
+  protected emitSignal(sig: LinkSignal): void {
+    this.call("onSignal", () => this.handlers.onSignal(sig));
+  }
+
+  /** Run a handler; never let it throw into the library. */
+  protected call(what: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (err) {
+      this.log.error("link handler threw", { handler: what, err });
+    }
+  }
+
+  /** The peer connection's state changed. */
+  protected connectionState(s: string): void {
+    this.log.debug("connection state", { state: s });
+    if (s === "failed") this.finish("failed", "connection failed");
+    else if (s === "closed") this.finish("closed", "connection closed");
+  }
+
+  /** A data channel's state changed: the link opens with both channels, and closes with either. */
+  protected channelState(name: ChannelName, s: string): void {
+    this.log.debug("channel state", { channel: name, state: s });
+    if (s === "open") this.maybeOpen();
+    else if (s === "closed" || s === "closing") this.finish("closed", `${name} channel closed`);
+  }
+
+  private maybeOpen(): void {
+    if (this._state !== "new" && this._state !== "connecting") return;
+    if (!this.channelsOpen()) return;
+    this._state = "open";
+    this.log.debug("link open");
+    this.call("onOpen", () => this.handlers.onOpen());
+  }
+
+  /** A message arrived (binary, or a string from a misbehaving peer). */
+  protected deliver(name: ChannelName, m: string | ArrayBuffer | Uint8Array): void {
+    if (this.isDone()) return;
+    let bytes: Uint8Array;
+    if (typeof m === "string") {
+      if (!this.stringLogged) {
+        this.stringLogged = true;
+        this.log.warn("peer sent a string data-channel message; delivering its UTF-8 bytes", { channel: name });
+      }
+      bytes = new TextEncoder().encode(m);
+    } else if (m instanceof ArrayBuffer) {
+      bytes = new Uint8Array(m);
+    } else {
+      bytes = new Uint8Array(m.buffer, m.byteOffset, m.byteLength);
+    }
+    this.bytesReceived += bytes.byteLength;
+    this.call("onMessage", () => this.handlers.onMessage(name, bytes));
+  }
+
+  /**
+   * The library reports the channel's buffer at or below its low-water mark. When send() refused a message
+   * since, call onDrain once. `stillAbove`: the crossing may be stale (then nothing happens and the refusal
+   * stands). `defer`: call onDrain from a later turn (the library reports from inside its send loop).
+   */
+  protected drained(name: ChannelName, opts: { stillAbove?: () => boolean; defer?: (fn: () => void) => void } = {}): void {
+    if (!this.wantDrain[name] || this.isDone()) return;
+    if (opts.stillAbove?.()) return;
+    this.wantDrain[name] = false;
+    const fire = () => {
+      if (this.isDone()) return;
+      this.call("onDrain", () => this.handlers.onDrain?.(name));
+    };
+    if (opts.defer) opts.defer(fire);
+    else fire();
+  }
+
+  protected lowWater(channel: ChannelName): number {
+    return channel === "control" ? this.limits.controlLowWater : this.limits.packetsLowWater;
+  }
+
+  /** Terminal transition: free everything, call onClose once. */
+  protected finish(state: "closed" | "failed", reason: string): void {
+    if (this.isDone()) return;
+    this._state = state;
+    this.pendingCandidates = [];
+    this.closePromise = this.dispose();
+    this.onGone(this);
+    this.log.debug("link closed", { reason, state });
+    this.call("onClose", () => this.handlers.onClose(reason));
+  }
+
+  // ---- port API -----------------------------------------------------------------------------------------
+
+  async start(): Promise<void> {
+    if (!this.initiator) throw new Error("start() is for the initiator only");
+    if (this._state !== "new") return;
+    this._state = "connecting";
+    try {
+      const sdp = await this.makeOffer();
+      if (sdp === undefined || this.isDone()) return;
+      this.emitSignal({ kind: "offer", sdp });
+    } catch (err) {
+      if (this.isDone()) return;
+      this.log.warn("creating the offer failed", { err });
+      this.finish("failed", `offer failed: ${errMsg(err)}`);
+    }
+  }
+
+  async handleSignal(sig: LinkSignal): Promise<void> {
+    if (this.isDone()) return;
+    try {
+      switch (sig.kind) {
+        case "offer": {
+          if (this.initiator) {
+            this.log.warn("initiator got an offer; ignored");
+            return;
+          }
+          if (this.remoteSet) {
+            this.log.warn("second offer ignored (renegotiation is not supported)");
+            return;
+          }
+          this._state = "connecting";
+          await this.setRemote("offer", sig.sdp);
+          if (this.isDone()) return;
+          this.remoteSet = true;
+          await this.flushCandidates();
+          if (this.isDone()) return;
+          const sdp = await this.makeAnswer();
+          if (sdp === undefined || this.isDone()) return;
+          this.emitSignal({ kind: "answer", sdp });
+          return;
+        }
+        case "answer": {
+          if (!this.initiator) {
+            this.log.warn("answerer got an answer; ignored");
+            return;
+          }
+          if (this.remoteSet) {
+            this.log.debug("duplicate answer ignored");
+            return;
+          }
+          const signalingState = this.signalingState();
+          if (signalingState !== "have-local-offer") {
+            this.log.warn("answer before our offer; ignored", { signalingState });
+            return;
+          }
+          await this.setRemote("answer", sig.sdp);
+          if (this.isDone()) return;
+          this.remoteSet = true;
+          await this.flushCandidates();
+          return;
+        }
+        case "candidate": {
+          if (!this.remoteSet) {
+            if (this.pendingCandidates.length < MAX_PENDING_CANDIDATES) this.pendingCandidates.push(sig.candidate);
+            return;
+          }
+          await this.addCandidate(sig.candidate);
+          return;
+        }
+      }
+    } catch (err) {
+      if (this.isDone()) return;
+      this.log.warn("handling a signal failed", { kind: sig.kind, err });
+      if (sig.kind !== "candidate") this.finish("failed", `${sig.kind} failed: ${errMsg(err)}`);
+    }
+  }
+
+  private async flushCandidates(): Promise<void> {
+    const list = this.pendingCandidates;
+    this.pendingCandidates = [];
+    for (const c of list) {
+      if (this.isDone()) return;
+      await this.addCandidate(c);
+    }
+  }
+
+  send(channel: ChannelName, data: Uint8Array): boolean {
+    if (this._state !== "open") return false;
+    const cap = this.sendCapacity(channel);
+    if (!cap) return false;
+    const size = data.byteLength;
+    if (size > cap.maxSize) {
+      if (!this.oversizeLogged[channel]) {
+        this.oversizeLogged[channel] = true;
+        this.log.warn("message larger than the max message size dropped", { channel, size, max: cap.maxSize });
+      }
+      return false;
+    }
+    // Refuse only above the low-water mark, so that the library's "buffer low" event comes later (onDrain).
+    const limit = channel === "control" ? this.limits.controlBufferLimit : this.limits.packetsBufferLimit;
+    if (cap.buffered > this.lowWater(channel) && cap.buffered + size > limit) {
+      this.wantDrain[channel] = true;
+      return false;
+    }
+    try {
+      this.sendNow(channel, data);
+      this.bytesSent += size;
+      return true;
+    } catch (err) {
+      // A channel that closes under a burst of sends would log once per message: warn once per link.
+      if (!this.sendFailLogged) this.log.warn("data channel send failed (further failures on this link are not logged)", { channel, size, err });
+      this.sendFailLogged = true;
+      return false;
+    }
+  }
+
+  async stats(): Promise<LinkStats> {
+    const out: LinkStats = { bytesSent: this.bytesSent, bytesReceived: this.bytesReceived };
+    if (this.isDone()) return out;
+    try {
+      const sel = await this.selectedPath();
+      if (sel) out.selected = sel;
+    } catch (err) {
+      this.log.debug("stats: selected pair unavailable", { err });
+    }
+    return out;
+  }
+
+  close(): void {
+    this.finish("closed", "closed locally");
+  }
+
+  /** close() and wait until the library has released the connection (sockets, native resources). */
+  async closeAndWait(reason: string): Promise<void> {
+    this.finish("closed", reason);
+    await this.closePromise;
+  }
+}
+
+export function errMsg(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
