@@ -3,101 +3,12 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createWeriftTransport, LIMITS, type WeriftTransport } from "../../agent/transport/werift.js";
-import { sdpFingerprint, type ChannelName, type LinkSignal, type TransportLink } from "../../src/mesh/transport.js";
-import { createLogger } from "../../src/log.js";
+import { sdpFingerprint, type ChannelName } from "../../src/mesh/transport.js";
+import { capturedLogger, connectPair, exchangeBothChannels, makeSide, sleep, until, within, type Side } from "../helpers/links.js";
 
-const logLines: string[] = [];
-const logger = createLogger({ level: "info", sink: (l) => logLines.push(l) });
+const { logger, logLines } = capturedLogger();
 
-interface Side {
-  link: TransportLink;
-  signals: LinkSignal[];
-  messages: { channel: ChannelName; data: Uint8Array }[];
-  closes: string[];
-  drains: ChannelName[];
-  opened: Promise<void>;
-  closed: Promise<string>;
-  onMessage?: (channel: ChannelName, data: Uint8Array) => void;
-}
-
-function makeSide(t: WeriftTransport, initiator: boolean, deliver: (sig: LinkSignal) => void): Side {
-  let opened!: () => void;
-  let closed!: (r: string) => void;
-  const side: Side = {
-    link: undefined as unknown as TransportLink,
-    signals: [],
-    messages: [],
-    closes: [],
-    drains: [],
-    opened: new Promise<void>((r) => (opened = r)),
-    closed: new Promise<string>((r) => (closed = r)),
-  };
-  side.link = t.createLink({
-    initiator,
-    iceServers: [],
-    handlers: {
-      onSignal: (sig) => {
-        side.signals.push(sig);
-        deliver(sig);
-      },
-      onOpen: () => opened(),
-      onMessage: (channel, data) => {
-        side.messages.push({ channel, data });
-        side.onMessage?.(channel, data);
-      },
-      onClose: (reason) => {
-        side.closes.push(reason);
-        closed(reason);
-      },
-      onDrain: (channel) => side.drains.push(channel),
-    },
-  });
-  return side;
-}
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const udpHandles = () => process.getActiveResourcesInfo().filter((r) => r === "UDPWrap").length;
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    p.finally(() => clearTimeout(timer)),
-    new Promise<T>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timeout: ${what}`)), ms);
-    }),
-  ]);
-}
-
-/** Connect two links directly. `shuffle`: hold candidates, deliver them before the offer and shuffled. */
-async function connectPair(ta: WeriftTransport, tb: WeriftTransport, shuffle = false): Promise<{ a: Side; b: Side }> {
-  let a!: Side;
-  let b!: Side;
-  const toB: LinkSignal[] = [];
-  const toA: LinkSignal[] = [];
-  const fwd = (target: () => Side, queue: LinkSignal[]) => (sig: LinkSignal) => {
-    if (!shuffle) {
-      void target().link.handleSignal(sig);
-      return;
-    }
-    if (sig.kind === "candidate") {
-      queue.push(sig);
-      return;
-    }
-    // Deliver every held candidate (shuffled) first, then the description after a delay.
-    const held = queue.splice(0).sort(() => Math.random() - 0.5);
-    for (const c of held) void target().link.handleSignal(c);
-    setTimeout(() => {
-      void target().link.handleSignal(sig);
-      // Candidates produced later go straight through, delayed.
-      queue.length = 0;
-    }, 50);
-  };
-  a = makeSide(ta, true, fwd(() => b, toB));
-  b = makeSide(tb, false, fwd(() => a, toA));
-  await a.link.start();
-  await within(Promise.all([a.opened, b.opened]), 10_000, "links open");
-  return { a, b };
-}
 
 describe("werift transport (loopback, one process)", () => {
   let ta: WeriftTransport;
@@ -133,29 +44,14 @@ describe("werift transport (loopback, one process)", () => {
   });
 
   it("buffers candidates that arrive before the description, opens, and carries messages both ways on both channels", async () => {
-    const { a, b } = await connectPair(ta, tb, true);
+    const { a, b, candidatesBeforeOffer } = await connectPair(ta, tb, true);
     expect(a.link.state).toBe("open");
     expect(b.link.state).toBe("open");
     // Candidates were really delivered before the offer on the answer side.
     expect(a.signals.findIndex((s) => s.kind === "candidate")).toBeLessThan(a.signals.findIndex((s) => s.kind === "offer"));
+    expect(candidatesBeforeOffer).toBeGreaterThan(0);
 
-    expect(a.link.send("control", new Uint8Array([1, 2, 3]))).toBe(true);
-    expect(a.link.send("packets", new Uint8Array([4, 5]))).toBe(true);
-    expect(b.link.send("control", new Uint8Array([6]))).toBe(true);
-    expect(b.link.send("packets", new Uint8Array([7, 8, 9, 10]))).toBe(true);
-    await within(
-      (async () => {
-        while (a.messages.length < 2 || b.messages.length < 2) await sleep(10);
-      })(),
-      5000,
-      "messages",
-    );
-    const got = (s: Side, ch: ChannelName) => s.messages.filter((m) => m.channel === ch).map((m) => [...m.data]);
-    expect(got(b, "control")).toEqual([[1, 2, 3]]);
-    expect(got(b, "packets")).toEqual([[4, 5]]);
-    expect(got(a, "control")).toEqual([[6]]);
-    expect(got(a, "packets")).toEqual([[7, 8, 9, 10]]);
-    for (const m of [...a.messages, ...b.messages]) expect(m.data).toBeInstanceOf(Uint8Array);
+    await exchangeBothChannels(a, b);
 
     const stats = await a.link.stats();
     expect(stats.bytesSent).toBe(5);
@@ -175,13 +71,7 @@ describe("werift transport (loopback, one process)", () => {
     for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
     const t0 = Date.now();
     expect(a.link.send("control", big)).toBe(true);
-    await within(
-      (async () => {
-        while (a.messages.length < 1) await sleep(10);
-      })(),
-      15_000,
-      "200 KiB echo",
-    );
+    await until(() => a.messages.length >= 1, 15_000, "200 KiB echo");
     const ms = Date.now() - t0;
     console.log(`[measure] 200 KiB control message round trip: ${ms} ms`);
     expect(a.messages[0]?.data.byteLength).toBe(big.byteLength);
@@ -202,13 +92,7 @@ describe("werift transport (loopback, one process)", () => {
     }
     expect(a.link.bufferedAmount("packets")).toBeGreaterThan(LIMITS.packetsLowWater);
     expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
-    await within(
-      (async () => {
-        while (!a.drains.includes("packets")) await sleep(5);
-      })(),
-      10_000,
-      "drain",
-    );
+    await until(() => a.drains.includes("packets"), 10_000, "drain");
     expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsLowWater);
     expect(a.link.send("packets", chunk)).toBe(true);
     // Same on control with its larger limit.
@@ -216,13 +100,7 @@ describe("werift transport (loopback, one process)", () => {
     let caccepted = 0;
     while (a.link.send("control", cchunk)) caccepted++;
     expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(LIMITS.controlBufferLimit);
-    await within(
-      (async () => {
-        while (!a.drains.includes("control")) await sleep(5);
-      })(),
-      20_000,
-      "control drain",
-    );
+    await until(() => a.drains.includes("control"), 20_000, "control drain");
     expect(b.messages.length).toBeGreaterThan(0);
     a.link.close();
   });
@@ -231,13 +109,7 @@ describe("werift transport (loopback, one process)", () => {
     const { a, b } = await connectPair(ta, tb);
     // Reach into werift to send a string, as a non-weftnet peer could.
     (a.link as unknown as { dc: Record<ChannelName, { send(d: string): void }> }).dc.control.send("héllo");
-    await within(
-      (async () => {
-        while (b.messages.length < 1) await sleep(10);
-      })(),
-      5000,
-      "string message",
-    );
+    await until(() => b.messages.length >= 1, 5000, "string message");
     expect(b.messages[0]?.data).toBeInstanceOf(Uint8Array);
     expect(Buffer.from(b.messages[0]!.data).toString("utf8")).toBe("héllo");
     a.link.close();
@@ -266,13 +138,7 @@ describe("werift transport (loopback, one process)", () => {
     expect(udpHandles()).toBeGreaterThan(before);
     a.link.close();
     expect(a.closes).toEqual(["closed locally"]);
-    await within(
-      (async () => {
-        while (udpHandles() > before) await sleep(20);
-      })(),
-      3000,
-      "sockets freed",
-    );
+    await until(() => udpHandles() <= before, 3000, "sockets freed");
     // A link closed before start() never opens anything.
     const c = makeSide(ta, true, () => {});
     c.link.close();
@@ -293,13 +159,7 @@ describe("werift transport (loopback, one process)", () => {
     b.link.close();
     expect(a.closes.length).toBe(1);
     expect(b.closes.length).toBe(1);
-    await within(
-      (async () => {
-        while (udpHandles() > before) await sleep(20);
-      })(),
-      3000,
-      "sockets freed",
-    );
+    await until(() => udpHandles() <= before, 3000, "sockets freed");
   });
 
   it("transport.close() closes its links and frees every socket", async () => {
@@ -326,13 +186,7 @@ describe("werift transport (loopback, one process)", () => {
     await within(Promise.all([a.opened, b.opened]), 10_000, "open");
     a.link.send("control", new Uint8Array([1]));
     a.link.send("control", new Uint8Array([2]));
-    await within(
-      (async () => {
-        while (b.messages.length < 2) await sleep(10);
-      })(),
-      5000,
-      "messages despite throwing handler",
-    );
+    await until(() => b.messages.length >= 2, 5000, "messages despite throwing handler");
     expect(logLines.some((l) => l.includes("link handler threw"))).toBe(true);
     a.link.close();
     await within(b.closed, 3000, "close");
