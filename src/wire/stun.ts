@@ -22,6 +22,8 @@
  * reports for IPv4 clients) are answered as IPv4.
  */
 
+import { formatIPv6 } from "../packet/ip.js";
+
 export const STUN_MAGIC_COOKIE = 0x2112a442;
 export const STUN_HEADER_BYTES = 20;
 export const STUN_BINDING_REQUEST = 0x0001;
@@ -274,30 +276,12 @@ function parseIpv6(s: string): Uint8Array | undefined {
   return out;
 }
 
-/** Format 4 or 16 bytes as an IP literal (IPv6 in RFC 5952 short form). */
+/** Format 4 or 16 bytes as an IP literal (IPv6 in RFC 5952 short form, see packet/ip.ts). */
 export function formatIp(ip: Uint8Array): string {
   if (ip.byteLength === 4) return Array.from(ip).join(".");
-  const g: number[] = [];
-  for (let i = 0; i < 16; i += 2) g.push((ip[i]! << 8) | ip[i + 1]!);
-  // longest run of >= 2 zero groups becomes "::"
-  let best = -1;
-  let bestLen = 0;
-  for (let i = 0; i < 8; ) {
-    if (g[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && g[j] === 0) j++;
-    if (j - i > bestLen && j - i >= 2) {
-      best = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  const hex = (xs: number[]) => xs.map((x) => x.toString(16)).join(":");
-  if (best < 0) return hex(g);
-  return `${hex(g.slice(0, best))}::${hex(g.slice(best + bestLen))}`;
+  let v = 0n;
+  for (let i = 0; i < 16; i++) v = (v << 8n) | BigInt(ip[i] ?? 0);
+  return formatIPv6(v);
 }
 
 // ---- CRC-32 (IEEE), for FINGERPRINT ----------------------------------------------------------------
