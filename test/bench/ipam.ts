@@ -7,22 +7,19 @@
  *     per 500 ms tick), N nodes split in two halves that both allocate, then healed.
  * Prints figures; never fails on a time.
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath, writeFileAtomic } from "../../agent/state.js";
 import { IpamNode } from "../../src/ipam/index.js";
 import { prng, Sim, TICK } from "../property/ipam-harness.js";
+import { children, freePort, spawnCli, stopAll } from "./util.js";
 
 const { values } = parseArgs({ options: { nodes: { type: "string", default: "16" }, allocs: { type: "string", default: "2000" } } });
 const N = Number(values.nodes);
 const ALLOCS = Number(values.allocs);
-const CLI = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "agent", "cli", "main.js");
 
 // ---- 1. allocations/s -------------------------------------------------------------------------
 {
@@ -81,19 +78,6 @@ const CLI = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "agent", "
 }
 
 // ---- 2. joining node in a mesh of N real agents ----------------------------------------------
-const children: ChildProcess[] = [];
-const spawnCli = (args: string[]) => {
-  const c = spawn(process.execPath, [CLI, ...args], { stdio: ["pipe", "ignore", "inherit"], env: { ...process.env, WEFTNET_EXIT_WITH_PARENT: "1" } });
-  children.push(c);
-  return c;
-};
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => resolve(p));
-    });
-  });
 const root = mkdtempSync(join(tmpdir(), "weft-ipam-bench-"));
 try {
   const port = await freePort();
@@ -132,8 +116,7 @@ try {
   }
   process.stdout.write(`joining node (process start -> first pod address, block granted through the mesh) in a ${N}-node mesh: ${((performance.now() - t1) / 1000).toFixed(2)} s (${ip})\n`);
 } finally {
-  for (const c of children.slice(1)) c.kill("SIGTERM");
-  await Promise.all(children.slice(1).map((c) => (c.exitCode !== null ? null : new Promise((r) => c.once("exit", r)))));
+  await stopAll(children.slice(1)); // the agents, then the signaling server
   children[0]?.kill("SIGTERM");
   rmSync(root, { recursive: true, force: true });
 }

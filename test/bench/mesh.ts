@@ -4,15 +4,14 @@
  * time from launch to a full mesh (N*(N-1)/2 links up, seen from every agent's local API) and each
  * agent's RSS once meshed and after 5 s idle. Prints figures; never fails on a time.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath } from "../../agent/state.js";
+import { children, freePort, spawnCli, stopAll } from "./util.js";
 
 const { values } = parseArgs({ options: { agents: { type: "string", default: "8" }, runs: { type: "string", default: "1" }, transport: { type: "string", default: "werift" } } });
 const N = Number(values.agents);
@@ -21,27 +20,9 @@ if (!Number.isInteger(N) || N < 2 || !Number.isInteger(RUNS) || RUNS < 1) {
   process.stderr.write("usage: npm run bench:mesh -- --agents N (N >= 2) [--runs R]\n");
   process.exit(2);
 }
-const CLI = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "agent", "cli", "main.js");
-const children: ChildProcess[] = [];
-const spawnCli = (args: string[]) => {
-  const c = spawn(process.execPath, [CLI, ...args], { stdio: ["pipe", "ignore", "inherit"], env: { ...process.env, WEFTNET_EXIT_WITH_PARENT: "1" } });
-  children.push(c);
-  return c;
-};
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => resolve(p));
-    });
-  });
 const rssMiB = (pid: number) => {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
   return m ? Number(m[1]) / 1024 : NaN;
-};
-const stopAll = async (cs: ChildProcess[]) => {
-  for (const c of cs) if (c.exitCode === null) c.kill("SIGTERM");
-  await Promise.all(cs.map((c) => (c.exitCode !== null ? null : new Promise((r) => c.once("exit", r)))));
 };
 const stats = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
