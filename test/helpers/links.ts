@@ -131,7 +131,7 @@ export async function connectPair(ta: Transport, tb: Transport, shuffle = false)
   pair.a = a;
   pair.b = b;
   await a.link.start();
-  await within(Promise.all([a.opened, b.opened]), 10_000, "links open");
+  await within(Promise.all([a.opened, b.opened]), 20_000, "links open");
   return pair;
 }
 
