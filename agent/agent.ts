@@ -448,29 +448,29 @@ export class Agent {
   k8sNodeDeleted(name: string, recheck = false): void {
     const log = this.log.child("k8s");
     if (name === this.name) {
-      log.warn("this node's own Kubernetes Node object was deleted; its blocks stay with it", { node: name });
+      log.warn("this node's own Kubernetes Node object was deleted; its blocks stay with it", { k8sNode: name });
       return;
     }
     const owners = [...new Set(this.ipam.status().blocks.map((b) => b.owner).filter((o): o is string => !!o && o !== this.id))];
     const ids = owners.filter((id) => (this.mesh.peerName(id) ?? this.seenNames.get(id)) === name);
     if (ids.length === 0) {
       this.pendingDeletes.delete(name);
-      if (!recheck) log.info("deleted Kubernetes Node: no weftnet node of that name owns address blocks (known to this agent); nothing to release", { node: name });
+      if (!recheck) log.info("deleted Kubernetes Node: no weftnet node of that name owns address blocks (known to this agent); nothing to release", { k8sNode: name });
       return;
     }
     let alive = false;
     for (const id of ids) {
       if (this.reachable(id)) {
         alive = true;
-        if (!recheck) log.info("deleted Kubernetes Node: its weftnet agent is still connected; not releasing its blocks (re-checked for a while)", { node: name, id });
+        if (!recheck) log.info("deleted Kubernetes Node: its weftnet agent is still connected; not releasing its blocks (re-checked for a while)", { k8sNode: name, id });
         continue;
       }
       try {
         const blocks = this.ipam.status().blocks.filter((b) => b.owner === id).length;
         this.ipam.forceRelease(id);
-        log.warn("released the address blocks of a deleted Kubernetes Node", { node: name, id, blocks });
+        log.warn("released the address blocks of a deleted Kubernetes Node", { k8sNode: name, id, blocks });
       } catch (e) {
-        log.warn("could not release the blocks of a deleted Kubernetes Node; the mesh reclaims them after --reclaim-after", { node: name, id, err: (e as Error).message });
+        log.warn("could not release the blocks of a deleted Kubernetes Node; the mesh reclaims them after --reclaim-after", { k8sNode: name, id, err: (e as Error).message });
       }
     }
     if (alive) {
@@ -486,7 +486,7 @@ export class Agent {
     for (const [name, until] of [...this.pendingDeletes]) {
       if (Date.now() > until) {
         this.pendingDeletes.delete(name);
-        this.log.child("k8s").info("deleted Kubernetes Node's agent is still connected; giving up (the mesh reclaims its blocks if it goes silent)", { node: name });
+        this.log.child("k8s").info("deleted Kubernetes Node's agent is still connected; giving up (the mesh reclaims its blocks if it goes silent)", { k8sNode: name });
       } else this.k8sNodeDeleted(name, true);
     }
   }

@@ -210,11 +210,11 @@ export class NodeWatcher {
 
   private deleted(name: string): void {
     this.counters.deleted++;
-    this.log.info("Kubernetes Node deleted", { node: name });
+    this.log.info("Kubernetes Node deleted", { k8sNode: name });
     try {
       this.events.onDeleted(name);
     } catch (e) {
-      this.log.warn("handling a deleted Node failed", { node: name, err: (e as Error).message });
+      this.log.warn("handling a deleted Node failed", { k8sNode: name, err: (e as Error).message });
     }
   }
 
@@ -267,7 +267,7 @@ export class NodeWatcher {
       this.nodes.delete(name);
       this.deleted(name);
     } else if (ev.type === "ADDED" || ev.type === "MODIFIED") {
-      if (!this.nodes.has(name)) this.log.debug("Kubernetes Node present", { node: name });
+      if (!this.nodes.has(name)) this.log.debug("Kubernetes Node present", { k8sNode: name });
       this.nodes.add(name);
       this.events.onPresent?.(name);
     }
