@@ -102,7 +102,7 @@ export interface RouteStatus {
   path: string[];
 }
 
-export type PeerPath = "direct" | "relay" | `via ${string}` | "none";
+export type PeerPath = "direct" | "turn" | "relay" | `via ${string}` | "none";
 
 export interface AgentStatus {
   node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
@@ -384,7 +384,9 @@ export class Agent {
       peers: (await this.mesh.status()).map((p) => {
         const r = this.router.route(p.id);
         const via = r && r.via !== "direct" ? r.via : null;
-        const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.path === "relay" ? "relay" : p.state === "connected" || r ? "direct" : "none";
+        // A WebRTC link whose selected candidate pair goes through a TURN server is reported as "turn".
+        const turn = p.state === "connected" && p.link === "webrtc" && (p.selected?.localType === "relay" || p.selected?.remoteType === "relay");
+        const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.path === "relay" ? "relay" : turn ? "turn" : p.state === "connected" || r ? "direct" : "none";
         return { ...p, path, via };
       }),
       dataplane: this.dataplane ? this.dataplane.stats() : null,

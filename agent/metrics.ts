@@ -9,7 +9,7 @@
  *
  *   weftnet_info{id,name,version,transport}           1
  *   weftnet_signal_connected                          1 while registered with the signaling server
- *   weftnet_peers{path,state}                         peers by path (direct|via|relay|none) and link state
+ *   weftnet_peers{path,state}                         peers by path (direct|turn|via|relay|none) and link state
  *   weftnet_peer_rtt_seconds{peer,name}               smoothed heartbeat RTT of connected peers
  *   weftnet_peer_bytes_total{peer,name,direction}     pod traffic to/from each node (forwarder, by end
  *   weftnet_peer_packets_total{peer,name,direction}     node) with the data plane; link bytes without it
@@ -32,7 +32,7 @@ import { WeftError } from "../src/errors.js";
 import { DROP_REASONS } from "../src/packet/drop.js";
 import type { Agent, AgentStatus } from "./agent.js";
 
-export const PEER_PATHS = ["direct", "via", "relay", "none"] as const;
+export const PEER_PATHS = ["direct", "turn", "via", "relay", "none"] as const;
 export const PEER_STATES = ["waiting", "connecting", "connected", "backoff", "auth-failed", "gone"] as const;
 
 type IpamView = ReturnType<Agent["ipamStatus"]>;
@@ -52,7 +52,7 @@ export function parseListen(s: string): { host: string; port: number } {
 
 function pathOf(p: string): (typeof PEER_PATHS)[number] {
   if (p.startsWith("via")) return "via";
-  if (p === "direct" || p === "relay") return p;
+  if (p === "direct" || p === "turn" || p === "relay") return p;
   return "none";
 }
 

@@ -190,7 +190,7 @@ for (const kinds of [
       results.push(`${kinds.join("-")} + TURN: ${pa?.link} ${pairTypes(pa)} ${pa?.selected?.remoteAddress ?? ""} / ${pb?.link} ${pairTypes(pb)}`);
       for (const p of [pa, pb]) {
         expect(p?.link).toBe("webrtc");
-        expect(p?.path).not.toBe("relay");
+        expect(p?.path).toBe("turn");
         expect(usesRelay(p), pairTypes(p)).toBe(true);
       }
       // the relayed end's address is coturn's relay address
