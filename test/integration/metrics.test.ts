@@ -132,7 +132,7 @@ describe("metrics", () => {
     expect(sample(m, "weftnet_signal_connected")).toBe(1);
     // one peer, directly connected; every other (path, state) is present and 0
     expect(sample(m, "weftnet_peers", { path: "direct", state: "connected" })).toBe(1);
-    expect(m.get("weftnet_peers")!.metrics).toHaveLength(4 * 6);
+    expect(m.get("weftnet_peers")!.metrics).toHaveLength(5 * 6);
     expect(m.get("weftnet_peers")!.metrics.reduce((s, x) => s + Number(x.value), 0)).toBe(1);
     expect(sample(m, "weftnet_peers", { path: "relay", state: "connected" })).toBe(0);
     const rtt = sample(m, "weftnet_peer_rtt_seconds", { peer: a2.id, name: "m2" })!;
