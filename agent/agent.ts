@@ -155,9 +155,17 @@ export class Agent {
 
   /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
   localPrefixes(): string[] {
-    const blocks = this.ipam ? aggregateCidrs(this.ipam.localBlocks()) : [];
-    return [...blocks, ...this.advertisedRoutes()];
+    const owned = this.ipam ? this.ipam.localBlocks() : [];
+    if (owned !== this.aggKey) {
+      // localBlocks() returns the same array until ownership changes: aggregate once per change.
+      this.aggKey = owned;
+      this.aggregated = aggregateCidrs(owned);
+    }
+    return [...this.aggregated, ...this.advertisedRoutes()];
   }
+
+  private aggKey: string[] | undefined;
+  private aggregated: string[] = [];
 
   /** Conflicts between our advertised routes and other nodes' (the lower node id keeps an overlapping prefix). */
   routeConflicts: { route: string; other: string; node: string; nodeName: string; kept: boolean }[] = [];
@@ -321,6 +329,7 @@ export class Agent {
     let ticks = 0;
     agent.tickTimer = setInterval(() => {
       mesh.tick();
+      agent!.router.flush();
       if (++ticks % 5 === 0) {
         agent!.router.tick();
         agent!.checkRouteConflicts();

@@ -98,19 +98,25 @@ export class IpamDriver {
 
   /** Blocks this node owns (CIDR strings), for routes and the bridge. */
   localBlocks(): string[] {
-    return this.node
-      .status(this.now())
-      .blocks.filter((b) => b.mine)
-      .map((b) => b.cidr);
+    // Hot path (every IPAM message and every routing tick): no full status() here.
+    const owned = this.node.ownedBlocks();
+    const key = owned.join(",");
+    if (key !== this.ownedKey) {
+      this.ownedKey = key;
+      this.ownedCidrs = owned.map((i) => this.node.blockCidr(i));
+    }
+    return this.ownedCidrs;
   }
+  private ownedKey = "";
+  private ownedCidrs: string[] = [];
 
   /** Owned blocks that hold at least one pod: these get a gateway address on the bridge. */
   activeBlocks(): string[] {
-    const st = this.node.status(this.now());
+    const mine = this.localBlocks();
     const used = new Set<string>();
-    for (const a of st.allocations) {
-      const b = st.blocks.find((x) => x.mine && cidrContains(x.cidr, a.ip));
-      if (b) used.add(b.cidr);
+    for (const ip of this.node.allocations().values()) {
+      const b = mine.find((c) => cidrContains(c, ip));
+      if (b) used.add(b);
     }
     return [...used].sort();
   }

@@ -11,6 +11,9 @@ import type { MeshManager } from "./manager.js";
 import { computeRoutes, prefixRoutes, type RouteEntry, type RoutingTable } from "./routing.js";
 import { decodeTopologyMessage, encodeTopologyMessages, Topology, TOPO_CHANNEL, type TopologyRecord } from "./topology.js";
 
+/** Minimum interval between two records that differ from the last one only in RTTs. */
+export const RTT_ORIGIN_MS = 3000;
+
 export interface RouterOptions {
   mesh: MeshManager;
   logger: Logger;
@@ -27,19 +30,35 @@ export class Router {
   conflicts: { cidr: string; owners: string[] }[] = [];
   readonly counters = { badGossip: 0, rejectedRecords: 0, recomputes: 0 };
   private readonly changeListeners: (() => void)[] = [];
+  private dirtyLocal = false;
+  private dirtyRoutes = false;
+
+  /** Apply what link changes and gossip left pending (the agent calls this every 200 ms). */
+  flush(): void {
+    if (this.dirtyLocal) {
+      this.dirtyLocal = false;
+      if (this.local()) this.dirtyRoutes = true;
+    }
+    if (this.dirtyRoutes) {
+      this.dirtyRoutes = false;
+      this.recompute();
+    }
+  }
 
   constructor(private readonly o: RouterOptions) {
     const self = o.mesh.selfId;
     this.topo = new Topology(self, o.initialSeq !== undefined ? { initialSeq: o.initialSeq } : {});
     this.table = computeRoutes(self, [], {});
+    // Link changes come in bursts (a node joining links to everyone within a second): mark dirty and
+    // re-originate / recompute once per flush() instead of once per event.
     o.mesh.onPeerUp((p) => {
-      this.local();
       for (const body of encodeTopologyMessages(this.topo.fullSync())) o.mesh.sendApp(p, TOPO_CHANNEL, body);
-      this.recompute();
+      this.dirtyLocal = true;
+      this.dirtyRoutes = true;
     });
     o.mesh.onPeerDown(() => {
-      this.local();
-      this.recompute();
+      this.dirtyLocal = true;
+      this.dirtyRoutes = true;
     });
     o.mesh.onApp(TOPO_CHANNEL, (from, body) => this.onGossip(from, body));
   }
@@ -58,6 +77,7 @@ export class Router {
   }
 
   nextHop(node: string): string | undefined {
+    if (this.dirtyRoutes) this.flush();
     const hop = this.table.nextHop(node);
     if (hop !== undefined) return hop;
     // Before the first gossip round arrives, a live direct link is a route by itself.
@@ -81,12 +101,30 @@ export class Router {
     if (this.local()) this.recompute();
   }
 
+  /**
+   * Re-originate our record. A change of the link set or prefixes goes out at once; a change of RTTs
+   * only at most every RTT_ORIGIN_MS: while a mesh forms on a busy host RTT samples swing wildly, and
+   * flooding a new record for each swing costs every agent CPU that the handshakes need.
+   */
   private local(): boolean {
     const links = this.o.mesh.linkRtts();
-    const r = this.topo.setLocal(links, this.o.localPrefixes(), this.o.now());
-    if (r) this.flood([r]);
+    const prefixes = this.o.localPrefixes();
+    const now = this.o.now();
+    const shape = links.map((l) => l.peer).join(",") + "|" + prefixes.join(",");
+    if (shape === this.lastShape && now - this.lastOriginAt < RTT_ORIGIN_MS) {
+      this.dirtyLocal = true; // look again at the next flush
+      return false;
+    }
+    const r = this.topo.setLocal(links, prefixes, now);
+    if (r) {
+      this.lastShape = shape;
+      this.lastOriginAt = now;
+      this.flood([r]);
+    }
     return r !== undefined;
   }
+  private lastShape = "";
+  private lastOriginAt = -Infinity;
 
   private flood(recs: TopologyRecord[], except?: string): void {
     if (recs.length === 0) return;
@@ -113,7 +151,7 @@ export class Router {
       from,
     );
     if (originated) this.flood([originated]);
-    if (delta.length) this.recompute();
+    if (delta.length) this.dirtyRoutes = true;
   }
 
   private recompute(): void {

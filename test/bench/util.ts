@@ -9,9 +9,13 @@ export const CLI = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "ag
 /** Every process spawnCli started, in order. */
 export const children: ChildProcess[] = [];
 
-/** `weftnet <args>` as a child that exits with this process (WEFTNET_EXIT_WITH_PARENT); stdout ignored. */
+/**
+ * `weftnet <args>` as a child that exits with this process (WEFTNET_EXIT_WITH_PARENT); stdout ignored.
+ * WEFTNET_BENCH_NODE_ARGS adds node flags to the children, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
+ */
 export function spawnCli(args: string[]): ChildProcess {
-  const c = spawn(process.execPath, [CLI, ...args], { stdio: ["pipe", "ignore", "inherit"], env: { ...process.env, WEFTNET_EXIT_WITH_PARENT: "1" } });
+  const nodeArgs = (process.env.WEFTNET_BENCH_NODE_ARGS ?? "").split(" ").filter(Boolean);
+  const c = spawn(process.execPath, [...nodeArgs, CLI, ...args], { stdio: ["pipe", "ignore", "inherit"], env: { ...process.env, WEFTNET_EXIT_WITH_PARENT: "1" } });
   children.push(c);
   return c;
 }
