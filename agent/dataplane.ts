@@ -46,6 +46,9 @@ function localNetworks(): Cidr[] {
 export const DEFAULT_IFACE = "weft0";
 export const DEFAULT_BRIDGE = "weft-br0";
 export const DEFAULT_MTU = 1400;
+/** Packets-channel queue above which the TUN is not read (see pauseIfQueued), and below which it is again. */
+export const QUEUE_HIGH = 128 * 1024;
+export const QUEUE_LOW = 48 * 1024;
 
 export interface DataPlaneOptions {
   iface?: string;
@@ -108,6 +111,7 @@ export class DataPlane {
       (batch) => {
         fw.fromTun(batch);
         if (fw.shouldPause()) tun.pause();
+        else dp.pauseIfQueued();
       },
       (err) => opts.logger.error("TUN read loop stopped", { err }),
     );
@@ -153,6 +157,31 @@ export class DataPlane {
   }
 
   routesKey = "";
+  private resumeTimer: NodeJS.Timeout | undefined;
+
+  /**
+   * Proactive backpressure: stop reading the TUN while every peer the last batch went to has more than
+   * QUEUE_HIGH queued on its packets channel, before a full queue forces us to drop whole 64 KB GSO
+   * frames (each drop costs TCP a burst of retransmits). Resume when one falls below QUEUE_LOW.
+   */
+  pauseIfQueued(): void {
+    const targets = this.forwarder.targets;
+    if (targets.size === 0 || this.tun.paused) return;
+    for (const t of targets) if ((this.agent.mesh.link(t)?.bufferedAmount("packets") ?? 0) < QUEUE_HIGH) return;
+    this.tun.pause();
+    const poll = () => {
+      if (this.stopped) return;
+      for (const t of targets) {
+        if ((this.agent.mesh.link(t)?.bufferedAmount("packets") ?? 0) < QUEUE_LOW) {
+          this.resumeTimer = undefined;
+          if (this.tun.paused && !this.forwarder.shouldPause()) this.tun.resume();
+          return;
+        }
+      }
+      this.resumeTimer = setTimeout(poll, 1);
+    };
+    this.resumeTimer = setTimeout(poll, 1);
+  }
   private gatewayActive = false;
   private readonly gateway: AdvertiseGateway;
 
@@ -229,6 +258,7 @@ export class DataPlane {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    if (this.resumeTimer) clearTimeout(this.resumeTimer);
     await this.applying;
     await this.tun.close();
     if (this.gatewayActive) await this.gateway.teardown().catch((err) => this.log.warn("could not remove the advertised-route rules", { err }));

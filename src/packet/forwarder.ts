@@ -177,6 +177,11 @@ export class Forwarder {
     this.stats.fwdBytes += msg.length;
   }
 
+  /** Next hops the last TUN batch was sent to. */
+  get targets(): ReadonlySet<string> {
+    return this.lastTargets;
+  }
+
   drained(peer: string): void {
     this.saturated.delete(peer);
   }
