@@ -85,7 +85,8 @@ export class MeshLab {
   }
 
   private spawnIn(ns: string, args: string[], log: string): ChildProcess {
-    const p = spawn("setpriv", ["--pdeathsig", "KILL", "nsenter", `--net=/run/netns/${ns}`, "--", process.execPath, CLI, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+    const nodeArgs = (process.env.WEFTNET_LAB_NODE_ARGS ?? "").split(" ").filter(Boolean); // e.g. --cpu-prof (benchmarks)
+    const p = spawn("setpriv", ["--pdeathsig", "KILL", "nsenter", `--net=/run/netns/${ns}`, "--", process.execPath, ...nodeArgs, CLI, ...args], { stdio: ["ignore", "pipe", "pipe"] });
     const out = createWriteStream(join(this.root, log), { flags: "a" });
     p.stdout!.pipe(out);
     p.stderr!.pipe(out);
