@@ -132,6 +132,22 @@ export class Router {
     for (const p of this.o.mesh.connectedPeers()) if (p !== except) for (const b of bodies) this.o.mesh.sendApp(p, TOPO_CHANNEL, b);
   }
 
+  /**
+   * Forward records learnt from `from` to our other peers — except to the record's origin and to the
+   * origin's own direct neighbours: an origin sends every new version of its record to all of them
+   * itself (and a link that comes up gets a full sync). In a full mesh this turns the flood of each
+   * version from ~n^2 messages into ~n, which is what keeps a forming mesh's CPU for the handshakes.
+   */
+  private forward(recs: TopologyRecord[], from: string): void {
+    if (recs.length === 0) return;
+    for (const p of this.o.mesh.connectedPeers()) {
+      if (p === from) continue;
+      const mine = recs.filter((r) => r.node !== p && !r.links.some((l) => l.peer === p));
+      if (mine.length === 0) continue;
+      for (const b of encodeTopologyMessages(mine)) this.o.mesh.sendApp(p, TOPO_CHANNEL, b);
+    }
+  }
+
   private onGossip(from: string, body: unknown): void {
     let recs: TopologyRecord[];
     try {
@@ -146,7 +162,7 @@ export class Router {
       this.counters.rejectedRecords += rejected.length;
       this.o.logger.debug("rejected topology records", { peer: from, count: rejected.length });
     }
-    this.flood(
+    this.forward(
       delta.filter((r) => r !== originated),
       from,
     );
