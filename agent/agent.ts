@@ -13,7 +13,7 @@ import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
 import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
-import { overlaps, parseCidr } from "../src/ipam/cidr.js";
+import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
 import type { MetricsServer } from "./metrics.js";
 import type { NodeWatchConfig, NodeWatcher } from "./k8s.js";
@@ -34,15 +34,14 @@ export function checkAdvertisedRoutes(routes: string[], clusterRange: string): v
     for (let j = i + 1; j < routes.length; j++) if (overlaps(parseCidr(routes[i]!), parseCidr(routes[j]!))) throw new UsageError(`advertised routes ${routes[i]} and ${routes[j]} overlap each other`);
 }
 
-function inRange(ip: string, cidr: string): boolean {
-  const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(ip);
-  if (!m) return false;
-  const [net, len] = cidr.split("/") as [string, string];
-  const toInt = (s: string) => s.split(".").reduce((a, o) => a * 256 + Number(o), 0);
-  const size = 2 ** (32 - Number(len));
-  const x = toInt(ip);
-  const base = Math.floor(toInt(net) / size) * size;
-  return x >= base && x < base + size;
+/** Is `ip` (any family; only IPv4 can match) inside the IPv4 CIDR? */
+function inRange(ip: string, cidr: Cidr): boolean {
+  if (!/^\d+\.\d+\.\d+\.\d+$/.test(ip)) return false;
+  try {
+    return containsIp(cidr, parseIp(ip));
+  } catch {
+    return false;
+  }
 }
 import { startApiServer, type ApiServer } from "./api.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
@@ -441,7 +440,7 @@ export class Agent {
     const id = /^[0-9a-f]{16}$/.test(target) ? target : this.mesh.resolvePeer(target);
     if (!id) throw new WeftError("ERR_NO_PEER", `no node matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
     if (id === this.id) throw new WeftError("ERR_USAGE", "refusing to release this node's own blocks; stop the agent and remove its ipam.json instead");
-    if (this.mesh.connectedPeers().includes(id)) throw new WeftError("ERR_USAGE", `node ${id} is connected right now; release only nodes that are gone`);
+    if (this.mesh.isConnected(id)) throw new WeftError("ERR_USAGE", `node ${id} is connected right now; release only nodes that are gone`);
     this.ipam.forceRelease(id);
     return { node: id };
   }
@@ -490,7 +489,7 @@ export class Agent {
   }
 
   private reachable(id: string): boolean {
-    return this.mesh.connectedPeers().includes(id) || this.router.nextHop(id) !== undefined;
+    return this.mesh.isConnected(id) || this.router.nextHop(id) !== undefined;
   }
 
   private recheckPendingDeletes(): void {
@@ -540,7 +539,8 @@ export class Agent {
 async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport> {
   // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
   const range = cfg.ipam?.range ?? "10.40.0.0/16";
-  const common = { logger: log, ...(cfg.werift ?? {}), excludeAddress: (ip: string) => inRange(ip, range) };
+  const rangeCidr = parseCidr(range);
+  const common = { logger: log, ...(cfg.werift ?? {}), excludeAddress: (ip: string) => inRange(ip, rangeCidr) };
   let kind = cfg.transportKind ?? "werift";
   if (kind !== "werift") {
     const native = await import("./transport/native.js");

@@ -6,7 +6,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { WeftError } from "../src/errors.js";
-import { IpamNode, type IpamConfig, type IpamOutput, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
+import { IpamNode, containsIp, formatIp, gatewayOf, parseCidr, parseIp, type Cidr, type IpamConfig, type IpamOutput, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
 import type { Logger } from "../src/log.js";
 import type { MeshManager } from "../src/mesh/manager.js";
 import { writeFileAtomic } from "./state.js";
@@ -104,19 +104,28 @@ export class IpamDriver {
     if (key !== this.ownedKey) {
       this.ownedKey = key;
       this.ownedCidrs = owned.map((i) => this.node.blockCidr(i));
+      this.ownedParsed = this.ownedCidrs.map(parseCidr);
     }
     return this.ownedCidrs;
   }
   private ownedKey = "";
   private ownedCidrs: string[] = [];
+  private ownedParsed: Cidr[] = [];
+
+  /** The owned block holding `ip`, if any. */
+  private blockOf(ip: string): { cidr: string; block: Cidr } | undefined {
+    this.localBlocks();
+    const n = parseIp(ip);
+    const i = this.ownedParsed.findIndex((c) => containsIp(c, n));
+    return i < 0 ? undefined : { cidr: this.ownedCidrs[i]!, block: this.ownedParsed[i]! };
+  }
 
   /** Owned blocks that hold at least one pod: these get a gateway address on the bridge. */
   activeBlocks(): string[] {
-    const mine = this.localBlocks();
     const used = new Set<string>();
     for (const ip of this.node.allocations().values()) {
-      const b = mine.find((c) => cidrContains(c, ip));
-      if (b) used.add(b);
+      const b = this.blockOf(ip);
+      if (b) used.add(b.cidr);
     }
     return [...used].sort();
   }
@@ -156,24 +165,8 @@ export class IpamDriver {
   }
 
   describe(podId: string, ip: string): PodAddress {
-    const st = this.node.status(this.now());
-    const block = st.blocks.find((b) => b.mine && cidrContains(b.cidr, ip));
-    if (!block) throw new WeftError("ERR_INVARIANT", `allocated ${ip} is outside this node's blocks`);
-    const [net, len] = block.cidr.split("/") as [string, string];
-    return { podId, ip, prefixLen: Number(len), gateway: intToIp(ipToInt(net) + 1), block: block.cidr };
+    const b = this.blockOf(ip);
+    if (!b) throw new WeftError("ERR_INVARIANT", `allocated ${ip} is outside this node's blocks`);
+    return { podId, ip, prefixLen: b.block.prefix, gateway: formatIp(gatewayOf(b.block)), block: b.cidr };
   }
-}
-
-function ipToInt(ip: string): number {
-  return ip.split(".").reduce((a, o) => a * 256 + Number(o), 0);
-}
-function intToIp(n: number): string {
-  return [24, 16, 8, 0].map((s) => Math.floor(n / 2 ** s) % 256).join(".");
-}
-function cidrContains(cidr: string, ip: string): boolean {
-  const [net, len] = cidr.split("/") as [string, string];
-  const size = 2 ** (32 - Number(len));
-  const base = ipToInt(net);
-  const x = ipToInt(ip);
-  return x >= base && x < base + size;
 }

@@ -178,32 +178,25 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
       }
     },
   });
-  new Counter({
-    name: "weftnet_tun_packets_total",
-    help: "Packets read from (rx) and written to (tx) the TUN device.",
-    labelNames: ["direction"],
-    registers,
-    collect() {
-      this.reset();
-      const t = snap?.status.dataplane?.tun;
-      if (!t) return;
-      this.inc({ direction: "rx" }, t.rxPackets);
-      this.inc({ direction: "tx" }, t.txPackets);
-    },
-  });
-  new Counter({
-    name: "weftnet_tun_bytes_total",
-    help: "Bytes read from (rx) and written to (tx) the TUN device.",
-    labelNames: ["direction"],
-    registers,
-    collect() {
-      this.reset();
-      const t = snap?.status.dataplane?.tun;
-      if (!t) return;
-      this.inc({ direction: "rx" }, t.rxBytes);
-      this.inc({ direction: "tx" }, t.txBytes);
-    },
-  });
+  // TUN traffic by direction, packets and bytes.
+  for (const [unit, rx, tx] of [
+    ["packets", "rxPackets", "txPackets"],
+    ["bytes", "rxBytes", "txBytes"],
+  ] as const) {
+    new Counter({
+      name: `weftnet_tun_${unit}_total`,
+      help: `${unit === "packets" ? "Packets" : "Bytes"} read from (rx) and written to (tx) the TUN device.`,
+      labelNames: ["direction"],
+      registers,
+      collect() {
+        this.reset();
+        const t = snap?.status.dataplane?.tun;
+        if (!t) return;
+        this.inc({ direction: "rx" }, t[rx]);
+        this.inc({ direction: "tx" }, t[tx]);
+      },
+    });
+  }
   new Counter({
     name: "weftnet_forwarded_frames_total",
     help: "Transit frames this agent forwarded for other nodes (routing via this node).",

@@ -4,12 +4,7 @@
  * blocks in topology gossip: the founder of a mesh owns every free block of the range, which
  * aggregates to the range itself.
  */
-function toInt(ip: string): number {
-  return ip.split(".").reduce((a, o) => a * 256 + Number(o), 0);
-}
-function toIp(n: number): string {
-  return [24, 16, 8, 0].map((s) => Math.floor(n / 2 ** s) % 256).join(".");
-}
+import { formatIp, parseIp } from "./cidr.js";
 
 export function aggregateCidrs(cidrs: readonly string[]): string[] {
   // Work on [start, end) integer intervals, merge overlaps/adjacency, then split into aligned CIDRs.
@@ -18,7 +13,7 @@ export function aggregateCidrs(cidrs: readonly string[]): string[] {
       const [a, l] = c.split("/") as [string, string];
       const len = Number(l);
       const size = 2 ** (32 - len);
-      const start = Math.floor(toInt(a) / size) * size;
+      const start = Math.floor(parseIp(a) / size) * size;
       return [start, start + size] as [number, number];
     })
     .sort((x, y) => x[0] - y[0]);
@@ -34,7 +29,7 @@ export function aggregateCidrs(cidrs: readonly string[]): string[] {
       let size = 1;
       // largest power of two that is aligned at s and fits in [s, e)
       while (size * 2 <= e - s && s % (size * 2) === 0 && size * 2 <= 2 ** 32) size *= 2;
-      out.push(`${toIp(s)}/${32 - Math.log2(size)}`);
+      out.push(`${formatIp(s)}/${32 - Math.log2(size)}`);
       s += size;
     }
   }

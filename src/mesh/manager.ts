@@ -257,6 +257,9 @@ export class MeshManager {
     const e = this.peers.get(peer);
     return e?.fsm.state === "connected" ? e.link : undefined;
   }
+  isConnected(peer: string): boolean {
+    return this.peers.get(peer)?.fsm.state === "connected";
+  }
   connectedPeers(): string[] {
     return [...this.peers.values()].filter((e) => e.fsm.state === "connected").map((e) => e.info.id);
   }

@@ -81,7 +81,7 @@ export class Router {
     const hop = this.table.nextHop(node);
     if (hop !== undefined) return hop;
     // Before the first gossip round arrives, a live direct link is a route by itself.
-    return this.o.mesh.connectedPeers().includes(node) ? node : undefined;
+    return this.o.mesh.isConnected(node) ? node : undefined;
   }
 
   route(node: string): RouteEntry | undefined {

@@ -55,11 +55,14 @@ export class Forwarder {
   private lastTargets = new Set<string>();
   private readonly groups = new Map<string, Uint8Array[]>();
   private readonly hdrOff: number;
+  /** per-frame decode limits, built once (fromPeer runs per message) */
+  private readonly decodeOpts: { maxMessageSize: number };
 
   constructor(private readonly p: ForwarderPorts) {
     this.enc = new FrameEncoder({ maxMessageSize: p.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE });
     this.selfBytes = nodeIdToBytes(p.selfId);
     this.hdrOff = p.vnetHdr === false ? 0 : VNET_HDR_LEN;
+    this.decodeOpts = { maxMessageSize: Math.max(p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) };
   }
 
   /** A batch read from the TUN. */
@@ -136,7 +139,7 @@ export class Forwarder {
 
   /** A message from a peer's packets channel. */
   fromPeer(from: string, msg: Uint8Array): void {
-    const h = peekFrameHeader(msg, { maxMessageSize: Math.max(this.p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) });
+    const h = peekFrameHeader(msg, this.decodeOpts);
     if (!h.ok) {
       this.drops.drop(h.reason);
       return;

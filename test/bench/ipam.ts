@@ -46,7 +46,7 @@ const ALLOCS = Number(values.allocs);
 {
   const sim = new Sim(prng(42));
   sim.dupRate = 0;
-  const founder = sim.add({ mayFound: true });
+  sim.add({ mayFound: true });
   sim.run(4);
   for (let i = 1; i < N; i++) sim.add({ mayFound: false });
   sim.run(20);
@@ -73,7 +73,6 @@ const ALLOCS = Number(values.allocs);
     const v0 = view(sim.live()[0]!);
     if (sim.live().every((sn) => view(sn) === v0)) break;
   }
-  void founder;
   process.stdout.write(`convergence after a partition heals (simulated, ${N} nodes split ${cut}/${N - cut}, ${changed} blocks changed hands on the majority side, ${TICK} ms gossip rounds): ${ticks} rounds = ${((ticks * TICK) / 1000).toFixed(1)} s simulated\n`);
 }
 

@@ -9,18 +9,19 @@
  * deletes pod namespaces and node namespaces and the state dirs. Lab addresses only (10.77.0.0/16,
  * 10.40.0.0/16 inside the namespaces); nothing routes to the real network.
  */
-import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync, createWriteStream } from "node:fs";
+import { execFile, execFileSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { customAlphabet } from "nanoid";
+import { isRoot, spawnInNetns } from "../helpers/netns.js";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath } from "../../agent/state.js";
 import type { AgentStatus } from "../../agent/agent.js";
 
 const pexec = promisify(execFile);
-export const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
+export { isRoot };
 export const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
 const suffix = customAlphabet("abcdefghijklmnopqrstuvwxyz0123456789", 5);
 
@@ -86,14 +87,9 @@ export class MeshLab {
 
   private spawnIn(ns: string, args: string[], log: string): ChildProcess {
     const nodeArgs = (process.env.WEFTNET_LAB_NODE_ARGS ?? "").split(" ").filter(Boolean); // e.g. --cpu-prof (benchmarks)
-    const p = spawn("setpriv", ["--pdeathsig", "KILL", "nsenter", `--net=/run/netns/${ns}`, "--", process.execPath, ...nodeArgs, CLI, ...args], { stdio: ["ignore", "pipe", "pipe"] });
-    const out = createWriteStream(join(this.root, log), { flags: "a" });
-    p.stdout!.pipe(out);
-    p.stderr!.pipe(out);
-    this.procs.add(p);
-    p.on("exit", () => this.procs.delete(p));
-    return p;
+    return spawnInNetns(ns, process.execPath, [...nodeArgs, CLI, ...args], join(this.root, log), this.procs);
   }
+
 
   async startSignal(): Promise<void> {
     this.signalProc = this.spawnIn(this.lan, ["signal", "--listen", `${this.signalAddr}:7000`, "--stun-port", "3478", "--token", this.token], "signal.log");

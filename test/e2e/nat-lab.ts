@@ -30,8 +30,8 @@
  * close() stops them by PID, deletes pod namespaces, lab namespaces and the temp dir (WEFTNET_KEEP_LAB=1
  * keeps the logs); it is safe to call after a failed setup and more than once.
  */
-import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { createWriteStream, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFile, execFileSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -41,6 +41,7 @@ import { apiSocketPath } from "../../agent/state.js";
 import type { AgentStatus } from "../../agent/agent.js";
 import type { NetcheckReport } from "../../agent/netcheck.js";
 import { CLI, isRoot, until } from "./mesh-lab.js";
+import { spawnInNetns } from "../helpers/netns.js";
 
 export { isRoot, until };
 const pexec = promisify(execFile);
@@ -220,14 +221,9 @@ export class NatLab {
   }
 
   private spawnIn(ns: string, cmd: string, args: string[], log: string, env?: NodeJS.ProcessEnv): ChildProcess {
-    const p = spawn("setpriv", ["--pdeathsig", "KILL", "nsenter", `--net=/run/netns/${ns}`, "--", cmd, ...args], { stdio: ["ignore", "pipe", "pipe"], ...(env ? { env: { ...process.env, ...env } } : {}) });
-    const out = createWriteStream(join(this.root, log), { flags: "a" });
-    p.stdout!.pipe(out);
-    p.stderr!.pipe(out);
-    this.procs.add(p);
-    p.on("exit", () => this.procs.delete(p));
-    return p;
+    return spawnInNetns(ns, cmd, args, join(this.root, log), this.procs, env);
   }
+
 
   /**
    * coturn on TURN_IP:TURN_PORT, lab address only, REST shared-secret auth. Returns the secret.

@@ -9,22 +9,14 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { customAlphabet } from "nanoid";
+import { hasIptables, isRoot } from "../helpers/netns.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NodeNetwork, NetconfError, ROUTE_PROTO, BRIDGE_MARKER, FORWARD_CHAIN } from "../../agent/os/netconf.js";
 
-const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 if (!isRoot) console.warn("test/e2e/netconf.test.ts: skipped, needs root (creates network namespaces, bridges and routes)");
 
 const suffix = customAlphabet("abcdefghijklmnopqrstuvwxyz0123456789", 8);
 const sh = (args: string[]) => execFileSync("ip", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-const hasIptables = (() => {
-  try {
-    execFileSync("iptables", ["-V"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-})();
 
 describe.skipIf(!isRoot)("NodeNetwork (root, real kernel, inside a throwaway namespace)", () => {
   const ns = `wn-${suffix()}`;

@@ -7,24 +7,16 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import { customAlphabet } from "nanoid";
+import { hasIptables, isRoot } from "../helpers/netns.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NodeNetwork } from "../../agent/os/netconf.js";
 import { addPod, checkPod, delPod, listPods, podVethName, PodError, type PodSpec } from "../../agent/os/pod.js";
 
-const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 if (!isRoot) console.warn("test/e2e/pod.test.ts: skipped, needs root (creates network namespaces and veth pairs)");
 
 const suffix = customAlphabet("abcdefghijklmnopqrstuvwxyz0123456789", 8);
 const id = suffix();
 const sh = (args: string[]) => execFileSync("ip", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-const hasIptables = (() => {
-  try {
-    execFileSync("iptables", ["-V"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-})();
 /** Names only: operstate/carrier of the bridge changes asynchronously as ports come and go. */
 const netnsList = () =>
   sh(["netns", "list"])

@@ -6,7 +6,7 @@
 import { createHash } from "node:crypto";
 import { execFileSync, spawn } from "node:child_process";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CLI, isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
+import { isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
 
 const d = describe.skipIf(!isRoot);
 if (!isRoot) console.warn("skipping relay e2e: needs root (network namespaces, TUN, iptables)");
@@ -81,4 +81,3 @@ d("relay of last resort", () => {
   }, 120_000);
 });
 
-void CLI;

@@ -9,7 +9,6 @@ import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
 const TOKEN = "ipam-integration-token";
 const IPAM = { reclaimAfterMs: 5000, safetyMarginMs: 1000, resyncMs: 800, claimSettleMs: 500, bootstrapWaitMs: 500 };
 
-const ipToInt = (ip: string) => ip.split(".").reduce((a, o) => a * 256 + Number(o), 0);
 const owners = (a: Agent) => new Map(a.ipamStatus().blocks.filter((b) => b.owner).map((b) => [b.cidr, b.owner]));
 
 describe("IPAM over the mesh", () => {
@@ -42,7 +41,6 @@ describe("IPAM over the mesh", () => {
     const st = agents[0]!.ipamStatus();
     expect(st.range).toBe("10.40.0.0/16");
     expect(st.blocks.find((b) => b.cidr === addrs[1]!.block)).toMatchObject({ owner: agents[1]!.id, reachable: true });
-    void ipToInt;
   }, 40_000);
 
   it("a restarted agent keeps its blocks and its pods keep their addresses", async () => {

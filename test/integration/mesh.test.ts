@@ -8,7 +8,6 @@ import WebSocket, { WebSocketServer } from "ws";
 import type { Agent } from "../../agent/agent.js";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath } from "../../agent/state.js";
-import { WeftError } from "../../src/errors.js";
 import { decodeServerMsg, encodeSignal } from "../../src/wire/signal.js";
 import { Cluster, fullMesh, startServer, tmpDir, waitFor } from "../helpers/cluster.js";
 
@@ -131,7 +130,7 @@ describe("a signaling server in the middle", () => {
     proxy = new WebSocketServer({ host: "127.0.0.1", port: 0 });
     await new Promise((r) => proxy.once("listening", r));
     let swapped = 0;
-    proxy.on("connection", (client, req) => {
+    proxy.on("connection", (client) => {
       const upstream = new WebSocket(c.server.signalUrl);
       const pending: Buffer[] = [];
       upstream.on("open", () => pending.splice(0).forEach((m) => upstream.send(m)));
@@ -146,7 +145,6 @@ describe("a signaling server in the middle", () => {
       });
       client.on("close", () => upstream.close());
       upstream.on("close", (code, reason) => client.close(code, reason));
-      void req;
     });
     const url = `ws://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
     const x = await c.agent("x", { signal: url });
@@ -193,4 +191,3 @@ describe("a signaling server in the middle", () => {
   });
 });
 
-void WeftError;

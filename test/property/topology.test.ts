@@ -5,20 +5,10 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { buildGraph, computeRoutes, linkWeight, type RoutingTable } from "../../src/mesh/routing.js";
 import { Topology, type TopologyRecord } from "../../src/mesh/topology.js";
+import { prng } from "../helpers/prng.js";
 
 const id = (n: number) => (0x1000 + n * 7919).toString(16).padStart(16, "0");
 
-/** mulberry32: a fast-check seed replays exactly */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 // ---- random topologies ------------------------------------------------------------------------------
 

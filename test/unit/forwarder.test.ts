@@ -88,8 +88,6 @@ describe("Forwarder", () => {
     links.add(`${C}-${A}`);
     // C is not the destination of frames to a 4th node D that every node routes around the triangle.
     const D = "dddddddddddddddd";
-    const routes = new RouteTable<string>();
-    void routes;
     const hops: Record<string, string> = { [A]: B, [B]: C, [C]: A };
     for (const id of [A, B, C]) (fw[id] as unknown as { p: { nextHop: (n: string) => string | undefined } }).p.nextHop = (n) => (n === D ? hops[id] : undefined);
     const frame = new Uint8Array(18 + 4 + VNET_HDR_LEN + 20);

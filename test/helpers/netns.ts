@@ -1,0 +1,29 @@
+/** Shared pieces of the root-only e2e labs (network namespaces, children that die with the test). */
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { createWriteStream } from "node:fs";
+
+export const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
+
+export const hasIptables = (() => {
+  try {
+    execFileSync("iptables", ["-V"], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * Start `cmd args` in network namespace `ns` with output appended to `logPath`. nsenter switches only
+ * the network namespace (`ip netns exec` would also unshare the mount namespace); setpriv --pdeathsig
+ * kills the child if the test process dies. The child is added to `procs` until it exits.
+ */
+export function spawnInNetns(ns: string, cmd: string, args: string[], logPath: string, procs: Set<ChildProcess>, env?: NodeJS.ProcessEnv): ChildProcess {
+  const p = spawn("setpriv", ["--pdeathsig", "KILL", "nsenter", `--net=/run/netns/${ns}`, "--", cmd, ...args], { stdio: ["ignore", "pipe", "pipe"], ...(env ? { env: { ...process.env, ...env } } : {}) });
+  const out = createWriteStream(logPath, { flags: "a" });
+  p.stdout!.pipe(out);
+  p.stderr!.pipe(out);
+  procs.add(p);
+  p.on("exit", () => procs.delete(p));
+  return p;
+}
