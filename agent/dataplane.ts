@@ -88,6 +88,7 @@ export class DataPlane {
       routes: agent.router.owners,
       nextHop: (n) => agent.router.nextHop(n),
       send: (peer, frame) => mesh.sendPacket(peer, frame),
+      sendBorrows: true, // TransportLink.send copies or transmits before returning
       deliver: (pkts) => {
         tun.writeBatch(pkts);
       },
@@ -96,7 +97,8 @@ export class DataPlane {
   }
 
   static async start(agent: Agent, opts: DataPlaneOptions): Promise<DataPlane> {
-    const tun = openTun({ name: opts.iface ?? DEFAULT_IFACE });
+    // reuseSlab: the forwarder copies every packet into a frame inside onBatch.
+    const tun = openTun({ name: opts.iface ?? DEFAULT_IFACE, reuseSlab: true });
     const net = new NodeNetwork({ tunName: tun.name, bridge: opts.bridge ?? DEFAULT_BRIDGE, mtu: opts.mtu ?? DEFAULT_MTU, logger: opts.logger, stateFile: join(agent.cfg.stateDir, "netconf.json") });
     const dp = new DataPlane(agent, tun, net, opts.logger, opts);
     try {

@@ -11,7 +11,8 @@
  * Read loop (all on the JS thread except the wait):
  *   drain: read() until EAGAIN (or maxBatch packets / maxBatchBytes) into a 1 MiB slab; each packet is a
  *          subarray of the slab, 8-byte aligned; a full slab is replaced, never overwritten, so delivered
- *          packets stay valid. Deliver the batch to onBatch (one call per drain: the caller flushes
+ *          packets stay valid (with reuseSlab every drain starts at the slab's beginning again: the batch is
+ *          valid only during onBatch). Deliver the batch to onBatch (one call per drain: the caller flushes
  *          coalesced frames there). If the drain stopped on the batch limit, continue via setImmediate so
  *          timers and I/O get their turn; if it hit EAGAIN, wait.
  *   wait:  poll([tun fd, eventfd], timeout) through koffi's async call, i.e. on a worker thread, so the
@@ -58,6 +59,12 @@ export interface TunOptions {
   maxBatchBytes?: number;
   /** Read slab size. Default 1 MiB. */
   slabSize?: number;
+  /**
+   * The batch handed to onBatch is only valid until onBatch returns (the consumer copies what it keeps):
+   * every drain reads into the same slab, and the hot path allocates nothing. Default false: a full slab
+   * is replaced, so delivered packets stay valid for as long as they are held.
+   */
+  reuseSlab?: boolean;
   /** Safety-net poll timeout (close() wakes the poll at once anyway). Default 200 ms. */
   pollTimeoutMs?: number;
 }
@@ -165,6 +172,7 @@ export class TunDevice implements PacketDevice {
   private readonly maxBatch: number;
   private readonly maxBatchBytes: number;
   private readonly slabSize: number;
+  private readonly reuseSlab: boolean;
   private readonly pollTimeoutMs: number;
   private slab: Uint8Array;
   private off = 0;
@@ -195,6 +203,7 @@ export class TunDevice implements PacketDevice {
     this.maxBatch = Math.max(1, opts.maxBatch ?? 256);
     this.maxBatchBytes = Math.max(READ_SIZE, opts.maxBatchBytes ?? 2 << 20);
     this.slabSize = Math.max(READ_SIZE, opts.slabSize ?? 1 << 20);
+    this.reuseSlab = opts.reuseSlab === true;
     this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
     this.slab = Buffer.allocUnsafeSlow(this.slabSize);
     this.pfd = Buffer.alloc(16); // struct pollfd[2] { int fd; short events; short revents; }
@@ -345,8 +354,10 @@ export class TunDevice implements PacketDevice {
     const batch: Uint8Array[] = [];
     let bytes = 0;
     let wouldBlock = false;
+    if (this.reuseSlab) this.off = 0; // the previous batch has been consumed
     while (batch.length < this.maxBatch && bytes < this.maxBatchBytes) {
       if (this.slab.length - this.off < READ_SIZE) {
+        if (this.reuseSlab) break; // the slab is full: deliver, then continue from its start
         this.slab = Buffer.allocUnsafeSlow(this.slabSize); // delivered packets keep the old slab alive
         this.off = 0;
       }

@@ -323,7 +323,8 @@ class WeriftLink extends LinkBase {
   }
 
   protected override sendNow(channel: ChannelName, data: Uint8Array): void {
-    this.dc[channel].send(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+    // werift keeps slices of the buffer in its SCTP queue, and send()'s caller may reuse it: copy.
+    this.dc[channel].send(Buffer.from(data));
   }
 
   /** min(what we advertise, what the remote advertised); werift throws above the latter. */

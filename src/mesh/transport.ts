@@ -51,7 +51,11 @@ export interface TransportLink {
   start(): Promise<void>;
   /** Feed a signal from the remote side (offer/answer/candidate). Candidates before the remote description are buffered. */
   handleSignal(sig: LinkSignal): Promise<void>;
-  /** Queue a message. Returns false (and drops it) when the channel is not open or over its buffer limit. */
+  /**
+   * Queue a message. Returns false (and drops it) when the channel is not open or over its buffer limit.
+   * `data` is borrowed for the duration of the call only: the caller may overwrite it once send() returns,
+   * so a link that keeps the bytes (queues them) copies them first.
+   */
   send(channel: ChannelName, data: Uint8Array): boolean;
   bufferedAmount(channel: ChannelName): number;
   readonly state: LinkState;

@@ -8,9 +8,13 @@
  *   frame from peer ──peek header──▶ dst == self ? decode + deliver(packets) : ttl-1, send(nextHop(dst))
  *
  * Every packet or frame that goes nowhere is counted under a typed DropReason. Backpressure: `send`
- * returns false when the link's queue is full; the frame is dropped (`queue-full`) and the peer is marked
- * saturated until `drained(peer)`. `shouldPause()` tells the driver to stop reading the TUN while every
- * peer it sent to in the last batch is saturated (the kernel queue then drops and TCP backs off).
+ * returns "queue-full" when the link's queue is full; the peer is then saturated until `drained(peer)`,
+ * and the refused frame and any later ones for that peer wait in a per-peer hold buffer (`holdBytes`,
+ * default 1 MiB, copied: frames are borrowed) that `drained` flushes in order. Only what does not fit
+ * there is dropped (`queue-full`). `shouldPause()` tells the driver to stop reading the TUN while every
+ * peer it sent to in the last batch is saturated: the packets then wait in the kernel's TUN queue, whose
+ * tail drop is what TCP backs off from. Without the hold buffer the rest of a read batch (up to 2 MiB)
+ * was dropped whenever a link filled up mid-batch, and TCP saw a burst of losses per saturation.
  */
 import { DropCounters } from "./drop.js";
 import { FrameEncoder, decodeFrame, decrementTtl, nodeIdToBytes, peekFrameHeader, DEFAULT_MAX_MESSAGE_SIZE } from "./frame.js";
@@ -26,11 +30,58 @@ export interface ForwarderPorts {
   nextHop(node: string): string | undefined;
   /** queue a frame on the peer's packets channel; false when there is no link or its queue is full */
   send(peer: string, frame: Uint8Array): "ok" | "no-link" | "queue-full";
+  /**
+   * send() is done with the frame when it returns (it copied or transmitted the bytes, as TransportLink
+   * promises): frames are then built in one reused buffer instead of fresh slabs. Default false.
+   */
+  sendBorrows?: boolean;
   /** write packets (vnet header + IP) to the local TUN */
   deliver(packets: Uint8Array[]): void;
   /** packets carry a virtio-net header (TUN opened with IFF_VNET_HDR) */
   vnetHdr?: boolean;
   maxMessageSize?: number;
+  /** Bytes of frames held per saturated peer until it drains (0: drop at once). Default HOLD_BYTES. */
+  holdBytes?: number;
+}
+
+/** Default per-peer hold buffer: a few read batches' worth (see the header). */
+export const HOLD_BYTES = 1 << 20;
+
+/** Frames refused by a saturated link, in order, copied into one buffer that is reset when emptied. */
+class HoldQueue {
+  private buf: Uint8Array | undefined;
+  private used = 0;
+  private readonly frames: { off: number; len: number; packets: number; owner: string | undefined }[] = [];
+  private head = 0;
+  constructor(private readonly cap: number) {}
+  get empty(): boolean {
+    return this.head === this.frames.length;
+  }
+  push(frame: Uint8Array, packets: number, owner: string | undefined): boolean {
+    if (this.used + frame.length > this.cap) return false;
+    this.buf ??= new Uint8Array(this.cap);
+    this.buf.set(frame, this.used);
+    this.frames.push({ off: this.used, len: frame.length, packets, owner });
+    this.used += frame.length;
+    return true;
+  }
+  peek(): { frame: Uint8Array; packets: number; owner: string | undefined } | undefined {
+    const f = this.frames[this.head];
+    return f && { frame: this.buf!.subarray(f.off, f.off + f.len), packets: f.packets, owner: f.owner };
+  }
+  shift(): void {
+    if (++this.head === this.frames.length) this.clear();
+  }
+  /** Drop everything; returns [frames, packets] dropped. */
+  clear(): [number, number] {
+    let packets = 0;
+    for (let i = this.head; i < this.frames.length; i++) packets += this.frames[i]!.packets;
+    const n = this.frames.length - this.head;
+    this.frames.length = 0;
+    this.head = 0;
+    this.used = 0;
+    return [n, packets];
+  }
 }
 
 export interface ForwarderStats {
@@ -54,14 +105,17 @@ export class Forwarder {
   private readonly saturated = new Set<string>();
   private lastTargets = new Set<string>();
   private readonly groups = new Map<string, Uint8Array[]>();
+  private readonly held = new Map<string, HoldQueue>();
+  private readonly holdBytes: number;
   private readonly hdrOff: number;
   /** per-frame decode limits, built once (fromPeer runs per message) */
   private readonly decodeOpts: { maxMessageSize: number };
 
   constructor(private readonly p: ForwarderPorts) {
-    this.enc = new FrameEncoder({ maxMessageSize: p.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE });
+    this.enc = new FrameEncoder({ maxMessageSize: p.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE, reuse: p.sendBorrows === true });
     this.selfBytes = nodeIdToBytes(p.selfId);
     this.hdrOff = p.vnetHdr === false ? 0 : VNET_HDR_LEN;
+    this.holdBytes = Math.max(0, p.holdBytes ?? HOLD_BYTES);
     this.decodeOpts = { maxMessageSize: Math.max(p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) };
   }
 
@@ -123,17 +177,52 @@ export class Forwarder {
   }
 
   private sendFrame(hop: string, owner: string, frame: Uint8Array, packets: number): void {
+    this.transmit(hop, owner, frame, packets);
+  }
+
+  /**
+   * Send a frame towards `hop`, or hold it behind frames already waiting for that peer. `owner`: the
+   * destination node for per-peer stats (undefined for transit frames, counted as forwarded).
+   */
+  private transmit(hop: string, owner: string | undefined, frame: Uint8Array, packets: number): void {
+    const q = this.held.get(hop);
+    if (q && !q.empty) {
+      this.hold(q, hop, owner, frame, packets);
+      return;
+    }
     const r = this.p.send(hop, frame);
-    if (r !== "ok") {
-      this.drops.drop(r, packets);
-      if (r === "queue-full") this.saturated.add(hop);
+    if (r === "ok") {
+      this.sent(owner, frame.length, packets);
+      return;
+    }
+    if (r === "queue-full") {
+      this.saturated.add(hop);
+      let hq = q;
+      if (!hq && this.holdBytes > 0) this.held.set(hop, (hq = new HoldQueue(this.holdBytes)));
+      if (hq) {
+        this.hold(hq, hop, owner, frame, packets);
+        return;
+      }
+    }
+    this.drops.drop(r, packets);
+  }
+
+  private hold(q: HoldQueue, hop: string, owner: string | undefined, frame: Uint8Array, packets: number): void {
+    this.saturated.add(hop);
+    if (!q.push(frame, packets, owner)) this.drops.drop("queue-full", packets);
+  }
+
+  private sent(owner: string | undefined, bytes: number, packets: number): void {
+    if (owner === undefined) {
+      this.stats.fwdFrames++;
+      this.stats.fwdBytes += bytes;
       return;
     }
     this.stats.txFrames++;
     this.stats.txPackets += packets;
-    this.stats.txBytes += frame.length;
+    this.stats.txBytes += bytes;
     const pp = this.peer(owner);
-    pp.txBytes += frame.length;
+    pp.txBytes += bytes;
     pp.txPackets += packets;
   }
 
@@ -170,14 +259,7 @@ export class Forwarder {
       this.drops.drop(ttl.reason);
       return;
     }
-    const r = this.p.send(hop, msg);
-    if (r !== "ok") {
-      this.drops.drop(r);
-      if (r === "queue-full") this.saturated.add(hop);
-      return;
-    }
-    this.stats.fwdFrames++;
-    this.stats.fwdBytes += msg.length;
+    this.transmit(hop, undefined, msg, 1);
   }
 
   /** Next hops the last TUN batch was sent to. */
@@ -185,12 +267,36 @@ export class Forwarder {
     return this.lastTargets;
   }
 
+  /** The peer's link can take more: send what waits for it, in order, until it is full again. */
   drained(peer: string): void {
+    const q = this.held.get(peer);
+    while (q && !q.empty) {
+      const f = q.peek()!;
+      const r = this.p.send(peer, f.frame);
+      if (r === "queue-full") return; // still saturated; the next drain continues
+      if (r === "no-link") {
+        this.linkDown(peer);
+        return;
+      }
+      this.sent(f.owner, f.frame.length, f.packets);
+      q.shift();
+    }
     this.saturated.delete(peer);
   }
 
+  /** The link to `peer` is gone: what waited for it is dropped (`no-link`). */
   linkDown(peer: string): void {
+    const q = this.held.get(peer);
+    if (q) {
+      const [, packets] = q.clear();
+      if (packets) this.drops.drop("no-link", packets);
+    }
     this.saturated.delete(peer);
+  }
+
+  /** Frames waiting for `peer` to drain (tests, status). */
+  heldFor(peer: string): boolean {
+    return !(this.held.get(peer)?.empty ?? true);
   }
 
   /** Stop reading the TUN: every peer the last batch went to is saturated. */

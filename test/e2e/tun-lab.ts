@@ -62,7 +62,8 @@ function ip(args: string[]): void {
   execFileSync("ip", args, { stdio: ["ignore", "ignore", "pipe"] });
 }
 
-export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number; offload?: boolean } = {}): Promise<TunLab> {
+/** reuse: read slab and frame buffer reused across batches, as the agent's data plane runs them. */
+export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number; offload?: boolean; reuse?: boolean } = {}): Promise<TunLab> {
   const id = suffix();
   const net = 1 + Math.floor(Math.random() * 250);
   const namespaces: string[] = [];
@@ -94,7 +95,7 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
       const ns = `wt-${id}-${tag}`;
       ip(["netns", "add", ns]);
       namespaces.push(ns);
-      const tun = openTun({ name: `wt${tag}${id}`, offload: opts.offload ?? true });
+      const tun = openTun({ name: `wt${tag}${id}`, offload: opts.offload ?? true, reuseSlab: opts.reuse === true });
       tuns.push(tun);
       const addr = `10.99.${net}.${i + 1}`;
       ip(["link", "set", tun.name, "netns", ns]);
@@ -115,7 +116,8 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
     routes.insert(`${b.addr6}/128`, b);
 
     const wire = (from: LabSide) => {
-      const enc = new FrameEncoder(opts.maxMessageSize !== undefined ? { maxMessageSize: opts.maxMessageSize } : {});
+      // deliver() below consumes each frame synchronously, so reuse is safe here as in the agent
+      const enc = new FrameEncoder({ ...(opts.maxMessageSize !== undefined ? { maxMessageSize: opts.maxMessageSize } : {}), reuse: opts.reuse === true });
       const src = nodeIdToBytes(from.nodeId);
       const deliver = (frame: Uint8Array) => {
         // the receiving agent: full validation, then the packets go to its TUN as they are

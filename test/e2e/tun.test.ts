@@ -51,11 +51,12 @@ s.on("data", (d) => (reply += d));
 s.on("end", () => console.log(JSON.stringify({ sent, hash: h.digest("hex"), reply: JSON.parse(reply) })));
 `;
 
-describe.skipIf(!isRoot)("TUN-to-TUN through the frame codec (root, real kernel)", () => {
+// reuse: the agent's mode (one read slab and one frame buffer, reused every batch); else fresh slabs.
+describe.skipIf(!isRoot).each([{ reuse: false }, { reuse: true }])("TUN-to-TUN through the frame codec (root, real kernel, reuse $reuse)", ({ reuse }) => {
   let lab: TunLab | undefined;
 
   beforeAll(async () => {
-    lab = await createTunLab();
+    lab = await createTunLab({ reuse });
   });
 
   afterAll(async () => {

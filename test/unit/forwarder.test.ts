@@ -17,7 +17,7 @@ const withVnet = (ip: Uint8Array) => {
 };
 const pkt = (dst: string, payload = new Uint8Array(100).fill(7)) => withVnet(ipv4Packet(parseIPv4("10.40.0.2")!, parseIPv4(dst)!, payload));
 
-function net(hops: Record<string, Record<string, string | undefined>>, full = new Set<string>()) {
+function net(hops: Record<string, Record<string, string | undefined>>, full = new Set<string>(), holdBytes?: number) {
   const routes = new RouteTable<string>();
   routes.insert("10.40.0.0/26", A);
   routes.insert("10.40.0.64/26", B);
@@ -38,6 +38,8 @@ function net(hops: Record<string, Record<string, string | undefined>>, full = ne
         return "ok";
       },
       deliver: (ps) => delivered[id]!.push(...ps.map((p) => new Uint8Array(p))),
+      sendBorrows: true, // frames are reused after send(): the fake wire above copies, as links do
+      ...(holdBytes !== undefined ? { holdBytes } : {}),
     });
   }
   return { fw, delivered, links };
@@ -103,15 +105,46 @@ describe("Forwarder", () => {
     expect(expired).toBe(1);
   });
 
-  it("backpressure: a full queue drops with queue-full and asks to pause until drained", () => {
-    const { fw } = net({ [A]: { [C]: C, [B]: B } }, new Set([C]));
+  it("backpressure: a full link holds frames in order, asks to pause, and flushes them when drained", async () => {
+    const full = new Set([C]);
+    const { fw, delivered } = net({ [A]: { [C]: C, [B]: B } }, full);
+    const first = [pkt("10.40.0.130"), pkt("10.40.0.131")];
+    fw[A]!.fromTun(first);
+    const second = [pkt("10.40.0.132")];
+    fw[A]!.fromTun(second); // behind the held frame even if the link had room
+    expect(fw[A]!.drops.get("queue-full")).toBe(0);
+    expect(fw[A]!.heldFor(C)).toBe(true);
+    expect(fw[A]!.shouldPause()).toBe(true);
+    fw[A]!.drained(C); // a stale drain: still full, nothing moves
+    expect(fw[A]!.shouldPause()).toBe(true);
+    full.delete(C);
+    fw[A]!.drained(C);
+    expect(fw[A]!.heldFor(C)).toBe(false);
+    expect(fw[A]!.shouldPause()).toBe(false);
+    await flush();
+    expect(delivered[C]).toEqual([...first, ...second]);
+    expect(fw[A]!.stats.txPackets).toBe(3);
+    fw[A]!.fromTun([pkt("10.40.0.130"), pkt("10.40.0.70")]); // B is fine: keep reading
+    expect(fw[A]!.shouldPause()).toBe(false);
+  });
+
+  it("backpressure: what does not fit the hold buffer is dropped as queue-full; a lost link drops the rest as no-link", () => {
+    const full = new Set([C]);
+    const { fw } = net({ [A]: { [C]: C } }, full, 1000);
+    fw[A]!.fromTun([pkt("10.40.0.130", new Uint8Array(600))]); // held (one ~650-byte frame)
+    fw[A]!.fromTun([pkt("10.40.0.131", new Uint8Array(600))]); // does not fit: dropped
+    expect(fw[A]!.drops.get("queue-full")).toBe(1);
+    fw[A]!.linkDown(C);
+    expect(fw[A]!.drops.get("no-link")).toBe(1);
+    expect(fw[A]!.heldFor(C)).toBe(false);
+    expect(fw[A]!.shouldPause()).toBe(false);
+  });
+
+  it("backpressure with holdBytes 0 drops at once", () => {
+    const { fw } = net({ [A]: { [C]: C } }, new Set([C]), 0);
     fw[A]!.fromTun([pkt("10.40.0.130"), pkt("10.40.0.131")]);
     expect(fw[A]!.drops.get("queue-full")).toBe(2);
     expect(fw[A]!.shouldPause()).toBe(true);
-    fw[A]!.drained(C);
-    expect(fw[A]!.shouldPause()).toBe(false);
-    fw[A]!.fromTun([pkt("10.40.0.130"), pkt("10.40.0.70")]); // B is fine: keep reading
-    expect(fw[A]!.shouldPause()).toBe(false);
   });
 
   it("random batches arrive intact and in order at their owners", async () => {
