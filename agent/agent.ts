@@ -81,6 +81,8 @@ export interface AgentConfig {
   transport?: Transport;
   /** WebRTC implementation: werift (pure JS), native (libdatachannel via node-datachannel), auto (native when it loads). Default werift. */
   transportKind?: "auto" | "werift" | "native";
+  /** Path MTU the native transport's links assume (see NativeTransportOptions.mtu). Default 1280. */
+  linkMtu?: number;
   /** IPAM: cluster range (default 10.40.0.0/16), block prefix (default 26), reclaim grace (default 10 min). */
   ipam?: { range?: string; blockPrefix?: number; reclaimAfterMs?: number; resyncMs?: number; claimSettleMs?: number; bootstrapWaitMs?: number; safetyMarginMs?: number };
   /** werift tuning, e.g. { loopbackOnly: true } for single-host tests and demos. */
@@ -544,11 +546,12 @@ async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport
   let kind = cfg.transportKind ?? "werift";
   if (kind !== "werift") {
     const native = await import("./transport/native.js");
-    if (await native.nativeAvailable()) return native.createNativeTransport(common);
+    if (await native.nativeAvailable()) return native.createNativeTransport({ ...common, ...(cfg.linkMtu !== undefined ? { mtu: cfg.linkMtu } : {}) });
     if (kind === "native") throw new WeftError("ERR_NO_NATIVE", `--transport native: node-datachannel does not load here (${native.nativeLoadError() ?? "unknown reason"}); use --transport werift`);
     log.info("native transport unavailable; using werift", { reason: native.nativeLoadError() });
     kind = "werift";
   }
+  if (cfg.linkMtu !== undefined) log.warn("--link-mtu applies to the native transport only: werift sends fixed 1200-byte SCTP chunks", { linkMtu: cfg.linkMtu });
   return (await import("./transport/werift.js")).createWeriftTransport(common);
 }
 

@@ -3,6 +3,7 @@ import { createLogger, parseLevel } from "../../src/log.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
 import { apiRequest } from "../api-client.js";
+import { MAX_LINK_MTU } from "../transport/link-base.js";
 import { DEFAULT_TOKEN_PATH, inClusterAvailable } from "../k8s.js";
 import { apiSocketPath, defaultStateDir } from "../state.js";
 import { errorLine, fmtBytes, fmtDuration, parse, positiveInt, resolveToken, table } from "./util.js";
@@ -31,6 +32,12 @@ Options:
                         (default 10m; e.g. 90s, 10m, 1h)
   --transport T         WebRTC implementation: auto (default: native when node-datachannel loads,
                         else werift), werift (pure JS), native (libdatachannel, ~4x the throughput)
+  --link-mtu N          path MTU the native transport assumes between nodes (default 1280, safe on
+                        any path; at most 4096). Raise it when every path between nodes carries larger
+                        packets: 1500 on one Ethernet LAN, 4096 on a jumbo-frame LAN or in a cloud VPC
+                        with a 9000-byte MTU; fewer, larger UDP datagrams, measured up to 2.6x the
+                        throughput. Too large a value makes full-size packets vanish (Don't Fragment)
+                        and links stall
   --connect-timeout DUR give up on a WebRTC attempt that has not opened after this long (default 10s);
                         after one such failure the link goes through the signaling server's relay
                         while WebRTC is retried in the background (backoff up to 5 min)
@@ -110,6 +117,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     "ice-server": { type: "string", multiple: true },
     "no-server-stun": { type: "boolean" },
     transport: { type: "string" },
+    "link-mtu": { type: "string" },
     "connect-timeout": { type: "string" },
     "advertise-routes": { type: "string", multiple: true },
     "snat-routes": { type: "boolean" },
@@ -139,6 +147,12 @@ export async function runAgent(argv: string[]): Promise<number> {
   for (const f of ["iface", "bridge"] as const) {
     const v = values[f];
     if (v !== undefined && !/^[A-Za-z0-9_.-]{1,15}$/.test(v)) throw new UsageError(`weftnet agent: --${f} ${JSON.stringify(v)} is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)`);
+  }
+  let linkMtu: number | undefined;
+  if (values["link-mtu"] !== undefined) {
+    linkMtu = Number(values["link-mtu"]);
+    if (!Number.isInteger(linkMtu) || linkMtu < 1280 || linkMtu > MAX_LINK_MTU) throw new UsageError(`weftnet agent: --link-mtu must be an integer between 1280 and ${MAX_LINK_MTU}, got ${JSON.stringify(values["link-mtu"])}`);
+    if (transportKind === "werift") throw new UsageError("weftnet agent: --link-mtu applies to the native transport (werift sends fixed 1200-byte SCTP chunks)");
   }
   let mtu: number | undefined;
   if (values.mtu !== undefined) {
@@ -191,6 +205,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     stateDir,
     tun,
     transportKind,
+    ...(linkMtu !== undefined ? { linkMtu } : {}),
     ...(values.iface !== undefined ? { iface: values.iface } : {}),
     ...(values.bridge !== undefined ? { bridge: values.bridge } : {}),
     ...(mtu !== undefined ? { mtu } : {}),

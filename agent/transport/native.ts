@@ -74,7 +74,7 @@ import { sdpFingerprint } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./werift.js";
-import { CHANNELS, errMsg, LinkBase } from "./link-base.js";
+import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU } from "./link-base.js";
 
 export type { DtlsCertificatePem } from "./werift.js";
 
@@ -115,6 +115,13 @@ export interface NativeTransportOptions {
   excludeAddress?: (ip: string) => boolean;
   /** Reuse an existing certificate instead of generating one (same PEM format as the werift transport). */
   certificate?: DtlsCertificatePem;
+  /**
+   * Path MTU the links may assume: the largest IP packet every path between the nodes carries, in bytes
+   * (libdatachannel's `mtu`; its SCTP packets are this minus 108 bytes of SCTP/DTLS/UDP/IPv6 overhead).
+   * Default 1280 (libdatachannel's, the IPv6 minimum: safe on any path). libjuice sets Don't Fragment, so a value above the real path MTU makes every full-size SCTP
+   * packet vanish: set it only when every path between nodes carries it (see LINK_MTU in the agent).
+   */
+  mtu?: number;
   /** Overrides of LIMITS (tests, tuning). */
   limits?: Partial<Pick<typeof LIMITS, "controlBufferLimit" | "packetsBufferLimit" | "controlLowWater" | "packetsLowWater" | "maxMessageSize">>;
 }
@@ -191,7 +198,11 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
     ...(opts.icePortRange ? { portRangeBegin: opts.icePortRange[0], portRangeEnd: opts.icePortRange[1] } : {}),
     ...(opts.iceTransportPolicy ? { iceTransportPolicy: opts.iceTransportPolicy } : {}),
     ...(opts.enableIceUdpMux ? { enableIceUdpMux: true } : {}),
+    ...(opts.mtu !== undefined ? { mtu: opts.mtu } : {}),
   };
+  if (opts.mtu !== undefined && (!Number.isInteger(opts.mtu) || opts.mtu < 1280 || opts.mtu > MAX_LINK_MTU)) {
+    throw new RangeError(`native transport: mtu must be an integer between 1280 and ${MAX_LINK_MTU}, got ${opts.mtu}`);
+  }
   if (opts.loopbackOnly) base.bindAddress = "127.0.0.1";
   else if (opts.bindAddress) base.bindAddress = opts.bindAddress;
 
@@ -511,7 +522,8 @@ class NativeLink extends LinkBase {
   }
 
   protected override sendNow(channel: ChannelName, data: Uint8Array): void {
-    // Returns false when libdatachannel queued the message instead of handing it to SCTP at once: still sent.
+    // libdatachannel copies the bytes before returning (the caller may reuse `data`). Returns false when it
+    // queued the message instead of handing it to SCTP at once: still sent.
     this.dc[channel]!.sendMessageBinary(data);
   }
 

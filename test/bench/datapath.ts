@@ -1,10 +1,15 @@
 /**
  * npm run bench:datapath  (root)
- * Two agents in two namespaces behind one LAN, a pod on each; for each transport pairing
- * (werift-werift, native-native, werift-native): iperf3 TCP pod -> pod (3 runs, median) and ping RTT
- * (idle, median of 20), plus agent RSS under load. Baseline in the same run: kernel VXLAN between the
- * same two node namespaces. Prints Mbit/s and ratios; never fails on a number.
+ * Two agents in two namespaces behind one LAN, a pod on each; for each configuration (native-native at the
+ * default link MTU and at --link-mtu 1500, werift-werift, werift-native, and native on a jumbo-frame LAN
+ * with --link-mtu 4096): iperf3 TCP pod -> pod (3 runs, median) and ping RTT (idle, average of 20), plus
+ * agent RSS under load. Baseline in the same run: kernel VXLAN between the same two node namespaces (on
+ * each LAN). Also in the same run, for context: libdatachannel alone (two peer connections in one process
+ * on loopback, 64 KiB messages as fast as they go), the ceiling the native transport cannot beat at that
+ * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
+ *   --only S      only the configurations whose key contains S (native-native, native-native-1500,
+ *                 werift-werift, werift-native, jumbo)
  */
 import { execFileSync, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -62,9 +67,8 @@ async function measure(label: string, client: string, server: string, ip: string
 }
 
 type Result = Awaited<ReturnType<typeof measure>>;
-const results: Result[] = [];
 
-async function vxlanBaseline(lab: MeshLab): Promise<Result> {
+async function vxlanBaseline(lab: MeshLab, label: string): Promise<Result> {
   const [a, b] = lab.nodes as [LabNode, LabNode];
   for (const [n, peer, addr] of [
     [a, b, "10.88.0.1"],
@@ -75,44 +79,116 @@ async function vxlanBaseline(lab: MeshLab): Promise<Result> {
     execFileSync("ip", ["-n", n.ns, "link", "set", "vx0", "up"]);
   }
   try {
-    return await measure("kernel VXLAN (node ns to node ns)", a.ns, b.ns, "10.88.0.2");
+    return await measure(label, a.ns, b.ns, "10.88.0.2");
   } finally {
     for (const n of [a, b]) execFileSync("ip", ["-n", n.ns, "link", "del", "vx0"]);
   }
 }
 
-async function overlay(kinds: [string, string]): Promise<Result> {
-  const lab = new MeshLab(2);
+interface Config {
+  key: string;
+  label: string;
+  kinds: [string, string];
+  args?: string[];
+  uplinkMtu?: number;
+}
+
+/** Baseline per LAN MTU, measured once in the first lab of that kind. */
+const baselines = new Map<number, Result>();
+
+async function overlay(c: Config): Promise<Result> {
+  const lab = new MeshLab(2, c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {});
   try {
     await lab.setup();
     await lab.startSignal();
-    lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", kinds[i]!, "--log-level", "warn"]));
+    lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", c.kinds[i]!, "--log-level", "warn", ...(c.args ?? [])]));
     await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.state === "connected")), 30_000, "mesh");
     const pa = await lab.addPod(lab.nodes[0]!, "pa");
     const pb = await lab.addPod(lab.nodes[1]!, "pb");
     await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
-    if (results.length === 0) results.push(await vxlanBaseline(lab));
-    return await measure(`weftnet ${kinds[0]} -> ${kinds[1]} (pod to pod)`, pa.name, pb.name, pb.ip, lab.nodes.map((n) => n.proc!.pid!));
+    const mtu = c.uplinkMtu ?? 1500;
+    if (!baselines.has(mtu)) baselines.set(mtu, await vxlanBaseline(lab, `kernel VXLAN, LAN MTU ${mtu}`));
+    return await measure(c.label, pa.name, pb.name, pb.ip, lab.nodes.map((n) => n.proc!.pid!));
   } finally {
     await lab.close();
   }
 }
 
-const pairings: [string, string][] = [
-  ["native", "native"],
-  ["werift", "werift"],
-  ["werift", "native"],
-];
-for (const p of pairings) {
-  if (values.only && !`${p[0]}-${p[1]}`.includes(values.only)) continue;
-  process.stderr.write(`measuring ${p[0]} -> ${p[1]} ...\n`);
-  results.push(await overlay(p));
+/** libdatachannel alone: two peer connections in this process over loopback, 64 KiB messages, `SECONDS` s. */
+async function libraryCeiling(mtu?: number): Promise<number> {
+  const ndc = (await import("node-datachannel")).default;
+  const cfg = { iceServers: [], bindAddress: "127.0.0.1", maxMessageSize: 1 << 20, ...(mtu ? { mtu } : {}) };
+  const a = new ndc.PeerConnection("a", cfg);
+  const b = new ndc.PeerConnection("b", cfg);
+  const keep: unknown[] = [];
+  try {
+    a.onLocalDescription((sdp, type) => b.setRemoteDescription(sdp, type));
+    b.onLocalDescription((sdp, type) => a.setRemoteDescription(sdp, type));
+    a.onLocalCandidate((c, m) => b.addRemoteCandidate(c, m));
+    b.onLocalCandidate((c, m) => a.addRemoteCandidate(c, m));
+    let rx = 0;
+    b.onDataChannel((dc) => {
+      keep.push(dc); // node-datachannel closes a channel whose JS object is collected
+      dc.onMessage((m) => (rx += (m as Buffer).length));
+    });
+    const dc = a.createDataChannel("p", { unordered: true, maxRetransmits: 0 });
+    const msg = Buffer.alloc(65536, 7);
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error("library ceiling: channel did not open")), 10_000);
+      dc.onOpen(() => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+    dc.setBufferedAmountLowThreshold(256 * 1024);
+    const pump = () => {
+      while (dc.bufferedAmount() < 1024 * 1024) dc.sendMessageBinary(msg);
+    };
+    dc.onBufferedAmountLow(pump);
+    const t0 = performance.now();
+    const rx0 = rx;
+    pump();
+    await new Promise((r) => setTimeout(r, SECONDS * 1000));
+    const mbps = ((rx - rx0) * 8) / ((performance.now() - t0) / 1000) / 1e6;
+    dc.close();
+    return mbps;
+  } finally {
+    a.close();
+    b.close();
+  }
 }
-const base = results[0]!;
-process.stdout.write(`\niperf3 TCP, ${RUNS} x ${SECONDS} s, median; ping: 20 x 50 ms, average\n`);
-process.stdout.write(`${"path".padEnd(40)} ${"Mbit/s".padStart(9)} ${"vs VXLAN".padStart(9)} ${"ping ms".padStart(8)}  runs / agent RSS under load (MiB)\n`);
-for (const r of results) {
+
+const configs: Config[] = [
+  { key: "native-native", label: "native -> native (link MTU 1280)", kinds: ["native", "native"] },
+  { key: "native-native-1500", label: "native -> native, --link-mtu 1500", kinds: ["native", "native"], args: ["--link-mtu", "1500"] },
+  { key: "werift-werift", label: "werift -> werift", kinds: ["werift", "werift"] },
+  { key: "werift-native", label: "werift -> native", kinds: ["werift", "native"] },
+  { key: "jumbo-native-native-4096", label: "native, jumbo LAN, --link-mtu 4096", kinds: ["native", "native"], args: ["--link-mtu", "4096"], uplinkMtu: 9000 },
+];
+const rows: { r: Result; base: number }[] = [];
+for (const c of configs) {
+  if (values.only && !c.key.includes(values.only)) continue;
+  process.stderr.write(`measuring ${c.label} ...\n`);
+  const r = await overlay(c);
+  const mtu = c.uplinkMtu ?? 1500;
+  const base = baselines.get(mtu)!;
+  if (!rows.some((x) => x.r === base)) rows.push({ r: base, base: base.mbps });
+  rows.push({ r: { ...r, label: `weftnet ${c.label}` }, base: base.mbps });
+}
+const ceilings: string[] = [];
+for (const mtu of [undefined, 1500, 4096]) {
+  try {
+    ceilings.push(`MTU ${mtu ?? 1280}: ${(await libraryCeiling(mtu)).toFixed(0)}`);
+  } catch (err) {
+    ceilings.push(`MTU ${mtu ?? 1280}: n/a (${(err as Error).message})`);
+  }
+}
+process.stdout.write(`\niperf3 TCP pod to pod, ${RUNS} x ${SECONDS} s, median; ping: 20 x 50 ms, average; ratio vs kernel VXLAN on the same LAN\n`);
+process.stdout.write(`${"path".padEnd(48)} ${"Mbit/s".padStart(9)} ${"vs VXLAN".padStart(9)} ${"ping ms".padStart(8)}  runs / agent RSS under load (MiB)\n`);
+for (const { r, base } of rows) {
   process.stdout.write(
-    `${r.label.padEnd(40)} ${r.mbps.toFixed(0).padStart(9)} ${(r.mbps / base.mbps).toFixed(4).padStart(9)} ${r.rtt.toFixed(3).padStart(8)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]${r.rss.length ? ` rss ${r.rss.map((x) => x.toFixed(0)).join("/")}` : ""}\n`,
+    `${r.label.padEnd(48)} ${r.mbps.toFixed(0).padStart(9)} ${(r.mbps / base).toFixed(4).padStart(9)} ${r.rtt.toFixed(3).padStart(8)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]${r.rss.length ? ` rss ${r.rss.map((x) => x.toFixed(0)).join("/")}` : ""}\n`,
   );
 }
+process.stdout.write(`libdatachannel alone (loopback, one process, 64 KiB messages, Mbit/s): ${ceilings.join(", ")}\n`);
+process.exit(0); // node-datachannel keeps the loop alive for a few seconds after its last connection

@@ -59,7 +59,11 @@ export class MeshLab {
   signalProc: ChildProcess | undefined;
   readonly signalAddr: string;
 
-  constructor(readonly count: number) {
+  /** uplinkMtu: MTU of the LAN (bridge and every node's uplink), default the kernel's 1500; 9000 for a jumbo-frame LAN. */
+  constructor(
+    readonly count: number,
+    readonly opts: { uplinkMtu?: number } = {},
+  ) {
     this.lan = `wl-${this.id}-lan`;
     this.signalAddr = `10.77.${this.net}.1`;
   }
@@ -80,6 +84,10 @@ export class MeshLab {
       ip(["-n", this.lan, "link", "set", `p${k}`, "master", "lan", "up"]);
       const addr = `10.77.${this.net}.${10 + k}`;
       ip(["-n", ns, "addr", "add", `${addr}/24`, "dev", "uplink"]);
+      if (this.opts.uplinkMtu) {
+        ip(["-n", ns, "link", "set", "uplink", "mtu", String(this.opts.uplinkMtu)]);
+        ip(["-n", this.lan, "link", "set", `p${k}`, "mtu", String(this.opts.uplinkMtu)]);
+      }
       ip(["-n", ns, "link", "set", "uplink", "up"]);
       this.nodes.push({ name: `n${k}`, ns, addr, stateDir: join(this.root, `n${k}`), pods: [] });
     }

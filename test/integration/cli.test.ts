@@ -35,6 +35,8 @@ describe("weftnet CLI", () => {
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1"], /cluster token is required/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--mtu", "100"], /--mtu must be/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--iface", "x"], /make no sense with --no-tun/],
+      [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--link-mtu", "1000"], /--link-mtu must be an integer between 1280 and 4096/],
+      [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--link-mtu", "1500", "--transport", "werift"], /--link-mtu applies to the native transport/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--range", "10.40.0.0"], /--range/],
       [["agent", "--no-tun", "--signal", "ws://127.0.0.1:1", "--token", "t", "--reclaim-after", "soon"], /--reclaim-after must be a duration/],
       [["pod", "add"], /expected `add NAME`/],
