@@ -2,6 +2,8 @@
  * The agent's composition root: identity + signaling client + transport + mesh manager + local API.
  * Everything with I/O is created here and passed into the core (src/), which never imports it.
  */
+import { uplinkMtu } from "./os/mtu.js";
+import { MAX_LINK_MTU, SAFE_LINK_MTU } from "./transport/link-base.js";
 import { existsSync, unlinkSync } from "node:fs";
 import { hostname } from "node:os";
 import { UsageError, WeftError } from "../src/errors.js";
@@ -81,8 +83,12 @@ export interface AgentConfig {
   transport?: Transport;
   /** WebRTC implementation: werift (pure JS), native (libdatachannel via node-datachannel), auto (native when it loads). Default werift. */
   transportKind?: "auto" | "werift" | "native";
-  /** Path MTU the native transport's links assume (see NativeTransportOptions.mtu). Default 1280. */
-  linkMtu?: number;
+  /**
+   * Path MTU the native transport's links assume (see NativeTransportOptions.mtu): a number, or "auto"
+   * (default): this host's uplink MTU (agent/os/mtu.ts) clamped to 1280..4096. Links above 1280 check the
+   * path once open and fall back to 1280 for a peer whose path carries less.
+   */
+  linkMtu?: number | "auto";
   /** IPAM: cluster range (default 10.40.0.0/16), block prefix (default 26), reclaim grace (default 10 min). */
   ipam?: { range?: string; blockPrefix?: number; reclaimAfterMs?: number; resyncMs?: number; claimSettleMs?: number; bootstrapWaitMs?: number; safetyMarginMs?: number };
   /** werift tuning, e.g. { loopbackOnly: true } for single-host tests and demos. */
@@ -546,12 +552,20 @@ async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport
   let kind = cfg.transportKind ?? "werift";
   if (kind !== "werift") {
     const native = await import("./transport/native.js");
-    if (await native.nativeAvailable()) return native.createNativeTransport({ ...common, ...(cfg.linkMtu !== undefined ? { mtu: cfg.linkMtu } : {}) });
+    if (await native.nativeAvailable()) {
+      let mtu = cfg.linkMtu ?? "auto";
+      if (mtu === "auto") {
+        const up = await uplinkMtu();
+        mtu = Math.min(MAX_LINK_MTU, Math.max(SAFE_LINK_MTU, up ?? SAFE_LINK_MTU));
+        log.info("link MTU from the uplink", { uplinkMtu: up ?? "unknown", linkMtu: mtu });
+      }
+      return native.createNativeTransport({ ...common, mtu });
+    }
     if (kind === "native") throw new WeftError("ERR_NO_NATIVE", `--transport native: node-datachannel does not load here (${native.nativeLoadError() ?? "unknown reason"}); use --transport werift`);
     log.info("native transport unavailable; using werift", { reason: native.nativeLoadError() });
     kind = "werift";
   }
-  if (cfg.linkMtu !== undefined) log.warn("--link-mtu applies to the native transport only: werift sends fixed 1200-byte SCTP chunks", { linkMtu: cfg.linkMtu });
+  if (typeof cfg.linkMtu === "number") log.warn("--link-mtu applies to the native transport only: werift sends fixed 1200-byte SCTP chunks", { linkMtu: cfg.linkMtu });
   return (await import("./transport/werift.js")).createWeriftTransport(common);
 }
 

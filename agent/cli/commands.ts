@@ -32,12 +32,11 @@ Options:
                         (default 10m; e.g. 90s, 10m, 1h)
   --transport T         WebRTC implementation: auto (default: native when node-datachannel loads,
                         else werift), werift (pure JS), native (libdatachannel, ~4x the throughput)
-  --link-mtu N          path MTU the native transport assumes between nodes (default 1280, safe on
-                        any path; at most 4096). Raise it when every path between nodes carries larger
-                        packets: 1500 on one Ethernet LAN, 4096 on a jumbo-frame LAN or in a cloud VPC
-                        with a 9000-byte MTU; fewer, larger UDP datagrams, measured up to 2.6x the
-                        throughput. Too large a value makes full-size packets vanish (Don't Fragment)
-                        and links stall
+  --link-mtu N|auto     path MTU the native transport assumes between nodes, 1280..4096 (default auto:
+                        this host's uplink MTU, e.g. 1500 on Ethernet, 4096 with jumbo frames). Larger
+                        means fewer UDP datagrams: measured up to 2x the throughput. Each link above
+                        1280 checks once open that such packets reach the peer; where they do not
+                        (a smaller MTU on the way), that peer's links use 1280 for an hour
   --connect-timeout DUR give up on a WebRTC attempt that has not opened after this long (default 10s);
                         after one such failure the link goes through the signaling server's relay
                         while WebRTC is retried in the background (backoff up to 5 min)
@@ -148,8 +147,8 @@ export async function runAgent(argv: string[]): Promise<number> {
     const v = values[f];
     if (v !== undefined && !/^[A-Za-z0-9_.-]{1,15}$/.test(v)) throw new UsageError(`weftnet agent: --${f} ${JSON.stringify(v)} is not a valid interface name (1-15 of A-Z a-z 0-9 _ . -)`);
   }
-  let linkMtu: number | undefined;
-  if (values["link-mtu"] !== undefined) {
+  let linkMtu: number | "auto" | undefined;
+  if (values["link-mtu"] !== undefined && values["link-mtu"] !== "auto") {
     linkMtu = Number(values["link-mtu"]);
     if (!Number.isInteger(linkMtu) || linkMtu < 1280 || linkMtu > MAX_LINK_MTU) throw new UsageError(`weftnet agent: --link-mtu must be an integer between 1280 and ${MAX_LINK_MTU}, got ${JSON.stringify(values["link-mtu"])}`);
     if (transportKind === "werift") throw new UsageError("weftnet agent: --link-mtu applies to the native transport (werift sends fixed 1200-byte SCTP chunks)");
@@ -296,7 +295,7 @@ export function renderStatus(st: AgentStatus): string {
       : p.path === "relay"
         ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
         : p.selected
-          ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}`
+          ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}${p.pathMtu ? ` mtu ${p.pathMtu}` : ""}`
           : "",
   ];
   // Group by cluster label when peers carry one (hybrid clusters).

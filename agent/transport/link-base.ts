@@ -9,7 +9,16 @@
  * - send(): max-message-size check (logged once per link and channel), buffer limit / low-water refusal,
  *   onDrain once after a refusal, send-failure logging once per link, byte counters;
  * - receive: string messages (a misbehaving peer) are delivered as their UTF-8 bytes, logged once;
- * - stats(): byte counters plus the selected candidate pair when the library knows it.
+ * - stats(): byte counters plus the selected candidate pair when the library knows it;
+ * - path MTU check (probeMtu): see below.
+ *
+ * Path MTU check. A link built for a path MTU above 1280 (the native transport's --link-mtu) proves it once
+ * open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on `packets`,
+ * which the peer's link answers with a small ack on the same channel, up to PROBE_TRIES times PROBE_INTERVAL_MS
+ * apart. No ack: packets of that size do not reach the peer (Don't Fragment meets a smaller path MTU), and
+ * the link fails with a reason that says so; the transport's next link to that peer uses 1280. Probes and
+ * acks start with PROBE_MAGIC, a byte no data frame starts with (src/packet/frame.ts: version 1 << 4), and
+ * never reach the mesh. Both adapters answer probes, so a werift peer confirms a native peer's MTU.
  *
  * Subclasses implement the small hooks below with their library's calls and keep everything
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
@@ -27,6 +36,18 @@ import type { Logger } from "../../src/log.js";
 export const MAX_LINK_MTU = 4096;
 export const CHANNELS: readonly ChannelName[] = ["control", "packets"];
 
+/** First byte of a link probe or probe ack (see the header); data frames start with 0x1_. */
+export const PROBE_MAGIC = 0xf0;
+const PROBE_REQ = 1;
+const PROBE_ACK = 2;
+/** SCTP/DTLS/UDP/IPv6 overhead libdatachannel subtracts (108) + SCTP DATA chunk header (16) + margin: a
+ *  message of mtu - PROBE_OVERHEAD bytes fills one SCTP packet without being split. */
+export const PROBE_OVERHEAD = 136;
+export const PROBE_TRIES = 4;
+export const PROBE_INTERVAL_MS = 700; // 4 probes fail before the 5 s heartbeat timeout would
+/** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
+export const SAFE_LINK_MTU = 1280;
+
 /** The LIMITS fields the base uses (each adapter has its own defaults). */
 export interface LinkLimits {
   controlBufferLimit: number;
@@ -43,6 +64,10 @@ export interface LinkBaseOptions {
   log: Logger;
   /** Called once, from finish(): the transport forgets the link. */
   onGone(link: LinkBase): void;
+  /** Path MTU this link was built for; above SAFE_LINK_MTU it is checked once open (see the header). */
+  pathMtu?: number;
+  /** The check failed: packets of pathMtu bytes do not reach the peer. */
+  onPathMtuFailed?(): void;
 }
 
 /** Remote candidates kept while the remote description is not set yet. */
@@ -64,6 +89,12 @@ export abstract class LinkBase implements TransportLink {
   private bytesSent = 0;
   private bytesReceived = 0;
   private closePromise: Promise<void> | undefined;
+  private readonly pathMtu: number | undefined;
+  private readonly onPathMtuFailed: (() => void) | undefined;
+  private probeNonce: Uint8Array | undefined;
+  private probeTimer: NodeJS.Timeout | undefined;
+  private probeTries = 0;
+  private pathMtuConfirmed = false;
 
   constructor(opts: LinkBaseOptions) {
     this.handlers = opts.handlers;
@@ -71,6 +102,8 @@ export abstract class LinkBase implements TransportLink {
     this.limits = opts.limits;
     this.initiator = opts.initiator;
     this.onGone = opts.onGone;
+    this.pathMtu = opts.pathMtu;
+    this.onPathMtuFailed = opts.onPathMtuFailed;
   }
 
   // ---- hooks: the library calls ---------------------------------------------------------------------
@@ -143,6 +176,63 @@ export abstract class LinkBase implements TransportLink {
     this._state = "open";
     this.log.debug("link open");
     this.call("onOpen", () => this.handlers.onOpen());
+    if (this.pathMtu !== undefined && this.pathMtu > SAFE_LINK_MTU && !this.isDone()) this.probe();
+  }
+
+  /** Send a path MTU probe; after PROBE_TRIES unanswered ones, fail the link (see the header). */
+  private probe(): void {
+    if (this.isDone() || this.pathMtuConfirmed) return;
+    const mtu = this.pathMtu!;
+    if (this.probeTries >= PROBE_TRIES) {
+      const reason = `path MTU check failed: ${mtu}-byte packets did not reach the peer (${PROBE_TRIES} probes); the next link uses ${SAFE_LINK_MTU}`;
+      this.log.warn("path MTU check failed; lower --link-mtu if this repeats", { mtu, probes: PROBE_TRIES });
+      this.call("onPathMtuFailed", () => this.onPathMtuFailed?.());
+      this.finish("failed", reason);
+      return;
+    }
+    this.probeTries++;
+    this.probeNonce ??= globalThis.crypto.getRandomValues(new Uint8Array(8));
+    const msg = new Uint8Array(mtu - PROBE_OVERHEAD);
+    msg[0] = PROBE_MAGIC;
+    msg[1] = PROBE_REQ;
+    msg.set(this.probeNonce, 2);
+    this.sendProbeBytes(msg);
+    this.probeTimer = setTimeout(() => this.probe(), PROBE_INTERVAL_MS);
+  }
+
+  /** A probe or ack arrived on `packets` (never delivered to the mesh). */
+  private onProbe(b: Uint8Array): void {
+    if (b.length < 10) return;
+    if (b[1] === PROBE_REQ) {
+      const ack = new Uint8Array(10);
+      ack[0] = PROBE_MAGIC;
+      ack[1] = PROBE_ACK;
+      ack.set(b.subarray(2, 10), 2);
+      this.sendProbeBytes(ack);
+      return;
+    }
+    const n = this.probeNonce;
+    if (b[1] === PROBE_ACK && n && !this.pathMtuConfirmed && b.subarray(2, 10).every((x, i) => x === n[i])) {
+      this.pathMtuConfirmed = true;
+      if (this.probeTimer) clearTimeout(this.probeTimer);
+      this.probeTimer = undefined;
+      this.log.debug("path MTU confirmed", { mtu: this.pathMtu, probes: this.probeTries });
+    }
+  }
+
+  /** Probe traffic on `packets`, past the buffer limits (one small message at a time); never throws. */
+  private sendProbeBytes(msg: Uint8Array): void {
+    try {
+      this.sendNow("packets", msg);
+    } catch (err) {
+      this.log.debug("probe send failed", { err });
+    }
+  }
+
+  /** The path MTU the link uses: confirmed (or not above SAFE_LINK_MTU), else SAFE_LINK_MTU while probing. */
+  get linkMtu(): number | undefined {
+    if (this.pathMtu === undefined) return undefined;
+    return this.pathMtu <= SAFE_LINK_MTU || this.pathMtuConfirmed ? this.pathMtu : undefined;
   }
 
   /** A message arrived (binary, or a string from a misbehaving peer). */
@@ -159,6 +249,10 @@ export abstract class LinkBase implements TransportLink {
       bytes = new Uint8Array(m);
     } else {
       bytes = new Uint8Array(m.buffer, m.byteOffset, m.byteLength);
+    }
+    if (name === "packets" && bytes[0] === PROBE_MAGIC) {
+      this.onProbe(bytes);
+      return;
     }
     this.bytesReceived += bytes.byteLength;
     this.call("onMessage", () => this.handlers.onMessage(name, bytes));
@@ -190,6 +284,8 @@ export abstract class LinkBase implements TransportLink {
     if (this.isDone()) return;
     this._state = state;
     this.pendingCandidates = [];
+    if (this.probeTimer) clearTimeout(this.probeTimer);
+    this.probeTimer = undefined;
     this.closePromise = this.dispose();
     this.onGone(this);
     this.log.debug("link closed", { reason, state });
@@ -314,6 +410,8 @@ export abstract class LinkBase implements TransportLink {
 
   async stats(): Promise<LinkStats> {
     const out: LinkStats = { bytesSent: this.bytesSent, bytesReceived: this.bytesReceived };
+    const mtu = this.linkMtu;
+    if (mtu !== undefined) out.pathMtu = mtu;
     if (this.isDone()) return out;
     try {
       const sel = await this.selectedPath();

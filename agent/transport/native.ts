@@ -80,7 +80,10 @@ import { sdpFingerprint } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./werift.js";
-import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU } from "./link-base.js";
+import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU, SAFE_LINK_MTU } from "./link-base.js";
+
+/** How long a peer whose path failed the MTU check gets SAFE_LINK_MTU before the configured one is tried again. */
+const MTU_FALLBACK_MS = 60 * 60_000;
 
 export type { DtlsCertificatePem } from "./werift.js";
 
@@ -125,7 +128,9 @@ export interface NativeTransportOptions {
    * Path MTU the links may assume: the largest IP packet every path between the nodes carries, in bytes
    * (libdatachannel's `mtu`; its SCTP packets are this minus 108 bytes of SCTP/DTLS/UDP/IPv6 overhead).
    * Default 1280 (libdatachannel's, the IPv6 minimum: safe on any path). libjuice sets Don't Fragment, so a value above the real path MTU makes every full-size SCTP
-   * packet vanish: set it only when every path between nodes carries it (see LINK_MTU in the agent).
+   * packet vanish. Every link built with more than 1280 checks once open that such packets reach the peer
+   * (LinkBase: path MTU check); when they do not, the link fails and the next links to that peer use 1280
+   * for an hour.
    */
   mtu?: number;
   /** Overrides of LIMITS (tests, tuning). */
@@ -204,7 +209,6 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
     ...(opts.icePortRange ? { portRangeBegin: opts.icePortRange[0], portRangeEnd: opts.icePortRange[1] } : {}),
     ...(opts.iceTransportPolicy ? { iceTransportPolicy: opts.iceTransportPolicy } : {}),
     ...(opts.enableIceUdpMux ? { enableIceUdpMux: true } : {}),
-    ...(opts.mtu !== undefined ? { mtu: opts.mtu } : {}),
   };
   if (opts.mtu !== undefined && (!Number.isInteger(opts.mtu) || opts.mtu < 1280 || opts.mtu > MAX_LINK_MTU)) {
     throw new RangeError(`native transport: mtu must be an integer between 1280 and ${MAX_LINK_MTU}, got ${opts.mtu}`);
@@ -217,6 +221,9 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   const loopOnly = !!opts.loopbackOnly;
   const keepAddress = (ip: string): boolean => (!loopOnly || ip.startsWith("127.")) && !(ex && safe(() => ex(ip), false));
   const links = new Set<LinkBase>();
+  const linkMtu = opts.mtu ?? SAFE_LINK_MTU;
+  /** peer -> until when its links use SAFE_LINK_MTU (its path failed the MTU check). */
+  const mtuFallback = new Map<string, number>();
   let closed = false;
   let seq = 0;
 
@@ -232,8 +239,17 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       if (closed) throw new Error("transport is closed");
       const n = ++seq;
       const linkLog = log.child("link", { link: n });
-      const config: Ndc.RtcConfig = { ...base, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
-      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
+      // A peer whose path failed the MTU check gets SAFE_LINK_MTU for a while, then the configured one again.
+      const peer = lo.peer;
+      const until = peer ? mtuFallback.get(peer) : undefined;
+      const fallback = until !== undefined && until > Date.now();
+      if (peer && until !== undefined && !fallback) mtuFallback.delete(peer);
+      const pathMtu = fallback ? SAFE_LINK_MTU : linkMtu;
+      const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
+      const onPathMtuFailed = () => {
+        if (peer) mtuFallback.set(peer, Date.now() + MTU_FALLBACK_MS);
+      };
+      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, onPathMtuFailed, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
       return link;
     },
@@ -317,6 +333,9 @@ interface LinkEnv {
   ndc: NdcModule;
   config: Ndc.RtcConfig;
   name: string;
+  /** Path MTU of this link (config.mtu; checked once open when above 1280). */
+  pathMtu: number;
+  onPathMtuFailed(): void;
   /** Candidate filter (loopbackOnly, excludeAddress). */
   keepAddress(ip: string): boolean;
   limits: typeof LIMITS;
@@ -340,7 +359,7 @@ class NativeLink extends LinkBase {
     opts: LinkOptions,
     private readonly env: LinkEnv,
   ) {
-    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone });
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, onPathMtuFailed: env.onPathMtuFailed });
   }
 
   /**

@@ -67,6 +67,8 @@ export interface PeerStatus {
   attempts: number;
   lastError: string | null;
   selected: LinkStats["selected"] | null;
+  /** Path MTU the link sends with (native transport, once confirmed). */
+  pathMtu: number | null;
   meta: Record<string, string>;
   version: string | null;
 }
@@ -339,6 +341,7 @@ export class MeshManager {
         attempts: f.attempts,
         lastError: f.lastError ?? null,
         selected: stats?.selected ?? null,
+        pathMtu: stats?.pathMtu ?? null,
         meta: e.info.meta,
         version: e.hello?.version ?? null,
       });

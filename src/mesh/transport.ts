@@ -44,6 +44,8 @@ export interface LinkStats {
   bytesSent: number;
   bytesReceived: number;
   selected?: SelectedPath;
+  /** Path MTU the link sends with, once confirmed (transports that choose one). */
+  pathMtu?: number;
 }
 
 export interface TransportLink {
