@@ -8,6 +8,8 @@
  *   offset size  field
  *   0      1     version (high nibble, FRAME_VERSION = 1) | flags (low nibble; none defined yet: senders
  *                write 0, receivers ignore them. A change that alters the layout bumps the version.)
+ *                Version 15 (first byte 0xF0) is taken: the links' path MTU probes (agent/transport/
+ *                link-base.ts), which a link consumes itself and never hands to the forwarder.
  *   1      1     ttl: hops left. The sender writes DEFAULT_TTL (8). A transit node calls decrementTtl(),
  *                which drops the frame (`ttl-expired`) when ttl <= 1 and otherwise decrements the byte in
  *                place, so forwarding never re-encodes the payload. The destination ignores it.
