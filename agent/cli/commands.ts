@@ -36,7 +36,8 @@ Options:
                         this host's uplink MTU, e.g. 1500 on Ethernet, 4096 with jumbo frames). Larger
                         means fewer UDP datagrams: measured up to 2x the throughput. Each link above
                         1280 checks once open that such packets reach the peer; where they do not
-                        (a smaller MTU on the way), that peer's links use 1280 for an hour
+                        (a smaller MTU on the way), that peer's links step down (4096 -> 1500 ->
+                        1280) for an hour
   --connect-timeout DUR give up on a WebRTC attempt that has not opened after this long (default 10s);
                         after one such failure the link goes through the signaling server's relay
                         while WebRTC is retried in the background (backoff up to 5 min)

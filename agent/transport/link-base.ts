@@ -16,7 +16,8 @@
  * open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on `packets`,
  * which the peer's link answers with a small ack on the same channel, up to PROBE_TRIES times PROBE_INTERVAL_MS
  * apart. No ack: packets of that size do not reach the peer (Don't Fragment meets a smaller path MTU), and
- * the link fails with a reason that says so; the transport's next link to that peer uses 1280. Probes and
+ * the link fails with a reason that says so; the transport's next link to that peer uses a smaller MTU
+ * (native.ts: above 1500 -> 1500 -> 1280). Probes and
  * acks start with PROBE_MAGIC, a byte no data frame starts with (src/packet/frame.ts: version 1 << 4), and
  * never reach the mesh. Both adapters answer probes, so a werift peer confirms a native peer's MTU.
  *
@@ -184,7 +185,7 @@ export abstract class LinkBase implements TransportLink {
     if (this.isDone() || this.pathMtuConfirmed) return;
     const mtu = this.pathMtu!;
     if (this.probeTries >= PROBE_TRIES) {
-      const reason = `path MTU check failed: ${mtu}-byte packets did not reach the peer (${PROBE_TRIES} probes); the next link uses ${SAFE_LINK_MTU}`;
+      const reason = `path MTU check failed: ${mtu}-byte packets did not reach the peer (${PROBE_TRIES} probes); the next link uses a smaller one`;
       this.log.warn("path MTU check failed; lower --link-mtu if this repeats", { mtu, probes: PROBE_TRIES });
       this.call("onPathMtuFailed", () => this.onPathMtuFailed?.());
       this.finish("failed", reason);

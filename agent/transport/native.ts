@@ -84,6 +84,8 @@ import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU, SAFE_LINK_MTU } from "./link-
 
 /** How long a peer whose path failed the MTU check gets SAFE_LINK_MTU before the configured one is tried again. */
 const MTU_FALLBACK_MS = 60 * 60_000;
+/** The step between a jumbo MTU and 1280 when a path fails the check: most of the internet carries it. */
+const ETHERNET_MTU = 1500;
 
 export type { DtlsCertificatePem } from "./werift.js";
 
@@ -129,8 +131,8 @@ export interface NativeTransportOptions {
    * (libdatachannel's `mtu`; its SCTP packets are this minus 108 bytes of SCTP/DTLS/UDP/IPv6 overhead).
    * Default 1280 (libdatachannel's, the IPv6 minimum: safe on any path). libjuice sets Don't Fragment, so a value above the real path MTU makes every full-size SCTP
    * packet vanish. Every link built with more than 1280 checks once open that such packets reach the peer
-   * (LinkBase: path MTU check); when they do not, the link fails and the next links to that peer use 1280
-   * for an hour.
+   * (LinkBase: path MTU check); when they do not, the link fails and the next links to that peer step down
+   * (above 1500 -> 1500 -> 1280) for an hour.
    */
   mtu?: number;
   /** Overrides of LIMITS (tests, tuning). */
@@ -222,8 +224,8 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   const keepAddress = (ip: string): boolean => (!loopOnly || ip.startsWith("127.")) && !(ex && safe(() => ex(ip), false));
   const links = new Set<LinkBase>();
   const linkMtu = opts.mtu ?? SAFE_LINK_MTU;
-  /** peer -> until when its links use SAFE_LINK_MTU (its path failed the MTU check). */
-  const mtuFallback = new Map<string, number>();
+  /** peer -> the smaller MTU its links use, and until when (its path failed the MTU check). */
+  const mtuFallback = new Map<string, { mtu: number; until: number }>();
   let closed = false;
   let seq = 0;
 
@@ -239,15 +241,18 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       if (closed) throw new Error("transport is closed");
       const n = ++seq;
       const linkLog = log.child("link", { link: n });
-      // A peer whose path failed the MTU check gets SAFE_LINK_MTU for a while, then the configured one again.
+      // A peer whose path failed the MTU check gets the next smaller step (4096 -> 1500 -> 1280) for a
+      // while, then the configured MTU again.
       const peer = lo.peer;
-      const until = peer ? mtuFallback.get(peer) : undefined;
-      const fallback = until !== undefined && until > Date.now();
-      if (peer && until !== undefined && !fallback) mtuFallback.delete(peer);
-      const pathMtu = fallback ? SAFE_LINK_MTU : linkMtu;
+      let fb = peer ? mtuFallback.get(peer) : undefined;
+      if (peer && fb && fb.until <= Date.now()) {
+        mtuFallback.delete(peer);
+        fb = undefined;
+      }
+      const pathMtu = fb ? fb.mtu : linkMtu;
       const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
       const onPathMtuFailed = () => {
-        if (peer) mtuFallback.set(peer, Date.now() + MTU_FALLBACK_MS);
+        if (peer) mtuFallback.set(peer, { mtu: pathMtu > ETHERNET_MTU ? ETHERNET_MTU : SAFE_LINK_MTU, until: Date.now() + MTU_FALLBACK_MS });
       };
       const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, onPathMtuFailed, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
