@@ -39,9 +39,17 @@ async function iperf(clientNs: string, serverNs: string, serverIp: string, pids:
   let rss: number[] = [];
   const sampler = setTimeout(() => (rss = pids.map(rssMiB)), (SECONDS * 1000) / 2);
   try {
-    const { stdout } = await sh(clientNs, "iperf3", ["-c", serverIp, "-t", String(SECONDS), "-J"], (SECONDS + 20) * 1000);
-    const j = JSON.parse(stdout) as { end: { sum_received: { bits_per_second: number } } };
-    return { mbps: j.end.sum_received.bits_per_second / 1e6, rss };
+    // The server may not listen yet on a loaded box: retry the connection a few times.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const { stdout } = await sh(clientNs, "iperf3", ["-c", serverIp, "-t", String(SECONDS), "-J"], (SECONDS + 20) * 1000);
+        const j = JSON.parse(stdout) as { end: { sum_received: { bits_per_second: number } } };
+        return { mbps: j.end.sum_received.bits_per_second / 1e6, rss };
+      } catch (err) {
+        if (attempt >= 3) throw err;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
   } finally {
     clearTimeout(sampler);
     server.kill("SIGKILL");
