@@ -114,7 +114,8 @@ export function parseIceServer(url: string): IceServer {
  * Set before the agent allocates anything; NODE_OPTIONS naming incremental marking takes precedence.
  */
 export function tuneAgentGc(): void {
-  if (/incremental-marking/.test(process.env.NODE_OPTIONS ?? "") || process.execArgv.some((a) => a.includes("incremental-marking"))) return;
+  const own = /^--(no-)?incremental[-_]marking(=|$)/;
+  if ((process.env.NODE_OPTIONS ?? "").split(/\s+/).some((a) => own.test(a)) || process.execArgv.some((a) => own.test(a))) return;
   v8.setFlagsFromString("--no-incremental-marking");
 }
 
