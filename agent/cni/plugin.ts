@@ -32,13 +32,9 @@ export interface IpamView {
   reason: string | null;
   allocations: { podId: string; ip: string }[];
 }
-export interface PodAddress {
-  podId: string;
-  ip: string;
-  prefixLen: number;
-  gateway: string;
-  block: string;
-}
+/** What the agent's /v1/ipam/allocate returns (type only: the plugin does not load the IPAM driver). */
+export type { PodAddress } from "../ipam.js";
+import type { PodAddress } from "../ipam.js";
 
 /** The agent's local API as the plugin uses it. Errors are WeftErrors with the agent's codes. */
 export interface AgentClient {

@@ -282,11 +282,15 @@ class WeriftLink extends LinkBase {
   // ---- signaling ----------------------------------------------------------------------------------
 
   protected override async makeOffer(): Promise<string | undefined> {
-    const offer = await this.pc.createOffer();
+    return this.setLocal(await this.pc.createOffer());
+  }
+
+  /** Set a freshly created offer/answer as local description; its SDP, or undefined when the link finished meanwhile. */
+  private async setLocal(desc: Awaited<ReturnType<RTCPeerConnection["createOffer"]>>): Promise<string | undefined> {
     if (this.isDone()) return undefined;
-    await this.pc.setLocalDescription(offer);
+    await this.pc.setLocalDescription(desc);
     if (this.isDone()) return undefined;
-    return this.pc.localDescription?.sdp ?? offer.sdp;
+    return this.pc.localDescription?.sdp ?? desc.sdp;
   }
 
   protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {
@@ -294,11 +298,7 @@ class WeriftLink extends LinkBase {
   }
 
   protected override async makeAnswer(): Promise<string | undefined> {
-    const answer = await this.pc.createAnswer();
-    if (this.isDone()) return undefined;
-    await this.pc.setLocalDescription(answer);
-    if (this.isDone()) return undefined;
-    return this.pc.localDescription?.sdp ?? answer.sdp;
+    return this.setLocal(await this.pc.createAnswer());
   }
 
   protected override signalingState(): string {

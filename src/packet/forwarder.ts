@@ -164,7 +164,7 @@ export class Forwarder {
     for (const pkt of pkts) {
       let r = enc.add(pkt);
       if (r === "full") {
-        this.sendFrame(hop, owner, enc.finish()!, inFrame);
+        this.transmit(hop, owner, enc.finish()!, inFrame);
         enc.begin(this.selfBytes, dst);
         inFrame = 0;
         r = enc.add(pkt);
@@ -173,11 +173,7 @@ export class Forwarder {
       else this.drops.drop(r === "too-big" ? "too-big" : "malformed");
     }
     const last = enc.finish();
-    if (last) this.sendFrame(hop, owner, last, inFrame);
-  }
-
-  private sendFrame(hop: string, owner: string, frame: Uint8Array, packets: number): void {
-    this.transmit(hop, owner, frame, packets);
+    if (last) this.transmit(hop, owner, last, inFrame);
   }
 
   /**
@@ -187,7 +183,7 @@ export class Forwarder {
   private transmit(hop: string, owner: string | undefined, frame: Uint8Array, packets: number): void {
     const q = this.held.get(hop);
     if (q && !q.empty) {
-      this.hold(q, hop, owner, frame, packets);
+      this.hold(q, owner, frame, packets);
       return;
     }
     const r = this.p.send(hop, frame);
@@ -200,15 +196,15 @@ export class Forwarder {
       let hq = q;
       if (!hq && this.holdBytes > 0) this.held.set(hop, (hq = new HoldQueue(this.holdBytes)));
       if (hq) {
-        this.hold(hq, hop, owner, frame, packets);
+        this.hold(hq, owner, frame, packets);
         return;
       }
     }
     this.drops.drop(r, packets);
   }
 
-  private hold(q: HoldQueue, hop: string, owner: string | undefined, frame: Uint8Array, packets: number): void {
-    this.saturated.add(hop);
+  /** Queue behind the peer's held frames (the peer is saturated while any wait). */
+  private hold(q: HoldQueue, owner: string | undefined, frame: Uint8Array, packets: number): void {
     if (!q.push(frame, packets, owner)) this.drops.drop("queue-full", packets);
   }
 

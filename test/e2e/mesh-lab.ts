@@ -15,7 +15,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { customAlphabet } from "nanoid";
-import { isRoot, spawnInNetns } from "../helpers/netns.js";
+import { isRoot, spawnInNetns, stopChild } from "../helpers/netns.js";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath } from "../../agent/state.js";
 import type { AgentStatus } from "../../agent/agent.js";
@@ -116,14 +116,8 @@ export class MeshLab {
     n.proc = this.spawnIn(n.ns, ["agent", "--signal", `ws://${this.signalAddr}:7000`, "--token", this.token, "--name", n.name, "--state-dir", n.stateDir, "--log-level", "info", ...extra], `${n.name}.log`);
   }
 
-  async stopAgent(n: LabNode): Promise<void> {
-    const p = n.proc;
-    if (!p || p.exitCode !== null || p.signalCode !== null) return;
-    const exited = new Promise((r) => p.once("exit", r));
-    p.kill("SIGTERM");
-    const t = setTimeout(() => p.kill("SIGKILL"), 10_000);
-    await exited;
-    clearTimeout(t);
+  stopAgent(n: LabNode): Promise<void> {
+    return stopChild(n.proc, 10_000);
   }
 
   log(file: string): string {

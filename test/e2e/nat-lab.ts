@@ -41,7 +41,7 @@ import { apiSocketPath } from "../../agent/state.js";
 import type { AgentStatus } from "../../agent/agent.js";
 import type { NetcheckReport } from "../../agent/netcheck.js";
 import { CLI, isRoot, until } from "./mesh-lab.js";
-import { spawnInNetns } from "../helpers/netns.js";
+import { spawnInNetns, stopChild } from "../helpers/netns.js";
 
 export { isRoot, until };
 const pexec = promisify(execFile);
@@ -284,13 +284,8 @@ export class NatLab {
     await this.stopProc(h.proc);
   }
 
-  private async stopProc(p: ChildProcess | undefined): Promise<void> {
-    if (!p || p.exitCode !== null || p.signalCode !== null) return;
-    const exited = new Promise((r) => p.once("exit", r));
-    p.kill("SIGTERM");
-    const t = setTimeout(() => p.kill("SIGKILL"), 8_000);
-    await exited;
-    clearTimeout(t);
+  private stopProc(p: ChildProcess | undefined): Promise<void> {
+    return stopChild(p, 8_000);
   }
 
   log(file: string, lines = 40): string {

@@ -27,3 +27,13 @@ export function spawnInNetns(ns: string, cmd: string, args: string[], logPath: s
   p.on("exit", () => procs.delete(p));
   return p;
 }
+
+/** SIGTERM a child we started and wait for it to exit; SIGKILL after `killAfterMs`. Nothing if it is gone. */
+export async function stopChild(p: ChildProcess | undefined, killAfterMs = 10_000): Promise<void> {
+  if (!p || p.exitCode !== null || p.signalCode !== null) return;
+  const exited = new Promise((r) => p.once("exit", r));
+  p.kill("SIGTERM");
+  const t = setTimeout(() => p.kill("SIGKILL"), killAfterMs);
+  await exited;
+  clearTimeout(t);
+}

@@ -124,29 +124,37 @@ describe("a signaling server in the middle", () => {
     await new Promise((r) => proxy?.close(r));
   });
 
-  it("that swaps an offer's DTLS fingerprint is detected and the link refused", async () => {
-    c = new Cluster(await startServer(TOKEN), TOKEN);
-    // A man-in-the-middle signaling server: relays everything, but rewrites offers' fingerprints.
+  /**
+   * A signaling "server" in the middle: relays agent -> server as is, and hands every server -> agent
+   * message to `fromServer`, which decides what the agent gets. Returns its ws:// URL.
+   */
+  async function startProxy(fromServer: (m: Buffer, client: WebSocket) => void): Promise<string> {
     proxy = new WebSocketServer({ host: "127.0.0.1", port: 0 });
     await new Promise((r) => proxy.once("listening", r));
-    let swapped = 0;
     proxy.on("connection", (client) => {
       const upstream = new WebSocket(c.server.signalUrl);
       const pending: Buffer[] = [];
       upstream.on("open", () => pending.splice(0).forEach((m) => upstream.send(m)));
       client.on("message", (m: Buffer) => (upstream.readyState === WebSocket.OPEN ? upstream.send(m) : pending.push(m)));
-      upstream.on("message", (m: Buffer) => {
-        const msg = decodeServerMsg(m);
-        if (msg.t === "signal" && msg.data.kind === "offer") {
-          msg.data.sdp = msg.data.sdp.replace(/a=fingerprint:(\S+) (\S+)/, (_x, alg) => `a=fingerprint:${alg} ${Array(32).fill("EE").join(":")}`);
-          swapped++;
-          client.send(encodeSignal(msg));
-        } else client.send(m);
-      });
+      upstream.on("message", (m: Buffer) => fromServer(m, client));
       client.on("close", () => upstream.close());
       upstream.on("close", (code, reason) => client.close(code, reason));
     });
-    const url = `ws://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
+    return `ws://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
+  }
+
+  it("that swaps an offer's DTLS fingerprint is detected and the link refused", async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    // A man-in-the-middle signaling server: relays everything, but rewrites offers' fingerprints.
+    let swapped = 0;
+    const url = await startProxy((m, client) => {
+      const msg = decodeServerMsg(m);
+      if (msg.t === "signal" && msg.data.kind === "offer") {
+        msg.data.sdp = msg.data.sdp.replace(/a=fingerprint:(\S+) (\S+)/, (_x, alg) => `a=fingerprint:${alg} ${Array(32).fill("EE").join(":")}`);
+        swapped++;
+        client.send(encodeSignal(msg));
+      } else client.send(m);
+    });
     const x = await c.agent("x", { signal: url });
     const y = await c.agent("y", { signal: url });
     const answerer = x.id < y.id ? y : x;
@@ -162,26 +170,15 @@ describe("a signaling server in the middle", () => {
 
   it("that sends garbage to an agent: counted and dropped, the agent keeps working", async () => {
     c = new Cluster(await startServer(TOKEN), TOKEN);
-    proxy = new WebSocketServer({ host: "127.0.0.1", port: 0 });
-    await new Promise((r) => proxy.once("listening", r));
-    proxy.on("connection", (client) => {
-      const upstream = new WebSocket(c.server.signalUrl);
-      const pending: Buffer[] = [];
-      upstream.on("open", () => pending.splice(0).forEach((m) => upstream.send(m)));
-      client.on("message", (m: Buffer) => (upstream.readyState === WebSocket.OPEN ? upstream.send(m) : pending.push(m)));
-      upstream.on("message", (m: Buffer) => {
-        client.send(m);
-        if (decodeServerMsg(m).t === "welcome") {
-          client.send(Buffer.from([0xc1, 0x00, 0xff])); // not msgpack
-          client.send("a text frame");
-          client.send(encodeSignal({ t: "leave", id: "not-a-node-id" } as never)); // bad field
-          client.send(Buffer.alloc(100 * 1024)); // over the 80 KiB limit (below the socket cap)
-        }
-      });
-      client.on("close", () => upstream.close());
-      upstream.on("close", (code, reason) => client.close(code, reason));
+    const url = await startProxy((m, client) => {
+      client.send(m);
+      if (decodeServerMsg(m).t === "welcome") {
+        client.send(Buffer.from([0xc1, 0x00, 0xff])); // not msgpack
+        client.send("a text frame");
+        client.send(encodeSignal({ t: "leave", id: "not-a-node-id" } as never)); // bad field
+        client.send(Buffer.alloc(100 * 1024)); // over the 80 KiB limit (below the socket cap)
+      }
     });
-    const url = `ws://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
     const x = await c.agent("gx", { signal: url });
     const y = await c.agent("gy");
     await waitFor(async () => (await x.status()).counters.badSignalFrames >= 3, 10_000, "garbage counted");
