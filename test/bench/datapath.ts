@@ -9,14 +9,24 @@
  * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
  *   --only S      only the configurations whose key contains S (native-native-1280, native-native-auto,
- *                 werift-werift, werift-native, jumbo)
+ *                 werift-werift, werift-native, jumbo, loss-native, loss-werift)
+ *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
+ *
+ * Loss sweep (keys loss-native, loss-werift): one lab per transport; for each loss rate an iptables rule in
+ * the receiving node's namespace drops that share of its incoming UDP (`-m statistic --mode random`; this
+ * kernel has no netem), then iperf3 pod -> pod over weftnet, and in the same lab and at the same rate the
+ * baselines between the two node namespaces: kernel VXLAN and userspace WireGuard (Debian's wireguard-go +
+ * wg). Prints Mbit/s, each path's share of its own loss-free figure, and weftnet vs wireguard-go.
  */
-import { execFileSync, spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { isRoot, MeshLab, sh, until, type LabNode } from "../e2e/mesh-lab.js";
+import { spawnInNetns, stopChild } from "../helpers/netns.js";
 
-const { values } = parseArgs({ options: { seconds: { type: "string", default: "5" }, runs: { type: "string", default: "3" }, only: { type: "string" } } });
+const { values } = parseArgs({ options: { seconds: { type: "string", default: "5" }, runs: { type: "string", default: "3" }, only: { type: "string" }, loss: { type: "string", default: "0,0.1,1,3" } } });
+const LOSSES = values.loss.split(",").map(Number);
 const SECONDS = Number(values.seconds);
 const RUNS = Number(values.runs);
 if (!isRoot) {
@@ -62,6 +72,19 @@ async function pingRtt(ns: string, ip: string): Promise<number> {
   return m ? Number(m[1]) : NaN;
 }
 
+/** iperf3 runs only (no ping: under loss its average says little). */
+async function measureRuns(client: string, server: string, ip: string): Promise<number[]> {
+  const runs: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    try {
+      runs.push((await iperf(client, server, ip)).mbps);
+    } catch {
+      runs.push(0); // at high loss iperf3's control connection may give up: count the run as nothing carried
+    }
+  }
+  return runs;
+}
+
 async function measure(label: string, client: string, server: string, ip: string, pids: number[] = []) {
   const runs: number[] = [];
   let rss: number[] = [];
@@ -76,7 +99,8 @@ async function measure(label: string, client: string, server: string, ip: string
 
 type Result = Awaited<ReturnType<typeof measure>>;
 
-async function vxlanBaseline(lab: MeshLab, label: string): Promise<Result> {
+/** Kernel VXLAN between the two node namespaces (10.88.0.1 -> 10.88.0.2); returns the undo. */
+function vxlanUp(lab: MeshLab): () => void {
   const [a, b] = lab.nodes as [LabNode, LabNode];
   for (const [n, peer, addr] of [
     [a, b, "10.88.0.1"],
@@ -86,10 +110,129 @@ async function vxlanBaseline(lab: MeshLab, label: string): Promise<Result> {
     execFileSync("ip", ["-n", n.ns, "addr", "add", `${addr}/24`, "dev", "vx0"]);
     execFileSync("ip", ["-n", n.ns, "link", "set", "vx0", "up"]);
   }
-  try {
-    return await measure(label, a.ns, b.ns, "10.88.0.2");
-  } finally {
+  return () => {
     for (const n of [a, b]) execFileSync("ip", ["-n", n.ns, "link", "del", "vx0"]);
+  };
+}
+
+/**
+ * Userspace WireGuard (wireguard-go + wg) between the two node namespaces (10.89.0.1 -> 10.89.0.2, UDP 51820
+ * on the uplinks). Returns the undo (stops the wireguard-go processes we started, by PID).
+ */
+async function wireguardUp(lab: MeshLab): Promise<() => Promise<void>> {
+  const nodes = lab.nodes.slice(0, 2) as [LabNode, LabNode];
+  const procs = new Set<ChildProcess>();
+  const keys = nodes.map(() => {
+    const priv = execFileSync("wg", ["genkey"], { encoding: "utf8" }).trim();
+    const pub = execFileSync("wg", ["pubkey"], { input: priv, encoding: "utf8" }).trim();
+    return { priv, pub };
+  });
+  const names = nodes.map((_, i) => `wg${lab.id}${i}`);
+  const undo = async () => {
+    for (const p of procs) await stopChild(p, 3000);
+    for (const f of names) rmSync(`/var/run/wireguard/${f}.sock`, { force: true });
+  };
+  try {
+    for (const [i, n] of nodes.entries()) {
+      spawnInNetns(n.ns, "wireguard-go", ["-f", names[i]!], join(lab.root, `${names[i]}.log`), procs);
+    }
+    for (const [i, n] of nodes.entries()) {
+      const name = names[i]!;
+      const other = nodes[1 - i]!;
+      await until(async () => (await sh(n.ns, "ip", ["link", "show", name], 2000)).stdout.includes(name), 10_000, `${name} up`);
+      const keyFile = join(lab.root, `${name}.key`);
+      writeFileSync(keyFile, keys[i]!.priv + "\n", { mode: 0o600 });
+      await sh(n.ns, "wg", ["set", name, "private-key", keyFile, "listen-port", "51820", "peer", keys[1 - i]!.pub, "endpoint", `${other.addr}:51820`, "allowed-ips", `10.89.0.${2 - i}/32`]);
+      await sh(n.ns, "ip", ["addr", "add", `10.89.0.${i + 1}/24`, "dev", name]);
+      await sh(n.ns, "ip", ["link", "set", name, "mtu", "1420", "up"]);
+    }
+    await until(async () => (await sh(nodes[0].ns, "ping", ["-c", "1", "-W", "1", "10.89.0.2"], 5000)).stdout.includes("1 received"), 15_000, "wireguard ping");
+  } catch (e) {
+    await undo();
+    throw e;
+  }
+  return undo;
+}
+
+/** Drop `pct` percent of the UDP arriving in `n`'s namespace; returns the undo. */
+function dropUdp(n: LabNode, pct: number): () => void {
+  if (pct <= 0) return () => {};
+  const rule = ["INPUT", "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", String(pct / 100), "-j", "DROP"];
+  execFileSync("nsenter", [`--net=/run/netns/${n.ns}`, "--", "iptables", "-I", ...rule]);
+  return () => execFileSync("nsenter", [`--net=/run/netns/${n.ns}`, "--", "iptables", "-D", ...rule]);
+}
+
+interface SweepRow {
+  loss: number;
+  path: string;
+  runs: number[];
+}
+
+/** The loss sweep for one transport; baselines in the same lab when `baselines`. */
+async function lossSweep(kind: string, withBaselines: boolean, extra: string[] = []): Promise<SweepRow[]> {
+  const lab = new MeshLab(2);
+  const out: SweepRow[] = [];
+  try {
+    await lab.setup();
+    await lab.startSignal();
+    lab.nodes.forEach((n) => lab.startAgent(n, ["--transport", kind, "--log-level", "warn", ...extra]));
+    await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.state === "connected")), 30_000, "mesh");
+    const pa = await lab.addPod(lab.nodes[0]!, "pa");
+    const pb = await lab.addPod(lab.nodes[1]!, "pb");
+    await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
+    const [a, b] = lab.nodes as [LabNode, LabNode];
+    const vxDown = withBaselines ? vxlanUp(lab) : undefined;
+    const wgDown = withBaselines ? await wireguardUp(lab) : undefined;
+    try {
+      for (const loss of LOSSES) {
+        const undo = dropUdp(b, loss);
+        try {
+          process.stderr.write(`  ${kind} at ${loss}% loss ...\n`);
+          out.push({ loss, path: `weftnet ${kind} -> ${kind}`, runs: await measureRuns(pa.name, pb.name, pb.ip) });
+          if (withBaselines) {
+            out.push({ loss, path: "kernel VXLAN", runs: await measureRuns(a.ns, b.ns, "10.88.0.2") });
+            out.push({ loss, path: "wireguard-go", runs: await measureRuns(a.ns, b.ns, "10.89.0.2") });
+          }
+        } finally {
+          undo();
+        }
+      }
+    } finally {
+      vxDown?.();
+      await wgDown?.();
+    }
+  } finally {
+    await lab.close();
+  }
+  return out;
+}
+
+function printSweep(rows: SweepRow[]): void {
+  const paths = [...new Set(rows.map((r) => r.path))];
+  const med = (path: string, loss: number) => {
+    const r = rows.find((x) => x.path === path && x.loss === loss);
+    return r ? median(r.runs) : NaN;
+  };
+  process.stdout.write(`\nloss sweep: iperf3 TCP, ${RUNS} x ${SECONDS} s, median Mbit/s [runs]; random loss of incoming UDP at the receiving node\n`);
+  process.stdout.write(`${"path".padEnd(30)} ${"loss %".padStart(6)} ${"Mbit/s".padStart(8)} ${"vs own 0%".padStart(10)} ${"vs wg-go".padStart(9)}  runs\n`);
+  for (const path of paths) {
+    for (const loss of LOSSES) {
+      const r = rows.find((x) => x.path === path && x.loss === loss);
+      if (!r) continue;
+      const m = median(r.runs);
+      process.stdout.write(
+        `${path.padEnd(30)} ${String(loss).padStart(6)} ${m.toFixed(0).padStart(8)} ${(m / med(path, 0)).toFixed(3).padStart(10)} ${(m / med("wireguard-go", loss)).toFixed(3).padStart(9)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]\n`,
+      );
+    }
+  }
+}
+
+async function vxlanBaseline(lab: MeshLab, label: string): Promise<Result> {
+  const down = vxlanUp(lab);
+  try {
+    return await measure(label, lab.nodes[0]!.ns, lab.nodes[1]!.ns, "10.88.0.2");
+  } finally {
+    down();
   }
 }
 
@@ -183,8 +326,17 @@ for (const c of configs) {
   if (!rows.some((x) => x.r === base)) rows.push({ r: base, base: base.mbps });
   rows.push({ r: { ...r, label: `weftnet ${c.label}` }, base: base.mbps });
 }
+const sweep: SweepRow[] = [];
+for (const [key, kind] of [
+  ["loss-native", "native"],
+  ["loss-werift", "werift"],
+] as const) {
+  if (values.only && !key.includes(values.only)) continue;
+  process.stderr.write(`loss sweep, ${kind} ...\n`);
+  sweep.push(...(await lossSweep(kind, !sweep.some((r) => r.path === "wireguard-go"))));
+}
 const ceilings: string[] = [];
-for (const mtu of [undefined, 1500, 4096]) {
+for (const mtu of values.only?.startsWith("loss") ? [] : [undefined, 1500, 4096]) {
   try {
     ceilings.push(`MTU ${mtu ?? 1280}: ${(await libraryCeiling(mtu)).toFixed(0)}`);
   } catch (err) {
@@ -198,5 +350,6 @@ for (const { r, base } of rows) {
     `${r.label.padEnd(48)} ${r.mbps.toFixed(0).padStart(9)} ${(r.mbps / base).toFixed(4).padStart(9)} ${r.rtt.toFixed(3).padStart(8)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]${r.rss.length ? ` rss ${r.rss.map((x) => x.toFixed(0)).join("/")}` : ""}\n`,
   );
 }
-process.stdout.write(`libdatachannel alone (loopback, one process, 64 KiB messages, Mbit/s): ${ceilings.join(", ")}\n`);
+if (sweep.length) printSweep(sweep);
+if (ceilings.length) process.stdout.write(`libdatachannel alone (loopback, one process, 64 KiB messages, Mbit/s): ${ceilings.join(", ")}\n`);
 process.exit(0); // node-datachannel keeps the loop alive for a few seconds after its last connection
