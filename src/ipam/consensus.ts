@@ -1,0 +1,195 @@
+/**
+ * The consensus write rule (docs/ipam.md rules 2, 2b, 3): every write that moves a block to another
+ * owner — a claim of a silent member's block, a grant to a requester — is proposed, and written only
+ * with promises from a strict majority of the members. An acceptor promises a (block, version) to one
+ * live proposer at a time, persistently. Also the "doomed" bookkeeping: our blocks a peer reports as
+ * promised to a claimer are not used until that resolves.
+ *
+ * This module decides; node.ts applies (table writes are done here, settle times, counters, gossip
+ * and persistence are the dispatcher's).
+ */
+import type { Lease } from "./lease.js";
+import type { BlockTable, EntryTuple } from "./table.js";
+
+/** A promise this node gave as an acceptor: block version `v` may be written by `by`, naming `to`. */
+export interface Promise_ {
+  v: number;
+  to: string;
+  by: string;
+  kind: "t" | "c";
+  until: number;
+}
+
+/** A write this node proposed: needs promises from a strict majority of the members. */
+export interface Proposal {
+  v: number;
+  kind: "t" | "c";
+  owner: string; // current owner (the silent member for claims, us for grants)
+  to: string; // new owner (us for claims, the requester for grants)
+  acks: Set<string>;
+  until: number;
+}
+
+export type PromiseTuple = [number, number, string, string, "t" | "c", number];
+
+export class WriteRule {
+  readonly promises = new Map<number, Promise_>();
+  readonly proposals = new Map<number, Proposal>();
+  /** our blocks that a peer reports as promised to a claimer: never used until that resolves */
+  private readonly doomedBy = new Map<string, Set<number>>();
+
+  constructor(
+    private readonly self: string,
+    private readonly lease: Lease,
+    private readonly R: number,
+  ) {}
+
+  snapshot(): PromiseTuple[] {
+    return [...this.promises].map(([i, p]): PromiseTuple => [i, p.v, p.to, p.by, p.kind, p.until]);
+  }
+
+  restore(ps: readonly PromiseTuple[]): void {
+    for (const [i, v, to, by, kind, until] of ps) this.promises.set(i, { v, to, by, kind, until });
+  }
+
+  /**
+   * The member set used for majorities: the block owners, plus the new owners of grants we promised
+   * and that are not yet written (a grant to a new node is a membership change: it counts against us
+   * as soon as we promised it, so a majority computed from an older view can never be outvoted).
+   */
+  memberSet(table: BlockTable): Set<string> {
+    const m = table.owners();
+    for (const p of this.promises.values()) if (p.kind === "t") m.add(p.to);
+    return m;
+  }
+
+  /** A promise is void once its proposer abandoned it (beat >= until) or went silent for A. */
+  promiseVoid(p: Promise_, now: number): boolean {
+    if (p.by === this.self) return this.lease.beat >= p.until;
+    return this.lease.beatOf(p.by) >= p.until || this.lease.silentFor(p.by, now) >= this.lease.A;
+  }
+
+  prune(table: BlockTable, now: number): void {
+    for (const [i, p] of this.proposals) if (this.lease.beat >= p.until || table.get(i).version >= p.v) this.proposals.delete(i);
+    for (const [i, p] of this.promises) if (table.get(i).version >= p.v || this.promiseVoid(p, now)) this.promises.delete(i);
+    for (const [peer, set] of this.doomedBy) {
+      for (const i of set) if (table.get(i).owner !== this.self) set.delete(i);
+      if (set.size === 0 || this.lease.silentFor(peer, now) >= this.R) this.doomedBy.delete(peer);
+    }
+  }
+
+  isDoomed(i: number): boolean {
+    if (this.proposals.has(i)) return true;
+    for (const s of this.doomedBy.values()) if (s.has(i)) return true;
+    return false;
+  }
+
+  /** A hello from `from` listed these outstanding promises: those on our blocks doom them. */
+  setDoomedBy(from: string, table: BlockTable, promised: readonly [number, number][]): void {
+    const doomed = new Set<number>();
+    for (const [i, v] of promised) {
+      if (i < table.count && table.get(i).owner === this.self && table.get(i).version === v - 1) doomed.add(i);
+    }
+    if (doomed.size > 0) this.doomedBy.set(from, doomed);
+    else this.doomedBy.delete(from);
+  }
+
+  /** A hello from a proposer with beat >= until voids the promises we gave it. */
+  proposerBeat(from: string, beat: number): void {
+    for (const [i, p] of this.promises) if (p.to === from && beat >= p.until) this.promises.delete(i);
+  }
+
+  /** Our outstanding promises, listed in hellos. */
+  outstanding(table: BlockTable | null): [number, number][] {
+    return [...this.promises].filter(([i, p]) => table !== null && table.get(i).version < p.v).map(([i, p]): [number, number] => [i, p.v]);
+  }
+
+  hasGrantRound(): boolean {
+    return [...this.proposals.values()].some((p) => p.kind === "t");
+  }
+
+  grantingTo(to: string): boolean {
+    return [...this.proposals.values()].some((p) => p.kind === "t" && p.to === to);
+  }
+
+  /**
+   * Acceptor rule for writing version v of block i. Every write except an operator force needs a
+   * majority of these promises, and each acceptor promises a (block, version) to one live proposer:
+   *   claim ("c"): the owner is someone else, and WE also saw it silent for A = R - M/2;
+   *   transfer ("t"): proposed by the owner itself; if it adds a new member, only one such membership
+   *   change may be outstanding per acceptor.
+   */
+  accept(table: BlockTable, i: number, v: number, by: string, kind: "t" | "c", owner: string, to: string, until: number, now: number): boolean {
+    if (i >= table.count) return false;
+    const e = table.get(i);
+    if (e.version !== v - 1 || e.owner !== owner || to === owner) return false;
+    if (kind === "c") {
+      if (by !== to || owner === this.self || this.lease.silentFor(owner, now) < this.lease.A) return false;
+    } else {
+      if (by !== owner) return false;
+      if (!table.owners().has(to)) {
+        for (const [j, q] of this.promises) if (j !== i && q.kind === "t" && q.to !== to && !table.owners().has(q.to) && !this.promiseVoid(q, now)) return false;
+      }
+    }
+    const p = this.promises.get(i);
+    if (p && !this.promiseVoid(p, now) && (p.v > v || (p.v === v && (p.by !== by || p.to !== to || p.kind !== kind)))) return false;
+    if (by !== this.self && this.lease.beatOf(by) >= until) return false; // already abandoned
+    this.promises.set(i, { v, to, by, kind, until });
+    return true;
+  }
+
+  /**
+   * Open a proposal for each of `blocks` not already proposed (self-promise first). Returns the
+   * [block, version] pairs to send in `prop`, and whether our own promises changed (persist).
+   */
+  open(table: BlockTable, kind: "t" | "c", owner: string, to: string, blocks: number[], until: number, now: number): { sent: [number, number][]; promised: boolean } {
+    const sent: [number, number][] = [];
+    let promised = false;
+    for (const i of blocks) {
+      if (this.proposals.has(i)) continue;
+      const v = table.get(i).version + 1;
+      const acks = new Set<string>();
+      if (this.accept(table, i, v, this.self, kind, owner, to, until, now)) {
+        acks.add(this.self);
+        promised = true;
+      }
+      this.proposals.set(i, { v, kind, owner, to, acks, until });
+      sent.push([i, v]);
+    }
+    return { sent, promised };
+  }
+
+  /** A `prom` from an acceptor. */
+  promised(from: string, blocks: readonly [number, number][]): void {
+    for (const [i, v] of blocks) {
+      const p = this.proposals.get(i);
+      if (p && p.v === v) p.acks.add(from);
+    }
+  }
+
+  /**
+   * Write every proposal that has promises from a strict majority of the members (and, checked last and
+   * only then, the lease). Returns the entries written, with their kind, for the dispatcher to apply.
+   */
+  complete(table: BlockTable, leaseValid: () => boolean): EntryTuple[] {
+    const members = this.memberSet(table);
+    const owners = table.owners();
+    const written: EntryTuple[] = [];
+    for (const [i, p] of this.proposals) {
+      const e = table.get(i);
+      if (e.version !== p.v - 1 || e.owner !== p.owner || this.lease.beat >= p.until) {
+        this.proposals.delete(i);
+        continue;
+      }
+      // a grant is approved by the configuration before it (the new member cannot vote on itself)
+      const voters = p.kind === "t" && !owners.has(p.to) ? members.size - 1 : members.size;
+      let n = 0;
+      for (const a of p.acks) if (owners.has(a)) n++;
+      if (2 * n <= voters || !leaseValid()) continue;
+      this.proposals.delete(i);
+      table.write(i, { owner: p.to, version: p.v, kind: p.kind });
+      written.push([i, p.to, p.v, p.kind]);
+    }
+    return written;
+  }
+}
