@@ -7,6 +7,7 @@ import { MAX_LINK_MTU, SAFE_LINK_MTU } from "./transport/link-base.js";
 import { existsSync, unlinkSync } from "node:fs";
 import { hostname } from "node:os";
 import { UsageError, WeftError } from "../src/errors.js";
+import { peerKeyOf } from "../src/identity.js";
 import { createLogger, type Logger } from "../src/log.js";
 import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/manager.js";
 import type { PeerTiming } from "../src/mesh/peer.js";
@@ -260,7 +261,7 @@ export class Agent {
         onFatal: (err) => agent?.fatal(err),
       },
     });
-    const relay = cfg.relay === false ? undefined : createRelayTransport({ selfId: identity.id, token: cfg.token, port: signal, logger: log });
+    const relay = cfg.relay === false ? undefined : createRelayTransport({ selfId: identity.id, token: peerKeyOf(cfg.token), port: signal, logger: log });
     const mesh = new MeshManager({
       ...(relay ? { relay } : {}),
       identity,

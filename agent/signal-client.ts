@@ -6,7 +6,7 @@
  */
 import { nanoid } from "nanoid";
 import WebSocket from "ws";
-import { CTX_HELLO, signFields, tokenMac, type Identity } from "../src/identity.js";
+import { CTX_HELLO, joinKeyOf, signFields, tokenMac, type Identity } from "../src/identity.js";
 import type { Logger } from "../src/log.js";
 import { backoffDelay, type BackoffConfig } from "../src/mesh/backoff.js";
 import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type PeerInfo, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
@@ -140,7 +140,7 @@ export class SignalClient {
               name: this.opts.name,
               instance,
               meta: this.opts.meta,
-              mac: tokenMac(token, CTX_HELLO, msg.nonce, identity.id, instance),
+              mac: tokenMac(joinKeyOf(token), CTX_HELLO, msg.nonce, identity.id, instance), // the join key: the server never sees the token
               sig: signFields(identity, CTX_HELLO, msg.nonce, identity.id, instance),
             }),
           );

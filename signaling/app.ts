@@ -2,10 +2,10 @@
  * The signaling server's HTTP side, as a hono app built by a factory (test it with `app.request()`).
  *
  *   GET /healthz    200 {ok:true, agents:N}                                   no auth
- *   GET /v1/nodes   200 {nodes:[{id,name,meta,addr,connectedAt}]}             Authorization: Bearer <token>
+ *   GET /v1/nodes   200 {nodes:[{id,name,meta,addr,connectedAt}]}             Authorization: Bearer <join key>
  *                   401 {error}                                               missing or wrong token
- *   GET /v1/stats   200 hub counters (bad frames, refusals, relays)          Authorization: Bearer <token>
- *   GET /metrics    200 Prometheus text format (signaling/metrics.ts)        Authorization: Bearer <token>
+ *   GET /v1/stats   200 hub counters (bad frames, refusals, relays)          Authorization: Bearer <join key>
+ *   GET /metrics    200 Prometheus text format (signaling/metrics.ts)        Authorization: Bearer <join key>
  *
  * The WebSocket endpoint (SIGNAL_PATH) is not a hono route: server.ts handles the HTTP upgrade itself
  * and hands connections to the same SignalHub returned here.
@@ -13,12 +13,11 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { Hono, type MiddlewareHandler } from "hono";
 import { type Logger } from "../src/log.js";
-import { SignalHub, type SignalHubOptions } from "./hub.js";
+import { SignalHub, serverJoinKey, type SignalHubOptions } from "./hub.js";
 import { createSignalMetrics } from "./metrics.js";
 import type { StunStats } from "./stun.js";
 
 export interface SignalAppOptions extends SignalHubOptions {
-  token: string;
   logger?: Logger;
   now?: () => number;
   /** use an existing hub instead of creating one */
@@ -38,14 +37,16 @@ export function tokenMatches(given: string, want: string): boolean {
 
 export function createSignalApp(opts: SignalAppOptions): { app: Hono; hub: SignalHub } {
   const hub = opts.hub ?? new SignalHub(opts);
+  // The HTTP API's Bearer credential is the join key (identity.ts splitToken), never the cluster token.
+  const joinKey = serverJoinKey(opts);
   const log = opts.logger?.child("signal-http");
   const app = new Hono();
 
   const requireToken: MiddlewareHandler = async (c, next) => {
     const h = c.req.header("authorization") ?? "";
     const m = /^Bearer\s+(.+)$/i.exec(h.trim());
-    if (m === null) return c.json({ error: "missing Authorization: Bearer <cluster token>" }, 401);
-    if (!tokenMatches(m[1]!.trim(), opts.token)) return c.json({ error: "wrong cluster token" }, 401);
+    if (m === null) return c.json({ error: "missing Authorization: Bearer <join key>" }, 401);
+    if (!tokenMatches(m[1]!.trim(), joinKey)) return c.json({ error: "wrong join key (weftnet join-key --token T prints it)" }, 401);
     await next();
     return undefined;
   };

@@ -18,7 +18,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { ProtocolError, WeftError } from "../src/errors.js";
-import { CTX_HELLO, checkTokenMac, deriveNodeId, verifyFields } from "../src/identity.js";
+import { CTX_HELLO, checkTokenMac, deriveNodeId, joinKeyOf, verifyFields } from "../src/identity.js";
 import { silentLogger, type Logger } from "../src/log.js";
 import { decodeEnvelope, isPlainObject, nodeId } from "../src/wire/codec.js";
 import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_RELAY_BYTES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type PeerInfo, type ServerMsg, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
@@ -46,7 +46,12 @@ export interface SignalSocket {
 }
 
 export interface SignalHubOptions {
-  token: string;
+  /**
+   * The join key (identity.ts splitToken): checks the agents' hello MAC. The server never needs the cluster
+   * token; `token` is accepted for convenience and reduced to its join key at once.
+   */
+  joinKey?: string;
+  token?: string;
   logger?: Logger;
   /** wall clock in ms (connectedAt) */
   now?: () => number;
@@ -289,15 +294,14 @@ export class SignalHub {
   private readonly badByCode = new Map<string, number>();
   private readonly sessions = new Set<SignalSession>();
   private readonly members = new Map<string, SignalSession>();
-  private readonly token: string;
+  private readonly joinKey: string;
   private readonly now: () => number;
   private readonly helloTimeoutMs: number;
   private readonly probeTimeoutMs: number;
   private readonly random: (n: number) => Uint8Array;
 
   constructor(private readonly opts: SignalHubOptions) {
-    if (typeof opts.token !== "string" || opts.token.length === 0) throw new WeftError("ERR_USAGE", "signaling hub needs a non-empty cluster token");
-    this.token = opts.token;
+    this.joinKey = serverJoinKey(opts);
     this.log = opts.logger ?? silentLogger;
     this.now = opts.now ?? Date.now;
     this.helloTimeoutMs = opts.helloTimeoutMs ?? DEFAULT_HELLO_TIMEOUT_MS;
@@ -379,7 +383,7 @@ export class SignalHub {
 
   private hello(s: SignalSession, h: Extract<ClientMsg, { t: "hello" }>): void {
     s.clearHelloTimer();
-    if (!checkTokenMac(this.token, h.mac, CTX_HELLO, s.nonce, h.id, h.instance)) {
+    if (!checkTokenMac(this.joinKey, h.mac, CTX_HELLO, s.nonce, h.id, h.instance)) {
       this.stats_.badToken++;
       this.log.warn("agent refused: bad cluster token", { id: h.id, name: h.name, addr: s.addr });
       s.terminate(CLOSE_CODES.BAD_TOKEN, "bad token: the hello proof does not match this server's cluster token");
@@ -536,4 +540,11 @@ export class SignalHub {
 
 function peerInfo(m: MemberInfo): PeerInfo {
   return { id: m.id, name: m.name, pub: m.pub, meta: m.meta };
+}
+
+/** The join key a server checks with: given directly, or derived from a cluster token (which is then dropped). */
+export function serverJoinKey(o: { joinKey?: string | undefined; token?: string | undefined }): string {
+  if (typeof o.joinKey === "string" && o.joinKey.length > 0) return o.joinKey;
+  if (typeof o.token === "string" && o.token.length > 0) return joinKeyOf(o.token);
+  throw new WeftError("ERR_USAGE", "signaling hub needs a join key (or a cluster token to derive it from)");
 }

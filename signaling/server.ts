@@ -14,7 +14,7 @@ import { WeftError } from "../src/errors.js";
 import { silentLogger, type Logger } from "../src/log.js";
 import { CLOSE_CODES, MAX_RELAY_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
 import { createSignalApp } from "./app.js";
-import type { SignalHub, SignalSocket } from "./hub.js";
+import { serverJoinKey, type SignalHub, type SignalSocket } from "./hub.js";
 import { DEFAULT_TURN_TTL_S, turnIceServers } from "../src/wire/turn-rest.js";
 import { startStunServer, type StunServer, type StunStats } from "./stun.js";
 
@@ -25,7 +25,9 @@ export const WS_MAX_PAYLOAD = MAX_RELAY_BYTES + 16 * 1024;
 
 export interface SignalServerOptions {
   listen: { host: string; port: number };
-  token: string;
+  /** the join key agents prove (identity.ts splitToken); or `token`, reduced to its join key at once */
+  joinKey?: string;
+  token?: string;
   /** UDP port for STUN: a number binds it (0 or undefined = no STUN), "ephemeral" binds a free port (tests). */
   stunPort?: number | "ephemeral";
   /** a second STUN port on the same host ("ephemeral" = any free port), announced in `welcome` so agents can tell symmetric NAT (netcheck) */
@@ -103,7 +105,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
   }
   const turn = opts.turn && opts.turn.urls.length > 0 ? opts.turn : undefined;
   const hubOpts = {
-    token: opts.token,
+    joinKey: serverJoinKey(opts),
     logger: log.child("signal"),
     stunPort: stun?.port ?? 0,
     stunAltPort: stunAlt?.port ?? 0,

@@ -6,10 +6,16 @@
  * Everything we sign is domain-separated: sign(context || 0x00 || field || 0x00 || field ...), so a
  * signature made for one purpose (signaling hello) can never be replayed as another (SDP binding).
  *
- * Cluster-token proofs are HMAC-SHA256(token, same framing): the token itself never leaves the agent,
- * neither to the signaling server nor to peers.
+ * Token split. The cluster token is never used as a key itself; two keys are derived from it (HKDF-SHA256,
+ * see splitToken):
+ *   join key   what the signaling server holds: it checks the hello MAC with it and accepts it as the
+ *              Bearer credential of its HTTP API. Knowing it lets you register at the server, nothing more.
+ *   peer key   never leaves the agents: offer/answer MACs (mesh/auth.ts) and the relay links' key salt use
+ *              it. A hostile server (it has the join key) can therefore neither mint nodes that other agents
+ *              accept nor sit in the middle of a link: it lacks the peer key and every node's private key.
+ * Proofs are HMAC-SHA256(key, same framing as signatures).
  */
-import { createHash, createHmac, createPrivateKey, createPublicKey, generateKeyPairSync, sign, timingSafeEqual, verify, type KeyObject } from "node:crypto";
+import { createHash, createHmac, hkdfSync, createPrivateKey, createPublicKey, generateKeyPairSync, sign, timingSafeEqual, verify, type KeyObject } from "node:crypto";
 import { AuthError } from "./errors.js";
 
 export interface Identity {
@@ -88,6 +94,32 @@ export function tokenMac(token: string, context: string, ...fields: (string | Ui
 export function checkTokenMac(token: string, mac: Uint8Array, context: string, ...fields: (string | Uint8Array)[]): boolean {
   const want = tokenMac(token, context, ...fields);
   return mac.byteLength === want.byteLength && timingSafeEqual(mac, want);
+}
+
+const SPLIT_SALT = "weftnet/token-split/v1";
+const splitCache = new Map<string, { joinKey: string; peerKey: string }>();
+
+/**
+ * Derive the join key (for the signaling server) and the peer key (agents only) from the cluster token.
+ * Both are 64 lowercase hex chars; neither reveals the token or the other key.
+ */
+export function splitToken(token: string): { joinKey: string; peerKey: string } {
+  let k = splitCache.get(token);
+  if (!k) {
+    const derive = (info: string) => Buffer.from(hkdfSync("sha256", Buffer.from(token, "utf8"), SPLIT_SALT, info, 32)).toString("hex");
+    k = { joinKey: derive("join"), peerKey: derive("peer") };
+    if (splitCache.size > 16) splitCache.clear();
+    splitCache.set(token, k);
+  }
+  return k;
+}
+
+export function joinKeyOf(token: string): string {
+  return splitToken(token).joinKey;
+}
+
+export function peerKeyOf(token: string): string {
+  return splitToken(token).peerKey;
 }
 
 /** Signing contexts: one per purpose. */

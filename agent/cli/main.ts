@@ -18,6 +18,7 @@ Commands:
   netcheck   this host's NAT behaviour (UDP reachable, reflexive address, cone or symmetric)
   pod        add NAME / del NAME: a pod (network namespace) on this node's bridge
   ipam       operator commands for the shared address range (release NODE, allocate/free POD)
+  join-key   print the join key of a cluster token (--token-file F): all the signaling server needs
   version    print the version
 
 Run \`weftnet <command> --help\` for the options of each command.
@@ -54,6 +55,15 @@ export async function main(argv: string[]): Promise<number> {
         return await (await import("./commands.js")).runPod(rest);
       case "ipam":
         return await (await import("./commands.js")).runIpam(rest);
+      case "join-key": {
+        // The signaling server needs only this (hello MAC, API Bearer), never the token: see src/identity.ts.
+        const { parse, resolveToken } = await import("./util.js");
+        const { values } = parse("join-key", rest, { token: { type: "string" }, "token-file": { type: "string" } });
+        const token = resolveToken("join-key", values.token as string | undefined, values["token-file"] as string | undefined);
+        if (token === undefined) throw new UsageError("weftnet join-key: give --token-file F (or --token T, or env WEFTNET_TOKEN)");
+        process.stdout.write(`${(await import("../../src/identity.js")).joinKeyOf(token)}\n`);
+        return 0;
+      }
       default:
         throw new UsageError(`unknown command ${JSON.stringify(cmd)}; run \`weftnet --help\` for the list`);
     }

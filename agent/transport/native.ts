@@ -77,6 +77,7 @@ import type {
   TransportLink,
 } from "../../src/mesh/transport.js";
 import { sdpFingerprint } from "../../src/mesh/transport.js";
+import { checkSdpFingerprints } from "../../src/mesh/auth.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./werift.js";
@@ -481,6 +482,8 @@ class NativeLink extends LinkBase {
   }
 
   protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {
+    // Exactly one sha-256 fingerprint, checked here too (the mesh checks it before; tests feed links directly).
+    checkSdpFingerprints(sdp, "remote SDP");
     const pc = this.ensurePc();
     // libdatachannel sets up the ICE transport of a new offer on its own thread; an answer that
     // comes back very fast (loaded host) can overtake it ("remote candidate without ICE

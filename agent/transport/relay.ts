@@ -8,7 +8,7 @@
  * SHA-256 of that key, and the offer/answer signature and token MAC cover that fingerprint — so a server
  * that swaps keys to sit in the middle is caught exactly like one that swaps a DTLS fingerprint.
  *
- *   keys   = HKDF-SHA256(X25519(eph_self, eph_peer), salt = SHA-256(token),
+ *   keys   = HKDF-SHA256(X25519(eph_self, eph_peer), salt = SHA-256(peer key; agent.ts passes it as `token`),
  *                        info = "weftnet/relay/v1" | offerer id | answerer id | conn)  -> 2 x 32 bytes
  *   frame  = [1 version=1][1 conn length n][n conn][1 channel 0=control 1=packets][8 counter, big-endian]
  *            [ChaCha20-Poly1305(key of this direction, nonce = 0x00000000 | counter,

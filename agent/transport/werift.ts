@@ -42,6 +42,7 @@ import type {
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { CHANNELS, LinkBase } from "./link-base.js";
+import { checkSdpFingerprints } from "../../src/mesh/auth.js";
 
 export const LIMITS = {
   /** bufferedAmount above which send() refuses (see header). */
@@ -294,6 +295,8 @@ class WeriftLink extends LinkBase {
   }
 
   protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {
+    // werift accepts a DTLS certificate matching ANY a=fingerprint of the SDP: refuse all but exactly one.
+    checkSdpFingerprints(sdp, "remote SDP");
     await this.pc.setRemoteDescription({ type, sdp });
   }
 

@@ -1,6 +1,7 @@
 /**
  * Real signaling server + real agents (werift over loopback) in one process.
  */
+import { joinKeyOf } from "../../src/identity.js";
 import { cpSync, rmSync } from "node:fs";
 import type { AddressInfo } from "node:net";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
@@ -37,7 +38,7 @@ describe("five agents on loopback", () => {
     expect(r.rttMs).toBeGreaterThan(0);
     await expect(a1.ping("nobody")).rejects.toMatchObject({ code: "ERR_NO_PEER" });
     // the signaling server lists everybody (token required)
-    const nodes = (await (await fetch(`${c.server.url.replace(/^ws/, "http")}/v1/nodes`, { headers: { authorization: `Bearer ${TOKEN}` } })).json()) as { nodes: { id: string }[] };
+    const nodes = (await (await fetch(`${c.server.url.replace(/^ws/, "http")}/v1/nodes`, { headers: { authorization: `Bearer ${joinKeyOf(TOKEN)}` } })).json()) as { nodes: { id: string }[] };
     expect(nodes.nodes.map((n) => n.id).sort()).toEqual(agents.map((a) => a.id).sort());
   });
 
@@ -87,7 +88,7 @@ describe("five agents on loopback", () => {
     const bad = await c.agent("intruder", { token: "wrong-token" });
     await expect(bad.whenRegistered(5000)).rejects.toMatchObject({ code: "ERR_BAD_TOKEN", message: expect.stringMatching(/token/) });
     await bad.stop();
-    const nodes = (await (await fetch(`${c.server.url.replace(/^ws/, "http")}/v1/nodes`, { headers: { authorization: `Bearer ${TOKEN}` } })).json()) as { nodes: { name: string }[] };
+    const nodes = (await (await fetch(`${c.server.url.replace(/^ws/, "http")}/v1/nodes`, { headers: { authorization: `Bearer ${joinKeyOf(TOKEN)}` } })).json()) as { nodes: { name: string }[] };
     expect(nodes.nodes.map((n) => n.name)).not.toContain("intruder");
     for (const a of agents) expect((await a.status()).peers.map((p) => p.name)).not.toContain("intruder");
   });

@@ -8,6 +8,7 @@
  * The data-plane metrics (per-node pod bytes/packets, drops by stage and reason) need a TUN device; the
  * last test drives them through a real Forwarder and the real DataPlane.stats() behind a stub agent.
  */
+import { joinKeyOf } from "../../src/identity.js";
 import { spawnSync } from "node:child_process";
 import { createSocket } from "node:dgram";
 import { randomBytes } from "node:crypto";
@@ -215,7 +216,7 @@ describe("metrics", () => {
 
   it("signaling exposition parses: agents, relayed messages, bad frames by code, refusals, STUN", async () => {
     const get = async () => {
-      const r = await scrape(serverMetrics, { headers: { authorization: `Bearer ${TOKEN}` } });
+      const r = await scrape(serverMetrics, { headers: { authorization: `Bearer ${joinKeyOf(TOKEN)}` } });
       expect(r.status).toBe(200);
       expect(r.type).toMatch(/^text\/plain; version=0\.0\.4/);
       lint(r.text);

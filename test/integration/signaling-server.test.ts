@@ -7,7 +7,7 @@ import { createSocket } from "node:dgram";
 import { afterEach, describe, expect, it } from "vitest";
 import { WebSocket } from "ws";
 import { startSignalServer, type SignalServer, type SignalServerOptions } from "../../signaling/server.js";
-import { CTX_HELLO, CTX_SDP, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
+import { CTX_HELLO, CTX_SDP, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { encodeMessage } from "../../src/wire/codec.js";
 import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, MAX_RELAY_BYTES, SIGNAL_PATH, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 import { encodeBindingRequest, parseBindingSuccess } from "../../src/wire/stun.js";
@@ -106,7 +106,7 @@ function helloFrame(idn: Identity, nonce: Uint8Array, o: HelloOpts = {}): Uint8A
     name: o.name ?? `node-${idn.id.slice(0, 4)}`,
     instance,
     meta: { version: "test" },
-    mac: tokenMac(o.token ?? TOKEN, CTX_HELLO, nonce, id, instance),
+    mac: tokenMac(joinKeyOf(o.token ?? TOKEN), CTX_HELLO, nonce, id, instance),
     sig: signFields(idn, CTX_HELLO, nonce, id, instance),
   });
 }
@@ -127,7 +127,7 @@ async function register(server: SignalServer, idn: Identity, o: HelloOpts & { au
 }
 
 async function nodes(server: SignalServer): Promise<{ id: string; name: string; addr: string }[]> {
-  const res = await fetch(server.url.replace(/^ws/, "http") + "/v1/nodes", { headers: { Authorization: `Bearer ${TOKEN}` } });
+  const res = await fetch(server.url.replace(/^ws/, "http") + "/v1/nodes", { headers: { Authorization: `Bearer ${joinKeyOf(TOKEN)}` } });
   expect(res.status).toBe(200);
   return ((await res.json()) as { nodes: { id: string; name: string; addr: string }[] }).nodes;
 }
@@ -215,7 +215,7 @@ describe("signaling server", () => {
       name: "x",
       instance: "i",
       meta: {},
-      mac: tokenMac(TOKEN, CTX_HELLO, ch.nonce, a.id, "i"),
+      mac: tokenMac(joinKeyOf(TOKEN), CTX_HELLO, ch.nonce, a.id, "i"),
       sig: signFields(a, CTX_HELLO, other, a.id, "i"),
     });
     c.send(frame);

@@ -1,7 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { checkTokenMac, CTX_HELLO, CTX_SDP, deriveNodeId, generateIdentity, identityFromPem, identityToPem, signFields, tokenMac, verifyFields } from "../../src/identity.js";
-import { proveSdp, verifySdp } from "../../src/mesh/auth.js";
+import { checkTokenMac, CTX_HELLO, CTX_SDP, deriveNodeId, generateIdentity, identityFromPem, identityToPem, joinKeyOf, signFields, splitToken, tokenMac, verifyFields } from "../../src/identity.js";
+import { checkSdpFingerprints, proveSdp, verifySdp } from "../../src/mesh/auth.js";
 import { AuthError } from "../../src/errors.js";
 
 const sdp = (fp: string) => `v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\na=fingerprint:sha-256 ${fp}\r\na=setup:actpass\r\n`;
@@ -75,5 +75,70 @@ describe("SDP authentication", () => {
   });
   it("refuses an SDP without a fingerprint", () => {
     expect(() => verifySdp({ ...base, sdp: "v=0\r\n" })).toThrow(expect.objectContaining({ code: "ERR_FINGERPRINT" }));
+  });
+});
+
+describe("token split (join key for the server, peer key for the agents)", () => {
+  it("derives two distinct, stable 32-byte keys, neither equal to the token", () => {
+    const k = splitToken("correct horse battery staple");
+    expect(k.joinKey).toMatch(/^[0-9a-f]{64}$/);
+    expect(k.peerKey).toMatch(/^[0-9a-f]{64}$/);
+    expect(k.joinKey).not.toBe(k.peerKey);
+    expect(splitToken("correct horse battery staple")).toEqual(k);
+    expect(joinKeyOf("other")).not.toBe(k.joinKey);
+  });
+  it("a server holding the join key cannot produce an SDP proof that peers accept", () => {
+    const a = generateIdentity();
+    const b = generateIdentity();
+    const token = "cluster-token-for-split-test";
+    const s = sdp(FP1);
+    // The server knows the join key; using it as if it were the token, or directly as the MAC key, fails.
+    const forged = proveSdp(a, joinKeyOf(token), b.id, "c1", s);
+    expect(() => verifySdp({ token, selfId: b.id, from: a.id, fromPub: a.publicKey, conn: "c1", sdp: s, proof: forged })).toThrow(expect.objectContaining({ code: "ERR_BAD_TOKEN" }));
+    const raw = { sig: forged.sig, mac: tokenMac(joinKeyOf(token), CTX_SDP, a.id, b.id, "c1", `sha-256 ${FP1}`) };
+    expect(() => verifySdp({ token, selfId: b.id, from: a.id, fromPub: a.publicKey, conn: "c1", sdp: s, proof: raw })).toThrow(expect.objectContaining({ code: "ERR_BAD_TOKEN" }));
+    expect(() => verifySdp({ token, selfId: b.id, from: a.id, fromPub: a.publicKey, conn: "c1", sdp: s, proof: proveSdp(a, token, b.id, "c1", s) })).not.toThrow();
+  });
+});
+
+describe("exactly one sha-256 fingerprint per SDP", () => {
+  const a = generateIdentity();
+  const b = generateIdentity();
+  const token = "t";
+  // The attack from the issue: keep the victim's signed line first, append the attacker's after it.
+  const tricks: [string, string][] = [
+    ["appended second fingerprint", sdp(FP1) + `a=fingerprint:sha-256 ${FP2}\r\n`],
+    ["media-level second fingerprint", `${sdp(FP1)}m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=fingerprint:sha-256 ${FP2}\r\n`],
+    ["odd spelling", sdp(FP1) + `A=Fingerprint:SHA-256 ${FP2}\r\n`],
+    ["spaces", sdp(FP1) + ` a = fingerprint: sha-256 ${FP2}\r\n`],
+    ["lf only", sdp(FP1) + `a=fingerprint:sha-256 ${FP2}\n`],
+    ["other algorithm", sdp(FP1) + `a=fingerprint:sha-1 ${Array(20).fill("EF").join(":")}\r\n`],
+    ["only sha-1", `v=0\r\na=fingerprint:sha-1 ${Array(20).fill("EF").join(":")}\r\n`],
+    ["short value", `v=0\r\na=fingerprint:sha-256 AB:CD\r\n`],
+    ["garbage after", `v=0\r\na=fingerprint:sha-256 ${FP1} extra\r\n`],
+  ];
+  for (const [name, s] of tricks) {
+    it(`refuses: ${name} (both when proving and when verifying)`, () => {
+      expect(() => checkSdpFingerprints(s)).toThrow(expect.objectContaining({ code: "ERR_FINGERPRINT" }));
+      expect(() => proveSdp(a, token, b.id, "c", s)).toThrow(expect.objectContaining({ code: "ERR_FINGERPRINT" }));
+      // A proof made over the first line alone does not help the attacker either.
+      const proof = proveSdp(a, token, b.id, "c", sdp(FP1));
+      expect(() => verifySdp({ token, selfId: b.id, from: a.id, fromPub: a.publicKey, conn: "c", sdp: s, proof })).toThrow(expect.objectContaining({ code: "ERR_FINGERPRINT" }));
+    });
+  }
+  it("accepts the same fingerprint repeated at session and media level", () => {
+    const s = `${sdp(FP1)}m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=fingerprint:sha-256 ${FP1.toLowerCase()}\r\n`;
+    expect(checkSdpFingerprints(s)).toEqual({ algorithm: "sha-256", value: FP1 });
+  });
+  it("never throws anything but AuthError on random SDP text", () => {
+    fc.assert(
+      fc.property(fc.string({ maxLength: 400 }), (s) => {
+        try {
+          checkSdpFingerprints(s);
+        } catch (e) {
+          expect(e).toBeInstanceOf(AuthError);
+        }
+      }),
+    );
   });
 });

@@ -2,7 +2,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { createSignalApp, tokenMatches } from "../../signaling/app.js";
 import type { SignalSocket } from "../../signaling/hub.js";
-import { CTX_HELLO, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
+import { CTX_HELLO, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { decodeEnvelope, encodeMessage } from "../../src/wire/codec.js";
 import { CLOSE_CODES, MAX_SIGNAL_BYTES, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 
@@ -38,7 +38,7 @@ function hello(idn: Identity, nonce: Uint8Array, opts: { token?: string; instanc
     name: opts.name ?? "node",
     instance,
     meta: { v: "test" },
-    mac: tokenMac(opts.token ?? TOKEN, CTX_HELLO, nonce, idn.id, instance),
+    mac: tokenMac(joinKeyOf(opts.token ?? TOKEN), CTX_HELLO, nonce, idn.id, instance),
     sig: signFields(idn, CTX_HELLO, nonce, idn.id, instance),
   });
 }
@@ -85,7 +85,7 @@ describe("signaling app (HTTP)", () => {
     join(a, { name: "alpha" });
     join(b, { name: "beta" });
     join(generateIdentity(), { token: "wrong" }); // refused, must not show up
-    const res = await app.request("/v1/nodes", { headers: { Authorization: `Bearer ${TOKEN}` } });
+    const res = await app.request("/v1/nodes", { headers: { Authorization: `Bearer ${joinKeyOf(TOKEN)}` } });
     expect(res.status).toBe(200);
     const body = (await res.json()) as { nodes: { id: string; name: string; meta: unknown; addr: string; connectedAt: string }[] };
     expect(body.nodes.map((n) => n.id).sort()).toEqual([a.id, b.id].sort());

@@ -1,3 +1,4 @@
+import { joinKeyOf } from "../../src/identity.js";
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -99,7 +100,7 @@ describe("weftnet signal CLI", () => {
     expect(text).toContain(`weftnet agent --signal ws://127.0.0.1:${server!.port} --token ${token}`);
     const health = await fetch(`http://127.0.0.1:${server!.port}/healthz`);
     expect(await health.json()).toEqual({ ok: true, agents: 0 });
-    const nodes = await fetch(`http://127.0.0.1:${server!.port}/v1/nodes`, { headers: { Authorization: `Bearer ${token}` } });
+    const nodes = await fetch(`http://127.0.0.1:${server!.port}/v1/nodes`, { headers: { Authorization: `Bearer ${joinKeyOf(token)}` } });
     expect(nodes.status).toBe(200);
     r.stop();
     expect(await r.done).toBe(0);
@@ -115,7 +116,7 @@ describe("weftnet signal CLI", () => {
   it("takes the token from WEFTNET_TOKEN and serves STUN on the given port", async () => {
     const r = await run(["--listen", "127.0.0.1:0", "--stun-port", "0"], { WEFTNET_TOKEN: "from-env" }, true);
     const server = r.server()!;
-    const ok = await fetch(`http://127.0.0.1:${server.port}/v1/nodes`, { headers: { Authorization: "Bearer from-env" } });
+    const ok = await fetch(`http://127.0.0.1:${server.port}/v1/nodes`, { headers: { Authorization: `Bearer ${joinKeyOf("from-env")}` } });
     expect(ok.status).toBe(200);
     r.stop();
     expect(await r.done).toBe(0);
