@@ -1,14 +1,14 @@
 /**
- * Router: drives the topology gossip (topology.ts) and link-state routing (routing.ts) from mesh events,
+ * Router: drives the topology gossip (topology.ts) and link-state routing (paths.ts) from mesh events,
  * and keeps the two tables the data path reads:
  *   owners   prefix -> node that owns/advertises it (frame destination)
  *   routing  node -> next hop (direct or via another agent), with hysteresis
  * Sans-I/O: the agent calls tick(now) about once a second; everything else reacts to mesh events.
  */
 import type { Logger } from "../log.js";
-import { RouteTable } from "../packet/route.js";
+import { PrefixTable } from "../packet/prefix-table.js";
 import type { MeshManager } from "./manager.js";
-import { computeRoutes, prefixRoutes, type RouteEntry, type RoutingTable } from "./routing.js";
+import { computeRoutes, prefixRoutes, type RouteEntry, type RoutingTable } from "./paths.js";
 import { decodeTopologyMessage, encodeTopologyMessages, Topology, TOPO_CHANNEL, type TopologyRecord } from "./topology.js";
 
 /** Minimum interval between two records that differ from the last one only in RTTs. */
@@ -26,7 +26,7 @@ export interface RouterOptions {
 export class Router {
   readonly topo: Topology;
   private table: RoutingTable;
-  readonly owners = new RouteTable<string>();
+  readonly owners = new PrefixTable<string>();
   conflicts: { cidr: string; owners: string[] }[] = [];
   readonly counters = { badGossip: 0, rejectedRecords: 0, recomputes: 0 };
   private readonly changeListeners: (() => void)[] = [];

@@ -49,7 +49,7 @@
  * away from the advertised value by more than max(rttChangeRatio x advertised, rttChangeMinMs)
  * (default 20% / 2 ms). Otherwise the advertised value stays, and periodic refreshes repeat it. Every
  * node therefore computes routes from identical, slowly changing weights: RTT jitter never floods the mesh
- * and never flips paths. (routing.ts adds a per-destination hysteresis on top.)
+ * and never flips paths. (paths.ts adds a per-destination hysteresis on top.)
  *
  * ## How an agent drives it
  *   const topo = new Topology(selfId, { initialSeq: persisted.topoSeq });
@@ -70,7 +70,7 @@
  *               const r = topo.refresh(now); if (r) flood([r]);
  *               if (topo.expire(now).length) recompute routes;
  *   persist topo.seq now and then (optional, see above).
- *   recompute routes (routing.ts): table = computeRoutes(selfId, topo.records(), {}, table);
+ *   recompute routes (paths.ts): table = computeRoutes(selfId, topo.records(), {}, table);
  *               packetRoutes.replaceAll(nextHopEntries(topo.records(), table));   // prefix -> next hop
  * The control channel is reliable and ordered, so deltas are not lost while a link is up; a link that
  * goes down and up again gets a fresh full sync.

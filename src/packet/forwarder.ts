@@ -19,13 +19,13 @@
 import { DropCounters } from "./drop.js";
 import { FrameEncoder, decodeFrame, decrementTtl, nodeIdToBytes, peekFrameHeader, DEFAULT_MAX_MESSAGE_SIZE } from "./frame.js";
 import { peekIp } from "./ip.js";
-import type { RouteTable } from "./route.js";
+import type { PrefixTable } from "./prefix-table.js";
 import { VNET_HDR_LEN } from "./vnet.js";
 
 export interface ForwarderPorts {
   selfId: string;
   /** prefix -> node that owns/advertises it */
-  routes: RouteTable<string>;
+  routes: PrefixTable<string>;
   /** next hop towards a node (itself when directly connected), undefined when unreachable */
   nextHop(node: string): string | undefined;
   /** queue a frame on the peer's packets channel; false when there is no link or its queue is full */

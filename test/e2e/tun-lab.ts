@@ -15,7 +15,7 @@ import { openTun, type TunDevice } from "../../agent/os/tun.js";
 import { DropCounters } from "../../src/packet/drop.js";
 import { FrameEncoder, decodeFrame, nodeIdToBytes } from "../../src/packet/frame.js";
 import { ipv4Dst, peekIp } from "../../src/packet/ip.js";
-import { RouteTable } from "../../src/packet/route.js";
+import { PrefixTable } from "../../src/packet/prefix-table.js";
 import { VNET_GSO_TCPV6, VNET_HDR_LEN, isGso } from "../../src/packet/vnet.js";
 
 export const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
@@ -109,7 +109,7 @@ export async function createTunLab(opts: { mtu?: number; maxMessageSize?: number
     const [a, b] = sides as [LabSide, LabSide];
 
     // One route table for both directions: each side's /32 belongs to its node.
-    const routes = new RouteTable<LabSide>();
+    const routes = new PrefixTable<LabSide>();
     routes.insert(`${a.addr}/32`, a);
     routes.insert(`${b.addr}/32`, b);
     routes.insert(`${a.addr6}/128`, a);

@@ -20,7 +20,7 @@ import { DataPlane } from "../../agent/dataplane.js";
 import { createAgentRegistry, parseListen } from "../../agent/metrics.js";
 import { DropCounters } from "../../src/packet/drop.js";
 import { Forwarder } from "../../src/packet/forwarder.js";
-import { RouteTable } from "../../src/packet/route.js";
+import { PrefixTable } from "../../src/packet/prefix-table.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
 import { SIGNAL_PATH } from "../../src/wire/signal.js";
 import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
@@ -258,7 +258,7 @@ describe("data-plane metrics (real Forwarder and DataPlane.stats(), stub agent)"
   it("per-node pod bytes and packets, drops by stage and reason", async () => {
     const SELF = "aaaaaaaaaaaaaaaa";
     const PEER = "bbbbbbbbbbbbbbbb";
-    const routes = new RouteTable<string>();
+    const routes = new PrefixTable<string>();
     routes.insert("10.40.0.64/26", PEER);
     const fw = new Forwarder({ selfId: SELF, routes, nextHop: (n) => (n === PEER ? PEER : undefined), send: () => "ok", deliver: () => {} });
     const ipv4 = (dst: number[], len = 120) => {

@@ -3,7 +3,7 @@
 // random delivery order, duplication and a restart that lost its seq counter.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { buildGraph, computeRoutes, linkWeight, type RoutingTable } from "../../src/mesh/routing.js";
+import { buildGraph, computeRoutes, linkWeight, type RoutingTable } from "../../src/mesh/paths.js";
 import { Topology, type TopologyRecord } from "../../src/mesh/topology.js";
 import { prng } from "../helpers/prng.js";
 

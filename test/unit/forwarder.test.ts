@@ -1,7 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Forwarder } from "../../src/packet/forwarder.js";
-import { RouteTable } from "../../src/packet/route.js";
+import { PrefixTable } from "../../src/packet/prefix-table.js";
 import { parseIPv4 } from "../../src/packet/ip.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
 import { ipv4Packet } from "./packet-fixtures.js";
@@ -18,7 +18,7 @@ const withVnet = (ip: Uint8Array) => {
 const pkt = (dst: string, payload = new Uint8Array(100).fill(7)) => withVnet(ipv4Packet(parseIPv4("10.40.0.2")!, parseIPv4(dst)!, payload));
 
 function net(hops: Record<string, Record<string, string | undefined>>, full = new Set<string>(), holdBytes?: number) {
-  const routes = new RouteTable<string>();
+  const routes = new PrefixTable<string>();
   routes.insert("10.40.0.0/26", A);
   routes.insert("10.40.0.64/26", B);
   routes.insert("10.40.0.128/26", C);

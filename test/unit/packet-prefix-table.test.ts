@@ -1,7 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { formatCidr, mask4, mask6, parseIPv4, parseIPv6, type Cidr } from "../../src/packet/ip.js";
-import { RouteTable } from "../../src/packet/route.js";
+import { PrefixTable } from "../../src/packet/prefix-table.js";
 
 /** Slow reference model: a flat list; lookup scans everything for the longest matching prefix. */
 class ReferenceTable {
@@ -66,11 +66,11 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   { arbitrary: fc.record({ k: fc.constant("replaceAll" as const), entries: fc.array(fc.tuple(fc.oneof(cidr4, cidr6), node), { maxLength: 8 }) }), weight: 1 },
 );
 
-describe("RouteTable", () => {
+describe("PrefixTable", () => {
   it("agrees with the reference model over random inserts, removes, replaces and lookups", () => {
     fc.assert(
       fc.property(fc.array(op, { maxLength: 120 }), fc.array(addr4, { maxLength: 30 }), (ops, probes) => {
-        const t = new RouteTable<string>();
+        const t = new PrefixTable<string>();
         let ref = new ReferenceTable();
         // removing a prefix inserted earlier in the run is the interesting case: replay inserted cidrs as removes
         const inserted: Cidr[] = [];
@@ -115,7 +115,7 @@ describe("RouteTable", () => {
   });
 
   it("longest prefix wins; default route; host bits masked; removeValue", () => {
-    const t = new RouteTable();
+    const t = new PrefixTable();
     t.insert("10.40.0.0/16", "a");
     t.insert("10.40.1.0/24", "b");
     t.insert("10.40.1.7/32", "c");

@@ -1,5 +1,5 @@
 /**
- * Route table: longest-prefix match from a destination address to a value (a node id on the data path).
+ * Prefix table: longest-prefix match from a destination address to a value (a node id on the data path).
  *
  * Structure: one hash map per prefix length in use (network -> value) and the list of lengths in use,
  * longest first. A lookup masks the address with each length in turn and stops at the first hit, so it
@@ -8,7 +8,7 @@
  * O(1) plus a re-sort of the (<= 33 / 129) lengths when a length appears or disappears.
  * Compared with wireguard-go's allowedips (a path-compressed binary trie) this is simpler and as fast for
  * the few-lengths case; like allowedips it is checked against a slow reference model (a flat list scanned
- * for the longest matching prefix) with random inserts, removes and lookups (test/unit/packet-route.test.ts).
+ * for the longest matching prefix) with random inserts, removes and lookups (test/unit/packet-prefix-table.test.ts).
  *
  * IPv4 keys are the masked address as a signed 32-bit int; IPv6 keys are bigints.
  */
@@ -17,12 +17,12 @@ import { formatCidr, mask6, parseCidr, type Cidr, type IpHeader } from "./ip.js"
 const MASK4: number[] = Array.from({ length: 33 }, (_, len) => (len === 0 ? 0 : (0xffffffff << (32 - len)) | 0));
 const MASK6: bigint[] = Array.from({ length: 129 }, (_, len) => mask6(len));
 
-export interface RouteEntry<V> {
+export interface PrefixEntry<V> {
   readonly cidr: string;
   readonly value: V;
 }
 
-export class RouteTable<V = string> {
+export class PrefixTable<V = string> {
   private readonly v4 = new Map<number, Map<number, V>>();
   private v4Lens: number[] = [];
   private readonly v6 = new Map<number, Map<bigint, V>>();
@@ -90,7 +90,7 @@ export class RouteTable<V = string> {
 
   /** Atomically swap the whole table for `entries` (later duplicates win). */
   replaceAll(entries: Iterable<readonly [string | Cidr, V]>): void {
-    const next = new RouteTable<V>();
+    const next = new PrefixTable<V>();
     for (const [c, v] of entries) next.insert(c, v);
     this.v4.clear();
     this.v6.clear();
@@ -136,8 +136,8 @@ export class RouteTable<V = string> {
   }
 
   /** All routes, longest prefixes first (IPv4 then IPv6), in canonical CIDR text. */
-  entries(): RouteEntry<V>[] {
-    const out: RouteEntry<V>[] = [];
+  entries(): PrefixEntry<V>[] {
+    const out: PrefixEntry<V>[] = [];
     for (const len of this.v4Lens) {
       for (const [k, value] of this.v4.get(len)!) out.push({ cidr: formatCidr({ family: 4, addr: k >>> 0, len }), value });
     }

@@ -224,7 +224,7 @@ export interface PrefixRoute {
 }
 
 /**
- * Prefix routes for packet/route.ts: every prefix advertised by a reachable node other than self.
+ * Prefix routes for packet/prefix-table.ts: every prefix advertised by a reachable node other than self.
  * A prefix advertised by several nodes goes to the lowest owner id (deterministic on every node);
  * `conflicts` lists such prefixes so the agent can warn. Sorted by cidr text.
  */
@@ -244,7 +244,7 @@ export function prefixRoutes(records: Iterable<TopologyRecord>, table: RoutingTa
   return { routes, conflicts };
 }
 
-/** [cidr, nextHop] pairs ready for RouteTable.replaceAll(). */
+/** [cidr, nextHop] pairs ready for PrefixTable.replaceAll(). */
 export function nextHopEntries(records: Iterable<TopologyRecord>, table: RoutingTable): [string, string][] {
   return prefixRoutes(records, table).routes.map((r) => [r.cidr, r.nextHop]);
 }

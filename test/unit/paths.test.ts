@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
-import { RouteTable } from "../../src/packet/route.js";
+import { PrefixTable } from "../../src/packet/prefix-table.js";
 import { parseIPv4 } from "../../src/packet/ip.js";
-import { buildGraph, computeRoutes, diffRoutes, nextHopEntries, prefixRoutes } from "../../src/mesh/routing.js";
+import { buildGraph, computeRoutes, diffRoutes, nextHopEntries, prefixRoutes } from "../../src/mesh/paths.js";
 import type { TopologyRecord } from "../../src/mesh/topology.js";
 
 const id = (n: number) => n.toString(16).padStart(16, "0");
@@ -141,7 +141,7 @@ describe("prefix routes", () => {
       { cidr: "10.40.2.0/24", owner: C, nextHop: B },
       { cidr: "10.40.3.0/25", owner: C, nextHop: B },
     ]);
-    const rt = new RouteTable<string>();
+    const rt = new PrefixTable<string>();
     rt.replaceAll(nextHopEntries(r, table));
     expect(rt.lookup4(parseIPv4("10.40.2.9")!)).toBe(B);
     expect(rt.lookup4(parseIPv4("10.40.4.9")!)).toBeUndefined();
