@@ -49,7 +49,7 @@ export const PROBE_INTERVAL_MS = 700; // 4 probes fail before the 5 s heartbeat 
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
-/** The LIMITS fields the base uses (each adapter has its own defaults). */
+/** The limit fields the base uses (each adapter has its own defaults: WERIFT_LIMITS, NATIVE_LIMITS). */
 export interface LinkLimits {
   controlBufferLimit: number;
   packetsBufferLimit: number;

@@ -7,7 +7,7 @@
  * install script runs (npm 11 does not run unapproved ones anyway). The module is loaded lazily with a dynamic
  * import; nativeAvailable() tells whether it loads, createNativeTransport() throws a clear error when not.
  *
- * Certificate: one DTLS certificate per transport (ECDSA P-256, the same generator as werift, or passed in),
+ * Certificate: one DTLS certificate per transport (ECDSA P-256 from cert.ts, as werift's, or passed in),
  * handed to every PeerConnection as PEM text (libdatachannel's certificatePemFile/keyPemFile accept the PEM
  * itself when it contains "-----BEGIN CERTIFICATE-----"; nothing is written to disk). Without it libdatachannel
  * would share ONE generated certificate among all connections of the process. createNativeTransport checks
@@ -23,7 +23,7 @@
  * the remote offer. References to the PeerConnection and both DataChannels live on the link object, and the
  * transport holds every live link: node-datachannel closes a channel whose JS object is garbage collected.
  *
- * Limits (LIMITS, same shape and meaning as werift's):
+ * Limits (NATIVE_LIMITS, same shape and meaning as werift's):
  * - Message size: we advertise a=max-message-size = maxMessageSize (default 1 MiB); libdatachannel reports
  *   min(ours, the remote's a=max-message-size, 65536 when absent) as dc.maxMessageSize() and throws on a larger
  *   send. send() refuses (false, logged once per link and channel) messages above that.
@@ -80,7 +80,7 @@ import { sdpFingerprint } from "../../src/mesh/transport.js";
 import { checkSdpFingerprints } from "../../src/mesh/auth.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
-import { generateDtlsCertificate, type DtlsCertificatePem } from "./werift.js";
+import { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
 import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU, SAFE_LINK_MTU } from "./link-base.js";
 
 /** How long a peer whose path failed the MTU check gets SAFE_LINK_MTU before the configured one is tried again. */
@@ -88,11 +88,11 @@ const MTU_FALLBACK_MS = 60 * 60_000;
 /** The step between a jumbo MTU and 1280 when a path fails the check: most of the internet carries it. */
 const ETHERNET_MTU = 1500;
 
-export type { DtlsCertificatePem } from "./werift.js";
+export type { DtlsCertificatePem } from "./cert.js";
 
 type NdcModule = typeof Ndc;
 
-export const LIMITS = {
+export const NATIVE_LIMITS = {
   /** bufferedAmount above which send() refuses (see header). */
   controlBufferLimit: 1024 * 1024,
   packetsBufferLimit: 256 * 1024,
@@ -136,8 +136,8 @@ export interface NativeTransportOptions {
    * (above 1500 -> 1500 -> 1280) for an hour.
    */
   mtu?: number;
-  /** Overrides of LIMITS (tests, tuning). */
-  limits?: Partial<Pick<typeof LIMITS, "controlBufferLimit" | "packetsBufferLimit" | "controlLowWater" | "packetsLowWater" | "maxMessageSize">>;
+  /** Overrides of NATIVE_LIMITS (tests, tuning). */
+  limits?: Partial<Pick<typeof NATIVE_LIMITS, "controlBufferLimit" | "packetsBufferLimit" | "controlLowWater" | "packetsLowWater" | "maxMessageSize">>;
 }
 
 export interface NativeTransport extends Transport {
@@ -201,7 +201,7 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   const ndc = await requireNative();
   const log = (opts.logger ?? silentLogger).child("transport");
   const pem = opts.certificate ?? (await generateDtlsCertificate());
-  const limits = { ...LIMITS, ...(opts.limits ?? {}) };
+  const limits = { ...NATIVE_LIMITS, ...(opts.limits ?? {}) };
 
   const base: Ndc.RtcConfig = {
     iceServers: [],
@@ -344,7 +344,7 @@ interface LinkEnv {
   onPathMtuFailed(): void;
   /** Candidate filter (loopbackOnly, excludeAddress). */
   keepAddress(ip: string): boolean;
-  limits: typeof LIMITS;
+  limits: typeof NATIVE_LIMITS;
   log: Logger;
   onGone(l: LinkBase): void;
 }

@@ -9,13 +9,13 @@
  *   control  id 0  reliable, ordered
  *   packets  id 1  ordered: false, maxRetransmits: 0
  *
- * Limits enforced here (see LIMITS):
+ * Limits enforced here (see WERIFT_LIMITS):
  * - Message size: werift advertises a=max-message-size (default 65536) and throws on send when a message is
  *   larger than what the REMOTE advertised; it enforces nothing on receive. We advertise
  *   maxMessageSize (default 1 MiB) and refuse (send() -> false, logged once per link and channel) messages
  *   larger than min(our maxMessageSize, the remote's advertised size). Control messages (msgpack, up to
  *   ~256 KiB) therefore fit between two weftnet agents; a peer advertising 64 KiB gets 64 KiB.
- * - Send buffer: werift's send path slows down quadratically with its queue length (design brief section 5),
+ * - Send buffer: werift's send path slows down quadratically with its queue length (every queued send awaits a shared event whose subscriber list is scanned on each flush: 1200-byte messages go from ~340 to ~5,800 per second with a 64 KiB instead of a 1 MiB queue),
  *   so send() refuses a message when the channel already holds more than its low-water mark AND the message
  *   would take bufferedAmount over the limit (control 1 MiB, packets 64 KiB). That bounds bufferedAmount by
  *   max(limit, lowWater + one message), and guarantees that a refusal happens above the low-water mark, so
@@ -29,7 +29,7 @@
  * Failure: werift does not always report ICE failure (a peer that never answers leaves the link
  * "connecting" forever); the mesh layer owns that timeout and calls close(), which frees sockets and timers.
  */
-import { RTCCertificate, RTCPeerConnection, CipherContext, type CandidatePair, type RTCDataChannel, type RTCIceCandidate } from "werift";
+import { RTCCertificate, RTCPeerConnection, type CandidatePair, type RTCDataChannel, type RTCIceCandidate } from "werift";
 import type {
   ChannelName,
   Fingerprint,
@@ -41,10 +41,13 @@ import type {
 } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
+import { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
 import { CHANNELS, LinkBase } from "./link-base.js";
 import { checkSdpFingerprints } from "../../src/mesh/auth.js";
 
-export const LIMITS = {
+export { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
+
+export const WERIFT_LIMITS = {
   /** bufferedAmount above which send() refuses (see header). */
   controlBufferLimit: 1024 * 1024,
   packetsBufferLimit: 64 * 1024,
@@ -57,11 +60,6 @@ export const LIMITS = {
   defaultRemoteMaxMessageSize: 65536,
 } as const;
 
-/** PEM key + certificate, e.g. to persist the DTLS identity across restarts. */
-export interface DtlsCertificatePem {
-  certPem: string;
-  keyPem: string;
-}
 
 export interface WeriftTransportOptions {
   logger?: Logger;
@@ -86,8 +84,8 @@ export interface WeriftTransportOptions {
   excludeAddress?: (ip: string) => boolean;
   /** Reuse an existing certificate instead of generating one. */
   certificate?: DtlsCertificatePem;
-  /** Overrides of LIMITS (tests, tuning). */
-  limits?: Partial<Pick<typeof LIMITS, "controlBufferLimit" | "packetsBufferLimit" | "controlLowWater" | "packetsLowWater" | "maxMessageSize">>;
+  /** Overrides of WERIFT_LIMITS (tests, tuning). */
+  limits?: Partial<Pick<typeof WERIFT_LIMITS, "controlBufferLimit" | "packetsBufferLimit" | "controlLowWater" | "packetsLowWater" | "maxMessageSize">>;
 }
 
 export interface WeriftTransport extends Transport {
@@ -95,12 +93,6 @@ export interface WeriftTransport extends Transport {
   readonly certificate: DtlsCertificatePem;
   /** Links not yet closed. */
   readonly linkCount: number;
-}
-
-/** ECDSA P-256 + SHA-256, what werift itself uses (SignatureAlgorithm.ecdsa = 3, HashAlgorithm.sha256 = 4, secp256r1 = 23). */
-export async function generateDtlsCertificate(): Promise<DtlsCertificatePem> {
-  const { certPem, keyPem } = await CipherContext.createSelfSignedCertificateWithKey({ signature: 3, hash: 4 }, 23);
-  return { certPem, keyPem };
 }
 
 function toRtcCertificate(pem: DtlsCertificatePem): RTCCertificate {
@@ -114,7 +106,7 @@ export async function createWeriftTransport(opts: WeriftTransportOptions = {}): 
   const fp = cert.getFingerprints()[0];
   if (!fp) throw new Error("werift certificate has no fingerprint");
   const fingerprint: Fingerprint = { algorithm: fp.algorithm.toLowerCase(), value: fp.value.toUpperCase() };
-  const limits = { ...LIMITS, ...(opts.limits ?? {}) };
+  const limits = { ...WERIFT_LIMITS, ...(opts.limits ?? {}) };
   const links = new Set<LinkBase>();
   let closed = false;
   let seq = 0;
@@ -184,7 +176,7 @@ function isLoopback(host: string | undefined): boolean {
 interface LinkEnv {
   cert: RTCCertificate;
   ice: IceConfig;
-  limits: typeof LIMITS;
+  limits: typeof WERIFT_LIMITS;
   log: Logger;
   onGone(l: LinkBase): void;
 }
@@ -333,7 +325,7 @@ class WeriftLink extends LinkBase {
   /** min(what we advertise, what the remote advertised); werift throws above the latter. */
   private maxMessageSize(): number {
     const sctp = this.pc.sctpTransport;
-    const remote = sctp ? sctp.remoteMaxMessageSize : LIMITS.defaultRemoteMaxMessageSize;
+    const remote = sctp ? sctp.remoteMaxMessageSize : WERIFT_LIMITS.defaultRemoteMaxMessageSize;
     return remote === 0 ? this.limits.maxMessageSize : Math.min(remote, this.limits.maxMessageSize);
   }
 

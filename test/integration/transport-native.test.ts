@@ -7,7 +7,7 @@
  */
 import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createNativeTransport, LIMITS, nativeAvailable, nativeLoadError, toNdcIceServers, type NativeTransport } from "../../agent/transport/native.js";
+import { createNativeTransport, NATIVE_LIMITS, nativeAvailable, nativeLoadError, toNdcIceServers, type NativeTransport } from "../../agent/transport/native.js";
 import { createWeriftTransport, type WeriftTransport } from "../../agent/transport/werift.js";
 import { sdpFingerprint, type ChannelName } from "../../src/mesh/transport.js";
 import { capturedLogger, connectPair, exchangeBothChannels, makeSide, sleep, until, within, type Side } from "../helpers/links.js";
@@ -172,7 +172,7 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
 
   it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
     const { a, b } = await connectPair(ta, tb);
-    expect(a.link.send("control", new Uint8Array(LIMITS.maxMessageSize + 1))).toBe(false);
+    expect(a.link.send("control", new Uint8Array(NATIVE_LIMITS.maxMessageSize + 1))).toBe(false);
     expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
 
     const chunk = new Uint8Array(8 * 1024);
@@ -181,16 +181,16 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
       accepted++;
       expect(accepted).toBeLessThan(10_000);
     }
-    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(LIMITS.packetsLowWater);
-    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
+    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(NATIVE_LIMITS.packetsLowWater);
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(NATIVE_LIMITS.packetsBufferLimit);
     await until(() => a.drains.includes("packets"), 10_000, "drain");
-    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsLowWater);
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(NATIVE_LIMITS.packetsLowWater);
     expect(a.link.send("packets", chunk)).toBe(true);
     // Same on control with its larger limit.
     const cchunk = new Uint8Array(64 * 1024);
     let caccepted = 0;
     while (a.link.send("control", cchunk)) caccepted++;
-    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(LIMITS.controlBufferLimit);
+    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(NATIVE_LIMITS.controlBufferLimit);
     await until(() => a.drains.includes("control"), 20_000, "control drain");
     expect(a.drains.filter((c) => c === "control").length).toBe(1);
     expect(b.messages.length).toBeGreaterThan(0);
@@ -334,7 +334,7 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     const { a, b } = await connectPair(ta, tb);
     const r = await pump(a, b, 3000);
     console.log(`[measure] native->native packets 16 KiB: ${r.msgs} msg/s, ${r.mbits} Mbit/s (max bufferedAmount ${r.maxBuffered})`);
-    expect(r.maxBuffered).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
+    expect(r.maxBuffered).toBeLessThanOrEqual(NATIVE_LIMITS.packetsBufferLimit);
     a.link.close();
     await within(b.closed, 3000, "close");
   });

@@ -2,7 +2,7 @@
  * Real werift peers in one process, wired by passing signals directly (no signaling server, no mocks).
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createWeriftTransport, LIMITS, type WeriftTransport } from "../../agent/transport/werift.js";
+import { createWeriftTransport, WERIFT_LIMITS, type WeriftTransport } from "../../agent/transport/werift.js";
 import { sdpFingerprint, type ChannelName } from "../../src/mesh/transport.js";
 import { capturedLogger, connectPair, exchangeBothChannels, makeSide, sleep, until, within, type Side } from "../helpers/links.js";
 
@@ -81,7 +81,7 @@ describe("werift transport (loopback, one process)", () => {
 
   it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
     const { a, b } = await connectPair(ta, tb);
-    expect(a.link.send("control", new Uint8Array(LIMITS.maxMessageSize + 1))).toBe(false);
+    expect(a.link.send("control", new Uint8Array(WERIFT_LIMITS.maxMessageSize + 1))).toBe(false);
     expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
 
     const chunk = new Uint8Array(8 * 1024);
@@ -90,16 +90,16 @@ describe("werift transport (loopback, one process)", () => {
       accepted++;
       expect(accepted).toBeLessThan(1000);
     }
-    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(LIMITS.packetsLowWater);
-    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsBufferLimit);
+    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(WERIFT_LIMITS.packetsLowWater);
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(WERIFT_LIMITS.packetsBufferLimit);
     await until(() => a.drains.includes("packets"), 10_000, "drain");
-    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(LIMITS.packetsLowWater);
+    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(WERIFT_LIMITS.packetsLowWater);
     expect(a.link.send("packets", chunk)).toBe(true);
     // Same on control with its larger limit.
     const cchunk = new Uint8Array(64 * 1024);
     let caccepted = 0;
     while (a.link.send("control", cchunk)) caccepted++;
-    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(LIMITS.controlBufferLimit);
+    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(WERIFT_LIMITS.controlBufferLimit);
     await until(() => a.drains.includes("control"), 20_000, "control drain");
     expect(b.messages.length).toBeGreaterThan(0);
     a.link.close();
