@@ -6,6 +6,7 @@ import { uplinkMtu } from "./os/mtu.js";
 import { MAX_LINK_MTU, SAFE_LINK_MTU } from "./transport/link-base.js";
 import { existsSync, unlinkSync } from "node:fs";
 import { hostname } from "node:os";
+import { DEFAULT_CLUSTER_RANGE } from "../src/defaults.js";
 import { UsageError, WeftError } from "../src/errors.js";
 import { peerKeyOf } from "../src/identity.js";
 import { createLogger, type Logger } from "../src/log.js";
@@ -188,7 +189,7 @@ export class Agent {
   checkRouteConflicts(): void {
     const mine = this.cfg.advertiseRoutes ?? [];
     if (mine.length === 0) return;
-    const range = parseCidr(this.cfg.ipam?.range ?? "10.40.0.0/16");
+    const range = parseCidr(this.cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE);
     const next: typeof this.routeConflicts = [];
     for (const rec of this.router.records()) {
       if (rec.node === this.id) continue;
@@ -216,7 +217,7 @@ export class Agent {
 
   static async start(cfg: AgentConfig): Promise<Agent> {
     const log = cfg.logger ?? createLogger({ level: "warn" });
-    checkAdvertisedRoutes(cfg.advertiseRoutes ?? [], cfg.ipam?.range ?? "10.40.0.0/16");
+    checkAdvertisedRoutes(cfg.advertiseRoutes ?? [], cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE);
     const { identity, created } = loadOrCreateIdentity(cfg.stateDir);
     const name = cfg.name ?? hostname();
     const instance = newInstanceId();
@@ -547,7 +548,7 @@ export class Agent {
 
 async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport> {
   // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
-  const range = cfg.ipam?.range ?? "10.40.0.0/16";
+  const range = cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE;
   const rangeCidr = parseCidr(range);
   const common = { logger: log, ...(cfg.werift ?? {}), excludeAddress: (ip: string) => inRange(ip, rangeCidr) };
   let kind = cfg.transportKind ?? "werift";

@@ -16,9 +16,9 @@ import type { Logger } from "../src/log.js";
 import { Forwarder } from "../src/packet/forwarder.js";
 import type { Agent } from "./agent.js";
 import type { PodAddress } from "./ipam.js";
-import { NodeNetwork } from "./os/netconf.js";
+import { DEFAULT_BRIDGE, DEFAULT_MTU, NodeNetwork } from "./os/netconf.js";
 import { addPod, delPod, listPods, podVethName, type PodResult } from "./os/pod.js";
-import { openTun, type TunDevice } from "./os/tun.js";
+import { DEFAULT_TUN_NAME, openTun, type TunDevice } from "./os/tun.js";
 import { AdvertiseGateway } from "./os/advertise.js";
 import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
 import { networkInterfaces } from "node:os";
@@ -43,9 +43,6 @@ function localNetworks(): Cidr[] {
   return out;
 }
 
-export const DEFAULT_IFACE = "weft0";
-export const DEFAULT_BRIDGE = "weft-br0";
-export const DEFAULT_MTU = 1400;
 /** Packets-channel queue above which the TUN is not read (see pauseIfQueued), and below which it is again. */
 export const QUEUE_HIGH = 128 * 1024;
 export const QUEUE_LOW = 48 * 1024;
@@ -98,7 +95,7 @@ export class DataPlane {
 
   static async start(agent: Agent, opts: DataPlaneOptions): Promise<DataPlane> {
     // reuseSlab: the forwarder copies every packet into a frame inside onBatch.
-    const tun = openTun({ name: opts.iface ?? DEFAULT_IFACE, reuseSlab: true });
+    const tun = openTun({ name: opts.iface ?? DEFAULT_TUN_NAME, reuseSlab: true });
     const net = new NodeNetwork({ tunName: tun.name, bridge: opts.bridge ?? DEFAULT_BRIDGE, mtu: opts.mtu ?? DEFAULT_MTU, logger: opts.logger, stateFile: join(agent.cfg.stateDir, "netconf.json") });
     const dp = new DataPlane(agent, tun, net, opts.logger, opts);
     try {

@@ -1,6 +1,6 @@
 /**
  * Signaling client: keeps one authenticated WebSocket to the signaling server, reconnecting with
- * jittered exponential backoff. Emits presence and relayed signals; a fatal refusal (bad token,
+ * jittered exponential backoff. Emits presence and forwarded signals (SDP, candidates); a fatal refusal (bad token,
  * duplicate identity) stops reconnecting and is reported once through onFatal.
  * Established WebRTC links do not depend on this connection.
  */

@@ -2,6 +2,7 @@
 import v8 from "node:v8";
 import { createLogger, parseLevel } from "../../src/log.js";
 import { UsageError, WeftError } from "../../src/errors.js";
+import { DEFAULT_CLUSTER_RANGE } from "../../src/defaults.js";
 import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
 import { apiRequest } from "../api-client.js";
 import { MAX_LINK_MTU } from "../transport/link-base.js";
@@ -199,7 +200,7 @@ export async function runAgent(argv: string[]): Promise<number> {
   if (values["snat-routes"] && advertiseRoutes.length === 0) throw new UsageError("weftnet agent: --snat-routes needs --advertise-routes");
   if (advertiseRoutes.length && !tun) throw new UsageError("weftnet agent: --advertise-routes needs the data plane (not --no-tun)");
   try {
-    checkAdvertisedRoutes(advertiseRoutes, ipam.range ?? "10.40.0.0/16");
+    checkAdvertisedRoutes(advertiseRoutes, ipam.range ?? DEFAULT_CLUSTER_RANGE);
   } catch (e) {
     throw new UsageError(`weftnet agent: ${(e as Error).message}`);
   }

@@ -76,6 +76,7 @@ export class NetconfError extends WeftError {
   }
 }
 
+/** Defaults of the node network: pod bridge, and the MTU of the TUN, the bridge and pods (the TUN name: agent/os/tun.ts). */
 export const DEFAULT_BRIDGE = "weft-br0";
 export const DEFAULT_MTU = 1400;
 /** Route protocol marking weftnet's routes: 0x57 ('W'). */

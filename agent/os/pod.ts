@@ -27,6 +27,7 @@ import { WeftError } from "../../src/errors.js";
 import { parseIp } from "../../src/ipam/cidr.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { CommandError, execCommand, HostExec } from "./exec.js";
+import { DEFAULT_BRIDGE, DEFAULT_MTU } from "./netconf.js";
 
 export type PodErrorCode = "ERR_POD_INPUT" | "ERR_POD_NO_NETNS" | "ERR_POD_EXISTS" | "ERR_POD_NOT_OURS" | "ERR_POD_COMMAND";
 
@@ -217,8 +218,8 @@ function parseMarker(alias: string | undefined): Marker | undefined {
 /** Create the pod's network: see the file comment. All-or-nothing. */
 export async function addPod(spec: PodSpec): Promise<PodResult> {
   const { ifName, hostVeth } = defaults(spec);
-  const bridge = spec.bridge ?? "weft-br0";
-  const mtu = spec.mtu ?? 1400;
+  const bridge = spec.bridge ?? DEFAULT_BRIDGE;
+  const mtu = spec.mtu ?? DEFAULT_MTU;
   const log = spec.logger ?? silentLogger;
   const host = new HostExec(spec.hostNetns);
   try {
@@ -338,8 +339,8 @@ export async function delPod(ref: PodRef): Promise<void> {
 /** What differs from `spec` (CNI CHECK). ok=true with no problems when the pod is as specified. */
 export async function checkPod(spec: PodSpec): Promise<PodCheck> {
   const { ifName, hostVeth } = defaults(spec);
-  const bridge = spec.bridge ?? "weft-br0";
-  const mtu = spec.mtu ?? 1400;
+  const bridge = spec.bridge ?? DEFAULT_BRIDGE;
+  const mtu = spec.mtu ?? DEFAULT_MTU;
   const host = new HostExec(spec.hostNetns);
   const path = netnsPath(spec.netns);
   const problems: string[] = [];

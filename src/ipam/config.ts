@@ -1,4 +1,5 @@
 /** IPAM configuration: what the agent passes in (IpamConfig) and the checked, defaulted form (Resolved). */
+import { DEFAULT_CLUSTER_RANGE } from "../defaults.js";
 import { NODE_ID_RE } from "../wire/codec.js";
 import { type Cidr, blockCount, formatCidr, parseCidr } from "./cidr.js";
 import { IpamError } from "./table.js";
@@ -51,7 +52,7 @@ export function resolve(c: IpamConfig): Resolved {
   if (!NODE_ID_RE.test(c.id)) throw new IpamError("ERR_CONFIG", `node id ${JSON.stringify(c.id)} is not 16 lowercase hex chars`);
   let range: Cidr;
   try {
-    range = parseCidr(c.range ?? "10.40.0.0/16");
+    range = parseCidr(c.range ?? DEFAULT_CLUSTER_RANGE);
   } catch (e) {
     throw new IpamError("ERR_CONFIG", (e as Error).message);
   }

@@ -1,6 +1,6 @@
 /**
  * MeshManager: owns one PeerFsm per known peer and drives TransportLinks from their actions.
- * Inputs: presence and relayed signals (from the signaling client), link events (from the transport),
+ * Inputs: presence and forwarded signals (from the signaling client), link events (from the transport),
  * `tick()` (from a timer in the agent). Time comes from the injected clock; no timers live here.
  */
 import { nanoid } from "nanoid";

@@ -1,6 +1,6 @@
 /**
- * The port between the mesh core and a WebRTC implementation (werift today, libdatachannel later).
- * The core never imports werift: agent/transport/werift.ts implements this interface.
+ * The port between the mesh core and a WebRTC implementation (werift: agent/transport/werift.ts, libdatachannel: native.ts; the signaling server's data relay: relay.ts).
+ * The core never imports any of them; src/testing/memory-transport.ts is the in-memory fake.
  *
  * One TransportLink = one RTCPeerConnection to one peer with two pre-negotiated data channels:
  *   control  id 0, reliable + ordered      gossip, RPC, heartbeats (msgpack, see wire/control.ts)

@@ -13,7 +13,7 @@
  *     |       optional: stunAltPort (second STUN port, netcheck), iceServers [{urls, username?,
  *     |       credential?}] (TURN REST credentials for this node); absent = none; old agents ignore them
  *     |  <--- join {peer} / leave {id} ------ |   presence of every other member
- *     |  ---- signal {to, data} ------------> |   relayed verbatim as signal {from, data};
+ *     |  ---- signal {to, data} ------------> |   forwarded verbatim as signal {from, data};
  *     |  <--- signal {from, data} ----------- |   unknown `to` -> error {code:"ERR_NO_PEER", ref:to}
  *     |  <--- error {code, msg} ------------- |   protocol complaints that do not close the socket
  *     |  ---- relay {to, data} -------------> |   last-resort data path: opaque bytes (a relay link's
