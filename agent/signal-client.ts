@@ -55,12 +55,14 @@ export class SignalClient {
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
   private registered = false;
+  private readonly joinKey: string;
   readonly endpoint: string;
   readonly host: string;
   badFrames = 0;
 
   constructor(private readonly opts: SignalClientOptions) {
     this.endpoint = signalEndpoint(opts.url);
+    this.joinKey = joinKeyOf(opts.token);
     this.host = new URL(this.endpoint).hostname;
   }
 
@@ -131,7 +133,7 @@ export class SignalClient {
       const ev = this.opts.events;
       switch (msg.t) {
         case "challenge": {
-          const { identity, token, instance } = this.opts;
+          const { identity, instance } = this.opts;
           ws.send(
             encodeSignal({
               t: "hello",
@@ -140,7 +142,7 @@ export class SignalClient {
               name: this.opts.name,
               instance,
               meta: this.opts.meta,
-              mac: tokenMac(joinKeyOf(token), CTX_HELLO, msg.nonce, identity.id, instance), // the join key: the server never sees the token
+              mac: tokenMac(this.joinKey, CTX_HELLO, msg.nonce, identity.id, instance),
               sig: signFields(identity, CTX_HELLO, msg.nonce, identity.id, instance),
             }),
           );
@@ -157,6 +159,10 @@ export class SignalClient {
           break;
         case "leave":
           ev.onLeave(msg.id);
+          break;
+        case "presence":
+          for (const id of msg.leave) ev.onLeave(id);
+          for (const p of msg.join) ev.onJoin(p);
           break;
         case "signal":
           ev.onSignal(msg.from, msg.data);

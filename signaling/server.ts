@@ -1,6 +1,12 @@
 /**
- * Runs the signaling server: the hono app (app.ts) on @hono/node-server, a `ws` WebSocketServer on
- * SIGNAL_PATH feeding the SignalHub (hub.ts), and the STUN responder (stun.ts) on UDP.
+ * The Node adapter of the signaling core: the hono app (core/app.ts) on @hono/node-server, a `ws`
+ * WebSocketServer on SIGNAL_PATH feeding the SignalHub (core/hub.ts), and the STUN responder (stun.ts)
+ * on UDP. Everything Node-specific about the server lives here and in stun.ts and cli.ts.
+ *
+ * Transport-level limits (the hub's own are in core/hub.ts): an HTTP request's headers must be complete
+ * within headersTimeoutMs (slowloris), a connection that sends nothing is dropped after the same time,
+ * TCP connections per source IP are capped (maxSessionsPerIp + 16 for plain HTTP), and the WebSocket
+ * upgrade is refused with 503/429 before the handshake when the hub is full.
  *
  * The ws adapter owns keepalive: a ws-level ping every pingIntervalMs (15 s); a connection that missed
  * 2 pongs is terminated, which the hub sees as a close (leave broadcast). It also implements the hub's
@@ -13,21 +19,34 @@ import { WebSocket, WebSocketServer, type RawData } from "ws";
 import { WeftError } from "../src/errors.js";
 import { silentLogger, type Logger } from "../src/log.js";
 import { CLOSE_CODES, MAX_RELAY_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
-import { createSignalApp } from "./app.js";
-import { serverJoinKey, type SignalHub, type SignalSocket } from "./hub.js";
+import { createSignalApp } from "./core/app.js";
+import { deriveJoinKey } from "./core/crypto.js";
+import type { SignalHub, SignalLimits, SignalSocket } from "./core/hub.js";
 import { DEFAULT_TURN_TTL_S, turnIceServers } from "../src/wire/turn-rest.js";
 import { startStunServer, type StunServer, type StunStats } from "./stun.js";
+import type { Socket } from "node:net";
 
 export const DEFAULT_PING_INTERVAL_MS = 15_000;
 export const MISSED_PONGS_LIMIT = 2;
 /** ws drops frames above this itself (close 1009); between MAX_RELAY_BYTES and this we answer ERR_TOO_LARGE. */
 export const WS_MAX_PAYLOAD = MAX_RELAY_BYTES + 16 * 1024;
+export const DEFAULT_HEADERS_TIMEOUT_MS = 10_000;
+/** Joins and leaves within this window go out as one `presence` frame per member. */
+export const DEFAULT_PRESENCE_BATCH_MS = 20;
 
 export interface SignalServerOptions {
   listen: { host: string; port: number };
-  /** the join key agents prove (identity.ts splitToken); or `token`, reduced to its join key at once */
-  joinKey?: string;
+  /** the cluster token: only its join key is derived and kept (give joinKey instead to never see it) */
   token?: string;
+  /** the cluster's join key (hex, see core/crypto.ts deriveJoinKey) */
+  joinKey?: string;
+  /** credential for /v1/nodes, /v1/stats and /metrics; absent = the cluster token or join key */
+  adminToken?: string;
+  /** session caps, slow-consumer and relay budgets (core/hub.ts DEFAULT_LIMITS) */
+  limits?: Partial<SignalLimits>;
+  /** headers of an HTTP request (and the first bytes of a connection) must arrive within this; default 10 s */
+  headersTimeoutMs?: number;
+  presenceBatchMs?: number;
   /** UDP port for STUN: a number binds it (0 or undefined = no STUN), "ephemeral" binds a free port (tests). */
   stunPort?: number | "ephemeral";
   /** a second STUN port on the same host ("ephemeral" = any free port), announced in `welcome` so agents can tell symmetric NAT (netcheck) */
@@ -83,6 +102,12 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
   const log = opts.logger ?? silentLogger;
   const pingIntervalMs = opts.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS;
 
+  let joinKey = opts.joinKey;
+  if (joinKey === undefined) {
+    if (opts.token === undefined || opts.token === "") throw new WeftError("ERR_USAGE", "the signaling server needs the cluster token or its join key");
+    joinKey = await deriveJoinKey(opts.token);
+  }
+
   let stun: StunServer | undefined;
   if (opts.stunPort !== undefined && opts.stunPort !== 0) {
     const port = opts.stunPort === "ephemeral" ? 0 : opts.stunPort;
@@ -104,8 +129,12 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     }
   }
   const turn = opts.turn && opts.turn.urls.length > 0 ? opts.turn : undefined;
+  const headersTimeoutMs = opts.headersTimeoutMs ?? DEFAULT_HEADERS_TIMEOUT_MS;
   const hubOpts = {
-    joinKey: serverJoinKey(opts),
+    joinKey: joinKey,
+    ...(opts.adminToken !== undefined ? { adminToken: opts.adminToken } : {}),
+    ...(opts.limits ? { limits: opts.limits } : {}),
+    presenceBatchMs: opts.presenceBatchMs ?? DEFAULT_PRESENCE_BATCH_MS,
     logger: log.child("signal"),
     stunPort: stun?.port ?? 0,
     stunAltPort: stunAlt?.port ?? 0,
@@ -114,10 +143,42 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     ...(opts.helloTimeoutMs !== undefined ? { helloTimeoutMs: opts.helloTimeoutMs } : {}),
     ...(opts.probeTimeoutMs !== undefined ? { probeTimeoutMs: opts.probeTimeoutMs } : {}),
     ...(opts.now !== undefined ? { now: opts.now } : {}),
-    extraStats: () => ({ ...(stun ? { stun: stun.stats() } : {}), ...(stunAlt ? { stunAlt: stunAlt.stats() } : {}) }),
+    extraStats: () => ({ tcpRefused, idleDropped, ...(stun ? { stun: stun.stats() } : {}), ...(stunAlt ? { stunAlt: stunAlt.stats() } : {}) }),
   };
   const { app, hub } = createSignalApp(hubOpts);
-  const server = createAdaptorServer({ fetch: app.fetch }) as Server;
+  const server = createAdaptorServer({
+    fetch: app.fetch,
+    serverOptions: { headersTimeout: headersTimeoutMs, requestTimeout: Math.max(30_000, headersTimeoutMs), connectionsCheckingInterval: Math.min(1_000, headersTimeoutMs) },
+  }) as Server;
+  const limits = hub.limits;
+  server.maxConnections = limits.maxSessions + 256;
+  // TCP connections per source IP, and a first-byte deadline for connections that never send anything.
+  const tcpPerIp = new Map<string, number>();
+  const tcpCap = limits.maxSessionsPerIp + 16;
+  let tcpRefused = 0;
+  let idleDropped = 0;
+  server.on("connection", (sock: Socket) => {
+    const ip = sock.remoteAddress ?? "unknown";
+    const n = (tcpPerIp.get(ip) ?? 0) + 1;
+    if (n > tcpCap) {
+      tcpRefused++;
+      sock.destroy();
+      return;
+    }
+    tcpPerIp.set(ip, n);
+    sock.once("close", () => {
+      const left = (tcpPerIp.get(ip) ?? 1) - 1;
+      if (left <= 0) tcpPerIp.delete(ip);
+      else tcpPerIp.set(ip, left);
+    });
+    const idle = setTimeout(() => {
+      idleDropped++;
+      sock.destroy();
+    }, headersTimeoutMs);
+    idle.unref();
+    sock.once("data", () => clearTimeout(idle));
+    sock.once("close", () => clearTimeout(idle));
+  });
   const wss = new WebSocketServer({ noServer: true, maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
   const missed = new Map<WebSocket, number>();
   let closing = false;
@@ -131,6 +192,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
       send: (bytes) => {
         if (ws.readyState === WebSocket.OPEN) ws.send(bytes, { binary: true });
       },
+      bufferedAmount: () => ws.bufferedAmount,
       close: (code, reason) => {
         if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close(code, clampReason(reason));
         // a peer that never answers the close handshake does not keep the socket
@@ -177,6 +239,11 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     const path = (req.url ?? "").split("?")[0];
     if (path !== SIGNAL_PATH) return refuse(socket, "404 Not Found", JSON.stringify({ error: `no WebSocket endpoint at ${path}; use ${SIGNAL_PATH}` }));
     if (closing) return refuse(socket, "503 Service Unavailable", JSON.stringify({ error: "server shutting down" }));
+    const adm = hub.admission(req.socket.remoteAddress ?? "unknown");
+    if (!adm.ok) {
+      hub.countRefusal(adm.status);
+      return refuse(socket, adm.status === 503 ? "503 Service Unavailable" : "429 Too Many Requests", JSON.stringify({ error: adm.reason }));
+    }
     wss.handleUpgrade(req, socket, head, (ws) => attach(ws, req));
   });
   server.on("clientError", (_e, socket) => {

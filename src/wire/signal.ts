@@ -12,7 +12,10 @@
  *     |  <--- welcome {you, peers, stunPort} - |   or close 4001/4002/4009 (see CLOSE_CODES)
  *     |       optional: stunAltPort (second STUN port, netcheck), iceServers [{urls, username?,
  *     |       credential?}] (TURN REST credentials for this node); absent = none; old agents ignore them
- *     |  <--- join {peer} / leave {id} ------ |   presence of every other member
+ *     |  <--- join {peer} / leave {id} ------ |   presence of every other member; several within the
+ *     |  <--- presence {join:[peer], leave:[id]} |  server's batch window come as one `presence` frame
+ *     |                                       |   (apply leaves, then joins); a welcome's peers beyond
+ *     |                                       |   ~48 KiB follow at once as presence frames
  *     |  ---- signal {to, data} ------------> |   forwarded verbatim as signal {from, data};
  *     |  <--- signal {from, data} ----------- |   unknown `to` -> error {code:"ERR_NO_PEER", ref:to}
  *     |  <--- error {code, msg} ------------- |   protocol complaints that do not close the socket
@@ -49,6 +52,8 @@ export const CLOSE_CODES = {
   DUPLICATE_ID: 4009,
   REPLACED: 4010,
   SHUTDOWN: 1001,
+  /** server full, too many sessions from one address, or a slow consumer: reconnect later (backoff) */
+  TRY_AGAIN: 1013,
 } as const;
 
 export interface PeerInfo {
@@ -99,6 +104,7 @@ export type ServerMsg =
   | { t: "welcome"; you: { id: string; addr: string }; peers: PeerInfo[]; stunPort: number; stunAltPort?: number; iceServers?: WelcomeIceServer[] }
   | { t: "join"; peer: PeerInfo }
   | { t: "leave"; id: string }
+  | { t: "presence"; join: PeerInfo[]; leave: string[] }
   | { t: "signal"; from: string; data: SignalData }
   | { t: "relay"; from: string; data: Uint8Array }
   | { t: "error"; code: string; msg: string; ref?: string };
@@ -203,6 +209,8 @@ export function decodeServerMsg(data: Uint8Array): ServerMsg {
       return { t: "join", peer: peerInfo(m.peer) };
     case "leave":
       return { t: "leave", id: nodeId(m, "id") };
+    case "presence":
+      return { t: "presence", join: arr(m, "join", 10_000).map(peerInfo), leave: arr(m, "leave", 10_000).map((id) => nodeId({ id }, "id")) };
     case "signal":
       return { t: "signal", from: nodeId(m, "from"), data: decodeSignalData(m.data) };
     case "relay":

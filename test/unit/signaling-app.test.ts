@@ -1,12 +1,18 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { createSignalApp, tokenMatches } from "../../signaling/app.js";
-import type { SignalSocket } from "../../signaling/hub.js";
-import { CTX_HELLO, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
+import type { SignalSession, SignalSocket } from "../../signaling/hub.js";
+import { joinKeyOf, CTX_HELLO, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { decodeEnvelope, encodeMessage } from "../../src/wire/codec.js";
 import { CLOSE_CODES, MAX_SIGNAL_BYTES, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 
 const TOKEN = "s3cret-token-for-tests";
+const JOIN_KEY = joinKeyOf(TOKEN);
+
+/** The hub checks hellos with WebCrypto (async): wait until the session left "verifying". */
+async function settled(...sessions: SignalSession[]): Promise<void> {
+  for (let i = 0; i < 200 && sessions.some((s) => s.state === "verifying"); i++) await new Promise((r) => setTimeout(r, 5));
+}
 
 /** An in-memory connection that records what the hub sends (the hub's socket port). */
 class MemorySocket implements SignalSocket {
@@ -44,12 +50,13 @@ function hello(idn: Identity, nonce: Uint8Array, opts: { token?: string; instanc
 }
 
 function setup(now = 1_700_000_000_000) {
-  const { app, hub } = createSignalApp({ token: TOKEN, now: () => now, helloTimeoutMs: 60_000 });
-  const join = (idn: Identity, opts: { token?: string; instance?: string; name?: string } = {}) => {
+  const { app, hub } = createSignalApp({ joinKey: JOIN_KEY, now: () => now, helloTimeoutMs: 60_000 });
+  const join = async (idn: Identity, opts: { token?: string; instance?: string; name?: string } = {}) => {
     const sock = new MemorySocket();
     const session = hub.open(sock);
     const ch = sock.last("challenge")!;
     session.receive(hello(idn, ch.nonce, opts));
+    await settled(session);
     return { sock, session };
   };
   return { app, hub, join };
@@ -61,7 +68,7 @@ describe("signaling app (HTTP)", () => {
     let res = await app.request("/healthz");
     expect(res.status).toBe(200);
     expect(await res.json()).toEqual({ ok: true, agents: 0 });
-    join(generateIdentity());
+    await join(generateIdentity());
     res = await app.request("/healthz");
     expect(await res.json()).toEqual({ ok: true, agents: 1 });
     hub.closeAll();
@@ -82,10 +89,10 @@ describe("signaling app (HTTP)", () => {
     const { app, hub, join } = setup();
     const a = generateIdentity();
     const b = generateIdentity();
-    join(a, { name: "alpha" });
-    join(b, { name: "beta" });
-    join(generateIdentity(), { token: "wrong" }); // refused, must not show up
-    const res = await app.request("/v1/nodes", { headers: { Authorization: `Bearer ${joinKeyOf(TOKEN)}` } });
+    await join(a, { name: "alpha" });
+    await join(b, { name: "beta" });
+    await join(generateIdentity(), { token: "wrong" }); // refused, must not show up
+    const res = await app.request("/v1/nodes", { headers: { Authorization: `Bearer ${TOKEN}` } });
     expect(res.status).toBe(200);
     const body = (await res.json()) as { nodes: { id: string; name: string; meta: unknown; addr: string; connectedAt: string }[] };
     expect(body.nodes.map((n) => n.id).sort()).toEqual([a.id, b.id].sort());
@@ -110,13 +117,13 @@ describe("signaling app (HTTP)", () => {
 });
 
 describe("signaling hub (in-memory port)", () => {
-  it("registers, announces, relays verbatim and forgets on close", () => {
+  it("registers, announces, relays verbatim and forgets on close", async () => {
     const { hub, join } = setup();
     const a = generateIdentity();
     const b = generateIdentity();
-    const A = join(a);
+    const A = await join(a);
     expect(A.sock.last("welcome")).toMatchObject({ you: { id: a.id, addr: "192.0.2.10:40000" }, peers: [], stunPort: 0 });
-    const B = join(b);
+    const B = await join(b);
     expect(B.sock.last("welcome")!.peers.map((p) => p.id)).toEqual([a.id]);
     expect(A.sock.last("join")!.peer.id).toBe(b.id);
 
@@ -133,9 +140,9 @@ describe("signaling hub (in-memory port)", () => {
     expect(B.sock.closedWith?.code).toBe(CLOSE_CODES.SHUTDOWN);
   });
 
-  it("closes with PROTOCOL after MAX_BAD_FRAMES and counts them", () => {
+  it("closes with PROTOCOL after MAX_BAD_FRAMES and counts them", async () => {
     const { hub, join } = setup();
-    const A = join(generateIdentity());
+    const A = await join(generateIdentity());
     for (let i = 0; i < 25; i++) A.session.receive(Uint8Array.of(0xc1));
     expect(A.sock.closedWith?.code).toBe(CLOSE_CODES.PROTOCOL);
     expect(A.sock.sent.filter((m) => m.t === "error")).toHaveLength(20);
@@ -150,12 +157,15 @@ describe("signaling hub (in-memory port)", () => {
     const deadSock = Object.assign(new MemorySocket(), { probe: async () => false });
     const s1 = hub.open(deadSock);
     s1.receive(hello(a, deadSock.last("challenge")!.nonce, { instance: "old" }));
+    await settled(s1);
     const other = new MemorySocket();
     const s2 = hub.open(other);
     s2.receive(hello(generateIdentity(), other.last("challenge")!.nonce));
     const fresh = new MemorySocket();
+    await settled(s2);
     const s3 = hub.open(fresh);
     s3.receive(hello(a, fresh.last("challenge")!.nonce, { instance: "new" }));
+    await settled(s3);
     await new Promise((r) => setTimeout(r, 0));
     expect(deadSock.closedWith?.code).toBe(CLOSE_CODES.REPLACED);
     expect(fresh.last("welcome")?.you.id).toBe(a.id);
@@ -163,11 +173,11 @@ describe("signaling hub (in-memory port)", () => {
     hub.closeAll();
   });
 
-  it("fuzz: no input makes a session fail internally (only error frames or protocol closes)", () => {
+  it("fuzz: no input makes a session fail internally (only error frames or protocol closes)", async () => {
     const { hub, join } = setup();
     const a = generateIdentity();
     const b = generateIdentity();
-    join(b);
+    await join(b);
     const value = fc.oneof(fc.anything(), fc.uint8Array({ maxLength: 40 }), fc.constantFrom(a.id, b.id, "x"));
     const wireMap = fc
       .record({ v: fc.oneof(fc.constant(1), fc.integer()), t: fc.constantFrom("hello", "signal", "join", "") }, { requiredKeys: ["t"] })
@@ -185,13 +195,14 @@ describe("signaling hub (in-memory port)", () => {
       }),
       fc.string(),
     );
-    fc.assert(
-      fc.property(fc.array(frame, { maxLength: 30 }), fc.boolean(), (frames, registered) => {
-        const { sock, session } = registered ? join(a) : (() => {
+    await fc.assert(
+      fc.asyncProperty(fc.array(frame, { maxLength: 30 }), fc.boolean(), async (frames, registered) => {
+        const { sock, session } = registered ? await join(a) : (() => {
           const sock = new MemorySocket();
           return { sock, session: hub.open(sock) };
         })();
         for (const f of frames) session.receive(f);
+        await settled(session);
         expect(sock.closedWith?.code ?? 0).not.toBe(1011);
         session.closed();
       }),
