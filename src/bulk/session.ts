@@ -1,0 +1,547 @@
+/**
+ * One peer's bulk link, sans-I/O: the handshake state machine, the keypairs, sealing and opening of
+ * datagrams (the hot path), keepalives, and the decision whether the UDP path is up. The agent
+ * (agent/transport/bulk.ts) owns the socket, the timers and the control channel, and feeds events in.
+ *
+ * States (`state`):
+ *   idle        nothing yet (the responder waits for the initiator's init)
+ *   handshake   the initiator sent init and waits for resp (resent every handshakeRetryMs)
+ *   punching    keys agreed; keepalives go to every candidate of the peer until a two-way path exists
+ *   up          an authenticated datagram from the peer within deadMs, AND the peer's latest keepalive
+ *               (also within deadMs) says it hears us: pod traffic may use the link
+ *   off         the peer said bulk is off (or stop()): nothing is sent any more
+ *   From up, silence for deadMs (no authenticated datagram, or the peer stops hearing us) goes back to
+ *   punching with `reason` saying why: the agent moves traffic back to WebRTC at once.
+ *
+ * Keypairs (WireGuard's current/previous/next): the initiator installs a new keypair as `current` when
+ * resp arrives; the responder installs it as `next` (as `current` when it has none) and promotes it when
+ * the first datagram sealed with it arrives, so it never sends with a key the initiator does not hold yet.
+ * `previous` keeps opening datagrams still in flight. Rotation: the initiator starts a new handshake when
+ * the current keypair is older than rekeyAfterMs or has sealed rekeyAfterBytes; the responder asks for one
+ * (`rekey`) on the same conditions for its own sending. A keypair older than rejectAfterMs is never used.
+ *
+ * Every datagram that does not open is dropped with a typed reason and counted (`drops`); nothing about
+ * the session changes (the replay window moves only for datagrams that authenticated).
+ */
+import { ProtocolError } from "../errors.js";
+import type { Aead, AeadAlgorithm, AeadKey } from "./crypto.js";
+import { deriveKeys, newEphemeral, type EphemeralKey } from "./crypto.js";
+import { ReplayWindow } from "./replay.js";
+import {
+  BULK_WIRE_VERSION,
+  HEADER_LEN,
+  INNER_KEEPALIVE,
+  KEEPALIVE_LEN,
+  MAX_CANDIDATES,
+  SEAL_OVERHEAD,
+  TAG_LEN,
+  TYPE_DATA,
+  decodeBulkControl,
+  formatEndpoint,
+  parseCandidate,
+  type BulkControl,
+  type Endpoint,
+} from "./wire.js";
+
+export interface BulkTiming {
+  keepaliveMs: number;
+  deadMs: number;
+  handshakeRetryMs: number;
+  rekeyAfterMs: number;
+  rejectAfterMs: number;
+  rekeyAfterBytes: number;
+  /** while punching without an answer for this long, spray candidates only every slowPunchMs */
+  slowPunchAfterMs: number;
+  slowPunchMs: number;
+}
+
+export const DEFAULT_BULK_TIMING: BulkTiming = {
+  keepaliveMs: 200,
+  deadMs: 800,
+  handshakeRetryMs: 3000,
+  rekeyAfterMs: 120_000,
+  rejectAfterMs: 180_000,
+  rekeyAfterBytes: 16 * 2 ** 30,
+  slowPunchAfterMs: 10_000,
+  slowPunchMs: 2000,
+};
+
+/** Counter values a keypair may seal before it must be rotated (far below 2^53 and the GCM limits). */
+export const REJECT_AFTER_MESSAGES = 2 ** 48;
+
+export const BULK_DROP_REASONS = ["short", "bad-type", "unknown-index", "stale-key", "bad-auth", "replay", "bad-inner"] as const;
+export type BulkDropReason = (typeof BULK_DROP_REASONS)[number];
+
+export type BulkState = "idle" | "handshake" | "punching" | "up" | "off";
+
+export type BulkEvent =
+  | { type: "start" }
+  | { type: "cands"; cands: string[] }
+  | { type: "control"; body: unknown }
+  | { type: "tick" }
+  | { type: "stop"; reason: string };
+
+export type BulkAction =
+  | { type: "control"; body: BulkControl }
+  | { type: "send"; to: Endpoint; data: Uint8Array }
+  | { type: "index"; add: number[]; del: number[] }
+  | { type: "up" }
+  | { type: "down"; reason: string };
+
+/** Signing with this node's identity and checking the peer's (both bound by the caller). */
+export interface BulkAuthPort {
+  sign(...fields: (string | Uint8Array)[]): Uint8Array;
+  verifyPeer(sig: Uint8Array, ...fields: (string | Uint8Array)[]): boolean;
+}
+
+export interface BulkPeerOptions {
+  selfId: string;
+  peerId: string;
+  aead: Aead;
+  algorithm?: AeadAlgorithm;
+  auth: BulkAuthPort;
+  /** random u32 (receiver indices, handshake ids) */
+  random: () => number;
+  timing?: Partial<BulkTiming>;
+  /** this node's candidates, "a.b.c.d:port" */
+  cands: string[];
+}
+
+interface Keypair {
+  send: AeadKey;
+  recv: AeadKey;
+  localIdx: number;
+  remoteIdx: number;
+  createdAt: number;
+  counter: number;
+  sentBytes: number;
+  replay: ReplayWindow;
+}
+
+export type OpenResult = Uint8Array | BulkDropReason | typeof KEEPALIVE;
+/** open() consumed a keepalive (nothing to deliver). */
+export const KEEPALIVE = 0;
+
+const CAND_KEY = (e: Endpoint) => e.addr * 65536 + e.port;
+
+export class BulkPeer {
+  readonly initiator: boolean;
+  private readonly t: BulkTiming;
+  private readonly algorithm: AeadAlgorithm;
+  private _state: BulkState = "idle";
+  /** why the link is not up (or "" when up) */
+  reason = "waiting for the handshake";
+  private cands: string[];
+  private peerCands: Endpoint[] = [];
+  private current: Keypair | undefined;
+  private previous: Keypair | undefined;
+  private next: Keypair | undefined;
+  private pending: { hs: number; idx: number; eph: EphemeralKey; sentAt: number } | undefined;
+  private rekeyAskedAt = -Infinity;
+  private peerWantsRekey = false;
+  /** where authenticated datagrams come from (WireGuard's roaming) */
+  endpoint: Endpoint | undefined;
+  private lastHeard = -Infinity;
+  private peerHearsAt = -Infinity;
+  private punchStartedAt = 0;
+  private lastKeepalive = -Infinity;
+  private peerTs = 0;
+  private peerTsAt = 0;
+  rttMs: number | undefined;
+  readonly drops: Record<BulkDropReason, number> = Object.fromEntries(BULK_DROP_REASONS.map((r) => [r, 0])) as Record<BulkDropReason, number>;
+  readonly counters = { handshakes: 0, rotations: 0, ups: 0, downs: 0, badControl: 0, txDatagrams: 0, rxDatagrams: 0, txBytes: 0, rxBytes: 0, keepalivesOut: 0, keepalivesIn: 0 };
+  private readonly out: BulkAction[] = [];
+
+  constructor(private readonly o: BulkPeerOptions) {
+    this.initiator = o.selfId < o.peerId;
+    this.t = { ...DEFAULT_BULK_TIMING, ...o.timing };
+    this.algorithm = o.algorithm ?? "aes-256-gcm";
+    this.cands = o.cands.slice(0, MAX_CANDIDATES);
+  }
+
+  get state(): BulkState {
+    return this._state;
+  }
+
+  /** May pod traffic use the link right now? */
+  get up(): boolean {
+    return this._state === "up";
+  }
+
+  /** Age of the current sending keypair (status). */
+  keyAgeMs(now: number): number | undefined {
+    return this.current ? now - this.current.createdAt : undefined;
+  }
+
+  handle(ev: BulkEvent, now: number): BulkAction[] {
+    this.out.length = 0;
+    if (this._state === "off" && ev.type !== "stop") return [];
+    switch (ev.type) {
+      case "start":
+        if (this.initiator && !this.pending && !this.current) this.sendInit(now);
+        break;
+      case "cands":
+        this.cands = ev.cands.slice(0, MAX_CANDIDATES);
+        if (this.current || this.next) this.out.push({ type: "control", body: { t: "cands", v: BULK_WIRE_VERSION, cands: this.cands } });
+        break;
+      case "control":
+        this.onControl(ev.body, now);
+        break;
+      case "tick":
+        this.onTick(now);
+        break;
+      case "stop":
+        this.shutdown(ev.reason);
+        break;
+    }
+    return this.out.splice(0);
+  }
+
+  // ---- handshake ----------------------------------------------------------------------------------------
+
+  private ids(): { initiator: string; responder: string } {
+    return this.initiator ? { initiator: this.o.selfId, responder: this.o.peerId } : { initiator: this.o.peerId, responder: this.o.selfId };
+  }
+
+  private sendInit(now: number): void {
+    const eph = newEphemeral();
+    const hs = this.o.random();
+    const idx = this.freshIndex();
+    this.pending = { hs, idx, eph, sentAt: now };
+    const { initiator, responder } = this.ids();
+    const sig = this.o.auth.sign("init", initiator, responder, String(hs), String(idx), eph.pub, this.cands.join(","));
+    if (this._state === "idle") this._state = "handshake";
+    this.counters.handshakes++;
+    this.out.push({ type: "control", body: { t: "init", v: BULK_WIRE_VERSION, hs, idx, eph: eph.pub, cands: this.cands, sig } });
+  }
+
+  private freshIndex(): number {
+    for (;;) {
+      const i = this.o.random() >>> 0;
+      if (i !== this.current?.localIdx && i !== this.previous?.localIdx && i !== this.next?.localIdx && i !== this.pending?.idx) return i;
+    }
+  }
+
+  private onControl(body: unknown, now: number): void {
+    let m: BulkControl;
+    try {
+      m = decodeBulkControl(body);
+    } catch (e) {
+      this.counters.badControl++;
+      if (e instanceof ProtocolError) return;
+      throw e;
+    }
+    switch (m.t) {
+      case "init": {
+        if (this.initiator) {
+          this.counters.badControl++; // both think they initiate: impossible with distinct ids
+          return;
+        }
+        const { initiator, responder } = this.ids();
+        if (!this.o.auth.verifyPeer(m.sig, "init", initiator, responder, String(m.hs), String(m.idx), m.eph, m.cands.join(","))) {
+          this.counters.badControl++;
+          return;
+        }
+        const eph = newEphemeral();
+        let keys;
+        try {
+          keys = deriveKeys(this.algorithm, eph, m.eph, { initiator, responder, hs: m.hs, ePubI: m.eph, ePubR: eph.pub });
+        } catch {
+          this.counters.badControl++;
+          return;
+        }
+        this.setPeerCands(m.cands);
+        const idx = this.freshIndex();
+        const kp = this.keypair(keys.r2i, keys.i2r, idx, m.idx, now);
+        const sig = this.o.auth.sign("resp", initiator, responder, String(m.hs), String(m.idx), m.eph, String(idx), eph.pub, this.cands.join(","));
+        this.out.push({ type: "control", body: { t: "resp", v: BULK_WIRE_VERSION, hs: m.hs, idx, eph: eph.pub, cands: this.cands, sig } });
+        this.counters.handshakes++;
+        const del: number[] = [];
+        if (this.next) del.push(this.next.localIdx);
+        if (this.current && now - this.current.createdAt < this.t.rejectAfterMs) {
+          this.next = kp;
+        } else {
+          if (this.current) del.push(this.current.localIdx);
+          this.current = kp;
+          this.next = undefined;
+          this.startPunching(now, this._state === "up" ? undefined : "punching: no datagram from the peer yet");
+        }
+        this.out.push({ type: "index", add: [idx], del });
+        return;
+      }
+      case "resp": {
+        const p = this.pending;
+        if (!this.initiator || !p || m.hs !== p.hs) {
+          this.counters.badControl++;
+          return;
+        }
+        const { initiator, responder } = this.ids();
+        if (!this.o.auth.verifyPeer(m.sig, "resp", initiator, responder, String(m.hs), String(p.idx), p.eph.pub, String(m.idx), m.eph, m.cands.join(","))) {
+          this.counters.badControl++;
+          return;
+        }
+        let keys;
+        try {
+          keys = deriveKeys(this.algorithm, p.eph, m.eph, { initiator, responder, hs: m.hs, ePubI: p.eph.pub, ePubR: m.eph });
+        } catch {
+          this.counters.badControl++;
+          return;
+        }
+        this.pending = undefined;
+        this.peerWantsRekey = false;
+        this.setPeerCands(m.cands);
+        const kp = this.keypair(keys.i2r, keys.r2i, p.idx, m.idx, now);
+        const del: number[] = [];
+        if (this.previous) del.push(this.previous.localIdx);
+        if (this.current) this.counters.rotations++;
+        this.previous = this.current;
+        this.current = kp;
+        this.out.push({ type: "index", add: [p.idx], del });
+        if (this._state !== "up") this.startPunching(now, "punching: no datagram from the peer yet");
+        // Confirm the new key to the responder at once (it promotes `next` on the first datagram).
+        this.keepalive(now, this.endpoint && now - this.lastHeard < this.t.deadMs ? [this.endpoint] : this.peerCands);
+        return;
+      }
+      case "cands":
+        this.setPeerCands(m.cands);
+        return;
+      case "rekey":
+        if (this.initiator) this.peerWantsRekey = true;
+        return;
+      case "off":
+        this.shutdown(`the peer turned the bulk link off${m.reason ? `: ${m.reason}` : ""}`);
+        return;
+    }
+  }
+
+  private keypair(send: AeadKey, recv: AeadKey, localIdx: number, remoteIdx: number, now: number): Keypair {
+    return { send, recv, localIdx, remoteIdx, createdAt: now, counter: 0, sentBytes: 0, replay: new ReplayWindow() };
+  }
+
+  private setPeerCands(list: string[]): void {
+    const seen = new Set<number>();
+    this.peerCands = [];
+    for (const c of list) {
+      const e = parseCandidate(c);
+      if (!e || seen.has(CAND_KEY(e))) continue;
+      seen.add(CAND_KEY(e));
+      this.peerCands.push(e);
+    }
+  }
+
+  private startPunching(now: number, reason: string | undefined): void {
+    if (this._state !== "up") {
+      this._state = "punching";
+      if (reason) this.reason = reason;
+      this.punchStartedAt = now;
+    }
+  }
+
+  private shutdown(reason: string): void {
+    const wasUp = this._state === "up";
+    const del = [this.current, this.previous, this.next].filter((k): k is Keypair => !!k).map((k) => k.localIdx);
+    this.current = this.previous = this.next = undefined;
+    this.pending = undefined;
+    this._state = "off";
+    this.reason = reason;
+    if (del.length) this.out.push({ type: "index", add: [], del });
+    if (wasUp) {
+      this.counters.downs++;
+      this.out.push({ type: "down", reason });
+    }
+  }
+
+  // ---- timers -------------------------------------------------------------------------------------------
+
+  private onTick(now: number): void {
+    const t = this.t;
+    // Handshake retry / rotation (initiator), rotation request (responder).
+    if (this.initiator) {
+      if (this.pending) {
+        if (now - this.pending.sentAt >= t.handshakeRetryMs) this.sendInit(now);
+      } else if (this._state === "idle" || !this.current || now - this.current.createdAt >= t.rekeyAfterMs || this.current.sentBytes >= t.rekeyAfterBytes || this.current.counter >= REJECT_AFTER_MESSAGES / 2 || this.peerWantsRekey) {
+        this.sendInit(now);
+      }
+    } else if (this.current && (now - this.current.createdAt >= t.rekeyAfterMs + t.handshakeRetryMs || this.current.sentBytes >= t.rekeyAfterBytes) && now - this.rekeyAskedAt >= t.handshakeRetryMs) {
+      this.rekeyAskedAt = now;
+      this.out.push({ type: "control", body: { t: "rekey", v: BULK_WIRE_VERSION } });
+    }
+    if (this.previous && now - this.previous.createdAt >= t.rejectAfterMs) {
+      this.out.push({ type: "index", add: [], del: [this.previous.localIdx] });
+      this.previous = undefined;
+    }
+    if (!this.current) return;
+    if (now - this.current.createdAt >= t.rejectAfterMs) {
+      // No fresh keys in time (the handshake keeps failing): the old key must not be used any more.
+      const del = [this.current.localIdx];
+      this.current = undefined;
+      this.out.push({ type: "index", add: [], del });
+      this.goDown(now, "keys expired: the handshake to rotate them did not complete");
+      this._state = this.initiator ? "handshake" : "idle";
+      return;
+    }
+    // Path liveness.
+    const heard = now - this.lastHeard < t.deadMs;
+    const hearsUs = now - this.peerHearsAt < t.deadMs;
+    if (this._state === "up" && !(heard && hearsUs)) {
+      this.goDown(now, !heard ? `silent: no datagram from the peer for ${t.deadMs} ms` : "one-way: the peer does not hear our datagrams");
+    } else if (this._state === "punching" && heard && hearsUs) {
+      this._state = "up";
+      this.reason = "";
+      this.counters.ups++;
+      this.out.push({ type: "up" });
+    }
+    // Keepalives: to the endpoint on a live path, to every candidate while punching (slower after a while).
+    const live = this.endpoint !== undefined && heard;
+    const interval = live || now - this.punchStartedAt < t.slowPunchAfterMs ? t.keepaliveMs : t.slowPunchMs;
+    if (now - this.lastKeepalive >= interval) {
+      const targets = live ? [this.endpoint!] : this.punchTargets();
+      this.keepalive(now, targets);
+    }
+  }
+
+  private punchTargets(): Endpoint[] {
+    const e = this.endpoint;
+    if (!e || this.peerCands.some((c) => c.addr === e.addr && c.port === e.port)) return this.peerCands;
+    return [e, ...this.peerCands];
+  }
+
+  private goDown(now: number, reason: string): void {
+    if (this._state === "up") {
+      this.counters.downs++;
+      this.out.push({ type: "down", reason });
+    }
+    this._state = "punching";
+    this.reason = reason;
+    this.punchStartedAt = now;
+  }
+
+  private keepalive(now: number, targets: Endpoint[]): void {
+    const kp = this.current;
+    if (!kp || targets.length === 0) return;
+    this.lastKeepalive = now;
+    const inner = new Uint8Array(KEEPALIVE_LEN);
+    const dv = new DataView(inner.buffer);
+    inner[0] = INNER_KEEPALIVE;
+    inner[1] = now - this.lastHeard < this.t.deadMs ? 1 : 0;
+    dv.setFloat64(2, now, true);
+    dv.setFloat64(10, this.peerTs, true);
+    dv.setFloat64(18, this.peerTsAt ? now - this.peerTsAt : 0, true);
+    for (const to of targets) {
+      const data = new Uint8Array(KEEPALIVE_LEN + SEAL_OVERHEAD);
+      const n = this.seal([inner], data, 0);
+      if (n < 0) return;
+      this.counters.keepalivesOut++;
+      this.out.push({ type: "send", to, data });
+    }
+  }
+
+  // ---- hot path -----------------------------------------------------------------------------------------
+
+  /** Room `seal` needs beyond the plaintext. */
+  static readonly OVERHEAD = SEAL_OVERHEAD;
+
+  /**
+   * Seal one inner message (the concatenation of `parts`) into `out` at `off`: header, ciphertext, tag.
+   * Returns the datagram length, or -1 when there is no usable sending key.
+   */
+  seal(parts: readonly Uint8Array[], out: Uint8Array, off: number): number {
+    const kp = this.current;
+    if (!kp || kp.counter >= REJECT_AFTER_MESSAGES) return -1;
+    const counter = kp.counter++;
+    out[off] = TYPE_DATA;
+    out[off + 1] = 0;
+    out[off + 2] = 0;
+    out[off + 3] = 0;
+    const ri = kp.remoteIdx;
+    out[off + 4] = ri & 255;
+    out[off + 5] = (ri >>> 8) & 255;
+    out[off + 6] = (ri >>> 16) & 255;
+    out[off + 7] = ri >>> 24;
+    let lo = counter >>> 0;
+    let hi = Math.floor(counter / 0x1_0000_0000);
+    for (let i = 0; i < 4; i++, lo >>>= 8) out[off + 8 + i] = lo & 255;
+    for (let i = 0; i < 4; i++, hi >>>= 8) out[off + 12 + i] = hi & 255;
+    const n = this.o.aead.seal(kp.send, counter, out.subarray(off, off + HEADER_LEN), parts, out, off + HEADER_LEN);
+    kp.sentBytes += n;
+    this.counters.txDatagrams++;
+    this.counters.txBytes += n + HEADER_LEN;
+    return n + HEADER_LEN;
+  }
+
+  /** The keypair a datagram names (its receiver index), if it is one of ours. */
+  static receiverIndex(d: Uint8Array): number {
+    return (d[4]! | (d[5]! << 8) | (d[6]! << 16) | (d[7]! << 24)) >>> 0;
+  }
+
+  /**
+   * Open one datagram that came from `from`. Returns the inner frame, KEEPALIVE, or a drop reason (counted).
+   */
+  open(d: Uint8Array, from: Endpoint, now: number): OpenResult {
+    if (d.byteLength < SEAL_OVERHEAD + 1) return this.dropped("short");
+    if (d[0] !== TYPE_DATA) return this.dropped("bad-type");
+    const idx = BulkPeer.receiverIndex(d);
+    const kp = this.current?.localIdx === idx ? this.current : this.next?.localIdx === idx ? this.next : this.previous?.localIdx === idx ? this.previous : undefined;
+    if (!kp) return this.dropped("unknown-index");
+    if (now - kp.createdAt >= this.t.rejectAfterMs) return this.dropped("stale-key");
+    const lo = (d[8]! | (d[9]! << 8) | (d[10]! << 16) | (d[11]! << 24)) >>> 0;
+    const hi = (d[12]! | (d[13]! << 8) | (d[14]! << 16) | (d[15]! << 24)) >>> 0;
+    if (hi >= 0x10000) return this.dropped("replay"); // beyond REJECT_AFTER_MESSAGES: never sent by a peer of ours
+    const counter = hi * 0x1_0000_0000 + lo;
+    const inner = this.o.aead.open(kp.recv, counter, d.subarray(0, HEADER_LEN), d.subarray(HEADER_LEN));
+    if (!inner) return this.dropped("bad-auth");
+    if (!kp.replay.validate(counter, REJECT_AFTER_MESSAGES)) return this.dropped("replay");
+    if (kp === this.next) {
+      // The initiator uses the new keypair: so do we.
+      const del = this.previous ? [this.previous.localIdx] : [];
+      this.previous = this.current;
+      this.current = kp;
+      this.next = undefined;
+      this.counters.rotations++;
+      if (del.length) this.pendingIndexDel.push(...del);
+    }
+    this.lastHeard = now;
+    if (!this.endpoint || this.endpoint.addr !== from.addr || this.endpoint.port !== from.port) this.endpoint = { addr: from.addr, port: from.port };
+    this.counters.rxDatagrams++;
+    this.counters.rxBytes += d.byteLength;
+    if (inner.byteLength === 0) return this.dropped("bad-inner");
+    if (inner[0] === INNER_KEEPALIVE) {
+      if (inner.byteLength < KEEPALIVE_LEN) return this.dropped("bad-inner");
+      this.counters.keepalivesIn++;
+      const dv = new DataView(inner.buffer, inner.byteOffset, inner.byteLength);
+      if (inner[1]! & 1) this.peerHearsAt = now;
+      this.peerTs = dv.getFloat64(2, true);
+      this.peerTsAt = now;
+      const echo = dv.getFloat64(10, true);
+      const held = dv.getFloat64(18, true);
+      if (echo > 0 && echo <= now && held >= 0) {
+        const rtt = now - echo - held;
+        if (rtt >= 0 && rtt < 60_000) this.rttMs = this.rttMs === undefined ? rtt : this.rttMs * 0.75 + rtt * 0.25;
+      }
+      return KEEPALIVE;
+    }
+    return inner;
+  }
+
+  /** Receiver indices retired on the hot path (promotion of `next`); the agent drains them. */
+  readonly pendingIndexDel: number[] = [];
+
+  private dropped(r: BulkDropReason): BulkDropReason {
+    this.drops[r]++;
+    return r;
+  }
+
+  /** For status: the candidates we know for the peer and our endpoint view. */
+  describe(now: number): { state: BulkState; reason: string; endpoint: string | null; peerCands: string[]; rttMs: number | null; keyAgeMs: number | null } {
+    return {
+      state: this._state,
+      reason: this.reason,
+      endpoint: this.endpoint ? formatEndpoint(this.endpoint) : null,
+      peerCands: this.peerCands.map(formatEndpoint),
+      rttMs: this.rttMs === undefined ? null : Math.round(this.rttMs * 1000) / 1000,
+      keyAgeMs: this.current ? now - this.current.createdAt : null,
+    };
+  }
+}
+
+export { TAG_LEN };
