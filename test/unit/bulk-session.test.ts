@@ -74,9 +74,9 @@ describe("bulk session", () => {
     expect(B.open(out.subarray(0, len), epA, n.st.now)).toBe("replay");
     // tampered: fails authentication, counted, nothing changes
     const bad = Uint8Array.from(out.subarray(0, len));
-    bad[40] ^= 1;
+    bad[40] = bad[40]! ^ 1;
     expect(B.open(bad, epA, n.st.now)).toBe("bad-auth");
-    bad[4] ^= 0xff;
+    bad[4] = bad[4]! ^ 0xff;
     expect(B.open(bad, epA, n.st.now)).toBe("unknown-index");
     expect(B.open(bad.subarray(0, 20), epA, n.st.now)).toBe("short");
     bad[0] = 9;

@@ -1,0 +1,471 @@
+/**
+ * A UDP socket through koffi FFI (as tun.ts does for the TUN), built for the bulk link's batches:
+ *
+ * - send: one sendmsg() per batch of equal-size datagrams laid out back to back in one buffer, with a
+ *   UDP_SEGMENT control message (UDP GSO): the kernel cuts the buffer into gsoSize datagrams (the last may
+ *   be shorter), up to 64 per call. One syscall instead of up to 64. A kernel or device that refuses GSO
+ *   (EIO/EINVAL) turns it off for this socket and the batch goes out one datagram per sendmsg.
+ * - receive: UDP_GRO on: the kernel hands consecutive datagrams of one flow as one buffer plus their
+ *   segment size (a cmsg); recvmsg() in a loop until EAGAIN (or maxBatch), then wait with poll() on a
+ *   worker thread (koffi async), woken by an eventfd on close. Exactly the TUN's read loop.
+ * - non-blocking fd: a full send buffer (EAGAIN/ENOBUFS) drops the batch and counts it (`queue-full`):
+ *   the inner TCP backs off, as it does on any lossy path. Sends never block the event loop.
+ *
+ * IPv4 only (AF_INET) for now. Pointers inside msghdr/iovec are raw addresses of Node buffers (taken
+ * once per buffer with a memcpy(p, p, 0) call that returns p); those buffers are allocated with
+ * allocUnsafeSlow and held for the socket's lifetime, so the addresses stay valid.
+ */
+import { createRequire } from "node:module";
+import { WeftError } from "../../src/errors.js";
+import type { Endpoint } from "../../src/bulk/wire.js";
+
+export type UdpErrorCode = "ERR_UDP_UNAVAILABLE" | "ERR_UDP_BIND" | "ERR_UDP_SETUP" | "ERR_UDP_CLOSED";
+
+export class UdpError extends WeftError {
+  static override readonly name = "UdpError";
+  constructor(code: UdpErrorCode, message: string, options?: { cause?: unknown }) {
+    super(code, message, options);
+  }
+}
+
+export interface UdpSocketOptions {
+  /** Local port; 0 = any free port. */
+  port?: number;
+  /** Local address, default 0.0.0.0. */
+  address?: string;
+  /** Enable UDP_GRO on receive (default true). */
+  gro?: boolean;
+  /** Use UDP_SEGMENT on send (default true). */
+  gso?: boolean;
+  /** SO_RCVBUF / SO_SNDBUF (forced when root). Default 4 MiB each. */
+  rcvbuf?: number;
+  sndbuf?: number;
+  /** recvmsg calls per drain before yielding to the event loop. Default 64. */
+  maxBatch?: number;
+  pollTimeoutMs?: number;
+}
+
+export interface UdpStats {
+  rxCalls: number;
+  rxDatagrams: number;
+  rxBytes: number;
+  txCalls: number;
+  txDatagrams: number;
+  txBytes: number;
+  txDropped: number;
+  txErrors: number;
+}
+
+/** Largest buffer one sendmsg with UDP_SEGMENT takes (and one GRO read returns). */
+export const UDP_GSO_MAX_BYTES = 65_000;
+export const UDP_GSO_MAX_SEGMENTS = 64;
+
+const AF_INET = 2;
+const SOCK_DGRAM = 2;
+const SOCK_NONBLOCK = 0o4000;
+const SOCK_CLOEXEC = 0o2000000;
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+const SO_SNDBUFFORCE = 32;
+const SO_RCVBUFFORCE = 33;
+const SOL_UDP = 17;
+const UDP_SEGMENT = 103;
+const UDP_GRO = 104;
+const POLLIN = 1;
+const EFD_NONBLOCK = 0o4000;
+const EFD_CLOEXEC = 0o2000000;
+const MSGHDR_LEN = 56;
+const CMSG_HDR = 16;
+const CMSG_SPACE_INT = 24;
+const RECV_SIZE = 65_536 + 4096;
+
+interface Libc {
+  errno(): number;
+  errnoName(e: number): string;
+  socket(d: number, t: number, p: number): number;
+  bind(fd: number, addr: Uint8Array, len: number): number;
+  getsockname(fd: number, addr: Uint8Array, len: Int32Array): number;
+  setsockopt(fd: number, level: number, name: number, val: Uint8Array, len: number): number;
+  sendmsg(fd: number, msg: Uint8Array, flags: number): number;
+  recvmsg(fd: number, msg: Uint8Array, flags: number): number;
+  addr(buf: Uint8Array): number;
+  close(fd: number): number;
+  write(fd: number, buf: Uint8Array, n: number): number;
+  eventfd(init: number, flags: number): number;
+  pollAsync(fds: Uint8Array, n: number, timeout: number, cb: (err: unknown, rc: number) => void): void;
+  E: { EAGAIN: number; EINTR: number; ENOBUFS: number; EIO: number; EINVAL: number; EMSGSIZE: number; ECONNREFUSED: number; EPERM: number };
+}
+
+let libc: Libc | undefined;
+
+function loadLibc(): Libc {
+  if (libc) return libc;
+  if (process.platform !== "linux") throw new UdpError("ERR_UDP_UNAVAILABLE", `the bulk link's UDP socket needs Linux (this is ${process.platform}); start the agent with --no-bulk`);
+  const require = createRequire(import.meta.url);
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const koffi = require("koffi") as typeof import("koffi");
+  const lib = koffi.load("libc.so.6");
+  const en = koffi.os.errno;
+  const names = new Map<number, string>(Object.entries(en).map(([k, v]) => [v, k]));
+  const strerror = lib.func("const char *strerror(int errnum)");
+  const poll = lib.func("int poll(void *fds, unsigned long nfds, int timeout)");
+  const memcpy = lib.func("uintptr_t memcpy(void *d, void *s, size_t n)");
+  libc = {
+    errno: () => koffi.errno(),
+    errnoName: (e) => `${names.get(e) ?? `errno ${e}`} (${strerror(e) as string})`,
+    socket: lib.func("int socket(int domain, int type, int protocol)") as Libc["socket"],
+    bind: lib.func("int bind(int fd, void *addr, uint32_t len)") as Libc["bind"],
+    getsockname: lib.func("int getsockname(int fd, void *addr, void *len)") as Libc["getsockname"],
+    setsockopt: lib.func("int setsockopt(int fd, int level, int name, void *val, uint32_t len)") as Libc["setsockopt"],
+    sendmsg: lib.func("long sendmsg(int fd, void *msg, int flags)") as Libc["sendmsg"],
+    recvmsg: lib.func("long recvmsg(int fd, void *msg, int flags)") as Libc["recvmsg"],
+    addr: (b) => Number(memcpy(b, b, 0)),
+    close: lib.func("int close(int fd)") as Libc["close"],
+    write: lib.func("long write(int fd, const void *buf, size_t n)") as Libc["write"],
+    eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as Libc["eventfd"],
+    pollAsync: (fds, n, timeout, cb) => poll.async(fds, n, timeout, cb),
+    E: {
+      EAGAIN: en.EAGAIN ?? 11,
+      EINTR: en.EINTR ?? 4,
+      ENOBUFS: en.ENOBUFS ?? 105,
+      EIO: en.EIO ?? 5,
+      EINVAL: en.EINVAL ?? 22,
+      EMSGSIZE: en.EMSGSIZE ?? 90,
+      ECONNREFUSED: en.ECONNREFUSED ?? 111,
+      EPERM: en.EPERM ?? 1,
+    },
+  };
+  return libc;
+}
+
+function parseV4(s: string): number {
+  const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(s);
+  if (!m) throw new UdpError("ERR_UDP_BIND", `not an IPv4 address: ${s}`);
+  return ((Number(m[1]) << 24) | (Number(m[2]) << 16) | (Number(m[3]) << 8) | Number(m[4])) >>> 0;
+}
+
+function writeSockaddr(b: Uint8Array, e: Endpoint): void {
+  b[0] = AF_INET;
+  b[1] = 0;
+  b[2] = e.port >> 8;
+  b[3] = e.port & 255;
+  b[4] = e.addr >>> 24;
+  b[5] = (e.addr >>> 16) & 255;
+  b[6] = (e.addr >>> 8) & 255;
+  b[7] = e.addr & 255;
+}
+
+function setU64(b: Buffer, off: number, v: number): void {
+  b.writeUInt32LE(v >>> 0, off);
+  b.writeUInt32LE(Math.floor(v / 0x1_0000_0000) >>> 0, off + 4);
+}
+
+/** Receives one GRO buffer: `data` holds datagrams of `segSize` bytes back to back (the last may be shorter). */
+export type UdpReceiver = (data: Uint8Array, segSize: number, from: Endpoint) => void;
+
+export class UdpSocket {
+  readonly stats: UdpStats = { rxCalls: 0, rxDatagrams: 0, rxBytes: 0, txCalls: 0, txDatagrams: 0, txBytes: 0, txDropped: 0, txErrors: 0 };
+  /** UDP_SEGMENT in use (false after the kernel refused it once) */
+  gso: boolean;
+  readonly gro: boolean;
+  private readonly maxBatch: number;
+  private readonly pollTimeoutMs: number;
+  // send side: msghdr + sockaddr + iovec + cmsg, preallocated
+  private readonly sMsg = Buffer.allocUnsafeSlow(MSGHDR_LEN).fill(0);
+  private readonly sName = Buffer.allocUnsafeSlow(16).fill(0);
+  private readonly sIov = Buffer.allocUnsafeSlow(16).fill(0);
+  private readonly sCtl = Buffer.allocUnsafeSlow(CMSG_SPACE_INT).fill(0);
+  // receive side
+  private readonly rMsg = Buffer.allocUnsafeSlow(MSGHDR_LEN).fill(0);
+  private readonly rName = Buffer.allocUnsafeSlow(16).fill(0);
+  private readonly rIov = Buffer.allocUnsafeSlow(16).fill(0);
+  private readonly rCtl = Buffer.allocUnsafeSlow(64).fill(0);
+  private readonly rBuf = Buffer.allocUnsafeSlow(RECV_SIZE);
+  private readonly addrCache = new WeakMap<ArrayBufferLike, number>();
+  private readonly pfd = Buffer.alloc(16);
+  private readonly wake = Buffer.alloc(8);
+  private readonly from: Endpoint = { addr: 0, port: 0 };
+  private onData: UdpReceiver | undefined;
+  private onBatchEnd: (() => void) | undefined;
+  private onError: ((err: Error) => void) | undefined;
+  private polling = false;
+  private scheduled = false;
+  private closing = false;
+  private closed = false;
+  private closePromise: Promise<void> | undefined;
+  private resolveClose: (() => void) | undefined;
+  private pollFailures = 0;
+
+  private constructor(
+    private readonly c: Libc,
+    readonly fd: number,
+    private readonly efd: number,
+    /** the bound port */
+    readonly port: number,
+    opts: UdpSocketOptions,
+    gro: boolean,
+  ) {
+    this.gso = opts.gso !== false;
+    this.gro = gro;
+    this.maxBatch = Math.max(1, opts.maxBatch ?? 64);
+    this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
+    // send msghdr: name, iov (1 entry), control filled per call
+    setU64(this.sMsg, 0, c.addr(this.sName));
+    this.sMsg.writeUInt32LE(16, 8);
+    setU64(this.sMsg, 16, c.addr(this.sIov));
+    setU64(this.sMsg, 24, 1);
+    this.sCtl.writeUInt32LE(CMSG_HDR + 2, 0); // cmsg_len = CMSG_LEN(sizeof(u16))
+    this.sCtl.writeInt32LE(SOL_UDP, 8);
+    this.sCtl.writeInt32LE(UDP_SEGMENT, 12);
+    // recv msghdr
+    setU64(this.rMsg, 0, c.addr(this.rName));
+    setU64(this.rMsg, 16, c.addr(this.rIov));
+    setU64(this.rMsg, 24, 1);
+    setU64(this.rMsg, 32, c.addr(this.rCtl));
+    setU64(this.rIov, 0, c.addr(this.rBuf));
+    setU64(this.rIov, 8, RECV_SIZE);
+    this.pfd.writeInt32LE(fd, 0);
+    this.pfd.writeInt16LE(POLLIN, 4);
+    this.pfd.writeInt32LE(efd, 8);
+    this.pfd.writeInt16LE(POLLIN, 12);
+    this.wake.writeBigUInt64LE(1n);
+  }
+
+  static open(opts: UdpSocketOptions = {}): UdpSocket {
+    const c = loadLibc();
+    const fd = c.socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw new UdpError("ERR_UDP_UNAVAILABLE", `socket(AF_INET, SOCK_DGRAM) failed: ${c.errnoName(c.errno())}`);
+    let efd = -1;
+    try {
+      const int = (v: number) => {
+        const b = Buffer.alloc(4);
+        b.writeInt32LE(v);
+        return b;
+      };
+      const rcv = opts.rcvbuf ?? 4 << 20;
+      const snd = opts.sndbuf ?? 4 << 20;
+      if (c.setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, int(rcv), 4) < 0) c.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, int(rcv), 4);
+      if (c.setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, int(snd), 4) < 0) c.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, int(snd), 4);
+      let gro = false;
+      if (opts.gro !== false) gro = c.setsockopt(fd, SOL_UDP, UDP_GRO, int(1), 4) === 0;
+      const sa = Buffer.alloc(16);
+      writeSockaddr(sa, { addr: parseV4(opts.address ?? "0.0.0.0"), port: opts.port ?? 0 });
+      if (c.bind(fd, sa, 16) < 0) {
+        const e = c.errno();
+        throw new UdpError("ERR_UDP_BIND", `cannot bind the bulk UDP socket to ${opts.address ?? "0.0.0.0"}:${opts.port ?? 0}: ${c.errnoName(e)}; pick another port with --bulk-port or turn the bulk link off with --no-bulk`);
+      }
+      const len = new Int32Array([16]);
+      if (c.getsockname(fd, sa, len) < 0) throw new UdpError("ERR_UDP_SETUP", `getsockname failed: ${c.errnoName(c.errno())}`);
+      const port = (sa[2]! << 8) | sa[3]!;
+      efd = c.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+      if (efd < 0) throw new UdpError("ERR_UDP_SETUP", `eventfd failed: ${c.errnoName(c.errno())}`);
+      return new UdpSocket(c, fd, efd, port, opts, gro);
+    } catch (e) {
+      if (efd >= 0) c.close(efd);
+      c.close(fd);
+      throw e;
+    }
+  }
+
+  private addressOf(buf: Uint8Array): number {
+    let base = this.addrCache.get(buf.buffer);
+    if (base === undefined) {
+      base = this.c.addr(new Uint8Array(buf.buffer, 0, 1)) ;
+      this.addrCache.set(buf.buffer, base);
+    }
+    return base + buf.byteOffset;
+  }
+
+  /**
+   * Send `count` datagrams laid out in `buf` (each `segSize` bytes, the last `buf.length - (count-1)*segSize`):
+   * with UDP GSO one syscall, else one per datagram. `buf` must be backed by a long-lived buffer
+   * (allocUnsafeSlow): its address is cached. Returns the datagrams the kernel took.
+   */
+  sendBatch(to: Endpoint, buf: Uint8Array, segSize: number, count: number): number {
+    if (this.closing || count <= 0) return 0;
+    writeSockaddr(this.sName, to);
+    if (count > 1 && this.gso && count <= UDP_GSO_MAX_SEGMENTS) {
+      const r = this.sendOne(buf, segSize);
+      if (r === "ok") {
+        this.stats.txDatagrams += count;
+        return count;
+      }
+      if (r === "full") {
+        this.stats.txDropped += count;
+        return 0;
+      }
+      // The kernel refused GSO for this path: never again on this socket; fall through.
+      this.gso = false;
+    }
+    let sent = 0;
+    for (let off = 0, i = 0; i < count; i++, off += segSize) {
+      const end = i === count - 1 ? buf.length : off + segSize;
+      const r = this.sendOne(buf.subarray(off, end), 0);
+      if (r === "ok") sent++;
+      else this.stats.txDropped++;
+    }
+    this.stats.txDatagrams += sent;
+    return sent;
+  }
+
+  /** One sendmsg; segSize > 0 adds UDP_SEGMENT. */
+  private sendOne(buf: Uint8Array, segSize: number): "ok" | "full" | "error" {
+    const c = this.c;
+    setU64(this.sIov, 0, this.addressOf(buf));
+    setU64(this.sIov, 8, buf.length);
+    if (segSize > 0 && segSize < buf.length) {
+      this.sCtl.writeUInt16LE(segSize, CMSG_HDR);
+      setU64(this.sMsg, 32, this.addressOf(this.sCtl));
+      setU64(this.sMsg, 40, CMSG_SPACE_INT);
+    } else {
+      setU64(this.sMsg, 32, 0);
+      setU64(this.sMsg, 40, 0);
+    }
+    this.stats.txCalls++;
+    for (;;) {
+      const n = c.sendmsg(this.fd, this.sMsg, 0);
+      if (n >= 0) {
+        this.stats.txBytes += n;
+        return "ok";
+      }
+      const e = c.errno();
+      if (e === c.E.EINTR) continue;
+      if (e === c.E.EAGAIN || e === c.E.ENOBUFS) return "full";
+      this.stats.txErrors++;
+      if (segSize > 0 && (e === c.E.EIO || e === c.E.EINVAL)) return "error";
+      return e === c.E.ECONNREFUSED || e === c.E.EPERM || e === c.E.EMSGSIZE ? "full" : "error";
+    }
+  }
+
+  /** Send one datagram (keepalives, STUN). */
+  send(to: Endpoint, data: Uint8Array): boolean {
+    if (this.closing) return false;
+    writeSockaddr(this.sName, to);
+    // Short control datagrams come from short-lived buffers: copy into the receive-independent scratch.
+    const tmp = this.scratch.length >= data.length ? this.scratch : (this.scratch = Buffer.allocUnsafeSlow(data.length));
+    tmp.set(data);
+    const ok = this.sendOne(tmp.subarray(0, data.length), 0) === "ok";
+    if (ok) this.stats.txDatagrams++;
+    else this.stats.txDropped++;
+    return ok;
+  }
+
+  private scratch = Buffer.allocUnsafeSlow(2048);
+
+  /** Start receiving. `onData` gets GRO buffers (valid only during the call); `onBatchEnd` after each drain. */
+  start(onData: UdpReceiver, onBatchEnd?: () => void, onError?: (err: Error) => void): void {
+    if (this.closing) throw new UdpError("ERR_UDP_CLOSED", "UDP socket is closed");
+    this.onData = onData;
+    this.onBatchEnd = onBatchEnd;
+    this.onError = onError;
+    this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.closing) return;
+    this.scheduled = true;
+    setImmediate(this.drain);
+  }
+
+  private readonly drain = (): void => {
+    this.scheduled = false;
+    if (this.closing || !this.onData) return;
+    const c = this.c;
+    let wouldBlock = false;
+    let got = 0;
+    for (let i = 0; i < this.maxBatch; i++) {
+      this.rMsg.writeUInt32LE(16, 8); // msg_namelen
+      setU64(this.rMsg, 40, this.rCtl.length); // msg_controllen
+      this.rMsg.writeInt32LE(0, 48);
+      const n = c.recvmsg(this.fd, this.rMsg, 0);
+      if (n < 0) {
+        const e = c.errno();
+        if (e === c.E.EAGAIN) {
+          wouldBlock = true;
+          break;
+        }
+        if (e === c.E.EINTR || e === c.E.ECONNREFUSED) continue;
+        this.report(new UdpError("ERR_UDP_SETUP", `recvmsg failed: ${c.errnoName(e)}`));
+        wouldBlock = true;
+        break;
+      }
+      this.stats.rxCalls++;
+      got++;
+      let seg = n;
+      const ctlLen = this.rMsg.readUInt32LE(40);
+      for (let o = 0; o + CMSG_HDR <= ctlLen; ) {
+        const len = this.rCtl.readUInt32LE(o);
+        if (len < CMSG_HDR) break;
+        if (this.rCtl.readInt32LE(o + 8) === SOL_UDP && this.rCtl.readInt32LE(o + 12) === UDP_GRO) seg = this.rCtl.readInt32LE(o + CMSG_HDR) || n;
+        o += (len + 7) & ~7;
+      }
+      const r = this.rName;
+      this.from.port = (r[2]! << 8) | r[3]!;
+      this.from.addr = ((r[4]! << 24) | (r[5]! << 16) | (r[6]! << 8) | r[7]!) >>> 0;
+      this.stats.rxDatagrams += seg > 0 ? Math.ceil(n / seg) : 1;
+      this.stats.rxBytes += n;
+      try {
+        this.onData(this.rBuf.subarray(0, n), seg, this.from);
+      } catch (err) {
+        this.report(err instanceof Error ? err : new Error(String(err)));
+      }
+      if (this.closing) return;
+    }
+    if (got > 0 && this.onBatchEnd) {
+      try {
+        this.onBatchEnd();
+      } catch (err) {
+        this.report(err instanceof Error ? err : new Error(String(err)));
+      }
+    }
+    if (this.closing) return;
+    if (wouldBlock) this.waitReadable();
+    else this.schedule();
+  };
+
+  private waitReadable(): void {
+    this.polling = true;
+    this.c.pollAsync(this.pfd, 2, this.pollTimeoutMs, (err, rc) => {
+      this.polling = false;
+      if (this.closing) {
+        this.finishClose();
+        return;
+      }
+      if (err || rc < 0) {
+        if (++this.pollFailures > 100) {
+          this.report(new UdpError("ERR_UDP_SETUP", `poll on the bulk UDP socket keeps failing: ${String(err ?? rc)}`));
+          return;
+        }
+        setTimeout(() => this.schedule(), 10);
+        return;
+      }
+      this.pollFailures = 0;
+      this.drain();
+    });
+  }
+
+  private report(err: Error): void {
+    if (this.onError) this.onError(err);
+  }
+
+  close(): Promise<void> {
+    if (this.closePromise) return this.closePromise;
+    this.closing = true;
+    this.closePromise = new Promise<void>((resolve) => {
+      this.resolveClose = resolve;
+    });
+    if (this.polling) this.c.write(this.efd, this.wake, 8);
+    else this.finishClose();
+    return this.closePromise;
+  }
+
+  private finishClose(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.onData = undefined;
+    this.c.close(this.efd);
+    this.c.close(this.fd);
+    this.resolveClose?.();
+  }
+}
