@@ -16,6 +16,8 @@ import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
 import { IpamDriver, type PodAddress } from "./ipam.js";
 import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
+import { BulkService, refuseBulk, type BulkPeerStatus } from "./transport/bulk.js";
+import type { BulkTiming } from "../src/bulk/session.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
 import type { DataPlane, PodInfo } from "./dataplane.js";
@@ -97,6 +99,15 @@ export interface AgentConfig {
   werift?: { loopbackOnly?: boolean; icePortRange?: [number, number] };
   /** Serve Prometheus metrics on HOST:PORT (GET /metrics; port 0 = any free port). Off when unset. */
   metricsListen?: string;
+  /**
+   * The bulk link (agent/transport/bulk.ts): a direct UDP fast path per peer beside WebRTC, negotiated over
+   * the control channel. Default false here; the CLI turns it on with the data plane (--no-bulk: off).
+   */
+  bulk?: boolean;
+  /** UDP port of the bulk link (default 0: any free port; set one to open it in firewalls). */
+  bulkPort?: number;
+  /** Bulk link timing (tests). */
+  bulkTiming?: Partial<BulkTiming>;
   /** Watch Kubernetes Node objects (in-cluster) and release a deleted Node's blocks (agent name = Node name). Off when unset. */
   k8sNodeWatch?: NodeWatchConfig;
 }
@@ -112,10 +123,13 @@ export interface RouteStatus {
 }
 
 export type PeerPath = "direct" | "turn" | "relay" | `via ${string}` | "none";
+/** What carries pod traffic to a peer: the bulk UDP link, WebRTC (direct ICE), TURN, the server relay, or another agent. */
+export type LinkType = "bulk" | "webrtc" | "turn" | "relay" | "via";
 
 export interface AgentStatus {
   node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
-  peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null })[];
+  peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null; linkType: LinkType | null; linkWhy: string; bulk: BulkPeerStatus | null })[];
+  bulk: { port: number; candidates: string[] } | null;
   dataplane: ReturnType<DataPlane["stats"]> | null;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: Agent["routeConflicts"] };
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
@@ -140,6 +154,8 @@ export class Agent {
   ipam!: IpamDriver;
   dataplane: DataPlane | undefined;
   relay: RelayTransport | undefined;
+  /** the bulk link service (--bulk), when enabled */
+  bulk: BulkService | undefined;
   /** the --metrics-listen server (its bound address), when enabled */
   metrics: MetricsServer | undefined;
   /** the --k8s-node-watch watcher, when enabled */
@@ -279,6 +295,27 @@ export class Agent {
     });
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);
     agent.relay = relay;
+    if (cfg.bulk) {
+      const a = agent;
+      const rangeCidr = parseCidr(cfg.ipam?.range ?? "10.40.0.0/16");
+      try {
+        agent.bulk = BulkService.open({
+          identity,
+          mesh,
+          logger: agentLog,
+          port: cfg.bulkPort ?? 0,
+          loopbackOnly: cfg.werift?.loopbackOnly === true,
+          excludeAddress: (ip) => inRange(ip, rangeCidr),
+          stun: () => (cfg.useServerStun !== false && a.stunPort > 0 ? { host: a.signal.host, port: a.stunPort } : undefined),
+          ...(cfg.bulkTiming ? { timing: cfg.bulkTiming } : {}),
+        });
+      } catch (e) {
+        await transport.close();
+        throw e;
+      }
+    } else {
+      refuseBulk(mesh);
+    }
     try {
       // Bootstrap rule: found the cluster's IPAM only when registered with the signaling server and this
       // node has the lowest id of every node known to exist.
@@ -405,8 +442,22 @@ export class Agent {
         // A WebRTC link whose selected candidate pair goes through a TURN server is reported as "turn".
         const turn = p.state === "connected" && p.link === "webrtc" && (p.selected?.localType === "relay" || p.selected?.remoteType === "relay");
         const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.path === "relay" ? "relay" : turn ? "turn" : p.state === "connected" || r ? "direct" : "none";
-        return { ...p, path, via };
+        const bulk = this.bulk?.status(p.id) ?? null;
+        const bulkUp = bulk?.state === "up";
+        const linkType: LinkType | null = via ? "via" : p.state !== "connected" ? null : bulkUp ? "bulk" : p.path === "relay" ? "relay" : turn ? "turn" : "webrtc";
+        const linkWhy =
+          linkType === null
+            ? ""
+            : linkType === "bulk"
+              ? `direct UDP to ${bulk!.endpoint}`
+              : linkType === "via"
+                ? "no direct link; routed via another agent (lowest measured RTT)"
+                : !this.bulk
+                  ? "bulk link disabled here (--no-bulk)"
+                  : `bulk link ${bulk ? `${bulk.state}: ${bulk.reason}` : "not negotiated yet"}`;
+        return { ...p, path, via, linkType, linkWhy, bulk };
       }),
+      bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates() } : null,
       dataplane: this.dataplane ? this.dataplane.stats() : null,
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
       counters: {
@@ -535,6 +586,7 @@ export class Agent {
     this.stopping ??= (async () => {
       if (this.tickTimer) clearInterval(this.tickTimer);
       this.k8s?.stop();
+      await this.bulk?.close().catch((err) => this.log.warn("could not close the bulk link", { err }));
       await this.mesh.stop();
       this.signal.stop();
       await this.api?.close();

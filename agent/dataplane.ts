@@ -84,7 +84,8 @@ export class DataPlane {
       selfId: agent.id,
       routes: agent.router.owners,
       nextHop: (n) => agent.router.nextHop(n),
-      send: (peer, frame) => mesh.sendPacket(peer, frame),
+      // The bulk UDP link where it is up (agent/transport/bulk.ts), else the mesh link (WebRTC/relay).
+      send: (peer, frame) => agent.bulk?.send(peer, frame) ?? mesh.sendPacket(peer, frame),
       sendBorrows: true, // TransportLink.send copies or transmits before returning
       deliver: (pkts) => {
         tun.writeBatch(pkts);
@@ -115,6 +116,7 @@ export class DataPlane {
       (err) => opts.logger.error("TUN read loop stopped", { err }),
     );
     agent.mesh.onPacket((from, data) => fw.fromPeer(from, data));
+    agent.bulk?.onFrame((from, data) => fw.fromPeer(from, data));
     agent.mesh.onDrain((peer, ch) => {
       if (ch !== "packets") return;
       fw.drained(peer);

@@ -44,6 +44,10 @@ Options:
                         after one such failure the link goes through the signaling server's relay
                         while WebRTC is retried in the background (backoff up to 5 min)
   --no-relay            never use the signaling server's relay (peers unreachable otherwise stay down)
+  --no-bulk             no bulk link: pod traffic stays on WebRTC (default: a direct UDP fast path per
+                        peer, negotiated over the mesh, used where it connects, WebRTC where not)
+  --bulk-port N         UDP port of the bulk link (default 0: any free port; set one to allow it
+                        through a firewall)
   --advertise-routes CIDR[,CIDR]
                         make this node the mesh's gateway for networks it can reach that the mesh does
                         not own (a home LAN, another cluster's pod range); refused when a prefix
@@ -140,6 +144,8 @@ export async function runAgent(argv: string[]): Promise<number> {
     "snat-routes": { type: "boolean" },
     cluster: { type: "string" },
     "no-relay": { type: "boolean" },
+    "no-bulk": { type: "boolean" },
+    "bulk-port": { type: "string" },
     range: { type: "string" },
     "block-size": { type: "string" },
     "reclaim-after": { type: "string" },
@@ -170,6 +176,12 @@ export async function runAgent(argv: string[]): Promise<number> {
     linkMtu = Number(values["link-mtu"]);
     if (!Number.isInteger(linkMtu) || linkMtu < 1280 || linkMtu > MAX_LINK_MTU) throw new UsageError(`weftnet agent: --link-mtu must be an integer between 1280 and ${MAX_LINK_MTU}, got ${JSON.stringify(values["link-mtu"])}`);
     if (transportKind === "werift") throw new UsageError("weftnet agent: --link-mtu applies to the native transport (werift sends fixed 1200-byte SCTP chunks)");
+  }
+  let bulkPort: number | undefined;
+  if (values["bulk-port"] !== undefined) {
+    bulkPort = Number(values["bulk-port"]);
+    if (!Number.isInteger(bulkPort) || bulkPort < 0 || bulkPort > 65535) throw new UsageError(`weftnet agent: --bulk-port must be a UDP port 0..65535, got ${JSON.stringify(values["bulk-port"])}`);
+    if (values["no-bulk"]) throw new UsageError("weftnet agent: --bulk-port and --no-bulk contradict each other");
   }
   let mtu: number | undefined;
   if (values.mtu !== undefined) {
@@ -215,6 +227,8 @@ export async function runAgent(argv: string[]): Promise<number> {
     ipam,
     ...(timing ? { timing } : {}),
     ...(values["no-relay"] ? { relay: false } : {}),
+    bulk: tun && !values["no-bulk"],
+    ...(bulkPort !== undefined ? { bulkPort } : {}),
     ...(advertiseRoutes.length ? { advertiseRoutes } : {}),
     ...(values["snat-routes"] ? { snatRoutes: true } : {}),
     ...(values.cluster !== undefined ? { cluster: values.cluster } : {}),
@@ -304,13 +318,15 @@ export function renderStatus(st: AgentStatus): string {
     p.name,
     p.id,
     p.state,
-    p.path === "none" ? "-" : p.path,
+    p.path === "none" ? "-" : p.linkType === "bulk" ? "bulk" : p.path,
     p.rttMs === null ? "-" : `${p.rttMs.toFixed(1)}ms`,
     fmtBytes(p.bytesIn),
     fmtBytes(p.bytesOut),
     fmtDuration(p.uptimeMs),
     p.state !== "connected"
       ? (p.lastError ?? "")
+      : p.linkType === "bulk"
+        ? p.linkWhy
       : p.path === "relay"
         ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
         : p.selected

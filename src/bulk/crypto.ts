@@ -16,21 +16,28 @@ export type AeadAlgorithm = "aes-256-gcm" | "chacha20-poly1305";
 export const TAG_LEN = 16;
 export const KEY_LEN = 32;
 
-/** One direction's key; implementations may cache expanded key schedules on it. */
+/** One direction's key; an implementation may keep its expanded key schedule in `impl`. */
 export interface AeadKey {
   readonly algorithm: AeadAlgorithm;
   readonly raw: Uint8Array;
+  impl?: unknown;
 }
 
 export interface Aead {
+  readonly name: string;
   /**
-   * Seal the concatenation of `parts` with `counter` as nonce and `aad` as associated data into `out` at
-   * `off` (ciphertext then the 16-byte tag). Returns the bytes written. `out` must have room.
+   * Seal in place: buf[off, off+16) is the datagram header (the associated data), the plaintext is
+   * buf[off+16, off+16+len); it is replaced by the ciphertext and the 16-byte tag follows it. Returns len + 16.
    */
-  seal(key: AeadKey, counter: number, aad: Uint8Array, parts: readonly Uint8Array[], out: Uint8Array, off: number): number;
-  /** Open ciphertext+tag; the plaintext (a new buffer or a view), or undefined when it does not authenticate. */
-  open(key: AeadKey, counter: number, aad: Uint8Array, sealed: Uint8Array): Uint8Array | undefined;
+  seal(key: AeadKey, counter: number, buf: Uint8Array, off: number, len: number): number;
+  /**
+   * Open datagram `d` = header(16) | ciphertext | tag(16): the plaintext (a new buffer, or a view of `d`
+   * decrypted in place: valid as long as `d`), or undefined when it does not authenticate.
+   */
+  open(key: AeadKey, counter: number, d: Uint8Array): Uint8Array | undefined;
 }
+
+const HDR = 16;
 
 function nonceFor(buf: Buffer, counter: number): Buffer {
   buf.writeUInt32LE(0, 0);
@@ -39,38 +46,31 @@ function nonceFor(buf: Buffer, counter: number): Buffer {
   return buf;
 }
 
-/** The Aead over Node's crypto (OpenSSL). One cipher object per datagram: that is Node's API. */
+/** The Aead over Node's crypto (OpenSSL): one cipher object per datagram, which is Node's API and its cost. */
 export function nodeAead(): Aead {
   const nonce = Buffer.alloc(12);
   return {
-    seal(key, counter, aad, parts, out, off) {
+    name: "node:crypto",
+    seal(key, counter, buf, off, len) {
       const c = createCipheriv(key.algorithm as "aes-256-gcm", key.raw, nonceFor(nonce, counter), { authTagLength: TAG_LEN });
-      let len = 0;
-      for (const p of parts) len += p.byteLength;
-      c.setAAD(aad, { plaintextLength: len });
-      let o = off;
-      for (const p of parts) {
-        const ct = c.update(p);
-        out.set(ct, o);
-        o += ct.length;
-      }
+      c.setAAD(buf.subarray(off, off + HDR), { plaintextLength: len });
+      const p = off + HDR;
+      const ct = c.update(buf.subarray(p, p + len));
+      buf.set(ct, p);
       const fin = c.final();
-      if (fin.length) {
-        out.set(fin, o);
-        o += fin.length;
-      }
-      out.set(c.getAuthTag(), o);
-      return o + TAG_LEN - off;
+      if (fin.length) buf.set(fin, p + ct.length);
+      buf.set(c.getAuthTag(), p + len);
+      return len + TAG_LEN;
     },
-    open(key, counter, aad, sealed) {
-      if (sealed.byteLength < TAG_LEN) return undefined;
-      const body = sealed.subarray(0, sealed.byteLength - TAG_LEN);
+    open(key, counter, d) {
+      if (d.byteLength < HDR + TAG_LEN) return undefined;
       try {
-        const d = createDecipheriv(key.algorithm as "aes-256-gcm", key.raw, nonceFor(nonce, counter), { authTagLength: TAG_LEN });
-        d.setAAD(aad, { plaintextLength: body.byteLength });
-        d.setAuthTag(sealed.subarray(sealed.byteLength - TAG_LEN));
-        const a = d.update(body);
-        const b = d.final();
+        const dc = createDecipheriv(key.algorithm as "aes-256-gcm", key.raw, nonceFor(nonce, counter), { authTagLength: TAG_LEN });
+        const body = d.subarray(HDR, d.byteLength - TAG_LEN);
+        dc.setAAD(d.subarray(0, HDR), { plaintextLength: body.byteLength });
+        dc.setAuthTag(d.subarray(d.byteLength - TAG_LEN));
+        const a = dc.update(body);
+        const b = dc.final();
         return b.length ? Buffer.concat([a, b]) : a;
       } catch {
         return undefined;

@@ -144,6 +144,7 @@ export class BulkPeer {
   private lastHeard = -Infinity;
   private peerHearsAt = -Infinity;
   private punchStartedAt = 0;
+  private lastTick = -Infinity;
   private lastKeepalive = -Infinity;
   private peerTs = 0;
   private peerTsAt = 0;
@@ -380,10 +381,13 @@ export class BulkPeer {
       this._state = this.initiator ? "handshake" : "idle";
       return;
     }
-    // Path liveness.
+    // Path liveness. After a stall of our own (the event loop was blocked: ticks came late), datagrams may
+    // wait unread in the socket: judge silence only from a tick that follows a timely one.
+    const stalled = now - this.lastTick > t.deadMs / 2;
+    this.lastTick = now;
     const heard = now - this.lastHeard < t.deadMs;
     const hearsUs = now - this.peerHearsAt < t.deadMs;
-    if (this._state === "up" && !(heard && hearsUs)) {
+    if (this._state === "up" && !(heard && hearsUs) && !stalled) {
       this.goDown(now, !heard ? `silent: no datagram from the peer for ${t.deadMs} ms` : "one-way: the peer does not hear our datagrams");
     } else if (this._state === "punching" && heard && hearsUs) {
       this._state = "up";
@@ -429,7 +433,8 @@ export class BulkPeer {
     dv.setFloat64(18, this.peerTsAt ? now - this.peerTsAt : 0, true);
     for (const to of targets) {
       const data = new Uint8Array(KEEPALIVE_LEN + SEAL_OVERHEAD);
-      const n = this.seal([inner], data, 0);
+      data.set(inner, HEADER_LEN);
+      const n = this.seal(data, 0, KEEPALIVE_LEN);
       if (n < 0) return;
       this.counters.keepalivesOut++;
       this.out.push({ type: "send", to, data });
@@ -442,27 +447,28 @@ export class BulkPeer {
   static readonly OVERHEAD = SEAL_OVERHEAD;
 
   /**
-   * Seal one inner message (the concatenation of `parts`) into `out` at `off`: header, ciphertext, tag.
-   * Returns the datagram length, or -1 when there is no usable sending key.
+   * Seal one inner message in place: it is buf[off+16, off+16+len) (HEADER_LEN bytes of room before it for
+   * the header, TAG_LEN after it for the tag). Returns the datagram length (len + 32), or -1 when there is
+   * no usable sending key.
    */
-  seal(parts: readonly Uint8Array[], out: Uint8Array, off: number): number {
+  seal(buf: Uint8Array, off: number, len: number): number {
     const kp = this.current;
     if (!kp || kp.counter >= REJECT_AFTER_MESSAGES) return -1;
     const counter = kp.counter++;
-    out[off] = TYPE_DATA;
-    out[off + 1] = 0;
-    out[off + 2] = 0;
-    out[off + 3] = 0;
+    buf[off] = TYPE_DATA;
+    buf[off + 1] = 0;
+    buf[off + 2] = 0;
+    buf[off + 3] = 0;
     const ri = kp.remoteIdx;
-    out[off + 4] = ri & 255;
-    out[off + 5] = (ri >>> 8) & 255;
-    out[off + 6] = (ri >>> 16) & 255;
-    out[off + 7] = ri >>> 24;
+    buf[off + 4] = ri & 255;
+    buf[off + 5] = (ri >>> 8) & 255;
+    buf[off + 6] = (ri >>> 16) & 255;
+    buf[off + 7] = ri >>> 24;
     let lo = counter >>> 0;
     let hi = Math.floor(counter / 0x1_0000_0000);
-    for (let i = 0; i < 4; i++, lo >>>= 8) out[off + 8 + i] = lo & 255;
-    for (let i = 0; i < 4; i++, hi >>>= 8) out[off + 12 + i] = hi & 255;
-    const n = this.o.aead.seal(kp.send, counter, out.subarray(off, off + HEADER_LEN), parts, out, off + HEADER_LEN);
+    for (let i = 0; i < 4; i++, lo >>>= 8) buf[off + 8 + i] = lo & 255;
+    for (let i = 0; i < 4; i++, hi >>>= 8) buf[off + 12 + i] = hi & 255;
+    const n = this.o.aead.seal(kp.send, counter, buf, off, len);
     kp.sentBytes += n;
     this.counters.txDatagrams++;
     this.counters.txBytes += n + HEADER_LEN;
@@ -488,7 +494,7 @@ export class BulkPeer {
     const hi = (d[12]! | (d[13]! << 8) | (d[14]! << 16) | (d[15]! << 24)) >>> 0;
     if (hi >= 0x10000) return this.dropped("replay"); // beyond REJECT_AFTER_MESSAGES: never sent by a peer of ours
     const counter = hi * 0x1_0000_0000 + lo;
-    const inner = this.o.aead.open(kp.recv, counter, d.subarray(0, HEADER_LEN), d.subarray(HEADER_LEN));
+    const inner = this.o.aead.open(kp.recv, counter, d);
     if (!inner) return this.dropped("bad-auth");
     if (!kp.replay.validate(counter, REJECT_AFTER_MESSAGES)) return this.dropped("replay");
     if (kp === this.next) {

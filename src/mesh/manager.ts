@@ -283,6 +283,10 @@ export class MeshManager {
   peerName(id: string): string | undefined {
     return this.peers.get(id)?.info.name;
   }
+  /** The peer's identity key as the signaling server introduced it (checked against its id there). */
+  peerPublicKey(id: string): Uint8Array | undefined {
+    return this.peers.get(id)?.info.pub;
+  }
   resolvePeer(idOrName: string): string | undefined {
     if (this.peers.has(idOrName)) return idOrName;
     const byName = [...this.peers.values()].filter((e) => e.info.name === idOrName);

@@ -1,0 +1,433 @@
+/**
+ * The bulk link: a direct UDP data path per peer BESIDE the WebRTC (or relay) link, WireGuard's model
+ * (src/bulk/session.ts, wire.ts): every datagram one inner packet sealed on its own, counter nonces,
+ * replay window, key rotation, keepalives; no congestion control of its own (the inner TCP has one).
+ *
+ * Lifecycle, per peer:
+ *   mesh link up (WebRTC or relay: the control channel is authenticated end to end)
+ *     -> the lower node id sends `init` on the control channel (app channel "bulk"), the other answers
+ *        `resp`: X25519 ephemeral keys signed by both node identities, plus each side's candidates
+ *        (host addresses + the STUN-learnt mapping of this socket, "a.b.c.d:port")
+ *     -> both send keepalives to every candidate of the other (simultaneous punching: each side's
+ *        outbound datagrams open its own NAT for the other's)
+ *     -> the path is `up` once each side hears the other and knows it is heard: pod frames for that peer
+ *        now go out on UDP (make-before-break: the WebRTC link stays, and frames still arriving on it are
+ *        delivered as before)
+ *   silence (no authenticated datagram for deadMs, default 800 ms, or the peer stops hearing us)
+ *     -> `down`: frames go back to WebRTC at once; keepalives keep probing, and the link comes back up by
+ *        itself when the path recovers. Where no UDP path forms, nothing changes: WebRTC carries on.
+ *   mesh link down -> the bulk session ends (a new mesh link starts a new handshake).
+ *
+ * Send path (send(peer, frame), called by the forwarder for every frame to a next hop): the frame's
+ * records are split into single packets, GSO super-packets segmented in software (src/packet/tso.ts),
+ * each packet sealed as its own datagram [header | frame header | record | tag] into one send buffer, and
+ * runs of equal-size datagrams leave with one sendmsg + UDP_SEGMENT (agent/os/udp.ts). Receive path: GRO
+ * buffers are cut by segment size, each datagram opened by the keypair its receiver index names, and the
+ * inner one-packet frame goes to the forwarder like a frame from the packets channel (so multi-hop frames
+ * work over either link type).
+ *
+ * Drops are typed and counted: per peer (session drops: short, bad-type, unknown-index, stale-key,
+ * bad-auth, replay, bad-inner) and here (no-peer: a receiver index nobody owns; send-full: the socket
+ * refused a batch; unsegmentable: a GSO packet of a kind we cannot split).
+ */
+import { lookup } from "node:dns/promises";
+import { networkInterfaces } from "node:os";
+import { randomBytes } from "node:crypto";
+import type { Identity } from "../../src/identity.js";
+import { signFields, verifyFields } from "../../src/identity.js";
+import type { Logger } from "../../src/log.js";
+import { nodeAead, randomU32, type Aead } from "../../src/bulk/crypto.js";
+import { BulkPeer, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src/bulk/session.js";
+import { BULK_CHANNEL, BULK_WIRE_VERSION, HEADER_LEN, SEAL_OVERHEAD, formatEndpoint, type Endpoint } from "../../src/bulk/wire.js";
+import { FRAME_HEADER_LEN, RECORD_HEADER_LEN } from "../../src/packet/frame.js";
+import { segmentTcp } from "../../src/packet/tso.js";
+import { encodeBindingRequest, parseBindingSuccess, parseIp } from "../../src/wire/stun.js";
+import { loadSodiumAead } from "../os/sodium.js";
+import { UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS, UdpSocket, type UdpSocketOptions } from "../os/udp.js";
+
+export const CTX_BULK = "weftnet/bulk/v1";
+const TICK_MS = 100;
+const STUN_EVERY_MS = 30_000;
+
+/** The mesh as the bulk link needs it (MeshManager implements it). */
+export interface BulkMeshPort {
+  onApp(ch: string, h: (from: string, body: unknown) => void): void;
+  sendApp(peer: string, ch: string, body: unknown): boolean;
+  onPeerUp(f: (id: string) => void): void;
+  onPeerDown(f: (id: string) => void): void;
+  isConnected(peer: string): boolean;
+  peerPublicKey(peer: string): Uint8Array | undefined;
+  peerName(peer: string): string | undefined;
+}
+
+export interface BulkOptions {
+  identity: Identity;
+  mesh: BulkMeshPort;
+  logger: Logger;
+  /** UDP port (0: any free port) and bind address. */
+  port?: number;
+  address?: string;
+  /** Offer only 127.0.0.1 as host candidate (single-host tests). */
+  loopbackOnly?: boolean;
+  /** Addresses never offered as candidates (the overlay's own). */
+  excludeAddress?: (ip: string) => boolean;
+  /** The signaling server's STUN responder, to learn this socket's public mapping. */
+  stun?: () => { host: string; port: number } | undefined;
+  timing?: Partial<BulkTiming>;
+  socket?: Omit<UdpSocketOptions, "port" | "address">;
+  aead?: Aead;
+}
+
+export interface BulkPeerStatus {
+  state: string;
+  reason: string;
+  endpoint: string | null;
+  peerCands: string[];
+  rttMs: number | null;
+  keyAgeMs: number | null;
+  txDatagrams: number;
+  rxDatagrams: number;
+  txBytes: number;
+  rxBytes: number;
+  rotations: number;
+  ups: number;
+  downs: number;
+  drops: Record<string, number>;
+}
+
+export interface BulkCounters {
+  noPeer: number;
+  sendFull: number;
+  unsegmentable: number;
+  stunAnswers: number;
+  framesOut: number;
+  framesIn: number;
+}
+
+export class BulkService {
+  private readonly peers = new Map<string, BulkPeer>();
+  private readonly byIndex = new Map<number, BulkPeer>();
+  private readonly peerIds = new WeakMap<BulkPeer, string>();
+  private readonly log: Logger;
+  private readonly aead: Aead;
+  private readonly timer: NodeJS.Timeout;
+  private frameHandler: ((from: string, frame: Uint8Array) => void) | undefined;
+  private readonly upDownListeners: ((peer: string, up: boolean, reason: string) => void)[] = [];
+  private cands: string[];
+  private srflx: string | undefined;
+  private stunTx: Uint8Array | undefined;
+  private lastStun = -Infinity;
+  private stunAddr: Endpoint | undefined;
+  private closed = false;
+  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, unsegmentable: 0, stunAnswers: 0, framesOut: 0, framesIn: 0 };
+  // send path buffers (long-lived: the socket caches their addresses)
+  private readonly slab = Buffer.allocUnsafeSlow(UDP_GSO_MAX_BYTES + 4096);
+  private readonly scratch = Buffer.allocUnsafeSlow(70_000);
+  private batchLen = 0;
+  private batchCount = 0;
+  private batchSeg = 0;
+  private batchTo: Endpoint | undefined;
+
+  private constructor(
+    private readonly o: BulkOptions,
+    readonly socket: UdpSocket,
+  ) {
+    this.log = o.logger.child("bulk");
+    this.aead = o.aead ?? loadSodiumAead() ?? nodeAead();
+    this.cands = this.hostCandidates();
+    o.mesh.onPeerUp((id) => this.peerUp(id));
+    o.mesh.onPeerDown((id) => this.peerDown(id, "mesh link down"));
+    o.mesh.onApp(BULK_CHANNEL, (from, body) => this.onControl(from, body));
+    socket.start(
+      (data, seg, from) => this.onDatagrams(data, seg, from),
+      undefined,
+      (err) => this.log.warn("bulk UDP socket error", { err }),
+    );
+    this.timer = setInterval(() => this.tick(), TICK_MS);
+    this.timer.unref?.();
+    this.log.info("bulk link listening", { port: socket.port, candidates: this.cands, gso: socket.gso, gro: socket.gro, crypto: this.aead.name });
+  }
+
+  static open(o: BulkOptions): BulkService {
+    const socket = UdpSocket.open({ ...(o.socket ?? {}), port: o.port ?? 0, address: o.address ?? "0.0.0.0" });
+    return new BulkService(o, socket);
+  }
+
+  get port(): number {
+    return this.socket.port;
+  }
+
+  /** Frames (one packet each) that arrived over bulk links. */
+  onFrame(f: (from: string, frame: Uint8Array) => void): void {
+    this.frameHandler = f;
+  }
+
+  onUpDown(f: (peer: string, up: boolean, reason: string) => void): void {
+    this.upDownListeners.push(f);
+  }
+
+  isUp(peer: string): boolean {
+    return this.peers.get(peer)?.up === true;
+  }
+
+  candidates(): string[] {
+    return [...this.cands];
+  }
+
+  status(peer: string): BulkPeerStatus | null {
+    const p = this.peers.get(peer);
+    if (!p) return null;
+    const d = p.describe(performance.now());
+    const c = p.counters;
+    return { ...d, txDatagrams: c.txDatagrams, rxDatagrams: c.rxDatagrams, txBytes: c.txBytes, rxBytes: c.rxBytes, rotations: c.rotations, ups: c.ups, downs: c.downs, drops: Object.fromEntries(Object.entries(p.drops).filter(([, v]) => v > 0)) };
+  }
+
+  /** Totals over all peers (metrics). */
+  totals(): { up: number; txDatagrams: number; rxDatagrams: number; txBytes: number; rxBytes: number; drops: Record<string, number> } {
+    const t = { up: 0, txDatagrams: 0, rxDatagrams: 0, txBytes: 0, rxBytes: 0, drops: {} as Record<string, number> };
+    for (const p of this.peers.values()) {
+      if (p.up) t.up++;
+      t.txDatagrams += p.counters.txDatagrams;
+      t.rxDatagrams += p.counters.rxDatagrams;
+      t.txBytes += p.counters.txBytes;
+      t.rxBytes += p.counters.rxBytes;
+      for (const [k, v] of Object.entries(p.drops)) t.drops[k] = (t.drops[k] ?? 0) + v;
+    }
+    const c = this.counters;
+    t.drops["no-peer"] = c.noPeer;
+    t.drops["send-full"] = c.sendFull;
+    t.drops.unsegmentable = c.unsegmentable;
+    return t;
+  }
+
+  // ---- peers ----------------------------------------------------------------------------------------
+
+  private peer(id: string): BulkPeer | undefined {
+    let p = this.peers.get(id);
+    if (p || this.closed) return p;
+    const pub = this.o.mesh.peerPublicKey(id);
+    if (!pub) return undefined;
+    const self = this.o.identity;
+    p = new BulkPeer({
+      selfId: self.id,
+      peerId: id,
+      aead: this.aead,
+      auth: { sign: (...f) => signFields(self, CTX_BULK, ...f), verifyPeer: (sig, ...f) => verifyFields(pub, sig, CTX_BULK, ...f) },
+      random: randomU32,
+      cands: this.cands,
+      ...(this.o.timing ? { timing: this.o.timing } : {}),
+    });
+    this.peers.set(id, p);
+    this.peerIds.set(p, id);
+    return p;
+  }
+
+  private peerUp(id: string): void {
+    const p = this.peer(id);
+    if (p) this.run(id, p, p.handle({ type: "start" }, performance.now()));
+  }
+
+  private peerDown(id: string, reason: string): void {
+    const p = this.peers.get(id);
+    if (!p) return;
+    this.run(id, p, p.handle({ type: "stop", reason }, performance.now()));
+    this.peers.delete(id);
+  }
+
+  private onControl(from: string, body: unknown): void {
+    if (!this.o.mesh.isConnected(from)) return;
+    const p = this.peer(from);
+    if (p) this.run(from, p, p.handle({ type: "control", body }, performance.now()));
+  }
+
+  private tick(): void {
+    if (this.closed) return;
+    const now = performance.now();
+    for (const [id, p] of this.peers) this.run(id, p, p.handle({ type: "tick" }, now));
+    if (now - this.lastStun >= STUN_EVERY_MS) {
+      this.lastStun = now;
+      void this.stunProbe();
+    }
+  }
+
+  private run(id: string, p: BulkPeer, acts: BulkAction[]): void {
+    for (const a of acts) {
+      switch (a.type) {
+        case "control":
+          this.o.mesh.sendApp(id, BULK_CHANNEL, a.body);
+          break;
+        case "send":
+          if (!this.socket.send(a.to, a.data)) this.counters.sendFull++;
+          break;
+        case "index":
+          for (const i of a.del) if (this.byIndex.get(i) === p) this.byIndex.delete(i);
+          for (const i of a.add) this.byIndex.set(i, p);
+          break;
+        case "up":
+        case "down": {
+          const up = a.type === "up";
+          const reason = a.type === "down" ? a.reason : "";
+          if (up) this.log.info("bulk link up: pod traffic moves to UDP", { peer: id, peerName: this.o.mesh.peerName(id), endpoint: p.endpoint ? formatEndpoint(p.endpoint) : null });
+          else this.log.info("bulk link down: pod traffic back on WebRTC", { peer: id, peerName: this.o.mesh.peerName(id), reason });
+          for (const f of this.upDownListeners) f(id, up, reason);
+          break;
+        }
+      }
+    }
+    if (p.pendingIndexDel.length) {
+      for (const i of p.pendingIndexDel) if (this.byIndex.get(i) === p) this.byIndex.delete(i);
+      p.pendingIndexDel.length = 0;
+    }
+  }
+
+  // ---- candidates and STUN ----------------------------------------------------------------------------
+
+  private hostCandidates(): string[] {
+    const port = this.socket.port;
+    if (this.o.loopbackOnly) return [`127.0.0.1:${port}`];
+    const out: string[] = [];
+    const bound = this.o.address && this.o.address !== "0.0.0.0" ? this.o.address : undefined;
+    if (bound) return [`${bound}:${port}`];
+    for (const [name, addrs] of Object.entries(networkInterfaces())) {
+      if (name.startsWith("weft")) continue;
+      for (const a of addrs ?? []) {
+        if (a.family !== "IPv4" || a.internal) continue;
+        if (this.o.excludeAddress?.(a.address)) continue;
+        out.push(`${a.address}:${port}`);
+      }
+    }
+    if (this.srflx && !out.includes(this.srflx)) out.unshift(this.srflx);
+    return out.slice(0, 8);
+  }
+
+  private async stunProbe(): Promise<void> {
+    const s = this.o.stun?.();
+    if (!s || s.port <= 0 || this.o.loopbackOnly) return;
+    try {
+      let ip = parseIp(s.host);
+      if (!ip) ip = parseIp((await lookup(s.host, { family: 4 })).address);
+      if (!ip || ip.length !== 4 || this.closed) return;
+      this.stunAddr = { addr: ((ip[0]! << 24) | (ip[1]! << 16) | (ip[2]! << 8) | ip[3]!) >>> 0, port: s.port };
+      this.stunTx = new Uint8Array(randomBytes(12));
+      this.socket.send(this.stunAddr, encodeBindingRequest(this.stunTx));
+    } catch (err) {
+      this.log.debug("bulk STUN probe failed", { err });
+    }
+  }
+
+  private onStun(d: Uint8Array): void {
+    const r = parseBindingSuccess(d);
+    if (!r.ok || !this.stunTx || !Buffer.from(r.value.transactionId).equals(Buffer.from(this.stunTx))) return;
+    this.counters.stunAnswers++;
+    const m = r.value.mapped;
+    if (m.family !== "IPv4") return;
+    const srflx = `${m.address}:${m.port}`;
+    if (srflx === this.srflx) return;
+    this.srflx = srflx;
+    this.cands = this.hostCandidates();
+    this.log.info("bulk link public mapping (STUN)", { mapped: srflx });
+    const now = performance.now();
+    for (const [id, p] of this.peers) this.run(id, p, p.handle({ type: "cands", cands: this.cands }, now));
+  }
+
+  // ---- receive path -----------------------------------------------------------------------------------
+
+  private onDatagrams(data: Uint8Array, seg: number, from: Endpoint): void {
+    const now = performance.now();
+    if (seg <= 0) seg = data.length;
+    for (let o = 0; o < data.length; o += seg) {
+      const d = data.subarray(o, Math.min(data.length, o + seg));
+      if (d[0]! <= 1) {
+        this.onStun(d);
+        continue;
+      }
+      const p = d.length >= 8 ? this.byIndex.get(BulkPeer.receiverIndex(d)) : undefined;
+      if (!p) {
+        this.counters.noPeer++;
+        continue;
+      }
+      const r = p.open(d, from, now);
+      if (typeof r === "string" || r === KEEPALIVE) continue;
+      this.counters.framesIn++;
+      const id = this.peerIds.get(p)!;
+      this.frameHandler?.(id, r);
+    }
+  }
+
+  // ---- send path --------------------------------------------------------------------------------------
+
+  /**
+   * Send a data-plane frame to `peer` over its bulk link. "ok" when it went out (or was dropped on a full
+   * socket, counted: UDP has no backpressure and the inner TCP recovers); undefined when the bulk link to
+   * that peer is not up (the caller uses the WebRTC link).
+   */
+  send(peer: string, frame: Uint8Array): "ok" | undefined {
+    const p = this.peers.get(peer);
+    if (!p || !p.up || !p.endpoint) return undefined;
+    const to = p.endpoint;
+    const hdr = frame.subarray(0, FRAME_HEADER_LEN);
+    let off = FRAME_HEADER_LEN;
+    this.batchTo = to;
+    while (off + RECORD_HEADER_LEN <= frame.length) {
+      const len = ((frame[off]! << 24) | (frame[off + 1]! << 16) | (frame[off + 2]! << 8) | frame[off + 3]!) >>> 0;
+      const rec = frame.subarray(off + RECORD_HEADER_LEN, off + RECORD_HEADER_LEN + len);
+      off += RECORD_HEADER_LEN + len;
+      const n = segmentTcp(rec, this.scratch, (pkt) => this.sealOne(p, hdr, pkt));
+      if (n === 0) {
+        // Not TCP GSO (nothing else arrives from a TUN with TSO offloads only): send as it is.
+        this.counters.unsegmentable++;
+        this.sealOne(p, hdr, rec);
+      }
+    }
+    this.flush();
+    this.counters.framesOut++;
+    return "ok";
+  }
+
+  private sealOne(p: BulkPeer, hdr: Uint8Array, pkt: Uint8Array): void {
+    const size = FRAME_HEADER_LEN + RECORD_HEADER_LEN + pkt.length + SEAL_OVERHEAD;
+    // A batch is a run of equal sizes with at most one shorter datagram at its end.
+    if (this.batchCount > 0 && (size > this.batchSeg || this.batchLen % this.batchSeg !== 0 || this.batchCount >= UDP_GSO_MAX_SEGMENTS || this.batchLen + size > UDP_GSO_MAX_BYTES)) this.flush();
+    // Assemble the inner one-packet frame in place (after room for the header), then seal it there.
+    const slab = this.slab;
+    const o = this.batchLen + HEADER_LEN;
+    slab.set(hdr, o);
+    const r = o + FRAME_HEADER_LEN;
+    slab[r] = pkt.length >>> 24;
+    slab[r + 1] = (pkt.length >>> 16) & 255;
+    slab[r + 2] = (pkt.length >>> 8) & 255;
+    slab[r + 3] = pkt.length & 255;
+    slab.set(pkt, r + RECORD_HEADER_LEN);
+    const n = p.seal(slab, this.batchLen, FRAME_HEADER_LEN + RECORD_HEADER_LEN + pkt.length);
+    if (n < 0) return;
+    if (this.batchCount === 0) this.batchSeg = n;
+    this.batchLen += n;
+    this.batchCount++;
+  }
+
+  private flush(): void {
+    if (this.batchCount === 0 || !this.batchTo) return;
+    const sent = this.socket.sendBatch(this.batchTo, this.slab.subarray(0, this.batchLen), this.batchSeg, this.batchCount);
+    if (sent < this.batchCount) this.counters.sendFull += this.batchCount - sent;
+    this.batchLen = 0;
+    this.batchCount = 0;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    for (const id of [...this.peers.keys()]) {
+      this.o.mesh.sendApp(id, BULK_CHANNEL, { t: "off", v: BULK_WIRE_VERSION, reason: "agent stopping" });
+      this.peerDown(id, "agent stopping");
+    }
+    this.closed = true;
+    clearInterval(this.timer);
+    await this.socket.close();
+  }
+}
+
+/** What an agent with --no-bulk answers to a peer's handshake, so the peer stops trying. */
+export function refuseBulk(mesh: Pick<BulkMeshPort, "onApp" | "sendApp">): void {
+  mesh.onApp(BULK_CHANNEL, (from, body) => {
+    if (typeof body === "object" && body !== null && (body as { t?: unknown }).t === "init") mesh.sendApp(from, BULK_CHANNEL, { t: "off", v: BULK_WIRE_VERSION, reason: "bulk link disabled on this node (--no-bulk)" });
+  });
+}

@@ -1,0 +1,161 @@
+/**
+ * The bulk link between two real agents on loopback (real signaling server, real WebRTC links for the
+ * control channel, real UDP sockets): negotiation, a 64 MiB stream carried byte-exact, fallback to the
+ * WebRTC link within a second when the UDP path goes silent and the way back, --no-bulk peers.
+ * Frames here are the data plane's own (src/packet/frame.ts) with IPv4/UDP packets; the TCP-over-pods
+ * versions of these checks are in test/e2e/bulk.test.ts (root).
+ */
+import { createHash } from "node:crypto";
+import { afterEach, describe, expect, it } from "vitest";
+import type { Agent } from "../../agent/agent.js";
+import { decodeFrame, encodeFrames, nodeIdToBytes } from "../../src/packet/frame.js";
+import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
+import { Cluster, startServer, waitFor } from "../helpers/cluster.js";
+
+const TOKEN = "bulk-test-token";
+const PAYLOAD = 1300;
+
+function packet(seq: number, fill: Buffer): Uint8Array {
+  const ipLen = 20 + 8 + PAYLOAD;
+  const p = new Uint8Array(VNET_HDR_LEN + ipLen);
+  const dv = new DataView(p.buffer);
+  const ip = VNET_HDR_LEN;
+  p[ip] = 0x45;
+  dv.setUint16(ip + 2, ipLen);
+  p[ip + 8] = 64;
+  p[ip + 9] = 17;
+  dv.setUint32(ip + 12, 0x0a280001);
+  dv.setUint32(ip + 16, 0x0a280101);
+  dv.setUint16(ip + 24, 8 + PAYLOAD);
+  dv.setUint32(ip + 28, seq);
+  p.set(fill.subarray(0, PAYLOAD - 4), ip + 32);
+  return p;
+}
+
+function payloadOf(pkt: Uint8Array): { seq: number; data: Uint8Array } {
+  const ip = VNET_HDR_LEN;
+  const dv = new DataView(pkt.buffer, pkt.byteOffset, pkt.byteLength);
+  return { seq: dv.getUint32(ip + 28), data: pkt.subarray(ip + 32) };
+}
+
+describe("bulk link (agents on loopback)", () => {
+  let cluster: Cluster | undefined;
+  afterEach(async () => {
+    await cluster?.cleanup();
+    cluster = undefined;
+  });
+
+  async function pair(over: { bulkB?: boolean } = {}): Promise<[Agent, Agent]> {
+    cluster = new Cluster(await startServer(TOKEN), TOKEN);
+    const a = await cluster.agent("a", { bulk: true });
+    const b = await cluster.agent("b", { bulk: over.bulkB ?? true });
+    await waitFor(() => a.mesh.isConnected(b.id) && b.mesh.isConnected(a.id), 20_000, "mesh link");
+    return [a, b];
+  }
+
+  it("comes up beside WebRTC and carries a 64 MiB stream byte-exact; status says bulk and why", async () => {
+    const [a, b] = await pair();
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up on both sides");
+    const st = await a.status();
+    const pb = st.peers.find((p) => p.id === b.id)!;
+    expect(pb.linkType).toBe("bulk");
+    expect(pb.linkWhy).toMatch(/direct UDP to 127\.0\.0\.1:\d+/);
+    expect(pb.bulk?.state).toBe("up");
+    expect(st.bulk?.port).toBe(a.bulk!.port);
+
+    let lastT = performance.now();
+    let maxGap = 0;
+    const mon = setInterval(() => {
+      const t = performance.now();
+      maxGap = Math.max(maxGap, t - lastT);
+      lastT = t;
+    }, 10);
+    const total = 64 * 1024 * 1024;
+    const n = Math.ceil(total / (PAYLOAD - 4));
+    const rx = createHash("sha256");
+    const tx = createHash("sha256");
+    let next = 0;
+    let received = 0;
+    let outOfOrder = 0;
+    let wrongPeer = 0;
+    b.bulk!.onFrame((from, frame) => {
+      if (from !== a.id) wrongPeer++;
+      const f = decodeFrame(frame);
+      if (!f.ok) throw new Error(`bad frame: ${f.detail}`);
+      for (const p of f.packets) {
+        const { seq, data } = payloadOf(p);
+        if (seq !== next) outOfOrder++;
+        next = seq + 1;
+        rx.update(data);
+        received++;
+      }
+    });
+    const src = nodeIdToBytes(a.id);
+    const dst = nodeIdToBytes(b.id);
+    const fill = Buffer.alloc(PAYLOAD);
+    let seq = 0;
+    while (seq < n) {
+      // 40 packets per frame, like a TUN batch; keep < 2 MiB in flight (the receive buffer is 4 MiB)
+      const pkts: Uint8Array[] = [];
+      for (let i = 0; i < 40 && seq < n; i++, seq++) {
+        fill.writeUInt32BE(seq, 0);
+        fill.writeUInt32BE(seq * 2654435761 >>> 0, 100);
+        const p = packet(seq, fill);
+        tx.update(payloadOf(p).data);
+        pkts.push(p);
+      }
+      for (const fr of encodeFrames(src, dst, pkts).frames) if (a.bulk!.send(b.id, fr) !== "ok") throw new Error(`bulk down mid-stream at ${seq}: ${JSON.stringify(a.bulk!.status(b.id))} / ${JSON.stringify(b.bulk!.status(a.id))}`);
+      while (seq - received > 1500) await new Promise((r) => setImmediate(r));
+    }
+    await waitFor(() => received >= n, 20_000, `all ${n} packets (got ${received})`);
+    expect(received).toBe(n);
+    expect(outOfOrder).toBe(0);
+    expect(wrongPeer).toBe(0);
+    clearInterval(mon);
+    console.log(`64 MiB over the bulk link: longest event-loop gap ${maxGap.toFixed(0)} ms`);
+    expect(rx.digest("hex")).toBe(tx.digest("hex"));
+    const sb = b.bulk!.status(a.id)!;
+    expect(sb.drops).toEqual({});
+    expect(sb.rxDatagrams).toBeGreaterThanOrEqual(n);
+  }, 120_000);
+
+  it("falls back to the WebRTC link within a second of going silent, and comes back", async () => {
+    const [a, b] = await pair();
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
+    const events: string[] = [];
+    let downAt = 0;
+    a.bulk!.onUpDown((peer, up) => {
+      events.push(up ? "up" : "down");
+      if (!up) downAt = performance.now();
+    });
+    // Silence: B's socket stops reading (its kernel buffer fills, then drops). No root needed.
+    const silentAt = performance.now();
+    (b.bulk as unknown as { socket: { onData: unknown } }).socket.onData = () => {};
+    await waitFor(() => !a.bulk!.isUp(b.id), 3000, "bulk link down at A");
+    expect(downAt - silentAt).toBeLessThan(1500); // dead interval 800 ms + one tick, on a loaded box
+    // pod frames now go on the WebRTC link: the data plane's choice, as in dataplane.ts
+    let viaMesh = 0;
+    b.mesh.onPacket(() => viaMesh++);
+    const frame = encodeFrames(nodeIdToBytes(a.id), nodeIdToBytes(b.id), [packet(1, Buffer.alloc(PAYLOAD))]).frames[0]!;
+    expect(a.bulk!.send(b.id, frame)).toBeUndefined();
+    expect(a.mesh.sendPacket(b.id, frame)).toBe("ok");
+    await waitFor(() => viaMesh === 1, 5000, "frame over WebRTC");
+    expect((await a.status()).peers.find((p) => p.id === b.id)!.linkType).toBe("webrtc");
+    expect((await a.status()).peers.find((p) => p.id === b.id)!.linkWhy).toMatch(/bulk link punching: (silent|one-way)/);
+    // Recovery: B reads again.
+    const bulkB = b.bulk as unknown as { socket: { onData: unknown }; onDatagrams: (...x: unknown[]) => void };
+    bulkB.socket.onData = (d: unknown, s: unknown, f: unknown) => bulkB.onDatagrams(d, s, f);
+    await waitFor(() => a.bulk!.isUp(b.id) && b.bulk!.isUp(a.id), 5000, "bulk link back up");
+    expect(events).toEqual(["down", "up"]);
+  }, 60_000);
+
+  it("a --no-bulk peer answers the handshake with off: nothing changes, status says why", async () => {
+    const [a, b] = await pair({ bulkB: false });
+    await waitFor(async () => (await a.status()).peers.find((p) => p.id === b.id)?.bulk?.state === "off", 10_000, "bulk off");
+    const pb = (await a.status()).peers.find((p) => p.id === b.id)!;
+    expect(pb.linkType).toBe("webrtc");
+    expect(pb.linkWhy).toMatch(/--no-bulk/);
+    const pa = (await b.status()).peers.find((p) => p.id === a.id)!;
+    expect(pa.linkWhy).toMatch(/disabled here/);
+  }, 60_000);
+});
