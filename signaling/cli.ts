@@ -13,6 +13,9 @@ import { createLogger, parseLevel } from "../src/log.js";
 import { SIGNAL_PATH } from "../src/wire/signal.js";
 import { DEFAULT_TURN_TTL_S, isTurnUrl } from "../src/wire/turn-rest.js";
 import { startSignalServer, type SignalServer } from "./server.js";
+import { deriveJoinKey } from "./core/crypto.js";
+import { MIN_TOKEN_BITS, MIN_TOKEN_CHARS, tokenWeakness } from "./core/crypto.js";
+import { DEFAULT_LIMITS, type SignalLimits } from "./core/hub.js";
 
 export const DEFAULT_LISTEN = "0.0.0.0:7000";
 export const DEFAULT_STUN_PORT = 3478;
@@ -25,10 +28,18 @@ public address. It holds presence only: after a restart agents re-register and e
 
 Options:
   --listen HOST:PORT   HTTP + WebSocket address (default ${DEFAULT_LISTEN}; [::]:7000 for IPv6)
-  --token T            cluster token agents must prove (visible in ps; prefer --token-file or the env)
+  --token T            cluster token agents must prove (visible in ps; prefer --token-file or the env);
+                       the server keeps only its join key (HKDF), never the token
   --token-file F       read the cluster token from file F
-  --state-dir D        where a generated token is kept (default /var/lib/weftnet-signal as root,
-                       else $XDG_STATE_HOME/weftnet-signal or ~/.local/state/weftnet-signal)
+  --join-key-file F    read the cluster's join key instead (\`weftnet join-key\` prints it): this
+                       server then never sees the token at all
+  --allow-weak-token   accept a token shorter than ${MIN_TOKEN_CHARS} characters or under ${MIN_TOKEN_BITS} bits (tests only)
+  --admin-token-file F credential for /v1/nodes, /v1/stats and /metrics (or env WEFTNET_ADMIN_TOKEN);
+                       without it they take the cluster token or the join key
+  --max-sessions N     WebSocket sessions in total (default ${DEFAULT_LIMITS.maxSessions})
+  --max-sessions-per-ip N  sessions from one source address (default ${DEFAULT_LIMITS.maxSessionsPerIp})
+  --state-dir D        where a generated token is kept, mode 0700 (default /var/lib/weftnet-signal as
+                       root, else $XDG_STATE_HOME/weftnet-signal or ~/.local/state/weftnet-signal)
   --stun-port N        UDP port of the STUN responder (default ${DEFAULT_STUN_PORT}; 0 disables it)
   --stun-alt-port N    a second STUN port (off by default): agents compare the two mappings to tell
                        symmetric NAT apart (\`weftnet netcheck\`)
@@ -45,13 +56,16 @@ Options:
 
 Environment:
   WEFTNET_TOKEN        cluster token, used when neither --token nor --token-file is given
+  WEFTNET_JOIN_KEY     join key, used when no token is given in any way
+  WEFTNET_ADMIN_TOKEN  admin credential, used when --admin-token-file is not given
   WEFTNET_TURN_SECRET  TURN REST shared secret, used when --turn-secret-file is not given
 
-Without any token a random one is generated on first start, stored in <state-dir>/token (mode 0600)
-and reused afterwards. Join an agent with:
-  weftnet agent --signal ws://HOST:PORT --token <T>
+Without any token a random one is generated on first start, stored in <state-dir>/token (mode 0600;
+it is never printed) and reused afterwards. Join an agent with:
+  weftnet agent --signal ws://HOST:PORT --token-file <copy of that file>
 
-Endpoints: GET /healthz, GET /v1/nodes (Authorization: Bearer <token>), WebSocket ${SIGNAL_PATH}.
+Endpoints: GET /healthz, GET /v1/nodes, /v1/stats, /metrics (Authorization: Bearer <admin token, or
+cluster token / join key>), WebSocket ${SIGNAL_PATH}.
 `;
 
 export interface SignalCliIo {
@@ -129,6 +143,12 @@ function readTokenFile(path: string, what: string): string {
   return token;
 }
 
+/** Create the state dir (0700), or force an existing one to 0700: it holds the cluster token. */
+export function ensurePrivateDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  if ((statSync(dir).mode & 0o777) !== 0o700) chmodSync(dir, 0o700);
+}
+
 /** Token stored in <stateDir>/token, generated on first use. */
 export function loadOrCreateToken(stateDir: string): { token: string; path: string; created: boolean } {
   const path = join(stateDir, "token");
@@ -141,13 +161,14 @@ export function loadOrCreateToken(stateDir: string): { token: string; path: stri
   }
   if (exists) {
     try {
+      ensurePrivateDir(stateDir);
       return { token: readTokenFile(path, "token file"), path, created: false };
     } catch (e) {
       throw new UsageError(`${(e as Error).message}; delete it to generate a new token`);
     }
   }
   try {
-    mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+    ensurePrivateDir(stateDir);
     const token = nanoid(32);
     writeSecretFile(path, token + "\n");
     return { token, path, created: true };
@@ -196,7 +217,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const err = io.stderr ?? ((s: string) => void process.stderr.write(s));
   const env = io.env ?? process.env;
 
-  let values: { listen?: string; token?: string; "token-file"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; verbose?: boolean; help?: boolean };
+  let values: { listen?: string; token?: string; "token-file"?: string; "join-key-file"?: string; "allow-weak-token"?: boolean; "admin-token-file"?: string; "max-sessions"?: string; "max-sessions-per-ip"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; verbose?: boolean; help?: boolean };
   try {
     values = parseArgs({
       args: argv,
@@ -206,6 +227,11 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
         listen: { type: "string" },
         token: { type: "string" },
         "token-file": { type: "string" },
+        "join-key-file": { type: "string" },
+        "allow-weak-token": { type: "boolean" },
+        "admin-token-file": { type: "string" },
+        "max-sessions": { type: "string" },
+        "max-sessions-per-ip": { type: "string" },
         "state-dir": { type: "string" },
         "stun-port": { type: "string" },
         "stun-alt-port": { type: "string" },
@@ -232,8 +258,12 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   let stunAltPort = 0;
   let turn: { urls: string[]; secret: string; ttlS: number } | undefined;
   let relay: { enabled: boolean; rateBytesPerSec?: number } | undefined;
-  let token: string;
+  let token: string | undefined;
+  let joinKey: string | undefined;
+  let adminToken: string | undefined;
+  const limits: Partial<SignalLimits> = {};
   let tokenNote: string | undefined;
+  let tokenPath: string | undefined;
   try {
     listen = parseListen(values.listen ?? DEFAULT_LISTEN);
     stunPort = values["stun-port"] === undefined ? DEFAULT_STUN_PORT : parsePort(values["stun-port"], "--stun-port");
@@ -250,19 +280,42 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
       relay = { enabled: true, rateBytesPerSec: (r * 1e6) / 8 };
     }
     if (values["no-relay"]) relay = { enabled: false };
-    if (values.token !== undefined && values["token-file"] !== undefined) throw new UsageError("give either --token or --token-file, not both");
+    if ([values.token, values["token-file"], values["join-key-file"]].filter((x) => x !== undefined).length > 1) throw new UsageError("give one of --token, --token-file or --join-key-file");
+    let fromUser = true;
     if (values.token !== undefined) {
       token = values.token.trim();
       if (token.length === 0) throw new UsageError("--token must not be empty");
     } else if (values["token-file"] !== undefined) {
       token = readTokenFile(values["token-file"], "--token-file");
+    } else if (values["join-key-file"] !== undefined) {
+      joinKey = readTokenFile(values["join-key-file"], "--join-key-file");
     } else if (env.WEFTNET_TOKEN !== undefined && env.WEFTNET_TOKEN.trim() !== "") {
       token = env.WEFTNET_TOKEN.trim();
+    } else if (env.WEFTNET_JOIN_KEY !== undefined && env.WEFTNET_JOIN_KEY.trim() !== "") {
+      joinKey = env.WEFTNET_JOIN_KEY.trim();
     } else {
+      fromUser = false;
       const stateDir = values["state-dir"] ?? defaultStateDir(env);
       const t = loadOrCreateToken(stateDir);
       token = t.token;
-      tokenNote = t.created ? `generated cluster token ${t.token} (stored in ${t.path})` : `using the cluster token stored in ${t.path}`;
+      tokenNote = t.created
+        ? `generated a cluster token and stored it in ${t.path} (mode 0600); it is not printed: copy that file to your agents`
+        : `using the cluster token stored in ${t.path}`;
+      tokenPath = t.path;
+    }
+    if (joinKey !== undefined && !/^[0-9a-f]{64}$/.test(joinKey)) throw new UsageError("the join key must be 64 lowercase hex characters (`weftnet join-key` prints it)");
+    if (token !== undefined && fromUser && !values["allow-weak-token"]) {
+      const weak = tokenWeakness(token);
+      if (weak !== undefined) throw new UsageError(`weak cluster token: ${weak}; generate one with \`openssl rand -base64 24\` (or pass --allow-weak-token for tests)`);
+    }
+    if (values["admin-token-file"] !== undefined) adminToken = readTokenFile(values["admin-token-file"], "--admin-token-file");
+    else if (env.WEFTNET_ADMIN_TOKEN !== undefined && env.WEFTNET_ADMIN_TOKEN.trim() !== "") adminToken = env.WEFTNET_ADMIN_TOKEN.trim();
+    if (adminToken !== undefined && !values["allow-weak-token"] && tokenWeakness(adminToken) !== undefined) throw new UsageError(`weak admin token: ${tokenWeakness(adminToken)}`);
+    for (const [flag, key] of [["max-sessions", "maxSessions"], ["max-sessions-per-ip", "maxSessionsPerIp"]] as const) {
+      const v = values[flag];
+      if (v === undefined) continue;
+      if (!/^\d+$/.test(v) || Number(v) < 1) throw new UsageError(`--${flag} must be a positive integer, got ${JSON.stringify(v)}`);
+      limits[key] = Number(v);
     }
   } catch (e) {
     err(`weftnet signal: ${(e as Error).message}\n`);
@@ -272,7 +325,10 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const logger = createLogger({ level: values.verbose ? "debug" : parseLevel(env.WEFTNET_LOG, "warn"), component: "weftnet-signal" });
   let server: SignalServer;
   try {
-    server = await startSignalServer({ listen, token, stunPort, logger, ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}), ...(relay ? { relay } : {}) });
+    // Only the join key reaches the server; the token goes out of scope here.
+    if (joinKey === undefined) joinKey = await deriveJoinKey(token!);
+    token = undefined;
+    server = await startSignalServer({ listen, joinKey, stunPort, logger, limits, ...(adminToken !== undefined ? { adminToken } : {}), ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}), ...(relay ? { relay } : {}) });
   } catch (e) {
     err(`weftnet signal: ${(e as Error).message}\n`);
     return e instanceof WeftError && e.code === "ERR_USAGE" ? 2 : 1;
@@ -282,8 +338,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   out(`weftnet signal listening on ws://${listen.host.includes(":") ? `[${listen.host}]` : listen.host}:${server.port} (${stunText})\n`);
   if (tokenNote !== undefined) {
     out(`${tokenNote}\n`);
-    const shown = tokenNote.startsWith("generated") ? token : "<token>";
-    out(`join agents with: weftnet agent --signal ws://${publicHostGuess(listen.host)}:${server.port} --token ${shown}\n`);
+    out(`join agents with: weftnet agent --signal ws://${publicHostGuess(listen.host)}:${server.port} --token-file ${tokenPath}\n`);
   }
   io.onListening?.(server);
 

@@ -112,3 +112,26 @@ export async function deriveJoinKey(token: string, subtle: Subtle = globalThis.c
 export function webRandom(n: number): Uint8Array {
   return globalThis.crypto.getRandomValues(new Uint8Array(n));
 }
+
+/** Shortest cluster token the servers accept without --allow-weak-token. */
+export const MIN_TOKEN_CHARS = 16;
+/** Least estimated entropy (length x log2 of the character classes used) of an accepted token. */
+export const MIN_TOKEN_BITS = 80;
+
+/**
+ * Why a token is too weak to guard a cluster, or undefined when it is acceptable: at least
+ * MIN_TOKEN_CHARS characters, 8 distinct ones, and MIN_TOKEN_BITS by a character-class estimate
+ * (lower 26, upper 26, digits 10, anything else 33). A generated token (32 chars of nanoid) has ~190.
+ */
+export function tokenWeakness(token: string): string | undefined {
+  if (token.length < MIN_TOKEN_CHARS) return `the token has ${token.length} characters; at least ${MIN_TOKEN_CHARS} are required`;
+  if (new Set(token).size < 8) return "the token repeats too few distinct characters (at least 8 needed)";
+  let pool = 0;
+  if (/[a-z]/.test(token)) pool += 26;
+  if (/[A-Z]/.test(token)) pool += 26;
+  if (/[0-9]/.test(token)) pool += 10;
+  if (/[^a-zA-Z0-9]/.test(token)) pool += 33;
+  const bits = Math.floor(token.length * Math.log2(pool));
+  if (bits < MIN_TOKEN_BITS) return `the token has about ${bits} bits of entropy; at least ${MIN_TOKEN_BITS} are required (use a longer or more varied token)`;
+  return undefined;
+}

@@ -1,5 +1,5 @@
 import { joinKeyOf } from "../../src/identity.js";
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -97,7 +97,9 @@ describe("weftnet signal CLI", () => {
     const token = readFileSync(join(state, "token"), "utf8").trim();
     const text = r.out.join("");
     expect(text).toMatch(new RegExp(`^weftnet signal listening on ws://127\\.0\\.0\\.1:${server!.port} \\(STUN off\\)\\n`));
-    expect(text).toContain(`weftnet agent --signal ws://127.0.0.1:${server!.port} --token ${token}`);
+    expect(text).not.toContain(token); // never printed (stdout ends up in journald)
+    expect(text).toContain(`weftnet agent --signal ws://127.0.0.1:${server!.port} --token-file ${join(state, "token")}`);
+    expect(statSync(state).mode & 0o777).toBe(0o700);
     const health = await fetch(`http://127.0.0.1:${server!.port}/healthz`);
     expect(await health.json()).toEqual({ ok: true, agents: 0 });
     const nodes = await fetch(`http://127.0.0.1:${server!.port}/v1/nodes`, { headers: { Authorization: `Bearer ${joinKeyOf(token)}` } });
@@ -107,25 +109,50 @@ describe("weftnet signal CLI", () => {
 
     const again = await run(["--listen", "127.0.0.1:0", "--stun-port", "0", "--state-dir", state], {}, true);
     const t2 = again.out.join("");
-    expect(t2).not.toContain(token); // printed once, when generated
+    expect(t2).not.toContain(token);
     expect(t2).toContain(join(state, "token"));
     again.stop();
     expect(await again.done).toBe(0);
   });
 
   it("takes the token from WEFTNET_TOKEN and serves STUN on the given port", async () => {
-    const r = await run(["--listen", "127.0.0.1:0", "--stun-port", "0"], { WEFTNET_TOKEN: "from-env" }, true);
+    const r = await run(["--listen", "127.0.0.1:0", "--stun-port", "0"], { WEFTNET_TOKEN: "from-env-0123456789-abcdefgh" }, true);
     const server = r.server()!;
-    const ok = await fetch(`http://127.0.0.1:${server.port}/v1/nodes`, { headers: { Authorization: `Bearer ${joinKeyOf("from-env")}` } });
+    const ok = await fetch(`http://127.0.0.1:${server.port}/v1/nodes`, { headers: { Authorization: `Bearer ${joinKeyOf("from-env-0123456789-abcdefgh")}` } });
     expect(ok.status).toBe(200);
     r.stop();
     expect(await r.done).toBe(0);
   });
 
+  it("refuses weak tokens unless --allow-weak-token, forces the state dir to 0700, and serves with a join key only", async () => {
+    for (const [argv, env] of [[["--token", "short"], {}], [["--token", "aaaaaaaaaaaaaaaaaaaaaaaa"], {}], [[], { WEFTNET_TOKEN: "passw0rd-123" }]] as const) {
+      const r = await run(["--listen", "127.0.0.1:0", "--stun-port", "0", ...argv], env);
+      expect(await r.done).toBe(2);
+      expect(r.err.join("")).toMatch(/^weftnet signal: weak cluster token: /);
+    }
+    const d = tmp();
+    chmodSync(d, 0o755);
+    loadOrCreateToken(d);
+    expect(statSync(d).mode & 0o777).toBe(0o700);
+    const strong = "Zq7-strong-test-token-0123456789";
+    const keyFile = join(tmp(), "join-key");
+    writeFileSync(keyFile, joinKeyOf(strong) + "\n");
+    const adminFile = join(tmp(), "admin");
+    writeFileSync(adminFile, "admin-credential-0123456789-xyz\n");
+    const r = await run(["--listen", "127.0.0.1:0", "--stun-port", "0", "--join-key-file", keyFile, "--admin-token-file", adminFile], {}, true);
+    const port = r.server()!.port;
+    const get = (bearer: string) => fetch(`http://127.0.0.1:${port}/metrics`, { headers: { Authorization: `Bearer ${bearer}` } });
+    expect((await get("admin-credential-0123456789-xyz")).status).toBe(200);
+    expect((await get(strong)).status).toBe(401); // with an admin token, the cluster credential is not an admin one
+    expect((await get(joinKeyOf(strong))).status).toBe(401);
+    r.stop();
+    expect(await r.done).toBe(0);
+  });
+
   it("exits 1 with one line when the port is taken", async () => {
-    const first = await run(["--listen", "127.0.0.1:0", "--stun-port", "0", "--token", "t"], {}, true);
+    const first = await run(["--listen", "127.0.0.1:0", "--stun-port", "0", "--token", "t", "--allow-weak-token"], {}, true);
     const port = first.server()!.port;
-    const second = await run(["--listen", `127.0.0.1:${port}`, "--stun-port", "0", "--token", "t"]);
+    const second = await run(["--listen", `127.0.0.1:${port}`, "--stun-port", "0", "--token", "t", "--allow-weak-token"]);
     expect(await second.done).toBe(1);
     expect(second.err.join("")).toMatch(/^weftnet signal: cannot listen on tcp 127\.0\.0\.1:\d+: .*EADDRINUSE/);
     first.stop();
