@@ -171,14 +171,23 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
       if (left <= 0) tcpPerIp.delete(ip);
       else tcpPerIp.set(ip, left);
     });
-    const idle = setTimeout(() => {
+    // The first request's headers must be complete within headersTimeoutMs (Node's own headersTimeout does
+    // not fire for a connection that dribbles its first header slowly enough).
+    const deadline = setTimeout(() => {
       idleDropped++;
       sock.destroy();
     }, headersTimeoutMs);
-    idle.unref();
-    sock.once("data", () => clearTimeout(idle));
-    sock.once("close", () => clearTimeout(idle));
+    deadline.unref();
+    firstRequest.set(sock, deadline);
+    sock.once("close", () => clearTimeout(deadline));
   });
+  const firstRequest = new WeakMap<Socket, ReturnType<typeof setTimeout>>();
+  const headersDone = (sock: Socket) => {
+    const t = firstRequest.get(sock);
+    if (t !== undefined) clearTimeout(t);
+    firstRequest.delete(sock);
+  };
+  server.on("request", (req: IncomingMessage) => headersDone(req.socket));
   const wss = new WebSocketServer({ noServer: true, maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
   const missed = new Map<WebSocket, number>();
   let closing = false;
@@ -236,6 +245,7 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
   };
 
   server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    headersDone(req.socket);
     const path = (req.url ?? "").split("?")[0];
     if (path !== SIGNAL_PATH) return refuse(socket, "404 Not Found", JSON.stringify({ error: `no WebSocket endpoint at ${path}; use ${SIGNAL_PATH}` }));
     if (closing) return refuse(socket, "503 Service Unavailable", JSON.stringify({ error: "server shutting down" }));
