@@ -58,8 +58,17 @@ export function identityFromPem(pem: string): Identity {
   return identityFromPrivateKey(key);
 }
 
+// Gossip verifies many signatures by few keys: keep their KeyObjects (bounded: cleared when full).
+const keyCache = new Map<string, KeyObject>();
 function publicKeyObject(raw: Uint8Array): KeyObject {
-  return createPublicKey({ key: Buffer.concat([ED25519_SPKI_PREFIX, raw]), format: "der", type: "spki" });
+  const k = Buffer.from(raw).toString("base64");
+  let o = keyCache.get(k);
+  if (!o) {
+    o = createPublicKey({ key: Buffer.concat([ED25519_SPKI_PREFIX, raw]), format: "der", type: "spki" });
+    if (keyCache.size >= 4096) keyCache.clear();
+    keyCache.set(k, o);
+  }
+  return o;
 }
 
 /** Domain-separated framing of the signed fields. */
@@ -122,6 +131,39 @@ export function peerKeyOf(token: string): string {
   return splitToken(token).peerKey;
 }
 
+/**
+ * Signed records (gossip: topology records, IPAM state). A record says something about its origin node and
+ * travels through other nodes, so it carries its own proof: the origin's raw public key (whose hash IS the
+ * node id, so no directory is needed) and an Ed25519 signature over (ctx, origin, ...fields). Callers pass
+ * the record's canonical content as fields (e.g. one canonical JSON string); a verifier recomputes the same
+ * fields from the record it decoded, so any change of content, origin or purpose breaks the signature.
+ *
+ *   const proof = signRecord(identity, CTX_X, canonical(rec));          // { pub, sig }
+ *   verifyRecord(rec.node, proof, CTX_X, canonical(rec))                // true / false, never throws
+ */
+export interface RecordProof {
+  readonly pub: Uint8Array; // 32 bytes
+  readonly sig: Uint8Array; // 64 bytes
+}
+
+export function signRecord(idn: Identity, context: string, ...fields: (string | Uint8Array)[]): RecordProof {
+  return { pub: idn.publicKey, sig: signFields(idn, context, idn.id, ...fields) };
+}
+
+/** Does `proof` show that node `origin` (and nobody else) said `fields` for `context`? */
+export function verifyRecord(origin: string, proof: { pub?: Uint8Array | undefined; sig?: Uint8Array | undefined }, context: string, ...fields: (string | Uint8Array)[]): boolean {
+  const { pub, sig } = proof;
+  if (!(pub instanceof Uint8Array) || !(sig instanceof Uint8Array) || pub.byteLength !== 32 || sig.byteLength !== 64) return false;
+  let id: string;
+  try {
+    id = deriveNodeId(pub);
+  } catch {
+    return false;
+  }
+  return id === origin && verifyFields(pub, sig, context, origin, ...fields);
+}
+
 /** Signing contexts: one per purpose. */
 export const CTX_HELLO = "weftnet/hello/v1";
 export const CTX_SDP = "weftnet/sdp/v1";
+export const CTX_TOPO = "weftnet/topo/v1";

@@ -133,6 +133,11 @@ export class MeshManager {
     return this.o.identity.id;
   }
 
+  /** This node's key (the router signs its topology records with it). */
+  get identity(): Identity {
+    return this.o.identity;
+  }
+
   // ---- inputs from signaling -------------------------------------------------------------------
 
   onWelcome(peers: PeerInfo[]): void {

@@ -29,6 +29,10 @@ export class Router {
   readonly owners = new PrefixTable<string>();
   conflicts: { cidr: string; owners: string[] }[] = [];
   readonly counters = { badGossip: 0, rejectedRecords: 0, recomputes: 0 };
+  /** refused topology records by reason (ERR_BAD_SIGNATURE, ERR_UNSIGNED, ERR_SEQ_JUMP, ERR_INVALID, ...) */
+  readonly rejectedByCode = new Map<string, number>();
+  /** peers we already warned about forged gossip (once each: an attacker must not flood the log) */
+  private readonly warnedForgers = new Set<string>();
   private readonly changeListeners: (() => void)[] = [];
   private dirtyLocal = false;
   private dirtyRoutes = false;
@@ -47,7 +51,8 @@ export class Router {
 
   constructor(private readonly o: RouterOptions) {
     const self = o.mesh.selfId;
-    this.topo = new Topology(self, o.initialSeq !== undefined ? { initialSeq: o.initialSeq } : {});
+    // Signed gossip: our records carry our signature, remote ones are merged only when signed by their origin.
+    this.topo = new Topology(self, { identity: o.mesh.identity, ...(o.initialSeq !== undefined ? { initialSeq: o.initialSeq } : {}) });
     this.table = computeRoutes(self, [], {});
     // Link changes come in bursts (a node joining links to everyone within a second): mark dirty and
     // re-originate / recompute once per flush() instead of once per event.
@@ -160,7 +165,12 @@ export class Router {
     const { delta, originated, rejected } = this.topo.mergeDetailed(recs, this.o.now());
     if (rejected.length) {
       this.counters.rejectedRecords += rejected.length;
-      this.o.logger.debug("rejected topology records", { peer: from, count: rejected.length });
+      for (const e of rejected) this.rejectedByCode.set(e.code, (this.rejectedByCode.get(e.code) ?? 0) + 1);
+      const forged = rejected.filter((e) => e.code === "ERR_BAD_SIGNATURE" || e.code === "ERR_UNSIGNED" || e.code === "ERR_SEQ_JUMP");
+      if (forged.length && !this.warnedForgers.has(from) && this.warnedForgers.size < 1024) {
+        this.warnedForgers.add(from);
+        this.o.logger.warn("refused topology records not signed by their origin (or with a seq jump): a peer forwards forged gossip", { peer: from, count: forged.length, first: forged[0]!.message });
+      } else this.o.logger.debug("rejected topology records", { peer: from, count: rejected.length });
     }
     this.forward(
       delta.filter((r) => r !== originated),

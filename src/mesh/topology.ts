@@ -12,9 +12,24 @@
  *   prefixes   canonical CIDR strings the origin owns/advertises (its IPAM blocks, extra routes), sorted
  *   updatedAt  origin's wall clock when it made this version (informational only: never used for
  *              ordering or aging, so clock skew between hosts does not matter)
+ *   pub, sig   the origin's raw Ed25519 public key (its hash is the node id) and its signature over
+ *              (CTX_TOPO, node, recordKey(record)) — identity.ts signRecord/verifyRecord
+ *
+ * ## Trust (every record speaks only for its origin)
+ * A Topology built with the node's `identity` signs every record it originates and accepts a remote record
+ * only with a valid signature by the record's own node: checked before merge, so nothing unverified is
+ * ever stored, forwarded (the delta is the forward set) or used for routing. A forged record for X (no X
+ * key) is refused whatever its seq, so it can neither replace X's record nor outbid it; a forged record for
+ * OURSELVES can no longer push our counter up either. seq may step forward only by MAX_SEQ_STEP_MS past
+ * max(the version we hold, its tombstone, our clock): X itself (or a replay of a compromised X) cannot burn
+ * the counter space with 2^53-1. Replays of old versions lose to the current one; a replay of a dead
+ * node's last record after it aged out only brings back links its neighbours no longer report (routing
+ * needs both ends) — harmless. Refusals are typed (ERR_UNSIGNED, ERR_BAD_SIGNATURE, ERR_SEQ_JUMP) and
+ * returned in `rejected` for the caller to count. Without an identity (simulations, unit tests of the
+ * merge algebra) records are neither signed nor checked: the agent always passes one (Router).
  *
  * Wire body on the mesh app channel "topo" (plain maps/arrays for msgpack; see encode/decode below):
- *   { v: 1, t: "recs", recs: [[node, seq, [[peer, rttMs], ...], [cidr, ...], updatedAt | null], ...] }
+ *   { v: 1, t: "recs", recs: [[node, seq, [[peer, rttMs], ...], [cidr, ...], updatedAt | null, pub, sig], ...] }
  * Decoders ignore unknown map fields and extra trailing tuple elements, so newer senders may append.
  * A message carries at most MAX_RECORDS_PER_MESSAGE records and stays under ~192 KiB
  * (encodeTopologyMessages chunks), below the control channel's 256 KiB limit.
@@ -76,6 +91,7 @@
  * goes down and up again gets a fresh full sync.
  */
 import { ProtocolError, WeftError } from "../errors.js";
+import { CTX_TOPO, signRecord, verifyRecord, type Identity } from "../identity.js";
 import { formatCidr, parseCidr } from "../packet/ip.js";
 import { NODE_ID_RE, arr, isPlainObject } from "../wire/codec.js";
 
@@ -87,6 +103,11 @@ export const MAX_LINKS_PER_RECORD = 256;
 export const MAX_PREFIXES_PER_RECORD = 256;
 export const MAX_RECORDS_PER_MESSAGE = MAX_NODES;
 export const MAX_RTT_MS = 60_000;
+/**
+ * Largest forward step of an origin's seq past max(held version, tombstone, our clock). seq is the origin's
+ * wall clock in ms, so this is also the clock skew tolerated between hosts (a day).
+ */
+export const MAX_SEQ_STEP_MS = 24 * 3600 * 1000;
 /** Per-message budget for encodeTopologyMessages (estimated msgpack bytes). */
 export const MESSAGE_BUDGET_BYTES = 192 * 1024;
 
@@ -101,6 +122,9 @@ export interface TopologyRecord {
   readonly links: readonly TopologyLink[];
   readonly prefixes: readonly string[];
   readonly updatedAt?: number;
+  /** origin's public key and signature (identity.ts signRecord); absent only in unsigned mode */
+  readonly pub?: Uint8Array;
+  readonly sig?: Uint8Array;
 }
 
 /** Input to setLocal: one live direct link; rttMs undefined until the first measurement. */
@@ -125,12 +149,16 @@ export interface TopologyOptions {
   unknownRttMs?: number;
   /** last seq this node issued, if the agent persisted it */
   initialSeq?: number;
+  /** this node's key: sign our records, accept remote ones only when signed by their origin (the agent always sets it) */
+  identity?: Identity;
+  /** largest forward seq step accepted (default MAX_SEQ_STEP_MS) */
+  maxSeqStepMs?: number;
 }
 
 /** Semantic refusals of remote data (ProtocolError covers malformed data). Count and drop. */
 export class TopologyError extends WeftError {
   static override readonly name = "TopologyError";
-  constructor(code: "ERR_TOO_MANY_NODES" | "ERR_CONFIG", message: string) {
+  constructor(code: "ERR_TOO_MANY_NODES" | "ERR_CONFIG" | "ERR_UNSIGNED" | "ERR_BAD_SIGNATURE" | "ERR_SEQ_JUMP", message: string) {
     super(code, message);
   }
 }
@@ -212,8 +240,22 @@ export function validateRecord(r: unknown): TopologyRecord {
     if (ps.has(c)) throw new ProtocolError("ERR_INVALID", "duplicate record prefix");
     ps.add(c);
   }
-  const out: TopologyRecord = { node, seq, links: outLinks, prefixes: [...ps].sort() };
-  return updatedAt === undefined ? out : { ...out, updatedAt };
+  const { pub, sig } = r as Record<string, unknown>;
+  if (pub !== undefined && !(pub instanceof Uint8Array && pub.byteLength === 32)) throw new ProtocolError("ERR_INVALID", "record pub must be 32 bytes");
+  if (sig !== undefined && !(sig instanceof Uint8Array && sig.byteLength === 64)) throw new ProtocolError("ERR_INVALID", "record sig must be 64 bytes");
+  const out: TopologyRecord = { node, seq, links: outLinks, prefixes: [...ps].sort(), ...(updatedAt === undefined ? {} : { updatedAt }) };
+  return pub && sig ? { ...out, pub: pub as Uint8Array, sig: sig as Uint8Array } : out;
+}
+
+/** What a record's signature covers: its canonical content (recordKey), under CTX_TOPO and the origin id. */
+export function signTopologyRecord(idn: Identity, r: TopologyRecord): TopologyRecord {
+  if (r.node !== idn.id) throw new TopologyError("ERR_CONFIG", "a node signs only its own record");
+  const { pub, sig } = signRecord(idn, CTX_TOPO, recordKey(r));
+  return { ...r, pub, sig };
+}
+
+export function verifyTopologyRecord(r: TopologyRecord): boolean {
+  return verifyRecord(r.node, r, CTX_TOPO, recordKey(r));
 }
 
 // ---- wire ------------------------------------------------------------------------------------------
@@ -221,11 +263,13 @@ export function validateRecord(r: unknown): TopologyRecord {
 export type TopologyWire = { v: number; t: "recs"; recs: unknown[] };
 
 function recordTuple(r: TopologyRecord): unknown[] {
-  return [r.node, r.seq, r.links.map((l) => [l.peer, l.rttMs]), [...r.prefixes], r.updatedAt ?? null];
+  const t: unknown[] = [r.node, r.seq, r.links.map((l) => [l.peer, l.rttMs]), [...r.prefixes], r.updatedAt ?? null];
+  if (r.pub && r.sig) t.push(r.pub, r.sig);
+  return t;
 }
 
 function estimateBytes(r: TopologyRecord): number {
-  let n = 48;
+  let n = 48 + 100;
   n += r.links.length * 30;
   for (const p of r.prefixes) n += p.length + 2;
   return n;
@@ -259,14 +303,20 @@ export function decodeTopologyMessage(body: unknown): TopologyRecord[] {
   if (body.t !== "recs") throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown topology message type ${JSON.stringify(body.t)}`);
   return arr(body, "recs", MAX_RECORDS_PER_MESSAGE).map((x) => {
     if (!Array.isArray(x) || x.length < 4) throw new ProtocolError("ERR_INVALID", "record must be [node, seq, links, prefixes, updatedAt?]");
-    const [node, seq, links, prefixes, updatedAt] = x as unknown[];
+    const [node, seq, links, prefixes, updatedAt, pub, sig] = x as unknown[];
     if (!Array.isArray(links) || links.length > MAX_LINKS_PER_RECORD) throw new ProtocolError("ERR_TOO_LARGE", `record links must be an array of at most ${MAX_LINKS_PER_RECORD}`);
     const ls = links.map((l) => {
       if (!Array.isArray(l) || l.length < 2) throw new ProtocolError("ERR_INVALID", "link must be [peer, rttMs]");
       return { peer: l[0], rttMs: l[1] };
     });
-    return validateRecord({ node, seq, links: ls, prefixes, ...(updatedAt === null || updatedAt === undefined ? {} : { updatedAt }) });
+    const proof = pub === undefined || pub === null ? {} : { pub: toBytes(pub), sig: toBytes(sig) };
+    return validateRecord({ node, seq, links: ls, prefixes, ...(updatedAt === null || updatedAt === undefined ? {} : { updatedAt }), ...proof });
   });
+}
+
+/** msgpack hands bin fields back as Buffer (a Uint8Array) or Uint8Array; anything else stays as is and fails validation. */
+function toBytes(x: unknown): unknown {
+  return x instanceof Uint8Array ? new Uint8Array(x.buffer, x.byteOffset, x.byteLength) : x;
 }
 
 // ---- the database ----------------------------------------------------------------------------------
@@ -280,7 +330,8 @@ export class Topology {
   private advertised = new Map<string, number>();
   private localPrefixes: string[] = [];
   private hasLocal = false;
-  private readonly o: Required<Omit<TopologyOptions, "initialSeq">>;
+  private readonly o: Required<Omit<TopologyOptions, "initialSeq" | "identity">>;
+  private readonly identity: Identity | undefined;
 
   constructor(
     readonly selfId: string,
@@ -296,7 +347,10 @@ export class Topology {
       rttChangeRatio: opts.rttChangeRatio ?? 0.2,
       rttChangeMinMs: opts.rttChangeMinMs ?? 2,
       unknownRttMs: opts.unknownRttMs ?? 100,
+      maxSeqStepMs: opts.maxSeqStepMs ?? MAX_SEQ_STEP_MS,
     };
+    this.identity = opts.identity;
+    if (this.identity && this.identity.id !== selfId) throw new TopologyError("ERR_CONFIG", "identity does not match the node id");
     if (!(this.o.maxAgeMs > 0 && this.o.refreshMs > 0 && this.o.refreshMs < this.o.maxAgeMs && this.o.tombstoneMs >= 0 && this.o.maxNodes >= 1)) {
       throw new TopologyError("ERR_CONFIG", "need 0 < refreshMs < maxAgeMs, tombstoneMs >= 0, maxNodes >= 1");
     }
@@ -385,7 +439,8 @@ export class Topology {
   private originate(now: number): TopologyRecord {
     this.seqNo = Math.max(this.seqNo + 1, Number.isFinite(now) ? Math.floor(now) : 0);
     const links = [...this.advertised].map(([peer, rttMs]) => ({ peer, rttMs })).sort((a, b) => (a.peer < b.peer ? -1 : 1));
-    const rec: TopologyRecord = { node: this.selfId, seq: this.seqNo, links, prefixes: [...this.localPrefixes], updatedAt: Math.max(0, now) };
+    const plain: TopologyRecord = { node: this.selfId, seq: this.seqNo, links, prefixes: [...this.localPrefixes], updatedAt: Math.max(0, now) };
+    const rec = this.identity ? signTopologyRecord(this.identity, plain) : plain;
     this.entries.set(this.selfId, { rec, key: recordKey(rec), receivedAt: now });
     this.lastOriginated = now;
     return rec;
@@ -408,10 +463,20 @@ export class Topology {
         rejected.push(e as ProtocolError);
         continue;
       }
+      if (this.identity && !(r.pub && r.sig)) {
+        rejected.push(new TopologyError("ERR_UNSIGNED", `unsigned topology record for ${r.node}`));
+        continue;
+      }
       if (r.node === this.selfId) {
-        // An older incarnation of us (or a lost counter): jump past it and re-originate below.
+        // An older incarnation of us (or a lost counter): jump past it and re-originate below — only for a
+        // record that really is ours (signed with our key) and within the step bound.
         const mine = this.entries.get(this.selfId);
         if (r.seq > this.seqNo || (mine && r.seq === mine.rec.seq && recordKey(r) !== mine.key)) {
+          const why = this.refuse(r, this.seqNo, now);
+          if (why) {
+            rejected.push(why);
+            continue;
+          }
           this.seqNo = Math.max(this.seqNo, r.seq);
           selfConflict = true;
         }
@@ -421,6 +486,12 @@ export class Topology {
       if (tomb && r.seq <= tomb.seq) continue;
       const cur = this.entries.get(r.node);
       if (cur && compareRecords(r, cur.rec) <= 0) continue;
+      // Only now (it would change our state) pay for the checks: stale duplicates cost nothing.
+      const why = this.refuse(r, Math.max(cur?.rec.seq ?? 0, tomb?.seq ?? 0), now);
+      if (why) {
+        rejected.push(why);
+        continue;
+      }
       if (!cur && this.remoteCount() >= this.o.maxNodes - 1) {
         rejected.push(new TopologyError("ERR_TOO_MANY_NODES", `topology already holds ${this.o.maxNodes} nodes; dropping ${r.node}`));
         continue;
@@ -432,6 +503,14 @@ export class Topology {
     const originated = selfConflict && this.hasLocal ? this.originate(now) : undefined;
     if (originated) delta.push(originated);
     return { delta, originated, rejected };
+  }
+
+  /** Why a record that would win must still be refused (seq jump, bad signature), or undefined. */
+  private refuse(r: TopologyRecord, held: number, now: number): TopologyError | undefined {
+    const limit = Math.max(held, Number.isFinite(now) ? Math.floor(now) : 0) + this.o.maxSeqStepMs;
+    if (r.seq > limit) return new TopologyError("ERR_SEQ_JUMP", `record for ${r.node} jumps to seq ${r.seq}, past ${limit}`);
+    if (this.identity && !verifyTopologyRecord(r)) return new TopologyError("ERR_BAD_SIGNATURE", `record for ${r.node} is not signed by ${r.node}`);
+    return undefined;
   }
 
   private remoteCount(): number {
