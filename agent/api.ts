@@ -120,9 +120,17 @@ export async function startApiServer(socketPath: string, agent: ApiAgent): Promi
   const server = createAdaptorServer({ fetch: app.fetch }) as Server;
   await new Promise<void>((resolve, reject) => {
     server.once("error", (e) => reject(new WeftError("ERR_API", `cannot serve the local API on ${socketPath}: ${e.message}`)));
-    server.listen(socketPath, () => resolve());
+    // Create the socket 0600 from the start (umask 077 around bind): a chmod after listen leaves a window
+    // in which any local user may connect. process.umask is process-wide, but nothing else runs between
+    // the two calls (listen binds synchronously in this tick).
+    const old = process.umask(0o077);
+    try {
+      server.listen(socketPath, () => resolve());
+    } finally {
+      process.umask(old);
+    }
   });
-  chmodSync(socketPath, 0o600);
+  chmodSync(socketPath, 0o600); // belt and braces: the mode is already 0600
   return {
     close: () =>
       new Promise<void>((resolve) => {

@@ -4,7 +4,7 @@
  * Files are written atomically (write to a temp file, fsync, rename, fsync the directory), so a crash
  * mid-write leaves either the old or the new content, never a torn file.
  */
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync, existsSync, chmodSync } from "node:fs";
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync, existsSync, chmodSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { join, dirname } from "node:path";
 import { generateIdentity, identityFromPem, identityToPem, type Identity } from "../src/identity.js";
@@ -16,9 +16,11 @@ export function defaultStateDir(app = "weftnet"): string {
   return join(xdg && xdg.startsWith("/") ? xdg : join(homedir(), ".local", "state"), app);
 }
 
+/** Create the state dir 0700, and force an existing one to 0700 (it holds the node key and the API socket). */
 export function ensureDir(dir: string): void {
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
+    if ((statSync(dir).mode & 0o777) !== 0o700) chmodSync(dir, 0o700);
   } catch (e) {
     throw new WeftError("ERR_STATE_DIR", `cannot create state dir ${dir}: ${(e as Error).message} (pass --state-dir to use another directory)`);
   }

@@ -103,7 +103,9 @@ describe("examples/kubernetes/weftnet.yaml", () => {
     expect(agent.resources.limits.memory).toBeDefined();
     expect(agent.livenessProbe).toBeDefined();
     expect(agent.livenessProbe.httpGet.path).toBe("/metrics");
-    expect(args).toContain(`--metrics-listen=$(HOST_IP):${agent.livenessProbe.httpGet.port}`);
+    // unauthenticated metrics stay on the host's loopback (hostNetwork): not reachable from other hosts or pods
+    expect(args).toContain(`--metrics-listen=127.0.0.1:${agent.livenessProbe.httpGet.port}`);
+    expect(agent.livenessProbe.httpGet.host).toBe("127.0.0.1");
   });
 
   it("the agent gets NET_ADMIN and NET_RAW and nothing else: not privileged, no escalation", () => {
