@@ -167,3 +167,4 @@ export function verifyRecord(origin: string, proof: { pub?: Uint8Array | undefin
 export const CTX_HELLO = "weftnet/hello/v1";
 export const CTX_SDP = "weftnet/sdp/v1";
 export const CTX_TOPO = "weftnet/topo/v1";
+export const CTX_BYE = "weftnet/bye/v1";

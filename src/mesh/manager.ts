@@ -9,9 +9,10 @@ import type { Identity } from "../identity.js";
 import type { Logger } from "../log.js";
 import { decodeControl, encodeControl, type ControlMsg } from "../wire/control.js";
 import type { PeerInfo, SignalData } from "../wire/signal.js";
-import { proveSdp, verifySdp } from "./auth.js";
+import { checkSdpFingerprints, proveSdp, verifySdp } from "./auth.js";
+import { CTX_BYE, deriveNodeId, signRecord, verifyRecord } from "../identity.js";
 import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
-import type { ChannelName, LinkSignal, LinkStats, Transport, TransportLink } from "./transport.js";
+import { fingerprintString, type ChannelName, type LinkSignal, type LinkStats, type Transport, type TransportLink } from "./transport.js";
 
 /** A peer that sends this many undecodable control messages in a row is disconnected. */
 export const MAX_BAD_CONTROL = 50;
@@ -93,6 +94,8 @@ interface Entry {
   probe: { conn: string; link: TransportLink; opened: boolean; deadline: number } | undefined;
   probeAttempts: number;
   nextProbeAt: number;
+  /** conn ids of offers already accepted from this peer -> their DTLS fingerprint (bounded): replays are ignored */
+  seenOffers: Map<string, string>;
 }
 
 export interface MeshCounters {
@@ -106,6 +109,8 @@ export interface MeshCounters {
   linksClosed: number;
   dials: number;
   connectTimeouts: number;
+  /** signals refused for links that are up: unsigned/forged bye, answers for an open link, replayed or stale offers (a hostile signaling server) */
+  ignoredSignals: number;
 }
 
 type AppHandler = (from: string, body: unknown) => void;
@@ -123,7 +128,7 @@ export class MeshManager {
   private stopped = false;
   /** the signaling server refused to relay (--no-relay): stop dialing relay links */
   relayRefused = false;
-  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, relayLinks: 0, upgrades: 0, linksClosed: 0, dials: 0, connectTimeouts: 0 };
+  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, relayLinks: 0, upgrades: 0, linksClosed: 0, dials: 0, connectTimeouts: 0, ignoredSignals: 0 };
 
   constructor(private readonly o: MeshOptions) {
     this.timing = { ...DEFAULT_TIMING, ...o.timing };
@@ -171,6 +176,15 @@ export class MeshManager {
     switch (data.kind) {
       case "offer":
       case "answer": {
+        // Signaling passes through an untrusted server: nothing it sends may change a link that is up.
+        if (data.kind === "answer" && this.isUp(e, data.conn)) {
+          this.ignored(e, "answer for a link that is already open");
+          return;
+        }
+        if (data.kind === "offer" && e.seenOffers.has(data.conn)) {
+          this.ignored(e, "replayed offer");
+          return;
+        }
         try {
           verifySdp({ token: this.o.token, selfId: this.selfId, from, fromPub: e.info.pub, conn: data.conn, sdp: data.sdp, proof: data });
         } catch (err) {
@@ -181,6 +195,17 @@ export class MeshManager {
           return;
         }
         if (data.kind === "offer") {
+          // A genuine offer from the peer's current run (same DTLS certificate) while our link with it is
+          // up: a replay of an older attempt (the signature has no freshness). A peer whose side of the
+          // link died sends a signed bye first, which closes ours; a restarted peer has a new certificate.
+          const fp = fingerprintString(checkSdpFingerprints(data.sdp));
+          const liveFp = e.linkConn !== undefined ? e.seenOffers.get(e.linkConn) : undefined;
+          if (!data.probe && e.fsm.state === "connected" && e.linkOpened && liveFp === fp) {
+            this.ignored(e, "offer from the same run while the link is up (replay)");
+            return;
+          }
+          e.seenOffers.set(data.conn, fp);
+          if (e.seenOffers.size > 32) e.seenOffers.delete(e.seenOffers.keys().next().value!);
           if (data.probe && e.fsm.state === "connected" && !e.fsm.offerer) {
             this.acceptProbe(e, data.conn, data.sdp);
             break;
@@ -196,6 +221,10 @@ export class MeshManager {
         break;
       }
       case "candidate":
+        if (this.isUp(e, data.conn)) {
+          this.ignored(e, "candidate for a link that is already open");
+          return;
+        }
         if (e.link && e.linkConn === data.conn) this.linkSignal(e, { kind: "candidate", candidate: data.candidate });
         else if (e.probe && e.probe.conn === data.conn) this.signalTo(e.probe.link, e, { kind: "candidate", candidate: data.candidate });
         else if (!e.fsm.offerer) {
@@ -210,6 +239,11 @@ export class MeshManager {
         }
         break;
       case "bye":
+        // Signed by the peer (sendBye) or ignored for a link that is up: the server must not tear links down.
+        if (this.isUp(e, data.conn) && !(data.sig && verifyRecord(from, { pub: e.info.pub, sig: data.sig }, CTX_BYE, this.selfId, data.conn))) {
+          this.ignored(e, "unsigned or forged bye for a link that is up");
+          return;
+        }
         if (e.probe && e.probe.conn === data.conn) {
           this.endProbe(e, "peer ended the upgrade attempt");
         } else if (e.link && e.linkConn === data.conn) {
@@ -384,9 +418,20 @@ export class MeshManager {
 
   private ensure(p: PeerInfo): Entry {
     let e = this.peers.get(p.id);
+    let derived: string | undefined;
+    try {
+      derived = deriveNodeId(p.pub);
+    } catch {
+      derived = undefined;
+    }
+    if (derived !== p.id && e) {
+      // Presence comes from the untrusted server: a key that does not derive the id never replaces a good one.
+      this.counters.badSignal++;
+      return e;
+    }
     if (!e) {
       const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
-      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, probe: undefined, probeAttempts: 0, nextProbeAt: 0 };
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, probe: undefined, probeAttempts: 0, nextProbeAt: 0, seenOffers: new Map() };
       this.peers.set(p.id, e);
     } else {
       e.info = p;
@@ -453,7 +498,7 @@ export class MeshManager {
         if (/did not open/.test(a.reason)) this.counters.connectTimeouts++;
         if (e.linkConn === a.conn) {
           this.noteFailure(e, a.reason);
-          this.o.signal.send(id, { kind: "bye", conn: a.conn });
+          this.sendBye(id, a.conn);
           this.dropLink(e);
         }
         break;
@@ -516,7 +561,7 @@ export class MeshManager {
             this.noteFailure(e, reason);
             e.link = undefined;
             e.linkConn = undefined;
-            if (!this.stopped) this.o.signal.send(id, { kind: "bye", conn });
+            if (!this.stopped) this.sendBye(id, conn);
           }
           this.feed(id, { type: "closed", conn, reason });
         },
@@ -554,7 +599,7 @@ export class MeshManager {
     const p = e.probe;
     if (!p) return;
     e.probe = undefined;
-    if (tellPeer && !this.stopped) this.o.signal.send(e.info.id, { kind: "bye", conn: p.conn });
+    if (tellPeer && !this.stopped) this.sendBye(e.info.id, p.conn);
     p.link.close();
     e.lastWebrtcError = reason;
     e.probeAttempts++;
@@ -579,8 +624,23 @@ export class MeshManager {
     this.counters.upgrades++;
     this.feed(e.info.id, { type: "swap", conn: p.conn });
     this.o.logger.info("path upgraded: relay -> direct WebRTC", { peer: e.info.id, peerName: e.info.name });
-    if (oldConn !== undefined && e.fsm.offerer && !this.stopped) this.o.signal.send(e.info.id, { kind: "bye", conn: oldConn });
+    if (oldConn !== undefined && e.fsm.offerer && !this.stopped) this.sendBye(e.info.id, oldConn);
     old?.close();
+  }
+
+  /** A bye through signaling, signed with our key (the receiver ignores unsigned ones for links that are up). */
+  private sendBye(to: string, conn: string): void {
+    this.o.signal.send(to, { kind: "bye", conn, sig: signRecord(this.o.identity, CTX_BYE, to, conn).sig });
+  }
+
+  /** Is `conn` this peer's open link or open upgrade probe? */
+  private isUp(e: Entry, conn: string): boolean {
+    return (e.linkConn === conn && e.linkOpened && e.link !== undefined) || (e.probe?.conn === conn && e.probe.opened);
+  }
+
+  private ignored(e: Entry, why: string): void {
+    this.counters.ignoredSignals++;
+    this.o.logger.debug("ignored a signal that would change a link that is up", { peer: e.info.id, why });
   }
 
   private signalTo(link: TransportLink, e: Entry, sig: LinkSignal): void {

@@ -79,7 +79,8 @@ export type SignalData =
       probe?: boolean;
     }
   | { kind: "candidate"; conn: string; candidate: IceCandidateInit | null }
-  | { kind: "bye"; conn: string };
+  /** sig: Ed25519_from(CTX_BYE | from | to | conn) (identity.ts signRecord); unsigned byes are ignored for links that are up */
+  | { kind: "bye"; conn: string; sig?: Uint8Array };
 
 /** A STUN/TURN server handed out in `welcome` (TURN REST credentials, see turn-rest.ts). */
 export type WelcomeIceServer = { urls: string | string[]; username?: string; credential?: string };
@@ -156,7 +157,7 @@ export function decodeSignalData(x: unknown): SignalData {
       return { kind, conn, candidate: cand };
     }
     case "bye":
-      return { kind, conn };
+      return x.sig === undefined || x.sig === null ? { kind, conn } : { kind, conn, sig: bytes(x, "sig", 64) };
     default:
       throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown signal kind ${JSON.stringify(kind)}`);
   }

@@ -1,0 +1,186 @@
+/**
+ * Adversarial suite: real agents, a real signaling server, and
+ *   - a hostile signaling server (a WebSocket proxy in front of the real one that rewrites, forges and
+ *     replays what it relays), on both transports (werift, libdatachannel);
+ *   - a rogue agent that holds the token (an insider with its own valid identity) and sends forged gossip.
+ * Every attack must fail and be counted, and the honest nodes must keep their links and routes (checked).
+ */
+import type { AddressInfo } from "node:net";
+import { afterEach, describe, expect, it } from "vitest";
+import WebSocket, { WebSocketServer } from "ws";
+import type { Agent } from "../../agent/agent.js";
+import { nativeAvailable } from "../../agent/transport/native.js";
+import { generateIdentity } from "../../src/identity.js";
+import { encodeTopologyMessages, signTopologyRecord, TOPO_CHANNEL, type TopologyRecord } from "../../src/mesh/topology.js";
+import { decodeServerMsg, encodeSignal, type ServerMsg, type SignalData } from "../../src/wire/signal.js";
+import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
+
+const TOKEN = "adversarial-token-0123456789abcdef";
+const ATTACKER_FP = Array(32).fill("EE").join(":");
+const haveNative = await nativeAvailable();
+
+type Signal = Extract<ServerMsg, { t: "signal" }>;
+
+/** A hostile signaling server: relays agent -> server as is; `fromServer` decides what each agent gets. */
+class HostileProxy {
+  private wss!: WebSocketServer;
+  /** every signal the server relayed, by recipient socket */
+  readonly seen: { to: WebSocket; msg: Signal }[] = [];
+  readonly clients: WebSocket[] = [];
+  constructor(private readonly upstreamUrl: string, private readonly fromServer: (msg: ServerMsg, raw: Buffer, client: WebSocket) => void = (_m, raw, c) => c.send(raw)) {}
+  async start(): Promise<string> {
+    this.wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((r) => this.wss.once("listening", r));
+    this.wss.on("connection", (client) => {
+      this.clients.push(client);
+      const upstream = new WebSocket(this.upstreamUrl);
+      const pending: Buffer[] = [];
+      upstream.on("open", () => pending.splice(0).forEach((m) => upstream.send(m)));
+      client.on("message", (m: Buffer) => (upstream.readyState === WebSocket.OPEN ? upstream.send(m) : pending.push(m)));
+      upstream.on("message", (m: Buffer) => {
+        let msg: ServerMsg;
+        try {
+          msg = decodeServerMsg(m);
+        } catch {
+          client.send(m);
+          return;
+        }
+        if (msg.t === "signal") this.seen.push({ to: client, msg });
+        this.fromServer(msg, m, client);
+      });
+      client.on("close", () => upstream.close());
+      upstream.on("close", (code, reason) => client.close(code, reason));
+    });
+    return `ws://127.0.0.1:${(this.wss.address() as AddressInfo).port}`;
+  }
+  /** Inject a signal "from" a node to one agent's socket. */
+  inject(client: WebSocket, from: string, data: SignalData): void {
+    client.send(encodeSignal({ t: "signal", from, data }));
+  }
+  close(): Promise<void> {
+    return new Promise((r) => this.wss?.close(() => r()));
+  }
+}
+
+let c: Cluster | undefined;
+let proxy: HostileProxy | undefined;
+afterEach(async () => {
+  await c?.cleanup();
+  await proxy?.close();
+  c = undefined;
+  proxy = undefined;
+});
+
+const kinds = ["werift", ...(haveNative ? ["native"] : [])] as const;
+
+describe.each(kinds)("a hostile signaling server (%s transport)", (kind) => {
+  const over = kind === "native" ? { transportKind: "native" as const, linkMtu: 1280 } : { transportKind: "werift" as const };
+
+  it("that appends its own fingerprint after the signed one (werift would accept either) is refused and counted", async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    let added = 0;
+    proxy = new HostileProxy(c.server.signalUrl, (msg, raw, client) => {
+      if (msg.t === "signal" && (msg.data.kind === "offer" || msg.data.kind === "answer")) {
+        // keep the victim's signed line first, add the attacker's after it (session and media level)
+        msg.data.sdp = msg.data.sdp.replace(/(a=fingerprint:[^\r\n]*\r?\n)/, `$1a=fingerprint:sha-256 ${ATTACKER_FP}\r\n`);
+        added++;
+        client.send(encodeSignal(msg));
+      } else client.send(raw);
+    });
+    const url = await proxy.start();
+    const x = await c.agent("x", { signal: url, ...over });
+    const y = await c.agent("y", { signal: url, ...over });
+    await waitFor(async () => (await x.status()).counters.authFailures + (await y.status()).counters.authFailures > 0, 15_000, "fingerprint trick detected");
+    const st = [await x.status(), await y.status()];
+    expect(st.some((s) => s.peers.some((p) => p.state === "auth-failed" && /more than one DTLS fingerprint/.test(p.lastError ?? "")))).toBe(true);
+    expect(added).toBeGreaterThan(0);
+    expect(x.mesh.connectedPeers()).toEqual([]);
+    expect(y.mesh.connectedPeers()).toEqual([]);
+  });
+
+  it("that forges or replays byes, answers, offers and candidates for live links: ignored, counted, links stay up", async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    proxy = new HostileProxy(c.server.signalUrl);
+    const url = await proxy.start();
+    const x = await c.agent("x", { signal: url, ...over });
+    const y = await c.agent("y", { signal: url, ...over });
+    await waitFor(() => fullMesh([x, y]), 20_000, "x-y link");
+    const offerer = x.id < y.id ? x : y;
+    const answerer = offerer === x ? y : x;
+    const offer = [...proxy.seen].reverse().find((s) => s.msg.data.kind === "offer" && s.msg.from === offerer.id)!;
+    const answer = [...proxy.seen].reverse().find((s) => s.msg.data.kind === "answer" && s.msg.from === answerer.id)!;
+    expect(offer && answer).toBeTruthy();
+    const conn = offer.msg.data.conn;
+    const before = [offerer.mesh.counters.ignoredSignals, answerer.mesh.counters.ignoredSignals];
+    const up0 = [offerer.mesh.counters.linksClosed, answerer.mesh.counters.linksClosed];
+    // forged, unsigned byes for the live conn, both directions
+    proxy.inject(offer.to, offerer.id, { kind: "bye", conn });
+    proxy.inject(answer.to, answerer.id, { kind: "bye", conn });
+    // a bye "signed" by someone else (a valid signature, wrong key)
+    proxy.inject(offer.to, offerer.id, { kind: "bye", conn, sig: new Uint8Array(64).fill(7) });
+    // the live link's own offer and answer, replayed
+    proxy.inject(offer.to, offerer.id, offer.msg.data);
+    proxy.inject(answer.to, answerer.id, answer.msg.data);
+    // a garbage answer for the live conn (would make the offerer close it as an auth failure)
+    if (answer.msg.data.kind === "answer") proxy.inject(answer.to, answerer.id, { ...answer.msg.data, sdp: answer.msg.data.sdp.replace(/a=fingerprint:\S+ \S+/, `a=fingerprint:sha-256 ${ATTACKER_FP}`) });
+    // a candidate pointing the live link elsewhere
+    proxy.inject(offer.to, offerer.id, { kind: "candidate", conn, candidate: { candidate: "candidate:1 1 udp 2130706431 203.0.113.9 9 typ host", sdpMid: "0", sdpMLineIndex: 0 } });
+    await waitFor(() => offerer.mesh.counters.ignoredSignals + answerer.mesh.counters.ignoredSignals >= before[0]! + before[1]! + 6, 5000, "forgeries counted");
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(fullMesh([x, y])).toBe(true);
+    expect([offerer.mesh.counters.linksClosed, answerer.mesh.counters.linksClosed]).toEqual(up0);
+    expect((await x.ping(y.id)).rttMs).toBeGreaterThan(0);
+    // ...while a signed bye from the real peer still works (graceful stop)
+    await answerer.stop();
+    await waitFor(() => !offerer.mesh.isConnected(answerer.id), 5000, "signed bye honoured");
+  });
+});
+
+describe("a rogue agent with the token", () => {
+  it("cannot forge, replay or outbid another node's topology record, nor ours: refused, counted, routes kept", async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    const x = await c.agent("x");
+    const v = await c.agent("victim");
+    const rogue = await c.agent("rogue");
+    await waitFor(() => fullMesh([x, v, rogue]), 30_000, "mesh of 3");
+    await waitFor(() => [x.id, v.id, rogue.id].every((id) => v.router.topo.get(id)?.links.length === 2), 10_000, "topology converged");
+    const genuineX = v.router.topo.get(x.id)!;
+    const vOwnSeq = v.router.topo.seq;
+    const now = Date.now();
+    const R = (rogue.mesh as unknown as { o: { identity: ReturnType<typeof generateIdentity> } }).o.identity;
+    const forged = (node: string, seq: number, how: "rogue-key" | "unsigned" | "stolen-sig"): TopologyRecord => {
+      const plain: TopologyRecord = { node, seq, links: [{ peer: rogue.id, rttMs: 0.01 }], prefixes: ["10.40.0.0/16", "8.8.8.8/32"], updatedAt: now };
+      if (how === "unsigned") return plain;
+      if (how === "stolen-sig") return { ...plain, pub: genuineX.pub!, sig: genuineX.sig! };
+      const s = signTopologyRecord(R, { ...plain, node: rogue.id });
+      return { ...plain, pub: s.pub!, sig: s.sig! };
+    };
+    const attacks: TopologyRecord[] = [];
+    for (const target of [x.id, v.id]) for (const seq of [Number.MAX_SAFE_INTEGER, genuineX.seq + 1, now + 60_000]) for (const how of ["rogue-key", "unsigned", "stolen-sig"] as const) attacks.push(forged(target, seq, how));
+    // the rogue's own record with a seq jump far past the bound
+    attacks.push(signTopologyRecord(R, { node: rogue.id, seq: Number.MAX_SAFE_INTEGER, links: [], prefixes: [], updatedAt: now }));
+    const rejected0 = v.router.counters.rejectedRecords;
+    for (const body of encodeTopologyMessages(attacks)) rogue.mesh.sendApp(v.id, TOPO_CHANNEL, body);
+    // a replay of x's genuine record (stale: ignored, not an error)
+    for (const body of encodeTopologyMessages([genuineX])) rogue.mesh.sendApp(v.id, TOPO_CHANNEL, body);
+    // Unsigned: refused first (6). Signed with a wrong key: seq MAX -> seq jump (4, + the rogue's own),
+    // seq now+60s -> bad signature (4). seq genuine+1 may already be stale (x re-originated): ignored.
+    await waitFor(() => v.router.counters.rejectedRecords >= rejected0 + 15, 5000, "forgeries refused");
+    expect(v.router.rejectedByCode.get("ERR_BAD_SIGNATURE")).toBeGreaterThanOrEqual(4);
+    expect(v.router.rejectedByCode.get("ERR_UNSIGNED")).toBeGreaterThanOrEqual(6);
+    expect(v.router.rejectedByCode.get("ERR_SEQ_JUMP")).toBeGreaterThanOrEqual(5);
+    // X's record at the victim is X's own, the victim's counter was not pushed, routes unchanged
+    const nowX = v.router.topo.get(x.id)!;
+    expect(nowX.pub).toEqual(genuineX.pub);
+    expect(nowX.links.map((l) => l.peer).sort()).toEqual([rogue.id, v.id].sort());
+    expect(nowX.prefixes).not.toContain("8.8.8.8/32");
+    expect(v.router.topo.seq).toBeLessThan(vOwnSeq + 3_600_000);
+    expect(v.router.nextHop(x.id)).toBe(x.id);
+    expect(v.router.topo.get(rogue.id)!.seq).toBeLessThan(Number.MAX_SAFE_INTEGER);
+    // and the forgeries were not forwarded: x never saw them either
+    expect(x.router.topo.get(v.id)!.prefixes).not.toContain("8.8.8.8/32");
+    expect(x.router.counters.rejectedRecords).toBe(0);
+    expect(fullMesh([x, v, rogue])).toBe(true);
+    expect((await v.ping(x.id)).rttMs).toBeGreaterThan(0);
+  });
+});
