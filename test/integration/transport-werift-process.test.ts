@@ -14,7 +14,17 @@ import { createWeriftTransport } from "../../agent/transport/werift.js";
 import type { LinkSignal, TransportLink } from "../../src/mesh/transport.js";
 
 const root = resolve(import.meta.dirname, "../..");
-const FILES = ["agent/transport/werift.ts", "agent/transport/link-base.ts", "src/mesh/transport.ts", "src/log.ts"];
+/** werift.ts and every local module it imports, transitively (relative imports only). */
+function localClosure(entry: string): string[] {
+  const seen = new Set<string>();
+  const visit = (f: string) => {
+    if (seen.has(f)) return;
+    seen.add(f);
+    for (const m of readFileSync(join(root, f), "utf8").matchAll(/(?:import|export)\s[^'"]*?from\s*["'](\.[^"']+)["']/g)) visit(join(dirname(f), m[1]!).replace(/\.js$/, ".ts"));
+  };
+  visit(entry);
+  return [...seen];
+}
 
 const CHILD = `
 import { createInterface } from "node:readline";
@@ -38,7 +48,7 @@ let dir: string | undefined;
 function buildChild(): string {
   if (dir) return dir;
   dir = mkdtempSync(join(tmpdir(), "weftnet-transport-"));
-  for (const f of FILES) {
+  for (const f of localClosure("agent/transport/werift.ts")) {
     const src = readFileSync(join(root, f), "utf8");
     const js = ts.transpileModule(src, { compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 } }).outputText;
     const target = join(dir, f.replace(/\.ts$/, ".js"));
@@ -100,8 +110,8 @@ async function echoAcrossProcesses(loopbackOnly: boolean): Promise<{ openMs: num
     const openMs = Date.now() - t0;
     const answer = (await Promise.resolve(remoteFingerprint)) as { value: string };
     expect(answer.value).toMatch(/^[0-9A-F:]+$/);
-    expect(link.send("control", new Uint8Array(100_000).fill(7))).toBe(true);
-    expect(link.send("packets", new Uint8Array([1, 2, 3]))).toBe(true);
+    expect(link.send("control", new Uint8Array(100_000).fill(7))).toBeTruthy();
+    expect(link.send("packets", new Uint8Array([1, 2, 3]))).toBeTruthy();
     const deadline = Date.now() + 10_000;
     while (echoes.length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
     expect(echoes.map((e) => e.byteLength).sort((a, b) => a - b)).toEqual([3, 100_000]);
