@@ -11,6 +11,7 @@ import { decodeControl, encodeControl, type ControlMsg } from "../wire/control.j
 import type { PeerInfo, SignalData } from "../wire/signal.js";
 import { checkSdpFingerprints, proveSdp, verifySdp } from "./auth.js";
 import { CTX_BYE, deriveNodeId, signRecord, verifyRecord } from "../identity.js";
+import { PROBE_BACKOFF, probeDelay } from "./backoff.js";
 import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
 import { fingerprintString, type ChannelName, type LinkSignal, type LinkStats, type Transport, type TransportLink } from "./transport.js";
 
@@ -23,9 +24,11 @@ export const MAX_BAD_CONTROL = 50;
 export const RELAY_AFTER_FAILURES = 1;
 /** Added to a relay link's RTT in topology gossip, so routing prefers a path via another agent. */
 export const RELAY_RTT_PENALTY_MS = 50;
-/** While on the relay, retry WebRTC in the background: first after this, doubling up to PROBE_MAX_MS. */
-export const PROBE_FIRST_MS = 5_000;
-export const PROBE_MAX_MS = 300_000;
+/**
+ * While on the relay, retry WebRTC in the background: first after this, then doubling up to
+ * PROBE_BACKOFF.maxMs (backoff.ts), or at most RECENT_PATH.maxMs for a while after a link was up.
+ */
+export const PROBE_FIRST_MS = PROBE_BACKOFF.firstMs;
 
 export type LinkKind = "webrtc" | "relay";
 
@@ -594,7 +597,7 @@ export class MeshManager {
     e.early.delete(conn);
   }
 
-  /** Close a probe that did not make it and schedule the next attempt (backoff up to PROBE_MAX_MS). */
+  /** Close a probe that did not make it and schedule the next attempt (probeDelay). */
   private endProbe(e: Entry, reason: string, tellPeer = true): void {
     const p = e.probe;
     if (!p) return;
@@ -603,8 +606,9 @@ export class MeshManager {
     p.link.close();
     e.lastWebrtcError = reason;
     e.probeAttempts++;
-    const delay = Math.min(PROBE_MAX_MS, PROBE_FIRST_MS * 2 ** e.probeAttempts);
-    e.nextProbeAt = this.o.now() + delay * (0.75 + Math.random() * 0.5);
+    const now = this.o.now();
+    // fsm.lastUpAt: when the link before this relayed one went down (the direct path was lost then)
+    e.nextProbeAt = now + probeDelay(e.probeAttempts, e.fsm.lastUpAt, now);
   }
 
   /** Make-before-break: the open probe becomes the link; the old one is retired. */

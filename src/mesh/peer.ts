@@ -7,14 +7,15 @@
  *      ▲  ▲  offer (they offer)  ───────────────▲  │ timeout/closed      │ heartbeat timeout /
  *      │  │                                      │  ▼                     │ closed
  *      │  └──────────── (answerer) ◀──────── backoff / auth-failed ◀─────┘
- *      │                                  (offerer redials after a jittered exponential delay)
+ *      │                                  (offerer redials after a jittered exponential delay,
+ *      │                                   at most 5 s for 10 min after a link was up: RECENT_PATH)
  *   gone ◀── absent while not connected, or bye
  *
  * Who offers is deterministic (the lower node id), so two agents never offer to each other at once
  * (no glare). Links outlive the signaling server: `absent` (the peer left signaling) does not touch a
  * connected link; only heartbeats or a `bye` end it.
  */
-import { backoffDelay, DEFAULT_BACKOFF, type BackoffConfig } from "./backoff.js";
+import { backoffDelay, DEFAULT_BACKOFF, recentPathBackoff, type BackoffConfig } from "./backoff.js";
 
 export type PeerState = "waiting" | "connecting" | "connected" | "backoff" | "auth-failed" | "gone";
 
@@ -77,6 +78,8 @@ export class PeerFsm {
   /** recent RTT samples (ring of RTT_WINDOW); their minimum is the routing weight */
   private readonly recent: number[] = [];
   connectedAt: number | undefined;
+  /** when a link to this peer was last up (open, or until it failed): retries stay short after it */
+  lastUpAt: number | undefined;
   readonly offerer: boolean;
   private deadline = 0;
   private nextAt = 0;
@@ -232,6 +235,7 @@ export class PeerFsm {
 
   private failed(now: number, reason: string, state: "backoff" | "auth-failed", _out: PeerAction[]): void {
     this.lastError = reason;
+    if (this.connectedAt !== undefined) this.lastUpAt = now;
     this.connectedAt = undefined;
     if (!this.present) {
       this.toGone(now, reason, _out);
@@ -239,7 +243,7 @@ export class PeerFsm {
     }
     // Answerers wait for the offerer's next attempt; an auth failure stays visible either way.
     this.state = state === "auth-failed" ? "auth-failed" : this.offerer ? "backoff" : "waiting";
-    this.nextAt = now + backoffDelay(this.attempts, this.timing.backoff, this.random);
+    this.nextAt = now + backoffDelay(this.attempts, recentPathBackoff(this.timing.backoff, this.lastUpAt, now), this.random);
     this.attempts++;
   }
 

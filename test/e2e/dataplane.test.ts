@@ -10,6 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
 
 const d = describe.skipIf(!isRoot);
+/** How long the n1-n3 path stays blocked in the heal test. */
+const BLOCKED_MS = 45_000;
 if (!isRoot) console.warn("skipping data-plane e2e: needs root (network namespaces, TUN, iptables)");
 
 d("data plane across three namespaces", () => {
@@ -71,15 +73,33 @@ d("data plane across three namespaces", () => {
     const p1 = pods[0]!;
     const p3 = pods[2]!;
     const unblock = lab.block(n1, n3);
+    const blockedAt = Date.now();
     try {
       await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n3")?.path === "via n2", 30_000, "n1 routes to n3 via n2", dump);
       await until(async () => (await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000)).stdout.includes("1 received"), 15_000, "ping via n2", dump);
       const fwd = (await lab.status(n2)).dataplane?.forwarder.fwdFrames ?? 0;
       expect(fwd).toBeGreaterThan(0);
+      // Keep the path blocked longer than a connect timeout and a few upgrade probes (the outage a user
+      // meets: the redial and probe backoffs have grown by the time it heals).
+      while (Date.now() - blockedAt < BLOCKED_MS) {
+        await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000);
+        await new Promise((r) => setTimeout(r, 500));
+      }
     } finally {
       unblock();
     }
-    await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n3")?.path === "direct", 60_000, "n1 back to direct", dump);
+    const healedAt = Date.now();
+    // traffic flows while we wait: a user expects direct again within seconds
+    await until(
+      async () => {
+        await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000);
+        return (await lab.status(n1)).peers.find((p) => p.name === "n3")?.path === "direct";
+      },
+      30_000,
+      "n1 back to direct",
+      dump,
+    );
+    console.log(`n1 -> n3: direct again ${((Date.now() - healedAt) / 1000).toFixed(1)} s after the path healed (blocked ${((healedAt - blockedAt) / 1000).toFixed(0)} s)`);
     await until(async () => (await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000)).stdout.includes("1 received"), 15_000, "ping direct again", dump);
   }, 150_000);
 

@@ -41,6 +41,37 @@ describe("PeerFsm", () => {
     expect(f.handle({ type: "tick", canDial: true }, 2000)).toEqual([{ type: "dial", conn: "c2" }]);
   });
 
+  it("redials a link that was up a moment ago within seconds, however many attempts failed since", () => {
+    const slow = { ...timing, backoff: { baseMs: 500, maxMs: 60_000, minMs: 200 } };
+    const f = new PeerFsm(A, B, slow, (n) => `c${n}`, () => 0.999999);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "open", conn: "c1" }, 0);
+    let now = 10_000;
+    f.handle({ type: "tick", canDial: true }, now); // no heartbeat: dead
+    expect(f.state).toBe("backoff");
+    expect(f.lastUpAt).toBe(now);
+    for (let i = 0; i < 12; i++) {
+      // each redial times out; the wait before the next one stays within RECENT_PATH.maxMs (5 s)
+      const t0 = now;
+      while (!f.handle({ type: "tick", canDial: true }, now).some((a) => a.type === "dial")) now += 100;
+      expect(now - t0).toBeLessThanOrEqual(5_000);
+      now += slow.connectTimeoutMs;
+      f.handle({ type: "tick", canDial: true }, now);
+      expect(f.state).toBe("backoff");
+    }
+    // a peer that never connected backs off fully
+    const g = new PeerFsm(A, B, slow, (n) => `c${n}`, () => 0.999999);
+    g.handle({ type: "present" }, 0);
+    let t = 0;
+    for (let i = 0; i < 8; i++) {
+      t += slow.connectTimeoutMs;
+      g.handle({ type: "tick", canDial: true }, t);
+      const t0 = t;
+      while (!g.handle({ type: "tick", canDial: true }, t).some((a) => a.type === "dial")) t += 100;
+      if (i === 7) expect(t - t0).toBeGreaterThan(30_000);
+    }
+  });
+
   it("detects a dead link by missing heartbeats", () => {
     const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
     f.handle({ type: "present" }, 0);
