@@ -2,10 +2,11 @@
  * `npm run demo`: a signaling server and three agents on this machine, each a real `weftnet` process
  * with its own temporary state dir, meshing over WebRTC on loopback. Prints the status table and pings,
  * then keeps running until Ctrl-C (or exits at once with --once), and removes everything it made.
- * As root it then runs examples/netns-demo.sh: three nodes in network namespaces with TUN devices and
- * pods that ping each other and run iperf3 over the mesh (--no-pods skips that part).
+ * With --pods (root) it then runs examples/netns-demo.sh: three nodes in network namespaces with TUN
+ * devices and pods that ping each other and run iperf3 over the mesh. That part creates namespaces,
+ * bridges and TUN devices on this machine, so it runs only when asked for; its tools are checked first.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -15,12 +16,17 @@ import { fileURLToPath } from "node:url";
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = join(here, "..", "agent", "cli", "main.js");
 const once = process.argv.includes("--once");
+const pods = process.argv.includes("--pods");
+const isRoot = process.getuid?.() === 0;
+const netnsDemo = join(here, "..", "..", "examples", "netns-demo.sh");
 const NAMES = ["alpha", "beta", "gamma"];
 const children: ChildProcess[] = [];
 const root = mkdtempSync(join(tmpdir(), "weftnet-demo-"));
 
+const bold = process.stdout.isTTY ? (s: string) => `\x1b[1m${s}\x1b[0m` : (s: string) => s; // no escape codes into files
+
 function say(s: string): void {
-  process.stdout.write(`\x1b[1m==>\x1b[0m ${s}\n`);
+  process.stdout.write(`${bold("==>")} ${s}\n`);
 }
 
 function start(args: string[], label: string): ChildProcess {
@@ -82,6 +88,14 @@ process.on("SIGINT", () => void cleanup(0));
 process.on("SIGTERM", () => void cleanup(0));
 
 async function main(): Promise<void> {
+  if (pods) {
+    if (!isRoot) {
+      process.stderr.write("demo: --pods needs root (it creates network namespaces, bridges and TUN devices): sudo npm run demo -- --pods\n");
+      process.exit(2);
+    }
+    // check the pod demo's tools before starting anything (it prints the apt-get line)
+    if (spawnSync("bash", [netnsDemo, "--check"], { stdio: "inherit" }).status !== 0) process.exit(1);
+  }
   const port = await freePort();
   const stun = await freePort();
   const token = `demo-${Math.random().toString(36).slice(2)}${Math.random().toString(36).slice(2)}`;
@@ -112,18 +126,21 @@ async function main(): Promise<void> {
     say(`weftnet ping ${target} (from ${NAMES[0]})`);
     process.stdout.write((await run(["ping", target, "--count", "3", "--state-dir", join(root, NAMES[0]!)])).out + "\n");
   }
-  if (process.getuid?.() === 0 && !process.argv.includes("--no-pods")) {
-    say("running as root: the data-plane demo with pods in network namespaces (examples/netns-demo.sh)");
+  if (pods) {
+    say("--pods: the data-plane demo with pods in network namespaces (examples/netns-demo.sh; it removes them at the end)");
     await stopChildren();
     const code = await new Promise<number>((resolve) => {
-      const c = spawn("bash", [join(here, "..", "..", "examples", "netns-demo.sh"), ...(once ? ["--once"] : [])], { stdio: "inherit" });
+      const c = spawn("bash", [netnsDemo, ...(once ? ["--once"] : [])], { stdio: "inherit" });
       process.removeAllListeners("SIGINT");
       process.on("SIGINT", () => c.kill("SIGINT"));
       c.on("exit", (code) => resolve(code ?? 1));
     });
     await cleanup(code);
-  } else if (process.getuid?.() !== 0) {
-    say("(run as root to also see pods on three nodes ping each other over the mesh: sudo npm run demo)");
+  } else {
+    say(
+      `(to also see pods on three nodes ping each other over the mesh: ${isRoot ? "" : "sudo "}npm run demo -- --pods` +
+        " — it creates network namespaces, bridges and TUN devices on this machine and removes them at the end)",
+    );
   }
   if (once) await cleanup(0);
   say("the mesh is running; press Ctrl-C to stop and clean up");

@@ -3,12 +3,29 @@
 # one pod per node; all pods ping each other and iperf3 runs between two of them, over the WebRTC mesh.
 #
 #   sudo examples/netns-demo.sh [--once]      (npm run build first; --once: exit after the checks)
+#   examples/netns-demo.sh --check            (only check the tools it needs; exit 1 with the install line)
 #
 # Lab-only addresses: LAN 10.77.250.0/24 inside namespaces, pods 10.40.0.0/16. Nothing is routed to
 # the real network. Ctrl-C (or the end, with --once) stops every process and deletes every namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLI="$PWD/dist/agent/cli/main.js"
+# The tools this demo runs, and their Debian packages (iperf3 is optional: the throughput run is skipped).
+missing=()
+for tp in ip:iproute2 bridge:iproute2 nsenter:util-linux setpriv:util-linux iptables:iptables ping:iputils-ping; do
+  command -v "${tp%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${tp%%:*}" >/dev/null 2>&1 || missing+=("${tp#*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  pkgs=""
+  for p in "${missing[@]}"; do case " $pkgs " in *" $p "*) ;; *) pkgs="${pkgs:+$pkgs }$p" ;; esac; done
+  echo "netns-demo: missing tools; install them with: apt-get install -y $pkgs" >&2
+  command -v iperf3 >/dev/null 2>&1 || echo "netns-demo: (iperf3 too, for the throughput run: apt-get install -y iperf3)" >&2
+  exit 1
+fi
+if [ "${1:-}" = "--check" ]; then
+  command -v iperf3 >/dev/null 2>&1 || echo "netns-demo: iperf3 is not installed (apt-get install -y iperf3): the throughput run will be skipped"
+  exit 0
+fi
 [ -f "$CLI" ] || { echo "run npm run build first" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, TUN devices)" >&2; exit 1; }
 ONCE=0; [ "${1:-}" = "--once" ] && ONCE=1
@@ -19,7 +36,8 @@ TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 NODES=(n1 n2 n3)
 PIDS=()
 
-say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi   # no escape codes into files
+say() { printf '%s==>%s %s\n' "$BOLD" "$PLAIN" "$*"; }
 in_ns() { local ns="$1"; shift; nsenter --net="/run/netns/$ns" -- "$@"; }
 
 cleanup() {

@@ -55,8 +55,13 @@ describe("CNI contract", () => {
   it("accepts the sample conflist's plugin config as a runtime would pass it", () => {
     const list = JSON.parse(readFileSync("examples/cni/10-weftnet.conflist", "utf8")) as { cniVersion: string; name: string; plugins: Record<string, unknown>[] };
     expect(list.plugins).toHaveLength(1);
-    const c = parseNetConf(JSON.stringify({ ...list.plugins[0], cniVersion: list.cniVersion, name: list.name }));
-    expect(c).toMatchObject({ cniVersion: "1.1.0", name: "weftnet", type: "weftnet-cni", stateDir: "/var/lib/weftnet" });
+    // 1.0.0: containerd 1.6 (Debian 12) accepts results up to 1.0.0 only; runtimes that read cniVersions pick 1.1.0
+    expect(list.cniVersion).toBe("1.0.0");
+    expect((list as { cniVersions?: string[] }).cniVersions).toEqual(["1.0.0", "1.1.0"]);
+    for (const v of ["1.0.0", "1.1.0"]) {
+      const c = parseNetConf(JSON.stringify({ ...list.plugins[0], cniVersion: v, name: list.name }));
+      expect(c).toMatchObject({ cniVersion: v, name: "weftnet", type: "weftnet-cni", stateDir: "/var/lib/weftnet" });
+    }
   });
 
   it("maps attachments to pod ids and back", () => {
