@@ -45,6 +45,8 @@ export const TOOLS = [
   { tool: "containerd", pkg: "containerd", suite: "e2e", why: "a real container runtime calls the CNI plugin", usedBy: ["test/e2e/cni-containerd.test.ts"] },
   { tool: "ctr", pkg: "containerd", suite: "e2e", why: "`ctr run --cni`", usedBy: ["test/e2e/cni-containerd.test.ts"] },
   { tool: "runc", pkg: "runc", suite: "e2e", why: "containerd's OCI runtime", usedBy: ["test/e2e/cni-containerd.test.ts"] },
+  { tool: "unshare", pkg: "util-linux", suite: "e2e", why: "a private mount namespace for ctr's fixed CNI dirs", usedBy: ["test/e2e/cni-containerd.test.ts"] },
+  { tool: "mount", pkg: "mount", suite: "e2e", why: "overlays /etc and /opt inside that namespace", usedBy: ["test/e2e/cni-containerd.test.ts"] },
   { tool: "busybox", pkg: "busybox-static", suite: "e2e", check: "static-elf", why: "the container's rootfs (a static busybox)", usedBy: ["test/e2e/cni-containerd.test.ts"] },
   { tool: "promtool", pkg: "prometheus", suite: "integration", why: "`promtool check metrics` lints the exposition", usedBy: ["test/integration/metrics.test.ts"] },
   { tool: "chromium", pkg: "chromium", suite: "integration", why: "the topology page in a real browser", usedBy: ["test/integration/ui.test.ts", "test/integration/ui-browser.test.ts", "test/e2e/ui.test.ts"] },
