@@ -23,7 +23,7 @@ const NAMES = ["alpha", "beta", "gamma"];
 const children: ChildProcess[] = [];
 const root = mkdtempSync(join(tmpdir(), "weftnet-demo-"));
 
-const bold = process.stdout.isTTY ? (s: string) => `\x1b[1m${s}\x1b[0m` : (s: string) => s; // no escape codes into files
+const bold = process.stdout.isTTY && !process.env.NO_COLOR ? (s: string) => `\x1b[1m${s}\x1b[0m` : (s: string) => s; // no escape codes into files
 
 function say(s: string): void {
   process.stdout.write(`${bold("==>")} ${s}\n`);

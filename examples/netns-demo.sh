@@ -36,7 +36,7 @@ TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 NODES=(n1 n2 n3)
 PIDS=()
 
-if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi   # no escape codes into files
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi   # no escape codes into files
 say() { printf '%s==>%s %s\n' "$BOLD" "$PLAIN" "$*"; }
 in_ns() { local ns="$1"; shift; nsenter --net="/run/netns/$ns" -- "$@"; }
 
