@@ -19,10 +19,13 @@
 import { randomBytes } from "node:crypto";
 import { createSocket, type Socket } from "node:dgram";
 import { lookup } from "node:dns/promises";
-import { isIP } from "node:net";
+import { connect, isIP } from "node:net";
 import { networkInterfaces } from "node:os";
 import { UsageError, WeftError } from "../src/errors.js";
+import { WebSocket } from "ws";
 import { encodeBindingRequest, parseBindingSuccess } from "../src/wire/stun.js";
+import { decodeServerMsg } from "../src/wire/signal.js";
+import { signalEndpoint } from "./signal-client.js";
 import type { AgentStatus } from "./agent.js";
 import { apiRequest } from "./api-client.js";
 import { parse, positiveInt } from "./cli/util.js";
@@ -178,55 +181,216 @@ export async function netcheck(opts: NetcheckOptions): Promise<NetcheckReport> {
   }
 }
 
-export const NETCHECK_HELP = `Usage: weftnet netcheck [--json] [--stun HOST:PORT ...] [--state-dir D] [--timeout MS]
+/** `weftnet signal`'s default STUN port */
+const DEFAULT_STUN = 3478;
 
-Report this host's NAT behaviour: is UDP to the STUN server reachable, which public (reflexive)
-address does it see, and does the mapping vary by destination (symmetric NAT) or not (cone).
-By default it asks the running agent for the signaling server's STUN ports (the server needs
---stun-alt-port to tell cone from symmetric); --stun HOST:PORT (repeatable) works without an agent.
+export const NETCHECK_HELP = `Usage: weftnet netcheck [--signal URL] [--stun HOST:PORT ...] [--json] [--state-dir D] [--timeout MS]
 
+Check what this host needs to join a mesh, and report its NAT behaviour:
+  signaling  DNS, TCP, WebSocket upgrade and the server's first protocol message (its challenge) at
+             --signal URL (else env WEFTNET_SIGNAL, else the running agent's server); also TCP over
+             IPv6 when the server has an IPv6 address
+  UDP        is UDP to the STUN server reachable, which public (reflexive) address does it see, and
+             does the mapping vary by destination (symmetric NAT) or not (cone)
+  IPv6       this host's global IPv6 addresses
+STUN servers: --stun HOST:PORT (repeatable), else the running agent's (the signaling server's STUN
+ports; the server needs --stun-alt-port to tell cone from symmetric), else port ${DEFAULT_STUN} of the
+--signal host. Exits 1 when a check fails (UDP blocked, signaling unreachable), 0 otherwise.
+
+  --signal URL      signaling server to check, ws://HOST:PORT or wss://HOST:PORT
   --stun HOST:PORT  STUN server to probe, repeatable (replaces the agent's)
-  --timeout MS      per attempt, 3 attempts per server (default 700)
-  --json            {udp, reflexive, mappingVariesByDestination, natted, verdict, detail, probes:[...]}
+  --timeout MS      per attempt, 3 attempts per STUN server (default 700); signaling steps get 3000
+  --json            {ok, signal:{ok, dns, tcp, websocket, hello, tcp6}, stun:{servers, source}, udp,
+                    reflexive, mappingVariesByDestination, natted, verdict, detail, probes:[...], ipv6}
   --state-dir D     the agent's state dir (default: /var/lib/weftnet as root, else $XDG_STATE_HOME/weftnet)
 `;
 
 export async function runNetcheck(argv: string[]): Promise<number> {
-  const { values } = parse("netcheck", argv, { json: { type: "boolean" }, stun: { type: "string", multiple: true }, timeout: { type: "string" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } });
+  const { values } = parse("netcheck", argv, {
+    json: { type: "boolean" },
+    signal: { type: "string" },
+    stun: { type: "string", multiple: true },
+    timeout: { type: "string" },
+    "state-dir": { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) {
     process.stdout.write(NETCHECK_HELP);
     return 0;
   }
   const timeoutMs = positiveInt("netcheck", "--timeout", values.timeout, 700);
+  let signalUrl = values.signal ?? (process.env.WEFTNET_SIGNAL?.trim() || undefined);
   let servers = values.stun ?? [];
-  if (servers.length === 0) {
-    const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
-    let st: AgentStatus;
+  let source = servers.length ? "--stun" : "";
+  let agentError: string | undefined;
+  if (servers.length === 0 || signalUrl === undefined) {
+    // Ask the running agent (if any) for its signaling server and that server's STUN ports.
     try {
-      st = await apiRequest<AgentStatus>(sock, "GET", "/v1/status", undefined, 5000);
+      const st = await apiRequest<AgentStatus>(apiSocketPath(values["state-dir"] ?? defaultStateDir()), "GET", "/v1/status", undefined, 5000);
+      signalUrl ??= st.node.signal.url;
+      const stun = st.node.signal.stun;
+      if (servers.length === 0 && stun && stun.port !== 0) {
+        const h = stun.host.startsWith("[") ? stun.host : stun.host.includes(":") ? `[${stun.host}]` : stun.host;
+        servers = [`${h}:${stun.port}`, ...(stun.altPort ? [`${h}:${stun.altPort}`] : [])];
+        source = "the agent's signaling server";
+      }
     } catch (e) {
-      throw new WeftError("ERR_NO_AGENT", `${(e as Error).message}; or give the STUN server with --stun HOST:PORT`);
+      agentError = (e as Error).message;
     }
-    const stun = st.node.signal.stun;
-    if (!stun || stun.port === 0) throw new WeftError("ERR_NO_STUN", "the agent knows no STUN port of its signaling server (not registered yet, or the server runs with --stun-port 0); give --stun HOST:PORT");
-    const h = stun.host.startsWith("[") ? stun.host : stun.host.includes(":") ? `[${stun.host}]` : stun.host;
-    servers = [`${h}:${stun.port}`, ...(stun.altPort ? [`${h}:${stun.altPort}`] : [])];
   }
-  const r = await netcheck({ servers, timeoutMs });
+  if (servers.length === 0 && signalUrl !== undefined) {
+    let host: string;
+    try {
+      host = new URL(signalEndpoint(signalUrl)).hostname;
+    } catch (e) {
+      throw new UsageError(`weftnet netcheck: ${(e as Error).message}`);
+    }
+    servers = [`${host}:${DEFAULT_STUN}`];
+    source = `the default STUN port of the --signal host (the agent's server would tell its real ports)`;
+  }
+  if (servers.length === 0) {
+    throw new WeftError("ERR_NO_AGENT", `nothing to check: give --signal URL or --stun HOST:PORT${agentError ? ` (${agentError})` : ""}`);
+  }
+  const [signal, r] = await Promise.all([signalUrl !== undefined ? checkSignal(signalUrl, Math.max(timeoutMs, 3000)) : Promise.resolve(null), netcheck({ servers, timeoutMs })]);
+  const ipv6 = { addresses: globalIPv6(), signal: signal?.tcp6 ?? null };
+  const ok = r.udp && (signal === null || signal.ok);
   if (values.json) {
-    process.stdout.write(JSON.stringify(r, null, 2) + "\n");
-    return 0;
+    process.stdout.write(JSON.stringify({ ok, signal, stun: { servers, source }, ...r, ipv6 }, null, 2) + "\n");
+    return ok ? 0 : 1;
   }
+  const step = (name: string, c: CheckStep) => `  ${name.padEnd(10)} ${c.ok ? "ok    " : "FAILED"} ${c.detail}${c.ok && c.ms !== null && c.ms > 0 ? ` (${c.ms} ms)` : ""}`;
   const answered = r.probes.filter((p) => p.mapped).length;
   const lines = [
+    ...(signal
+      ? [`signaling   ${signal.url} ${signal.ok ? "reachable" : "NOT REACHABLE"}`, step("dns", signal.dns), step("tcp", signal.tcp), step("websocket", signal.websocket), step("hello", signal.hello), ""]
+      : ["signaling   not checked (give --signal URL)", ""]),
+    `STUN        ${servers.join(", ")} (${source})`,
     `UDP         ${r.udp ? `yes (${answered} of ${r.probes.length} STUN addresses answered)` : "BLOCKED (no STUN answer)"}`,
     `reflexive   ${r.reflexive ?? "-"}`,
     `mapping     ${r.mappingVariesByDestination === null ? "unknown" : r.mappingVariesByDestination ? "varies by destination" : "same for every destination"}`,
     `verdict     ${r.verdict}`,
     `            ${r.detail}`,
-    "",
     ...r.probes.map((p) => `  ${p.target.padEnd(24)} ${p.mapped ? `-> ${p.mapped} in ${p.rttMs} ms` : `no answer after ${p.attempts} attempts`}`),
+    "",
+    `IPv6        ${ipv6.addresses.length ? ipv6.addresses.join(", ") : "no global address"}${ipv6.signal ? `; signaling over IPv6: ${ipv6.signal.ok ? "ok" : `FAILED (${ipv6.signal.detail})`}` : ""}`,
   ];
   process.stdout.write(lines.join("\n") + "\n");
-  return 0;
+  return ok ? 0 : 1;
+}
+
+// ---- the signaling server: DNS, TCP, WebSocket upgrade, its first protocol message ----------------
+
+export interface CheckStep {
+  ok: boolean;
+  /** what was found (addresses, times), or why it failed */
+  detail: string;
+  ms: number | null;
+}
+
+export interface SignalCheck {
+  url: string;
+  ok: boolean;
+  dns: CheckStep;
+  tcp: CheckStep;
+  websocket: CheckStep;
+  /** the server's first message (its challenge): it speaks weftnet's signaling protocol */
+  hello: CheckStep;
+  /** TCP over IPv6 to the server's AAAA address, when it has one */
+  tcp6: CheckStep | null;
+}
+
+const skipped = (why: string): CheckStep => ({ ok: false, detail: `skipped: ${why}`, ms: null });
+
+function tcpConnect(host: string, port: number, timeoutMs: number): Promise<CheckStep> {
+  const t0 = performance.now();
+  return new Promise((resolve) => {
+    const s = connect({ host, port });
+    const done = (step: CheckStep) => {
+      s.destroy();
+      resolve(step);
+    };
+    s.setTimeout(timeoutMs, () => done({ ok: false, detail: `no answer from ${host}:${port} within ${timeoutMs} ms (filtered?)`, ms: null }));
+    s.once("connect", () => done({ ok: true, detail: `connected to ${host.includes(":") ? `[${host}]` : host}:${port}`, ms: round1(performance.now() - t0) }));
+    s.once("error", (e: NodeJS.ErrnoException) => done({ ok: false, detail: `${e.code ?? "error"}: ${e.message}`, ms: null }));
+  });
+}
+
+function round1(x: number): number {
+  return Math.round(x * 10) / 10;
+}
+
+/** Open the WebSocket and wait for the server's first message (a challenge); never sends a hello. */
+function wsCheck(endpoint: string, timeoutMs: number): Promise<{ websocket: CheckStep; hello: CheckStep }> {
+  const t0 = performance.now();
+  return new Promise((resolve) => {
+    const ws = new WebSocket(endpoint, { handshakeTimeout: timeoutMs, maxPayload: 64 * 1024 });
+    let upgraded: CheckStep | undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const done = (r: { websocket: CheckStep; hello: CheckStep }) => {
+      if (timer) clearTimeout(timer);
+      ws.removeAllListeners();
+      ws.on("error", () => {});
+      ws.terminate();
+      resolve(r);
+    };
+    ws.on("unexpected-response", (_req, res) => done({ websocket: { ok: false, detail: `HTTP ${res.statusCode} instead of a WebSocket upgrade (is this a weftnet signaling server? path ${new URL(endpoint).pathname})`, ms: null }, hello: skipped("no WebSocket") }));
+    ws.on("error", (e: NodeJS.ErrnoException) => done({ websocket: upgraded ?? { ok: false, detail: `${e.code ? `${e.code}: ` : ""}${e.message}`, ms: null }, hello: upgraded ? { ok: false, detail: e.message, ms: null } : skipped("no WebSocket") }));
+    ws.on("open", () => {
+      upgraded = { ok: true, detail: `upgraded at ${endpoint}`, ms: round1(performance.now() - t0) };
+      timer = setTimeout(() => done({ websocket: upgraded!, hello: { ok: false, detail: `no message from the server within ${timeoutMs} ms`, ms: null } }), timeoutMs);
+    });
+    ws.on("close", (code, reason) => done({ websocket: upgraded ?? { ok: false, detail: `closed (${code})`, ms: null }, hello: { ok: false, detail: `closed before its first message: ${code} ${reason.toString()}`, ms: null } }));
+    ws.on("message", (raw: Buffer) => {
+      let t: string;
+      try {
+        t = decodeServerMsg(raw).t;
+      } catch (e) {
+        done({ websocket: upgraded!, hello: { ok: false, detail: `the server's first message does not decode: ${(e as Error).message}`, ms: null } });
+        return;
+      }
+      const ms = round1(performance.now() - t0);
+      done({ websocket: upgraded!, hello: t === "challenge" ? { ok: true, detail: "the server sent its challenge (weftnet signaling protocol)", ms } : { ok: false, detail: `expected a challenge, got ${t}`, ms: null } });
+    });
+  });
+}
+
+export async function checkSignal(url: string, timeoutMs = 3000): Promise<SignalCheck> {
+  let endpoint: string;
+  try {
+    endpoint = signalEndpoint(url);
+  } catch (e) {
+    throw new UsageError(`weftnet netcheck: ${(e as Error).message}`);
+  }
+  const u = new URL(endpoint);
+  const host = u.hostname.replace(/^\[|\]$/g, "");
+  const port = Number(u.port || (u.protocol === "wss:" ? 443 : 80));
+  let addrs: { address: string; family: number }[] = [];
+  let dns: CheckStep;
+  const t0 = performance.now();
+  if (isIP(host)) {
+    addrs = [{ address: host, family: isIP(host) }];
+    dns = { ok: true, detail: `${host} is an address (no lookup needed)`, ms: 0 };
+  } else {
+    try {
+      addrs = await lookup(host, { all: true });
+      dns = { ok: addrs.length > 0, detail: addrs.length ? `${host} -> ${addrs.map((a) => a.address).join(", ")}` : `${host} has no address`, ms: round1(performance.now() - t0) };
+    } catch (e) {
+      dns = { ok: false, detail: `cannot resolve ${host}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, ms: null };
+    }
+  }
+  const v4 = addrs.find((a) => a.family === 4) ?? addrs[0];
+  const v6 = addrs.find((a) => a.family === 6);
+  const tcp = v4 ? await tcpConnect(v4.address, port, timeoutMs) : skipped("no address");
+  const { websocket, hello } = tcp.ok ? await wsCheck(endpoint, timeoutMs) : { websocket: skipped("no TCP connection"), hello: skipped("no TCP connection") };
+  const tcp6 = v6 && v6 !== v4 ? await tcpConnect(v6.address, port, timeoutMs) : null;
+  return { url: endpoint, ok: dns.ok && tcp.ok && websocket.ok && hello.ok, dns, tcp, websocket, hello, tcp6 };
+}
+
+/** This host's global IPv6 addresses (no loopback, link-local or unique-local). */
+export function globalIPv6(): string[] {
+  const out: string[] = [];
+  for (const addrs of Object.values(networkInterfaces())) {
+    for (const a of addrs ?? []) if (a.family === "IPv6" && !a.internal && !/^(fe80|fc|fd)/i.test(a.address)) out.push(a.address);
+  }
+  return out;
 }

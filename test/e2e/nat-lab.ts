@@ -316,8 +316,15 @@ export class NatLab {
     return stdout;
   }
 
-  async netcheck(h: NatHost, extra: string[] = []): Promise<NetcheckReport> {
-    return JSON.parse(await this.cli(h, ["netcheck", "--json", ...extra], 30_000)) as NetcheckReport;
+  /** netcheck --json; it exits 1 when a check fails (UDP blocked) and still prints its report. */
+  async netcheck(h: NatHost, extra: string[] = []): Promise<NetcheckReport & { ok: boolean }> {
+    try {
+      return JSON.parse(await this.cli(h, ["netcheck", "--json", ...extra], 30_000)) as NetcheckReport & { ok: boolean };
+    } catch (e) {
+      const out = (e as { stdout?: string }).stdout;
+      if (out?.trim().startsWith("{")) return JSON.parse(out) as NetcheckReport & { ok: boolean };
+      throw e;
+    }
   }
 
   async addPod(h: NatHost, name = `p${h.name}`): Promise<{ ip: string; name: string; host: NatHost }> {

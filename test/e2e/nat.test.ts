@@ -54,6 +54,7 @@ d("netcheck in the NAT lab", () => {
       expect(r.verdict, `${h.name}: ${JSON.stringify(r)}`).toBe(want[h.site.nat]);
       if (h.site.nat === "udp-blocked") {
         expect(r.udp).toBe(false);
+        expect(r.ok, "netcheck exits 1 with UDP blocked").toBe(false);
         expect(r.reflexive).toBeNull();
       } else {
         expect(r.udp).toBe(true);
