@@ -436,27 +436,7 @@ export class Agent {
         fingerprint: `${this.transport.fingerprint.algorithm} ${this.transport.fingerprint.value}`,
         signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive, stun: { host: this.signal.host, port: this.stunPort, altPort: this.stunAltPort } },
       },
-      peers: (await this.mesh.status()).map((p) => {
-        const r = this.router.route(p.id);
-        const via = r && r.via !== "direct" ? r.via : null;
-        // A WebRTC link whose selected candidate pair goes through a TURN server is reported as "turn".
-        const turn = p.state === "connected" && p.link === "webrtc" && (p.selected?.localType === "relay" || p.selected?.remoteType === "relay");
-        const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.path === "relay" ? "relay" : turn ? "turn" : p.state === "connected" || r ? "direct" : "none";
-        const bulk = this.bulk?.status(p.id) ?? null;
-        const bulkUp = bulk?.state === "up";
-        const linkType: LinkType | null = via ? "via" : p.state !== "connected" ? null : bulkUp ? "bulk" : p.path === "relay" ? "relay" : turn ? "turn" : "webrtc";
-        const linkWhy =
-          linkType === null
-            ? ""
-            : linkType === "bulk"
-              ? `direct UDP to ${bulk!.endpoint}`
-              : linkType === "via"
-                ? "no direct link; routed via another agent (lowest measured RTT)"
-                : !this.bulk
-                  ? "bulk link disabled here (--no-bulk)"
-                  : `bulk link ${bulk ? `${bulk.state}: ${bulk.reason}` : "not negotiated yet"}`;
-        return { ...p, path, via, linkType, linkWhy, bulk };
-      }),
+      peers: (await this.mesh.status()).map((p) => this.peerView(p)),
       bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates() } : null,
       dataplane: this.dataplane ? this.dataplane.stats() : null,
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
@@ -467,6 +447,28 @@ export class Agent {
         relayBadFrames: this.relay?.counters.badFrames ?? 0,
         badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
     };
+  }
+
+  /** A peer as status shows it: which path its traffic takes (direct, turn, relay, via NODE) and why. */
+  private peerView(p: PeerStatus): AgentStatus["peers"][number] {
+    const r = this.router.route(p.id);
+    const via = r && r.via !== "direct" ? r.via : null;
+    const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.state === "connected" ? linkPath(p) : r ? "direct" : "none";
+    const turn = path === "turn";
+    const bulk = this.bulk?.status(p.id) ?? null;
+    const bulkUp = bulk?.state === "up";
+    const linkType: LinkType | null = via ? "via" : p.state !== "connected" ? null : bulkUp ? "bulk" : p.path === "relay" ? "relay" : turn ? "turn" : "webrtc";
+    const linkWhy =
+      linkType === null
+        ? ""
+        : linkType === "bulk"
+          ? `direct UDP to ${bulk!.endpoint}`
+          : linkType === "via"
+            ? "no direct link; routed via another agent (lowest measured RTT)"
+            : !this.bulk
+              ? "bulk link disabled here (--no-bulk)"
+              : `bulk link ${bulk ? `${bulk.state}: ${bulk.reason}` : "not negotiated yet"}`;
+    return { ...p, path, via, linkType, linkWhy, bulk };
   }
 
   routes(): RouteStatus[] {
@@ -575,11 +577,14 @@ export class Agent {
     return this.requireDataplane().delPod(name);
   }
 
-  async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number }> {
+  /** Round trip over the peer's link; `path` is the path that link takes (as in status). */
+  async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number; path: PeerPath }> {
     const id = this.mesh.resolvePeer(target);
     if (!id) throw new WeftError("ERR_NO_PEER", `no peer matches ${JSON.stringify(target)} (use a node id, a unique id prefix or a name from \`weftnet status\`)`);
     const rtt = await this.mesh.ping(id, timeoutMs);
-    return { id, name: this.mesh.peerName(id) ?? id, rttMs: Math.round(rtt * 1000) / 1000 };
+    // The ping went over the direct link to the peer (control channel), whatever the route of pod traffic.
+    const p = (await this.mesh.status()).find((x) => x.id === id);
+    return { id, name: this.mesh.peerName(id) ?? id, rttMs: Math.round(rtt * 1000) / 1000, path: p ? linkPath(p) : "direct" };
   }
 
   stop(): Promise<void> {
@@ -598,6 +603,14 @@ export class Agent {
   }
 }
 
+/** The path of a connected peer's own link: through the signaling server's relay, a TURN server, or direct. */
+function linkPath(p: PeerStatus): "direct" | "turn" | "relay" {
+  if (p.path === "relay") return "relay";
+  // A WebRTC link whose selected candidate pair goes through a TURN server is reported as "turn".
+  if (p.link === "webrtc" && (p.selected?.localType === "relay" || p.selected?.remoteType === "relay")) return "turn";
+  return "direct";
+}
+
 async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport> {
   // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
   const range = cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE;
@@ -611,7 +624,7 @@ async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport
       if (mtu === "auto") {
         const up = await uplinkMtu();
         mtu = Math.min(MAX_LINK_MTU, Math.max(SAFE_LINK_MTU, up ?? SAFE_LINK_MTU));
-        log.info("link MTU from the uplink", { uplinkMtu: up ?? "unknown", linkMtu: mtu });
+        log.debug("link MTU from the uplink", { uplinkMtu: up ?? "unknown", linkMtu: mtu });
       }
       return native.createNativeTransport({ ...common, mtu });
     }

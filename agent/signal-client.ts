@@ -56,6 +56,8 @@ export class SignalClient {
   private stopped = false;
   private registered = false;
   private readonly joinKey: string;
+  /** the last connection error logged at warn (each distinct cause once until registered) */
+  private lastConnectError: string | undefined;
   readonly endpoint: string;
   readonly host: string;
   badFrames = 0;
@@ -150,6 +152,7 @@ export class SignalClient {
         }
         case "welcome":
           this.registered = true;
+          this.lastConnectError = undefined;
           this.attempts = 0;
           log.info("registered with signaling server", { url: this.endpoint, peers: msg.peers.length, addr: msg.you.addr });
           ev.onWelcome(msg.peers, { addr: msg.you.addr, stunPort: msg.stunPort, ...(msg.stunAltPort ? { stunAltPort: msg.stunAltPort } : {}), ...(msg.iceServers ? { iceServers: msg.iceServers } : {}) });
@@ -175,8 +178,13 @@ export class SignalClient {
           break;
       }
     });
-    ws.on("error", (err) => {
-      log.debug("signaling socket error", { err });
+    ws.on("error", (err: NodeJS.ErrnoException) => {
+      // Said once per distinct cause (e.g. ECONNREFUSED), at once, not after the registration timeout.
+      const cause = err.code ? `${err.code}: ${err.message}` : err.message;
+      if (!this.registered && cause !== this.lastConnectError) {
+        this.lastConnectError = cause;
+        log.warn("cannot reach the signaling server; retrying with backoff", { url: this.endpoint, err: cause });
+      } else log.debug("signaling socket error", { err: cause });
     });
     ws.on("close", (code: number, reasonBuf: Buffer) => {
       if (pingTimer) clearInterval(pingTimer);

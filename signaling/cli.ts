@@ -6,10 +6,10 @@
 import { chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { homedir, networkInterfaces } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import { nanoid } from "nanoid";
 import { UsageError, WeftError } from "../src/errors.js";
-import { createLogger, parseLevel } from "../src/log.js";
+import { createLogger } from "../src/log.js";
+import { LOG_OPTIONS, logOptions, parse } from "../agent/cli/util.js";
 import { SIGNAL_PATH } from "../src/wire/signal.js";
 import { DEFAULT_TURN_TTL_S, isTurnUrl } from "../src/wire/turn-rest.js";
 import { startSignalServer, type SignalServer } from "./server.js";
@@ -51,7 +51,10 @@ Options:
   --turn-secret-file F the TURN server's static-auth-secret (coturn use-auth-secret); or env
                        WEFTNET_TURN_SECRET
   --turn-ttl DUR       lifetime of handed-out TURN credentials (default 24h; e.g. 3600s, 90m, 24h)
-  --verbose            log joins, leaves and refusals (JSON lines on stderr; WEFTNET_LOG=debug|info|warn)
+  --log-level L        debug | info | warn | error (default info: joins, leaves, refusals; env WEFTNET_LOG)
+  --log-format F       auto | text | json (default auto: coloured text on a terminal, JSON lines
+                       otherwise; env WEFTNET_LOG_FORMAT)
+  --verbose            same as --log-level debug
   -h, --help           show this help
 
 Environment:
@@ -217,13 +220,10 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const err = io.stderr ?? ((s: string) => void process.stderr.write(s));
   const env = io.env ?? process.env;
 
-  let values: { listen?: string; token?: string; "token-file"?: string; "join-key-file"?: string; "allow-weak-token"?: boolean; "admin-token-file"?: string; "max-sessions"?: string; "max-sessions-per-ip"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; verbose?: boolean; help?: boolean };
+  let values: { listen?: string; token?: string; "token-file"?: string; "join-key-file"?: string; "allow-weak-token"?: boolean; "admin-token-file"?: string; "max-sessions"?: string; "max-sessions-per-ip"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; "log-level"?: string; "log-format"?: string; verbose?: boolean; help?: boolean };
+  let logOpts: ReturnType<typeof logOptions>;
   try {
-    values = parseArgs({
-      args: argv,
-      strict: true,
-      allowPositionals: false,
-      options: {
+    values = parse("signal", argv, {
         listen: { type: "string" },
         token: { type: "string" },
         "token-file": { type: "string" },
@@ -240,12 +240,12 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
         "turn-ttl": { type: "string" },
         "relay-rate": { type: "string" },
         "no-relay": { type: "boolean" },
-        verbose: { type: "boolean" },
+        ...LOG_OPTIONS,
         help: { type: "boolean", short: "h" },
-      },
     }).values;
+    logOpts = logOptions("signal", values);
   } catch (e) {
-    err(`weftnet signal: ${(e as Error).message.split("\n")[0]} (see weftnet signal --help)\n`);
+    err(`${(e as Error).message.split("\n")[0]}\n`);
     return 2;
   }
   if (values.help) {
@@ -322,7 +322,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
     return 2;
   }
 
-  const logger = createLogger({ level: values.verbose ? "debug" : parseLevel(env.WEFTNET_LOG, "warn"), component: "weftnet-signal" });
+  const logger = createLogger({ ...logOpts, component: "weftnet-signal" });
   let server: SignalServer;
   try {
     // Only the join key reaches the server; the token goes out of scope here.

@@ -1,6 +1,9 @@
 /** `weftnet agent`, `weftnet status`, `weftnet ping`. */
 import v8 from "node:v8";
-import { createLogger, parseLevel } from "../../src/log.js";
+import { readFileSync } from "node:fs";
+import { createLogger, type Logger } from "../../src/log.js";
+import { CidrError, parseCidr } from "../../src/ipam/cidr.js";
+import { aggregateCidrs } from "../../src/ipam/aggregate.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { DEFAULT_CLUSTER_RANGE } from "../../src/defaults.js";
 import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
@@ -8,7 +11,7 @@ import { apiRequest } from "../api-client.js";
 import { MAX_LINK_MTU } from "../transport/link-base.js";
 import { DEFAULT_TOKEN_PATH, inClusterAvailable } from "../k8s.js";
 import { apiSocketPath, defaultStateDir } from "../state.js";
-import { errorLine, fmtBytes, fmtDuration, parse, positiveInt, resolveToken, table } from "./util.js";
+import { didYouMean, fmtBytes, fmtDuration, fmtRtt, LOG_OPTIONS, logOptions, parse, positiveInt, resolveToken, table, type Options } from "./util.js";
 
 export const AGENT_HELP = `Usage: weftnet agent --signal URL (--token T | --token-file F) [options]
 
@@ -16,7 +19,11 @@ Run the node agent: register with the signaling server, build the WebRTC mesh wi
 and serve the local API on <state-dir>/agent.sock (used by status/ping).
 
 Options:
-  --signal URL          signaling server, ws://HOST:PORT or wss://HOST:PORT (required)
+  --config F            read options from JSON file F: {"signal": "ws://…", "token-file": "…",
+                        "advertise-routes": ["…"], "no-relay": true, …} (keys are the long flag names);
+                        flags on the command line win, then environment variables, then the file
+  --signal URL          signaling server, ws://HOST:PORT or wss://HOST:PORT (required; or env
+                        WEFTNET_SIGNAL)
   --token T             cluster token (or --token-file F, or env WEFTNET_TOKEN)
   --token-file F        read the cluster token from file F
   --name N              node name shown to peers (default: hostname)
@@ -67,28 +74,37 @@ Options:
                         blocks at once (the agent's --name must be the Node name); default on in a pod
                         (KUBERNETES_SERVICE_HOST set and a service-account token mounted); needs
                         get/list/watch on nodes. --no-k8s-node-watch turns it off
-  --log-level L         debug | info | warn | error (default warn; env WEFTNET_LOG)
-  --verbose             same as --log-level info
+  --log-level L         debug | info | warn | error (default info: one line per peer up/down and path
+                        change; env WEFTNET_LOG)
+  --log-format F        auto | text | json (default auto: coloured text on a terminal, JSON lines
+                        otherwise; env WEFTNET_LOG_FORMAT)
+  --verbose             same as --log-level debug
   -h, --help            this help
 `;
 
-export const STATUS_HELP = `Usage: weftnet status [routes|ipam] [--json] [--state-dir D]
+export const STATUS_HELP = `Usage: weftnet status [routes|ipam] [--active] [--blocks] [--json] [--state-dir D]
 
-Show this node and its peers: id, name, state, path, RTT, bytes in/out, link uptime.
+Show this node (its address blocks and pod count) and its peers: id, name, state, path (direct, turn,
+relay, via NODE), RTT, bytes in/out, link uptime, and why a link is relayed. Peers that left show when
+they were last seen; they are not counted in "peers x/y" and are forgotten 5 min after they left.
 \`weftnet status routes\` shows the routing table: next hop per node (direct or via another agent).
-\`weftnet status ipam\` shows the cluster range, every block with its owner (reachable or not), free
-addresses, this node's allocations and pending block requests; --json includes {range, blocks:[{cidr, owner}]}.
-  --json          machine-readable output: {node:{id,name,...}, peers:[{id,name,state,path,rttMs,...}]}
+\`weftnet status ipam\` shows the cluster range and, per owner, how many blocks and addresses it holds
+(aggregated CIDRs), this node's allocations and pending block requests.
+  --active        only peers with a live link
+  --blocks        status ipam: every block with its owner too (long: a founder holds most of the range)
+  --json          machine-readable output: {node:{id,name,blocks,blockCount,pods,...}, peers:[{id,name,
+                  state,path,rttMs,lastSeenAgoMs,...}]}; status ipam --json: {range, owners:[...], ...}
   --state-dir D   the agent's state dir (default: /var/lib/weftnet as root, else $XDG_STATE_HOME/weftnet)
 `;
 
 export const PING_HELP = `Usage: weftnet ping NODE [--count N] [--timeout MS] [--json] [--state-dir D]
 
-Measure the round-trip time to a peer over the mesh's control channel.
+Measure the round-trip time to a peer over the mesh's control channel, and say which path each reply
+took: direct, turn (through a TURN server) or relay (through the signaling server).
 NODE is a node id, a unique id prefix, or a node name.
   -c, --count N     pings to send (default 3)
   --timeout MS      per-ping timeout in ms (default 3000)
-  --json            print {id, name, rttMs: [...], lost}
+  --json            print {id, name, rttMs: [...], path: [...], lost} (path per reply)
   --state-dir D     the agent's state dir
 `;
 
@@ -124,8 +140,8 @@ export function tuneAgentGc(): void {
   v8.setFlagsFromString("--no-incremental-marking");
 }
 
-export async function runAgent(argv: string[]): Promise<number> {
-  const { values } = parse("agent", argv, {
+const AGENT_OPTIONS = {
+    config: { type: "string" },
     signal: { type: "string" },
     token: { type: "string" },
     "token-file": { type: "string" },
@@ -153,15 +169,66 @@ export async function runAgent(argv: string[]): Promise<number> {
     "metrics-listen": { type: "string" },
     "k8s-node-watch": { type: "boolean" },
     "no-k8s-node-watch": { type: "boolean" },
-    "log-level": { type: "string" },
-    verbose: { type: "boolean" },
+    ...LOG_OPTIONS,
     help: { type: "boolean", short: "h" },
-  });
+} as const satisfies Options;
+
+type AgentValues = ReturnType<typeof parse<typeof AGENT_OPTIONS>>["values"];
+
+/**
+ * --config F: a JSON object of long flag names to values (string, boolean, or a list for repeatable
+ * flags). Each key is checked like a flag; command-line flags win over the file.
+ */
+export function applyConfigFile(values: AgentValues, path: string, options: Options = AGENT_OPTIONS): AgentValues {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    throw new UsageError(`weftnet agent: cannot read --config ${path}: ${(e as Error).message}`);
+  }
+  let conf: unknown;
+  try {
+    conf = JSON.parse(text);
+  } catch (e) {
+    throw new UsageError(`weftnet agent: --config ${path} is not valid JSON: ${(e as Error).message}`);
+  }
+  if (!conf || typeof conf !== "object" || Array.isArray(conf)) throw new UsageError(`weftnet agent: --config ${path} must hold a JSON object of flag names to values`);
+  const out: Record<string, unknown> = { ...values };
+  for (const [rawKey, v] of Object.entries(conf as Record<string, unknown>)) {
+    const key = rawKey.replace(/^--/, "");
+    const opt = options[key];
+    if (!opt || key === "config" || key === "help") {
+      const hint = didYouMean(key, Object.keys(options).filter((k) => k !== "config" && k !== "help"));
+      throw new UsageError(`weftnet agent: --config ${path}: unknown option ${JSON.stringify(rawKey)}${hint ? ` (did you mean "${hint}"?)` : ""}`);
+    }
+    const bad = () => new UsageError(`weftnet agent: --config ${path}: "${key}" must be ${opt.type === "boolean" ? "true or false" : opt.multiple ? "a string or a list of strings" : "a string"}`);
+    let val: unknown;
+    if (opt.type === "boolean") {
+      if (typeof v !== "boolean") throw bad();
+      val = v;
+    } else if (opt.multiple) {
+      const list = typeof v === "string" ? [v] : Array.isArray(v) && v.every((x) => typeof x === "string") ? v : undefined;
+      if (!list) throw bad();
+      val = list;
+    } else {
+      if (typeof v !== "string" && typeof v !== "number") throw bad();
+      val = String(v);
+    }
+    if (out[key] === undefined) out[key] = val;
+  }
+  return out as AgentValues;
+}
+
+export async function runAgent(argv: string[]): Promise<number> {
+  let { values } = parse("agent", argv, AGENT_OPTIONS);
   if (values.help) {
     process.stdout.write(AGENT_HELP);
     return 0;
   }
-  if (!values.signal) throw new UsageError("weftnet agent: --signal URL is required (e.g. --signal ws://10.0.0.1:7000)");
+  // Precedence: command-line flags, then the environment (WEFTNET_SIGNAL, WEFTNET_TOKEN, WEFTNET_LOG…), then --config.
+  if (values.signal === undefined && process.env.WEFTNET_SIGNAL?.trim()) values = { ...values, signal: process.env.WEFTNET_SIGNAL.trim() };
+  if (values.config !== undefined) values = applyConfigFile(values, values.config);
+  if (!values.signal) throw new UsageError("weftnet agent: --signal URL is required (e.g. --signal ws://10.0.0.1:7000, or env WEFTNET_SIGNAL, or \"signal\" in --config)");
   const token = resolveToken("agent", values.token, values["token-file"]);
   if (!token) throw new UsageError("weftnet agent: a cluster token is required: --token T, --token-file F or env WEFTNET_TOKEN (printed by `weftnet signal` at first start)");
   const tun = !values["no-tun"];
@@ -190,14 +257,18 @@ export async function runAgent(argv: string[]): Promise<number> {
   }
   if (!tun && (values.iface !== undefined || values.bridge !== undefined || mtu !== undefined)) throw new UsageError("weftnet agent: --iface, --bridge and --mtu configure the data plane; they make no sense with --no-tun");
   if (values.name !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(values.name)) throw new UsageError(`weftnet agent: --name ${JSON.stringify(values.name)} must be 1-63 chars of letters, digits, '.', '_' or '-'`);
-  const level = values.verbose ? "info" : parseLevel(values["log-level"] ?? process.env.WEFTNET_LOG, "warn");
-  if (values["log-level"] !== undefined && parseLevel(values["log-level"], "debug") !== values["log-level"]) throw new UsageError(`weftnet agent: --log-level must be debug, info, warn or error`);
-  const logger = createLogger({ level });
+  const logOpts = logOptions("agent", values);
+  const logger = createLogger({ ...logOpts, component: "agent" });
   const iceServers = (values["ice-server"] ?? []).map(parseIceServer);
   const stateDir = values["state-dir"] ?? defaultStateDir();
   const ipam: { range?: string; blockPrefix?: number; reclaimAfterMs?: number } = {};
   if (values.range !== undefined) {
-    if (!/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/.test(values.range)) throw new UsageError(`weftnet agent: --range ${JSON.stringify(values.range)} must be an IPv4 CIDR like 10.40.0.0/16`);
+    try {
+      const c = parseCidr(values.range);
+      if (c.prefix > 28) throw new CidrError(`prefix /${c.prefix} is too small for a cluster range (at most /28)`);
+    } catch (e) {
+      throw new UsageError(`weftnet agent: --range ${values.range}: ${(e as Error).message} (give an IPv4 CIDR like 10.40.0.0/16)`);
+    }
     ipam.range = values.range;
   }
   if (values["block-size"] !== undefined) {
@@ -250,88 +321,137 @@ export async function runAgent(argv: string[]): Promise<number> {
     ...(k8sNodeWatch ? { k8sNodeWatch: {} } : {}),
   });
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
+  const stopWatch = watchPaths(agent, logger.child("mesh"));
   if (agent.metrics) process.stdout.write(`metrics on ${agent.metrics.url}\n`);
   return await new Promise<number>((resolve) => {
     let done = false;
-    const finish = async (code: number) => {
+    const finish = async (code: number, why: string) => {
       if (done) return;
       done = true;
+      stopWatch();
       await agent.stop().catch(() => {});
+      process.stdout.write(`weftnet agent ${agent.name} stopped (${why})\n`);
       resolve(code);
     };
-    agent.onFatal((e) => {
-      process.stderr.write(`${errorLine(e)}\n`);
-      void finish(1);
+    // The agent logs a fatal error itself (one line: text on a terminal, JSON otherwise); no second line here.
+    agent.onFatal((e) => void finish(1, e.code));
+    agent.whenRegistered(10_000).catch((e: WeftError) => {
+      if (e.code === "ERR_TIMEOUT") logger.warn("still not registered with the signaling server after 10 s; retrying with backoff", { url: agent.signal.endpoint });
     });
-    agent.whenRegistered(10_000).then(
-      () => process.stdout.write(`registered with ${agent.signal.endpoint}\n`),
-      (e: WeftError) => {
-        if (e.code === "ERR_TIMEOUT") process.stderr.write(`weftnet: still trying to reach the signaling server at ${agent.signal.endpoint} (retrying with backoff)\n`);
-      },
-    );
-    process.once("SIGINT", () => void finish(0));
-    process.once("SIGTERM", () => void finish(0));
+    process.once("SIGINT", () => void finish(0, "SIGINT"));
+    process.once("SIGTERM", () => void finish(0, "SIGTERM"));
   });
 }
 
+/**
+ * One info line per change of the route to a peer (direct <-> via another agent), checked every 2 s
+ * from the router's table (cheap: no link stats). Peer up/down and relay -> WebRTC upgrades are logged
+ * by the mesh itself.
+ */
+function watchPaths(agent: Agent, log: Logger): () => void {
+  let last = new Map<string, { via: string; name: string }>();
+  const t = setInterval(() => {
+    const now = new Map(agent.routes().map((r) => [r.dst, { via: r.via, name: r.name }]));
+    for (const [dst, r] of now) {
+      const before = last.get(dst)?.via;
+      if (before === r.via || (before === undefined && r.via === "direct")) continue;
+      log.info("path changed", { peer: dst, peerName: r.name, from: before ?? "unreachable", to: r.via });
+    }
+    for (const [dst, r] of last) if (!now.has(dst) && r.via !== "direct") log.info("path changed", { peer: dst, peerName: r.name, from: r.via, to: "unreachable" });
+    last = now;
+  }, 2000);
+  t.unref();
+  return () => clearInterval(t);
+}
+
 export async function runStatus(argv: string[]): Promise<number> {
-  const { values, positionals } = parse("status", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } }, true);
+  const { values, positionals } = parse(
+    "status",
+    argv,
+    { json: { type: "boolean" }, active: { type: "boolean" }, blocks: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } },
+    true,
+  );
   if (values.help) {
     process.stdout.write(STATUS_HELP);
     return 0;
   }
   const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
-  if (positionals.length > 1 || (positionals[0] !== undefined && positionals[0] !== "routes" && positionals[0] !== "ipam")) throw new UsageError(`weftnet status: unknown section ${JSON.stringify(positionals.join(" "))} (try \`weftnet status routes\` or \`weftnet status ipam\`)`);
-  if (positionals[0] === "ipam") {
-    const v = await apiRequest<IpamView>(sock, "GET", "/v1/ipam");
-    process.stdout.write(values.json ? JSON.stringify(v, null, 2) + "\n" : renderIpam(v));
+  const section = positionals[0];
+  if (positionals.length > 1 || (section !== undefined && section !== "routes" && section !== "ipam")) {
+    const hint = section !== undefined ? didYouMean(section, ["routes", "ipam"]) : undefined;
+    throw new UsageError(`weftnet status: unknown section ${JSON.stringify(positionals.join(" "))}${hint ? ` (did you mean \`weftnet status ${hint}\`?)` : " (try `weftnet status routes` or `weftnet status ipam`)"}`);
+  }
+  if (values.blocks && section !== "ipam") throw new UsageError("weftnet status: --blocks lists the address blocks of `weftnet status ipam`");
+  if (values.active && section !== undefined) throw new UsageError("weftnet status: --active filters the peer list of `weftnet status`");
+  const api = <T>(path: string) => apiRequest<T>(sock, "GET", path);
+  if (section === "ipam") {
+    const v = await api<IpamView>("/v1/ipam");
+    const sum = summarizeIpam(v, !!values.blocks);
+    process.stdout.write(values.json ? JSON.stringify(sum, null, 2) + "\n" : renderIpam(sum));
     return 0;
   }
-  if (positionals[0] === "routes") {
-    const { routes } = await apiRequest<{ routes: RouteStatus[] }>(sock, "GET", "/v1/routes");
+  if (section === "routes") {
+    const { routes } = await api<{ routes: RouteStatus[] }>("/v1/routes");
     if (values.json) process.stdout.write(JSON.stringify({ routes }, null, 2) + "\n");
     else {
       const rows = [["DESTINATION", "ID", "NEXT HOP", "VIA", "COST", "PATH"]];
-      for (const r of routes) rows.push([r.name, r.dst, r.nextHopName, r.via, `${r.costMs.toFixed(1)}ms`, r.path.join(" > ")]);
+      for (const r of routes) rows.push([r.name, r.dst, r.nextHopName, r.via, fmtRtt(r.costMs), r.path.join(" > ")]);
       process.stdout.write(routes.length ? table(rows) + "\n" : "(no routes yet)\n");
     }
     return 0;
   }
-  const st = await apiRequest<AgentStatus>(sock, "GET", "/v1/status");
+  const [st, ipam] = await Promise.all([api<AgentStatus>("/v1/status"), api<IpamView>("/v1/ipam").catch(() => undefined)]);
+  const local = ipam ? localIpam(ipam) : undefined;
+  if (values.active) st.peers = st.peers.filter((p) => p.state === "connected");
   if (values.json) {
-    process.stdout.write(JSON.stringify(st, null, 2) + "\n");
+    process.stdout.write(JSON.stringify(local ? { ...st, node: { ...st.node, ...local } } : st, null, 2) + "\n");
     return 0;
   }
-  process.stdout.write(renderStatus(st));
+  process.stdout.write(renderStatus(st, local));
   return 0;
 }
 
-export function renderStatus(st: AgentStatus): string {
+/** This node's share of the IPAM: its blocks (aggregated), how many, and its pods. */
+export function localIpam(v: IpamView): { blocks: string[]; blockCount: number; pods: number } {
+  const mine = v.blocks.filter((b) => b.mine).map((b) => b.cidr);
+  return { blocks: aggregateCidrs(mine), blockCount: mine.length, pods: v.allocations.length };
+}
+
+function listCidrs(cidrs: string[], max = 4): string {
+  return cidrs.length <= max ? cidrs.join(", ") : `${cidrs.slice(0, max).join(", ")} +${cidrs.length - max} more`;
+}
+
+export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockCount: number; pods: number }): string {
   const n = st.node;
   const head =
     `node      ${n.name} (${n.id})\n` +
     `version   ${n.version}, transport ${n.transport}, up ${fmtDuration(n.uptimeMs)}\n` +
-    `signaling ${n.signal.url} ${n.signal.connected ? "connected" : "DISCONNECTED"}${n.signal.addr ? `, seen as ${n.signal.addr}` : ""}\n`;
-  const connected = st.peers.filter((p) => p.state === "connected").length;
+    `signaling ${n.signal.url} ${n.signal.connected ? "connected" : "DISCONNECTED"}${n.signal.addr ? `, seen as ${n.signal.addr}` : ""}\n` +
+    (local ? `blocks    ${local.blockCount ? `${listCidrs(local.blocks)} (${local.blockCount} block${local.blockCount === 1 ? "" : "s"})` : "none yet"}, ${local.pods} pod${local.pods === 1 ? "" : "s"}\n` : "");
+  const gone = st.peers.filter((p) => p.state === "gone").length;
+  const live = st.peers.filter((p) => p.state !== "gone");
+  const connected = live.filter((p) => p.state === "connected").length;
   const header = ["PEER", "ID", "STATE", "PATH", "RTT", "IN", "OUT", "UPTIME", "NOTE"];
   const row = (p: AgentStatus["peers"][number]) => [
     p.name,
     p.id,
     p.state,
     p.path === "none" ? "-" : p.linkType === "bulk" ? "bulk" : p.path,
-    p.rttMs === null ? "-" : `${p.rttMs.toFixed(1)}ms`,
+    fmtRtt(p.rttMs),
     fmtBytes(p.bytesIn),
     fmtBytes(p.bytesOut),
     fmtDuration(p.uptimeMs),
-    p.state !== "connected"
-      ? (p.lastError ?? "")
-      : p.linkType === "bulk"
-        ? p.linkWhy
-      : p.path === "relay"
-        ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
-        : p.selected
-          ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}${p.pathMtu ? ` mtu ${p.pathMtu}` : ""}`
-          : "",
+    p.state === "gone"
+      ? `last seen ${p.lastSeenAgoMs === null || p.lastSeenAgoMs === undefined ? "never" : `${fmtDuration(p.lastSeenAgoMs)} ago`}${p.lastError ? `: ${p.lastError}` : ""}`
+      : p.state !== "connected"
+        ? (p.lastError ?? "")
+        : p.linkType === "bulk"
+          ? p.linkWhy
+          : p.path === "relay"
+            ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
+            : p.selected
+              ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}${p.pathMtu ? ` mtu ${p.pathMtu}` : ""}`
+              : "",
   ];
   // Group by cluster label when peers carry one (hybrid clusters).
   const clusters = [...new Set(st.peers.map((p) => p.meta.cluster ?? ""))].sort();
@@ -343,8 +463,12 @@ export function renderStatus(st: AgentStatus): string {
   const adv = st.routes?.advertised.length
     ? `routes    advertising ${st.routes.inForce.join(", ") || "(none in force)"}${st.routes.snat ? " with SNAT" : ""}${withdrawn.map((c) => `; ${c.route} WITHDRAWN: overlaps ${c.other} of ${c.nodeName}`).join("")}\n`
     : "";
-  return `${head}${adv}peers     ${connected}/${st.peers.length} connected\n\n${st.peers.length ? body : "(no peers yet)"}\n`;
+  const goneNote = gone ? ` (${gone} gone, forgotten ${GONE_FORGET_MIN} min after they left)` : "";
+  return `${head}${adv}peers     ${connected}/${live.length} connected${goneNote}\n\n${st.peers.length ? body : "(no peers yet)"}\n`;
 }
+
+/** src/mesh/peer.ts DEFAULT_TIMING.goneTtlMs, in minutes */
+const GONE_FORGET_MIN = 5;
 
 export function parseDuration(cmd: string, flag: string, v: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(v.trim());
@@ -408,17 +532,88 @@ type IpamView = {
   conflicts: { peer: string; code: string; message: string }[];
 };
 
-export function renderIpam(v: IpamView): string {
-  const owned = v.blocks.filter((b) => b.owner);
-  let out = `range     ${v.range} (blocks /${v.blockPrefix})\nallocate  ${v.canAllocate ? "ready" : `not ready: ${v.reason ?? "unknown"}`}\n`;
+export interface IpamOwnerSummary {
+  id: string;
+  name: string | null;
+  mine: boolean;
+  reachable: boolean;
+  blocks: number;
+  addresses: number;
+  /** free addresses in its blocks, when known (this node's own) */
+  free: number | null;
+  settling: number;
+  /** its blocks aggregated into the fewest CIDRs */
+  cidrs: string[];
+}
+
+export interface IpamSummary {
+  range: string;
+  blockPrefix: number;
+  canAllocate: boolean;
+  reason: string | null;
+  totalBlocks: number;
+  unownedBlocks: number;
+  owners: IpamOwnerSummary[];
+  allocations: { podId: string; ip: string }[];
+  pending: { to: string; sinceMs: number } | null;
+  conflicts: { peer: string; code: string; message: string }[];
+  /** only with --blocks */
+  blocks?: IpamView["blocks"];
+}
+
+/** Per owner instead of per block: a founder holds ~all blocks of the range by design. */
+export function summarizeIpam(v: IpamView, withBlocks = false): IpamSummary {
+  const per = new Map<string, { s: IpamOwnerSummary; cidrs: string[] }>();
+  const size = 2 ** (32 - v.blockPrefix);
+  let unowned = 0;
+  for (const b of v.blocks) {
+    if (!b.owner) {
+      unowned++;
+      continue;
+    }
+    let e = per.get(b.owner);
+    if (!e) {
+      e = { s: { id: b.owner, name: b.ownerName, mine: b.mine, reachable: b.reachable, blocks: 0, addresses: 0, free: null, settling: 0, cidrs: [] }, cidrs: [] };
+      per.set(b.owner, e);
+    }
+    e.s.blocks++;
+    e.s.addresses += size;
+    if (b.free !== null) e.s.free = (e.s.free ?? 0) + b.free;
+    if (b.settling) e.s.settling++;
+    e.cidrs.push(b.cidr);
+  }
+  const owners = [...per.values()].map((e) => ({ ...e.s, cidrs: aggregateCidrs(e.cidrs) }));
+  owners.sort((a, b) => Number(b.mine) - Number(a.mine) || b.blocks - a.blocks || (a.name ?? a.id).localeCompare(b.name ?? b.id));
+  return {
+    range: v.range,
+    blockPrefix: v.blockPrefix,
+    canAllocate: v.canAllocate,
+    reason: v.reason,
+    totalBlocks: v.blocks.length,
+    unownedBlocks: unowned,
+    owners,
+    allocations: v.allocations,
+    pending: v.pending,
+    conflicts: v.conflicts,
+    ...(withBlocks ? { blocks: v.blocks } : {}),
+  };
+}
+
+export function renderIpam(v: IpamSummary): string {
+  let out = `range     ${v.range} (${v.totalBlocks} blocks of /${v.blockPrefix}, ${v.unownedBlocks} unowned)\nallocate  ${v.canAllocate ? "ready" : `not ready: ${v.reason ?? "unknown"}`}\n`;
   if (v.pending) out += `pending   block request to ${v.pending.to} for ${Math.round(v.pending.sinceMs / 1000)}s\n`;
   for (const c of v.conflicts) out += `CONFLICT  with ${c.peer}: ${c.message} (${c.code})\n`;
-  const rows = [["BLOCK", "OWNER", "ID", "REACHABLE", "FREE", "NOTE"]];
-  for (const b of owned) rows.push([b.cidr, b.ownerName ?? "?", b.owner, b.reachable ? "yes" : "NO", b.free === null ? "-" : String(b.free), [b.mine ? "this node" : "", b.settling ? "settling" : ""].filter(Boolean).join(", ")]);
-  out += `\n${owned.length ? table(rows) : "(no blocks owned yet)"}\n`;
-  if (v.allocations.length) {
-    out += `\n${table([["POD", "IP"], ...v.allocations.map((a) => [a.podId, a.ip])])}\n`;
+  const rows = [["OWNER", "ID", "REACHABLE", "BLOCKS", "ADDRESSES", "FREE", "CIDRS"]];
+  for (const o of v.owners) {
+    rows.push([`${o.name ?? "?"}${o.mine ? " (this node)" : ""}`, o.id, o.reachable ? "yes" : "NO", `${o.blocks}${o.settling ? ` (${o.settling} settling)` : ""}`, String(o.addresses), o.free === null ? "-" : String(o.free), listCidrs(o.cidrs, 3)]);
   }
+  out += `\n${v.owners.length ? table(rows) : "(no blocks owned yet)"}\n`;
+  if (v.blocks) {
+    const brows = [["BLOCK", "OWNER", "ID", "REACHABLE", "FREE", "NOTE"]];
+    for (const b of v.blocks.filter((x) => x.owner)) brows.push([b.cidr, b.ownerName ?? "?", b.owner, b.reachable ? "yes" : "NO", b.free === null ? "-" : String(b.free), [b.mine ? "this node" : "", b.settling ? "settling" : ""].filter(Boolean).join(", ")]);
+    out += `\n${table(brows)}\n`;
+  }
+  if (v.allocations.length) out += `\n${table([["POD", "IP"], ...v.allocations.map((a) => [a.podId, a.ip])])}\n`;
   return out;
 }
 
@@ -465,27 +660,48 @@ export async function runPing(argv: string[]): Promise<number> {
   const count = positiveInt("ping", "--count", values.count, 3);
   const timeoutMs = positiveInt("ping", "--timeout", values.timeout, 3000);
   const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
-  const rtts: number[] = [];
+  const replies: { rttMs: number; path: string }[] = [];
   let lost = 0;
   let target: { id: string; name: string } | undefined;
+  let error: WeftError | undefined;
   for (let i = 0; i < count; i++) {
     try {
-      const r = await apiRequest<{ id: string; name: string; rttMs: number }>(sock, "POST", "/v1/ping", { node: positionals[0], timeoutMs }, timeoutMs + 2000);
+      const r = await apiRequest<{ id: string; name: string; rttMs: number; path?: string }>(sock, "POST", "/v1/ping", { node: positionals[0], timeoutMs }, timeoutMs + 2000);
       target = r;
-      rtts.push(r.rttMs);
-      if (!values.json) process.stdout.write(`reply from ${r.name} (${r.id}): time=${r.rttMs.toFixed(3)} ms\n`);
+      const path = r.path ?? "direct";
+      replies.push({ rttMs: r.rttMs, path });
+      if (!values.json) process.stdout.write(`reply from ${r.name} (${r.id}) ${path === "direct" || path === "none" ? "direct" : path}: time=${fmtRtt(r.rttMs)}\n`);
     } catch (e) {
-      if (e instanceof WeftError && (e.code === "ERR_TIMEOUT" || e.code === "ERR_NOT_CONNECTED")) {
+      if (e instanceof WeftError && e.code === "ERR_TIMEOUT") {
         lost++;
         if (!values.json) process.stdout.write(`no reply: ${e.message}\n`);
+      } else if (e instanceof WeftError && (e.code === "ERR_NOT_CONNECTED" || e.code === "ERR_NO_PEER")) {
+        // Not a lost packet: the peer is gone or unknown. Say so once, not once per ping.
+        lost = count - replies.length;
+        error = e;
+        break;
       } else throw e;
     }
     if (i + 1 < count) await new Promise((r) => setTimeout(r, 200));
   }
-  if (values.json) process.stdout.write(JSON.stringify({ id: target?.id ?? null, name: target?.name ?? null, rttMs: rtts, lost }) + "\n");
-  else if (rtts.length) {
-    const sorted = [...rtts].sort((a, b) => a - b);
-    process.stdout.write(`${count} sent, ${rtts.length} received, min/median/max ${sorted[0]!.toFixed(3)}/${sorted[Math.floor(sorted.length / 2)]!.toFixed(3)}/${sorted[sorted.length - 1]!.toFixed(3)} ms\n`);
+  if (values.json) {
+    process.stdout.write(
+      JSON.stringify({
+        id: target?.id ?? null,
+        name: target?.name ?? null,
+        rttMs: replies.map((r) => r.rttMs),
+        path: replies.map((r) => r.path),
+        lost,
+        ...(error ? { error: { code: error.code, message: error.message } } : {}),
+      }) + "\n",
+    );
+  } else {
+    if (error) process.stderr.write(`weftnet ping: ${positionals[0]}: ${error.code === "ERR_NOT_CONNECTED" ? "not connected (gone or not linked yet; see `weftnet status`)" : error.message}\n`);
+    if (replies.length) {
+      const sorted = replies.map((r) => r.rttMs).sort((a, b) => a - b);
+      const paths = [...new Set(replies.map((r) => r.path))].join(", ");
+      process.stdout.write(`${count} sent, ${replies.length} received, min/median/max ${fmtRtt(sorted[0])}/${fmtRtt(sorted[Math.floor(sorted.length / 2)])}/${fmtRtt(sorted[sorted.length - 1])}, path ${paths}\n`);
+    }
   }
-  return rtts.length > 0 ? 0 : 1;
+  return replies.length > 0 ? 0 : 1;
 }

@@ -4,7 +4,9 @@ import { realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/errors.js";
 import { VERSION } from "../version.js";
-import { errorLine } from "./util.js";
+import { didYouMean, errorJson, errorLine, noAgentHint } from "./util.js";
+
+const COMMANDS = ["signal", "agent", "status", "ping", "netcheck", "pod", "ipam", "join-key", "version", "help"];
 
 export const MAIN_HELP = `weftnet ${VERSION} — peer-to-peer WebRTC overlay network for pods
 
@@ -64,11 +66,16 @@ export async function main(argv: string[]): Promise<number> {
         process.stdout.write(`${(await import("../../src/identity.js")).joinKeyOf(token)}\n`);
         return 0;
       }
-      default:
-        throw new UsageError(`unknown command ${JSON.stringify(cmd)}; run \`weftnet --help\` for the list`);
+      default: {
+        const hint = didYouMean(cmd, COMMANDS);
+        throw new UsageError(`unknown command ${JSON.stringify(cmd)}${hint ? ` (did you mean \`weftnet ${hint}\`?)` : ""}; run \`weftnet --help\` for the list`);
+      }
     }
-  } catch (e) {
-    process.stderr.write(`${errorLine(e)}\n`);
+  } catch (caught) {
+    const e = noAgentHint(caught, rest.some((a) => a === "--state-dir" || a.startsWith("--state-dir=")));
+    // With --json the error is JSON on stdout too ({error: {code, message}}), so scripts parse one format.
+    if (rest.includes("--json")) process.stdout.write(`${errorJson(e)}\n`);
+    else process.stderr.write(`${errorLine(e)}\n`);
     return e instanceof UsageError ? 2 : 1;
   }
 }

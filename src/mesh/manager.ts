@@ -70,6 +70,8 @@ export interface PeerStatus {
   offerer: boolean;
   attempts: number;
   lastError: string | null;
+  /** ms since anything was last heard from the peer (null: never); gone peers are forgotten after goneTtlMs */
+  lastSeenAgoMs: number | null;
   selected: LinkStats["selected"] | null;
   /** Path MTU the link sends with (native transport, once confirmed). */
   pathMtu: number | null;
@@ -386,6 +388,7 @@ export class MeshManager {
         offerer: f.offerer,
         attempts: f.attempts,
         lastError: f.lastError ?? null,
+        lastSeenAgoMs: f.lastHeardAt !== undefined ? now - f.lastHeardAt : null,
         selected: stats?.selected ?? null,
         pathMtu: stats?.pathMtu ?? null,
         meta: e.info.meta,
@@ -452,7 +455,7 @@ export class MeshManager {
     if (before !== after) {
       this.o.logger.debug("peer state", { peer: id, peerName: e.info.name, from: before, to: after, reason: e.fsm.lastError });
       if (after === "connected") {
-        this.o.logger.info("peer connected", { peer: id, peerName: e.info.name });
+        this.o.logger.info("peer connected", { peer: id, peerName: e.info.name, link: e.linkKind });
         for (const f of this.upListeners) f(id);
       } else if (before === "connected") {
         this.o.logger.info("peer disconnected", { peer: id, peerName: e.info.name, reason: e.fsm.lastError });

@@ -214,6 +214,11 @@ export class PeerFsm {
    * inflated (DTLS handshakes, CPU contention at start) and an EWMA would carry them for many seconds;
    * the windowed minimum tracks the path's propagation delay and ignores queueing spikes (like BBR).
    */
+  /** when anything was last heard from the peer (its hello, pings, pongs, gossip); undefined: never */
+  get lastHeardAt(): number | undefined {
+    return this.lastHeard > 0 ? this.lastHeard : undefined;
+  }
+
   get pathRttMs(): number | undefined {
     return this.recent.length ? Math.min(...this.recent) : undefined;
   }
