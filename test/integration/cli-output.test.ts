@@ -85,13 +85,16 @@ describe("weftnet status / ping / netcheck / agent logs against a live mesh", ()
       dirs.push(tmpDir(`weft-cliout-${n}-`));
       agents[n] = start(["agent", "--no-tun", "--loopback-only", "--signal", server.url, "--token", TOKEN, "--name", n, "--state-dir", dir(n)]);
     }
-    await waitFor(() => {
-      const r = run(["status", "--json", "--state-dir", dir("a")]);
-      if (r.code !== 0) return false;
-      const st = JSON.parse(r.out) as { peers: { state: string }[] };
-      return st.peers.filter((p) => p.state === "connected").length === 2;
-    }, 30_000, "a connected to b and c");
-  }, 45_000);
+    // A full mesh whose links are settled: on a loaded box a WebRTC attempt can time out (10 s), the pair
+    // then runs over the relay and upgrades to WebRTC in the background (make-before-break).
+    await waitFor(() =>
+      ["a", "b", "c"].every((n) => {
+        const r = run(["status", "--json", "--state-dir", dir(n)]);
+        if (r.code !== 0) return false;
+        const st = JSON.parse(r.out) as { peers: { state: string; link: string | null }[] };
+        return st.peers.filter((p) => p.state === "connected" && p.link !== "relay").length === 2;
+      }), 50_000, "a full mesh of direct links");
+  }, 70_000);
 
   afterAll(async () => {
     await Promise.all(Object.values(agents).map(stop));
