@@ -12,7 +12,7 @@ import type { SignalServer } from "../../signaling/server.js";
 import { startServer, tmpDir, waitFor } from "../helpers/cluster.js";
 
 const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
-const TOKEN = "cli-output-token";
+const TOKEN = "cli-output-8Kp1Lm7Xr2Tn5Wb9Yc4Hd6Jf0GsQz3v";
 
 const run = (args: string[], env: Record<string, string> = {}, opts: { uid?: number; gid?: number } = {}) => {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: { ...process.env, WEFTNET_TOKEN: "", WEFTNET_SIGNAL: "", WEFTNET_LOG: "", WEFTNET_LOG_FORMAT: "", ...env }, timeout: 30_000, ...opts });
@@ -85,15 +85,15 @@ describe("weftnet status / ping / netcheck / agent logs against a live mesh", ()
       dirs.push(tmpDir(`weft-cliout-${n}-`));
       agents[n] = start(["agent", "--no-tun", "--loopback-only", "--signal", server.url, "--token", TOKEN, "--name", n, "--state-dir", dir(n)]);
     }
-    // A full mesh whose links are settled: on a loaded box a WebRTC attempt can time out (10 s), the pair
-    // then runs over the relay and upgrades to WebRTC in the background (make-before-break).
+    // A full mesh (on a loaded box a WebRTC attempt can time out after 10 s; that pair then runs over the
+    // relay, which is a path like any other here).
     await waitFor(() =>
       ["a", "b", "c"].every((n) => {
         const r = run(["status", "--json", "--state-dir", dir(n)]);
         if (r.code !== 0) return false;
-        const st = JSON.parse(r.out) as { peers: { state: string; link: string | null }[] };
-        return st.peers.filter((p) => p.state === "connected" && p.link !== "relay").length === 2;
-      }), 50_000, "a full mesh of direct links");
+        const st = JSON.parse(r.out) as { peers: { state: string }[] };
+        return st.peers.filter((p) => p.state === "connected").length === 2;
+      }), 50_000, "a full mesh");
   }, 70_000);
 
   afterAll(async () => {
@@ -153,7 +153,9 @@ describe("weftnet status / ping / netcheck / agent logs against a live mesh", ()
     expect(js.lost).toBe(0);
   });
 
-  it("agent logs: JSON lines when stderr is not a TTY, an info line per peer up", () => {
+  it("agent logs: JSON lines when stderr is not a TTY, an info line per peer up", async () => {
+    // (the synchronous CLI calls above keep this process from reading the agents' pipes meanwhile)
+    await waitFor(() => new Set(logs(agents.a!).filter((l) => l.msg === "peer connected").map((l) => l.peerName)).size === 2, 5_000, "a's peer up lines");
     const up = logs(agents.a!).filter((l) => l.msg === "peer connected");
     expect(up.map((l) => l.peerName).sort()).toEqual(expect.arrayContaining(["b", "c"]));
     expect(up.every((l) => l.level === "info")).toBe(true);
@@ -298,7 +300,7 @@ describe("weftnet error messages, one line each", () => {
   });
 
   it("signal takes --log-level and --log-format", async () => {
-    const p = start(["signal", "--listen", "127.0.0.1:0", "--stun-port", "0", "--token", "x", "--log-level", "debug", "--log-format", "text"]);
+    const p = start(["signal", "--listen", "127.0.0.1:0", "--stun-port", "0", "--token", TOKEN, "--log-level", "debug", "--log-format", "text"]);
     try {
       await waitFor(() => /listening on/.test(p.out()), 10_000, "signal listening");
     } finally {
