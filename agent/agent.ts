@@ -304,6 +304,7 @@ export class Agent {
           mesh,
           logger: agentLog,
           port: cfg.bulkPort ?? 0,
+          ...(cfg.mtu !== undefined ? { mtu: cfg.mtu } : {}),
           loopbackOnly: cfg.werift?.loopbackOnly === true,
           excludeAddress: (ip) => inRange(ip, rangeCidr),
           stun: () => (cfg.useServerStun !== false && a.stunPort > 0 ? { host: a.signal.host, port: a.stunPort } : undefined),

@@ -19,7 +19,7 @@
  *   mesh link down -> the bulk session ends (a new mesh link starts a new handshake).
  *
  * Send path (send(peer, frame), called by the forwarder for every frame to a next hop): the frame's
- * records are split into single packets, GSO super-packets segmented in software (src/packet/tso.ts),
+ * records are split into single packets, GSO super-packets segmented in software (src/packet/gso.ts),
  * each packet sealed as its own datagram [header | frame header | record | tag] into one send buffer, and
  * runs of equal-size datagrams leave with one sendmsg + UDP_SEGMENT (agent/os/udp.ts). Receive path: GRO
  * buffers are cut by segment size, each datagram opened by the keypair its receiver index names, and the
@@ -28,7 +28,7 @@
  *
  * Drops are typed and counted: per peer (session drops: short, bad-type, unknown-index, stale-key,
  * bad-auth, replay, bad-inner) and here (no-peer: a receiver index nobody owns; send-full: the socket
- * refused a batch; unsegmentable: a GSO packet of a kind we cannot split).
+ * refused a batch; segment-drop: a GSO packet gso.ts refuses to split, e.g. UFO or a malformed header).
  */
 import { lookup } from "node:dns/promises";
 import { networkInterfaces } from "node:os";
@@ -40,7 +40,8 @@ import { nodeAead, randomU32, type Aead } from "../../src/bulk/crypto.js";
 import { BulkPeer, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src/bulk/session.js";
 import { BULK_CHANNEL, BULK_WIRE_VERSION, HEADER_LEN, SEAL_OVERHEAD, formatEndpoint, type Endpoint } from "../../src/bulk/wire.js";
 import { FRAME_HEADER_LEN, RECORD_HEADER_LEN } from "../../src/packet/frame.js";
-import { segmentTcp } from "../../src/packet/tso.js";
+import { ByteArena, segment } from "../../src/packet/gso.js";
+import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
 import { encodeBindingRequest, parseBindingSuccess, parseIp } from "../../src/wire/stun.js";
 import { loadSodiumAead } from "../os/sodium.js";
 import { UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS, UdpSocket, type UdpSocketOptions } from "../os/udp.js";
@@ -74,6 +75,8 @@ export interface BulkOptions {
   /** The signaling server's STUN responder, to learn this socket's public mapping. */
   stun?: () => { host: string; port: number } | undefined;
   timing?: Partial<BulkTiming>;
+  /** MTU of the TUN (pod packets): sets the largest datagram and the keepalives' size. Default 1400. */
+  mtu?: number;
   socket?: Omit<UdpSocketOptions, "port" | "address">;
   aead?: Aead;
 }
@@ -98,7 +101,7 @@ export interface BulkPeerStatus {
 export interface BulkCounters {
   noPeer: number;
   sendFull: number;
-  unsegmentable: number;
+  segmentDrops: number;
   stunAnswers: number;
   framesOut: number;
   framesIn: number;
@@ -119,10 +122,12 @@ export class BulkService {
   private lastStun = -Infinity;
   private stunAddr: Endpoint | undefined;
   private closed = false;
-  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, unsegmentable: 0, stunAnswers: 0, framesOut: 0, framesIn: 0 };
+  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, stunAnswers: 0, framesOut: 0, framesIn: 0 };
   // send path buffers (long-lived: the socket caches their addresses)
   private readonly slab = Buffer.allocUnsafeSlow(UDP_GSO_MAX_BYTES + 4096);
-  private readonly scratch = Buffer.allocUnsafeSlow(70_000);
+  private readonly arena = new ByteArena(256 * 1024);
+  private readonly segOut: Uint8Array[] = [];
+  private readonly segOpts: { maxIp: number; csum: "partial" };
   private batchLen = 0;
   private batchCount = 0;
   private batchSeg = 0;
@@ -134,6 +139,7 @@ export class BulkService {
   ) {
     this.log = o.logger.child("bulk");
     this.aead = o.aead ?? loadSodiumAead() ?? nodeAead();
+    this.segOpts = { maxIp: o.mtu ?? 1400, csum: "partial" };
     this.cands = this.hostCandidates();
     o.mesh.onPeerUp((id) => this.peerUp(id));
     o.mesh.onPeerDown((id) => this.peerDown(id, "mesh link down"));
@@ -196,7 +202,7 @@ export class BulkService {
     const c = this.counters;
     t.drops["no-peer"] = c.noPeer;
     t.drops["send-full"] = c.sendFull;
-    t.drops.unsegmentable = c.unsegmentable;
+    t.drops["segment-drop"] = c.segmentDrops;
     return t;
   }
 
@@ -215,6 +221,7 @@ export class BulkService {
       auth: { sign: (...f) => signFields(self, CTX_BULK, ...f), verifyPeer: (sig, ...f) => verifyFields(pub, sig, CTX_BULK, ...f) },
       random: randomU32,
       cands: this.cands,
+      maxDatagram: (this.o.mtu ?? 1400) + VNET_HDR_LEN + FRAME_HEADER_LEN + RECORD_HEADER_LEN + SEAL_OVERHEAD,
       ...(this.o.timing ? { timing: this.o.timing } : {}),
     });
     this.peers.set(id, p);
@@ -244,10 +251,8 @@ export class BulkService {
     if (this.closed) return;
     const now = performance.now();
     for (const [id, p] of this.peers) this.run(id, p, p.handle({ type: "tick" }, now));
-    if (now - this.lastStun >= STUN_EVERY_MS) {
-      this.lastStun = now;
-      void this.stunProbe();
-    }
+    // Learn the public mapping: every second until an answer came, then every STUN_EVERY_MS.
+    if (now - this.lastStun >= (this.srflx ? STUN_EVERY_MS : 1000)) void this.stunProbe(now);
   }
 
   private run(id: string, p: BulkPeer, acts: BulkAction[]): void {
@@ -300,9 +305,10 @@ export class BulkService {
     return out.slice(0, 8);
   }
 
-  private async stunProbe(): Promise<void> {
+  private async stunProbe(now: number): Promise<void> {
     const s = this.o.stun?.();
     if (!s || s.port <= 0 || this.o.loopbackOnly) return;
+    this.lastStun = now;
     try {
       let ip = parseIp(s.host);
       if (!ip) ip = parseIp((await lookup(s.host, { family: 4 })).address);
@@ -372,12 +378,15 @@ export class BulkService {
       const len = ((frame[off]! << 24) | (frame[off + 1]! << 16) | (frame[off + 2]! << 8) | frame[off + 3]!) >>> 0;
       const rec = frame.subarray(off + RECORD_HEADER_LEN, off + RECORD_HEADER_LEN + len);
       off += RECORD_HEADER_LEN + len;
-      const n = segmentTcp(rec, this.scratch, (pkt) => this.sealOne(p, hdr, pkt));
-      if (n === 0) {
-        // Not TCP GSO (nothing else arrives from a TUN with TSO offloads only): send as it is.
-        this.counters.unsegmentable++;
-        this.sealOne(p, hdr, rec);
+      const segs = this.segOut;
+      segs.length = 0;
+      const drop = segment(rec, this.segOpts, this.arena, segs);
+      if (drop) {
+        this.counters.segmentDrops++;
+        continue;
       }
+      for (let i = 0; i < segs.length; i++) this.sealOne(p, hdr, segs[i]!);
+      this.arena.reset();
     }
     this.flush();
     this.counters.framesOut++;
@@ -428,6 +437,7 @@ export class BulkService {
 /** What an agent with --no-bulk answers to a peer's handshake, so the peer stops trying. */
 export function refuseBulk(mesh: Pick<BulkMeshPort, "onApp" | "sendApp">): void {
   mesh.onApp(BULK_CHANNEL, (from, body) => {
-    if (typeof body === "object" && body !== null && (body as { t?: unknown }).t === "init") mesh.sendApp(from, BULK_CHANNEL, { t: "off", v: BULK_WIRE_VERSION, reason: "bulk link disabled on this node (--no-bulk)" });
+    const t = typeof body === "object" && body !== null ? (body as { t?: unknown }).t : undefined;
+    if (t === "init" || t === "cands") mesh.sendApp(from, BULK_CHANNEL, { t: "off", v: BULK_WIRE_VERSION, reason: "bulk link disabled on this node (--no-bulk)" });
   });
 }

@@ -105,6 +105,12 @@ export interface BulkPeerOptions {
   timing?: Partial<BulkTiming>;
   /** this node's candidates, "a.b.c.d:port" */
   cands: string[];
+  /**
+   * The largest datagram (UDP payload) this link sends: keepalives are padded to it, so the link comes up
+   * only where full-size datagrams pass both ways (a path MTU black hole keeps traffic on WebRTC).
+   * Default 1464: a 1400-byte pod packet + frame, virtio and seal overhead.
+   */
+  maxDatagram?: number;
 }
 
 interface Keypair {
@@ -121,6 +127,8 @@ interface Keypair {
 export type OpenResult = Uint8Array | BulkDropReason | typeof KEEPALIVE;
 /** open() consumed a keepalive (nothing to deliver). */
 export const KEEPALIVE = 0;
+
+const PUNCHING = "no full-size keepalive both ways yet (UDP blocked, a NAT that maps per destination, or a path MTU below the link's datagrams)";
 
 const CAND_KEY = (e: Endpoint) => e.addr * 65536 + e.port;
 
@@ -142,9 +150,13 @@ export class BulkPeer {
   /** where authenticated datagrams come from (WireGuard's roaming) */
   endpoint: Endpoint | undefined;
   private lastHeard = -Infinity;
+  /** the last (full-size) keepalive from the peer */
+  private keepaliveHeard = -Infinity;
   private peerHearsAt = -Infinity;
+  readonly maxDatagram: number;
   private punchStartedAt = 0;
   private lastTick = -Infinity;
+  private graceUntil = -Infinity;
   private lastKeepalive = -Infinity;
   private peerTs = 0;
   private peerTsAt = 0;
@@ -158,6 +170,7 @@ export class BulkPeer {
     this.t = { ...DEFAULT_BULK_TIMING, ...o.timing };
     this.algorithm = o.algorithm ?? "aes-256-gcm";
     this.cands = o.cands.slice(0, MAX_CANDIDATES);
+    this.maxDatagram = Math.max(KEEPALIVE_LEN + SEAL_OVERHEAD, o.maxDatagram ?? 1464);
   }
 
   get state(): BulkState {
@@ -180,6 +193,8 @@ export class BulkPeer {
     switch (ev.type) {
       case "start":
         if (this.initiator && !this.pending && !this.current) this.sendInit(now);
+        // The responder announces itself (a peer without a bulk link answers `off`, see refuseBulk).
+        else if (!this.initiator && !this.current) this.out.push({ type: "control", body: { t: "cands", v: BULK_WIRE_VERSION, cands: this.cands } });
         break;
       case "cands":
         this.cands = ev.cands.slice(0, MAX_CANDIDATES);
@@ -265,7 +280,7 @@ export class BulkPeer {
           if (this.current) del.push(this.current.localIdx);
           this.current = kp;
           this.next = undefined;
-          this.startPunching(now, this._state === "up" ? undefined : "punching: no datagram from the peer yet");
+          this.startPunching(now, this._state === "up" ? undefined : PUNCHING);
         }
         this.out.push({ type: "index", add: [idx], del });
         return;
@@ -298,7 +313,7 @@ export class BulkPeer {
         this.previous = this.current;
         this.current = kp;
         this.out.push({ type: "index", add: [p.idx], del });
-        if (this._state !== "up") this.startPunching(now, "punching: no datagram from the peer yet");
+        if (this._state !== "up") this.startPunching(now, PUNCHING);
         // Confirm the new key to the responder at once (it promotes `next` on the first datagram).
         this.keepalive(now, this.endpoint && now - this.lastHeard < this.t.deadMs ? [this.endpoint] : this.peerCands);
         return;
@@ -383,8 +398,10 @@ export class BulkPeer {
     }
     // Path liveness. After a stall of our own (the event loop was blocked: ticks came late), datagrams may
     // wait unread in the socket: judge silence only from a tick that follows a timely one.
-    const stalled = now - this.lastTick > t.deadMs / 2;
+    // (and give the peer's keepalives, which it could not send while it stalled too, time to arrive).
+    if (now - this.lastTick > t.deadMs / 2) this.graceUntil = now + 2 * t.keepaliveMs;
     this.lastTick = now;
+    const stalled = now < this.graceUntil;
     const heard = now - this.lastHeard < t.deadMs;
     const hearsUs = now - this.peerHearsAt < t.deadMs;
     if (this._state === "up" && !(heard && hearsUs) && !stalled) {
@@ -424,17 +441,18 @@ export class BulkPeer {
     const kp = this.current;
     if (!kp || targets.length === 0) return;
     this.lastKeepalive = now;
-    const inner = new Uint8Array(KEEPALIVE_LEN);
+    const innerLen = this.maxDatagram - SEAL_OVERHEAD;
+    const inner = new Uint8Array(innerLen); // zero padding after the fields: full size, see maxDatagram
     const dv = new DataView(inner.buffer);
     inner[0] = INNER_KEEPALIVE;
-    inner[1] = now - this.lastHeard < this.t.deadMs ? 1 : 0;
+    inner[1] = now - this.keepaliveHeard < this.t.deadMs ? 1 : 0;
     dv.setFloat64(2, now, true);
     dv.setFloat64(10, this.peerTs, true);
     dv.setFloat64(18, this.peerTsAt ? now - this.peerTsAt : 0, true);
     for (const to of targets) {
-      const data = new Uint8Array(KEEPALIVE_LEN + SEAL_OVERHEAD);
+      const data = new Uint8Array(this.maxDatagram);
       data.set(inner, HEADER_LEN);
-      const n = this.seal(data, 0, KEEPALIVE_LEN);
+      const n = this.seal(data, 0, innerLen);
       if (n < 0) return;
       this.counters.keepalivesOut++;
       this.out.push({ type: "send", to, data });
@@ -514,6 +532,7 @@ export class BulkPeer {
     if (inner[0] === INNER_KEEPALIVE) {
       if (inner.byteLength < KEEPALIVE_LEN) return this.dropped("bad-inner");
       this.counters.keepalivesIn++;
+      this.keepaliveHeard = now;
       const dv = new DataView(inner.buffer, inner.byteOffset, inner.byteLength);
       if (inner[1]! & 1) this.peerHearsAt = now;
       this.peerTs = dv.getFloat64(2, true);

@@ -16,7 +16,7 @@
  *     0x1_  one data-plane frame (src/packet/frame.ts) carrying exactly ONE packet record: a pod packet
  *           (vnet header + IP) no larger than the path allows. GSO super-packets are segmented before
  *           sealing (segment.ts), so a lost datagram costs one inner packet, never a burst.
- *     0x00  keepalive (KEEPALIVE_LEN bytes): [0]=0 [1] flags (bit0: I heard an authenticated datagram
+ *     0x00  keepalive (at least KEEPALIVE_LEN bytes): [0]=0 [1] flags (bit0: I heard a keepalive
  *           from you within the dead interval) [2..10) f64 my clock [10..18) f64 the clock of the last
  *           keepalive I got from you [18..26) f64 ms I held it. Sent every keepalive interval on an
  *           established path (NAT mappings stay open; RTT = now - echo - held), to every candidate while
@@ -28,7 +28,8 @@
  *                                                  receiver index, eph = X25519 ephemeral public key,
  *                                                  cands = ["a.b.c.d:port", ...] I can be reached on
  *   R -> I  resp {v, hs, idx, eph, cands, sig}    keys = HKDF(X25519(eI, eR), ids, hs, eI, eR): crypto.ts
- *   either  cands {v, cands}                       new candidates (a STUN answer came in)
+ *   either  cands {v, cands}                       new candidates (a STUN answer came in); R also sends it
+ *                                                  when it starts, so a peer without a bulk link answers off
  *   R -> I  rekey {v}                              R's sending key is due for rotation: I starts a handshake
  *   either  off {v, reason}                        bulk is disabled or failed here: stop trying
  *

@@ -28,14 +28,14 @@ function pair(timing: Partial<BulkTiming> = {}) {
 
 /** A tiny network: control messages delivered in order, datagrams delivered unless `blocked`. */
 function net(A: BulkPeer, B: BulkPeer, epA: Endpoint, epB: Endpoint) {
-  const st = { now: 1000, blocked: false, frames: [] as { to: "A" | "B"; data: Uint8Array }[], events: [] as string[] };
+  const st = { now: 1000, blocked: false, maxSize: Infinity, frames: [] as { to: "A" | "B"; data: Uint8Array }[], events: [] as string[] };
   const run = (who: "A" | "B", acts: BulkAction[]): void => {
     const other = who === "A" ? B : A;
     const otherName = who === "A" ? "B" : "A";
     for (const x of acts) {
       if (x.type === "control") run(otherName, other.handle({ type: "control", body: structuredClone(x.body) }, st.now));
       else if (x.type === "send") {
-        if (!st.blocked) {
+        if (!st.blocked && x.data.length <= st.maxSize) {
           const r = other.open(x.data, who === "A" ? epA : epB, st.now);
           if (r instanceof Uint8Array) st.frames.push({ to: otherName, data: r });
         }
@@ -124,6 +124,31 @@ describe("bulk session", () => {
     expect(A.up && B.up).toBe(true);
   });
 
+  it("path MTU black hole: small datagrams pass, full-size ones do not -> never up, and the reason says so", () => {
+    const { A, B, epA, epB } = pair();
+    const n = net(A, B, epA, epB);
+    n.st.maxSize = 1400; // keepalives are 1464 bytes (a 1400-byte pod packet's datagram)
+    n.run("A", A.handle({ type: "start" }, n.st.now));
+    n.tick(2000);
+    expect(A.up || B.up).toBe(false);
+    expect(A.reason).toMatch(/path MTU/);
+    n.st.maxSize = 1500;
+    n.tick(800);
+    expect(A.up && B.up).toBe(true);
+  });
+
+  it("a stall of our own (late ticks) is not taken for a silent path", () => {
+    const { A, B, epA, epB } = pair();
+    const n = net(A, B, epA, epB);
+    n.run("A", A.handle({ type: "start" }, n.st.now));
+    n.tick(600);
+    expect(A.up).toBe(true);
+    n.st.now += 1500; // the event loop was blocked for 1.5 s: nothing was read or sent
+    expect(A.handle({ type: "tick" }, n.st.now).some((x) => x.type === "down")).toBe(false);
+    n.tick(300); // timely ticks again: keepalives flow, still up
+    expect(A.up && B.up).toBe(true);
+  });
+
   it("rotates keys by bytes and by time; datagrams sealed with the previous key still open", () => {
     const { A, B, epA, epB } = pair({ rekeyAfterBytes: 50_000, rekeyAfterMs: 30_000 });
     const n = net(A, B, epA, epB);
@@ -152,6 +177,20 @@ describe("bulk session", () => {
     }
     expect(A.counters.rotations).toBeGreaterThanOrEqual(3);
     expect(A.up && B.up).toBe(true);
+  });
+
+  it("either role stops when the peer has no bulk link (answers off to init and to the responder's announcement)", () => {
+    const { A, B } = pair();
+    const off = { t: "off", v: 1, reason: "bulk link disabled on this node (--no-bulk)" };
+    const ai = A.handle({ type: "start" }, 0);
+    expect(ai.some((x) => x.type === "control" && x.body.t === "init")).toBe(true);
+    const bi = B.handle({ type: "start" }, 0);
+    expect(bi.some((x) => x.type === "control" && x.body.t === "cands")).toBe(true);
+    A.handle({ type: "control", body: off }, 0);
+    B.handle({ type: "control", body: off }, 0);
+    expect([A.state, B.state]).toEqual(["off", "off"]);
+    expect(A.reason).toMatch(/--no-bulk/);
+    expect(A.handle({ type: "tick" }, 10_000)).toEqual([]);
   });
 
   it("refuses a handshake not signed by the peer's identity, and malformed control bodies", () => {
