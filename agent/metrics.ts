@@ -25,6 +25,11 @@
  *   weftnet_ipam_events_total{name}                  IPAM counters (conflicts, claims, grants, ...)
  *   weftnet_mesh_events_total{name}                  mesh counters (badControl, authFailures, dials, ...)
  *   weftnet_relayed_bytes_total{path}                 server: through the signaling server's relay; transit: forwarded for others
+ *   weftnet_peers_by_link{link}                       connected peers by what carries their pod traffic: bulk|webrtc|turn|relay|via
+ *   weftnet_bulk_datagrams_total{direction}, weftnet_bulk_bytes_total{direction}
+ *                                                     bulk link (direct UDP) traffic, all peers
+ *   weftnet_bulk_drops_total{reason}                  bulk datagrams dropped: bad-auth, replay, unknown-index, ...
+ *   weftnet_bulk_transitions_total{to}                bulk link up/down changes (down = fell back to WebRTC)
  */
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Registry } from "prom-client";
@@ -284,6 +289,66 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
       const c = snap?.status.counters;
       this.inc({ path: "server" }, (c?.relayBytesIn ?? 0) + (c?.relayBytesOut ?? 0));
       this.inc({ path: "transit" }, snap?.status.dataplane?.forwarder.fwdBytes ?? 0);
+    },
+  });
+
+  // Per link type: which link carries each peer's pod traffic, and the bulk link's own counters.
+  new Gauge({
+    name: "weftnet_peers_by_link",
+    help: "Connected peers by the link that carries their pod traffic: bulk (direct UDP), webrtc, turn, relay (signaling server), via (another agent).",
+    labelNames: ["link"],
+    registers,
+    collect() {
+      this.reset();
+      const n: Record<string, number> = { bulk: 0, webrtc: 0, turn: 0, relay: 0, via: 0 };
+      for (const p of snap?.status.peers ?? []) if (p.linkType) n[p.linkType] = (n[p.linkType] ?? 0) + 1;
+      for (const [link, v] of Object.entries(n)) this.set({ link }, v);
+    },
+  });
+  const bulkSum = (f: (b: NonNullable<AgentStatus["peers"][number]["bulk"]>) => number) => (snap?.status.peers ?? []).reduce((a, p) => a + (p.bulk ? f(p.bulk) : 0), 0);
+  new Counter({
+    name: "weftnet_bulk_datagrams_total",
+    help: "Datagrams sent (out) and received (in) on bulk links (keepalives included).",
+    labelNames: ["direction"],
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ direction: "out" }, bulkSum((b) => b.txDatagrams));
+      this.inc({ direction: "in" }, bulkSum((b) => b.rxDatagrams));
+    },
+  });
+  new Counter({
+    name: "weftnet_bulk_bytes_total",
+    help: "Bytes of sealed datagrams sent (out) and received (in) on bulk links.",
+    labelNames: ["direction"],
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ direction: "out" }, bulkSum((b) => b.txBytes));
+      this.inc({ direction: "in" }, bulkSum((b) => b.rxBytes));
+    },
+  });
+  new Counter({
+    name: "weftnet_bulk_drops_total",
+    help: "Bulk link datagrams dropped, by typed reason (bad-auth, replay, unknown-index, stale-key, short, bad-type, bad-inner).",
+    labelNames: ["reason"],
+    registers,
+    collect() {
+      this.reset();
+      const n: Record<string, number> = {};
+      for (const p of snap?.status.peers ?? []) for (const [k, v] of Object.entries(p.bulk?.drops ?? {})) n[k] = (n[k] ?? 0) + v;
+      for (const [reason, v] of Object.entries(n)) this.inc({ reason }, v);
+    },
+  });
+  new Counter({
+    name: "weftnet_bulk_transitions_total",
+    help: "Bulk link state changes: to=up (pod traffic moved to UDP), to=down (fell back to WebRTC).",
+    labelNames: ["to"],
+    registers,
+    collect() {
+      this.reset();
+      this.inc({ to: "up" }, bulkSum((b) => b.ups));
+      this.inc({ to: "down" }, bulkSum((b) => b.downs));
     },
   });
 

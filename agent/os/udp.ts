@@ -7,7 +7,10 @@
  *   (EIO/EINVAL) turns it off for this socket and the batch goes out one datagram per sendmsg.
  * - receive: UDP_GRO on: the kernel hands consecutive datagrams of one flow as one buffer plus their
  *   segment size (a cmsg); recvmsg() in a loop until EAGAIN (or maxBatch), then wait with poll() on a
- *   worker thread (koffi async), woken by an eventfd on close. Exactly the TUN's read loop.
+ *   worker thread (koffi async), woken by an eventfd on close. Exactly the TUN's read loop. Each recvmsg
+ *   of a drain reads into the next part of one receive slab, so everything handed to onData in a drain
+ *   stays valid until the next drain starts (the next turn of the event loop at the earliest): a consumer
+ *   may collect packets and write them out from setImmediate without copying.
  * - non-blocking fd: a full send buffer (EAGAIN/ENOBUFS) drops the batch and counts it (`queue-full`):
  *   the inner TCP backs off, as it does on any lossy path. Sends never block the event loop.
  *
@@ -40,7 +43,7 @@ export interface UdpSocketOptions {
   /** SO_RCVBUF / SO_SNDBUF (forced when root). Default 4 MiB each. */
   rcvbuf?: number;
   sndbuf?: number;
-  /** recvmsg calls per drain before yielding to the event loop. Default 64. */
+  /** recvmsg calls per drain before yielding to the event loop (each gets its own part of the slab). Default 16. */
   maxBatch?: number;
   pollTimeoutMs?: number;
 }
@@ -181,7 +184,8 @@ export class UdpSocket {
   private readonly rName = Buffer.allocUnsafeSlow(16).fill(0);
   private readonly rIov = Buffer.allocUnsafeSlow(16).fill(0);
   private readonly rCtl = Buffer.allocUnsafeSlow(64).fill(0);
-  private readonly rBuf = Buffer.allocUnsafeSlow(RECV_SIZE);
+  private readonly rBuf: Buffer;
+  private readonly rBufAddr: number;
   private readonly addrCache = new WeakMap<ArrayBufferLike, number>();
   private readonly pfd = Buffer.alloc(16);
   private readonly wake = Buffer.alloc(8);
@@ -208,7 +212,9 @@ export class UdpSocket {
   ) {
     this.gso = opts.gso !== false;
     this.gro = gro;
-    this.maxBatch = Math.max(1, opts.maxBatch ?? 64);
+    this.maxBatch = Math.max(1, opts.maxBatch ?? 16);
+    this.rBuf = Buffer.allocUnsafeSlow(this.maxBatch * RECV_SIZE);
+    this.rBufAddr = c.addr(this.rBuf);
     this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
     // send msghdr: name, iov (1 entry), control filled per call
     setU64(this.sMsg, 0, c.addr(this.sName));
@@ -223,7 +229,6 @@ export class UdpSocket {
     setU64(this.rMsg, 16, c.addr(this.rIov));
     setU64(this.rMsg, 24, 1);
     setU64(this.rMsg, 32, c.addr(this.rCtl));
-    setU64(this.rIov, 0, c.addr(this.rBuf));
     setU64(this.rIov, 8, RECV_SIZE);
     this.pfd.writeInt32LE(fd, 0);
     this.pfd.writeInt16LE(POLLIN, 4);
@@ -353,7 +358,7 @@ export class UdpSocket {
 
   private scratch = Buffer.allocUnsafeSlow(2048);
 
-  /** Start receiving. `onData` gets GRO buffers (valid only during the call); `onBatchEnd` after each drain. */
+  /** Start receiving. `onData` gets GRO buffers (valid until the next drain, see the header); `onBatchEnd` after each drain. */
   start(onData: UdpReceiver, onBatchEnd?: () => void, onError?: (err: Error) => void): void {
     if (this.closing) throw new UdpError("ERR_UDP_CLOSED", "UDP socket is closed");
     this.onData = onData;
@@ -374,7 +379,9 @@ export class UdpSocket {
     const c = this.c;
     let wouldBlock = false;
     let got = 0;
+    let off = 0;
     for (let i = 0; i < this.maxBatch; i++) {
+      setU64(this.rIov, 0, this.rBufAddr + off); // this read's part of the slab
       this.rMsg.writeUInt32LE(16, 8); // msg_namelen
       setU64(this.rMsg, 40, this.rCtl.length); // msg_controllen
       this.rMsg.writeInt32LE(0, 48);
@@ -406,11 +413,12 @@ export class UdpSocket {
       this.stats.rxDatagrams += seg > 0 ? Math.ceil(n / seg) : 1;
       this.stats.rxBytes += n;
       try {
-        this.onData(this.rBuf.subarray(0, n), seg, this.from);
+        this.onData(this.rBuf.subarray(off, off + n), seg, this.from);
       } catch (err) {
         this.report(err instanceof Error ? err : new Error(String(err)));
       }
       if (this.closing) return;
+      off += RECV_SIZE;
     }
     if (got > 0 && this.onBatchEnd) {
       try {

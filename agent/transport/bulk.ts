@@ -13,7 +13,7 @@
  *     -> the path is `up` once each side hears the other and knows it is heard: pod frames for that peer
  *        now go out on UDP (make-before-break: the WebRTC link stays, and frames still arriving on it are
  *        delivered as before)
- *   silence (no authenticated datagram for deadMs, default 800 ms, or the peer stops hearing us)
+ *   silence (no authenticated datagram for deadMs, default 650 ms (keepalives every 150 ms), or the peer stops hearing us)
  *     -> `down`: frames go back to WebRTC at once; keepalives keep probing, and the link comes back up by
  *        itself when the path recovers. Where no UDP path forms, nothing changes: WebRTC carries on.
  *   mesh link down -> the bulk session ends (a new mesh link starts a new handshake).
@@ -163,7 +163,11 @@ export class BulkService {
     return this.socket.port;
   }
 
-  /** Frames (one packet each) that arrived over bulk links. */
+  /**
+   * Frames (one packet each) that arrived over bulk links. A frame is a view into the socket's receive
+   * slab (opened in place): valid until the socket's next drain, i.e. through the rest of this turn of the
+   * event loop and its setImmediate callbacks; copy to keep it longer.
+   */
   onFrame(f: (from: string, frame: Uint8Array) => void): void {
     this.frameHandler = f;
   }

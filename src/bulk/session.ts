@@ -56,8 +56,8 @@ export interface BulkTiming {
 }
 
 export const DEFAULT_BULK_TIMING: BulkTiming = {
-  keepaliveMs: 200,
-  deadMs: 800,
+  keepaliveMs: 150,
+  deadMs: 650,
   handshakeRetryMs: 3000,
   rekeyAfterMs: 120_000,
   rejectAfterMs: 180_000,
@@ -399,7 +399,7 @@ export class BulkPeer {
     // Path liveness. After a stall of our own (the event loop was blocked: ticks came late), datagrams may
     // wait unread in the socket: judge silence only from a tick that follows a timely one.
     // (and give the peer's keepalives, which it could not send while it stalled too, time to arrive).
-    if (now - this.lastTick > t.deadMs / 2) this.graceUntil = now + 2 * t.keepaliveMs;
+    if (now - this.lastTick > t.deadMs / 2) this.graceUntil = now + t.deadMs;
     this.lastTick = now;
     const stalled = now < this.graceUntil;
     const heard = now - this.lastHeard < t.deadMs;

@@ -8,8 +8,9 @@
  * on loopback, 64 KiB messages as fast as they go), the ceiling the native transport cannot beat at that
  * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
- *   --only S      only the configurations whose key contains S (native-native-1280, native-native-auto,
- *                 werift-werift, werift-native, jumbo, loss-native, loss-werift)
+ *   --only S      only the configurations whose key contains S (bulk, native-native-1280, native-native-auto,
+ *                 werift-werift, werift-native, jumbo, loss-bulk, loss-native, loss-werift; "bulk" matches both
+ *                 bulk rows). WebRTC rows run with --no-bulk; the bulk rows are the default agent (bulk link up)
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
  *
  * Loss sweep (keys loss-native, loss-werift): one lab per transport; for each loss rate an iptables rule in
@@ -169,7 +170,7 @@ interface SweepRow {
 }
 
 /** The loss sweep for one transport; baselines in the same lab when `baselines`. */
-async function lossSweep(kind: string, withBaselines: boolean, extra: string[] = []): Promise<SweepRow[]> {
+async function lossSweep(kind: string, withBaselines: boolean, extra: string[] = [], label = `weftnet ${kind} -> ${kind}`): Promise<SweepRow[]> {
   const lab = new MeshLab(2);
   const out: SweepRow[] = [];
   try {
@@ -180,6 +181,7 @@ async function lossSweep(kind: string, withBaselines: boolean, extra: string[] =
     const pa = await lab.addPod(lab.nodes[0]!, "pa");
     const pb = await lab.addPod(lab.nodes[1]!, "pb");
     await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
+    if (!extra.includes("--no-bulk")) await bulkUp(lab);
     const [a, b] = lab.nodes as [LabNode, LabNode];
     const vxDown = withBaselines ? vxlanUp(lab) : undefined;
     const wgDown = withBaselines ? await wireguardUp(lab) : undefined;
@@ -188,7 +190,7 @@ async function lossSweep(kind: string, withBaselines: boolean, extra: string[] =
         const undo = dropUdp(b, loss);
         try {
           process.stderr.write(`  ${kind} at ${loss}% loss ...\n`);
-          out.push({ loss, path: `weftnet ${kind} -> ${kind}`, runs: await measureRuns(pa.name, pb.name, pb.ip) });
+          out.push({ loss, path: label, runs: await measureRuns(pa.name, pb.name, pb.ip) });
           if (withBaselines) {
             out.push({ loss, path: "kernel VXLAN", runs: await measureRuns(a.ns, b.ns, "10.88.0.2") });
             out.push({ loss, path: "wireguard-go", runs: await measureRuns(a.ns, b.ns, "10.89.0.2") });
@@ -244,6 +246,11 @@ interface Config {
   uplinkMtu?: number;
 }
 
+/** Both agents carry pod traffic on the bulk link (direct UDP), not WebRTC. */
+async function bulkUp(lab: MeshLab): Promise<void> {
+  await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.linkType === "bulk")), 20_000, "bulk link up");
+}
+
 /** Baseline per LAN MTU, measured once in the first lab of that kind. */
 const baselines = new Map<number, Result>();
 
@@ -257,6 +264,7 @@ async function overlay(c: Config): Promise<Result> {
     const pa = await lab.addPod(lab.nodes[0]!, "pa");
     const pb = await lab.addPod(lab.nodes[1]!, "pb");
     await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
+    if (!(c.args ?? []).includes("--no-bulk")) await bulkUp(lab);
     const mtu = c.uplinkMtu ?? 1500;
     if (!baselines.has(mtu)) baselines.set(mtu, await vxlanBaseline(lab, `kernel VXLAN, LAN MTU ${mtu}`));
     return await measure(c.label, pa.name, pb.name, pb.ip, lab.nodes.map((n) => n.proc!.pid!));
@@ -309,12 +317,14 @@ async function libraryCeiling(mtu?: number): Promise<number> {
   }
 }
 
+// WebRTC rows run with --no-bulk (else pod traffic would take the bulk link); the bulk row is the default agent.
 const configs: Config[] = [
-  { key: "native-native-1280", label: "native -> native, --link-mtu 1280", kinds: ["native", "native"], args: ["--link-mtu", "1280"] },
-  { key: "native-native-auto", label: "native -> native (default: auto = 1500)", kinds: ["native", "native"] },
-  { key: "werift-werift", label: "werift -> werift", kinds: ["werift", "werift"] },
-  { key: "werift-native", label: "werift -> native", kinds: ["werift", "native"] },
-  { key: "jumbo-native-native-auto", label: "native, jumbo LAN (default: auto = 4096)", kinds: ["native", "native"], uplinkMtu: 9000 },
+  { key: "bulk", label: "bulk link (direct UDP; default)", kinds: ["native", "native"] },
+  { key: "native-native-1280", label: "native -> native, --link-mtu 1280", kinds: ["native", "native"], args: ["--link-mtu", "1280", "--no-bulk"] },
+  { key: "native-native-auto", label: "native -> native (default: auto = 1500)", kinds: ["native", "native"], args: ["--no-bulk"] },
+  { key: "werift-werift", label: "werift -> werift", kinds: ["werift", "werift"], args: ["--no-bulk"] },
+  { key: "werift-native", label: "werift -> native", kinds: ["werift", "native"], args: ["--no-bulk"] },
+  { key: "jumbo-native-native-auto", label: "native, jumbo LAN (default: auto = 4096)", kinds: ["native", "native"], uplinkMtu: 9000, args: ["--no-bulk"] },
 ];
 const rows: { r: Result; base: number }[] = [];
 for (const c of configs) {
@@ -327,13 +337,14 @@ for (const c of configs) {
   rows.push({ r: { ...r, label: `weftnet ${c.label}` }, base: base.mbps });
 }
 const sweep: SweepRow[] = [];
-for (const [key, kind] of [
-  ["loss-native", "native"],
-  ["loss-werift", "werift"],
+for (const [key, kind, bulk] of [
+  ["loss-bulk", "native", true],
+  ["loss-native", "native", false],
+  ["loss-werift", "werift", false],
 ] as const) {
   if (values.only && !key.includes(values.only)) continue;
-  process.stderr.write(`loss sweep, ${kind} ...\n`);
-  sweep.push(...(await lossSweep(kind, !sweep.some((r) => r.path === "wireguard-go"))));
+  process.stderr.write(`loss sweep, ${bulk ? "bulk" : kind} ...\n`);
+  sweep.push(...(await lossSweep(kind, !sweep.some((r) => r.path === "wireguard-go"), bulk ? [] : ["--no-bulk"], bulk ? "weftnet bulk link" : undefined)));
 }
 const ceilings: string[] = [];
 for (const mtu of values.only?.startsWith("loss") ? [] : [undefined, 1500, 4096]) {

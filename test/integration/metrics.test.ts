@@ -125,6 +125,9 @@ describe("metrics", () => {
       weftnet_ipam_pending_requests: "GAUGE",
       weftnet_mesh_events_total: "COUNTER",
       weftnet_relayed_bytes_total: "COUNTER",
+      weftnet_peers_by_link: "GAUGE",
+      weftnet_bulk_datagrams_total: "COUNTER",
+      weftnet_bulk_drops_total: "COUNTER",
     })) {
       expect(m.get(name)?.type, name).toBe(type);
       expect(m.get(name)?.help.length, `${name} has help`).toBeGreaterThan(10);
@@ -136,6 +139,8 @@ describe("metrics", () => {
     expect(m.get("weftnet_peers")!.metrics).toHaveLength(5 * 6);
     expect(m.get("weftnet_peers")!.metrics.reduce((s, x) => s + Number(x.value), 0)).toBe(1);
     expect(sample(m, "weftnet_peers", { path: "relay", state: "connected" })).toBe(0);
+    expect(sample(m, "weftnet_peers_by_link", { link: "webrtc" })).toBe(1); // no bulk link in this test
+    expect(sample(m, "weftnet_peers_by_link", { link: "bulk" })).toBe(0);
     const rtt = sample(m, "weftnet_peer_rtt_seconds", { peer: a2.id, name: "m2" })!;
     expect(rtt).toBeGreaterThan(0);
     expect(rtt).toBeLessThan(1);

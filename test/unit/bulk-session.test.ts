@@ -145,7 +145,7 @@ describe("bulk session", () => {
     expect(A.up).toBe(true);
     n.st.now += 1500; // the event loop was blocked for 1.5 s: nothing was read or sent
     expect(A.handle({ type: "tick" }, n.st.now).some((x) => x.type === "down")).toBe(false);
-    n.tick(300); // timely ticks again: keepalives flow, still up
+    n.tick(700); // timely ticks again: keepalives flow, still up
     expect(A.up && B.up).toBe(true);
   });
 
