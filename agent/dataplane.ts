@@ -14,6 +14,9 @@ import { join } from "node:path";
 import { WeftError } from "../src/errors.js";
 import type { Logger } from "../src/log.js";
 import { Forwarder } from "../src/packet/forwarder.js";
+import { ByteArena } from "../src/packet/gso.js";
+import { coalesce, type GroStats } from "../src/packet/gro.js";
+import { SEGMENT_MODES, type SegmentMode } from "../src/packet/gso-policy.js";
 import type { Agent } from "./agent.js";
 import type { PodAddress } from "./ipam.js";
 import { DEFAULT_BRIDGE, DEFAULT_MTU, NodeNetwork } from "./os/netconf.js";
@@ -47,10 +50,21 @@ function localNetworks(): Cidr[] {
 export const QUEUE_HIGH = 128 * 1024;
 export const QUEUE_LOW = 48 * 1024;
 
+/** Received packets collected before a coalesce + TUN write is forced (see DataPlane.toTun). */
+const RX_BATCH = 1024;
+
+/** WEFTNET_SEGMENT=auto|always|off (benchmarks and debugging; default auto, see src/packet/gso-policy.ts). */
+function segmentModeFromEnv(): SegmentMode {
+  const v = process.env.WEFTNET_SEGMENT;
+  return v && (SEGMENT_MODES as readonly string[]).includes(v) ? (v as SegmentMode) : "auto";
+}
+
 export interface DataPlaneOptions {
   iface?: string;
   bridge?: string;
   mtu?: number;
+  /** Software segmentation towards lossy links (default: WEFTNET_SEGMENT, else auto). */
+  segment?: SegmentMode;
   logger: Logger;
 }
 
@@ -87,11 +101,54 @@ export class DataPlane {
       // The bulk UDP link where it is up (agent/transport/bulk.ts), else the mesh link (WebRTC/relay).
       send: (peer, frame) => agent.bulk?.send(peer, frame) ?? mesh.sendPacket(peer, frame),
       sendBorrows: true, // TransportLink.send copies or transmits before returning
-      deliver: (pkts) => {
-        tun.writeBatch(pkts);
-      },
+      deliver: (pkts) => this.toTun(pkts),
       vnetHdr: tun.vnetHdr,
+      linkBudget: (peer) => mesh.link(peer)?.packetBudget,
+      segment: opts.segment ?? segmentModeFromEnv(),
+      now: () => performance.now(),
     });
+  }
+
+  // ---- receive side: userspace GRO before the TUN write (src/packet/gro.ts) ----------------------------
+  private readonly rx: Uint8Array[] = [];
+  private readonly rxOut: Uint8Array[] = [];
+  private readonly rxArena = new ByteArena();
+  private rxScheduled = false;
+  readonly gro: GroStats = { merged: 0, built: 0 };
+
+  /**
+   * Packets for the TUN, from every message received in this turn of the event loop: collected, then
+   * coalesced (segments of one TCP flow back into a GSO super-packet) and written as one batch from
+   * setImmediate, i.e. after the I/O callbacks that delivered them. Messages hand over fresh buffers
+   * (the packets stay valid); RX_BATCH bounds what waits.
+   */
+  private toTun(pkts: Uint8Array[]): void {
+    const rx = this.rx;
+    for (let i = 0; i < pkts.length; i++) rx.push(pkts[i]!);
+    if (rx.length >= RX_BATCH) this.flushRx();
+    else if (!this.rxScheduled) {
+      this.rxScheduled = true;
+      setImmediate(this.flushRxCb);
+    }
+  }
+
+  private readonly flushRxCb = () => {
+    this.rxScheduled = false;
+    this.flushRx();
+  };
+
+  private flushRx(): void {
+    const rx = this.rx;
+    if (rx.length === 0) return;
+    if (this.tun.vnetHdr) {
+      coalesce(rx, this.rxArena, this.rxOut, this.gro);
+      this.tun.writeBatch(this.rxOut);
+      this.rxOut.length = 0;
+      this.rxArena.reset();
+    } else {
+      this.tun.writeBatch(rx);
+    }
+    rx.length = 0;
   }
 
   static async start(agent: Agent, opts: DataPlaneOptions): Promise<DataPlane> {
@@ -253,6 +310,8 @@ export class DataPlane {
       paused: this.tun.paused,
       tun: this.tun.stats,
       forwarder: { ...f.stats, perPeer: Object.fromEntries(f.stats.perPeer) },
+      segmentation: { mode: f.segmenter.mode, ...f.segmenter.stats },
+      gro: { ...this.gro },
       drops: { ...f.drops.snapshot(), ...Object.fromEntries(Object.entries(this.tun.drops.snapshot()).map(([k, v]) => [`tun-${k}`, v])) },
     };
   }

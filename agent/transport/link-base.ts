@@ -236,6 +236,15 @@ export abstract class LinkBase implements TransportLink {
     return this.pathMtu <= SAFE_LINK_MTU || this.pathMtuConfirmed ? this.pathMtu : undefined;
   }
 
+  /**
+   * One SCTP packet's worth of message: libdatachannel's SCTP packets are mtu - 108 bytes, minus the SCTP
+   * common (12) and DATA chunk (16) headers (= PROBE_OVERHEAD), minus 8 bytes of margin, to a multiple of 4.
+   * The unconfirmed MTU of a link still probing counts as SAFE_LINK_MTU. werift overrides it (fixed chunks).
+   */
+  get packetBudget(): number | undefined {
+    return ((this.linkMtu ?? SAFE_LINK_MTU) - PROBE_OVERHEAD - 8) & ~3;
+  }
+
   /** A message arrived (binary, or a string from a misbehaving peer). */
   protected deliver(name: ChannelName, m: string | ArrayBuffer | Uint8Array): void {
     if (this.isDone()) return;

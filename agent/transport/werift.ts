@@ -182,11 +182,18 @@ interface LinkEnv {
 }
 
 const ABORT_GRACE_MS = 20;
+/** werift's SCTP DATA chunk payload limit (werift/sctp USERDATA_MAX_LENGTH). */
+const WERIFT_CHUNK = 1200;
 
 class WeriftLink extends LinkBase {
   private readonly pc: RTCPeerConnection;
   private readonly dc: Record<ChannelName, RTCDataChannel>;
   private readonly disposers: (() => void)[] = [];
+
+  /** werift's SCTP cuts every message into DATA chunks of at most 1200 bytes (USERDATA_MAX_LENGTH), one per packet. */
+  override get packetBudget(): number {
+    return WERIFT_CHUNK;
+  }
 
   constructor(opts: LinkOptions, env: LinkEnv) {
     super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone });

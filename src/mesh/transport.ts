@@ -60,6 +60,12 @@ export interface TransportLink {
    */
   send(channel: ChannelName, data: Uint8Array): boolean;
   bufferedAmount(channel: ChannelName): number;
+  /**
+   * Bytes of one `packets` message that travel in one packet on the wire (one SCTP packet in one DTLS
+   * datagram), when the link can lose messages; undefined when it cannot (a relay over TCP) or is unknown.
+   * The forwarder segments GSO super-packets to this size once loss shows (src/packet/gso-policy.ts).
+   */
+  readonly packetBudget?: number;
   readonly state: LinkState;
   stats(): Promise<LinkStats>;
   close(): void;

@@ -21,6 +21,7 @@ import { FrameEncoder, decodeFrame, decrementTtl, nodeIdToBytes, peekFrameHeader
 import { peekIp } from "./ip.js";
 import type { PrefixTable } from "./prefix-table.js";
 import { VNET_HDR_LEN } from "./vnet.js";
+import { LinkSegmenter, type SegmentMode } from "./gso-policy.js";
 
 export interface ForwarderPorts {
   selfId: string;
@@ -42,6 +43,15 @@ export interface ForwarderPorts {
   maxMessageSize?: number;
   /** Bytes of frames held per saturated peer until it drains (0: drop at once). Default HOLD_BYTES. */
   holdBytes?: number;
+  /**
+   * Bytes of one message that fit one SCTP packet on the link to `peer` (undefined: the link does not lose
+   * messages, or it is unknown). With it, GSO super-packets are segmented to fit (gso-policy.ts).
+   */
+  linkBudget?(peer: string): number | undefined;
+  /** Software segmentation towards lossy links: "auto" (default), "always", "off" (gso-policy.ts). */
+  segment?: SegmentMode;
+  /** Clock (ms) for the segmentation policy; default 0 (then "auto" never expires). */
+  now?(): number;
 }
 
 /** Default per-peer hold buffer: a few read batches' worth (see the header). */
@@ -100,6 +110,8 @@ export class Forwarder {
   readonly drops = new DropCounters();
   readonly stats: ForwarderStats = { txPackets: 0, txFrames: 0, txBytes: 0, rxFrames: 0, rxPackets: 0, rxBytes: 0, fwdFrames: 0, fwdBytes: 0, perPeer: new Map() };
   private readonly enc: FrameEncoder;
+  /** Software segmentation of GSO super-packets towards lossy links (issue 11). */
+  readonly segmenter: LinkSegmenter;
   private readonly selfBytes: Uint8Array;
   private readonly idBytes = new Map<string, Uint8Array>();
   private readonly saturated = new Set<string>();
@@ -117,6 +129,7 @@ export class Forwarder {
     this.hdrOff = p.vnetHdr === false ? 0 : VNET_HDR_LEN;
     this.holdBytes = Math.max(0, p.holdBytes ?? HOLD_BYTES);
     this.decodeOpts = { maxMessageSize: Math.max(p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) };
+    this.segmenter = new LinkSegmenter({ mode: p.segment ?? "auto" });
   }
 
   /** A batch read from the TUN. */
@@ -156,16 +169,19 @@ export class Forwarder {
     this.lastTargets = targets;
   }
 
-  private encodeAndSend(owner: string, hop: string, pkts: Uint8Array[]): void {
+  private encodeAndSend(owner: string, hop: string, batch: Uint8Array[]): void {
     const enc = this.enc;
     const dst = this.bytesOf(owner);
-    enc.begin(this.selfBytes, dst);
+    const plan = this.segmenter.plan(hop, batch, this.p.linkBudget?.(hop), this.p.now?.() ?? 0, (d) => this.drops.drop(d.reason));
+    const pkts = plan.packets;
+    const limit = plan.frameLimit;
+    enc.begin(this.selfBytes, dst, undefined, limit);
     let inFrame = 0;
     for (const pkt of pkts) {
       let r = enc.add(pkt);
       if (r === "full") {
         this.transmit(hop, owner, enc.finish()!, inFrame);
-        enc.begin(this.selfBytes, dst);
+        enc.begin(this.selfBytes, dst, undefined, limit);
         inFrame = 0;
         r = enc.add(pkt);
       }
@@ -174,6 +190,7 @@ export class Forwarder {
     }
     const last = enc.finish();
     if (last) this.transmit(hop, owner, last, inFrame);
+    this.segmenter.release(); // every segment is in a sent or held (copied) frame now
   }
 
   /**

@@ -150,6 +150,7 @@ export class FrameEncoder {
   private pos = 0;
   private open = false;
   private count = 0;
+  private limit: number;
   private readonly reuse: boolean;
 
   constructor(opts: FrameEncoderOptions = {}) {
@@ -158,13 +159,17 @@ export class FrameEncoder {
       throw new ProtocolError("ERR_INVALID", `maxMessageSize ${max} cannot hold a single packet`);
     }
     this.maxMessageSize = max;
+    this.limit = max;
     this.reuse = opts.reuse === true;
     this.slabSize = this.reuse ? max : Math.max(opts.slabSize ?? 1 << 20, max);
     this.slab = allocSlab(this.slabSize);
   }
 
-  /** Start a frame. src/dst: 8-byte node ids (nodeIdToBytes, computed once per peer, not per packet). */
-  begin(src: Uint8Array, dst: Uint8Array, ttl = DEFAULT_TTL): void {
+  /**
+   * Start a frame. src/dst: 8-byte node ids (nodeIdToBytes, computed once per peer, not per packet).
+   * limit: a smaller max size for this frame only (e.g. one SCTP packet of a lossy link, gso-policy.ts).
+   */
+  begin(src: Uint8Array, dst: Uint8Array, ttl = DEFAULT_TTL, limit?: number): void {
     if (src.length !== 8 || dst.length !== 8) throw new ProtocolError("ERR_INVALID", "node ids must be 8 bytes");
     if (!Number.isInteger(ttl) || ttl < 1 || ttl > 255) throw new ProtocolError("ERR_INVALID", `ttl ${ttl} out of range 1..255`);
     if (this.reuse) this.pos = 0; // the previous frame has been consumed
@@ -180,6 +185,7 @@ export class FrameEncoder {
     s.set(src, o + OFF_SRC);
     s.set(dst, o + OFF_DST);
     this.pos = o + FRAME_HEADER_LEN;
+    this.limit = limit !== undefined && limit < this.maxMessageSize ? limit : this.maxMessageSize;
     this.open = true;
     this.count = 0;
   }
@@ -190,7 +196,8 @@ export class FrameEncoder {
     const n = pkt.length;
     if (n < MIN_RECORD_LEN) return "malformed";
     if (n > MAX_VNET_PACKET || FRAME_HEADER_LEN + RECORD_HEADER_LEN + n > this.maxMessageSize) return "too-big";
-    if (this.pos - this.start + RECORD_HEADER_LEN + n > this.maxMessageSize) return "full";
+    // The per-frame limit is a packing target: a packet larger than it travels alone in its frame.
+    if (this.pos - this.start + RECORD_HEADER_LEN + n > this.limit && this.count > 0) return "full";
     const s = this.slab;
     const o = this.pos;
     s[o] = n >>> 24;
