@@ -12,6 +12,8 @@
  *                 werift-werift, werift-native, jumbo, loss-bulk, loss-native, loss-werift; "bulk" matches both
  *                 bulk rows). WebRTC rows run with --no-bulk; the bulk rows are the default agent (bulk link up)
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
+ *   --segment M   software segmentation modes to sweep (agents' WEFTNET_SEGMENT), comma-separated, of auto,
+ *                 always, off (default auto: what the agent does by default)
  *
  * Loss sweep (keys loss-native, loss-werift): one lab per transport; for each loss rate an iptables rule in
  * the receiving node's namespace drops that share of its incoming UDP (`-m statistic --mode random`; this
@@ -26,7 +28,8 @@ import { parseArgs } from "node:util";
 import { isRoot, MeshLab, sh, until, type LabNode } from "../e2e/mesh-lab.js";
 import { spawnInNetns, stopChild } from "../helpers/netns.js";
 
-const { values } = parseArgs({ options: { seconds: { type: "string", default: "5" }, runs: { type: "string", default: "3" }, only: { type: "string" }, loss: { type: "string", default: "0,0.1,1,3" } } });
+const { values } = parseArgs({ options: { seconds: { type: "string", default: "5" }, runs: { type: "string", default: "3" }, only: { type: "string" }, loss: { type: "string", default: "0,0.1,1,3" }, segment: { type: "string", default: "auto" } } });
+const SEGMENT_MODES = values.segment.split(",");
 const LOSSES = values.loss.split(",").map(Number);
 const SECONDS = Number(values.seconds);
 const RUNS = Number(values.runs);
@@ -170,8 +173,9 @@ interface SweepRow {
 }
 
 /** The loss sweep for one transport; baselines in the same lab when `baselines`. */
-async function lossSweep(kind: string, withBaselines: boolean, extra: string[] = [], label = `weftnet ${kind} -> ${kind}`): Promise<SweepRow[]> {
+async function lossSweep(kind: string, withBaselines: boolean, segment: string, extra: string[] = [], label = `weftnet ${kind} (segment ${segment})`): Promise<SweepRow[]> {
   const lab = new MeshLab(2);
+  process.env.WEFTNET_SEGMENT = segment; // inherited by the agents
   const out: SweepRow[] = [];
   try {
     await lab.setup();
@@ -205,6 +209,7 @@ async function lossSweep(kind: string, withBaselines: boolean, extra: string[] =
     }
   } finally {
     await lab.close();
+    delete process.env.WEFTNET_SEGMENT;
   }
   return out;
 }
@@ -216,14 +221,14 @@ function printSweep(rows: SweepRow[]): void {
     return r ? median(r.runs) : NaN;
   };
   process.stdout.write(`\nloss sweep: iperf3 TCP, ${RUNS} x ${SECONDS} s, median Mbit/s [runs]; random loss of incoming UDP at the receiving node\n`);
-  process.stdout.write(`${"path".padEnd(30)} ${"loss %".padStart(6)} ${"Mbit/s".padStart(8)} ${"vs own 0%".padStart(10)} ${"vs wg-go".padStart(9)}  runs\n`);
+  process.stdout.write(`${"path".padEnd(36)} ${"loss %".padStart(6)} ${"Mbit/s".padStart(8)} ${"vs own 0%".padStart(10)} ${"vs wg-go".padStart(9)}  runs\n`);
   for (const path of paths) {
     for (const loss of LOSSES) {
       const r = rows.find((x) => x.path === path && x.loss === loss);
       if (!r) continue;
       const m = median(r.runs);
       process.stdout.write(
-        `${path.padEnd(30)} ${String(loss).padStart(6)} ${m.toFixed(0).padStart(8)} ${(m / med(path, 0)).toFixed(3).padStart(10)} ${(m / med("wireguard-go", loss)).toFixed(3).padStart(9)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]\n`,
+        `${path.padEnd(36)} ${String(loss).padStart(6)} ${m.toFixed(0).padStart(8)} ${(m / med(path, 0)).toFixed(3).padStart(10)} ${(m / med("wireguard-go", loss)).toFixed(3).padStart(9)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]\n`,
       );
     }
   }
@@ -343,8 +348,12 @@ for (const [key, kind, bulk] of [
   ["loss-werift", "werift", false],
 ] as const) {
   if (values.only && !key.includes(values.only)) continue;
-  process.stderr.write(`loss sweep, ${bulk ? "bulk" : kind} ...\n`);
-  sweep.push(...(await lossSweep(kind, !sweep.some((r) => r.path === "wireguard-go"), bulk ? [] : ["--no-bulk"], bulk ? "weftnet bulk link" : undefined)));
+  // The bulk link segments by itself (one inner packet per datagram): one sweep; the WebRTC links once per
+  // segmentation mode asked for.
+  for (const mode of bulk ? ["auto"] : SEGMENT_MODES) {
+    process.stderr.write(`loss sweep, ${bulk ? "bulk" : kind}, segment ${mode} ...\n`);
+    sweep.push(...(await lossSweep(kind, !sweep.some((r) => r.path === "wireguard-go"), mode, bulk ? [] : ["--no-bulk"], bulk ? "weftnet bulk link" : undefined)));
+  }
 }
 const ceilings: string[] = [];
 for (const mtu of values.only?.startsWith("loss") ? [] : [undefined, 1500, 4096]) {
