@@ -202,6 +202,60 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
       },
     });
   }
+  // Per link type (webrtc / turn / relay / bulk / via): pod traffic, and each link's path MTU.
+  new Counter({
+    name: "weftnet_link_type_bytes_total",
+    help: "Pod traffic bytes to (out) and from (in) other nodes, by the type of the link that carries it now (webrtc, turn, relay, bulk, via).",
+    labelNames: ["link_type", "direction"],
+    registers,
+    collect() {
+      this.reset();
+      const types = new Map((snap?.status.peers ?? []).map((p) => [p.id, p.linkType ?? "none"]));
+      for (const [id, s] of Object.entries(snap?.status.dataplane?.forwarder.perPeer ?? {})) {
+        const t = types.get(id) ?? "none";
+        this.inc({ link_type: t, direction: "in" }, s.rxBytes);
+        this.inc({ link_type: t, direction: "out" }, s.txBytes);
+      }
+    },
+  });
+  new Gauge({
+    name: "weftnet_peer_path_mtu_bytes",
+    help: "Path MTU the link to each connected peer uses once its probe check passed; absent for links with fixed chunks (werift).",
+    labelNames: ["peer", "name", "link_type"],
+    registers,
+    collect() {
+      this.reset();
+      for (const p of snap?.status.peers ?? []) if (p.state === "connected" && typeof p.pathMtu === "number") this.set({ peer: p.id, name: p.name, link_type: p.linkType ?? "none" }, p.pathMtu);
+    },
+  });
+  new Counter({
+    name: "weftnet_segmentation_total",
+    help: "Software segmentation towards lossy links (docs/loss.md): super-packets segmented, segments produced, inner TCP retransmissions seen, times a next hop switched to segmented.",
+    labelNames: ["event"],
+    registers,
+    collect() {
+      this.reset();
+      const g = snap?.status.dataplane?.segmentation;
+      if (!g) return;
+      this.inc({ event: "segmented" }, g.segmented);
+      this.inc({ event: "segments" }, g.segments);
+      this.inc({ event: "retransmits" }, g.retransmits);
+      this.inc({ event: "activations" }, g.activations);
+    },
+  });
+  new Counter({
+    name: "weftnet_gro_total",
+    help: "Userspace GRO before the TUN write: super-packets built and segments merged into them.",
+    labelNames: ["event"],
+    registers,
+    collect() {
+      this.reset();
+      const g = snap?.status.dataplane?.gro;
+      if (!g) return;
+      this.inc({ event: "built" }, g.built);
+      this.inc({ event: "merged" }, g.merged);
+    },
+  });
   new Counter({
     name: "weftnet_forwarded_frames_total",
     help: "Transit frames this agent forwarded for other nodes (routing via this node).",
