@@ -103,7 +103,8 @@ export class DataPlane {
       sendBorrows: true, // TransportLink.send copies or transmits before returning
       deliver: (pkts) => this.toTun(pkts),
       vnetHdr: tun.vnetHdr,
-      linkBudget: (peer) => mesh.link(peer)?.packetBudget,
+      // The bulk link segments by itself (one inner packet per datagram); WebRTC links report their budget.
+      linkBudget: (peer) => (agent.bulk?.isUp(peer) ? undefined : mesh.link(peer)?.packetBudget),
       segment: opts.segment ?? segmentModeFromEnv(),
       now: () => performance.now(),
     });
