@@ -31,7 +31,7 @@ for (const kind of ["native", "werift"] as const) {
     beforeAll(async () => {
       await lab.setup();
       await lab.startSignal();
-      lab.nodes.forEach((n) => lab.startAgent(n, ["--transport", kind]));
+      lab.nodes.forEach((n) => lab.startAgent(n, ["--transport", kind, "--no-bulk"])); // the WebRTC path (the bulk link has its own loss test)
       await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.state === "connected")), 30_000, "mesh", dump);
       pa = await lab.addPod(lab.nodes[0]!, "la");
       pb = await lab.addPod(lab.nodes[1]!, "lb");
