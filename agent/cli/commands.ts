@@ -4,6 +4,9 @@ import { readFileSync } from "node:fs";
 import { createLogger, type Logger } from "../../src/log.js";
 import { CidrError, parseCidr } from "../../src/ipam/cidr.js";
 import { aggregateCidrs } from "../../src/ipam/aggregate.js";
+import { joinKeyOf } from "../../src/identity.js";
+import { ViewerHub } from "../ui/viewer.js";
+import { startUiServer, type UiServer } from "../ui/server.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { DEFAULT_CLUSTER_RANGE } from "../../src/defaults.js";
 import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
@@ -74,6 +77,10 @@ Options:
                         blocks at once (the agent's --name must be the Node name); default on in a pod
                         (KUBERNETES_SERVICE_HOST set and a service-account token mounted); needs
                         get/list/watch on nodes. --no-k8s-node-watch turns it off
+  --ui-listen HOST:PORT serve the live topology page at http://HOST:PORT/ui (off by default): the browser
+                        joins the mesh as a viewer with the cluster token pasted into the page (it
+                        routes nothing and carries no pod traffic) and keeps working without the
+                        signaling server
   --log-level L         debug | info | warn | error (default info: one line per peer up/down and path
                         change; env WEFTNET_LOG)
   --log-format F        auto | text | json (default auto: coloured text on a terminal, JSON lines
@@ -167,6 +174,7 @@ const AGENT_OPTIONS = {
     "reclaim-after": { type: "string" },
     "loopback-only": { type: "boolean" },
     "metrics-listen": { type: "string" },
+    "ui-listen": { type: "string" },
     "k8s-node-watch": { type: "boolean" },
     "no-k8s-node-watch": { type: "boolean" },
     ...LOG_OPTIONS,
@@ -277,6 +285,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     ipam.blockPrefix = n;
   }
   if (values["reclaim-after"] !== undefined) ipam.reclaimAfterMs = parseDuration("agent", "--reclaim-after", values["reclaim-after"]);
+  if (values["ui-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["ui-listen"])) throw new UsageError(`weftnet agent: --ui-listen ${JSON.stringify(values["ui-listen"])} must be HOST:PORT (e.g. 127.0.0.1:7080)`);
   if (values["metrics-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["metrics-listen"])) throw new UsageError(`weftnet agent: --metrics-listen ${JSON.stringify(values["metrics-listen"])} must be HOST:PORT (e.g. 127.0.0.1:9465)`);
 
   const advertiseRoutes = (values["advertise-routes"] ?? []).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
@@ -322,6 +331,21 @@ export async function runAgent(argv: string[]): Promise<number> {
   });
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
   const stopWatch = watchPaths(agent, logger.child("mesh"));
+  // Every agent answers topology-page viewers introduced through the mesh; --ui-listen also serves the page.
+  const hub = new ViewerHub(agent, joinKeyOf(token), logger.child("ui"), () => iceServers);
+  let uiServer: UiServer | undefined;
+  if (values["ui-listen"] !== undefined) {
+    const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(values["ui-listen"])!;
+    try {
+      uiServer = await startUiServer({ host: m[1]!, port: Number(m[2]) }, hub);
+    } catch (e) {
+      hub.close();
+      stopWatch();
+      await agent.stop();
+      throw e;
+    }
+    process.stdout.write(`topology page on ${uiServer.url}\n`);
+  }
   if (agent.metrics) process.stdout.write(`metrics on ${agent.metrics.url}\n`);
   return await new Promise<number>((resolve) => {
     let done = false;
@@ -329,6 +353,8 @@ export async function runAgent(argv: string[]): Promise<number> {
       if (done) return;
       done = true;
       stopWatch();
+      hub.close();
+      await uiServer?.close();
       await agent.stop().catch(() => {});
       process.stdout.write(`weftnet agent ${agent.name} stopped (${why})\n`);
       resolve(code);
