@@ -463,7 +463,7 @@ export class Agent {
       linkType === null
         ? ""
         : linkType === "bulk"
-          ? `direct UDP to ${bulk!.endpoint}`
+          ? `direct UDP to ${bulk!.endpoint}, path MTU ${bulk!.pathMax}`
           : linkType === "via"
             ? "no direct link; routed via another agent (lowest measured RTT)"
             : !this.bulk

@@ -47,6 +47,8 @@ import { loadSodiumAead } from "../os/sodium.js";
 import { UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS, UdpSocket, type UdpSocketOptions } from "../os/udp.js";
 
 export const CTX_BULK = "weftnet/bulk/v1";
+/** Datagram bytes around a pod packet's IP bytes: seal header + tag, frame header, record length, virtio header. */
+const PACKET_OVERHEAD = SEAL_OVERHEAD + FRAME_HEADER_LEN + RECORD_HEADER_LEN + VNET_HDR_LEN;
 const TICK_MS = 100;
 const STUN_EVERY_MS = 30_000;
 
@@ -88,6 +90,8 @@ export interface BulkPeerStatus {
   peerCands: string[];
   rttMs: number | null;
   keyAgeMs: number | null;
+  /** confirmed path MTU (largest datagram, UDP payload bytes) */
+  pathMax: number | null;
   txDatagrams: number;
   rxDatagrams: number;
   txBytes: number;
@@ -102,6 +106,7 @@ export interface BulkCounters {
   noPeer: number;
   sendFull: number;
   segmentDrops: number;
+  tooBigForPath: number;
   stunAnswers: number;
   framesOut: number;
   framesIn: number;
@@ -122,12 +127,13 @@ export class BulkService {
   private lastStun = -Infinity;
   private stunAddr: Endpoint | undefined;
   private closed = false;
-  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, stunAnswers: 0, framesOut: 0, framesIn: 0 };
+  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, tooBigForPath: 0, stunAnswers: 0, framesOut: 0, framesIn: 0 };
   // send path buffers (long-lived: the socket caches their addresses)
   private readonly slab = Buffer.allocUnsafeSlow(UDP_GSO_MAX_BYTES + 4096);
   private readonly arena = new ByteArena(256 * 1024);
   private readonly segOut: Uint8Array[] = [];
-  private readonly segOpts: { maxIp: number; csum: "partial" };
+  private segOpts: { maxIp: number; csum: "partial" };
+  private readonly mtu: number;
   private batchLen = 0;
   private batchCount = 0;
   private batchSeg = 0;
@@ -139,7 +145,8 @@ export class BulkService {
   ) {
     this.log = o.logger.child("bulk");
     this.aead = o.aead ?? loadSodiumAead() ?? nodeAead();
-    this.segOpts = { maxIp: o.mtu ?? 1400, csum: "partial" };
+    this.mtu = o.mtu ?? 1400;
+    this.segOpts = { maxIp: this.mtu, csum: "partial" };
     this.cands = this.hostCandidates();
     o.mesh.onPeerUp((id) => this.peerUp(id));
     o.mesh.onPeerDown((id) => this.peerDown(id, "mesh link down"));
@@ -225,7 +232,7 @@ export class BulkService {
       auth: { sign: (...f) => signFields(self, CTX_BULK, ...f), verifyPeer: (sig, ...f) => verifyFields(pub, sig, CTX_BULK, ...f) },
       random: randomU32,
       cands: this.cands,
-      maxDatagram: (this.o.mtu ?? 1400) + VNET_HDR_LEN + FRAME_HEADER_LEN + RECORD_HEADER_LEN + SEAL_OVERHEAD,
+      maxDatagram: this.mtu + PACKET_OVERHEAD,
       ...(this.o.timing ? { timing: this.o.timing } : {}),
     });
     this.peers.set(id, p);
@@ -357,6 +364,10 @@ export class BulkService {
         continue;
       }
       const r = p.open(d, from, now);
+      if (p.pendingSends.length) {
+        for (const x of p.pendingSends) if (!this.socket.send(x.to, x.data)) this.counters.sendFull++;
+        p.pendingSends.length = 0;
+      }
       if (typeof r === "string" || r === KEEPALIVE) continue;
       this.counters.framesIn++;
       const id = this.peerIds.get(p)!;
@@ -373,9 +384,17 @@ export class BulkService {
    */
   send(peer: string, frame: Uint8Array): "ok" | undefined {
     const p = this.peers.get(peer);
-    if (!p || !p.up || !p.endpoint) return undefined;
+    if (!p || !p.up || !p.endpoint || p.pathMax === undefined) return undefined;
     const to = p.endpoint;
     const hdr = frame.subarray(0, FRAME_HEADER_LEN);
+    // The largest IP packet a datagram of the confirmed path MTU carries. TCP is segmented to fit; a frame
+    // with a larger packet of anything else goes on the WebRTC link instead (counted: too-big-for-path).
+    const maxIp = Math.min(this.mtu, p.pathMax - PACKET_OVERHEAD);
+    if (this.segOpts.maxIp !== maxIp) this.segOpts = { maxIp, csum: "partial" };
+    if (maxIp < this.mtu && !this.fitsPath(frame, maxIp)) {
+      this.counters.tooBigForPath++;
+      return undefined;
+    }
     let off = FRAME_HEADER_LEN;
     this.batchTo = to;
     while (off + RECORD_HEADER_LEN <= frame.length) {
@@ -395,6 +414,22 @@ export class BulkService {
     this.flush();
     this.counters.framesOut++;
     return "ok";
+  }
+
+  /** Every record of the frame is TCP (segmentable) or fits `maxIp`. */
+  private fitsPath(frame: Uint8Array, maxIp: number): boolean {
+    let off = FRAME_HEADER_LEN;
+    while (off + RECORD_HEADER_LEN <= frame.length) {
+      const len = ((frame[off]! << 24) | (frame[off + 1]! << 16) | (frame[off + 2]! << 8) | frame[off + 3]!) >>> 0;
+      const rec = off + RECORD_HEADER_LEN;
+      off = rec + len;
+      if (len - VNET_HDR_LEN <= maxIp) continue;
+      const ip = rec + VNET_HDR_LEN;
+      const v = frame[ip]! >> 4;
+      const proto = v === 4 ? frame[ip + 9] : v === 6 ? frame[ip + 6] : -1;
+      if (proto !== 6) return false;
+    }
+    return true;
   }
 
   private sealOne(p: BulkPeer, hdr: Uint8Array, pkt: Uint8Array): void {

@@ -31,6 +31,8 @@ import {
   BULK_WIRE_VERSION,
   HEADER_LEN,
   INNER_KEEPALIVE,
+  INNER_PROBE,
+  INNER_PROBE_ACK,
   KEEPALIVE_LEN,
   MAX_CANDIDATES,
   SEAL_OVERHEAD,
@@ -106,9 +108,8 @@ export interface BulkPeerOptions {
   /** this node's candidates, "a.b.c.d:port" */
   cands: string[];
   /**
-   * The largest datagram (UDP payload) this link sends: keepalives are padded to it, so the link comes up
-   * only where full-size datagrams pass both ways (a path MTU black hole keeps traffic on WebRTC).
-   * Default 1464: a 1400-byte pod packet + frame, virtio and seal overhead.
+   * The largest datagram (UDP payload) this link would send: a full-size pod packet with frame, virtio and
+   * seal overhead (default 1464: a 1400-byte packet). The path MTU search (see pathMax) starts there.
    */
   maxDatagram?: number;
 }
@@ -128,7 +129,15 @@ export type OpenResult = Uint8Array | BulkDropReason | typeof KEEPALIVE;
 /** open() consumed a keepalive (nothing to deliver). */
 export const KEEPALIVE = 0;
 
-const PUNCHING = "no full-size keepalive both ways yet (UDP blocked, a NAT that maps per destination, or a path MTU below the link's datagrams)";
+const PUNCHING = "no keepalive both ways yet (UDP blocked, or a NAT that maps per destination)";
+/** Smallest datagram the path MTU search tries (an IPv4 path carries at least 576-byte packets). */
+export const PMTU_FLOOR = 548;
+/** The search stops when the bounds are this close. */
+const PMTU_STEP = 8;
+/** A probe unanswered after this long (twice) counts as too big. */
+const PMTU_PROBE_TIMEOUT_MS = 250;
+/** Search again after this long (a path may get better). */
+const PMTU_RESEARCH_MS = 10 * 60_000;
 
 const CAND_KEY = (e: Endpoint) => e.addr * 65536 + e.port;
 
@@ -150,8 +159,17 @@ export class BulkPeer {
   /** where authenticated datagrams come from (WireGuard's roaming) */
   endpoint: Endpoint | undefined;
   private lastHeard = -Infinity;
-  /** the last (full-size) keepalive from the peer */
+  /** the last keepalive from the peer */
   private keepaliveHeard = -Infinity;
+  /**
+   * Path MTU search (datagram sizes = UDP payload): `lo` passed (0: none yet), `hi` failed (maxDatagram + 1:
+   * none yet). Binary search with padded probes the peer acknowledges; pathMax = lo once hi - lo <= PMTU_STEP
+   * or lo == maxDatagram. The link is up only with a confirmed pathMax, and sends nothing larger.
+   */
+  private pmtu = { lo: 0, hi: 0, probe: undefined as { size: number; id: number; sentAt: number; tries: number } | undefined, doneAt: -Infinity };
+  pathMax: number | undefined;
+  /** probe acks to send (the hot path queues them; the agent drains them) */
+  readonly pendingSends: { to: Endpoint; data: Uint8Array }[] = [];
   private peerHearsAt = -Infinity;
   readonly maxDatagram: number;
   private punchStartedAt = 0;
@@ -170,7 +188,8 @@ export class BulkPeer {
     this.t = { ...DEFAULT_BULK_TIMING, ...o.timing };
     this.algorithm = o.algorithm ?? "aes-256-gcm";
     this.cands = o.cands.slice(0, MAX_CANDIDATES);
-    this.maxDatagram = Math.max(KEEPALIVE_LEN + SEAL_OVERHEAD, o.maxDatagram ?? 1464);
+    this.maxDatagram = Math.max(PMTU_FLOOR, o.maxDatagram ?? 1464);
+    this.pmtu.hi = this.maxDatagram + 1;
   }
 
   get state(): BulkState {
@@ -406,12 +425,19 @@ export class BulkPeer {
     const hearsUs = now - this.peerHearsAt < t.deadMs;
     if (this._state === "up" && !(heard && hearsUs) && !stalled) {
       this.goDown(now, !heard ? `silent: no datagram from the peer for ${t.deadMs} ms` : "one-way: the peer does not hear our datagrams");
-    } else if (this._state === "punching" && heard && hearsUs) {
+    } else if (this._state === "punching" && heard && hearsUs && this.pathMax === undefined) {
+      this.pmtuStep(now);
+      if (this.pathMax === undefined && this.pmtu.hi <= PMTU_FLOOR) this.reason = `path MTU: not even ${PMTU_FLOOR}-byte datagrams reach the peer`;
+      else if (this.pathMax === undefined) this.reason = `searching the path MTU (${this.pmtu.lo || "?"}..${this.pmtu.hi - 1} bytes)`;
+    }
+    if (this._state === "punching" && heard && hearsUs && this.pathMax !== undefined) {
       this._state = "up";
       this.reason = "";
       this.counters.ups++;
       this.out.push({ type: "up" });
     }
+    if (this._state === "up" && this.pmtu.doneAt >= 0 && now - this.pmtu.doneAt >= PMTU_RESEARCH_MS) this.pmtuRestart(now, false);
+    if (this._state === "up" && (this.pmtu.probe || this.pmtu.lo < this.maxDatagram) && this.pmtu.doneAt < 0) this.pmtuStep(now);
     // Keepalives: to the endpoint on a live path, to every candidate while punching (slower after a while).
     const live = this.endpoint !== undefined && heard;
     const interval = live || now - this.punchStartedAt < t.slowPunchAfterMs ? t.keepaliveMs : t.slowPunchMs;
@@ -428,6 +454,7 @@ export class BulkPeer {
   }
 
   private goDown(now: number, reason: string): void {
+    this.pmtuRestart(now, true);
     if (this._state === "up") {
       this.counters.downs++;
       this.out.push({ type: "down", reason });
@@ -441,8 +468,8 @@ export class BulkPeer {
     const kp = this.current;
     if (!kp || targets.length === 0) return;
     this.lastKeepalive = now;
-    const innerLen = this.maxDatagram - SEAL_OVERHEAD;
-    const inner = new Uint8Array(innerLen); // zero padding after the fields: full size, see maxDatagram
+    const innerLen = KEEPALIVE_LEN;
+    const inner = new Uint8Array(innerLen);
     const dv = new DataView(inner.buffer);
     inner[0] = INNER_KEEPALIVE;
     inner[1] = now - this.keepaliveHeard < this.t.deadMs ? 1 : 0;
@@ -450,13 +477,75 @@ export class BulkPeer {
     dv.setFloat64(10, this.peerTs, true);
     dv.setFloat64(18, this.peerTsAt ? now - this.peerTsAt : 0, true);
     for (const to of targets) {
-      const data = new Uint8Array(this.maxDatagram);
+      const data = new Uint8Array(innerLen + SEAL_OVERHEAD);
       data.set(inner, HEADER_LEN);
       const n = this.seal(data, 0, innerLen);
       if (n < 0) return;
       this.counters.keepalivesOut++;
       this.out.push({ type: "send", to, data });
     }
+  }
+
+  // ---- path MTU search -----------------------------------------------------------------------------------
+
+  /** Start the search over; `forget`: the confirmed size no longer holds (the path changed). */
+  private pmtuRestart(now: number, forget: boolean): void {
+    this.pmtu = { lo: 0, hi: this.maxDatagram + 1, probe: undefined, doneAt: forget ? -Infinity : -1 };
+    if (forget) this.pathMax = undefined;
+    void now;
+  }
+
+  /** One step: resend or time out the probe in flight, or send the next size. */
+  private pmtuStep(now: number): void {
+    const m = this.pmtu;
+    const to = this.endpoint;
+    if (!to || !this.current) return;
+    if (m.probe) {
+      if (now - m.probe.sentAt < PMTU_PROBE_TIMEOUT_MS) return;
+      if (m.probe.tries < 2) {
+        this.sendProbe(now, m.probe.size, to, m.probe.tries + 1);
+        return;
+      }
+      m.hi = m.probe.size; // lost twice: too big (or the path is gone: then the link goes down anyway)
+      m.probe = undefined;
+    }
+    if (m.lo >= this.maxDatagram || (m.lo > 0 && m.hi - m.lo <= PMTU_STEP)) return this.pmtuDone(now);
+    if (m.hi <= PMTU_FLOOR) {
+      // Nothing passes (the reason says so): try again from the top every few seconds.
+      if (m.doneAt < 0) m.doneAt = now;
+      else if (now - m.doneAt >= 5000) this.pmtuRestart(now, true);
+      return;
+    }
+    const size = m.lo === 0 && m.hi === this.maxDatagram + 1 ? this.maxDatagram : Math.max(PMTU_FLOOR, Math.floor((Math.max(m.lo, PMTU_FLOOR) + m.hi) / 2));
+    if (size >= m.hi || size <= m.lo) return this.pmtuDone(now);
+    this.sendProbe(now, size, to, 1);
+  }
+
+  private pmtuDone(now: number): void {
+    const m = this.pmtu;
+    m.doneAt = now;
+    if (m.lo >= PMTU_FLOOR) this.pathMax = m.lo;
+  }
+
+  private sendProbe(now: number, size: number, to: Endpoint, tries: number): void {
+    const id = this.o.random() >>> 0;
+    this.pmtu.probe = { size, id, sentAt: now, tries };
+    const data = new Uint8Array(size);
+    const inner = data.subarray(HEADER_LEN, size - SEAL_OVERHEAD + HEADER_LEN);
+    inner[0] = INNER_PROBE;
+    new DataView(inner.buffer, inner.byteOffset).setUint32(1, id, true);
+    if (this.seal(data, 0, size - SEAL_OVERHEAD) < 0) return;
+    this.out.push({ type: "send", to, data });
+  }
+
+  /** The peer acknowledged a probe. */
+  private onProbeAck(id: number, size: number, now: number): void {
+    const p = this.pmtu.probe;
+    if (!p || p.id !== id || p.size !== size) return;
+    this.pmtu.probe = undefined;
+    if (size > this.pmtu.lo) this.pmtu.lo = size;
+    if (this.pathMax !== undefined && size > this.pathMax) this.pathMax = size; // a re-search found more room
+    if (this.pmtu.lo >= this.maxDatagram || this.pmtu.hi - this.pmtu.lo <= PMTU_STEP) this.pmtuDone(now);
   }
 
   // ---- hot path -----------------------------------------------------------------------------------------
@@ -529,6 +618,24 @@ export class BulkPeer {
     this.counters.rxDatagrams++;
     this.counters.rxBytes += d.byteLength;
     if (inner.byteLength === 0) return this.dropped("bad-inner");
+    if (inner[0] === INNER_PROBE) {
+      // Answer with a small ack naming the probe and its size (the datagram's length).
+      if (inner.byteLength < 5) return this.dropped("bad-inner");
+      const id = (inner[1]! | (inner[2]! << 8) | (inner[3]! << 16) | (inner[4]! << 24)) >>> 0;
+      const ack = new Uint8Array(HEADER_LEN + 7 + TAG_LEN);
+      ack[HEADER_LEN] = INNER_PROBE_ACK;
+      const dv = new DataView(ack.buffer);
+      dv.setUint32(HEADER_LEN + 1, id, true);
+      dv.setUint16(HEADER_LEN + 5, d.byteLength, true);
+      if (this.seal(ack, 0, 7) > 0) this.pendingSends.push({ to: { addr: from.addr, port: from.port }, data: ack });
+      return KEEPALIVE;
+    }
+    if (inner[0] === INNER_PROBE_ACK) {
+      if (inner.byteLength < 7) return this.dropped("bad-inner");
+      const id = (inner[1]! | (inner[2]! << 8) | (inner[3]! << 16) | (inner[4]! << 24)) >>> 0;
+      this.onProbeAck(id, inner[5]! | (inner[6]! << 8), now);
+      return KEEPALIVE;
+    }
     if (inner[0] === INNER_KEEPALIVE) {
       if (inner.byteLength < KEEPALIVE_LEN) return this.dropped("bad-inner");
       this.counters.keepalivesIn++;
@@ -557,8 +664,9 @@ export class BulkPeer {
   }
 
   /** For status: the candidates we know for the peer and our endpoint view. */
-  describe(now: number): { state: BulkState; reason: string; endpoint: string | null; peerCands: string[]; rttMs: number | null; keyAgeMs: number | null } {
+  describe(now: number): { state: BulkState; reason: string; endpoint: string | null; peerCands: string[]; rttMs: number | null; keyAgeMs: number | null; pathMax: number | null } {
     return {
+      pathMax: this.pathMax ?? null,
       state: this._state,
       reason: this.reason,
       endpoint: this.endpoint ? formatEndpoint(this.endpoint) : null,

@@ -16,7 +16,12 @@
  *     0x1_  one data-plane frame (src/packet/frame.ts) carrying exactly ONE packet record: a pod packet
  *           (vnet header + IP) no larger than the path allows. GSO super-packets are segmented before
  *           sealing (segment.ts), so a lost datagram costs one inner packet, never a burst.
- *     0x00  keepalive (at least KEEPALIVE_LEN bytes): [0]=0 [1] flags (bit0: I heard a keepalive
+ *     0x01  path MTU probe: [1][4 id, LE][zero padding]: the datagram has the size being tried
+ *     0x02  probe ack: [2][4 id][2 size of the probe datagram] (small), sent back to where the probe came from.
+ *           The sender binary-searches between 548 bytes and the link's largest datagram; the link is up only
+ *           with a confirmed size and never sends more (gso.ts segments TCP to fit; a larger non-TCP packet
+ *           takes the WebRTC link). Searched again on every path change and every 10 minutes.
+ *     0x00  keepalive (KEEPALIVE_LEN bytes): [0]=0 [1] flags (bit0: I heard a keepalive
  *           from you within the dead interval) [2..10) f64 my clock [10..18) f64 the clock of the last
  *           keepalive I got from you [18..26) f64 ms I held it. Sent every keepalive interval on an
  *           established path (NAT mappings stay open; RTT = now - echo - held), to every candidate while
@@ -46,6 +51,9 @@ export const TAG_LEN = 16;
 /** Header + tag: what sealing adds to an inner message. */
 export const SEAL_OVERHEAD = HEADER_LEN + TAG_LEN;
 export const INNER_KEEPALIVE = 0;
+/** Path MTU probe: [1][u32 id][zero padding to the size tried]; answered by INNER_PROBE_ACK [2][u32 id][u16 datagram size]. */
+export const INNER_PROBE = 1;
+export const INNER_PROBE_ACK = 2;
 export const KEEPALIVE_LEN = 26;
 export const BULK_WIRE_VERSION = 1;
 export const BULK_CHANNEL = "bulk";

@@ -5,7 +5,8 @@
  *   - UDP to one agent's bulk port blocked mid-transfer: traffic falls back to WebRTC within a second,
  *     returns to bulk when unblocked, and the stream completes with the same SHA-256
  *   - 1% random loss of incoming UDP (iptables statistic): a 32 MiB transfer completes
- * Behind cone NATs: test/e2e/nat.test.ts (cone-cone).
+ *   - behind NATs (test/e2e/nat-lab.ts): cone <-> cone punches through both NATs (STUN-learnt mappings,
+ *     simultaneous keepalives); symmetric <-> cone does not, and nothing changes for that pair
  */
 import { createHash, randomBytes } from "node:crypto";
 import { execFileSync } from "node:child_process";
@@ -13,6 +14,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
+import { NatLab, type NatHost } from "./nat-lab.js";
 
 const d = describe.skipIf(!isRoot);
 
@@ -20,7 +22,7 @@ const d = describe.skipIf(!isRoot);
  * A TCP transfer of `bytes` random bytes from pod a to pod b, checked by length and SHA-256. `rateMBps`
  * paces the sender (so a transfer lasts long enough to break the path under it).
  */
-async function transfer(lab: MeshLab, a: { name: string }, b: { name: string; ip: string }, bytes: number, port: number, rateMBps?: number, during?: () => Promise<void>): Promise<void> {
+async function transfer(lab: { root: string }, a: { name: string }, b: { name: string; ip: string }, bytes: number, port: number, rateMBps?: number, during?: () => Promise<void>): Promise<void> {
   const data = randomBytes(bytes);
   const file = join(lab.root, `payload-${port}.bin`);
   writeFileSync(file, data);
@@ -127,4 +129,41 @@ d("bulk link between two namespaces", () => {
     }
     expect((await linkType(n1, "n2"))!.linkType).toBe("bulk");
   }, 180_000);
+});
+
+d("bulk link through NATs", () => {
+  const lab = new NatLab([{ nat: "cone" }, { nat: "cone" }, { nat: "symmetric" }]);
+  let hosts: NatHost[] = [];
+  const pods: { ip: string; name: string; host: NatHost }[] = [];
+
+  beforeAll(async () => {
+    await lab.setup();
+    await lab.startSignal();
+    hosts = lab.hosts;
+    for (const h of hosts) lab.startAgent(h, ["--transport", "native"]);
+    await until(async () => (await Promise.all(hosts.map((h) => lab.status(h)))).every((s) => s.peers.length === 2), 30_000, "presence", () => lab.dump());
+    for (const h of hosts) pods.push(await lab.addPod(h));
+  }, 120_000);
+  afterAll(async () => lab.close(), 60_000);
+
+  it("cone <-> cone: punched through both NATs to the other site's public mapping; pods ping; a TCP stream arrives byte for byte", async () => {
+    const [c1, c2] = hosts as [NatHost, NatHost];
+    await until(async () => (await lab.peer(c1, c2))?.linkType === "bulk" && (await lab.peer(c2, c1))?.linkType === "bulk", 30_000, "bulk cone1 <-> cone2", () => lab.dump());
+    const p = (await lab.peer(c1, c2))!;
+    expect(p.bulk!.endpoint!.split(":")[0]).toBe(c2.site.wan); // the NAT's mapping, learnt by STUN and punched
+    const [pa, pb] = pods as [(typeof pods)[0], (typeof pods)[0]];
+    await until(() => lab.podPing(pa.name, pb.ip), 20_000, "pod ping cone1 -> cone2", () => lab.dump());
+    await transfer(lab, pa, pb, 16 << 20, 5311);
+    expect((await lab.peer(c1, c2))!.linkType).toBe("bulk");
+  }, 120_000);
+
+  it("symmetric <-> cone: no bulk link (a new mapping per destination); the pair keeps its other path and says why", async () => {
+    const [c1, , s] = hosts as [NatHost, NatHost, NatHost];
+    await until(async () => (await lab.peer(c1, s))?.linkType != null, 60_000, "cone1 reaches sym3 somehow", () => lab.dump());
+    await new Promise((r) => setTimeout(r, 3000)); // punching has had its chance
+    const p = (await lab.peer(c1, s))!;
+    expect(p.linkType).not.toBe("bulk");
+    if (p.linkType !== "via") expect(p.linkWhy).toMatch(/bulk link (punching|handshake|idle)/);
+    await until(() => lab.podPing(pods[0]!.name, pods[2]!.ip), 30_000, "pod ping cone1 -> sym3", () => lab.dump());
+  }, 120_000);
 });

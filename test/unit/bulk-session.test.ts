@@ -32,12 +32,16 @@ function net(A: BulkPeer, B: BulkPeer, epA: Endpoint, epB: Endpoint) {
   const run = (who: "A" | "B", acts: BulkAction[]): void => {
     const other = who === "A" ? B : A;
     const otherName = who === "A" ? "B" : "A";
+    const self = who === "A" ? A : B;
     for (const x of acts) {
       if (x.type === "control") run(otherName, other.handle({ type: "control", body: structuredClone(x.body) }, st.now));
       else if (x.type === "send") {
         if (!st.blocked && x.data.length <= st.maxSize) {
           const r = other.open(x.data, who === "A" ? epA : epB, st.now);
           if (r instanceof Uint8Array) st.frames.push({ to: otherName, data: r });
+          // probe acks go back the same way
+          const acks = other.pendingSends.splice(0);
+          run(otherName, acks.map((a) => ({ type: "send" as const, to: a.to, data: a.data })));
         }
       } else if (x.type === "up" || x.type === "down") st.events.push(`${who}:${x.type}`);
     }
@@ -124,17 +128,32 @@ describe("bulk session", () => {
     expect(A.up && B.up).toBe(true);
   });
 
-  it("path MTU black hole: small datagrams pass, full-size ones do not -> never up, and the reason says so", () => {
+  it("path MTU black hole below the floor: keepalives pass, probes do not -> never up, and the reason says so", () => {
     const { A, B, epA, epB } = pair();
     const n = net(A, B, epA, epB);
-    n.st.maxSize = 1400; // keepalives are 1464 bytes (a 1400-byte pod packet's datagram)
+    n.st.maxSize = 300; // not even the search's floor passes
     n.run("A", A.handle({ type: "start" }, n.st.now));
-    n.tick(2000);
+    n.tick(8000);
     expect(A.up || B.up).toBe(false);
     expect(A.reason).toMatch(/path MTU/);
-    n.st.maxSize = 1500;
-    n.tick(800);
+    n.st.maxSize = 1500; // the path heals: the search starts over within seconds and finds the full size
+    n.tick(8000);
     expect(A.up && B.up).toBe(true);
+    expect(A.pathMax).toBe(1464);
+  });
+
+  it("path MTU search: finds the largest datagram the path carries (a search, not fixed steps), within 8 bytes", () => {
+    for (const limit of [1300, 1001, 700]) {
+      const { A, B, epA, epB } = pair();
+      const n = net(A, B, epA, epB);
+      n.st.maxSize = limit;
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(8000);
+      expect(A.up && B.up).toBe(true);
+      expect(A.pathMax!).toBeLessThanOrEqual(limit);
+      expect(A.pathMax!).toBeGreaterThan(limit - 8);
+      expect(B.pathMax!).toBeGreaterThan(limit - 8);
+    }
   });
 
   it("a stall of our own (late ticks) is not taken for a silent path", () => {
