@@ -129,7 +129,7 @@ export type LinkType = "bulk" | "webrtc" | "turn" | "relay" | "via";
 export interface AgentStatus {
   node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
   peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null; linkType: LinkType | null; linkWhy: string; bulk: BulkPeerStatus | null })[];
-  bulk: { port: number; candidates: string[] } | null;
+  bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"] } | null;
   dataplane: ReturnType<DataPlane["stats"]> | null;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: Agent["routeConflicts"] };
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
@@ -438,7 +438,7 @@ export class Agent {
         signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive, stun: { host: this.signal.host, port: this.stunPort, altPort: this.stunAltPort } },
       },
       peers: (await this.mesh.status()).map((p) => this.peerView(p)),
-      bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates() } : null,
+      bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates(), crypto: this.bulk.cryptoName, gso: this.bulk.socket.gso, gro: this.bulk.socket.gro, coalesced: { ...this.bulk.gro }, counters: { ...this.bulk.counters } } : null,
       dataplane: this.dataplane ? this.dataplane.stats() : null,
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
       counters: {

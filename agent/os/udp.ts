@@ -373,9 +373,13 @@ export class UdpSocket {
     setImmediate(this.drain);
   }
 
+  /** Drains started so far: data from an earlier drain is no longer valid (see the header). */
+  drains = 0;
+
   private readonly drain = (): void => {
     this.scheduled = false;
     if (this.closing || !this.onData) return;
+    this.drains++;
     const c = this.c;
     let wouldBlock = false;
     let got = 0;

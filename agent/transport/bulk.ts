@@ -41,6 +41,8 @@ import { BulkPeer, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src
 import { BULK_CHANNEL, BULK_WIRE_VERSION, HEADER_LEN, SEAL_OVERHEAD, formatEndpoint, type Endpoint } from "../../src/bulk/wire.js";
 import { FRAME_HEADER_LEN, RECORD_HEADER_LEN } from "../../src/packet/frame.js";
 import { ByteArena, segment } from "../../src/packet/gso.js";
+import { coalesce, type GroStats } from "../../src/packet/gro.js";
+import { DEFAULT_MAX_MESSAGE_SIZE } from "../../src/packet/frame.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
 import { encodeBindingRequest, parseBindingSuccess, parseIp } from "../../src/wire/stun.js";
 import { loadSodiumAead } from "../os/sodium.js";
@@ -131,6 +133,12 @@ export class BulkService {
   // send path buffers (long-lived: the socket caches their addresses)
   private readonly slab = Buffer.allocUnsafeSlow(UDP_GSO_MAX_BYTES + 4096);
   private readonly arena = new ByteArena(256 * 1024);
+  // receive path: coalescing (userspace GRO) per GRO buffer, frames in an arena reset per socket drain
+  private readonly rxArena = new ByteArena(1 << 20);
+  private readonly rxPkts: Uint8Array[] = [];
+  private readonly rxOut: Uint8Array[] = [];
+  private rxDrain = -1;
+  readonly gro: GroStats = { merged: 0, built: 0 };
   private readonly segOut: Uint8Array[] = [];
   private segOpts: { maxIp: number; csum: "partial" };
   private readonly mtu: number;
@@ -170,10 +178,15 @@ export class BulkService {
     return this.socket.port;
   }
 
+  /** Which AEAD implementation seals (libsodium through FFI, or node:crypto). */
+  get cryptoName(): string {
+    return this.aead.name;
+  }
+
   /**
-   * Frames (one packet each) that arrived over bulk links. A frame is a view into the socket's receive
-   * slab (opened in place): valid until the socket's next drain, i.e. through the rest of this turn of the
-   * event loop and its setImmediate callbacks; copy to keep it longer.
+   * Frames that arrived over bulk links (the packets of one GRO read, TCP segments coalesced back into
+   * super-packets). A frame is valid until the socket's next drain, i.e. through the rest of this turn of
+   * the event loop and its setImmediate callbacks; copy to keep it longer.
    */
   onFrame(f: (from: string, frame: Uint8Array) => void): void {
     this.frameHandler = f;
@@ -349,9 +362,23 @@ export class BulkService {
 
   // ---- receive path -----------------------------------------------------------------------------------
 
+  /**
+   * One GRO buffer: datagrams of one flow from one address. Each is opened; the inner one-packet frames are
+   * grouped by frame header (same source, destination and ttl: nearly always all of them) and their
+   * packets coalesced (src/packet/gro.ts: TCP segments of one flow back into a GSO super-packet), then
+   * handed on as multi-record frames: the TUN write that follows takes one super-packet instead of ~45
+   * single packets. Frames live in an arena reset when the socket's next drain starts (see onFrame).
+   */
   private onDatagrams(data: Uint8Array, seg: number, from: Endpoint): void {
     const now = performance.now();
+    if (this.socket.drains !== this.rxDrain) {
+      this.rxDrain = this.socket.drains;
+      this.rxArena.reset();
+    }
     if (seg <= 0) seg = data.length;
+    const pkts = this.rxPkts;
+    let groupHdr: Uint8Array | undefined;
+    let groupPeer: BulkPeer | undefined;
     for (let o = 0; o < data.length; o += seg) {
       const d = data.subarray(o, Math.min(data.length, o + seg));
       if (d[0]! <= 1) {
@@ -370,9 +397,61 @@ export class BulkService {
       }
       if (typeof r === "string" || r === KEEPALIVE) continue;
       this.counters.framesIn++;
-      const id = this.peerIds.get(p)!;
-      this.frameHandler?.(id, r);
+      // One record of a valid frame? Anything else is handed on as it is (the forwarder validates and counts).
+      const recLen = r.length >= FRAME_HEADER_LEN + RECORD_HEADER_LEN ? ((r[FRAME_HEADER_LEN]! << 24) | (r[FRAME_HEADER_LEN + 1]! << 16) | (r[FRAME_HEADER_LEN + 2]! << 8) | r[FRAME_HEADER_LEN + 3]!) >>> 0 : -1;
+      if (recLen !== r.length - FRAME_HEADER_LEN - RECORD_HEADER_LEN || recLen <= VNET_HDR_LEN) {
+        this.flushGroup(groupPeer, groupHdr);
+        groupHdr = undefined;
+        this.frameHandler?.(this.peerIds.get(p)!, r);
+        continue;
+      }
+      const hdr = r.subarray(0, FRAME_HEADER_LEN);
+      if (groupHdr && (groupPeer !== p || !sameBytes(groupHdr, hdr))) {
+        this.flushGroup(groupPeer, groupHdr);
+        groupHdr = undefined;
+      }
+      if (!groupHdr) {
+        groupHdr = hdr;
+        groupPeer = p;
+      }
+      pkts.push(r.subarray(FRAME_HEADER_LEN + RECORD_HEADER_LEN));
     }
+    this.flushGroup(groupPeer, groupHdr);
+  }
+
+  /** Coalesce the collected packets and hand them on in frames of at most the data plane's message size. */
+  private flushGroup(p: BulkPeer | undefined, hdr: Uint8Array | undefined): void {
+    const pkts = this.rxPkts;
+    if (!p || !hdr || pkts.length === 0) {
+      pkts.length = 0;
+      return;
+    }
+    const out = this.rxOut;
+    out.length = 0;
+    coalesce(pkts, this.rxArena, out, this.gro);
+    pkts.length = 0;
+    const id = this.peerIds.get(p)!;
+    let i = 0;
+    while (i < out.length) {
+      let size = FRAME_HEADER_LEN;
+      let j = i;
+      while (j < out.length && (j === i || size + RECORD_HEADER_LEN + out[j]!.length <= DEFAULT_MAX_MESSAGE_SIZE)) size += RECORD_HEADER_LEN + out[j++]!.length;
+      const f = this.rxArena.alloc(size);
+      f.set(hdr, 0);
+      let o = FRAME_HEADER_LEN;
+      for (let k = i; k < j; k++) {
+        const q = out[k]!;
+        f[o] = q.length >>> 24;
+        f[o + 1] = (q.length >>> 16) & 255;
+        f[o + 2] = (q.length >>> 8) & 255;
+        f[o + 3] = q.length & 255;
+        f.set(q, o + RECORD_HEADER_LEN);
+        o += RECORD_HEADER_LEN + q.length;
+      }
+      i = j;
+      this.frameHandler?.(id, f);
+    }
+    out.length = 0;
   }
 
   // ---- send path --------------------------------------------------------------------------------------
@@ -471,6 +550,12 @@ export class BulkService {
     clearInterval(this.timer);
     await this.socket.close();
   }
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }
 
 /** What an agent with --no-bulk answers to a peer's handshake, so the peer stops trying. */
