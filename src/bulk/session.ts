@@ -155,6 +155,7 @@ export class BulkPeer {
   private next: Keypair | undefined;
   private pending: { hs: number; idx: number; eph: EphemeralKey; sentAt: number } | undefined;
   private rekeyAskedAt = -Infinity;
+  private announcedAt = -Infinity;
   private peerWantsRekey = false;
   /** where authenticated datagrams come from (WireGuard's roaming) */
   endpoint: Endpoint | undefined;
@@ -213,7 +214,7 @@ export class BulkPeer {
       case "start":
         if (this.initiator && !this.pending && !this.current) this.sendInit(now);
         // The responder announces itself (a peer without a bulk link answers `off`, see refuseBulk).
-        else if (!this.initiator && !this.current) this.out.push({ type: "control", body: { t: "cands", v: BULK_WIRE_VERSION, cands: this.cands } });
+        else if (!this.initiator && !this.current) this.announce(now);
         break;
       case "cands":
         this.cands = ev.cands.slice(0, MAX_CANDIDATES);
@@ -236,6 +237,11 @@ export class BulkPeer {
 
   private ids(): { initiator: string; responder: string } {
     return this.initiator ? { initiator: this.o.selfId, responder: this.o.peerId } : { initiator: this.o.peerId, responder: this.o.selfId };
+  }
+
+  private announce(now: number): void {
+    this.announcedAt = now;
+    this.out.push({ type: "control", body: { t: "cands", v: BULK_WIRE_VERSION, cands: this.cands } });
   }
 
   private sendInit(now: number): void {
@@ -397,6 +403,8 @@ export class BulkPeer {
       } else if (this._state === "idle" || !this.current || now - this.current.createdAt >= t.rekeyAfterMs || this.current.sentBytes >= t.rekeyAfterBytes || this.current.counter >= REJECT_AFTER_MESSAGES / 2 || this.peerWantsRekey) {
         this.sendInit(now);
       }
+    } else if (!this.current && this._state === "idle" && this.announcedAt > -Infinity && now - this.announcedAt >= t.handshakeRetryMs) {
+      this.announce(now); // no init yet: say again that we are here (the first may have crossed a link change)
     } else if (this.current && (now - this.current.createdAt >= t.rekeyAfterMs + t.handshakeRetryMs || this.current.sentBytes >= t.rekeyAfterBytes) && now - this.rekeyAskedAt >= t.handshakeRetryMs) {
       this.rekeyAskedAt = now;
       this.out.push({ type: "control", body: { t: "rekey", v: BULK_WIRE_VERSION } });
