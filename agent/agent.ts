@@ -253,6 +253,7 @@ export class Agent {
       instance,
       meta: { version: VERSION, ...(cfg.cluster ? { cluster: cfg.cluster } : {}), ...(cfg.meta ?? {}) },
       logger: agentLog.child("signal"),
+      ...(cfg.timing?.backoff ? { backoff: cfg.timing.backoff } : {}),
       events: {
         onWelcome: (peers, info) => {
           if (!agent) return;

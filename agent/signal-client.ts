@@ -24,6 +24,7 @@ export interface SignalClientEvents {
 }
 
 export interface SignalClientOptions {
+  /** one URL, or several separated by commas (order of preference) */
   url: string;
   token: string;
   identity: Identity;
@@ -32,7 +33,19 @@ export interface SignalClientOptions {
   meta: Record<string, string>;
   logger: Logger;
   backoff?: BackoffConfig;
+  /** while on a later URL, check the earlier ones this often (default twice the backoff's maximum, at most 30 s) */
+  preferredRetryMs?: number;
   events: SignalClientEvents;
+}
+
+/** `--signal` value: one or more URLs separated by commas, each normalized (see signalEndpoint). */
+export function signalEndpoints(urls: string): string[] {
+  const list = urls
+    .split(",")
+    .map((u) => u.trim())
+    .filter((u) => u !== "");
+  if (list.length === 0) throw new UsageError("--signal needs at least one ws:// or wss:// URL");
+  return [...new Set(list.map(signalEndpoint))];
 }
 
 export function signalEndpoint(url: string): string {
@@ -53,19 +66,33 @@ export class SignalClient {
   private ws: WebSocket | undefined;
   private attempts = 0;
   private timer: NodeJS.Timeout | undefined;
+  private preferTimer: NodeJS.Timeout | undefined;
+  private probeWs: WebSocket | undefined;
   private stopped = false;
   private registered = false;
   private readonly joinKey: string;
   /** the last connection error logged at warn (each distinct cause once until registered) */
   private lastConnectError: string | undefined;
-  readonly endpoint: string;
-  readonly host: string;
+  /** every configured endpoint, in order of preference */
+  readonly endpoints: string[];
+  /** index into endpoints of the server in use (or being tried) */
+  private current = 0;
+  /** times this client moved to another server */
+  failovers = 0;
   badFrames = 0;
 
   constructor(private readonly opts: SignalClientOptions) {
-    this.endpoint = signalEndpoint(opts.url);
+    this.endpoints = signalEndpoints(opts.url);
     this.joinKey = joinKeyOf(opts.token);
-    this.host = new URL(this.endpoint).hostname;
+  }
+
+  /** the endpoint in use (or being tried) */
+  get endpoint(): string {
+    return this.endpoints[this.current]!;
+  }
+
+  get host(): string {
+    return new URL(this.endpoint).hostname;
   }
 
   get up(): boolean {
@@ -96,8 +123,60 @@ export class SignalClient {
   stop(): void {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    this.stopPreferring();
     this.ws?.close(1000, "agent stopping");
     this.ws = undefined;
+  }
+
+  private stopPreferring(): void {
+    if (this.preferTimer) clearInterval(this.preferTimer);
+    this.preferTimer = undefined;
+    this.probeWs?.terminate();
+    this.probeWs = undefined;
+  }
+
+  /** While registered with a later URL, look for an earlier one that answers; move back to it. */
+  private preferEarlier(): void {
+    this.stopPreferring();
+    if (this.current === 0 || this.stopped) return;
+    const every = this.opts.preferredRetryMs ?? Math.max(1_000, Math.min(30_000, (this.opts.backoff?.maxMs ?? 30_000) * 2));
+    let next = 0;
+    this.preferTimer = setInterval(() => {
+      if (this.probeWs || !this.up) return;
+      const idx = next;
+      next = (next + 1) % this.current;
+      this.opts.logger.debug("checking a preferred signaling server", { url: this.endpoints[idx] });
+      const probe = new WebSocket(this.endpoints[idx]!, { handshakeTimeout: 5_000, maxPayload: 256 * 1024 });
+      this.probeWs = probe;
+      const done = () => {
+        if (this.probeWs === probe) this.probeWs = undefined;
+        probe.terminate();
+      };
+      probe.on("error", done);
+      probe.on("close", done);
+      probe.on("message", () => {
+        // a challenge: that server is up. Leave the current one and register there.
+        done();
+        if (this.stopped || idx >= this.current) return;
+        this.opts.logger.info("a preferred signaling server is back; moving to it", { from: this.endpoint, to: this.endpoints[idx] });
+        this.switchTo(idx);
+      });
+    }, every);
+    this.preferTimer.unref();
+  }
+
+  private switchTo(idx: number): void {
+    this.stopPreferring();
+    const old = this.ws;
+    this.ws = undefined;
+    this.registered = false;
+    this.current = idx;
+    this.failovers++;
+    this.attempts = 0;
+    old?.removeAllListeners("close");
+    old?.on("error", () => {});
+    old?.close(1000, "moving to a preferred signaling server");
+    this.connect();
   }
 
   private connect(): void {
@@ -154,6 +233,7 @@ export class SignalClient {
           this.registered = true;
           this.lastConnectError = undefined;
           this.attempts = 0;
+          this.preferEarlier();
           log.info("registered with signaling server", { url: this.endpoint, peers: msg.peers.length, addr: msg.you.addr });
           ev.onWelcome(msg.peers, { addr: msg.you.addr, stunPort: msg.stunPort, ...(msg.stunAltPort ? { stunAltPort: msg.stunAltPort } : {}), ...(msg.iceServers ? { iceServers: msg.iceServers } : {}) });
           break;
@@ -203,9 +283,15 @@ export class SignalClient {
         this.opts.events.onFatal(new WeftError("ERR_DUPLICATE_ID", `signaling server refused this agent: ${reason}`));
         return;
       }
+      this.stopPreferring();
       if (wasUp) this.opts.events.onDown(reason);
+      // next server in order (wrapping around); the backoff grows with every failed attempt
+      if (this.endpoints.length > 1) {
+        this.current = (this.current + 1) % this.endpoints.length;
+        this.failovers++;
+      }
       const delay = backoffDelay(this.attempts++, this.opts.backoff);
-      log.debug("signaling connection lost; reconnecting", { reason, inMs: delay });
+      log.debug("signaling connection lost; reconnecting", { reason, inMs: delay, next: this.endpoint });
       this.timer = setTimeout(() => this.connect(), delay);
       this.timer.unref?.();
     });

@@ -25,8 +25,9 @@ Options:
   --config F            read options from JSON file F: {"signal": "ws://…", "token-file": "…",
                         "advertise-routes": ["…"], "no-relay": true, …} (keys are the long flag names);
                         flags on the command line win, then environment variables, then the file
-  --signal URL          signaling server, ws://HOST:PORT or wss://HOST:PORT (required; or env
-                        WEFTNET_SIGNAL)
+  --signal URL[,URL..] signaling server(s), ws://HOST:PORT or wss://HOST:PORT (required; or env
+                        WEFTNET_SIGNAL); several: one at a time, next on failure, back to the
+                        first that answers
   --token T             cluster token (or --token-file F, or env WEFTNET_TOKEN)
   --token-file F        read the cluster token from file F
   --name N              node name shown to peers (default: hostname)
