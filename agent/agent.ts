@@ -482,16 +482,28 @@ export class Agent {
     const st = this.ipam.status();
     const connected = new Set(this.mesh.connectedPeers());
     const name = (id: string) => (id === this.id ? this.name : (this.mesh.peerName(id) ?? null));
+    const reach = new Map<string, boolean>();
     return {
       ...st,
-      blocks: st.blocks.map((b) => ({ ...b, ownerName: name(b.owner), reachable: b.owner === this.id || connected.has(b.owner) || this.router.nextHop(b.owner) !== undefined })),
+      // once per owner, not per block: a founder or heir owns ~1000 blocks, and nextHop is not free
+      blocks: st.blocks.map((b) => {
+        let r = reach.get(b.owner);
+        if (r === undefined) reach.set(b.owner, (r = b.owner === this.id || connected.has(b.owner) || this.router.nextHop(b.owner) !== undefined));
+        return { ...b, ownerName: name(b.owner), reachable: r };
+      }),
     };
   }
 
   /** Also for API clients (the CNI plugin): the bridge gets the block's gateway before this returns. */
-  async allocate(podId: string, timeoutMs?: number): Promise<PodAddress> {
-    const addr = await this.ipam.allocate(podId, timeoutMs);
+  async allocate(podId: string, timeoutMs?: number, signal?: AbortSignal): Promise<PodAddress> {
+    const had = this.ipam.node.allocations().has(podId);
+    const addr = await this.ipam.allocate(podId, timeoutMs, signal);
     await this.dataplane?.reconcile();
+    if (signal?.aborted) {
+      const err = this.ipam.abandoned(podId, had); // the caller gave up while the bridge was set up
+      void this.dataplane?.reconcile().catch((e) => this.log.error("could not apply the node network", { err: e }));
+      throw err;
+    }
     return addr;
   }
 

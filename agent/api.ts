@@ -54,7 +54,8 @@ export function createApiApp(agent: ApiAgent): Hono {
     const b = await jsonBody(c);
     if (!b || typeof b.podId !== "string" || !POD_ID_RE.test(b.podId)) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {podId} (1-200 chars: letters, digits, . _ : / -)" } }, 400);
     try {
-      return c.json(await agent.allocate(b.podId, typeof b.timeoutMs === "number" ? Math.min(Math.max(b.timeoutMs, 0), 120_000) : 30_000));
+      // the request's signal aborts when the caller closes the connection (it gave up): nothing is kept then
+      return c.json(await agent.allocate(b.podId, typeof b.timeoutMs === "number" ? Math.min(Math.max(b.timeoutMs, 0), 120_000) : 30_000, c.req.raw.signal));
     } catch (e) {
       const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
       return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));

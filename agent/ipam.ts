@@ -25,7 +25,7 @@ export interface PodAddress {
 export class IpamDriver {
   readonly node: IpamNode;
   private readonly path: string;
-  readonly counters = { remoteErrors: 0, persists: 0 };
+  readonly counters = { remoteErrors: 0, persists: 0, abandoned: 0 };
   private readonly blockListeners: (() => void)[] = [];
   private readonly revokeListeners: ((r: { podId: string; ip: string }) => void)[] = [];
   private lastBlocks = "";
@@ -136,19 +136,35 @@ export class IpamDriver {
 
   /**
    * Allocate (idempotently) an address for a pod, persisting it before returning. Retries while the IPAM
-   * is not ready or waits for a block, up to `timeoutMs`.
+   * is not ready or waits for a block, up to `timeoutMs`. A caller that gives up (its `signal` aborts:
+   * the CNI plugin or `weftnet ipam allocate` timed out and closed the connection) leaves nothing behind:
+   * the retries stop, and an address allocated for it by this call is released again.
    */
-  async allocate(podId: string, timeoutMs = 30_000): Promise<PodAddress> {
+  async allocate(podId: string, timeoutMs = 30_000, signal?: AbortSignal): Promise<PodAddress> {
     const t0 = this.now();
+    const had = this.node.allocations().has(podId);
     for (;;) {
+      if (signal?.aborted) throw this.abandoned(podId, had);
       const r = this.node.allocate(podId, this.now());
       if (r.ok && r.changed) r.output.persist = true;
       this.apply(r.output);
-      if (r.ok) return this.describe(podId, r.ip);
+      if (r.ok) {
+        if (signal?.aborted) throw this.abandoned(podId, had);
+        return this.describe(podId, r.ip);
+      }
       if (r.error.code !== "ERR_NOT_READY" && r.error.code !== "ERR_EXHAUSTED") throw r.error;
       if (this.now() - t0 > timeoutMs) throw new WeftError("ERR_IPAM_TIMEOUT", `no address for ${podId} after ${Math.round(timeoutMs / 1000)} s: ${r.error.message}`);
       await new Promise((res) => setTimeout(res, 200));
     }
+  }
+
+  /** The caller of allocate() went away: release what this call allocated (not an address the pod had before). */
+  abandoned(podId: string, had: boolean): WeftError {
+    if (!had && this.release(podId)) {
+      this.counters.abandoned++;
+      this.log.info("allocation abandoned by its caller: address released", { podId });
+    }
+    return new WeftError("ERR_IPAM_ABORTED", `the caller gave up on an address for ${podId}; nothing was kept`);
   }
 
   release(podId: string): boolean {

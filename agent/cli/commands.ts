@@ -557,6 +557,8 @@ type IpamView = {
   allocations: { podId: string; ip: string }[];
   pending: { to: string; sinceMs: number } | null;
   conflicts: { peer: string; code: string; message: string }[];
+  ownership?: { lease: boolean; membersHeard: number; members: number; reason: string | null };
+  reserved?: { cidr: string; owner: string; silentMs: number | null }[];
 };
 
 export interface IpamOwnerSummary {
@@ -584,6 +586,10 @@ export interface IpamSummary {
   allocations: { podId: string; ip: string }[];
   pending: { to: string; sinceMs: number } | null;
   conflicts: { peer: string; code: string; message: string }[];
+  /** why new blocks (grants, reclaims) wait, if they do — allocation from pinned blocks never does */
+  ownership?: IpamView["ownership"];
+  /** blocks of silent members kept for their pods */
+  reserved?: IpamView["reserved"];
   /** only with --blocks */
   blocks?: IpamView["blocks"];
 }
@@ -622,12 +628,16 @@ export function summarizeIpam(v: IpamView, withBlocks = false): IpamSummary {
     allocations: v.allocations,
     pending: v.pending,
     conflicts: v.conflicts,
+    ownership: v.ownership,
+    reserved: v.reserved,
     ...(withBlocks ? { blocks: v.blocks } : {}),
   };
 }
 
 export function renderIpam(v: IpamSummary): string {
   let out = `range     ${v.range} (${v.totalBlocks} blocks of /${v.blockPrefix}, ${v.unownedBlocks} unowned)\nallocate  ${v.canAllocate ? "ready" : `not ready: ${v.reason ?? "unknown"}`}\n`;
+  if (v.ownership) out += `blocks    ${v.ownership.reason ? `new blocks wait: ${v.ownership.reason}` : `new blocks can be granted/reclaimed (${v.ownership.membersHeard} of ${v.ownership.members} members heard)`}\n`;
+  if (v.reserved?.length) out += `reserved  ${v.reserved.length} block(s) of silent members kept for their pods (pinned; \`weftnet ipam release NODE\` if a node is gone for good)\n`;
   if (v.pending) out += `pending   block request to ${v.pending.to} for ${Math.round(v.pending.sinceMs / 1000)}s\n`;
   for (const c of v.conflicts) out += `CONFLICT  with ${c.peer}: ${c.message} (${c.code})\n`;
   const rows = [["OWNER", "ID", "REACHABLE", "BLOCKS", "ADDRESSES", "FREE", "CIDRS"]];
@@ -637,7 +647,7 @@ export function renderIpam(v: IpamSummary): string {
   out += `\n${v.owners.length ? table(rows) : "(no blocks owned yet)"}\n`;
   if (v.blocks) {
     const brows = [["BLOCK", "OWNER", "ID", "REACHABLE", "FREE", "NOTE"]];
-    for (const b of v.blocks.filter((x) => x.owner)) brows.push([b.cidr, b.ownerName ?? "?", b.owner, b.reachable ? "yes" : "NO", b.free === null ? "-" : String(b.free), [b.mine ? "this node" : "", b.settling ? "settling" : ""].filter(Boolean).join(", ")]);
+    for (const b of v.blocks.filter((x) => x.owner)) brows.push([b.cidr, b.ownerName ?? "?", b.owner, b.reachable ? "yes" : "NO", b.free === null ? "-" : String(b.free), [b.mine ? "this node" : "", b.kind === "p" ? "pinned" : "", b.settling ? "settling" : ""].filter(Boolean).join(", ")]);
     out += `\n${table(brows)}\n`;
   }
   if (v.allocations.length) out += `\n${table([["POD", "IP"], ...v.allocations.map((a) => [a.podId, a.ip])])}\n`;

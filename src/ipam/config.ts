@@ -18,6 +18,11 @@ export interface IpamConfig {
   safetyMarginMs?: number;
   /** U: after a restart or after losing the lease, hold majority contact this long before allocating; default 15 s */
   resyncMs?: number;
+  /**
+   * C: heartbeat timeout: a peer not heard for this long is out of contact for the resync hold (U counts
+   * unbroken contact with a majority heard within C); default 5 s, the mesh's own dead-link timeout
+   */
+  contactMs?: number;
   /** S: a fresh claim is not used for this long, so concurrent heirs converge first; default 10 s */
   claimSettleMs?: number;
   /** a node without state that sees no IPAM waits this long before founding one; default 5 s */
@@ -41,6 +46,7 @@ export interface Resolved {
   R: number;
   M: number;
   U: number;
+  C: number;
   S: number;
   bootstrapWait: number;
   mayFound: boolean | (() => boolean);
@@ -64,13 +70,14 @@ export function resolve(c: IpamConfig): Resolved {
   const M = c.safetyMarginMs ?? Math.floor(R / 5);
   const U = c.resyncMs ?? 15_000;
   const S = c.claimSettleMs ?? 10_000;
-  if (!(R > 0 && M > 0 && M < R && U >= 0 && S >= 0)) throw new IpamError("ERR_CONFIG", "need 0 < safetyMargin < reclaimAfter, resync >= 0, claimSettle >= 0");
+  if (!(R > 0 && M > 0 && M < R && U >= 0 && S >= 0 && (c.contactMs ?? 5_000) > 0)) throw new IpamError("ERR_CONFIG", "need 0 < safetyMargin < reclaimAfter, resync >= 0, claimSettle >= 0");
   return {
     range,
     blockPrefix,
     R,
     M,
     U,
+    C: c.contactMs ?? 5_000,
     S,
     bootstrapWait: c.bootstrapWaitMs ?? 5_000,
     mayFound: c.mayFound ?? true,

@@ -1,9 +1,16 @@
 /**
- * The consensus write rule (docs/ipam.md rules 2, 2b, 3): every write that moves a block to another
+ * The consensus write rule (docs/ipam.md rules 2, 2b, 3, 7): every write that moves a block to another
  * owner — a claim of a silent member's block, a grant to a requester — is proposed, and written only
  * with promises from a strict majority of the members. An acceptor promises a (block, version) to one
  * live proposer at a time, persistently. Also the "doomed" bookkeeping: our blocks a peer reports as
  * promised to a claimer are not used until that resolves.
+ *
+ * Pins (rule 7): before an owner hands out addresses from a block it writes a pin ("p") on it and waits
+ * until a strict majority of the members has recorded that pin in its own table (`prop` kind "p" ->
+ * the acceptor merges the pin if it holds no live promise of that block version for someone else ->
+ * `prom`). A confirmed pin can never be claimed: any claim majority contains a member that recorded the
+ * pin, which refuses. So a pinned block stays its owner's — with every address in it — until the owner
+ * unpins it (only when empty) or hands it over, or an operator force-releases it.
  *
  * This module decides; node.ts applies (table writes are done here, settle times, counters, gossip
  * and persistence are the dispatcher's).
@@ -20,10 +27,10 @@ export interface Promise_ {
   until: number;
 }
 
-/** A write this node proposed: needs promises from a strict majority of the members. */
+/** A write this node proposed: needs promises (pins: recordings) from a strict majority of the members. */
 export interface Proposal {
   v: number;
-  kind: "t" | "c";
+  kind: "t" | "c" | "p";
   owner: string; // current owner (the silent member for claims, us for grants)
   to: string; // new owner (us for claims, the requester for grants)
   acks: Set<string>;
@@ -37,6 +44,8 @@ export class WriteRule {
   readonly proposals = new Map<number, Proposal>();
   /** our blocks that a peer reports as promised to a claimer: never used until that resolves */
   private readonly doomedBy = new Map<string, Set<number>>();
+  /** our pins that a strict majority recorded: block -> pinned version (persisted) */
+  readonly confirmed = new Map<number, number>();
 
   constructor(
     private readonly self: string,
@@ -69,8 +78,18 @@ export class WriteRule {
     return this.lease.beatOf(p.by) >= p.until || this.lease.silentFor(p.by, now) >= this.lease.A;
   }
 
+  /** Is our pin on block i confirmed by a majority and still the current entry? */
+  isConfirmed(table: BlockTable, i: number): boolean {
+    const e = table.get(i);
+    return e.owner === this.self && e.kind === "p" && this.confirmed.get(i) === e.version;
+  }
+
   prune(table: BlockTable, now: number): void {
-    for (const [i, p] of this.proposals) if (this.lease.beat >= p.until || table.get(i).version >= p.v) this.proposals.delete(i);
+    for (const [i, v] of this.confirmed) if (!this.isConfirmed(table, i) || table.get(i).version !== v) this.confirmed.delete(i);
+    for (const [i, p] of this.proposals) {
+      const e = table.get(i);
+      if (p.kind === "p" ? this.lease.beat >= p.until || e.version !== p.v || e.owner !== this.self || e.kind !== "p" : this.lease.beat >= p.until || e.version >= p.v) this.proposals.delete(i);
+    }
     for (const [i, p] of this.promises) if (table.get(i).version >= p.v || this.promiseVoid(p, now)) this.promises.delete(i);
     for (const [peer, set] of this.doomedBy) {
       for (const i of set) if (table.get(i).owner !== this.self) set.delete(i);
@@ -104,6 +123,10 @@ export class WriteRule {
     return [...this.promises].filter(([i, p]) => table !== null && table.get(i).version < p.v).map(([i, p]): [number, number] => [i, p.v]);
   }
 
+  pinRound(): boolean {
+    return [...this.proposals.values()].some((p) => p.kind === "p");
+  }
+
   hasGrantRound(): boolean {
     return [...this.proposals.values()].some((p) => p.kind === "t");
   }
@@ -122,7 +145,7 @@ export class WriteRule {
   accept(table: BlockTable, i: number, v: number, by: string, kind: "t" | "c", owner: string, to: string, until: number, now: number): boolean {
     if (i >= table.count) return false;
     const e = table.get(i);
-    if (e.version !== v - 1 || e.owner !== owner || to === owner) return false;
+    if (e.version !== v - 1 || e.owner !== owner || to === owner || e.kind === "p") return false; // a pinned block is the owner's
     if (kind === "c") {
       if (by !== to || owner === this.self || this.lease.silentFor(owner, now) < this.lease.A) return false;
     } else {
@@ -136,6 +159,41 @@ export class WriteRule {
     if (by !== this.self && this.lease.beatOf(by) >= until) return false; // already abandoned
     this.promises.set(i, { v, to, by, kind, until });
     return true;
+  }
+
+  /**
+   * Acceptor rule for a pin of block i at version v by its owner `by`: record it (merge the entry) if
+   * our table shows `by` as the owner at v-1 (or already this pin) and we hold no live promise of that
+   * block at version >= v for anybody else. Returns the entries that changed our table (to flood), or
+   * null if refused.
+   */
+  acceptPin(table: BlockTable, i: number, v: number, by: string, now: number): EntryTuple[] | null {
+    if (i >= table.count) return null;
+    const e = table.get(i);
+    const already = e.version === v && e.owner === by && e.kind === "p";
+    if (!already && !(e.version === v - 1 && e.owner === by)) return null;
+    const p = this.promises.get(i);
+    if (p && !this.promiseVoid(p, now) && p.v >= v && p.by !== by) return null;
+    if (already) return [];
+    this.promises.delete(i);
+    return table.merge([[i, by, v, "p"]]);
+  }
+
+  /**
+   * Pin our block i: write the pin at version+1 (or ask again for an unconfirmed pin already written) and
+   * open a proposal collecting recordings. Returns the [block, version] to send in `prop` kind "p".
+   */
+  openPin(table: BlockTable, i: number, until: number): [number, number] | null {
+    if (this.proposals.has(i)) return null;
+    const e = table.get(i);
+    if (e.owner !== this.self) return null;
+    let v = e.version;
+    if (e.kind !== "p") {
+      v = e.version + 1;
+      table.write(i, { owner: this.self, version: v, kind: "p" });
+    } else if (this.confirmed.get(i) === v) return null;
+    this.proposals.set(i, { v, kind: "p", owner: this.self, to: this.self, acks: new Set([this.self]), until });
+    return [i, v];
   }
 
   /**
@@ -177,6 +235,20 @@ export class WriteRule {
     const written: EntryTuple[] = [];
     for (const [i, p] of this.proposals) {
       const e = table.get(i);
+      if (p.kind === "p") {
+        // pins need no lease: the majority that recorded the pin is what protects it
+        if (e.version !== p.v || e.owner !== this.self || e.kind !== "p" || this.lease.beat >= p.until) {
+          this.proposals.delete(i);
+          continue;
+        }
+        let n = 0;
+        for (const a of p.acks) if (members.has(a)) n++;
+        if (2 * n > members.size) {
+          this.proposals.delete(i);
+          this.confirmed.set(i, p.v);
+        }
+        continue;
+      }
       if (e.version !== p.v - 1 || e.owner !== p.owner || this.lease.beat >= p.until) {
         this.proposals.delete(i);
         continue;
@@ -187,8 +259,9 @@ export class WriteRule {
       for (const a of p.acks) if (owners.has(a)) n++;
       if (2 * n <= voters || !leaseValid()) continue;
       this.proposals.delete(i);
-      table.write(i, { owner: p.to, version: p.v, kind: p.kind });
-      written.push([i, p.to, p.v, p.kind]);
+      const kind = p.kind as "t" | "c";
+      table.write(i, { owner: p.to, version: p.v, kind });
+      written.push([i, p.to, p.v, kind]);
     }
     return written;
   }

@@ -17,6 +17,8 @@ export class Lease {
   readonly heard = new Map<string, number>();
   private since: number | null = null;
   private needsResync = false;
+  /** start of the current unbroken contact with a fresh majority (each member heard within C), or null */
+  private contactSince: number | null = null;
 
   constructor(
     private readonly self: string,
@@ -93,7 +95,28 @@ export class Lease {
     return 2 * n > members.size;
   }
 
-  /** The lease: majority contact now, held for U after a restart or after a lapse. Updates lease state. */
+  /**
+   * Track unbroken majority contact: called on every tick and every message. Contact is "fresh" while a
+   * strict majority of the members (self included) was heard within C (the heartbeat timeout); one
+   * observation without it breaks the run, and the resync hold U counts from the start of the run.
+   */
+  observe(members: Set<string>, now: number): void {
+    let n = 0;
+    for (const m of members) if (m === this.self || this.heardWithin(m, now, this.cfg.C)) n++;
+    if (2 * n > members.size) this.contactSince ??= now;
+    else this.contactSince = null;
+  }
+
+  /** The latest time by which a strict majority of `members` (self counts as now) had been heard. */
+  private majorityHeardAt(members: Set<string>, now: number): number {
+    const times = [...members].map((m) => (m === this.self ? now : (this.heard.get(m) ?? NEG))).sort((a, b) => b - a);
+    return times[Math.floor(members.size / 2)] ?? NEG;
+  }
+
+  /**
+   * The lease: majority contact (heard within W) now; after a restart or after a lapse, additionally an
+   * unbroken fresh majority contact that has lasted U (docs/ipam.md rule 1). Updates lease state.
+   */
   valid(members: Set<string>, now: number): boolean {
     if (members.size === 1 && members.has(this.self)) {
       this.since ??= now;
@@ -109,7 +132,9 @@ export class Lease {
     }
     this.since ??= now;
     if (this.needsResync) {
-      if (now - this.since < this.cfg.U) return false;
+      this.observe(members, now);
+      // the contact must verifiably span U: up to the moment the majority was last heard, not up to now
+      if (this.contactSince === null || this.majorityHeardAt(members, now) - this.contactSince < this.cfg.U) return false;
       this.needsResync = false;
     }
     return true;

@@ -48,6 +48,8 @@ export interface IpamSnapshot {
   settling: number[];
   /** promises given as an acceptor: [blockIndex, version, newOwner, proposer, kind, until] */
   promises: PromiseTuple[];
+  /** our pins a majority recorded: [blockIndex, version] (absent in snapshots before pins existed) */
+  pinned?: [number, number][];
   beat: number;
 }
 
@@ -74,7 +76,15 @@ export interface IpamStatus {
   allocations: { podId: string; ip: string }[];
   pending: { to: string; sinceMs: number } | null;
   /** writes this node proposed and is collecting promises for (claims of silent members, grants) */
-  proposals: { index: number; cidr: string; kind: "t" | "c"; from: string; to: string; promises: number }[];
+  proposals: { index: number; cidr: string; kind: "t" | "c" | "p"; from: string; to: string; promises: number }[];
+  /**
+   * Ownership changes (new blocks by grant or claim) need the lease: a strict majority of the members
+   * heard within W, and after a restart or a lapse that contact held for U. Allocation from our own
+   * pinned blocks never needs it. `reason` says plainly why new blocks wait (e.g. a 2|2 split).
+   */
+  ownership: { lease: boolean; membersHeard: number; members: number; reason: string | null };
+  /** blocks of members that are silent but kept for their pods (pinned): never reclaimed automatically */
+  reserved: { cidr: string; owner: string; silentMs: number | null }[];
   peers: { id: string; epochOk: boolean; freeBlocks: number; heardAgoMs: number | null }[];
   members: { id: string; silentMs: number | null }[];
   conflicts: { peer: string; code: string; message: string }[];
@@ -129,6 +139,7 @@ export class IpamNode {
       allocs: [...this.allocs.entries()].map(([p, ip]) => [p, formatIp(ip)]),
       settling: [...this.settleUntil.keys()].sort((a, b) => a - b),
       promises: this.rule.snapshot(),
+      pinned: [...this.rule.confirmed],
       beat: this.lease.beat,
     };
   }
@@ -154,6 +165,8 @@ export class IpamNode {
       }
       for (const i of snap.settling) if (n.table!.get(i).owner === n.id) n.settleUntil.set(i, now + n.cfg.S);
       n.rule.restore(snap.promises ?? []);
+      for (const [i, v] of snap.pinned ?? []) if (i < n.table!.count) n.rule.confirmed.set(i, v);
+      n.rule.prune(n.table!, now);
       n.lease.requireResync();
     } else if (snap.allocs.length > 0) {
       throw new IpamError("ERR_CONFIG", "snapshot has allocations but no cluster");
@@ -200,17 +213,20 @@ export class IpamNode {
     }
     const have = this.allocs.get(podId);
     if (have !== undefined) return { ok: true, ip: formatIp(have), changed: false, output: out };
-    const why = this.whyNot(now);
-    if (why) return { ok: false, error: new IpamError("ERR_NOT_READY", why), output: out };
+    if (!this.table) return { ok: false, error: new IpamError("ERR_NOT_READY", "not yet part of a cluster IPAM"), output: out };
+    // Our pinned blocks are ours alone until we let go of them: no lease, no resync, no waiting.
     for (const i of this.allocatableBlocks(now)) {
       const ip = this.allocs.firstFree(i);
       if (ip !== null) {
         this.allocs.add(podId, ip);
         out.persist = true;
-        if (this.freeAddresses(now) === 0) this.maybeRequest(now, out);
+        this.keepReserve(now, out);
         this.assertInvariants();
         return { ok: true, ip: formatIp(ip), changed: true, output: out };
       }
+    }
+    if (this.keepReserve(now, out) || this.rule.pinRound()) {
+      return { ok: false, error: new IpamError("ERR_NOT_READY", "pinning a block of ours: waiting for a majority of the members to record it"), output: out };
     }
     this.maybeRequest(now, out);
     return { ok: false, error: new IpamError("ERR_EXHAUSTED", "no free address in this node's blocks; a block was requested from a peer"), output: out };
@@ -273,14 +289,20 @@ export class IpamNode {
 
   // ---- views ---------------------------------------------------------------------------------------
 
-  /** Blocks this node may hand new addresses out of right now (owned, lease valid, not settling). */
+  /** Blocks this node may hand new addresses out of right now: owned, pinned with a majority's record. */
   allocatableBlocks(now: number): number[] {
-    if (!this.table || this.whyNot(now)) return [];
-    return this.table.indicesOf(this.id).filter((i) => !((this.settleUntil.get(i) ?? NEG) > now) && !this.rule.isDoomed(i));
+    const table = this.table;
+    if (!table) return [];
+    return table.indicesOf(this.id).filter((i) => this.rule.isConfirmed(table, i) && !((this.settleUntil.get(i) ?? NEG) > now));
   }
 
   canAllocate(now: number): boolean {
-    return this.whyNot(now) === null && this.freeAddresses(now) > 0;
+    return this.freeAddresses(now) > 0;
+  }
+
+  /** Does this node hold the lease (may it change block ownership: grant, claim)? */
+  hasLease(now: number): boolean {
+    return this.leaseValid(now);
   }
 
   ownedBlocks(): number[] {
@@ -309,16 +331,27 @@ export class IpamNode {
   }
 
   status(now: number): IpamStatus {
-    const why = this.whyNot(now);
+    const why = this.table ? null : "not yet part of a cluster IPAM";
     const free = this.freeAddresses(now);
     const members = this.table ? [...this.table.owners()].sort() : [];
+    const memberSet = this.table ? this.rule.memberSet(this.table) : new Set<string>();
+    const heard = [...memberSet].filter((m) => m === this.id || this.lease.heardWithin(m, now)).length;
+    const lease = this.leaseValid(now);
+    const need = Math.floor(memberSet.size / 2) + 1;
+    const ownershipReason = !this.table
+      ? why
+      : lease
+        ? null
+        : heard < need
+          ? `no majority: ${heard} of ${memberSet.size} members heard (need ${need}); new blocks (grants, reclaims) wait, existing blocks keep allocating`
+          : `resyncing: majority contact must last ${Math.round(this.cfg.U / 1000)} s before ownership changes; existing blocks keep allocating`;
     return {
       id: this.id,
       epoch: this.epoch,
       range: formatCidr(this.cfg.range),
       blockPrefix: this.cfg.blockPrefix,
       canAllocate: why === null && free > 0,
-      reason: why ?? (free > 0 ? null : "no free address in owned blocks"),
+      reason: why ?? (free > 0 ? null : this.rule.pinRound() ? "pinning a block: waiting for a majority of the members to record it" : "no free address in owned blocks"),
       blocks: this.table
         ? this.table.all().map((e, i) => ({
             index: i,
@@ -342,6 +375,14 @@ export class IpamNode {
       members: members.map((m) => ({ id: m, silentMs: this.lease.silentMs(m, now) })),
       conflicts: [...this.conflicts].map(([peer, c]) => ({ peer, ...c })),
       counters: { ...this.counters },
+      ownership: { lease, membersHeard: heard, members: memberSet.size, reason: ownershipReason },
+      reserved: this.table
+        ? this.table
+            .all()
+            .map((e, i) => ({ e, i }))
+            .filter(({ e }) => e.kind === "p" && e.owner !== this.id && (this.lease.silentMs(e.owner, now) ?? 0) >= this.cfg.R)
+            .map(({ e, i }) => ({ cidr: this.blockCidr(i), owner: e.owner, silentMs: this.lease.silentMs(e.owner, now) }))
+        : [],
     };
   }
 
@@ -351,25 +392,72 @@ export class IpamNode {
     return this.table !== null && this.lease.valid(this.rule.memberSet(this.table), now);
   }
 
-  private whyNot(now: number): string | null {
-    if (!this.table) return "not yet part of a cluster IPAM";
-    if (!this.leaseValid(now)) {
-      return !this.lease.held
-        ? "frozen: fewer than a majority of block owners heard within the lease window (partition safety rule)"
-        : "resyncing: waiting for majority contact to last the resync period before allocating";
-    }
-    return null;
-  }
-
   private freeAddresses(now: number): number {
     let n = 0;
     for (const i of this.allocatableBlocks(now)) n += this.allocs.usableSize() - this.allocs.usedIn(i);
     return n;
   }
 
+  /** Whole free blocks we could give away: unpinned, empty, not settling, not doomed. */
   private wholeFreeBlocks(now: number): number[] {
-    if (!this.table) return [];
-    return this.table.indicesOf(this.id).filter((i) => this.allocs.usedIn(i) === 0 && !((this.settleUntil.get(i) ?? NEG) > now) && !this.rule.isDoomed(i));
+    const table = this.table;
+    if (!table) return [];
+    return table.indicesOf(this.id).filter((i) => table.get(i).kind !== "p" && this.allocs.usedIn(i) === 0 && !((this.settleUntil.get(i) ?? NEG) > now) && !this.rule.isDoomed(i));
+  }
+
+  /** Blocks we own and could pin now (unpinned or pin unconfirmed, not settling, not doomed, no round open); ones holding pods first. */
+  private pinnable(now: number): number[] {
+    const table = this.table;
+    if (!table) return [];
+    return table
+      .indicesOf(this.id)
+      .filter((i) => !this.rule.isConfirmed(table, i) && !((this.settleUntil.get(i) ?? NEG) > now) && !this.rule.isDoomed(i))
+      .sort((a, b) => this.allocs.usedIn(b) - this.allocs.usedIn(a) || a - b);
+  }
+
+  private get reserve(): number {
+    return Math.max(1, Math.floor(this.allocs.usableSize() / 4));
+  }
+
+  /**
+   * Keep allocation instant: pin a block whenever free space in confirmed pins falls below a quarter
+   * block (or a block holding pods is not pinned, e.g. after an upgrade). One pin round at a time.
+   * Returns true if a round is open (new or already running).
+   */
+  private keepReserve(now: number, out: IpamOutput): boolean {
+    const table = this.table;
+    if (!table || !this.epoch) return false;
+    if (this.rule.pinRound()) return true;
+    const cands = this.pinnable(now);
+    const i = cands[0];
+    if (i === undefined) return false;
+    if (this.allocs.usedIn(i) === 0 && this.freeAddresses(now) >= this.reserve) return false;
+    const until = this.lease.beat + this.cfg.reqTimeout;
+    const pv = this.rule.openPin(table, i, until);
+    if (!pv) return false;
+    out.persist = true;
+    this.broadcast([[i, this.id, pv[1], "p"]], null, out);
+    for (const p of this.peers) {
+      if (!this.info.get(p)?.epochOk) continue;
+      out.send.push({ to: p, body: encodeIpamMessage({ t: "prop", epoch: this.epoch.id, kind: "p", owner: this.id, to: this.id, until, blocks: [pv] }) });
+    }
+    this.completeProposals(now, out);
+    return true;
+  }
+
+  /** Unpin one empty pinned block when the other pins keep the reserve (so a silent node's free space can be reclaimed). */
+  private maybeUnpin(now: number, out: IpamOutput): void {
+    const table = this.table!;
+    const free = this.freeAddresses(now);
+    for (const i of this.allocatableBlocks(now)) {
+      if (this.allocs.usedIn(i) !== 0 || free - this.allocs.usableSize() < this.reserve) continue;
+      const e = table.get(i);
+      table.write(i, { owner: this.id, version: e.version + 1, kind: "t" });
+      this.rule.confirmed.delete(i);
+      out.persist = true;
+      this.broadcast([[i, this.id, e.version + 1, "t"]], null, out);
+      return;
+    }
   }
 
   private checkRange(e: EpochInfo): void {
@@ -408,10 +496,13 @@ export class IpamNode {
       if ([...this.peers].every((p) => p > this.id)) this.found(now, out);
     }
     if (this.table && this.epoch) {
+      this.lease.observe(this.rule.memberSet(this.table), now);
       this.rule.prune(this.table, now);
       this.reclaim(now, out);
       this.completeProposals(now, out);
       this.nextGrant(now, out);
+      this.keepReserve(now, out);
+      this.maybeUnpin(now, out);
       if (this.pending && now - this.pending.since >= this.cfg.reqTimeout) this.pending = null;
       if (this.needsBlock(now)) this.maybeRequest(now, out);
     }
@@ -421,7 +512,9 @@ export class IpamNode {
   private needsBlock(now: number): boolean {
     if (!this.table) return false;
     if (this.table.indicesOf(this.id).length === 0) return true;
-    return this.whyNot(now) === null && this.freeAddresses(now) < Math.max(1, Math.floor(this.allocs.usableSize() / 4));
+    let room = this.freeAddresses(now);
+    for (const i of this.pinnable(now)) room += this.allocs.usableSize() - this.allocs.usedIn(i);
+    return room < this.reserve;
   }
 
   private maybeRequest(now: number, out: IpamOutput): void {
@@ -468,7 +561,9 @@ export class IpamNode {
     for (const dead of silent) {
       const candidates = [this.id, ...[...this.peers].filter((p) => p !== dead && this.info.get(p)?.epochOk && this.lease.heardWithin(p, now))];
       if (candidates.sort()[0] !== this.id) continue;
-      this.propose("c", dead, this.id, table.indicesOf(dead), now, out);
+      // only free space: pinned blocks (the ones holding the silent node's pods) stay reserved for it
+      const free = table.indicesOf(dead).filter((i) => table.get(i).kind !== "p");
+      if (free.length > 0) this.propose("c", dead, this.id, free, now, out);
     }
   }
 
@@ -574,6 +669,7 @@ export class IpamNode {
       return;
     }
     this.lease.heard.set(from, now);
+    if (this.table) this.lease.observe(this.rule.memberSet(this.table), now);
     if (!this.info.has(from)) this.info.set(from, { epochOk: false, free: 0, digest: -1, lastSync: null });
     const inf = this.info.get(from)!;
     if (m.t === "hello") {
@@ -622,7 +718,26 @@ export class IpamNode {
         this.onRequest(from, now, out);
         return;
       case "prop": {
-        const ok = m.blocks.filter(([i, v]) => this.rule.accept(this.table!, i, v, from, m.kind, m.owner, m.to, m.until, now));
+        if (m.kind === "p") {
+          if (m.owner !== from || m.to !== from) return; // only an owner pins, and only for itself
+          const ok: [number, number][] = [];
+          const changed: EntryTuple[] = [];
+          for (const [i, v] of m.blocks) {
+            const d = this.rule.acceptPin(this.table!, i, v, from, now);
+            if (d === null) continue;
+            ok.push([i, v]);
+            changed.push(...d);
+          }
+          if (changed.length > 0) {
+            out.persist = true;
+            this.dropLost(changed, out);
+            this.broadcast(changed, from, out);
+          }
+          if (ok.length > 0) out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok }) });
+          return;
+        }
+        const kind = m.kind;
+        const ok = m.blocks.filter(([i, v]) => this.rule.accept(this.table!, i, v, from, kind, m.owner, m.to, m.until, now));
         if (ok.length > 0) {
           out.persist = true;
           out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok }) });
@@ -655,18 +770,27 @@ export class IpamNode {
     }
     if (delta.length === 0) return;
     out.persist = true;
+    this.dropLost(delta, out);
+    this.broadcast(delta, from, out);
+  }
+
+  /**
+   * Entries that changed our table: a block that is no longer ours loses its allocations. With pins
+   * this only happens by an operator's force release (a node declared gone) — never automatically.
+   */
+  private dropLost(delta: EntryTuple[], out: IpamOutput): void {
     for (const [i, owner] of delta) {
       if (owner === this.id) {
         if (this.pending) this.pending = null;
         continue;
       }
       this.settleUntil.delete(i);
+      this.rule.confirmed.delete(i);
       for (const r of this.allocs.dropBlock(i)) {
         out.revoked.push(r);
         this.counters.revoked++;
       }
     }
-    this.broadcast(delta, from, out);
   }
 
   /** Our own state must always satisfy these; a failure is a bug and throws loudly. */

@@ -1,15 +1,18 @@
 /**
  * Block-ownership CRDT: one entry per CIDR-aligned block of the cluster range.
  *
- *   entry = { owner: nodeId, version: uint, kind: "t" | "c" | "f" }
- *     "t" transfer: written by the owner at `version-1` (founding is version 0, owner = founder)
+ *   entry = { owner: nodeId, version: uint, kind: "t" | "p" | "c" | "f" }
+ *     "t" transfer: written by the owner at `version-1` (founding is version 0, owner = founder); an
+ *                   owner also writes "t" to itself to unpin an empty block
+ *     "p" pin:      written by the owner on its own block, recorded by a majority before the owner
+ *                   hands out addresses from it; a pinned block is never claimed (node.ts)
  *     "c" claim:    written by an heir that reclaims a silent owner's block (see node.ts)
  *     "f" force:    written by a node on operator request (`weftnet ipam release NODE`)
  *
  * Merge is a per-block join over a total order, so it is commutative, associative and idempotent:
- *   higher version wins; at equal version f > c > t; two claims/forces at equal version: lower owner id
- *   wins (concurrent heirs converge to one winner); two *transfers* at the same version naming different
- *   owners cannot come from a correct history (only the single current owner writes a transfer) and are
+ *   higher version wins; at equal version f > c > p > t; two claims/forces at equal version: lower owner id
+ *   wins (concurrent heirs converge to one winner); two *transfers* (or two pins) at the same version naming
+ *   different owners cannot come from a correct history (only the single current owner writes them) and are
  *   rejected as an invariant violation (IpamError ERR_CONFLICT) — the whole remote batch is refused.
  */
 import { WeftError } from "../errors.js";
@@ -33,7 +36,7 @@ export class IpamError extends WeftError {
   }
 }
 
-export type EntryKind = "t" | "c" | "f";
+export type EntryKind = "t" | "p" | "c" | "f";
 export interface Entry {
   readonly owner: string;
   readonly version: number;
@@ -42,15 +45,15 @@ export interface Entry {
 /** Wire / snapshot form of one changed entry: [blockIndex, owner, version, kind]. */
 export type EntryTuple = [number, string, number, EntryKind];
 
-const KIND_RANK: Record<EntryKind, number> = { t: 0, c: 1, f: 2 };
+const KIND_RANK: Record<EntryKind, number> = { t: 0, p: 1, c: 2, f: 3 };
 
 /** >0 if a wins, <0 if b wins, 0 if identical. Throws ERR_CONFLICT on two different transfers at one version. */
 export function compareEntries(a: Entry, b: Entry, index: number): number {
   if (a.version !== b.version) return a.version - b.version;
   if (a.kind !== b.kind) return KIND_RANK[a.kind] - KIND_RANK[b.kind];
   if (a.owner === b.owner) return 0;
-  if (a.kind === "t") {
-    throw new IpamError("ERR_CONFLICT", `block ${index}: two transfers at version ${a.version} name different owners (${a.owner}, ${b.owner})`);
+  if (a.kind === "t" || a.kind === "p") {
+    throw new IpamError("ERR_CONFLICT", `block ${index}: two owner writes (${a.kind}) at version ${a.version} name different owners (${a.owner}, ${b.owner})`);
   }
   return a.owner < b.owner ? 1 : -1;
 }

@@ -11,9 +11,14 @@
  *            digest  FNV digest of the sender's block table; a mismatch triggers a full state sync
  *            promised [[blockIndex, version]] outstanding claim promises the sender gave as an acceptor:
  *                    the current owner of such a block stops using it until the claim resolves
- *   state  epoch id + [[blockIndex, owner, version, kind]] (a delta, or a chunk of a full sync)
- *   prop   write proposal: kind "c" (claim: `owner` has been silent for reclaimAfter, `to` = proposer)
- *          or "t" (transfer/grant by `owner` = proposer to `to`); "promise me these [[blockIndex,
+ *   state  epoch id + [[blockIndex, owner, version, kind]] (a delta, or a chunk of a full sync); kind
+ *          t transfer, p pin, c claim, f operator force
+ * Version 2 added pins (kind "p"); a version-1 agent refuses version-2 messages (ERR_VERSION, counted),
+ * so upgrade every agent of a cluster together.
+ *   prop   write proposal: kind "c" (claim: `owner` has been silent for reclaimAfter, `to` = proposer),
+ *          "t" (transfer/grant by `owner` = proposer to `to`), or "p" (pin: `owner` = `to` = proposer
+ *          pins its own block at newVersion; the acceptor records the pin in its table at once and
+ *          answers `prom`); "promise me these [[blockIndex,
  *          newVersion]]" (epoch id); `until` = the proposer's heartbeat value at which it abandons the
  *          proposal: a promise is void once a hello from the proposer carries beat >= until
  *   prom   the subset of a proposal this acceptor promised (it promises each (block, version) to at
@@ -28,7 +33,7 @@ import { ProtocolError } from "../errors.js";
 import { NODE_ID_RE, arr, isPlainObject, nodeId, num, obj, str } from "../wire/codec.js";
 import type { EntryKind, EntryTuple } from "./table.js";
 
-export const IPAM_WIRE_VERSION = 1;
+export const IPAM_WIRE_VERSION = 2;
 export const MAX_BLOCKS = 65536;
 /** Entries per state message: ~28 bytes each keeps a chunk well under the mesh's ~200 KiB limit. */
 export const STATE_CHUNK = 4096;
@@ -46,7 +51,7 @@ export interface EpochInfo {
 export type IpamMessage =
   | { t: "hello"; epoch: EpochInfo | null; beat: number; beats: [string, number][]; free: number; digest: number; promised: [number, number][] }
   | { t: "state"; epoch: string; entries: EntryTuple[] }
-  | { t: "prop"; epoch: string; kind: "t" | "c"; owner: string; to: string; until: number; blocks: [number, number][] }
+  | { t: "prop"; epoch: string; kind: "t" | "c" | "p"; owner: string; to: string; until: number; blocks: [number, number][] }
   | { t: "prom"; epoch: string; blocks: [number, number][] }
   | { t: "req"; epoch: string }
   | { t: "nak"; epoch: string };
@@ -104,7 +109,7 @@ function decodeEntry(x: unknown): EntryTuple {
   if (typeof i !== "number" || !Number.isInteger(i) || i < 0 || i >= MAX_BLOCKS) throw new ProtocolError("ERR_INVALID", "entry index out of range");
   if (typeof owner !== "string" || !NODE_ID_RE.test(owner)) throw new ProtocolError("ERR_INVALID", "entry owner is not a node id");
   if (typeof version !== "number" || !Number.isSafeInteger(version) || version < 0) throw new ProtocolError("ERR_INVALID", "entry version must be a non-negative integer");
-  if (kind !== "t" && kind !== "c" && kind !== "f") throw new ProtocolError("ERR_INVALID", "entry kind must be t, c or f");
+  if (kind !== "t" && kind !== "p" && kind !== "c" && kind !== "f") throw new ProtocolError("ERR_INVALID", "entry kind must be t, p, c or f");
   return [i, owner, version, kind as EntryKind];
 }
 
@@ -146,7 +151,7 @@ export function decodeIpamMessage(body: unknown): IpamMessage {
     }
     case "prop":
       const kind = body.kind;
-      if (kind !== "t" && kind !== "c") throw new ProtocolError("ERR_INVALID", "proposal kind must be t or c");
+      if (kind !== "t" && kind !== "c" && kind !== "p") throw new ProtocolError("ERR_INVALID", "proposal kind must be t, c or p");
       return { t, epoch: epochRef(body), kind, owner: nodeId(body, "owner"), to: nodeId(body, "to"), until: uint(body, "until"), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
     case "prom":
       return { t, epoch: epochRef(body), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };

@@ -1,6 +1,7 @@
 /**
  * IPAM through the real mesh: 5 agents (werift on loopback, real signaling server) agree on blocks of one
- * range, keep them across a restart, and reclaim a stopped agent's blocks with exactly one heir.
+ * range, keep them across a restart, reclaim a stopped agent's free blocks with exactly one heir, and
+ * keep the blocks holding its pods for it.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
@@ -58,30 +59,42 @@ describe("IPAM over the mesh", () => {
     expect(after.ip).toBe(before.ip);
   }, 40_000);
 
-  it("a stopped agent's blocks are reclaimed by exactly one heir, and everyone agrees", async () => {
-    const gone = agents[4]!;
-    const goneBlocks = gone.ipam.localBlocks();
-    expect(goneBlocks.length).toBeGreaterThan(0);
+  it("a stopped agent's free blocks are reclaimed by exactly one heir; the blocks holding its pods stay its own, and it comes back with them", async () => {
+    // the founder owns most of the range: many free blocks, and one pinned block with pod-0
+    const gi = agents.map((a) => a.ipam.localBlocks().length).reduce((best, n, i, all) => (n > all[best]! ? i : best), 0);
+    const gone = agents[gi]!;
+    const pod = await gone.allocate(`pod-${gi}`);
+    const pinned = gone.ipamStatus().blocks.filter((b) => b.mine && b.kind === "p").map((b) => b.cidr);
+    expect(pinned).toContain(pod.block);
+    const free = gone.ipam.localBlocks().filter((b) => !pinned.includes(b));
+    expect(free.length).toBeGreaterThan(0);
+    const { stateDir, name } = gone.cfg;
     await gone.stop();
-    const live = agents.slice(0, 4);
+    const live = agents.filter((a) => a !== gone);
     await waitFor(
-      () => live.every((a) => goneBlocks.every((b) => { const o = owners(a).get(b); return o !== undefined && o !== gone.id; })),
+      () => live.every((a) => { const own = owners(a); return free.every((b) => { const o = own.get(b); return o !== undefined && o !== gone.id; }); }),
       30_000,
-      "reclaim of the stopped agent's blocks",
+      "reclaim of the stopped agent's free blocks",
     );
-    await waitFor(() => live.every((a) => goneBlocks.every((b) => owners(a).get(b) === owners(live[0]!).get(b))), 10_000, "agreement on the heir");
-    const heirs = new Set(goneBlocks.map((b) => owners(live[0]!).get(b)));
+    await waitFor(() => { const ref = owners(live[0]!); return live.every((a) => { const own = owners(a); return free.every((b) => own.get(b) === ref.get(b)); }); }, 10_000, "agreement on the heir");
+    const ref = owners(live[0]!);
+    const heirs = new Set(free.map((b) => ref.get(b)));
     expect(heirs.size).toBe(1);
     const heir = live.find((a) => heirs.has(a.id))!;
-    for (const b of goneBlocks) expect(heir.ipam.localBlocks()).toContain(b);
-    for (const a of live) if (a !== heir) for (const b of goneBlocks) expect(a.ipam.localBlocks()).not.toContain(b);
+    for (const b of free) expect(heir.ipam.localBlocks()).toContain(b);
+    for (const a of live) if (a !== heir) for (const b of free) expect(a.ipam.localBlocks()).not.toContain(b);
+    for (const a of live) { const own = owners(a); for (const b of pinned) expect(own.get(b)).toBe(gone.id); } // reserved for its pods
+    const again = await c.agent(name!, { stateDir, ipam: IPAM });
+    agents[gi] = again;
+    expect((await again.allocate(`pod-${gi}`, 2000)).ip).toBe(pod.ip);
+    expect(again.ipamStatus().counters.revoked).toBe(0);
   }, 60_000);
 
   it("refuses an agent started with a different range, with a clear error", async () => {
     const odd = await c.agent("odd", { ipam: { ...IPAM, range: "10.99.0.0/16" } });
     await waitFor(() => odd.mesh.connectedPeers().length > 0, 15_000, "odd agent links up");
-    await waitFor(() => odd.ipamStatus().conflicts.length > 0 || agents[0]!.ipamStatus().conflicts.length > 0, 10_000, "range conflict reported");
-    const conflict = [...odd.ipamStatus().conflicts, ...agents[0]!.ipamStatus().conflicts][0]!;
+    await waitFor(() => odd.ipamStatus().conflicts.length > 0 || agents.some((a) => a.ipamStatus().conflicts.length > 0), 10_000, "range conflict reported");
+    const conflict = [...odd.ipamStatus().conflicts, ...agents.flatMap((a) => a.ipamStatus().conflicts)][0]!;
     expect(conflict.code).toBe("ERR_RANGE_MISMATCH");
     expect(conflict.message).toMatch(/10\.99\.0\.0\/16|10\.40\.0\.0\/16/);
     await expect(odd.allocate("x", 1500)).rejects.toThrow();

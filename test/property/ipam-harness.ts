@@ -10,6 +10,7 @@ export const SIM_CFG = {
   reclaimAfterMs: 8_000,
   safetyMarginMs: 4_000,
   resyncMs: 2_000,
+  contactMs: 1_500,
   claimSettleMs: 1_000,
   bootstrapWaitMs: 0,
   requestTimeoutMs: 2_000,
@@ -37,6 +38,12 @@ export class Sim {
   private queue: { from: string; to: string; body: unknown }[] = [];
   private seq = 0;
   dupRate = 0.05;
+  /** probability that one message is lost (on top of in-flight loss when a link goes down) */
+  lossRate = 0;
+  /** pod addresses revoked (only an operator's force release of a live node may cause one) */
+  revoked = 0;
+  /** per-node clock offset (ms): clocks need not agree; a step changes it */
+  readonly skew = new Map<string, number>();
   readonly errors: string[] = [];
   podSeq = 0;
 
@@ -58,7 +65,7 @@ export class Sim {
 
   add(opts: { mayFound: boolean; group?: number; id?: string }): SimNode {
     const id = opts.id ?? this.newId();
-    const sn: SimNode = { id, node: new IpamNode({ ...this.cfg, id, mayFound: opts.mayFound }, this.now), snap: null, group: opts.group ?? 0, gone: false };
+    const sn: SimNode = { id, node: new IpamNode({ ...this.cfg, id, mayFound: opts.mayFound }, this.at(id)), snap: null, group: opts.group ?? 0, gone: false };
     this.nodes.push(sn);
     this.syncLinks();
     return sn;
@@ -72,7 +79,7 @@ export class Sim {
 
   restart(sn: SimNode): void {
     if (sn.node || sn.gone) return;
-    sn.node = sn.snap ? IpamNode.restore(structuredClone(sn.snap), { ...this.cfg, id: sn.id, mayFound: false }, this.now) : new IpamNode({ ...this.cfg, id: sn.id, mayFound: false }, this.now);
+    sn.node = sn.snap ? IpamNode.restore(structuredClone(sn.snap), { ...this.cfg, id: sn.id, mayFound: false }, this.at(sn)) : new IpamNode({ ...this.cfg, id: sn.id, mayFound: false }, this.at(sn));
     this.syncLinks();
   }
 
@@ -80,6 +87,12 @@ export class Sim {
     if (out.persist && sn.node) sn.snap = structuredClone(sn.node.snapshot());
     for (const s of out.send) if (this.links.has(pair(sn.id, s.to))) this.queue.push({ from: sn.id, to: s.to, body: s.body });
     for (const e of out.errors) this.errors.push(`${sn.id}: ${e.code} ${e.message}`);
+    this.revoked += out.revoked.length;
+  }
+
+  /** this node's clock */
+  at(sn: SimNode | string): number {
+    return this.now + (this.skew.get(typeof sn === "string" ? sn : sn.id) ?? 0);
   }
 
   /** Bring links in line with groups, cuts and liveness; peerDown/peerUp both ends; drop in-flight on down. */
@@ -100,7 +113,7 @@ export class Sim {
       this.queue = this.queue.filter((m) => pair(m.from, m.to) !== k);
       for (const [x, y] of [k.split("|"), k.split("|").reverse()] as [string, string][]) {
         const sn = byId.get(x)!;
-        if (sn.node) this.apply(sn, sn.node.handle({ type: "peerDown", peer: y }, this.now));
+        if (sn.node) this.apply(sn, sn.node.handle({ type: "peerDown", peer: y }, this.at(sn)));
       }
     }
     for (const k of want) {
@@ -109,7 +122,7 @@ export class Sim {
       const [x, y] = k.split("|") as [string, string];
       for (const [a, b] of [[x, y], [y, x]] as [string, string][]) {
         const sn = byId.get(a)!;
-        if (sn.node) this.apply(sn, sn.node.handle({ type: "peerUp", peer: b }, this.now));
+        if (sn.node) this.apply(sn, sn.node.handle({ type: "peerUp", peer: b }, this.at(sn)));
       }
     }
   }
@@ -135,8 +148,9 @@ export class Sim {
       if (!this.links.has(pair(m.from, m.to))) continue;
       const sn = byId.get(m.to)!;
       if (!sn.node) continue;
+      if (this.lossRate > 0 && this.rand() < this.lossRate) continue;
       const times = this.rand() < this.dupRate ? 2 : 1;
-      for (let t = 0; t < times; t++) this.apply(sn, sn.node.handle({ type: "message", from: m.from, body: m.body }, this.now));
+      for (let t = 0; t < times; t++) this.apply(sn, sn.node.handle({ type: "message", from: m.from, body: m.body }, this.at(sn)));
     }
   }
 
@@ -144,7 +158,7 @@ export class Sim {
     this.now += TICK;
     this.deliver();
     check();
-    for (const sn of this.live()) this.apply(sn, sn.node!.handle({ type: "tick" }, this.now));
+    for (const sn of this.live()) this.apply(sn, sn.node!.handle({ type: "tick" }, this.at(sn)));
     check();
   }
 
@@ -152,20 +166,41 @@ export class Sim {
     for (let i = 0; i < ticks; i++) this.tick(check);
   }
 
+  /** what each node was handed and did not release: node -> pod -> ip (must survive everything but a force release) */
+  readonly held = new Map<string, Map<string, string>>();
+
   allocate(sn: SimNode, podId = `pod-${++this.podSeq}`): string | null {
     if (!sn.node) return null;
-    const r = sn.node.allocate(podId, this.now);
+    const r = sn.node.allocate(podId, this.at(sn));
     this.apply(sn, r.output);
     if (!r.ok) return null;
     if (r.changed) this.checkHandout(sn, r.ip);
+    if (!this.held.has(sn.id)) this.held.set(sn.id, new Map());
+    this.held.get(sn.id)!.set(podId, r.ip);
     return r.ip;
+  }
+
+  release(sn: SimNode, podId: string): void {
+    if (!sn.node) return;
+    this.apply(sn, sn.node.release(podId).output);
+    this.held.get(sn.id)?.delete(podId);
+  }
+
+  /** Every live node still holds exactly what it was handed and did not release (nothing revoked). */
+  checkKept(): void {
+    for (const sn of this.live()) {
+      const want = this.held.get(sn.id) ?? new Map<string, string>();
+      const have = sn.node!.allocations();
+      for (const [pod, ip] of want) if (have.get(pod) !== ip) throw new Error(`t=${this.now}: ${sn.id} lost ${pod} (${ip}); has ${have.get(pod)}`);
+      if (have.size !== want.size) throw new Error(`t=${this.now}: ${sn.id} holds ${have.size} pods, was handed ${want.size}`);
+    }
   }
 
   /** I1: no block is allocatable by two live nodes at the same moment. */
   checkSafety(): void {
     const owner = new Map<number, string>();
     for (const sn of this.live()) {
-      for (const i of sn.node!.allocatableBlocks(this.now)) {
+      for (const i of sn.node!.allocatableBlocks(this.at(sn))) {
         const o = owner.get(i);
         if (o !== undefined) {
           const views = this.nodes.map((n) => `${n.id}${n.node ? "" : n.gone ? "(gone)" : "(down)"} g${n.group}: ${JSON.stringify(n.node?.view()[i] ?? n.snap?.entries.find((e) => e[0] === i))}`);
@@ -176,17 +211,12 @@ export class Sim {
     }
   }
 
-  /** I3: a freshly handed-out address is not held by another live node, unless that holding is stale. */
+  /** I3: a freshly handed-out address is not held by any other live node (no exception: nothing is ever revoked). */
   checkHandout(by: SimNode, ip: string): void {
-    const myView = by.node!.view();
     for (const sn of this.live()) {
       if (sn === by) continue;
       for (const [, held] of sn.node!.allocations()) {
-        if (held !== ip) continue;
-        const idx = this.blockOf(ip);
-        const theirs = sn.node!.view()[idx]!;
-        const mine = myView[idx]!;
-        if (theirs[2] >= mine[2]) throw new Error(`t=${this.now}: ${ip} handed out by ${by.id} while ${sn.id} holds it (versions ${theirs[2]} >= ${mine[2]})`);
+        if (held === ip) throw new Error(`t=${this.now}: ${ip} handed out by ${by.id} while ${sn.id} holds it`);
       }
     }
   }
