@@ -13,8 +13,8 @@
  *                    the current owner of such a block stops using it until the claim resolves
  *   state  epoch id + [[blockIndex, owner, version, kind]] (a delta, or a chunk of a full sync); kind
  *          t transfer, p pin, c claim, f operator force
- * Version 2 added pins (kind "p"); a version-1 agent refuses version-2 messages (ERR_VERSION, counted),
- * so upgrade every agent of a cluster together.
+ * Pins (kind "p") are newer than the first release of this format: an agent from before pins refuses
+ * entries and proposals of kind "p" as malformed (counted), so upgrade every agent of a cluster together.
  *   prop   write proposal: kind "c" (claim: `owner` has been silent for reclaimAfter, `to` = proposer),
  *          "t" (transfer/grant by `owner` = proposer to `to`), or "p" (pin: `owner` = `to` = proposer
  *          pins its own block at newVersion; the acceptor records the pin in its table at once and
@@ -33,7 +33,7 @@ import { ProtocolError } from "../errors.js";
 import { NODE_ID_RE, arr, isPlainObject, nodeId, num, obj, str } from "../wire/codec.js";
 import type { EntryKind, EntryTuple } from "./table.js";
 
-export const IPAM_WIRE_VERSION = 2;
+export const IPAM_WIRE_VERSION = 1;
 export const MAX_BLOCKS = 65536;
 /** Entries per state message: ~28 bytes each keeps a chunk well under the mesh's ~200 KiB limit. */
 export const STATE_CHUNK = 4096;
