@@ -1,5 +1,13 @@
 /**
  * npm run bench:ipam [-- --nodes 16]
+ * npm run bench:ipam -- --chaos [--seed 1] [--nodes 5] [--sim-minutes 30] [--reclaim-after 30]
+ *  chaos mode (simulated mesh of the property tests, seeded, bounded simulated time, 500 ms gossip
+ *  rounds): random partitions of 1-4 nodes, kill -9 + restart from the persisted snapshot, allocation
+ *  bursts and frees, /28 blocks so that grants and reclaims happen within minutes. Prints allocations
+ *  attempted / confirmed, latency p50/p99 (simulated time from the request to the address; retried every
+ *  round like the agent does, given up after 30 s) during partitions, right after heals, right after a
+ *  node's own restart and in steady state, addresses revoked, invariant violations (must be 0) — and the
+ *  same allocation schedule without faults as the baseline.
  *  1. allocations/s on one node: the IPAM core alone, and through the agent's driver with every
  *     allocation persisted atomically (write + fsync + rename) before it is returned.
  *  2. time for a joining node to own a block (first pod address) in a mesh of N real agent processes.
@@ -14,12 +22,142 @@ import { parseArgs } from "node:util";
 import { apiRequest } from "../../agent/api-client.js";
 import { apiSocketPath, writeFileAtomic } from "../../agent/state.js";
 import { IpamNode } from "../../src/ipam/index.js";
-import { prng, Sim, TICK } from "../property/ipam-harness.js";
+import { prng, Sim, type SimNode, TICK } from "../property/ipam-harness.js";
 import { children, freePort, spawnCli, stopAll } from "./util.js";
 
-const { values } = parseArgs({ options: { nodes: { type: "string", default: "16" }, allocs: { type: "string", default: "2000" } } });
-const N = Number(values.nodes);
+const { values } = parseArgs({
+  options: {
+    nodes: { type: "string" },
+    allocs: { type: "string", default: "2000" },
+    chaos: { type: "boolean", default: false },
+    seed: { type: "string", default: "1" },
+    "sim-minutes": { type: "string", default: "30" },
+    "reclaim-after": { type: "string", default: "30" },
+  },
+});
+const N = Number(values.nodes ?? (values.chaos ? 5 : 16));
 const ALLOCS = Number(values.allocs);
+
+if (values.chaos) {
+  const seed = Number(values.seed);
+  const R = Number(values["reclaim-after"]) * 1000;
+  const rounds = Math.ceil((Number(values["sim-minutes"]) * 60_000) / TICK);
+  const faulty = chaos(seed, R, rounds, true);
+  const calm = chaos(seed, R, rounds, false);
+  const pct = (xs: number[], q: number) => (xs.length ? [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(q * xs.length))]! : NaN);
+  const fmt = (xs: number[]) => (xs.length ? `p50 ${(pct(xs, 0.5) / 1000).toFixed(1)} s, p99 ${(pct(xs, 0.99) / 1000).toFixed(1)} s (n=${xs.length})` : "n=0");
+  process.stdout.write(
+    `chaos (simulated, seed ${seed}, ${N} nodes, --reclaim-after ${R / 1000}s, /28 blocks, ${((rounds * TICK) / 60_000).toFixed(0)} min simulated, ${faulty.events} faults)\n` +
+      `  allocations attempted ${faulty.attempted}, confirmed ${faulty.confirmed}, given up after 30 s ${faulty.gaveUp}, caller crashed ${faulty.lost}\n` +
+      `  latency during partitions:           ${fmt(faulty.lat.partition)}\n` +
+      `  latency within 30 s after a heal:    ${fmt(faulty.lat.heal)}\n` +
+      `  latency within 30 s after a restart: ${fmt(faulty.lat.restart)}\n` +
+      `  latency otherwise:                   ${fmt(faulty.lat.steady)}\n` +
+      `  claims ${faulty.claims}, grants ${faulty.grants}; addresses revoked ${faulty.revoked}; invariant violations ${faulty.violations.length}${faulty.violations.length ? ` (first: ${faulty.violations[0]})` : ""}\n` +
+      `baseline (same allocation schedule, no faults): attempted ${calm.attempted}, confirmed ${calm.confirmed}, latency ${fmt([...calm.lat.steady, ...calm.lat.partition, ...calm.lat.heal, ...calm.lat.restart])}\n`,
+  );
+  process.exit(faulty.violations.length === 0 ? 0 : 1);
+}
+
+/** One seeded chaos run over the simulated mesh; with faults=false the same allocation schedule runs without faults. */
+function chaos(seed: number, R: number, rounds: number, faults: boolean) {
+  const sched = prng(seed * 7 + 1); // the allocation schedule: identical with and without faults
+  const fr = prng(seed * 13 + 5); // the fault schedule
+  const sim = new Sim(prng(seed), { range: "10.40.0.0/22", blockPrefix: 28, reclaimAfterMs: R, safetyMarginMs: R / 5, resyncMs: 15_000, contactMs: 5_000, claimSettleMs: 10_000, bootstrapWaitMs: 0, requestTimeoutMs: 5_000, syncIntervalMs: 30_000 });
+  sim.dupRate = 0;
+  sim.add({ mayFound: true });
+  sim.run(2);
+  for (let i = 1; i < N; i++) sim.add({ mayFound: false });
+  sim.run(20);
+  const r = { attempted: 0, confirmed: 0, gaveUp: 0, lost: 0, revoked: 0, claims: 0, grants: 0, events: 0, violations: [] as string[], lat: { partition: [] as number[], heal: [] as number[], restart: [] as number[], steady: [] as number[] } };
+  const pending: { sn: SimNode; pod: string; t0: number; phase: keyof typeof r.lat }[] = [];
+  let partitionUntil = -1;
+  let healedAt = -Infinity;
+  const restartedAt = new Map<string, number>();
+  let podSeq = 0;
+  const check = () => {
+    try {
+      sim.checkSafety();
+    } catch (e) {
+      r.violations.push((e as Error).message.split("\n")[0]!);
+    }
+  };
+  for (let round = 0; round < rounds; round++) {
+    // allocation schedule: bursts and frees (same in both runs)
+    const x = sched();
+    const who = sim.nodes[Math.floor(sched() * sim.nodes.length)]!;
+    const burst = 1 + Math.floor(sched() * 6);
+    if (x < 0.08) {
+      for (let k = 0; k < burst; k++) {
+        r.attempted++;
+        const phase = sim.now < partitionUntil ? "partition" : sim.now - healedAt < 30_000 ? "heal" : sim.now - (restartedAt.get(who.id) ?? -Infinity) < 30_000 ? "restart" : "steady";
+        pending.push({ sn: who, pod: `c${++podSeq}`, t0: sim.now, phase });
+      }
+    } else if (x < 0.12 && who.node) {
+      for (const pod of [...who.node.allocations().keys()].slice(0, burst)) sim.release(who, pod);
+    }
+    // fault schedule
+    if (faults) {
+      const f = fr();
+      if (f < 0.004 && sim.now >= partitionUntil) {
+        const k = 1 + Math.floor(fr() * Math.min(4, N - 1));
+        const cut = new Set<number>();
+        while (cut.size < k) cut.add(Math.floor(fr() * N));
+        sim.nodes.forEach((n, i) => (n.group = cut.has(i) ? 1 : 0));
+        sim.syncLinks();
+        partitionUntil = sim.now + Math.floor(fr() * 2.5 * R); // up to 2.5 x reclaim-after
+        r.events++;
+      } else if (f < 0.006) {
+        const live = sim.live();
+        if (live.length > 1) {
+          const v = live[Math.floor(fr() * live.length)]!;
+          for (const p of pending) if (p.sn === v) r.lost++;
+          pending.splice(0, pending.length, ...pending.filter((p) => p.sn !== v));
+          sim.crash(v); // kill -9: no goodbye, state as last persisted
+          r.events++;
+        }
+      }
+      if (partitionUntil >= 0 && sim.now >= partitionUntil) {
+        for (const n of sim.nodes) n.group = 0;
+        sim.syncLinks();
+        partitionUntil = -1;
+        healedAt = sim.now;
+      }
+      for (const n of sim.nodes) {
+        if (!n.node && !n.gone && fr() < 0.05) {
+          sim.restart(n);
+          restartedAt.set(n.id, sim.now);
+        }
+      }
+    }
+    // the agent retries every round until it has an address or 30 s passed
+    for (const p of [...pending]) {
+      if (!p.sn.node) continue;
+      const ip = sim.allocate(p.sn, p.pod);
+      if (ip !== null) {
+        r.confirmed++;
+        r.lat[p.phase].push(sim.now - p.t0);
+        pending.splice(pending.indexOf(p), 1);
+      } else if (sim.now - p.t0 >= 30_000) {
+        r.gaveUp++;
+        pending.splice(pending.indexOf(p), 1);
+      }
+    }
+    sim.tick(check);
+    try {
+      sim.checkKept();
+    } catch (e) {
+      r.violations.push((e as Error).message);
+    }
+  }
+  r.revoked = sim.revoked;
+  for (const n of sim.live()) {
+    const c = n.node!.status(sim.now).counters;
+    r.claims += c.claims;
+    r.grants += c.grants;
+  }
+  return r;
+}
 
 // ---- 1. allocations/s -------------------------------------------------------------------------
 {
