@@ -1,6 +1,6 @@
 /**
  * The live topology page (browser side). See agent/ui/viewer.ts for the protocol: this tab gets its own
- * Ed25519 key (WebCrypto), proves the cluster credential to each agent (HMAC with the join key derived
+ * Ed25519 key (WebCrypto), proves the cluster credential to each agent (HMAC with the peer key derived
  * from the pasted token; the token itself never leaves the tab), opens one WebRTC link per agent — the
  * first over HTTP to the agent that served the page, the others introduced through an open link — and
  * renders what the agents report, plus its own RTT to each of them.
@@ -89,9 +89,10 @@ async function makeIdentity(token: string): Promise<void> {
   const pub = new Uint8Array(await crypto.subtle.exportKey("raw", kp.publicKey));
   const id = hex(await crypto.subtle.digest("SHA-256", pub)).slice(0, 16);
   identity = { id, pubHex: hex(pub), priv: kp.privateKey };
-  // join key = HKDF-SHA256(token, salt "weftnet/token-split/v1", info "join"), as hex (src/identity.ts splitToken)
+  // peer key = HKDF-SHA256(token, salt "weftnet/token-split/v1", info "peer"), as hex (src/identity.ts splitToken):
+  // the agents' own secret, which the signaling server never has
   const ikm = await crypto.subtle.importKey("raw", enc.encode(token), "HKDF", false, ["deriveBits"]);
-  const bits = await crypto.subtle.deriveBits({ name: "HKDF", hash: "SHA-256", salt: enc.encode("weftnet/token-split/v1"), info: enc.encode("join") }, ikm, 256);
+  const bits = await crypto.subtle.deriveBits({ name: "HKDF", hash: "SHA-256", salt: enc.encode("weftnet/token-split/v1"), info: enc.encode("peer") }, ikm, 256);
   macKey = await crypto.subtle.importKey("raw", enc.encode(hex(bits)), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
 }
 

@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { createLogger, type Logger } from "../../src/log.js";
 import { CidrError, parseCidr } from "../../src/ipam/cidr.js";
 import { aggregateCidrs } from "../../src/ipam/aggregate.js";
-import { joinKeyOf } from "../../src/identity.js";
+import { peerKeyOf } from "../../src/identity.js";
 import { ViewerHub } from "../ui/viewer.js";
 import { startUiServer, type UiServer } from "../ui/server.js";
 import { UsageError, WeftError } from "../../src/errors.js";
@@ -333,7 +333,7 @@ export async function runAgent(argv: string[]): Promise<number> {
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
   const stopWatch = watchPaths(agent, logger.child("mesh"));
   // Every agent answers topology-page viewers introduced through the mesh; --ui-listen also serves the page.
-  const hub = new ViewerHub(agent, joinKeyOf(token), logger.child("ui"), () => iceServers);
+  const hub = new ViewerHub(agent, peerKeyOf(token), logger.child("ui"), () => iceServers);
   let uiServer: UiServer | undefined;
   if (values["ui-listen"] !== undefined) {
     const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(values["ui-listen"])!;

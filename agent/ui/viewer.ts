@@ -16,8 +16,9 @@
  *   browser -> agent  {t:"auth", id, pub, sig, mac}
  *       pub  hex of the raw 32-byte Ed25519 public key; id = hex(sha256(pub))[0..16] (like nodes)
  *       sig  Ed25519 over frame("weftnet/viewer-auth/v1", nonce, agentId)          (holds the key)
- *       mac  HMAC-SHA256(joinKey, frame("weftnet/viewer-auth/v1", nonce, agentId, id, pub)) (knows the
- *            cluster credential: the join key is HKDF("join") of the token, see src/identity.ts)
+ *       mac  HMAC-SHA256(peerKey, frame("weftnet/viewer-auth/v1", nonce, agentId, id, pub)) (knows the
+ *            cluster token: the peer key is HKDF("peer") of the token, see src/identity.ts; the signaling
+ *            server holds only the join key, so it cannot make itself a viewer)
  *   agent -> browser  {t:"welcome"} | {t:"refused", reason} (then the link is closed)
  *   agent -> browser  {t:"state", ...}                    every second: this node, its peers, routes, IPAM
  *   browser -> agent  {t:"ping", seq, ts}                 -> {t:"pong", seq, ts}  (RTT measured by the browser)
@@ -70,7 +71,7 @@ export class ViewerHub {
 
   constructor(
     private readonly agent: ViewerAgent,
-    private readonly joinKey: string,
+    private readonly peerKey: string,
     private readonly log: Logger,
     private readonly iceServers: () => { urls: string | string[]; username?: string; credential?: string }[] = () => [],
   ) {
@@ -185,7 +186,7 @@ export class ViewerHub {
       const sig = unhex(m.sig, 64);
       const mac = unhex(m.mac, 32);
       const id = typeof m.id === "string" ? m.id : "";
-      const ok = pub && sig && mac && deriveNodeId(pub) === id && verifyFields(pub, sig, VIEWER_CTX, v.nonce, this.agent.id) && checkTokenMac(this.joinKey, mac, VIEWER_CTX, v.nonce, this.agent.id, id, m.pub as string);
+      const ok = pub && sig && mac && deriveNodeId(pub) === id && verifyFields(pub, sig, VIEWER_CTX, v.nonce, this.agent.id) && checkTokenMac(this.peerKey, mac, VIEWER_CTX, v.nonce, this.agent.id, id, m.pub as string);
       if (!ok) {
         this.counters.refused++;
         this.log.warn("refused a viewer: wrong cluster credential or bad signature", { viewer: id || null });

@@ -9,7 +9,7 @@ import { createServer } from "node:net";
 import { join } from "node:path";
 import { RTCPeerConnection, type RTCDataChannel } from "werift";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { generateIdentity, joinKeyOf, signFields, tokenMac } from "../../src/identity.js";
+import { generateIdentity, peerKeyOf, signFields, tokenMac } from "../../src/identity.js";
 import { VIEWER_CTX } from "../../agent/ui/viewer.js";
 import { tmpDir, waitFor } from "../helpers/cluster.js";
 
@@ -125,7 +125,7 @@ describe("a hostile viewer of the topology page", () => {
     const ch = v1.msgs[0] as { nonce: string; node: { id: string } };
     const pub = Buffer.from(idn.publicKey).toString("hex");
     const sig = Buffer.from(signFields(idn, VIEWER_CTX, ch.nonce, ch.node.id)).toString("hex");
-    const badMac = Buffer.from(tokenMac(joinKeyOf("some-other-token"), VIEWER_CTX, ch.nonce, ch.node.id, idn.id, pub)).toString("hex");
+    const badMac = Buffer.from(tokenMac(peerKeyOf("some-other-token"), VIEWER_CTX, ch.nonce, ch.node.id, idn.id, pub)).toString("hex");
     send(v1, { t: "auth", id: idn.id, pub, sig, mac: badMac });
     await waitFor(() => v1.msgs.some((m) => m.t === "refused"), 5_000, "refused");
     await waitFor(() => v1.closed(), 10_000, "the refused link closed");
@@ -139,7 +139,7 @@ describe("a hostile viewer of the topology page", () => {
       id: idn.id,
       pub,
       sig: Buffer.from(signFields(idn, VIEWER_CTX, ch2.nonce, ch2.node.id)).toString("hex"),
-      mac: Buffer.from(tokenMac(joinKeyOf(TOKEN), VIEWER_CTX, ch2.nonce, ch2.node.id, idn.id, pub)).toString("hex"),
+      mac: Buffer.from(tokenMac(peerKeyOf(TOKEN), VIEWER_CTX, ch2.nonce, ch2.node.id, idn.id, pub)).toString("hex"),
     });
     await waitFor(() => v2.msgs.some((m) => m.t === "state"), 10_000, "state after welcome");
     expect(v2.msgs.map((m) => m.t)).toContain("welcome");
