@@ -733,7 +733,16 @@ export async function runPing(argv: string[]): Promise<number> {
       }) + "\n",
     );
   } else {
-    if (error) process.stderr.write(`weftnet ping: ${positionals[0]}: ${error.code === "ERR_NOT_CONNECTED" ? "not connected (gone or not linked yet; see `weftnet status`)" : error.message}\n`);
+    if (error) {
+      // Not linked directly: say where its traffic goes instead (a route via another agent), if anywhere.
+      let why = error.message;
+      if (error.code === "ERR_NOT_CONNECTED") {
+        const routes = await apiRequest<{ routes: RouteStatus[] }>(sock, "GET", "/v1/routes").catch(() => ({ routes: [] as RouteStatus[] }));
+        const r = routes.routes.find((x) => x.dst === positionals[0] || x.name === positionals[0] || x.dst.startsWith(positionals[0]!));
+        why = r && r.via !== "direct" ? `no direct link (ping uses one); its traffic goes ${r.via} (route ${r.path.join(" > ")})` : "not connected (gone or not linked yet; see `weftnet status`)";
+      }
+      process.stderr.write(`weftnet ping: ${positionals[0]}: ${why}\n`);
+    }
     if (replies.length) {
       const sorted = replies.map((r) => r.rttMs).sort((a, b) => a - b);
       const paths = [...new Set(replies.map((r) => r.path))].join(", ");
