@@ -60,7 +60,8 @@ d("bulk link between two namespaces", () => {
     const st = await lab.status(n1);
     const peer = st.peers.find((p) => p.name === "n2")!;
     expect(peer.linkWhy).toMatch(new RegExp(`direct UDP to ${lab.nodes[1]!.addr.replace(/\./g, "\\.")}:\\d+`));
-    expect(peer.path).toBe("direct");
+    // (peer.path is the mesh link's: WebRTC, or the relay when ICE was slow on a loaded box; pod traffic
+    // goes where linkType says)
     expect(st.bulk?.port).toBeGreaterThan(0);
     const out = await lab.cli(n1, ["status"]);
     expect(out).toMatch(/n2\s+\S+\s+connected\s+bulk/);
