@@ -96,7 +96,8 @@ interface Entry {
   webrtcFailures: number;
   lastWebrtcError: string | undefined;
   /** a WebRTC attempt running next to a connected relay link (make-before-break upgrade) */
-  probe: { conn: string; link: TransportLink; opened: boolean; deadline: number } | undefined;
+  /** retired: the offerer already switched to it and retired the old link (its bye came first): follow when it opens */
+  probe: { conn: string; link: TransportLink; opened: boolean; deadline: number; retired: boolean } | undefined;
   probeAttempts: number;
   nextProbeAt: number;
   /** conn ids of offers already accepted from this peer -> their DTLS fingerprint (bounded): replays are ignored */
@@ -250,10 +251,12 @@ export class MeshManager {
           return;
         }
         if (e.probe && e.probe.conn === data.conn) {
-          this.endProbe(e, "peer ended the upgrade attempt");
+          this.failProbe(e, "peer ended the upgrade attempt", true);
         } else if (e.link && e.linkConn === data.conn) {
           // The offerer moved to the upgraded link and retired this one: follow it (make-before-break).
+          // Its bye can overtake our side of the probe opening: then follow when it opens.
           if (e.probe?.opened) this.promote(e);
+          else if (e.probe) e.probe.retired = true;
           else e.link.close();
         }
         break;
@@ -267,7 +270,7 @@ export class MeshManager {
     for (const id of [...this.peers.keys()]) this.feed(id, { type: "tick", canDial: this.o.signal.up });
     const now = this.o.now();
     for (const e of this.peers.values()) {
-      if (e.probe && !e.probe.opened && now >= e.probe.deadline) this.endProbe(e, "upgrade attempt did not open in time", true);
+      if (e.probe && !e.probe.opened && now >= e.probe.deadline) this.failProbe(e, "upgrade attempt did not open in time", true);
       if (e.fsm.offerer && e.fsm.state === "connected" && e.linkKind === "relay" && !e.probe && this.o.signal.up && now >= e.nextProbeAt) this.startProbe(e);
     }
   }
@@ -535,8 +538,9 @@ export class MeshManager {
           this.counters.linksOpened++;
           if (e.probe?.conn === conn) {
             e.probe.opened = true;
-            // The offerer decides: it switches and retires the old link; the answerer follows on its bye.
-            if (e.fsm.offerer) this.promote(e);
+            // The offerer decides: it switches and retires the old link; the answerer follows on its bye
+            // (which may have come first).
+            if (e.fsm.offerer || e.probe.retired) this.promote(e);
             return;
           }
           if (e.linkConn === conn) {
@@ -558,7 +562,7 @@ export class MeshManager {
         onClose: (reason) => {
           this.counters.linksClosed++;
           if (e.probe?.conn === conn) {
-            this.endProbe(e, reason, false);
+            this.failProbe(e, reason, false);
             return;
           }
           if (e.linkConn === conn) {
@@ -586,7 +590,7 @@ export class MeshManager {
   private startProbe(e: Entry): void {
     const conn = nanoid(12);
     const link = this.makeLink(e, conn, true, "webrtc");
-    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs };
+    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs, retired: false };
     this.o.logger.debug("trying to upgrade a relayed link to WebRTC", { peer: e.info.id, attempt: e.probeAttempts + 1 });
     link.start().catch((err) => this.o.logger.warn("could not create upgrade offer", { peer: e.info.id, err }));
   }
@@ -594,10 +598,17 @@ export class MeshManager {
   private acceptProbe(e: Entry, conn: string, sdp: string): void {
     if (e.probe) this.endProbe(e, "replaced by a newer upgrade attempt", true);
     const link = this.makeLink(e, conn, false, "webrtc");
-    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs };
+    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs, retired: false };
     this.signalTo(link, e, { kind: "offer", sdp });
     for (const c of e.early.get(conn) ?? []) this.signalTo(link, e, c);
     e.early.delete(conn);
+  }
+
+  /** A probe that failed: end it; if the peer had already retired the old link for it, that link goes too. */
+  private failProbe(e: Entry, reason: string, tellPeer: boolean): void {
+    const retired = e.probe?.retired;
+    this.endProbe(e, reason, tellPeer);
+    if (retired) e.link?.close();
   }
 
   /** Close a probe that did not make it and schedule the next attempt (probeDelay). */
