@@ -9,7 +9,7 @@
  * root, state, socket; CRI and the /opt/containerd plugin off) and stops it at the end, also on failure.
  * ctr 1.6 reads CNI config from /etc/cni/net.d and plugins from /opt/cni/bin only, so ctr runs in a
  * private mount namespace where /etc and /opt are overlays whose upper layers (in the lab dir) hold the
- * conflist and the plugin: the host's /etc and /opt stay untouched. ctr runs in node n1's network
+ * conflist and the plugin (on a tmpfs in that namespace): the host's /etc and /opt stay untouched. ctr runs in node n1's network
  * namespace (the plugin attaches the container to n1's bridge, as on a real node).
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -42,7 +42,6 @@ describe.skipIf(!isRoot || missing.length > 0)("CNI plugin under containerd + ru
   const runcRoot = join(dir, "runc");
   const rootfs = join(dir, "rootfs");
   const upper = { etc: join(dir, "etc-upper"), opt: join(dir, "opt-upper") };
-  const work = { etc: join(dir, "etc-work"), opt: join(dir, "opt-work") };
   const existedBefore = new Set(RUN_DIRS.filter((d) => existsSync(d)));
   const containers: string[] = [];
   let containerd: ChildProcess | undefined;
@@ -55,7 +54,12 @@ describe.skipIf(!isRoot || missing.length > 0)("CNI plugin under containerd + ru
 
   /** `ctr run --cni --rm` in n1's network namespace and a private mount namespace (see the header). */
   function ctrRun(id: string, script: string): Promise<{ code: number | null; out: string }> {
-    const mounts = ["etc", "opt"].map((d) => `mount -t overlay overlay -o lowerdir=/${d},upperdir=${upper[d as "etc"]},workdir=${work[d as "etc"]} /${d}`).join(" && ");
+    // upper and work dirs on a tmpfs (an overlay's upper dir cannot sit on overlayfs, as /tmp does in many CI containers)
+    const ovl = join(dir, "ovl");
+    const mounts = [
+      `mount -t tmpfs tmpfs ${ovl}`,
+      ...["etc", "opt"].map((d) => `mkdir -p ${ovl}/${d}/upper ${ovl}/${d}/work && cp -a ${upper[d as "etc"]}/. ${ovl}/${d}/upper/ && mount -t overlay overlay -o lowerdir=/${d},upperdir=${ovl}/${d}/upper,workdir=${ovl}/${d}/work /${d}`),
+    ].join(" && ");
     const run = `exec ctr --address ${sock} run --cni --rm --runc-root ${runcRoot} --fifo-dir ${join(dir, "fifo")} --rootfs ${rootfs} ${id} /bin/sh -c '${script}'`;
     containers.push(id);
     return new Promise((resolve) => {
@@ -93,7 +97,7 @@ describe.skipIf(!isRoot || missing.length > 0)("CNI plugin under containerd + ru
     const plugin = join(upper.opt, "cni", "bin", "weftnet-cni");
     writeFileSync(plugin, `#!/bin/sh\nexec ${process.execPath} ${join(process.cwd(), "dist", "agent", "cni", "main.js")} "$@"\n`);
     chmodSync(plugin, 0o755);
-    for (const d of [work.etc, work.opt, runcRoot, join(dir, "fifo")]) mkdirSync(d, { recursive: true });
+    for (const d of [join(dir, "ovl"), runcRoot, join(dir, "fifo")]) mkdirSync(d, { recursive: true });
 
     writeFileSync(
       join(dir, "config.toml"),
