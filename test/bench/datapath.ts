@@ -186,6 +186,8 @@ async function lossSweep(kind: string, withBaselines: boolean, segment: string, 
     const pb = await lab.addPod(lab.nodes[1]!, "pb");
     await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
     if (!extra.includes("--no-bulk")) await bulkUp(lab);
+    // WebRTC rows: on a loaded box the WebRTC link may form after the relay one; measure the WebRTC link.
+    else await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.linkType === "webrtc")), 60_000, "webrtc links");
     const [a, b] = lab.nodes as [LabNode, LabNode];
     const vxDown = withBaselines ? vxlanUp(lab) : undefined;
     const wgDown = withBaselines ? await wireguardUp(lab) : undefined;

@@ -33,6 +33,9 @@ for (const kind of ["native", "werift"] as const) {
       await lab.startSignal();
       lab.nodes.forEach((n) => lab.startAgent(n, ["--transport", kind, "--no-bulk"])); // the WebRTC path (the bulk link has its own loss test)
       await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.state === "connected")), 30_000, "mesh", dump);
+      // A WebRTC link that is slow to form (a loaded box) starts on the signaling server's relay (TCP, which
+      // the UDP loss does not touch): wait for the WebRTC link itself.
+      await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.linkType === "webrtc")), 60_000, "webrtc links", dump);
       pa = await lab.addPod(lab.nodes[0]!, "la");
       pb = await lab.addPod(lab.nodes[1]!, "lb");
       await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping", dump);
