@@ -30,7 +30,7 @@ export const SUITES = [
 /**
  * What the suites run on the host. `suite`: the suite (or "bench") that needs it; `usedBy`: the files
  * that use it (the tool is needed when one of them exists); `check`: "static-elf" = the binary must be
- * statically linked (it is copied into a container's rootfs).
+ * statically linked (it is copied into a container's rootfs), "lib" = a shared library (not on PATH).
  */
 export const TOOLS = [
   { tool: "ip", pkg: "iproute2", suite: "e2e", why: "namespaces, veth pairs, bridges, routes", usedBy: ["test/e2e/mesh-lab.ts", "test/e2e/tun-lab.ts"] },
@@ -48,6 +48,8 @@ export const TOOLS = [
   { tool: "unshare", pkg: "util-linux", suite: "e2e", why: "a private mount namespace for ctr's fixed CNI dirs", usedBy: ["test/e2e/cni-containerd.test.ts"] },
   { tool: "mount", pkg: "mount", suite: "e2e", why: "overlays /etc and /opt inside that namespace", usedBy: ["test/e2e/cni-containerd.test.ts"] },
   { tool: "busybox", pkg: "busybox-static", suite: "e2e", check: "static-elf", why: "the container's rootfs (a static busybox)", usedBy: ["test/e2e/cni-containerd.test.ts"] },
+  { tool: "ebtables", pkg: "ebtables", suite: "e2e", why: "the per-pod source filter on the host veth", usedBy: ["test/e2e/antispoof.test.ts"] },
+  { tool: "libsodium.so.23", pkg: "libsodium23", suite: "integration", check: "lib", why: "the bulk link's AES-256-GCM through FFI (interop check)", usedBy: ["test/integration/bulk-crypto.test.ts", "agent/os/sodium.ts"] },
   { tool: "promtool", pkg: "prometheus", suite: "integration", why: "`promtool check metrics` lints the exposition", usedBy: ["test/integration/metrics.test.ts"] },
   { tool: "chromium", pkg: "chromium", suite: "integration", why: "the topology page in a real browser", usedBy: ["test/integration/ui.test.ts", "test/integration/ui-browser.test.ts", "test/e2e/ui.test.ts"] },
   { tool: "iperf3", pkg: "iperf3", suite: "bench", why: "pod-to-pod TCP throughput", usedBy: ["test/bench/datapath.ts", "test/bench/nat.ts", "examples/netns-demo.sh"] },
@@ -125,7 +127,11 @@ export function isStaticElf(file) {
   }
 }
 
-function hasTool(t) {
+const LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"];
+
+/** Is this TOOLS entry present on this machine? */
+export function hasTool(t) {
+  if (t.check === "lib") return LIB_DIRS.some((d) => existsSync(join(d, t.tool)));
   const p = which(t.tool);
   if (!p) return false;
   return t.check === "static-elf" ? isStaticElf(p) : true;

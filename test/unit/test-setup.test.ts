@@ -4,7 +4,7 @@
  */
 import { existsSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { isStaticElf, plan, SUITES, TOOLS, which, type Env, type Tool } from "../../scripts/test.mjs";
+import { hasTool, isStaticElf, plan, SUITES, TOOLS, which, type Env, type Tool } from "../../scripts/test.mjs";
 
 const machine = (over: Partial<Env> & { missing?: string[] } = {}): Env => {
   const missing = new Set(over.missing ?? []);
@@ -75,5 +75,9 @@ describe("npm test set-up plan", () => {
     expect(isStaticElf(process.execPath)).toBe(false); // node is dynamically linked
     expect(isStaticElf("/nonexistent")).toBe(false);
     if (existsSync("/bin/busybox") && which("busybox")) expect(typeof isStaticElf("/bin/busybox")).toBe("boolean");
+    // shared libraries are looked up in the library dirs, not on PATH
+    const lib = (name: string): Tool => ({ tool: name, pkg: "x", suite: "integration", why: "", usedBy: ["x"], check: "lib" });
+    expect(hasTool(lib("libc.so.6"))).toBe(true);
+    expect(hasTool(lib("libnot-a-library.so.99"))).toBe(false);
   });
 });
