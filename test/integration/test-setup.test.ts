@@ -27,6 +27,7 @@ function fakeMachine(without: string[], apt: boolean): { dir: string; aptLog: st
   symlinkSync(process.execPath, join(dir, "node"));
   const real = new Map<string, string>();
   for (const t of TOOLS) {
+    if (real.has(t.tool)) continue; // listed for more than one suite
     const p = which(t.tool);
     if (p) real.set(t.tool, p);
     if (p && !without.includes(t.tool)) symlinkSync(p, join(dir, t.tool));
