@@ -79,6 +79,8 @@ export interface AgentConfig {
   /** Prefixes this node is a gateway for (a home LAN, another cluster's pod range); `snatRoutes` masquerades mesh traffic to them. */
   advertiseRoutes?: string[];
   snatRoutes?: boolean;
+  /** Routes other nodes advertise that this node installs: "all", or CIDRs that contain them. Default none. */
+  acceptRoutes?: "all" | string[];
   /** Cluster label shown to peers (status groups peers by it). */
   cluster?: string;
   /** Use the signaling server's data relay when WebRTC cannot connect (default true). */
@@ -192,7 +194,11 @@ export class Agent {
   private aggKey: string[] | undefined;
   private aggregated: string[] = [];
 
-  /** Conflicts between our advertised routes and other nodes' (the lower node id keeps an overlapping prefix). */
+  /**
+   * Conflicts between our advertised routes and other nodes'. Reported, not settled by node id (ids can be
+   * ground): both sides keep advertising and every receiver installs neither (agent/os/advertise.ts
+   * decideRoutes) until an operator changes --advertise-routes. `kept` is always true (kept for the API).
+   */
   routeConflicts: { route: string; other: string; node: string; nodeName: string; kept: boolean }[] = [];
 
   /** Advertised routes still in force (overlaps with a lower node id's prefixes are withdrawn). */
@@ -214,19 +220,14 @@ export class Agent {
         if (overlaps(pc, range)) continue;
         for (const r of mine) {
           if (!overlaps(parseCidr(r), pc)) continue;
-          next.push({ route: r, other: p, node: rec.node, nodeName: this.mesh.peerName(rec.node) ?? rec.node, kept: this.id < rec.node });
+          next.push({ route: r, other: p, node: rec.node, nodeName: this.mesh.peerName(rec.node) ?? rec.node, kept: true });
         }
       }
     }
     const key = (l: typeof next) => JSON.stringify(l.map((c) => [c.route, c.other, c.node, c.kept]).sort());
     if (key(next) === key(this.routeConflicts)) return;
     for (const c of next)
-      this.log.error(
-        c.kept
-          ? `advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); this node keeps it (lower node id), ${c.nodeName} withdraws its route`
-          : `advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); refused here and withdrawn (the lower node id keeps an overlapping prefix): fix --advertise-routes on one side`,
-        { route: c.route, other: c.other, node: c.node },
-      );
+      this.log.error(`advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); other nodes install neither until one side changes --advertise-routes`, { route: c.route, other: c.other, node: c.node });
     this.routeConflicts = next;
     this.router.prefixesChanged();
   }

@@ -22,7 +22,9 @@ import type { PodAddress } from "./ipam.js";
 import { DEFAULT_BRIDGE, DEFAULT_MTU, NodeNetwork } from "./os/netconf.js";
 import { addPod, delPod, listPods, podVethName, type PodResult } from "./os/pod.js";
 import { DEFAULT_TUN_NAME, openTun, type TunDevice } from "./os/tun.js";
-import { AdvertiseGateway } from "./os/advertise.js";
+import { AdvertiseGateway, decideRoutes, type RouteDecision } from "./os/advertise.js";
+import { PrefixTable } from "../src/packet/prefix-table.js";
+import { FrameSealer } from "../src/packet/seal.js";
 import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
 import { networkInterfaces } from "node:os";
 
@@ -94,7 +96,12 @@ export class DataPlane {
     this.mtu = opts.mtu ?? DEFAULT_MTU;
     const mesh = agent.mesh;
     this.gateway = new AdvertiseGateway({ logger: log });
+    // Cryptokey routing: who may use which address (IPAM blocks, accepted and own routes), and end-to-end
+    // sealing of frames through transit nodes with keys from the nodes' signed topology records.
+    this.sealer = new FrameSealer({ identity: mesh.identity, publicKeyOf: (n) => agent.router.topo.get(n)?.pub, now: () => Date.now() });
     this.forwarder = new Forwarder({
+      sources: this.sources,
+      sealer: this.sealer,
       selfId: agent.id,
       routes: agent.router.owners,
       nextHop: (n) => agent.router.nextHop(n),
@@ -193,6 +200,17 @@ export class DataPlane {
       void dp.reconcile().catch((err) => opts.logger.error("could not apply the node network", { err }));
     });
     agent.ipam.onRevoked((r) => void dp.revoked(r.podId));
+    dp.refreshSources();
+    agent.router.onChange(() => dp.refreshSources());
+    agent.ipam.onBlocksChanged(() => dp.refreshSources());
+    // Remote IPAM ownership changes without a local event: look again every second.
+    dp.sourcesTimer = setInterval(() => {
+      dp.refreshSources();
+      void agent.mesh.status().then((ps) => {
+        dp.peerAddrs = ps.flatMap((p) => (p.selected ? [p.selected.remoteAddress.replace(/:\d+$/, "")] : []));
+      }, () => {});
+    }, 1000);
+    dp.sourcesTimer.unref?.();
     return dp;
   }
 
@@ -217,6 +235,30 @@ export class DataPlane {
 
   routesKey = "";
   private resumeTimer: NodeJS.Timeout | undefined;
+  /** address -> node allowed to use it (forwarder `sources`), rebuilt by refreshSources() */
+  readonly sources = new PrefixTable<string>();
+  private readonly sealer: FrameSealer;
+  private sourcesKey = "";
+  private sourcesTimer: NodeJS.Timeout | undefined;
+  /** the last decision on every route other nodes advertise (status: installed or why not) */
+  routeDecisions: RouteDecision[] = [];
+  /** peers' underlay addresses (selected ICE pairs), never routed into the overlay */
+  private peerAddrs: string[] = [];
+
+  /** Rebuild the cryptokey routing table from the IPAM table and the route decisions (cheap when unchanged). */
+  refreshSources(): void {
+    const entries: [string, string][] = [];
+    for (const b of this.agent.ipam.status().blocks) if (b.owner) entries.push([b.cidr, b.owner]);
+    for (const r of this.agent.advertisedRoutes()) entries.push([r, this.agent.id]);
+    this.remoteRoutes();
+    for (const d of this.routeDecisions) if (d.accepted) entries.push([d.cidr, d.node]);
+    const key = JSON.stringify(entries);
+    if (key === this.sourcesKey) return;
+    this.sourcesKey = key;
+    // An exact prefix can appear once: the first (IPAM, then ours, then accepted) wins.
+    const seen = new Set<string>();
+    this.sources.replaceAll(entries.filter(([c]) => !seen.has(c) && !!seen.add(c)));
+  }
 
   /**
    * Proactive backpressure: stop reading the TUN while every peer the last batch went to has more than
@@ -250,21 +292,20 @@ export class DataPlane {
    * reachable directly, and routing them into the overlay would carry the overlay's own packets.
    */
   remoteRoutes(): string[] {
-    const range = parseCidr(this.agent.ipam.status().range);
-    const local = localNetworks();
-    const signalHost = this.agent.signal.host;
-    const out = new Set<string>();
+    const offers = [];
     for (const rec of this.agent.router.records()) {
       if (rec.node === this.agent.id) continue;
-      for (const p of rec.prefixes) {
-        const c = parseCidr(p);
-        if (overlaps(c, range)) continue;
-        if (local.some((l) => overlaps(l, c))) continue;
-        if (/^\d+\.\d+\.\d+\.\d+$/.test(signalHost) && containsIp(c, parseIp(signalHost))) continue;
-        out.add(p);
-      }
+      for (const cidr of rec.prefixes) offers.push({ node: rec.node, cidr });
     }
-    return [...out].sort();
+    const iceHosts = this.agent.iceServers().flatMap((s) => (Array.isArray(s.urls) ? s.urls : [s.urls])).map((u) => /^(?:stuns?|turns?):\[?([^\]?/]+?)\]?(?::\d+)?(?:\?.*)?$/.exec(u)?.[1] ?? "");
+    this.routeDecisions = decideRoutes({
+      offers,
+      accept: this.agent.cfg.acceptRoutes,
+      clusterRange: this.agent.ipam.status().range,
+      localNetworks: localNetworks(),
+      protectedHosts: [this.agent.signal.host, ...iceHosts, ...this.peerAddrs],
+    });
+    return [...new Set(this.routeDecisions.filter((d) => d.accepted).map((d) => d.cidr))].sort();
   }
 
   /** `weftnet pod add NAME`: a netns with a veth on the bridge and an address from this node's blocks. */
@@ -320,6 +361,7 @@ export class DataPlane {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.resumeTimer) clearTimeout(this.resumeTimer);
+    if (this.sourcesTimer) clearInterval(this.sourcesTimer);
     await this.applying;
     await this.tun.close();
     if (this.gatewayActive) await this.gateway.teardown().catch((err) => this.log.warn("could not remove the advertised-route rules", { err }));

@@ -64,6 +64,11 @@ Options:
                         not own (a home LAN, another cluster's pod range); refused when a prefix
                         overlaps the cluster range; when it overlaps another node's, the lower node id
                         keeps it and the other side reports the conflict in status
+  --accept-routes CIDR[,CIDR]|all
+                        install routes other nodes advertise only when they lie within these CIDRs
+                        (or \`all\`); default none. Never installed: loopback, link-local/169.254 (cloud
+                        metadata), this host's networks, the signaling/STUN/TURN servers' and peers'
+                        addresses; overlapping offers from two nodes are reported, neither installed
   --snat-routes         masquerade mesh traffic to the advertised routes (else hosts there need a route
                         back to the cluster range via this node)
   --cluster NAME        cluster label shown to peers; \`weftnet status\` groups peers by it
@@ -165,6 +170,7 @@ const AGENT_OPTIONS = {
     "link-mtu": { type: "string" },
     "connect-timeout": { type: "string" },
     "advertise-routes": { type: "string", multiple: true },
+    "accept-routes": { type: "string", multiple: true },
     "snat-routes": { type: "boolean" },
     cluster: { type: "string" },
     "no-relay": { type: "boolean" },
@@ -297,6 +303,22 @@ export async function runAgent(argv: string[]): Promise<number> {
   } catch (e) {
     throw new UsageError(`weftnet agent: ${(e as Error).message}`);
   }
+  const acceptList = (values["accept-routes"] ?? []).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
+  let acceptRoutes: "all" | string[] | undefined;
+  if (acceptList.includes("all")) {
+    if (acceptList.length > 1) throw new UsageError("weftnet agent: --accept-routes all takes no CIDRs next to it");
+    acceptRoutes = "all";
+  } else if (acceptList.length) {
+    for (const cidr of acceptList) {
+      try {
+        parseCidr(cidr);
+      } catch {
+        throw new UsageError(`weftnet agent: --accept-routes ${JSON.stringify(cidr)} is not an IPv4 CIDR like 192.168.1.0/24 (or \`all\`)`);
+      }
+    }
+    acceptRoutes = acceptList;
+  }
+  if (acceptRoutes && !tun) throw new UsageError("weftnet agent: --accept-routes needs the data plane (not --no-tun)");
   if (values.cluster !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(values.cluster)) throw new UsageError(`weftnet agent: --cluster ${JSON.stringify(values.cluster)} must be 1-63 chars of letters, digits, '.', '_' or '-'`);
   if (values["k8s-node-watch"] && values["no-k8s-node-watch"]) throw new UsageError("weftnet agent: --k8s-node-watch and --no-k8s-node-watch contradict each other");
   const inCluster = inClusterAvailable();
@@ -312,6 +334,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     ...(bulkPort !== undefined ? { bulkPort } : {}),
     ...(advertiseRoutes.length ? { advertiseRoutes } : {}),
     ...(values["snat-routes"] ? { snatRoutes: true } : {}),
+    ...(acceptRoutes ? { acceptRoutes } : {}),
     ...(values.cluster !== undefined ? { cluster: values.cluster } : {}),
     signal: values.signal,
     token,

@@ -12,6 +12,7 @@
 import type { Logger } from "../../src/log.js";
 import { silentLogger } from "../../src/log.js";
 import { HostExec } from "./exec.js";
+import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../../src/ipam/cidr.js";
 
 export const ADV_CHAIN = "WEFTNET-ADV";
 export const SNAT_CHAIN = "WEFTNET-SNAT";
@@ -93,4 +94,62 @@ export class AdvertiseGateway {
     await this.remove("filter", "FORWARD", ADV_CHAIN);
     await this.remove("nat", "POSTROUTING", SNAT_CHAIN);
   }
+}
+
+// ---- which routes other nodes advertise this node installs (--accept-routes) ---------------------------
+
+/**
+ * Never installed whatever the operator accepts: "this network" 0/8, loopback, link-local (cloud metadata
+ * 169.254.169.254 lives there), multicast and reserved space.
+ */
+export const NEVER_ACCEPTED = ["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"];
+
+export interface RouteOffer {
+  node: string;
+  cidr: string;
+}
+
+export interface RouteDecision extends RouteOffer {
+  accepted: boolean;
+  reason: string;
+}
+
+/**
+ * Decide which prefixes advertised by other nodes (outside the cluster range: cluster routes come from the
+ * IPAM table) this node routes into the mesh. Pure. A prefix is installed only when the operator accepts it
+ * (`accept` = "all", or CIDRs that contain it; default none), it is not in NEVER_ACCEPTED, does not overlap
+ * this host's own networks (the underlay), holds none of `protectedHosts` (the signaling server, STUN/TURN
+ * servers, peers' addresses: routing them into the overlay would carry the overlay's own packets or let a
+ * node capture them), and no other node advertises an overlapping prefix (a conflict is reported and
+ * neither is installed: the lower node id does not win, ids can be ground).
+ */
+export function decideRoutes(o: { offers: RouteOffer[]; accept: "all" | string[] | undefined; clusterRange: string; localNetworks: Cidr[]; protectedHosts: string[] }): RouteDecision[] {
+  const range = parseCidr(o.clusterRange);
+  const never = NEVER_ACCEPTED.map((c) => parseCidr(c));
+  const accept = o.accept === "all" ? "all" : (o.accept ?? []).map((c) => parseCidr(c));
+  const hosts: number[] = [];
+  for (const h of o.protectedHosts) {
+    try {
+      if (/^\d+\.\d+\.\d+\.\d+$/.test(h)) hosts.push(parseIp(h));
+    } catch {
+      // not an IPv4 literal
+    }
+  }
+  const offers = o.offers.filter((x) => !overlaps(parseCidr(x.cidr), range));
+  const out: RouteDecision[] = [];
+  for (const x of offers) {
+    const c = parseCidr(x.cidr);
+    let reason = "";
+    if (accept !== "all" && !accept.some((a) => a.prefix <= c.prefix && containsIp(a, c.base))) reason = "not accepted here (--accept-routes)";
+    else if (c.prefix === 0) reason = "a default route is never installed from the mesh";
+    else if (never.some((n) => overlaps(n, c))) reason = "reserved, loopback or link-local space (cloud metadata)";
+    else if (o.localNetworks.some((l) => overlaps(l, c))) reason = "overlaps this host's own network (the underlay)";
+    else if (hosts.some((h) => containsIp(c, h))) reason = "holds the signaling, STUN/TURN server or a peer's address";
+    else {
+      const rival = offers.find((y) => y.node !== x.node && overlaps(parseCidr(y.cidr), c));
+      if (rival) reason = `conflicts with ${rival.cidr} advertised by ${rival.node}: neither is installed until one side changes --advertise-routes`;
+    }
+    out.push({ ...x, accepted: reason === "", reason: reason || "accepted" });
+  }
+  return out.sort((a, b) => (a.cidr < b.cidr ? -1 : a.cidr > b.cidr ? 1 : a.node < b.node ? -1 : 1));
 }

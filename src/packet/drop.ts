@@ -11,6 +11,13 @@
  *   ttl-expired   a transit frame whose hop budget ran out (routing loop or too many hops)
  *   not-for-us    a frame whose destination node is not this node and forwarding is off
  *   write-failed  the kernel refused a TUN write for another reason (EINVAL, EIO...)
+ *   spoofed-node  a frame whose source node is not the link peer and that is not sealed end to end by it
+ *   spoofed-source a packet whose inner source is not owned by its source node (a frame from a peer), or
+ *                 not by this node (a packet read from the TUN)
+ *   foreign-destination a packet from a peer whose inner destination is not an address of this node
+ *   bad-seal      a sealed (multi-hop) frame that does not open with its source node's key
+ *   replayed      a sealed frame whose counter was already seen (or is older than the replay window)
+ *   no-key        no key for the destination node yet (its signed topology record has not arrived)
  */
 export const DROP_REASONS = [
   "no-route",
@@ -22,6 +29,12 @@ export const DROP_REASONS = [
   "ttl-expired",
   "not-for-us",
   "write-failed",
+  "spoofed-node",
+  "spoofed-source",
+  "foreign-destination",
+  "bad-seal",
+  "replayed",
+  "no-key",
 ] as const;
 
 export type DropReason = (typeof DROP_REASONS)[number];

@@ -18,7 +18,8 @@
  */
 import { DropCounters } from "./drop.js";
 import { FrameEncoder, decodeFrame, decrementTtl, nodeIdToBytes, peekFrameHeader, DEFAULT_MAX_MESSAGE_SIZE } from "./frame.js";
-import { peekIp } from "./ip.js";
+import { peekIp, type IpHeader } from "./ip.js";
+import { FLAG_SEALED, SEAL_OVERHEAD, type FrameSealer } from "./seal.js";
 import type { PrefixTable } from "./prefix-table.js";
 import { VNET_HDR_LEN } from "./vnet.js";
 import { LinkSegmenter, type SegmentMode } from "./gso-policy.js";
@@ -52,6 +53,20 @@ export interface ForwarderPorts {
   segment?: SegmentMode;
   /** Clock (ms) for the segmentation policy; default 0 (then "auto" never expires). */
   now?(): number;
+  /**
+   * Cryptokey routing (WireGuard's allowed IPs): address -> the node allowed to use it (every node's IPAM
+   * blocks, our advertised routes, routes we accepted from others; ours included). When set, a packet read
+   * from the TUN must have a source of ours, and a packet from a peer a source of its frame's source node
+   * and a destination of ours; anything else is dropped (`spoofed-source`, `foreign-destination`).
+   */
+  sources?: PrefixTable<string>;
+  /**
+   * End-to-end sealing of frames sent through a transit node (seal.ts). When set, frames whose next hop is
+   * not their destination are sealed for it, and a frame whose source node is not the link peer is
+   * accepted (delivered or forwarded) only sealed, and delivered only when it opens (`spoofed-node`,
+   * `bad-seal`, `replayed`). Without it the source node of such frames is unchecked.
+   */
+  sealer?: FrameSealer;
 }
 
 /** Default per-peer hold buffer: a few read batches' worth (see the header). */
@@ -128,7 +143,7 @@ export class Forwarder {
     this.selfBytes = nodeIdToBytes(p.selfId);
     this.hdrOff = p.vnetHdr === false ? 0 : VNET_HDR_LEN;
     this.holdBytes = Math.max(0, p.holdBytes ?? HOLD_BYTES);
-    this.decodeOpts = { maxMessageSize: Math.max(p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) };
+    this.decodeOpts = { maxMessageSize: Math.max(p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) + SEAL_OVERHEAD };
     this.segmenter = new LinkSegmenter({ mode: p.segment ?? "auto" });
   }
 
@@ -140,6 +155,11 @@ export class Forwarder {
       const ip = peekIp(pkt, this.hdrOff);
       if (!ip.ok) {
         this.drops.drop(ip.reason);
+        continue;
+      }
+      // Only our own addresses (blocks, advertised routes) may leave through the mesh.
+      if (this.p.sources && srcOwner(this.p.sources, ip) !== this.p.selfId) {
+        this.drops.drop("spoofed-source");
         continue;
       }
       const owner = this.p.routes.lookupHeader(ip);
@@ -172,7 +192,10 @@ export class Forwarder {
   private encodeAndSend(owner: string, hop: string, batch: Uint8Array[]): void {
     const enc = this.enc;
     const dst = this.bytesOf(owner);
-    const plan = this.segmenter.plan(hop, batch, this.p.linkBudget?.(hop), this.p.now?.() ?? 0, (d) => this.drops.drop(d.reason));
+    const sealFor = hop !== owner && this.p.sealer ? this.p.sealer : undefined;
+    // A sealed frame is SEAL_OVERHEAD longer: leave room for it in the link's per-message budget.
+    const budget = this.p.linkBudget?.(hop);
+    const plan = this.segmenter.plan(hop, batch, budget !== undefined && sealFor ? budget - SEAL_OVERHEAD : budget, this.p.now?.() ?? 0, (d) => this.drops.drop(d.reason));
     const pkts = plan.packets;
     const limit = plan.frameLimit;
     enc.begin(this.selfBytes, dst, undefined, limit);
@@ -180,7 +203,7 @@ export class Forwarder {
     for (const pkt of pkts) {
       let r = enc.add(pkt);
       if (r === "full") {
-        this.transmit(hop, owner, enc.finish()!, inFrame);
+        this.send1(sealFor, hop, owner, enc.finish()!, inFrame);
         enc.begin(this.selfBytes, dst, undefined, limit);
         inFrame = 0;
         r = enc.add(pkt);
@@ -189,8 +212,16 @@ export class Forwarder {
       else this.drops.drop(r === "too-big" ? "too-big" : "malformed");
     }
     const last = enc.finish();
-    if (last) this.transmit(hop, owner, last, inFrame);
+    if (last) this.send1(sealFor, hop, owner, last, inFrame);
     this.segmenter.release(); // every segment is in a sent or held (copied) frame now
+  }
+
+  /** Transmit one frame; sealed for its destination when it goes through a transit node. */
+  private send1(sealFor: FrameSealer | undefined, hop: string, owner: string, frame: Uint8Array, packets: number): void {
+    if (!sealFor) return this.transmit(hop, owner, frame, packets);
+    const sealed = sealFor.seal(owner, frame);
+    if (!sealed) return this.drops.drop("no-key", packets);
+    this.transmit(hop, owner, sealed, packets);
   }
 
   /**
@@ -246,19 +277,40 @@ export class Forwarder {
       this.drops.drop(h.reason);
       return;
     }
+    const sealed = (h.flags & FLAG_SEALED) !== 0;
+    // A frame names its source node; only the link peer may send unsealed frames (the link authenticated
+    // it). A frame from further away must be sealed by its source (a transit can neither forge nor read it).
+    if (h.src !== from && !sealed && this.p.sealer) {
+      this.drops.drop("spoofed-node");
+      return;
+    }
     if (h.dst === this.p.selfId) {
-      const f = decodeFrame(msg);
+      let plain = msg;
+      if (sealed) {
+        if (!this.p.sealer) {
+          this.drops.drop("bad-seal");
+          return;
+        }
+        const o = this.p.sealer.open(h.src, msg);
+        if (!o.ok) {
+          this.drops.drop(o.reason);
+          return;
+        }
+        plain = o.frame;
+      }
+      const f = decodeFrame(plain);
       if (!f.ok) {
         this.drops.drop(f.reason);
         return;
       }
+      const pkts = this.p.sources ? this.checkInner(h.src, f.packets) : f.packets;
       this.stats.rxFrames++;
       this.stats.rxPackets += f.packets.length;
       this.stats.rxBytes += msg.length;
       const pp = this.peer(h.src);
       pp.rxBytes += msg.length;
       pp.rxPackets += f.packets.length;
-      this.p.deliver(f.packets);
+      if (pkts.length) this.p.deliver(pkts);
       return;
     }
     // Transit: forward by header only, never back to where it came from.
@@ -273,6 +325,21 @@ export class Forwarder {
       return;
     }
     this.transmit(hop, undefined, msg, 1);
+  }
+
+  /** Packets of a frame from `src` whose inner source is src's and inner destination ours; the rest is dropped. */
+  private checkInner(src: string, pkts: Uint8Array[]): Uint8Array[] {
+    const t = this.p.sources!;
+    let out: Uint8Array[] | undefined;
+    for (let i = 0; i < pkts.length; i++) {
+      const ip = peekIp(pkts[i]!, VNET_HDR_LEN); // decodeFrame validated it
+      const bad = !ip.ok ? "malformed" : srcOwner(t, ip) !== src ? "spoofed-source" : t.lookupHeader(ip) !== this.p.selfId ? "foreign-destination" : undefined;
+      if (bad) {
+        this.drops.drop(bad);
+        out ??= pkts.slice(0, i);
+      } else out?.push(pkts[i]!);
+    }
+    return out ?? pkts;
   }
 
   /** Next hops the last TUN batch was sent to. */
@@ -333,4 +400,8 @@ export class Forwarder {
     if (!s) this.stats.perPeer.set(id, (s = { txBytes: 0, txPackets: 0, rxBytes: 0, rxPackets: 0 }));
     return s;
   }
+}
+
+function srcOwner(t: PrefixTable<string>, ip: IpHeader): string | undefined {
+  return ip.version === 4 ? t.lookup4(ip.src) : t.lookup6(ip.src);
 }
