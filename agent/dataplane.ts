@@ -354,6 +354,8 @@ export class DataPlane {
       forwarder: { ...f.stats, perPeer: Object.fromEntries(f.stats.perPeer) },
       segmentation: { mode: f.segmenter.mode, ...f.segmenter.stats },
       gro: { ...this.gro },
+      /** every route other nodes advertise: installed, or why not (--accept-routes, reserved, underlay, conflict) */
+      routes: this.routeDecisions,
       drops: { ...f.drops.snapshot(), ...Object.fromEntries(Object.entries(this.tun.drops.snapshot()).map(([k, v]) => [`tun-${k}`, v])) },
     };
   }

@@ -263,6 +263,10 @@ export async function addPod(spec: PodSpec): Promise<PodResult> {
     step = "add the default route";
     await podIp(path, ["route", "add", "default", "via", spec.gateway, "dev", ifName]);
 
+    // Before the veth joins the bridge: the pod may send from its own address only (no window).
+    step = "install the pod's anti-spoofing filter";
+    if (await podFilterAdd(host, hostVeth, spec.ip, log)) undo.push({ what: `remove the anti-spoofing filter of ${hostVeth}`, run: () => podFilterDel(host, hostVeth) });
+
     step = `attach ${hostVeth} to bridge ${bridge}`;
     await host.ip(["link", "set", "dev", hostVeth, "master", bridge]);
     await host.ip(["link", "set", "dev", hostVeth, "up"]);
@@ -309,6 +313,7 @@ export async function delPod(ref: PodRef): Promise<void> {
   const path = netnsPath(ref.netns);
   try {
     const l = await hostLink(host, hostVeth);
+    await podFilterDel(host, hostVeth).catch((err) => log.warn("could not remove the pod's anti-spoofing filter", { hostVeth, err }));
     if (l) {
       if (!parseMarker(l.ifalias)) throw new PodError("ERR_POD_NOT_OURS", `host interface ${hostVeth} exists but weftnet did not create it (no "${POD_MARKER.trim()}" ifalias); not deleting it`);
       try {
@@ -392,4 +397,67 @@ export async function listPods(opts: { hostNetns?: string } = {}): Promise<Liste
     out.push({ hostVeth: l.ifname, netns: m.netns, ifName: m.ifName, ip: m.ip, prefixLen: m.prefixLen, createdNetns: m.createdNetns, up: (l.flags ?? []).includes("UP"), bridge: l.master });
   }
   return out.sort((a, b) => a.hostVeth.localeCompare(b.hostVeth));
+}
+
+// ---- per-pod anti-spoofing (ebtables on the host veth) ----------------------------------------------------
+
+/**
+ * ebtables chain holding one pair of rules per pod, jumped to first from the bridge's FORWARD (pod to pod
+ * on this node) and INPUT (pod to the host and, routed, to the TUN) chains:
+ *   -i HOSTVETH -p IPv4 --ip-src ! POD_IP -j DROP        IP from any other source
+ *   -i HOSTVETH -p ARP --arp-ip-src ! POD_IP -j DROP     ARP claiming another address
+ * Pod IPv6 is not routed by weftnet. Without ebtables the filter is skipped with a warning (the data path
+ * still refuses sources outside this node's blocks; a pod could then pose as another pod of this node).
+ */
+export const POD_EB_CHAIN = "WEFTNET-POD";
+let ebtablesMissingLogged = false;
+
+async function ensurePodChain(host: HostExec): Promise<void> {
+  try {
+    await host.run("ebtables", ["-L", POD_EB_CHAIN]);
+  } catch (e) {
+    if (e instanceof CommandError && e.exitCode === null) throw e; // ebtables not installed
+    try {
+      await host.run("ebtables", ["-N", POD_EB_CHAIN]);
+    } catch (e2) {
+      if (!(e2 instanceof CommandError && /exist/i.test(e2.stderr))) throw e2; // a concurrent ADD made it
+    }
+  }
+  for (const base of ["FORWARD", "INPUT"]) {
+    const { stdout } = await host.run("ebtables", ["-L", base]);
+    if (!stdout.includes(`-j ${POD_EB_CHAIN}`)) await host.run("ebtables", ["-I", base, "1", "-j", POD_EB_CHAIN]);
+  }
+}
+
+/** Install the pod's rules; false (and a warning once) when ebtables is not installed. */
+export async function podFilterAdd(host: HostExec, hostVeth: string, ip: string, log: Logger): Promise<boolean> {
+  try {
+    await ensurePodChain(host);
+  } catch (e) {
+    if (e instanceof CommandError && e.exitCode === null) {
+      if (!ebtablesMissingLogged) log.warn("ebtables is not installed: pods are not prevented from sending with another pod's address (install ebtables)", {});
+      ebtablesMissingLogged = true;
+      return false;
+    }
+    throw e;
+  }
+  await podFilterDel(host, hostVeth);
+  await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "IPv4", "--ip-src", "!", ip, "-j", "DROP"]);
+  await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "ARP", "--arp-ip-src", "!", ip, "-j", "DROP"]);
+  return true;
+}
+
+/** Remove every rule of this veth (idempotent; nothing to do without ebtables or the chain). */
+export async function podFilterDel(host: HostExec, hostVeth: string): Promise<void> {
+  let listing: string;
+  try {
+    listing = (await host.run("ebtables", ["-L", POD_EB_CHAIN])).stdout;
+  } catch {
+    return;
+  }
+  for (const line of listing.split("\n")) {
+    const rule = line.trim();
+    if (!rule.startsWith("-") || !` ${rule} `.includes(` -i ${hostVeth} `)) continue;
+    await host.run("ebtables", ["-D", POD_EB_CHAIN, ...rule.split(/\s+/)]).catch(() => undefined);
+  }
 }

@@ -1,7 +1,8 @@
 /**
  * End to end (root): hybrid networks. Node n1 advertises a LAN (192.168.77.0/24 with a host that runs no
  * weftnet) with SNAT; a pod on n2 reaches that host through the mesh. n2 then also advertises an
- * overlapping prefix: the conflict is reported and exactly one side keeps the route.
+ * overlapping prefix: the conflict is reported on both sides and no receiver installs either (the lower
+ * node id wins nothing).
  */
 import { execFileSync } from "node:child_process";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
