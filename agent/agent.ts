@@ -177,7 +177,7 @@ export class Agent {
     readonly transport: Transport,
     readonly log: Logger,
   ) {
-    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.localPrefixes() });
+    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.localPrefixes(), prefixAllowed: (node, cidr) => this.prefixAllowed(node, cidr) });
   }
 
   /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
@@ -191,6 +191,34 @@ export class Agent {
     return [...this.aggregated, ...this.advertisedRoutes()];
   }
 
+  /**
+   * Route ownership comes from what a node owns, not from what it claims: a cluster prefix only when the
+   * IPAM table gives every address of it to that node, an external one only when this node installs it
+   * (--accept-routes, agent/os/advertise.ts decideRoutes; without a data plane none is used).
+   */
+  prefixAllowed(node: string, cidr: string): boolean {
+    const c = parseCidr(cidr);
+    // One IPAM snapshot per routing recompute (it asks for every prefix of every record).
+    const now = Date.now();
+    if (!this.ipamSnap || now - this.ipamSnap.at > 100) this.ipamSnap = this.ipam ? { at: now, st: this.ipam.status() } : undefined;
+    const st = this.ipamSnap?.st;
+    if (!st) return false;
+    const range = parseCidr(st.range);
+    if (overlaps(c, range)) {
+      if (c.prefix < range.prefix) return false;
+      let covered = 0;
+      for (const b of st.blocks) {
+        if (b.owner !== node) continue;
+        const bc = parseCidr(b.cidr);
+        if (bc.prefix >= c.prefix && overlaps(bc, c)) covered += 2 ** (32 - bc.prefix);
+        else if (bc.prefix < c.prefix && overlaps(bc, c)) return true; // inside one of its blocks
+      }
+      return covered === 2 ** (32 - c.prefix);
+    }
+    return this.dataplane?.routeDecisions.some((d) => d.accepted && d.node === node && d.cidr === cidr) ?? false;
+  }
+
+  private ipamSnap: { at: number; st: ReturnType<IpamDriver["status"]> } | undefined;
   private aggKey: string[] | undefined;
   private aggregated: string[] = [];
 

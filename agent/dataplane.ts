@@ -206,6 +206,10 @@ export class DataPlane {
     // Remote IPAM ownership changes without a local event: look again every second.
     dp.sourcesTimer = setInterval(() => {
       dp.refreshSources();
+      if (dp.sourcesKey !== dp.ownersKey) {
+        dp.ownersKey = dp.sourcesKey;
+        agent.router.refreshOwners(); // forwarding follows IPAM ownership and accepted routes
+      }
       void agent.mesh.status().then((ps) => {
         dp.peerAddrs = ps.flatMap((p) => (p.selected ? [p.selected.remoteAddress.replace(/:\d+$/, "")] : []));
       }, () => {});
@@ -239,6 +243,7 @@ export class DataPlane {
   readonly sources = new PrefixTable<string>();
   private readonly sealer: FrameSealer;
   private sourcesKey = "";
+  private ownersKey = "";
   private sourcesTimer: NodeJS.Timeout | undefined;
   /** the last decision on every route other nodes advertise (status: installed or why not) */
   routeDecisions: RouteDecision[] = [];

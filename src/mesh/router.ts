@@ -20,6 +20,11 @@ export interface RouterOptions {
   now: () => number;
   /** prefixes this node owns/advertises (IPAM blocks, advertised routes) */
   localPrefixes: () => string[];
+  /**
+   * May `node`'s record route `cidr` here? (cluster prefixes: only what the IPAM table gives that node;
+   * external ones: only routes this node accepted.) Absent = every claim (simulations, tests).
+   */
+  prefixAllowed?: (node: string, cidr: string) => boolean;
   initialSeq?: number;
 }
 
@@ -99,6 +104,11 @@ export class Router {
 
   records(): TopologyRecord[] {
     return this.topo.records();
+  }
+
+  /** Recompute the prefix table now (the IPAM table or the accepted routes changed under prefixAllowed). */
+  refreshOwners(): void {
+    this.recompute();
   }
 
   /** Re-announce our prefixes now (IPAM blocks changed). */
@@ -184,7 +194,9 @@ export class Router {
     this.counters.recomputes++;
     const records = this.topo.records();
     this.table = computeRoutes(this.o.mesh.selfId, records, {}, this.table);
-    const { routes, conflicts } = prefixRoutes(records, this.table);
+    const allowed = this.o.prefixAllowed;
+    const owned = allowed ? records.map((r) => (r.node === this.o.mesh.selfId ? r : { ...r, prefixes: r.prefixes.filter((p) => allowed(r.node, p)) })) : records;
+    const { routes, conflicts } = prefixRoutes(owned, this.table);
     this.conflicts = conflicts;
     this.owners.replaceAll(routes.map((r) => [r.cidr, r.owner] as const));
     for (const f of this.changeListeners) f();

@@ -18,6 +18,7 @@ import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
 const TOKEN = "adversarial-token-0123456789abcdef";
 const ATTACKER_FP = Array(32).fill("EE").join(":");
 const haveNative = await nativeAvailable();
+const ip4 = (s: string) => s.split(".").reduce((a, b) => a * 256 + Number(b), 0);
 
 type Signal = Extract<ServerMsg, { t: "signal" }>;
 
@@ -182,5 +183,36 @@ describe("a rogue agent with the token", () => {
     expect(x.router.counters.rejectedRecords).toBe(0);
     expect(fullMesh([x, v, rogue])).toBe(true);
     expect((await v.ping(x.id)).rttMs).toBeGreaterThan(0);
+  });
+
+  it("cannot claim another node's pod addresses, the cluster range or outside prefixes: forwarding follows IPAM and accepted routes only", async () => {
+    c = new Cluster(await startServer(TOKEN), TOKEN);
+    const x = await c.agent("x");
+    const v = await c.agent("victim");
+    const rogue = await c.agent("rogue");
+    await waitFor(() => fullMesh([x, v, rogue]), 30_000, "mesh of 3");
+    const pod = await v.allocate("pod/victim-pod", 30_000);
+    const block = v.ipam.localBlocks()[0]!;
+    await waitFor(() => x.router.owners.lookup4(ip4(pod.ip)) === v.id, 15_000, "x routes the victim's pod to the victim");
+    // The rogue signs (validly: it is its own record) claims on the victim's pod, its block, the whole
+    // cluster range and 8.8.8.8, with a fresh seq.
+    const R = (rogue.mesh as unknown as { o: { identity: ReturnType<typeof generateIdentity> } }).o.identity;
+    const mine = rogue.router.topo.get(rogue.id)!;
+    const claim = signTopologyRecord(R, { node: rogue.id, seq: mine.seq + 10, links: [...mine.links], prefixes: [`${pod.ip}/32`, block, "10.40.0.0/16", "8.8.8.8/32"].sort(), updatedAt: Date.now() });
+    for (const body of encodeTopologyMessages([claim])) for (const to of [x.id, v.id]) rogue.mesh.sendApp(to, TOPO_CHANNEL, body);
+    await waitFor(() => x.router.topo.get(rogue.id)!.seq >= claim.seq, 5000, "the rogue's (own, signed) record merged");
+    x.router.refreshOwners();
+    // x still sends the victim's pod traffic to the victim; the rogue's claims route nothing
+    expect(x.router.owners.lookup4(ip4(pod.ip))).toBe(v.id);
+    // every cluster address routes to its IPAM owner (the founder may own much of the range), never by claim
+    const blocks = x.ipam.status().blocks;
+    for (const probe of ["10.40.255.1", "10.40.128.7", "10.40.3.3"]) {
+      const owner = blocks.find((b) => { const [base, len] = b.cidr.split("/"); const size = 2 ** (32 - Number(len)); return ip4(probe) >= ip4(base!) && ip4(probe) < ip4(base!) + size; })?.owner;
+      const routed = x.router.owners.lookup4(ip4(probe));
+      expect(routed === undefined || routed === owner, `${probe} routed to ${routed}, IPAM owner ${owner}`).toBe(true);
+    }
+    expect(x.router.owners.lookup4(ip4("8.8.8.8"))).toBeUndefined();
+    expect(v.ipam.localBlocks()).toContain(block);
+    expect(fullMesh([x, v, rogue])).toBe(true);
   });
 });
