@@ -309,6 +309,7 @@ export class DataPlane {
       clusterRange: this.agent.ipam.status().range,
       localNetworks: localNetworks(),
       protectedHosts: [this.agent.signal.host, ...iceHosts, ...this.peerAddrs],
+      own: this.agent.advertisedRoutes(),
     });
     return [...new Set(this.routeDecisions.filter((d) => d.accepted).map((d) => d.cidr))].sort();
   }

@@ -168,3 +168,4 @@ export const CTX_HELLO = "weftnet/hello/v1";
 export const CTX_SDP = "weftnet/sdp/v1";
 export const CTX_TOPO = "weftnet/topo/v1";
 export const CTX_BYE = "weftnet/bye/v1";
+export const CTX_LINK = "weftnet/link/v1";

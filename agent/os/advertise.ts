@@ -123,7 +123,8 @@ export interface RouteDecision extends RouteOffer {
  * node capture them), and no other node advertises an overlapping prefix (a conflict is reported and
  * neither is installed: the lower node id does not win, ids can be ground).
  */
-export function decideRoutes(o: { offers: RouteOffer[]; accept: "all" | string[] | undefined; clusterRange: string; localNetworks: Cidr[]; protectedHosts: string[] }): RouteDecision[] {
+export function decideRoutes(o: { offers: RouteOffer[]; accept: "all" | string[] | undefined; clusterRange: string; localNetworks: Cidr[]; protectedHosts: string[]; own?: string[] }): RouteDecision[] {
+  const own = (o.own ?? []).map((c) => ({ cidr: c, c: parseCidr(c) }));
   const range = parseCidr(o.clusterRange);
   const never = NEVER_ACCEPTED.map((c) => parseCidr(c));
   const accept = o.accept === "all" ? "all" : (o.accept ?? []).map((c) => parseCidr(c));
@@ -145,6 +146,7 @@ export function decideRoutes(o: { offers: RouteOffer[]; accept: "all" | string[]
     else if (never.some((n) => overlaps(n, c))) reason = "reserved, loopback or link-local space (cloud metadata)";
     else if (o.localNetworks.some((l) => overlaps(l, c))) reason = "overlaps this host's own network (the underlay)";
     else if (hosts.some((h) => containsIp(c, h))) reason = "holds the signaling, STUN/TURN server or a peer's address";
+    else if (own.some((m) => overlaps(m.c, c))) reason = `conflicts with ${own.find((m) => overlaps(m.c, c))!.cidr} advertised by this node: not installed until one side changes --advertise-routes`;
     else {
       const rival = offers.find((y) => y.node !== x.node && overlaps(parseCidr(y.cidr), c));
       if (rival) reason = `conflicts with ${rival.cidr} advertised by ${rival.node}: neither is installed until one side changes --advertise-routes`;

@@ -44,6 +44,7 @@ import { ByteArena, segment } from "../../src/packet/gso.js";
 import { coalesce, type GroStats } from "../../src/packet/gro.js";
 import { DEFAULT_MAX_MESSAGE_SIZE } from "../../src/packet/frame.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
+import { FLAG_SEALED } from "../../src/packet/seal.js";
 import { encodeBindingRequest, parseBindingSuccess, parseIp } from "../../src/wire/stun.js";
 import { loadSodiumAead } from "../os/sodium.js";
 import { UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS, UdpSocket, type UdpSocketOptions } from "../os/udp.js";
@@ -464,6 +465,9 @@ export class BulkService {
   send(peer: string, frame: Uint8Array): "ok" | undefined {
     const p = this.peers.get(peer);
     if (!p || !p.up || !p.endpoint || p.pathMax === undefined) return undefined;
+    // A frame sealed end to end for a node behind this peer (src/packet/seal.ts) is opaque here: its
+    // records cannot be split into datagrams. It takes the WebRTC link (undefined = the caller's fallback).
+    if ((frame[0]! & FLAG_SEALED) !== 0) return undefined;
     const to = p.endpoint;
     const hdr = frame.subarray(0, FRAME_HEADER_LEN);
     // The largest IP packet a datagram of the confirmed path MTU carries. TCP is segmented to fit; a frame

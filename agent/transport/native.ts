@@ -481,6 +481,13 @@ class NativeLink extends LinkBase {
     return this.filterSdp(localSdp(pc));
   }
 
+  /** The certificate fingerprint libdatachannel saw (and verified) in the DTLS handshake. */
+  remoteFingerprint(): Fingerprint | undefined {
+    const fp = safe(() => this.pc?.remoteFingerprint(), undefined);
+    if (!fp?.value || !fp.algorithm) return undefined;
+    return { algorithm: fp.algorithm.toLowerCase(), value: fp.value.toUpperCase() };
+  }
+
   protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {
     // Exactly one sha-256 fingerprint, checked here too (the mesh checks it before; tests feed links directly).
     checkSdpFingerprints(sdp, "remote SDP");

@@ -44,6 +44,7 @@ import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
 import { CHANNELS, LinkBase } from "./link-base.js";
 import { checkSdpFingerprints } from "../../src/mesh/auth.js";
+import { createHash } from "node:crypto";
 
 export { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
 
@@ -291,6 +292,13 @@ class WeriftLink extends LinkBase {
     await this.pc.setLocalDescription(desc);
     if (this.isDone()) return undefined;
     return this.pc.localDescription?.sdp ?? desc.sdp;
+  }
+
+  /** sha-256 of the certificate the remote presented in the DTLS handshake (not the SDP's claim). */
+  remoteFingerprint(): Fingerprint | undefined {
+    const cert = this.pc.sctpTransport?.dtlsTransport?.dtls?.remoteCertificate;
+    if (!cert) return undefined;
+    return { algorithm: "sha-256", value: createHash("sha256").update(cert).digest("hex").toUpperCase().match(/../g)!.join(":") };
   }
 
   protected override async setRemote(type: "offer" | "answer", sdp: string): Promise<void> {

@@ -19,7 +19,7 @@
  * transports apply it again before handing an SDP to their DTLS stack.
  */
 import { AuthError } from "../errors.js";
-import { CTX_SDP, checkTokenMac, deriveNodeId, peerKeyOf, signFields, tokenMac, verifyFields, type Identity } from "../identity.js";
+import { CTX_LINK, CTX_SDP, checkTokenMac, deriveNodeId, peerKeyOf, signFields, signRecord, tokenMac, verifyFields, verifyRecord, type Identity } from "../identity.js";
 import { fingerprintString, type Fingerprint } from "./transport.js";
 
 export interface SdpProof {
@@ -73,4 +73,22 @@ export function verifySdp(args: { token: string; selfId: string; from: string; f
   if (!checkTokenMac(peerKeyOf(token), proof.mac, CTX_SDP, ...fields)) {
     throw new AuthError("ERR_BAD_TOKEN", `SDP from ${from} is not bound to the cluster's peer key (wrong token, an impostor admitted by the signaling server, or the DTLS fingerprint was altered in transit: possible man in the middle)`);
   }
+}
+
+/**
+ * Identity proof over the link itself, once DTLS is up (both transports): each side sends, as its first
+ * control message,
+ *   auth { sig = Ed25519_sender(CTX_LINK | sender | receiver | conn | sender's certificate fingerprint |
+ *                                the certificate fingerprint the sender saw from the receiver) }
+ * and the receiver checks it against what IT negotiated (its own certificate, the one it saw from the
+ * sender). A man in the middle that terminated DTLS on either side presents its own certificate there, so
+ * the fingerprints the real peer signed do not match; the link carries nothing (no packets, no control
+ * messages) until the proof checks. This does not depend on the SDP fingerprint checks being right.
+ */
+export function proveLink(idn: Identity, to: string, conn: string, local: Fingerprint, remote: Fingerprint): Uint8Array {
+  return signRecord(idn, CTX_LINK, to, conn, fingerprintString(local), fingerprintString(remote)).sig;
+}
+
+export function verifyLink(a: { from: string; fromPub: Uint8Array; selfId: string; conn: string; ours: Fingerprint; theirs: Fingerprint; sig: Uint8Array }): boolean {
+  return verifyRecord(a.from, { pub: a.fromPub, sig: a.sig }, CTX_LINK, a.selfId, a.conn, fingerprintString(a.theirs), fingerprintString(a.ours));
 }

@@ -9,11 +9,11 @@ import type { Identity } from "../identity.js";
 import type { Logger } from "../log.js";
 import { decodeControl, encodeControl, type ControlMsg } from "../wire/control.js";
 import type { PeerInfo, SignalData } from "../wire/signal.js";
-import { checkSdpFingerprints, proveSdp, verifySdp } from "./auth.js";
+import { checkSdpFingerprints, proveLink, proveSdp, verifyLink, verifySdp } from "./auth.js";
 import { CTX_BYE, deriveNodeId, signRecord, verifyRecord } from "../identity.js";
 import { PROBE_BACKOFF, probeDelay } from "./backoff.js";
 import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
-import { fingerprintString, type ChannelName, type LinkSignal, type LinkStats, type Transport, type TransportLink } from "./transport.js";
+import { fingerprintString, type Fingerprint, type ChannelName, type LinkSignal, type LinkStats, type Transport, type TransportLink } from "./transport.js";
 
 /** A peer that sends this many undecodable control messages in a row is disconnected. */
 export const MAX_BAD_CONTROL = 50;
@@ -102,6 +102,8 @@ interface Entry {
   nextProbeAt: number;
   /** conn ids of offers already accepted from this peer -> their DTLS fingerprint (bounded): replays are ignored */
   seenOffers: Map<string, string>;
+  /** per conn: the link-level identity proof (DTLS links carry nothing until the peer's checks) */
+  proofs: Map<string, { open: (() => void) | undefined; theirs: Uint8Array | undefined; remote: Fingerprint | undefined; done: boolean }>;
 }
 
 export interface MeshCounters {
@@ -117,6 +119,8 @@ export interface MeshCounters {
   connectTimeouts: number;
   /** signals refused for links that are up: unsigned/forged bye, answers for an open link, replayed or stale offers (a hostile signaling server) */
   ignoredSignals: number;
+  /** messages dropped on a link whose peer has not yet proven its identity over it */
+  unproven: number;
 }
 
 type AppHandler = (from: string, body: unknown) => void;
@@ -134,7 +138,7 @@ export class MeshManager {
   private stopped = false;
   /** the signaling server refused to relay (--no-relay): stop dialing relay links */
   relayRefused = false;
-  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, relayLinks: 0, upgrades: 0, linksClosed: 0, dials: 0, connectTimeouts: 0, ignoredSignals: 0 };
+  readonly counters: MeshCounters = { badSignal: 0, badControl: 0, authFailures: 0, unknownSender: 0, linksOpened: 0, relayLinks: 0, upgrades: 0, linksClosed: 0, dials: 0, connectTimeouts: 0, ignoredSignals: 0, unproven: 0 };
 
   constructor(private readonly o: MeshOptions) {
     this.timing = { ...DEFAULT_TIMING, ...o.timing };
@@ -440,7 +444,7 @@ export class MeshManager {
     }
     if (!e) {
       const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
-      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, probe: undefined, probeAttempts: 0, nextProbeAt: 0, seenOffers: new Map() };
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, probe: undefined, probeAttempts: 0, nextProbeAt: 0, seenOffers: new Map(), proofs: new Map() };
       this.peers.set(p.id, e);
     } else {
       e.info = p;
@@ -527,7 +531,9 @@ export class MeshManager {
   private makeLink(e: Entry, conn: string, initiator: boolean, kind: LinkKind): TransportLink {
     const id = e.info.id;
     const transport = kind === "relay" ? this.o.relay! : this.o.transport;
-    return transport.createLink({
+    // eslint-disable-next-line prefer-const
+    let link: TransportLink;
+    link = transport.createLink({
       initiator,
       peer: id,
       conn,
@@ -535,25 +541,10 @@ export class MeshManager {
       handlers: {
         onSignal: (sig) => this.onLinkSignal(e, conn, sig, kind),
         onOpen: () => {
-          this.counters.linksOpened++;
-          if (e.probe?.conn === conn) {
-            e.probe.opened = true;
-            // The offerer decides: it switches and retires the old link; the answerer follows on its bye
-            // (which may have come first).
-            if (e.fsm.offerer || e.probe.retired) this.promote(e);
-            return;
-          }
-          if (e.linkConn === conn) {
-            e.linkOpened = true;
-            if (kind === "webrtc") {
-              e.webrtcFailures = 0;
-              e.lastWebrtcError = undefined;
-            } else {
-              e.probeAttempts = 0;
-              e.nextProbeAt = this.o.now() + PROBE_FIRST_MS;
-            }
-          }
-          this.feed(id, { type: "open", conn });
+          // A DTLS link carries nothing until the peer proved over the link itself that it is the node we
+          // signalled with: a signature over the two certificates actually negotiated and the conn id.
+          if (link.remoteFingerprint) this.beginLinkProof(e, conn, link, () => this.linkOpen(e, conn, kind));
+          else this.linkOpen(e, conn, kind);
         },
         onMessage: (ch, data) => this.onLinkMessage(e, conn, ch, data),
         onDrain: (ch) => {
@@ -573,10 +564,79 @@ export class MeshManager {
             e.linkConn = undefined;
             if (!this.stopped) this.sendBye(id, conn);
           }
+          e.proofs.delete(conn);
           this.feed(id, { type: "closed", conn, reason });
         },
       },
     });
+    return link;
+  }
+
+  /** The link (or upgrade probe) `conn` is open and, where the transport allows, proven: use it. */
+  private linkOpen(e: Entry, conn: string, kind: LinkKind): void {
+    this.counters.linksOpened++;
+    if (e.probe?.conn === conn) {
+      e.probe.opened = true;
+      // The offerer decides: it switches and retires the old link; the answerer follows on its bye
+      // (which may have come first).
+      if (e.fsm.offerer || e.probe.retired) this.promote(e);
+      return;
+    }
+    if (e.linkConn === conn) {
+      e.linkOpened = true;
+      if (kind === "webrtc") {
+        e.webrtcFailures = 0;
+        e.lastWebrtcError = undefined;
+      } else {
+        e.probeAttempts = 0;
+        e.nextProbeAt = this.o.now() + PROBE_FIRST_MS;
+      }
+    }
+    this.feed(e.info.id, { type: "open", conn });
+  }
+
+  /**
+   * DTLS is up on `conn`: send our proof over the link and hold the link until the peer's proof checks
+   * (it may already have arrived). See mesh/auth.ts proveLink.
+   */
+  private beginLinkProof(e: Entry, conn: string, link: TransportLink, open: () => void): void {
+    const remote = link.remoteFingerprint?.();
+    const st = e.proofs.get(conn) ?? { open: undefined, theirs: undefined, remote: undefined, done: false };
+    e.proofs.set(conn, st);
+    if (!remote) {
+      this.linkProofFailed(e, conn, "the DTLS handshake gave no remote certificate");
+      return;
+    }
+    st.remote = remote;
+    st.open = open;
+    link.send("control", encodeControl({ t: "auth", sig: proveLink(this.o.identity, e.info.id, conn, this.o.transport.fingerprint, remote) }));
+    if (st.theirs) this.checkLinkProof(e, conn, st.theirs);
+  }
+
+  private checkLinkProof(e: Entry, conn: string, sig: Uint8Array): void {
+    const st = e.proofs.get(conn);
+    if (!st || st.done) return;
+    if (!st.remote || !st.open) {
+      st.theirs = sig; // before our own open event: checked then
+      return;
+    }
+    if (!verifyLink({ from: e.info.id, fromPub: e.info.pub, selfId: this.selfId, conn, ours: this.o.transport.fingerprint, theirs: st.remote, sig })) {
+      this.linkProofFailed(e, conn, "the peer's proof over the link does not match the DTLS certificates negotiated (a man in the middle, or not the node we signalled with)");
+      return;
+    }
+    st.done = true;
+    const open = st.open;
+    st.open = undefined;
+    open();
+  }
+
+  private linkProofFailed(e: Entry, conn: string, why: string): void {
+    this.counters.authFailures++;
+    const reason = `authentication failed: ${why}`;
+    this.o.logger.warn("link refused: identity proof over the link failed", { peer: e.info.id, peerName: e.info.name, reason });
+    e.proofs.delete(conn);
+    if (e.probe?.conn === conn) this.endProbe(e, reason, true);
+    else this.feed(e.info.id, { type: "auth-failed", conn, reason });
   }
 
   /** A WebRTC attempt that never opened counts towards falling back to the relay. */
@@ -646,6 +706,18 @@ export class MeshManager {
     old?.close();
   }
 
+  /** Does this conn's link prove identities over the link (DTLS transports)? */
+  private needsProof(e: Entry, conn: string): boolean {
+    const link = e.linkConn === conn ? e.link : e.probe?.conn === conn ? e.probe.link : undefined;
+    return !!link?.remoteFingerprint;
+  }
+
+  private newProof(e: Entry, conn: string) {
+    const st = { open: undefined, theirs: undefined, remote: undefined, done: false };
+    e.proofs.set(conn, st);
+    return st;
+  }
+
   /** A bye through signaling, signed with our key (the receiver ignores unsigned ones for links that are up). */
   private sendBye(to: string, conn: string): void {
     this.o.signal.send(to, { kind: "bye", conn, sig: signRecord(this.o.identity, CTX_BYE, to, conn).sig });
@@ -703,6 +775,21 @@ export class MeshManager {
     // The probe carries traffic too: the peer may already have switched to it.
     if (e.linkConn !== conn && e.probe?.conn !== conn) return;
     const id = e.info.id;
+    const proof = e.proofs.get(conn) ?? (this.needsProof(e, conn) ? this.newProof(e, conn) : undefined);
+    if (proof && !proof.done) {
+      // Until the peer proved itself over this link only its proof gets through.
+      let m: ControlMsg | undefined;
+      if (ch === "control") {
+        try {
+          m = decodeControl(data);
+        } catch {
+          m = undefined;
+        }
+      }
+      if (m?.t === "auth") this.checkLinkProof(e, conn, m.sig);
+      else this.counters.unproven++;
+      return;
+    }
     if (ch === "packets") {
       this.packetHandler?.(id, data);
       return;

@@ -69,6 +69,12 @@ export interface TransportLink {
   readonly state: LinkState;
   stats(): Promise<LinkStats>;
   close(): void;
+  /**
+   * The fingerprint of the certificate the remote actually presented in the DTLS handshake (once open):
+   * what the link-level identity proof (mesh/auth.ts proveLink) covers. Transports without DTLS (relay,
+   * fakes) leave it out; their links are not proven that way.
+   */
+  remoteFingerprint?(): Fingerprint | undefined;
 }
 
 export interface LinkOptions {

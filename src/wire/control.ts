@@ -9,12 +9,14 @@
  *   B -> A  pong {seq, ts}       ts echoed; RTT = now - ts at the sender
  *   A -> B  bye {reason}         graceful shutdown: B marks A gone at once instead of waiting
  *   A -> B  app {ch, body}       payload for a higher layer (ch: "ipam", "topo", ...), body is opaque here
+ *   A -> B  auth {sig}           FIRST on a DTLS link, both ways: identity proof over the link (mesh/auth.ts
+ *                                proveLink); nothing else is accepted on the link until it checks
  *
  * Limits: MAX_CONTROL_BYTES per message. Unknown `t` values and bad fields raise ProtocolError; the
  * receiver counts and drops them (and logs once per peer) — a misbehaving peer never crashes us.
  */
 import { ProtocolError } from "../errors.js";
-import { PROTOCOL_VERSION, decodeEnvelope, encodeMessage, num, str, type WireMap } from "./codec.js";
+import { PROTOCOL_VERSION, bytes, decodeEnvelope, encodeMessage, num, str, type WireMap } from "./codec.js";
 
 export const MAX_CONTROL_BYTES = 256 * 1024;
 
@@ -23,7 +25,8 @@ export type ControlMsg =
   | { t: "ping"; seq: number; ts: number }
   | { t: "pong"; seq: number; ts: number }
   | { t: "bye"; reason: string }
-  | { t: "app"; ch: string; body: unknown };
+  | { t: "app"; ch: string; body: unknown }
+  | { t: "auth"; sig: Uint8Array };
 
 export function encodeControl(msg: ControlMsg): Uint8Array {
   const out = encodeMessage({ v: PROTOCOL_VERSION, ...msg } as WireMap);
@@ -43,6 +46,8 @@ export function decodeControl(data: Uint8Array): ControlMsg {
       return { t: "bye", reason: str(m, "reason", 256) };
     case "app":
       return { t: "app", ch: str(m, "ch", 32), body: m.body };
+    case "auth":
+      return { t: "auth", sig: bytes(m, "sig", 64) };
     default:
       throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown control message type ${JSON.stringify(m.t)}`);
   }

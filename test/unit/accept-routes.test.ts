@@ -25,5 +25,8 @@ describe("--accept-routes: which advertised routes a node installs", () => {
     const ds = decideRoutes({ ...base, offers: [{ node: X, cidr: "8.8.8.8/32" }, { node: Y, cidr: "8.8.8.0/24" }, { node: Y, cidr: "172.20.0.0/16" }], accept: "all" });
     expect(ok(ds)).toEqual([`${Y}:172.20.0.0/16`]);
     expect(ds.filter((d) => /conflicts/.test(d.reason))).toHaveLength(2);
+    // ...and an offer overlapping a route this node advertises itself is not installed either
+    const mine = decideRoutes({ ...base, offers: [{ node: X, cidr: "172.20.0.0/16" }], accept: "all", own: ["172.20.5.0/24"] });
+    expect(mine[0]).toMatchObject({ accepted: false, reason: expect.stringMatching(/advertised by this node/) });
   });
 });

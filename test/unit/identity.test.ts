@@ -1,7 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { checkTokenMac, CTX_HELLO, CTX_SDP, deriveNodeId, generateIdentity, identityFromPem, identityToPem, joinKeyOf, signFields, splitToken, tokenMac, verifyFields } from "../../src/identity.js";
-import { checkSdpFingerprints, proveSdp, verifySdp } from "../../src/mesh/auth.js";
+import { checkSdpFingerprints, proveLink, proveSdp, verifyLink, verifySdp } from "../../src/mesh/auth.js";
 import { AuthError } from "../../src/errors.js";
 
 const sdp = (fp: string) => `v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\na=fingerprint:sha-256 ${fp}\r\na=setup:actpass\r\n`;
@@ -140,5 +140,24 @@ describe("exactly one sha-256 fingerprint per SDP", () => {
         }
       }),
     );
+  });
+});
+
+describe("identity proof over the link (negotiated DTLS certificates)", () => {
+  const a = generateIdentity();
+  const b = generateIdentity();
+  const fa = { algorithm: "sha-256", value: FP1 };
+  const fb = { algorithm: "sha-256", value: FP2 };
+  const fm = { algorithm: "sha-256", value: Array(32).fill("EE").join(":") };
+  it("checks when both sides negotiated the same certificates, fails for a man in the middle on either side, another conn, or another key", () => {
+    const sig = proveLink(a, b.id, "c1", fa, fb); // a's view: own cert fa, saw fb
+    expect(verifyLink({ from: a.id, fromPub: a.publicKey, selfId: b.id, conn: "c1", ours: fb, theirs: fa, sig })).toBe(true);
+    // b actually talks DTLS to a middleman (saw fm instead of fa): refused
+    expect(verifyLink({ from: a.id, fromPub: a.publicKey, selfId: b.id, conn: "c1", ours: fb, theirs: fm, sig })).toBe(false);
+    // a talked to a middleman (saw fm): its proof names fm, b's own cert is fb: refused
+    const sig2 = proveLink(a, b.id, "c1", fa, fm);
+    expect(verifyLink({ from: a.id, fromPub: a.publicKey, selfId: b.id, conn: "c1", ours: fb, theirs: fa, sig: sig2 })).toBe(false);
+    expect(verifyLink({ from: a.id, fromPub: a.publicKey, selfId: b.id, conn: "c2", ours: fb, theirs: fa, sig })).toBe(false);
+    expect(verifyLink({ from: a.id, fromPub: b.publicKey, selfId: b.id, conn: "c1", ours: fb, theirs: fa, sig })).toBe(false);
   });
 });
