@@ -10,7 +10,8 @@
 # Stage 1 compiles TypeScript and builds the CNI plugin as a single executable (Node SEA:
 # dist/cni/weftnet-cni, runs on hosts without Node.js; the init container copies it to /opt/cni/bin).
 # Stage 2 keeps production dependencies only, plus the OS tools the agent drives: iproute2 (ip),
-# iptables (the WEFTNET-FWD chain) and util-linux (nsenter; already in Debian's base).
+# iptables (the WEFTNET-FWD chain), ebtables (per-pod source filter on the host veth) and util-linux
+# (nsenter; already in Debian's base).
 # Install scripts of dependencies are not run (--ignore-scripts): none is needed (README "Dependencies").
 
 FROM node:20-slim AS build
@@ -28,7 +29,7 @@ RUN npm run build && node scripts/build-cni.mjs
 
 FROM node:20-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 iptables \
+ && apt-get install -y --no-install-recommends iproute2 iptables ebtables \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 ENV NODE_ENV=production
