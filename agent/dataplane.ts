@@ -203,17 +203,20 @@ export class DataPlane {
     dp.refreshSources();
     agent.router.onChange(() => dp.refreshSources());
     agent.ipam.onBlocksChanged(() => dp.refreshSources());
-    // Remote IPAM ownership changes without a local event: look again every second.
+    // Remote IPAM ownership changes without a local event: look again every 250 ms (a new block of another
+    // node is refused as a source until then; the key comparison keeps an unchanged table cheap).
+    let ticks = 0;
     dp.sourcesTimer = setInterval(() => {
       dp.refreshSources();
       if (dp.sourcesKey !== dp.ownersKey) {
         dp.ownersKey = dp.sourcesKey;
         agent.router.refreshOwners(); // forwarding follows IPAM ownership and accepted routes
       }
+      if (++ticks % 4 !== 0) return; // peers' addresses: once a second
       void agent.mesh.status().then((ps) => {
         dp.peerAddrs = ps.flatMap((p) => (p.selected ? [p.selected.remoteAddress.replace(/:\d+$/, "")] : []));
       }, () => {});
-    }, 1000);
+    }, 250);
     dp.sourcesTimer.unref?.();
     return dp;
   }
