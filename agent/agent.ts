@@ -134,7 +134,7 @@ export interface AgentStatus {
   bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"] } | null;
   dataplane: ReturnType<DataPlane["stats"]> | null;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: Agent["routeConflicts"] };
-  counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number };
+  counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
 }
 
 export class Agent {
@@ -476,7 +476,9 @@ export class Agent {
         relayBytesIn: this.relay?.counters.bytesIn ?? 0,
         relayBytesOut: this.relay?.counters.bytesOut ?? 0,
         relayBadFrames: this.relay?.counters.badFrames ?? 0,
-        badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords },
+        badSignalFrames: this.signal.badFrames, badGossip: this.router.counters.badGossip, rejectedTopologyRecords: this.router.counters.rejectedRecords,
+        // records refused for their signature (not by their origin, unsigned) or a seq jump: forged gossip
+        forgedTopologyRecords: ["ERR_BAD_SIGNATURE", "ERR_UNSIGNED", "ERR_SEQ_JUMP"].reduce((n, c) => n + (this.router.rejectedByCode.get(c) ?? 0), 0) },
     };
   }
 

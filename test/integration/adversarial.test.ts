@@ -174,6 +174,7 @@ describe("a rogue agent with the token", () => {
     expect(v.router.rejectedByCode.get("ERR_BAD_SIGNATURE")).toBeGreaterThanOrEqual(4);
     expect(v.router.rejectedByCode.get("ERR_UNSIGNED")).toBeGreaterThanOrEqual(6);
     expect(v.router.rejectedByCode.get("ERR_SEQ_JUMP")).toBeGreaterThanOrEqual(5);
+    expect((await v.status()).counters.forgedTopologyRecords).toBeGreaterThanOrEqual(15);
     // X's record at the victim is X's own, the victim's counter was not pushed, routes unchanged
     const nowX = v.router.topo.get(x.id)!;
     expect(nowX.pub).toEqual(genuineX.pub);
