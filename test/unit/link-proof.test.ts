@@ -65,10 +65,10 @@ const settle = async (f: () => void, ms = 300) => {
 describe("identity proof over the link (mesh manager)", () => {
   it("honest: the link opens only through the proof and then carries traffic", async () => {
     const { a, b, ia, ib, packets } = pair(false);
-    await settle(() => (a.tick(), b.tick()));
+    for (let t0 = Date.now(); !(a.isConnected(ib.id) && b.isConnected(ia.id)) && Date.now() - t0 < 5000; ) await settle(() => (a.tick(), b.tick()), 50);
     expect(a.isConnected(ib.id) && b.isConnected(ia.id)).toBe(true);
     expect(a.sendPacket(ib.id, new Uint8Array([1, 2, 3]))).toBe("ok");
-    await settle(() => {}, 50);
+    for (let t0 = Date.now(); packets.b!.length === 0 && Date.now() - t0 < 2000; ) await settle(() => {}, 20);
     expect(packets.b).toHaveLength(1);
     expect(a.counters.authFailures + b.counters.authFailures).toBe(0);
     await a.stop();
