@@ -173,6 +173,26 @@ describe("bulk link (agents on loopback)", () => {
     expect(got[0]![1]).toBe(1); // virtio gso_type TCPV4: a super-packet again
   }, 60_000);
 
+  it("multi-hop: frames for another destination keep their own header through segmenting and coalescing", async () => {
+    const [a, b] = await pair();
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
+    const far = "00000000000000ff"; // a node behind b (b would forward these)
+    const got = new Map<string, number>();
+    b.bulk!.onFrame((_from, frame) => {
+      const f = decodeFrame(frame);
+      if (!f.ok) throw new Error(f.detail);
+      got.set(f.dst, (got.get(f.dst) ?? 0) + f.packets.reduce((n, p) => n + p.length - VNET_HDR_LEN - 40, 0));
+    });
+    const data = Buffer.alloc(30_000, 7);
+    for (let i = 0; i < 10; i++) {
+      const dst = i % 2 ? far : b.id;
+      expect(a.bulk!.send(b.id, encodeFrames(nodeIdToBytes(a.id), nodeIdToBytes(dst), [tcpGso(data, 1360, i * 30_000)]).frames[0]!)).toBe("ok");
+    }
+    await waitFor(() => (got.get(b.id) ?? 0) + (got.get(far) ?? 0) >= 10 * data.length, 5000, "all bytes");
+    expect(got.get(b.id)).toBe(5 * data.length);
+    expect(got.get(far)).toBe(5 * data.length);
+  }, 60_000);
+
   it("falls back to the WebRTC link within a second of going silent, and comes back", async () => {
     const [a, b] = await pair();
     await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
