@@ -62,8 +62,8 @@ Options:
   --advertise-routes CIDR[,CIDR]
                         make this node the mesh's gateway for networks it can reach that the mesh does
                         not own (a home LAN, another cluster's pod range); refused when a prefix
-                        overlaps the cluster range; when it overlaps another node's, the lower node id
-                        keeps it and the other side reports the conflict in status
+                        overlaps the cluster range; when it overlaps another node's, both sides report
+                        the conflict in status and other nodes install neither (see --accept-routes)
   --accept-routes CIDR[,CIDR]|all
                         install routes other nodes advertise only when they lie within these CIDRs
                         (or \`all\`); default none. Never installed: loopback, link-local/169.254 (cloud
