@@ -48,10 +48,6 @@ function localNetworks(): Cidr[] {
   return out;
 }
 
-/** Packets-channel queue above which the TUN is not read (see pauseIfQueued), and below which it is again. */
-export const QUEUE_HIGH = 128 * 1024;
-export const QUEUE_LOW = 48 * 1024;
-
 /** Received packets collected before a coalesce + TUN write is forced (see DataPlane.toTun). */
 const RX_BATCH = 1024;
 
@@ -107,6 +103,7 @@ export class DataPlane {
       nextHop: (n) => agent.router.nextHop(n),
       // The bulk UDP link where it is up (agent/transport/bulk.ts), else the mesh link (WebRTC/relay).
       send: (peer, frame) => agent.bulk?.send(peer, frame) ?? mesh.sendPacket(peer, frame),
+      queued: (peer) => mesh.queued(peer),
       sendBorrows: true, // TransportLink.send copies or transmits before returning
       deliver: (pkts) => this.toTun(pkts),
       vnetHdr: tun.vnetHdr,
@@ -176,7 +173,6 @@ export class DataPlane {
       (batch) => {
         fw.fromTun(batch);
         if (fw.shouldPause()) tun.pause();
-        else dp.pauseIfQueued();
       },
       (err) => opts.logger.error("TUN read loop stopped", { err }),
     );
@@ -185,7 +181,7 @@ export class DataPlane {
     agent.mesh.onDrain((peer, ch) => {
       if (ch !== "packets") return;
       fw.drained(peer);
-      if (tun.paused) tun.resume();
+      if (tun.paused && !fw.shouldPause()) tun.resume();
     });
     agent.mesh.onPeerDown((peer) => {
       fw.linkDown(peer);
@@ -241,7 +237,6 @@ export class DataPlane {
   }
 
   routesKey = "";
-  private resumeTimer: NodeJS.Timeout | undefined;
   /** address -> node allowed to use it (forwarder `sources`), rebuilt by refreshSources() */
   readonly sources = new PrefixTable<string>();
   private readonly sealer: FrameSealer;
@@ -268,29 +263,6 @@ export class DataPlane {
     this.sources.replaceAll(entries.filter(([c]) => !seen.has(c) && !!seen.add(c)));
   }
 
-  /**
-   * Proactive backpressure: stop reading the TUN while every peer the last batch went to has more than
-   * QUEUE_HIGH queued on its packets channel, before a full queue forces us to drop whole 64 KB GSO
-   * frames (each drop costs TCP a burst of retransmits). Resume when one falls below QUEUE_LOW.
-   */
-  pauseIfQueued(): void {
-    const targets = this.forwarder.targets;
-    if (targets.size === 0 || this.tun.paused) return;
-    for (const t of targets) if ((this.agent.mesh.link(t)?.bufferedAmount("packets") ?? 0) < QUEUE_HIGH) return;
-    this.tun.pause();
-    const poll = () => {
-      if (this.stopped) return;
-      for (const t of targets) {
-        if ((this.agent.mesh.link(t)?.bufferedAmount("packets") ?? 0) < QUEUE_LOW) {
-          this.resumeTimer = undefined;
-          if (this.tun.paused && !this.forwarder.shouldPause()) this.tun.resume();
-          return;
-        }
-      }
-      this.resumeTimer = setTimeout(poll, 1);
-    };
-    this.resumeTimer = setTimeout(poll, 1);
-  }
   private gatewayActive = false;
   private readonly gateway: AdvertiseGateway;
 
@@ -371,7 +343,6 @@ export class DataPlane {
 
   async stop(): Promise<void> {
     this.stopped = true;
-    if (this.resumeTimer) clearTimeout(this.resumeTimer);
     if (this.sourcesTimer) clearInterval(this.sourcesTimer);
     await this.applying;
     await this.tun.close();

@@ -6,8 +6,8 @@
  *   no renegotiation, remote candidates are buffered (up to 256) until the remote description is set);
  * - terminal transition: finish() frees the link once and calls onClose exactly once;
  * - handlers: every call into LinkHandlers goes through call(), which logs instead of throwing into the library;
- * - send(): max-message-size check (logged once per link and channel), buffer limit / low-water refusal,
- *   onDrain once after a refusal, send-failure logging once per link, byte counters;
+ * - send(): a typed SendResult; max-message-size check ("too-big", logged once per link and channel), buffer
+ *   limit / low-water refusal ("full"), onDrain once after a refusal or after packets went above low water, send-failure logging once per link, byte counters;
  * - receive: string messages (a misbehaving peer) are delivered as their UTF-8 bytes, logged once;
  * - stats(): byte counters plus the selected candidate pair when the library knows it;
  * - path MTU check (probeMtu): see below.
@@ -24,7 +24,7 @@
  * Subclasses implement the small hooks below with their library's calls and keep everything
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
  */
-import type { ChannelName, LinkHandlers, LinkSignal, LinkState, LinkStats, SelectedPath, TransportLink } from "../../src/mesh/transport.js";
+import type { ChannelName, LinkHandlers, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Logger } from "../../src/log.js";
 
@@ -388,33 +388,36 @@ export abstract class LinkBase implements TransportLink {
     }
   }
 
-  send(channel: ChannelName, data: Uint8Array): boolean {
-    if (this._state !== "open") return false;
+  send(channel: ChannelName, data: Uint8Array): SendResult {
+    if (this._state !== "open") return "closed";
     const cap = this.sendCapacity(channel);
-    if (!cap) return false;
+    if (!cap) return "closed";
     const size = data.byteLength;
     if (size > cap.maxSize) {
       if (!this.oversizeLogged[channel]) {
         this.oversizeLogged[channel] = true;
         this.log.warn("message larger than the max message size dropped", { channel, size, max: cap.maxSize });
       }
-      return false;
+      return "too-big";
     }
     // Refuse only above the low-water mark, so that the library's "buffer low" event comes later (onDrain).
+    const low = this.lowWater(channel);
     const limit = channel === "control" ? this.limits.controlBufferLimit : this.limits.packetsBufferLimit;
-    if (cap.buffered > this.lowWater(channel) && cap.buffered + size > limit) {
+    if (cap.buffered > low && cap.buffered + size > limit) {
       this.wantDrain[channel] = true;
-      return false;
+      return "full";
     }
     try {
       this.sendNow(channel, data);
       this.bytesSent += size;
-      return true;
+      // Packets above the low-water mark: report the fall back to it (the Forwarder's high-water pause).
+      if (channel === "packets" && cap.buffered + size > low) this.wantDrain.packets = true;
+      return "ok";
     } catch (err) {
       // A channel that closes under a burst of sends would log once per message: warn once per link.
       if (!this.sendFailLogged) this.log.warn("data channel send failed (further failures on this link are not logged)", { channel, size, err });
       this.sendFailLogged = true;
-      return false;
+      return "closed";
     }
   }
 

@@ -20,12 +20,17 @@
  */
 import { createCipheriv, createDecipheriv, createHash, createPublicKey, diffieHellman, generateKeyPairSync, hkdfSync, type KeyObject } from "node:crypto";
 import { silentLogger, type Logger } from "../../src/log.js";
-import type { ChannelName, Fingerprint, LinkOptions, LinkSignal, LinkState, LinkStats, Transport, TransportLink } from "../../src/mesh/transport.js";
+import type { ChannelName, Fingerprint, LinkOptions, LinkSignal, LinkState, LinkStats, SendResult, Transport, TransportLink } from "../../src/mesh/transport.js";
 
 export const RELAY_FRAME_VERSION = 1;
 /** Above this much data queued on the signaling WebSocket, sends are refused (backpressure). */
 export const RELAY_BUFFER_LIMIT = 2 * 1024 * 1024;
 export const RELAY_LOW_WATER = 512 * 1024;
+/**
+ * After a packets send leaves more than this queued, the link reports the fall back to it (onDrain): the
+ * Forwarder's high-water pause (src/packet/forwarder.ts QUEUE_HIGH) waits for that, so this stays below it.
+ */
+export const RELAY_PACKETS_LOW_WATER = 48 * 1024;
 /** Largest message a relay link accepts: one GSO frame and some. */
 export const RELAY_MAX_MESSAGE = 72 * 1024;
 const MAX_BAD_FRAMES = 32;
@@ -81,12 +86,16 @@ export function createRelayTransport(o: RelayTransportOptions): RelayTransport {
   const counters = { badFrames: 0, framesIn: 0, framesOut: 0, bytesIn: 0, bytesOut: 0 };
   const salt = createHash("sha256").update(o.token).digest();
   let drainTimer: NodeJS.Timeout | undefined;
-  const waitDrain = () => {
+  let drainAt = Infinity;
+  /** Poll the signaling socket until its queue is at or below `at`, then tell the links that asked. */
+  const waitDrain = (at: number) => {
+    drainAt = Math.min(drainAt, at);
     if (drainTimer) return;
     drainTimer = setInterval(() => {
-      if (o.port.bufferedAmount() > RELAY_LOW_WATER) return;
+      if (o.port.bufferedAmount() > drainAt) return;
       clearInterval(drainTimer);
       drainTimer = undefined;
+      drainAt = Infinity;
       for (const l of links.values()) l.drained();
     }, 10);
     drainTimer.unref?.();
@@ -152,7 +161,7 @@ class RelayLink implements TransportLink {
     private readonly salt: Buffer,
     private readonly log: Logger,
     private readonly counters: { framesOut: number; badFrames: number; bytesOut: number },
-    private readonly waitDrain: () => void,
+    private readonly waitDrain: (at: number) => void,
     private readonly forget: () => void,
   ) {
     this.peer = opts.peer!;
@@ -200,13 +209,13 @@ class RelayLink implements TransportLink {
     setImmediate(() => this.state === "open" && this.call(() => this.opts.handlers.onOpen()));
   }
 
-  send(channel: ChannelName, data: Uint8Array): boolean {
-    if (this.state !== "open" || !this.sendKey || !this.t.port.up) return false;
-    if (data.byteLength > RELAY_MAX_MESSAGE) return false;
+  send(channel: ChannelName, data: Uint8Array): SendResult {
+    if (this.state !== "open" || !this.sendKey || !this.t.port.up) return "closed";
+    if (data.byteLength > RELAY_MAX_MESSAGE) return "too-big";
     if (this.t.port.bufferedAmount() > RELAY_BUFFER_LIMIT) {
       this.wantDrain = true;
-      this.waitDrain();
-      return false;
+      this.waitDrain(RELAY_LOW_WATER);
+      return "full";
     }
     const header = Buffer.allocUnsafe(2 + this.connBytes.length + 9);
     header[0] = RELAY_FRAME_VERSION;
@@ -221,11 +230,15 @@ class RelayLink implements TransportLink {
     const c = createCipheriv("chacha20-poly1305", this.sendKey, nonce, { authTagLength: 16 });
     c.setAAD(Buffer.concat([header, Buffer.from(this.t.selfId), Buffer.from(this.peer)]), { plaintextLength: data.byteLength });
     const frame = Buffer.concat([header, c.update(data), c.final(), c.getAuthTag()]);
-    if (!this.t.port.sendRelay(this.peer, frame)) return false;
+    if (!this.t.port.sendRelay(this.peer, frame)) return "closed";
     this.counters.framesOut++;
     this.counters.bytesOut += frame.byteLength;
     this.bytesSent += data.byteLength;
-    return true;
+    if (channel === "packets" && this.t.port.bufferedAmount() > RELAY_PACKETS_LOW_WATER) {
+      this.wantDrain = true;
+      this.waitDrain(RELAY_PACKETS_LOW_WATER);
+    }
+    return "ok";
   }
 
   receive(frame: Uint8Array): void {

@@ -13,7 +13,7 @@ import { checkSdpFingerprints, proveLink, proveSdp, verifyLink, verifySdp } from
 import { CTX_BYE, deriveNodeId, signRecord, verifyRecord } from "../identity.js";
 import { PROBE_BACKOFF, probeDelay } from "./backoff.js";
 import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
-import { fingerprintString, type Fingerprint, type ChannelName, type LinkSignal, type LinkStats, type Transport, type TransportLink } from "./transport.js";
+import { fingerprintString, type Fingerprint, type ChannelName, type LinkSignal, type LinkStats, type SendResult, type Transport, type TransportLink } from "./transport.js";
 
 /** A peer that sends this many undecodable control messages in a row is disconnected. */
 export const MAX_BAD_CONTROL = 50;
@@ -297,11 +297,21 @@ export class MeshManager {
   sendApp(peer: string, ch: string, body: unknown): boolean {
     return this.sendControl(peer, { t: "app", ch, body });
   }
-  /** Queue a data-plane frame; "queue-full" means the link is up but its packets buffer is over the limit. */
-  sendPacket(peer: string, data: Uint8Array): "ok" | "no-link" | "queue-full" {
+  /** Queue a data-plane frame on the peer's packets channel; "closed" when the peer is not connected. */
+  sendPacket(peer: string, data: Uint8Array): SendResult {
     const e = this.peers.get(peer);
-    if (!e?.link || e.fsm.state !== "connected") return "no-link";
-    return e.link.send("packets", data) ? "ok" : "queue-full";
+    if (!e?.link || e.fsm.state !== "connected") return "closed";
+    return e.link.send("packets", data);
+  }
+  /** Bytes queued on the peer's packets channel (the Forwarder's high-water check). */
+  queued(peer: string): number {
+    const e = this.peers.get(peer);
+    if (!e?.link || e.fsm.state !== "connected") return 0;
+    return e.link.bufferedAmount("packets");
+  }
+
+  private emitDrain(e: Entry, ch: ChannelName): void {
+    for (const f of this.drainListeners) f(e.info.id, ch);
   }
   onDrain(f: (peer: string, channel: ChannelName) => void): void {
     this.drainListeners.push(f);
@@ -548,7 +558,7 @@ export class MeshManager {
         },
         onMessage: (ch, data) => this.onLinkMessage(e, conn, ch, data),
         onDrain: (ch) => {
-          if (e.linkConn === conn) for (const f of this.drainListeners) f(id, ch);
+          if (e.linkConn === conn) this.emitDrain(e, ch);
         },
         onClose: (reason) => {
           this.counters.linksClosed++;
@@ -704,6 +714,8 @@ export class MeshManager {
     this.o.logger.info("path upgraded: relay -> direct WebRTC", { peer: e.info.id, peerName: e.info.name });
     if (oldConn !== undefined && e.fsm.offerer && !this.stopped) this.sendBye(e.info.id, oldConn);
     old?.close();
+    // Frames the Forwarder holds for the old link wait for a drain the old link will never send.
+    this.emitDrain(e, "packets");
   }
 
   /** Does this conn's link prove identities over the link (DTLS transports)? */
@@ -768,7 +780,7 @@ export class MeshManager {
   private sendControl(peer: string, msg: ControlMsg): boolean {
     const e = this.peers.get(peer);
     if (!e?.link || e.fsm.state !== "connected") return false;
-    return e.link.send("control", encodeControl(msg));
+    return e.link.send("control", encodeControl(msg)) === "ok";
   }
 
   private onLinkMessage(e: Entry, conn: string, ch: ChannelName, data: Uint8Array): void {

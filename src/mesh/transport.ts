@@ -10,6 +10,15 @@ import type { IceCandidateInit } from "../wire/signal.js";
 
 export type ChannelName = "control" | "packets";
 
+/**
+ * What TransportLink.send did with a message (one backpressure policy; src/packet/forwarder.ts reacts):
+ *   ok       queued or sent
+ *   full     over the channel's buffer limit: refused, and onDrain(channel) follows once it can take more
+ *   too-big  larger than the link's max message size: refused for good (a counted drop; never waits for a drain)
+ *   closed   the link or channel is not open (not yet, or any more): refused; no drain follows
+ */
+export type SendResult = "ok" | "full" | "too-big" | "closed";
+
 export interface Fingerprint {
   algorithm: string; // e.g. "sha-256"
   value: string; // uppercase hex pairs separated by ':'
@@ -29,7 +38,11 @@ export interface LinkHandlers {
   onMessage(channel: ChannelName, data: Uint8Array): void;
   /** Terminal: the link is gone (closed locally, failed, or the remote went away). Called once. */
   onClose(reason: string): void;
-  /** The channel's buffered amount fell below the low-water mark after `send` returned false. */
+  /**
+   * The channel's buffered amount fell to its low-water mark after `send` returned "full", or (packets
+   * channel) after a send left it above the low-water mark: the watermark signal the Forwarder's
+   * per-peer high-water pause waits for. Called once per such episode; may be stale (check queued).
+   */
   onDrain?(channel: ChannelName): void;
 }
 
@@ -54,11 +67,11 @@ export interface TransportLink {
   /** Feed a signal from the remote side (offer/answer/candidate). Candidates before the remote description are buffered. */
   handleSignal(sig: LinkSignal): Promise<void>;
   /**
-   * Queue a message. Returns false (and drops it) when the channel is not open or over its buffer limit.
+   * Queue a message; anything but "ok" means it was dropped (see SendResult).
    * `data` is borrowed for the duration of the call only: the caller may overwrite it once send() returns,
    * so a link that keeps the bytes (queues them) copies them first.
    */
-  send(channel: ChannelName, data: Uint8Array): boolean;
+  send(channel: ChannelName, data: Uint8Array): SendResult;
   bufferedAmount(channel: ChannelName): number;
   /**
    * Bytes of one `packets` message that travel in one packet on the wire (one SCTP packet in one DTLS

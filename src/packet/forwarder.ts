@@ -7,19 +7,29 @@
  *
  *   frame from peer ──peek header──▶ dst == self ? decode + deliver(packets) : ttl-1, send(nextHop(dst))
  *
- * Every packet or frame that goes nowhere is counted under a typed DropReason. Backpressure: `send`
- * returns "queue-full" when the link's queue is full; the peer is then saturated until `drained(peer)`,
- * and the refused frame and any later ones for that peer wait in a per-peer hold buffer (`holdBytes`,
- * default 1 MiB, copied: frames are borrowed) that `drained` flushes in order. Only what does not fit
- * there is dropped (`queue-full`). `shouldPause()` tells the driver to stop reading the TUN while every
- * peer it sent to in the last batch is saturated: the packets then wait in the kernel's TUN queue, whose
- * tail drop is what TCP backs off from. Without the hold buffer the rest of a read batch (up to 2 MiB)
- * was dropped whenever a link filled up mid-batch, and TCP saw a burst of losses per saturation.
+ * Every packet or frame that goes nowhere is counted under a typed DropReason.
+ *
+ * Backpressure, one policy (the only one: the driver has no timer of its own). `send` returns a typed
+ * SendResult (src/mesh/transport.ts):
+ *   ok       sent
+ *   full     the link's queue is full: the peer is *saturated* until `drained(peer)`; the refused frame and
+ *            any later ones for that peer wait in a per-peer hold buffer (`holdBytes`, default 1 MiB, copied:
+ *            frames are borrowed) that `drained` flushes in order. Only what does not fit there is dropped
+ *            (`queue-full`).
+ *   too-big  a counted drop (`too-big`); the peer is NOT saturated (no drain would ever come for it)
+ *   closed   a counted drop (`no-link`)
+ * Watermarks: after each TUN batch, a peer whose queue (`queued(peer)`) is at or above `highWater` (default
+ * QUEUE_HIGH) is *above high water* until its next `drained(peer)` (links report the fall back to their
+ * low-water mark). `shouldPause()` tells the driver to stop reading the TUN while every peer the last
+ * batch went to is saturated or above high water: the packets then wait in the kernel's TUN queue, whose
+ * tail drop is what TCP backs off from, instead of filling the link's queue until whole 64 KB GSO frames
+ * are refused. `drained(peer)` and `linkDown(peer)` are the driver's cues to check `shouldPause()` again.
  */
 import { DropCounters } from "./drop.js";
 import { FrameEncoder, decodeFrame, decrementTtl, nodeIdToBytes, peekFrameHeader, DEFAULT_MAX_MESSAGE_SIZE } from "./frame.js";
 import { peekIp, type IpHeader } from "./ip.js";
 import { FLAG_SEALED, SEAL_OVERHEAD, type FrameSealer } from "./seal.js";
+import type { SendResult } from "../mesh/transport.js";
 import type { PrefixTable } from "./prefix-table.js";
 import { VNET_HDR_LEN } from "./vnet.js";
 import { LinkSegmenter, type SegmentMode } from "./gso-policy.js";
@@ -30,8 +40,12 @@ export interface ForwarderPorts {
   routes: PrefixTable<string>;
   /** next hop towards a node (itself when directly connected), undefined when unreachable */
   nextHop(node: string): string | undefined;
-  /** queue a frame on the peer's packets channel; false when there is no link or its queue is full */
-  send(peer: string, frame: Uint8Array): "ok" | "no-link" | "queue-full";
+  /** queue a frame on the peer's data link (see the header for what each result does) */
+  send(peer: string, frame: Uint8Array): SendResult;
+  /** bytes queued on the peer's data link (the high-water check); absent: no watermark pause */
+  queued?(peer: string): number;
+  /** queued(peer) at or above this pauses the TUN (see the header). Default QUEUE_HIGH. */
+  highWater?: number;
   /**
    * send() is done with the frame when it returns (it copied or transmitted the bytes, as TransportLink
    * promises): frames are then built in one reused buffer instead of fresh slabs. Default false.
@@ -71,6 +85,8 @@ export interface ForwarderPorts {
 
 /** Default per-peer hold buffer: a few read batches' worth (see the header). */
 export const HOLD_BYTES = 1 << 20;
+/** Default high-water mark of a peer's data-link queue (see the header). */
+export const QUEUE_HIGH = 128 * 1024;
 
 /** Frames refused by a saturated link, in order, copied into one buffer that is reset when emptied. */
 class HoldQueue {
@@ -130,6 +146,9 @@ export class Forwarder {
   private readonly selfBytes: Uint8Array;
   private readonly idBytes = new Map<string, Uint8Array>();
   private readonly saturated = new Set<string>();
+  /** peers whose queue was at or above high water after a batch, until their next drain */
+  private readonly aboveHigh = new Set<string>();
+  private readonly highWater: number;
   private lastTargets = new Set<string>();
   private readonly groups = new Map<string, Uint8Array[]>();
   private readonly held = new Map<string, HoldQueue>();
@@ -143,6 +162,7 @@ export class Forwarder {
     this.selfBytes = nodeIdToBytes(p.selfId);
     this.hdrOff = p.vnetHdr === false ? 0 : VNET_HDR_LEN;
     this.holdBytes = Math.max(0, p.holdBytes ?? HOLD_BYTES);
+    this.highWater = p.highWater ?? QUEUE_HIGH;
     this.decodeOpts = { maxMessageSize: Math.max(p.maxMessageSize ?? 0, DEFAULT_MAX_MESSAGE_SIZE) + SEAL_OVERHEAD };
     this.segmenter = new LinkSegmenter({ mode: p.segment ?? "auto" });
   }
@@ -187,6 +207,8 @@ export class Forwarder {
       this.encodeAndSend(owner, hop, pkts);
     }
     this.lastTargets = targets;
+    const queued = this.p.queued;
+    if (queued) for (const t of targets) if (queued(t) >= this.highWater) this.aboveHigh.add(t);
   }
 
   private encodeAndSend(owner: string, hop: string, batch: Uint8Array[]): void {
@@ -239,16 +261,15 @@ export class Forwarder {
       this.sent(owner, frame.length, packets);
       return;
     }
-    if (r === "queue-full") {
+    if (r === "full") {
       this.saturated.add(hop);
       let hq = q;
       if (!hq && this.holdBytes > 0) this.held.set(hop, (hq = new HoldQueue(this.holdBytes)));
-      if (hq) {
-        this.hold(hq, owner, frame, packets);
-        return;
-      }
+      if (hq) this.hold(hq, owner, frame, packets);
+      else this.drops.drop("queue-full", packets);
+      return;
     }
-    this.drops.drop(r, packets);
+    this.drops.drop(r === "too-big" ? "too-big" : "no-link", packets);
   }
 
   /** Queue behind the peer's held frames (the peer is saturated while any wait). */
@@ -349,16 +370,18 @@ export class Forwarder {
 
   /** The peer's link can take more: send what waits for it, in order, until it is full again. */
   drained(peer: string): void {
+    this.aboveHigh.delete(peer);
     const q = this.held.get(peer);
     while (q && !q.empty) {
       const f = q.peek()!;
       const r = this.p.send(peer, f.frame);
-      if (r === "queue-full") return; // still saturated; the next drain continues
-      if (r === "no-link") {
+      if (r === "full") return; // still saturated; the next drain continues
+      if (r === "closed") {
         this.linkDown(peer);
         return;
       }
-      this.sent(f.owner, f.frame.length, f.packets);
+      if (r === "ok") this.sent(f.owner, f.frame.length, f.packets);
+      else this.drops.drop("too-big", f.packets); // the link changed under the held frame (a smaller max message size)
       q.shift();
     }
     this.saturated.delete(peer);
@@ -372,6 +395,7 @@ export class Forwarder {
       if (packets) this.drops.drop("no-link", packets);
     }
     this.saturated.delete(peer);
+    this.aboveHigh.delete(peer);
   }
 
   /** Frames waiting for `peer` to drain (tests, status). */
@@ -379,10 +403,10 @@ export class Forwarder {
     return !(this.held.get(peer)?.empty ?? true);
   }
 
-  /** Stop reading the TUN: every peer the last batch went to is saturated. */
+  /** Stop reading the TUN: every peer the last batch went to is saturated or above high water. */
   shouldPause(): boolean {
     if (this.lastTargets.size === 0) return false;
-    for (const t of this.lastTargets) if (!this.saturated.has(t)) return false;
+    for (const t of this.lastTargets) if (!this.saturated.has(t) && !this.aboveHigh.has(t)) return false;
     return true;
   }
 

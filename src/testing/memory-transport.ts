@@ -4,7 +4,7 @@
  * A link only opens when the offer/answer fingerprints match the two transports' real fingerprints,
  * so fingerprint tampering in transit makes the link fail to open, as DTLS would.
  */
-import type { ChannelName, Fingerprint, LinkOptions, LinkSignal, LinkState, LinkStats, Transport, TransportLink } from "../mesh/transport.js";
+import type { ChannelName, Fingerprint, LinkOptions, LinkSignal, LinkState, LinkStats, SendResult, Transport, TransportLink } from "../mesh/transport.js";
 import { sdpFingerprint } from "../mesh/transport.js";
 
 export class MemoryNetwork {
@@ -77,9 +77,9 @@ export class MemoryLink implements TransportLink {
       });
     }
   }
-  send(channel: ChannelName, data: Uint8Array): boolean {
+  send(channel: ChannelName, data: Uint8Array): SendResult {
     const peer = this.peer;
-    if (this.state !== "open" || !peer) return false;
+    if (this.state !== "open" || !peer) return "closed";
     this.sent += data.byteLength;
     const copy = new Uint8Array(data);
     setImmediate(() => {
@@ -87,7 +87,7 @@ export class MemoryLink implements TransportLink {
       peer.received += copy.byteLength;
       peer.opts.handlers.onMessage(channel, copy);
     });
-    return true;
+    return "ok";
   }
   bufferedAmount(): number {
     return 0;

@@ -137,10 +137,10 @@ export async function connectPair(ta: Transport, tb: Transport, shuffle = false)
 
 /** Each side sends one message on each channel; each must arrive once, intact, as a Uint8Array. */
 export async function exchangeBothChannels(a: Side, b: Side): Promise<void> {
-  expect(a.link.send("control", new Uint8Array([1, 2, 3]))).toBe(true);
-  expect(a.link.send("packets", new Uint8Array([4, 5]))).toBe(true);
-  expect(b.link.send("control", new Uint8Array([6]))).toBe(true);
-  expect(b.link.send("packets", new Uint8Array([7, 8, 9, 10]))).toBe(true);
+  expect(a.link.send("control", new Uint8Array([1, 2, 3]))).toBe("ok");
+  expect(a.link.send("packets", new Uint8Array([4, 5]))).toBe("ok");
+  expect(b.link.send("control", new Uint8Array([6]))).toBe("ok");
+  expect(b.link.send("packets", new Uint8Array([7, 8, 9, 10]))).toBe("ok");
   await until(() => a.messages.length >= 2 && b.messages.length >= 2, 5000, "messages");
   const got = (s: Side, ch: ChannelName) => s.messages.filter((m) => m.channel === ch).map((m) => [...m.data]);
   expect(got(b, "control")).toEqual([[1, 2, 3]]);

@@ -194,7 +194,7 @@ describe("metrics", () => {
     for (let i = 0; i < 64; i++) if (a1.mesh.sendPacket(a2.id, payload) === "ok") sent++;
     expect(sent).toBeGreaterThan(32);
     // ...and garbage on the control channel, which a2 counts as bad control
-    expect(a1.mesh.link(a2.id)!.send("control", new Uint8Array([0xc1, 0xff, 0x00]))).toBe(true);
+    expect(a1.mesh.link(a2.id)!.send("control", new Uint8Array([0xc1, 0xff, 0x00]))).toBe("ok");
     await waitFor(async () => (await read(a2, a1)).in >= s2.in + sent * 1024, 10_000, "a2 counts the bytes in");
     const e1 = await read(a1, a2);
     expect(e1.out).toBeGreaterThanOrEqual(s1.out + sent * 1024);

@@ -59,7 +59,7 @@ async function pump(a: Side, b: Side, ms: number, size = 16 * 1024): Promise<{ m
   let stop = false;
   let maxBuffered = 0;
   const fill = () => {
-    while (!stop && a.link.send("packets", chunk)) maxBuffered = Math.max(maxBuffered, a.link.bufferedAmount("packets"));
+    while (!stop && a.link.send("packets", chunk) === "ok") maxBuffered = Math.max(maxBuffered, a.link.bufferedAmount("packets"));
   };
   a.onDrain = (ch) => {
     if (ch === "packets") fill();
@@ -144,7 +144,7 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     const big = new Uint8Array(200 * 1024);
     for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
     const t0 = Date.now();
-    expect(a.link.send("control", big)).toBe(true);
+    expect(a.link.send("control", big)).toBe("ok");
     await until(() => a.messages.length >= 1, 15_000, "200 KiB echo");
     console.log(`[measure] native: 200 KiB control message round trip: ${Date.now() - t0} ms`);
     expect(a.messages[0]?.data.byteLength).toBe(big.byteLength);
@@ -158,10 +158,10 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
       const { a, b } = await connectPair(ta, small);
       const answer = b.signals.find((s) => s.kind === "answer");
       expect(answer && answer.kind === "answer" && /^a=max-message-size:65536\s*$/m.test(answer.sdp)).toBe(true);
-      expect(a.link.send("control", new Uint8Array(65536))).toBe(true);
-      expect(a.link.send("control", new Uint8Array(65537))).toBe(false);
+      expect(a.link.send("control", new Uint8Array(65536))).toBe("ok");
+      expect(a.link.send("control", new Uint8Array(65537))).toBe("too-big");
       // The other way round, ours (1 MiB) applies... capped by b's own limit.
-      expect(b.link.send("control", new Uint8Array(65537))).toBe(false);
+      expect(b.link.send("control", new Uint8Array(65537))).toBe("too-big");
       await until(() => b.messages.length >= 1, 5000, "64 KiB message");
       expect(b.messages[0]?.data.byteLength).toBe(65536);
       a.link.close();
@@ -172,12 +172,12 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
 
   it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
     const { a, b } = await connectPair(ta, tb);
-    expect(a.link.send("control", new Uint8Array(NATIVE_LIMITS.maxMessageSize + 1))).toBe(false);
+    expect(a.link.send("control", new Uint8Array(NATIVE_LIMITS.maxMessageSize + 1))).toBe("too-big");
     expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
 
     const chunk = new Uint8Array(8 * 1024);
     let accepted = 0;
-    while (a.link.send("packets", chunk)) {
+    while (a.link.send("packets", chunk) === "ok") {
       accepted++;
       expect(accepted).toBeLessThan(10_000);
     }
@@ -185,11 +185,11 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(NATIVE_LIMITS.packetsBufferLimit);
     await until(() => a.drains.includes("packets"), 10_000, "drain");
     expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(NATIVE_LIMITS.packetsLowWater);
-    expect(a.link.send("packets", chunk)).toBe(true);
+    expect(a.link.send("packets", chunk)).toBe("ok");
     // Same on control with its larger limit.
     const cchunk = new Uint8Array(64 * 1024);
     let caccepted = 0;
-    while (a.link.send("control", cchunk)) caccepted++;
+    while (a.link.send("control", cchunk) === "ok") caccepted++;
     expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(NATIVE_LIMITS.controlBufferLimit);
     await until(() => a.drains.includes("control"), 20_000, "control drain");
     expect(a.drains.filter((c) => c === "control").length).toBe(1);
@@ -214,14 +214,14 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     a.link.close();
     a.link.close();
     expect(a.link.state).toBe("closed");
-    expect(a.link.send("control", new Uint8Array(1))).toBe(false);
+    expect(a.link.send("control", new Uint8Array(1))).toBe("closed");
     const reason = await within(b.closed, 3000, "remote close");
     console.log(`[measure] native: remote noticed close after ${Date.now() - t0} ms (${reason})`);
     await sleep(200);
     expect(a.closes).toEqual(["closed locally"]);
     expect(b.closes.length).toBe(1);
     expect(b.link.state).toBe("closed");
-    expect(b.link.send("control", new Uint8Array(1))).toBe(false);
+    expect(b.link.send("control", new Uint8Array(1))).toBe("closed");
   });
 
   it("close() before connecting frees its sockets", async () => {
@@ -357,7 +357,7 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
       const d0 = outDatagrams();
       let sent = 0;
       const fill = () => {
-        while (sent < total && a.link.send("control", chunk)) sent += chunk.byteLength;
+        while (sent < total && a.link.send("control", chunk) === "ok") sent += chunk.byteLength;
       };
       a.onDrain = (ch) => ch === "control" && fill();
       fill();
@@ -421,8 +421,8 @@ describe.skipIf(!available)("native <-> werift interop (loopback, one process)",
       const big = new Uint8Array(200 * 1024).map((_, i) => (i * 7) & 0xff);
       a.messages.length = 0;
       b.messages.length = 0;
-      expect(a.link.send("control", big)).toBe(true);
-      expect(b.link.send("control", big)).toBe(true);
+      expect(a.link.send("control", big)).toBe("ok");
+      expect(b.link.send("control", big)).toBe("ok");
       await until(() => a.messages.length >= 1 && b.messages.length >= 1, 15_000, "200 KiB both ways");
       expect(Buffer.from(a.messages[0]!.data).equals(Buffer.from(big))).toBe(true);
       expect(Buffer.from(b.messages[0]!.data).equals(Buffer.from(big))).toBe(true);

@@ -70,7 +70,7 @@ describe("werift transport (loopback, one process)", () => {
     const big = new Uint8Array(200 * 1024);
     for (let i = 0; i < big.length; i++) big[i] = (i * 31) & 0xff;
     const t0 = Date.now();
-    expect(a.link.send("control", big)).toBe(true);
+    expect(a.link.send("control", big)).toBe("ok");
     await until(() => a.messages.length >= 1, 15_000, "200 KiB echo");
     const ms = Date.now() - t0;
     console.log(`[measure] 200 KiB control message round trip: ${ms} ms`);
@@ -81,12 +81,12 @@ describe("werift transport (loopback, one process)", () => {
 
   it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
     const { a, b } = await connectPair(ta, tb);
-    expect(a.link.send("control", new Uint8Array(WERIFT_LIMITS.maxMessageSize + 1))).toBe(false);
+    expect(a.link.send("control", new Uint8Array(WERIFT_LIMITS.maxMessageSize + 1))).toBe("too-big");
     expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
 
     const chunk = new Uint8Array(8 * 1024);
     let accepted = 0;
-    while (a.link.send("packets", chunk)) {
+    while (a.link.send("packets", chunk) === "ok") {
       accepted++;
       expect(accepted).toBeLessThan(1000);
     }
@@ -94,11 +94,11 @@ describe("werift transport (loopback, one process)", () => {
     expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(WERIFT_LIMITS.packetsBufferLimit);
     await until(() => a.drains.includes("packets"), 10_000, "drain");
     expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(WERIFT_LIMITS.packetsLowWater);
-    expect(a.link.send("packets", chunk)).toBe(true);
+    expect(a.link.send("packets", chunk)).toBe("ok");
     // Same on control with its larger limit.
     const cchunk = new Uint8Array(64 * 1024);
     let caccepted = 0;
-    while (a.link.send("control", cchunk)) caccepted++;
+    while (a.link.send("control", cchunk) === "ok") caccepted++;
     expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(WERIFT_LIMITS.controlBufferLimit);
     await until(() => a.drains.includes("control"), 20_000, "control drain");
     expect(b.messages.length).toBeGreaterThan(0);
@@ -121,14 +121,14 @@ describe("werift transport (loopback, one process)", () => {
     a.link.close();
     a.link.close();
     expect(a.link.state).toBe("closed");
-    expect(a.link.send("control", new Uint8Array(1))).toBe(false);
+    expect(a.link.send("control", new Uint8Array(1))).toBe("closed");
     const reason = await within(b.closed, 3000, "remote close");
     console.log(`[measure] remote noticed close after ${Date.now() - t0} ms (${reason})`);
     await sleep(200);
     expect(a.closes).toEqual(["closed locally"]);
     expect(b.closes.length).toBe(1);
     expect(b.link.state).toBe("closed");
-    expect(b.link.send("control", new Uint8Array(1))).toBe(false);
+    expect(b.link.send("control", new Uint8Array(1))).toBe("closed");
   });
 
   it("close() before connecting frees its sockets", async () => {

@@ -31,8 +31,8 @@ function net(hops: Record<string, Record<string, string | undefined>>, full = ne
       routes,
       nextHop: (n) => hops[id]?.[n],
       send: (peer, frame) => {
-        if (!links.has(`${id}-${peer}`)) return "no-link";
-        if (full.has(peer)) return "queue-full";
+        if (!links.has(`${id}-${peer}`)) return "closed";
+        if (full.has(peer)) return "full";
         const copy = new Uint8Array(frame); // the wire copies
         queueMicrotask(() => fw[peer]!.fromPeer(id, copy));
         return "ok";
@@ -145,6 +145,47 @@ describe("Forwarder", () => {
     fw[A]!.fromTun([pkt("10.40.0.130"), pkt("10.40.0.131")]);
     expect(fw[A]!.drops.get("queue-full")).toBe(2);
     expect(fw[A]!.shouldPause()).toBe(true);
+  });
+
+  it("backpressure: too-big is a counted drop that never parks the peer; closed counts as no-link", () => {
+    const routes = new PrefixTable<string>();
+    routes.insert("10.40.0.128/26", C);
+    let result: "too-big" | "closed" = "too-big";
+    const fw = new Forwarder({ selfId: A, routes, nextHop: (n) => n, send: () => result, deliver: () => {} });
+    fw.fromTun([pkt("10.40.0.130"), pkt("10.40.0.131")]);
+    expect(fw.drops.get("too-big")).toBe(2);
+    expect(fw.heldFor(C)).toBe(false);
+    expect(fw.shouldPause()).toBe(false); // no drain would ever come for an oversize refusal
+    result = "closed";
+    fw.fromTun([pkt("10.40.0.130")]);
+    expect(fw.drops.get("no-link")).toBe(1);
+    expect(fw.shouldPause()).toBe(false);
+  });
+
+  it("watermarks: pauses while every target's queue is at or above high water, resumes on its drain", () => {
+    const routes = new PrefixTable<string>();
+    routes.insert("10.40.0.64/26", B);
+    routes.insert("10.40.0.128/26", C);
+    const queued = new Map<string, number>([
+      [B, 0],
+      [C, 0],
+    ]);
+    const fw = new Forwarder({ selfId: A, routes, nextHop: (n) => n, send: () => "ok", queued: (p) => queued.get(p) ?? 0, highWater: 1000, deliver: () => {} });
+    queued.set(C, 1000);
+    fw.fromTun([pkt("10.40.0.130")]);
+    expect(fw.shouldPause()).toBe(true);
+    queued.set(C, 10); // below, but no drain yet: the pause holds until the link says so
+    expect(fw.shouldPause()).toBe(true);
+    fw.drained(C);
+    expect(fw.shouldPause()).toBe(false);
+    queued.set(C, 5000);
+    fw.fromTun([pkt("10.40.0.130"), pkt("10.40.0.70")]); // B has room: keep reading
+    expect(fw.shouldPause()).toBe(false);
+    fw.fromTun([pkt("10.40.0.130")]);
+    expect(fw.shouldPause()).toBe(true);
+    fw.linkDown(C);
+    expect(fw.shouldPause()).toBe(false);
+    expect(fw.stats.txPackets).toBe(4);
   });
 
   it("random batches arrive intact and in order at their owners", async () => {

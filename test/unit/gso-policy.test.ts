@@ -85,7 +85,7 @@ describe("Forwarder with segmentation", () => {
     routes.insert("10.40.0.64/26", B);
     const frames: Uint8Array[] = [];
     const delivered: Uint8Array[] = [];
-    const fwB = new Forwarder({ selfId: B, routes, nextHop: (n) => n, send: () => "no-link", deliver: (ps) => delivered.push(...ps.map((p) => new Uint8Array(p))) });
+    const fwB = new Forwarder({ selfId: B, routes, nextHop: (n) => n, send: () => "closed", deliver: (ps) => delivered.push(...ps.map((p) => new Uint8Array(p))) });
     const fwA = new Forwarder({
       selfId: A,
       routes,
