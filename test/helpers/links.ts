@@ -25,8 +25,11 @@ export interface Side {
   onDrain?: (channel: ChannelName) => void;
 }
 
-/** Create a link on `t` that records what it reports and hands each of its signals to `deliver`. */
-export function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSignal) => void): Side {
+/**
+ * Create a link on `t` that records what it reports and hands each of its signals to `deliver`. `addr`: the
+ * remote node and connection id, for transports that address peers themselves (relay).
+ */
+export function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSignal) => void, addr?: { peer: string; conn: string }): Side {
   let opened!: () => void;
   let closed!: (r: string) => void;
   const side: Side = {
@@ -40,6 +43,7 @@ export function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSi
   };
   side.link = t.createLink({
     initiator,
+    ...(addr ?? {}),
     iceServers: [],
     handlers: {
       onSignal: (sig) => {
@@ -101,7 +105,8 @@ export interface Pair {
  * follows 50 ms later; candidates produced after that are handed over at once, also before the delayed
  * description.
  */
-export async function connectPair(ta: Transport, tb: Transport, shuffle = false): Promise<Pair> {
+let pairSeq = 0;
+export async function connectPair(ta: Transport, tb: Transport, shuffle = false, ids?: [string, string]): Promise<Pair> {
   let a!: Side;
   let b!: Side;
   const pair = { candidatesBeforeOffer: 0 } as Pair;
@@ -126,8 +131,9 @@ export async function connectPair(ta: Transport, tb: Transport, shuffle = false)
       setTimeout(() => hand(sig), 50);
     };
   };
-  a = makeSide(ta, true, fwd(() => b, true));
-  b = makeSide(tb, false, fwd(() => a, false));
+  const conn = `pair-${++pairSeq}`;
+  a = makeSide(ta, true, fwd(() => b, true), ids && { peer: ids[1], conn });
+  b = makeSide(tb, false, fwd(() => a, false), ids && { peer: ids[0], conn });
   pair.a = a;
   pair.b = b;
   await a.link.start();
