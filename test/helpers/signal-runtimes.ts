@@ -147,9 +147,25 @@ async function stopProc(p: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
+/** Every child this module spawned and has not stopped yet: killed by stopAllTargets() and at exit. */
+const live = new Set<ChildProcess>();
+process.once("exit", () => {
+  for (const p of live) p.kill("SIGKILL");
+});
+
+/**
+ * Stop every runtime process still running, including ones whose start() finished after the test that
+ * asked for them had given up (a suite's afterAll calls this).
+ */
+export async function stopAllTargets(): Promise<void> {
+  await Promise.all([...live].map((p) => stopProc(p)));
+}
+
 function spawnTarget(runtime: string, cmd: string, args: string[], env: Record<string, string>, cwd: string, port: number, token: string, cleanup?: () => void): Promise<SignalTarget> {
   let out = "";
   const proc = spawn(cmd, args, { cwd, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  live.add(proc);
+  proc.once("exit", () => live.delete(proc));
   proc.on("error", (e) => (out += `spawn failed: ${e.message}`));
   proc.stdout!.on("data", (d) => (out += d));
   proc.stderr!.on("data", (d) => (out += d));

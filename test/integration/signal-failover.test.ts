@@ -6,17 +6,18 @@
  *   across the two converge on one server;
  * - three agents mesh through the Workers build under workerd and keep their links when workerd stops.
  */
-import { afterEach, describe, expect, it } from "vitest";
+import { afterAll, afterEach, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
 import { startSignalServer, type SignalServer } from "../../signaling/server.js";
 import { Cluster, fullMesh, testLogger, waitFor } from "../helpers/cluster.js";
-import { workerdRuntime, type SignalTarget } from "../helpers/signal-runtimes.js";
+import { stopAllTargets, workerdRuntime, type SignalTarget } from "../helpers/signal-runtimes.js";
 
 const TOKEN = "failover-test-token-0123456789abcdef";
 const cleanups: (() => Promise<void>)[] = [];
 afterEach(async () => {
   for (const f of cleanups.splice(0).reverse()) await f().catch(() => {});
 });
+afterAll(() => stopAllTargets());
 
 async function server(port = 0): Promise<SignalServer> {
   const s = await startSignalServer({ listen: { host: "127.0.0.1", port }, token: TOKEN, logger: testLogger() });

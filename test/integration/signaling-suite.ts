@@ -9,9 +9,9 @@
  */
 import { randomBytes } from "node:crypto";
 import { createSocket } from "node:dgram";
-import { afterEach, describe, expect, it } from "vitest";
+import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { WebSocket } from "ws";
-import type { Runtime, SignalTarget, TargetOptions } from "../helpers/signal-runtimes.js";
+import { stopAllTargets, type Runtime, type SignalTarget, type TargetOptions } from "../helpers/signal-runtimes.js";
 import { CTX_HELLO, CTX_SDP, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { encodeMessage } from "../../src/wire/codec.js";
 import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_SIGNAL_BYTES, MAX_RELAY_BYTES, SIGNAL_PATH, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
@@ -140,6 +140,7 @@ export function defineSignalingSuite(rt: Runtime): void {
     const has = cap === "node" ? runtime.name === "node" : runtime.caps[cap];
     return (name: string, fn: () => Promise<void>, timeout?: number) => (has ? it(name, fn, timeout) : it.skip(`${name} [skipped on ${runtime.name}: ${why}]`, fn));
   }
+  afterAll(() => stopAllTargets());
   afterEach(async () => {
     for (const c of clients.splice(0)) c.ws.terminate();
     for (const f of cleanups.splice(0)) f();
