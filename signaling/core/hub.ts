@@ -16,9 +16,10 @@
  *                    \--no hello in helloTimeoutMs / bad key / bad identity / protocol--> closed
  *
  * Presence: `welcome` carries the members known at admission (at most ~48 KiB of peers; the rest follow
- * at once as `presence` frames). Later joins and leaves are sent one by one as `join` / `leave` when they
- * come alone, or, when several arrive within presenceBatchMs, as `presence {join:[...], leave:[...]}`
- * frames (a receiver applies the leaves first, then the joins). Every peer entry is msgpack-encoded once
+ * at once as `presence` frames). Later joins and leaves are collected for a window (presenceBatchMs plus
+ * 1 ms per 10 members, at most 1 s) and sent as `join` / `leave` frames when there are few (and few
+ * members), else as `presence {join:[...], leave:[...]}` frames (a receiver applies the leaves first,
+ * then the joins). Every peer entry is msgpack-encoded once
  * per session and reused in every welcome and batch (10,000 agents: one copy, no re-encoding).
  *
  * Limits (every one counted in stats()): sessions in total and per source IP (admission), hello timeout,
@@ -814,10 +815,13 @@ export class SignalHub {
     this.pending.push(ev);
     if (this.presenceBatchMs <= 0) return this.flushPresence();
     if (this.flushTimer === undefined) {
+      // Every flush is one frame per member: the window grows with the membership (10,000 agents: 1 s),
+      // which bounds sends per second however fast agents come and go. Welcomes are never delayed.
+      const windowMs = Math.min(1_000, this.presenceBatchMs + Math.floor(this.members.size / 10));
       this.flushTimer = this.clock.setTimer(() => {
         this.flushTimer = undefined;
         this.flushPresence();
-      }, this.presenceBatchMs);
+      }, windowMs);
     }
   }
 
@@ -848,7 +852,7 @@ export class SignalHub {
 
   private encodeEvents(evs: PresenceEvent[]): Uint8Array[] {
     // A few events go out one by one, in order, as classic join/leave frames; more are coalesced.
-    if (evs.length <= PRESENCE_SINGLE_MAX) return evs.map((e) => (e.bytes ??= encodeEvent(e)));
+    if (evs.length <= PRESENCE_SINGLE_MAX && (evs.length === 1 || this.members.size < 256)) return evs.map((e) => (e.bytes ??= encodeEvent(e)));
     // Net effect in order: a leave cancels an earlier join of the same id in this window.
     const joins = new Map<string, Uint8Array>();
     const leaves = new Set<string>();
