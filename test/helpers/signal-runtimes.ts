@@ -67,6 +67,25 @@ const ROOT = (() => {
 })();
 const BIN = (name: string) => join(ROOT, "node_modules", ".bin", name);
 
+/**
+ * The runtime's native binary from its platform package. The packages' own bin entries are launchers
+ * (a node script for workerd and deno, a stub for bun until its install script ran) that run the
+ * binary as a child: killing the launcher would leave the server running.
+ */
+function nativeBin(name: "workerd" | "deno" | "bun"): string {
+  const arch = process.arch === "arm64" ? "arm64" : "64";
+  const candidates: Record<typeof name, string[]> = {
+    workerd: [`@cloudflare/workerd-${process.platform}-${arch}/bin/workerd`],
+    deno: [`@deno/${process.platform}-${process.arch}-glibc/deno`, `@deno/${process.platform}-${process.arch}/deno`],
+    bun: [`@oven/bun-${process.platform}-${process.arch === "arm64" ? "aarch64" : "x64"}/bin/bun`],
+  };
+  for (const c of candidates[name]) {
+    const p = join(ROOT, "node_modules", c);
+    if (existsSync(p)) return p;
+  }
+  return BIN(name);
+}
+
 export async function freePort(): Promise<number> {
   return new Promise((res, rej) => {
     const s = createServer();
@@ -233,7 +252,7 @@ const w :Workerd.Worker = (
 export const workerdRuntime: Runtime = {
   name: "workerd",
   caps: { stun: false, fastPing: false, probe: false, payloadCap: false },
-  unavailable: () => probeBinary(BIN("workerd"), ["--version"]),
+  unavailable: () => probeBinary(nativeBin("workerd"), ["--version"]),
   async start(o) {
     const bundle = bundleWorker();
     const port = o.listen?.port || (await freePort());
@@ -241,7 +260,7 @@ export const workerdRuntime: Runtime = {
     const cfg = join(dir, "config.capnp");
     copyFileSync(bundle, join(dir, "worker.js")); // embed paths are relative to the config file
     writeFileSync(cfg, workerdConfig({ port, bundle: "worker.js", env: envFor(o) }));
-    return spawnTarget("workerd", BIN("workerd"), ["serve", cfg], {}, dir, port, o.token, () => rmSync(dir, { recursive: true, force: true }));
+    return spawnTarget("workerd", nativeBin("workerd"), ["serve", cfg], {}, dir, port, o.token, () => rmSync(dir, { recursive: true, force: true }));
   },
 };
 
@@ -253,20 +272,20 @@ function distEntry(name: string): string {
 export const denoRuntime: Runtime = {
   name: "deno",
   caps: { stun: false, fastPing: false, probe: false, payloadCap: false },
-  unavailable: () => (existsSync(distEntry("deno")) ? probeBinary(BIN("deno"), ["--version"]) : `${distEntry("deno")} is missing: run npm run build first`),
+  unavailable: () => (existsSync(distEntry("deno")) ? probeBinary(nativeBin("deno"), ["--version"]) : `${distEntry("deno")} is missing: run npm run build first`),
   async start(o) {
     const port = o.listen?.port || (await freePort());
-    return spawnTarget("deno", BIN("deno"), ["run", "--allow-net", "--allow-env", "--allow-read", distEntry("deno")], { ...envFor(o), PORT: String(port), HOST: "127.0.0.1", DENO_NO_UPDATE_CHECK: "1" }, ROOT, port, o.token);
+    return spawnTarget("deno", nativeBin("deno"), ["run", "--allow-net", "--allow-env", "--allow-read", distEntry("deno")], { ...envFor(o), PORT: String(port), HOST: "127.0.0.1", DENO_NO_UPDATE_CHECK: "1" }, ROOT, port, o.token);
   },
 };
 
 export const bunRuntime: Runtime = {
   name: "bun",
   caps: { stun: false, fastPing: false, probe: true, payloadCap: true },
-  unavailable: () => (existsSync(distEntry("bun")) ? probeBinary(BIN("bun"), ["--version"]) : `${distEntry("bun")} is missing: run npm run build first`),
+  unavailable: () => (existsSync(distEntry("bun")) ? probeBinary(nativeBin("bun"), ["--version"]) : `${distEntry("bun")} is missing: run npm run build first`),
   async start(o) {
     const port = o.listen?.port || (await freePort());
-    return spawnTarget("bun", BIN("bun"), ["run", distEntry("bun")], { ...envFor(o), PORT: String(port), HOST: "127.0.0.1" }, ROOT, port, o.token);
+    return spawnTarget("bun", nativeBin("bun"), ["run", distEntry("bun")], { ...envFor(o), PORT: String(port), HOST: "127.0.0.1" }, ROOT, port, o.token);
   },
 };
 
