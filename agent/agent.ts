@@ -321,6 +321,8 @@ export class Agent {
       iceServers: () => agent?.iceServers() ?? [],
       logger: agentLog.child("mesh"),
       now: () => Date.now(),
+      monotonic: () => performance.now(),
+      delay: (ms) => new Promise((r) => setTimeout(r, ms)),
       timing: cfg.timing ?? {},
     });
     agent = new Agent(cfg, identity.id, name, instance, mesh, signal, transport, agentLog);

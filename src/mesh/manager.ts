@@ -11,7 +11,7 @@ import { decodeControl, encodeControl, type ControlMsg } from "../wire/control.j
 import type { PeerInfo, SignalData } from "../wire/signal.js";
 import { checkSdpFingerprints, proveLink, proveSdp, verifyLink, verifySdp } from "./auth.js";
 import { CTX_BYE, deriveNodeId, signRecord, verifyRecord } from "../identity.js";
-import { PROBE_BACKOFF, probeDelay } from "./backoff.js";
+import { Upgrade, type UpgradeAction, type UpgradeEvent } from "./upgrade.js";
 import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
 import { fingerprintString, type Fingerprint, type ChannelName, type LinkSignal, type LinkStats, type SendResult, type Transport, type TransportLink } from "./transport.js";
 
@@ -24,11 +24,8 @@ export const MAX_BAD_CONTROL = 50;
 export const RELAY_AFTER_FAILURES = 1;
 /** Added to a relay link's RTT in topology gossip, so routing prefers a path via another agent. */
 export const RELAY_RTT_PENALTY_MS = 50;
-/**
- * While on the relay, retry WebRTC in the background: first after this, then doubling up to
- * PROBE_BACKOFF.maxMs (backoff.ts), or at most RECENT_PATH.maxMs for a while after a link was up.
- */
-export const PROBE_FIRST_MS = PROBE_BACKOFF.firstMs;
+/** While on the relay, retry WebRTC in the background (upgrade.ts, backoff.ts probeDelay). */
+export { PROBE_FIRST_MS, PROBE_MAX_MS } from "./upgrade.js";
 
 export type LinkKind = "webrtc" | "relay";
 
@@ -49,7 +46,14 @@ export interface MeshOptions {
   signal: SignalPort;
   iceServers: () => { urls: string | string[]; username?: string; credential?: string }[];
   logger: Logger;
+  /** wall clock, ms (topology and hello timestamps, deadlines) */
   now: () => number;
+  /** monotonic clock, fractional ms, for `ping` round trips; default `now` */
+  monotonic?: () => number;
+  /** uniform [0, 1), for backoff jitter; default Math.random */
+  random?: () => number;
+  /** resolves after `ms` (stop() gives its byes that long to leave); absent: no wait */
+  delay?: (ms: number) => Promise<void>;
   timing?: Partial<PeerTiming>;
 }
 
@@ -96,10 +100,9 @@ interface Entry {
   webrtcFailures: number;
   lastWebrtcError: string | undefined;
   /** a WebRTC attempt running next to a connected relay link (make-before-break upgrade) */
-  /** retired: the offerer already switched to it and retired the old link (its bye came first): follow when it opens */
-  probe: { conn: string; link: TransportLink; opened: boolean; deadline: number; retired: boolean } | undefined;
-  probeAttempts: number;
-  nextProbeAt: number;
+  /** the relay -> WebRTC upgrade (upgrade.ts) and its attempt's link (for upgrade.conn) */
+  upgrade: Upgrade;
+  probeLink: TransportLink | undefined;
   /** conn ids of offers already accepted from this peer -> their DTLS fingerprint (bounded): replays are ignored */
   seenOffers: Map<string, string>;
   /** per conn: the link-level identity proof (DTLS links carry nothing until the peer's checks) */
@@ -128,7 +131,10 @@ type AppHandler = (from: string, body: unknown) => void;
 export class MeshManager {
   private readonly peers = new Map<string, Entry>();
   private readonly timing: PeerTiming;
-  private readonly pings = new Map<number, { peer: string; resolve: (rtt: number) => void; reject: (e: Error) => void; sentAt: number; timer: ReturnType<typeof setTimeout> }>();
+  /** pings waiting for their pong; tick() rejects those past their deadline */
+  private readonly pings = new Map<number, { peer: string; resolve: (rtt: number) => void; reject: (e: Error) => void; sentAt: number; deadline: number; timeoutMs: number }>();
+  private readonly monotonic: () => number;
+  private readonly random: () => number;
   private pingSeq = 1_000_000;
   private readonly appHandlers = new Map<string, AppHandler>();
   private readonly upListeners: ((id: string) => void)[] = [];
@@ -142,6 +148,8 @@ export class MeshManager {
 
   constructor(private readonly o: MeshOptions) {
     this.timing = { ...DEFAULT_TIMING, ...o.timing };
+    this.monotonic = o.monotonic ?? o.now;
+    this.random = o.random ?? Math.random;
   }
 
   get selfId(): string {
@@ -217,7 +225,7 @@ export class MeshManager {
           e.seenOffers.set(data.conn, fp);
           if (e.seenOffers.size > 32) e.seenOffers.delete(e.seenOffers.keys().next().value!);
           if (data.probe && e.fsm.state === "connected" && !e.fsm.offerer) {
-            this.acceptProbe(e, data.conn, data.sdp);
+            this.runUpgrade(e, { type: "offer", conn: data.conn }, data.sdp);
             break;
           }
           e.pendingOffer = data.sdp;
@@ -225,8 +233,8 @@ export class MeshManager {
           this.feed(from, { type: "offer", conn: data.conn });
         } else if (e.link && e.linkConn === data.conn) {
           this.linkSignal(e, { kind: "answer", sdp: data.sdp });
-        } else if (e.probe && e.probe.conn === data.conn) {
-          this.signalTo(e.probe.link, e, { kind: "answer", sdp: data.sdp });
+        } else if (e.probeLink && e.upgrade.current(data.conn)) {
+          this.signalTo(e.probeLink, e, { kind: "answer", sdp: data.sdp });
         }
         break;
       }
@@ -236,7 +244,7 @@ export class MeshManager {
           return;
         }
         if (e.link && e.linkConn === data.conn) this.linkSignal(e, { kind: "candidate", candidate: data.candidate });
-        else if (e.probe && e.probe.conn === data.conn) this.signalTo(e.probe.link, e, { kind: "candidate", candidate: data.candidate });
+        else if (e.probeLink && e.upgrade.current(data.conn)) this.signalTo(e.probeLink, e, { kind: "candidate", candidate: data.candidate });
         else if (!e.fsm.offerer) {
           // An offer for this conn may still be on its way: keep a few candidates, bounded.
           let q = e.early.get(data.conn);
@@ -254,14 +262,12 @@ export class MeshManager {
           this.ignored(e, "unsigned or forged bye for a link that is up");
           return;
         }
-        if (e.probe && e.probe.conn === data.conn) {
-          this.failProbe(e, "peer ended the upgrade attempt", true);
+        if (e.upgrade.current(data.conn)) {
+          this.runUpgrade(e, { type: "bye", conn: data.conn });
         } else if (e.link && e.linkConn === data.conn) {
           // The offerer moved to the upgraded link and retired this one: follow it (make-before-break).
-          // Its bye can overtake our side of the probe opening: then follow when it opens.
-          if (e.probe?.opened) this.promote(e);
-          else if (e.probe) e.probe.retired = true;
-          else e.link.close();
+          // Its bye can overtake our side of the attempt opening: then follow when it opens (upgrade.ts).
+          this.runUpgrade(e, { type: "old-link-bye" });
         }
         break;
     }
@@ -273,9 +279,14 @@ export class MeshManager {
     if (this.stopped) return;
     for (const id of [...this.peers.keys()]) this.feed(id, { type: "tick", canDial: this.o.signal.up });
     const now = this.o.now();
-    for (const e of this.peers.values()) {
-      if (e.probe && !e.probe.opened && now >= e.probe.deadline) this.failProbe(e, "upgrade attempt did not open in time", true);
-      if (e.fsm.offerer && e.fsm.state === "connected" && e.linkKind === "relay" && !e.probe && this.o.signal.up && now >= e.nextProbeAt) this.startProbe(e);
+    for (const e of [...this.peers.values()]) {
+      const connected = e.fsm.state === "connected";
+      this.runUpgrade(e, { type: "tick", offerer: e.fsm.offerer && connected, onRelay: connected && e.linkKind === "relay", canDial: this.o.signal.up });
+    }
+    for (const [seq, p] of this.pings) {
+      if (now < p.deadline) continue;
+      this.pings.delete(seq);
+      p.reject(new WeftError("ERR_TIMEOUT", `no answer from ${p.peer} within ${p.timeoutMs} ms`));
     }
   }
 
@@ -362,14 +373,8 @@ export class MeshManager {
     if (!e || e.fsm.state !== "connected") return Promise.reject(new WeftError("ERR_NOT_CONNECTED", `peer ${peer} is not connected`));
     const seq = ++this.pingSeq;
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pings.delete(seq);
-        reject(new WeftError("ERR_TIMEOUT", `no answer from ${peer} within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const sentAt = performance.now();
-      this.pings.set(seq, { peer, resolve, reject, sentAt, timer });
+      this.pings.set(seq, { peer, resolve, reject, sentAt: this.monotonic(), deadline: this.o.now() + timeoutMs, timeoutMs });
       if (!this.sendControl(peer, { t: "ping", seq, ts: this.o.now() })) {
-        clearTimeout(timer);
         this.pings.delete(seq);
         reject(new WeftError("ERR_NOT_CONNECTED", `cannot send to ${peer}`));
       }
@@ -423,17 +428,14 @@ export class MeshManager {
       if (e.fsm.state === "connected") this.sendControl(e.info.id, { t: "bye", reason });
     }
     // Give the bye a moment to leave the SCTP queue before tearing the links down.
-    await new Promise((r) => setTimeout(r, 50));
+    await this.o.delay?.(50);
     for (const e of this.peers.values()) {
       e.link?.close();
       e.link = undefined;
-      e.probe?.link.close();
-      e.probe = undefined;
+      e.probeLink?.close();
+      e.probeLink = undefined;
     }
-    for (const p of this.pings.values()) {
-      clearTimeout(p.timer);
-      p.reject(new WeftError("ERR_STOPPED", "agent stopping"));
-    }
+    for (const p of this.pings.values()) p.reject(new WeftError("ERR_STOPPED", "agent stopping"));
     this.pings.clear();
   }
 
@@ -454,7 +456,7 @@ export class MeshManager {
     }
     if (!e) {
       const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
-      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, probe: undefined, probeAttempts: 0, nextProbeAt: 0, seenOffers: new Map(), proofs: new Map() };
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, upgrade: new Upgrade({ connectTimeoutMs: this.timing.connectTimeoutMs, newConn: () => nanoid(12), random: this.random, lastUpAt: () => fsm.lastUpAt }), probeLink: undefined, seenOffers: new Map(), proofs: new Map() };
       this.peers.set(p.id, e);
     } else {
       e.info = p;
@@ -562,8 +564,8 @@ export class MeshManager {
         },
         onClose: (reason) => {
           this.counters.linksClosed++;
-          if (e.probe?.conn === conn) {
-            this.failProbe(e, reason, false);
+          if (e.upgrade.current(conn)) {
+            this.runUpgrade(e, { type: "closed", conn, reason });
             return;
           }
           if (e.linkConn === conn) {
@@ -585,11 +587,8 @@ export class MeshManager {
   /** The link (or upgrade probe) `conn` is open and, where the transport allows, proven: use it. */
   private linkOpen(e: Entry, conn: string, kind: LinkKind): void {
     this.counters.linksOpened++;
-    if (e.probe?.conn === conn) {
-      e.probe.opened = true;
-      // The offerer decides: it switches and retires the old link; the answerer follows on its bye
-      // (which may have come first).
-      if (e.fsm.offerer || e.probe.retired) this.promote(e);
+    if (e.upgrade.current(conn)) {
+      this.runUpgrade(e, { type: "opened", conn, offerer: e.fsm.offerer });
       return;
     }
     if (e.linkConn === conn) {
@@ -597,10 +596,7 @@ export class MeshManager {
       if (kind === "webrtc") {
         e.webrtcFailures = 0;
         e.lastWebrtcError = undefined;
-      } else {
-        e.probeAttempts = 0;
-        e.nextProbeAt = this.o.now() + PROBE_FIRST_MS;
-      }
+      } else this.runUpgrade(e, { type: "relay-open" });
     }
     this.feed(e.info.id, { type: "open", conn });
   }
@@ -645,7 +641,7 @@ export class MeshManager {
     const reason = `authentication failed: ${why}`;
     this.o.logger.warn("link refused: identity proof over the link failed", { peer: e.info.id, peerName: e.info.name, reason });
     e.proofs.delete(conn);
-    if (e.probe?.conn === conn) this.endProbe(e, reason, true);
+    if (e.upgrade.current(conn)) this.runUpgrade(e, { type: "refused", conn, reason });
     else this.feed(e.info.id, { type: "auth-failed", conn, reason });
   }
 
@@ -657,60 +653,60 @@ export class MeshManager {
     }
   }
 
-  private startProbe(e: Entry): void {
-    const conn = nanoid(12);
-    const link = this.makeLink(e, conn, true, "webrtc");
-    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs, retired: false };
-    this.o.logger.debug("trying to upgrade a relayed link to WebRTC", { peer: e.info.id, attempt: e.probeAttempts + 1 });
-    link.start().catch((err) => this.o.logger.warn("could not create upgrade offer", { peer: e.info.id, err }));
+  /** Feed the peer's upgrade state machine and perform what it asks (`offerSdp`: the probe offer to accept). */
+  private runUpgrade(e: Entry, ev: UpgradeEvent, offerSdp?: string): void {
+    for (const a of e.upgrade.handle(ev, this.o.now())) this.performUpgrade(e, a, offerSdp);
   }
 
-  private acceptProbe(e: Entry, conn: string, sdp: string): void {
-    if (e.probe) this.endProbe(e, "replaced by a newer upgrade attempt", true);
-    const link = this.makeLink(e, conn, false, "webrtc");
-    e.probe = { conn, link, opened: false, deadline: this.o.now() + this.timing.connectTimeoutMs, retired: false };
-    this.signalTo(link, e, { kind: "offer", sdp });
-    for (const c of e.early.get(conn) ?? []) this.signalTo(link, e, c);
-    e.early.delete(conn);
+  private performUpgrade(e: Entry, a: UpgradeAction, offerSdp: string | undefined): void {
+    const id = e.info.id;
+    switch (a.type) {
+      case "start": {
+        const link = (e.probeLink = this.makeLink(e, a.conn, true, "webrtc"));
+        this.o.logger.debug("trying to upgrade a relayed link to WebRTC", { peer: id, attempt: e.upgrade.attempts + 1 });
+        link.start().catch((err) => this.o.logger.warn("could not create upgrade offer", { peer: id, err }));
+        break;
+      }
+      case "accept": {
+        const link = (e.probeLink = this.makeLink(e, a.conn, false, "webrtc"));
+        if (offerSdp !== undefined) this.signalTo(link, e, { kind: "offer", sdp: offerSdp });
+        for (const c of e.early.get(a.conn) ?? []) this.signalTo(link, e, c);
+        e.early.delete(a.conn);
+        break;
+      }
+      case "end": {
+        const link = e.probeLink;
+        e.probeLink = undefined;
+        if (a.tellPeer && !this.stopped) this.sendBye(id, a.conn);
+        link?.close();
+        e.lastWebrtcError = a.reason;
+        break;
+      }
+      case "promote":
+        this.promote(e, a.conn);
+        break;
+      case "close-old":
+        e.link?.close();
+        break;
+    }
   }
 
-  /** A probe that failed: end it; if the peer had already retired the old link for it, that link goes too. */
-  private failProbe(e: Entry, reason: string, tellPeer: boolean): void {
-    const retired = e.probe?.retired;
-    this.endProbe(e, reason, tellPeer);
-    if (retired) e.link?.close();
-  }
-
-  /** Close a probe that did not make it and schedule the next attempt (probeDelay). */
-  private endProbe(e: Entry, reason: string, tellPeer = true): void {
-    const p = e.probe;
-    if (!p) return;
-    e.probe = undefined;
-    if (tellPeer && !this.stopped) this.sendBye(e.info.id, p.conn);
-    p.link.close();
-    e.lastWebrtcError = reason;
-    e.probeAttempts++;
-    const now = this.o.now();
-    // fsm.lastUpAt: when the link before this relayed one went down (the direct path was lost then)
-    e.nextProbeAt = now + probeDelay(e.probeAttempts, e.fsm.lastUpAt, now);
-  }
-
-  /** Make-before-break: the open probe becomes the link; the old one is retired. */
-  private promote(e: Entry): void {
-    const p = e.probe;
-    if (!p || !p.opened) return;
+  /** Make-before-break: the open attempt becomes the link; the old one is retired. */
+  private promote(e: Entry, conn: string): void {
+    const link = e.probeLink;
+    if (!link) return;
     const old = e.link;
     const oldConn = e.linkConn;
-    e.probe = undefined;
-    e.link = p.link;
-    e.linkConn = p.conn;
+    e.probeLink = undefined;
+    e.link = link;
+    e.linkConn = conn;
     e.linkKind = "webrtc";
     e.linkOpened = true;
     e.webrtcFailures = 0;
     e.lastWebrtcError = undefined;
-    e.probeAttempts = 0;
+    this.runUpgrade(e, { type: "promoted" });
     this.counters.upgrades++;
-    this.feed(e.info.id, { type: "swap", conn: p.conn });
+    this.feed(e.info.id, { type: "swap", conn });
     this.o.logger.info("path upgraded: relay -> direct WebRTC", { peer: e.info.id, peerName: e.info.name });
     if (oldConn !== undefined && e.fsm.offerer && !this.stopped) this.sendBye(e.info.id, oldConn);
     old?.close();
@@ -720,7 +716,7 @@ export class MeshManager {
 
   /** Does this conn's link prove identities over the link (DTLS transports)? */
   private needsProof(e: Entry, conn: string): boolean {
-    const link = e.linkConn === conn ? e.link : e.probe?.conn === conn ? e.probe.link : undefined;
+    const link = e.linkConn === conn ? e.link : e.upgrade.current(conn) ? e.probeLink : undefined;
     return !!link?.remoteFingerprint;
   }
 
@@ -737,7 +733,7 @@ export class MeshManager {
 
   /** Is `conn` this peer's open link or open upgrade probe? */
   private isUp(e: Entry, conn: string): boolean {
-    return (e.linkConn === conn && e.linkOpened && e.link !== undefined) || (e.probe?.conn === conn && e.probe.opened);
+    return (e.linkConn === conn && e.linkOpened && e.link !== undefined) || (e.upgrade.state === "open" && e.upgrade.conn === conn);
   }
 
   private ignored(e: Entry, why: string): void {
@@ -750,7 +746,7 @@ export class MeshManager {
   }
 
   private dropLink(e: Entry): void {
-    if (e.probe) this.endProbe(e, "link replaced");
+    this.runUpgrade(e, { type: "link-replaced" });
     const link = e.link;
     e.link = undefined;
     e.linkConn = undefined;
@@ -762,7 +758,7 @@ export class MeshManager {
   }
 
   private onLinkSignal(e: Entry, conn: string, sig: LinkSignal, kind: LinkKind): void {
-    const probe = e.probe?.conn === conn;
+    const probe = e.upgrade.current(conn);
     if (e.linkConn !== conn && !probe) return;
     const to = e.info.id;
     if (sig.kind === "candidate") {
@@ -785,7 +781,7 @@ export class MeshManager {
 
   private onLinkMessage(e: Entry, conn: string, ch: ChannelName, data: Uint8Array): void {
     // The probe carries traffic too: the peer may already have switched to it.
-    if (e.linkConn !== conn && e.probe?.conn !== conn) return;
+    if (e.linkConn !== conn && !e.upgrade.current(conn)) return;
     const id = e.info.id;
     const proof = e.proofs.get(conn) ?? (this.needsProof(e, conn) ? this.newProof(e, conn) : undefined);
     if (proof && !proof.done) {
@@ -835,8 +831,7 @@ export class MeshManager {
         const p = this.pings.get(msg.seq);
         if (p && p.peer === id) {
           this.pings.delete(msg.seq);
-          clearTimeout(p.timer);
-          p.resolve(performance.now() - p.sentAt);
+          p.resolve(this.monotonic() - p.sentAt);
         } else {
           this.feed(id, { type: "pong", seq: msg.seq, sentAt: msg.ts });
         }

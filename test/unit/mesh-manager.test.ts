@@ -1,0 +1,171 @@
+// MeshManager on the in-memory transport with a manual clock: no sockets, no timers of its own. A fake
+// signaling hub forwards signals between managers (asynchronously, like the server). Covers linking,
+// control RPC (ping) and its timeout on the injected clock, typed packet sends, and the relay -> WebRTC
+// upgrade state machine end to end (WebRTC blocked -> relay link -> WebRTC back -> promoted).
+import { describe, expect, it } from "vitest";
+import { generateIdentity, type Identity } from "../../src/identity.js";
+import { silentLogger } from "../../src/log.js";
+import { MeshManager, PROBE_FIRST_MS } from "../../src/mesh/manager.js";
+import type { Transport } from "../../src/mesh/transport.js";
+import { MemoryNetwork, type MemoryLink } from "../../src/testing/memory-transport.js";
+import type { PeerInfo, SignalData } from "../../src/wire/signal.js";
+
+const flush = async (n = 6) => {
+  for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
+};
+
+function cluster(n: number, opts: { relay?: boolean } = {}) {
+  const clock = { now: 1_000_000 };
+  const webrtc = new MemoryNetwork();
+  const relay = new MemoryNetwork();
+  const ids: Identity[] = Array.from({ length: n }, () => generateIdentity()).sort((a, b) => a.id.localeCompare(b.id));
+  const managers = new Map<string, MeshManager>();
+  const signals: { from: string; to: string; data: SignalData }[] = [];
+  const info = (idn: Identity, i: number): PeerInfo => ({ id: idn.id, name: `n${i}`, pub: idn.publicKey, meta: {} });
+  ids.forEach((idn, i) => {
+    const m = new MeshManager({
+      identity: idn,
+      token: "test-token-of-the-cluster",
+      name: `n${i}`,
+      instance: `i${i}`,
+      version: "test",
+      transport: webrtc.transport(),
+      ...(opts.relay ? { relay: relay.transport() as Transport } : {}),
+      signal: {
+        up: true,
+        send: (to, data) => {
+          signals.push({ from: idn.id, to, data });
+          setImmediate(() => managers.get(to)?.onSignal(idn.id, data));
+          return true;
+        },
+      },
+      iceServers: () => [],
+      logger: silentLogger,
+      now: () => clock.now,
+      random: () => 0.5,
+      timing: { connectTimeoutMs: 2_000 },
+    });
+    managers.set(idn.id, m);
+  });
+  const all = [...managers.values()];
+  const welcome = () => ids.forEach((idn) => managers.get(idn.id)!.onWelcome(ids.map(info)));
+  /** advance the clock in steps of `stepMs`, ticking every manager, until `done()` or `maxMs` */
+  const run = async (done: () => boolean, maxMs = 60_000, stepMs = 200) => {
+    for (let t = 0; t <= maxMs; t += stepMs) {
+      if (done()) return;
+      clock.now += stepMs;
+      for (const m of all) m.tick();
+      await flush();
+    }
+    throw new Error(`not done after ${maxMs} ms of fake time`);
+  };
+  return { clock, webrtc, relay, ids, managers, all, welcome, run, signals };
+}
+
+describe("MeshManager (memory transport, manual clock)", () => {
+  it("links every pair, answers pings on the injected clock, and times a ping out by tick", async () => {
+    const c = cluster(3);
+    c.welcome();
+    await c.run(() => c.all.every((m) => m.connectedPeers().length === 2));
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const rtt = ma.ping(b!.id, 1000);
+    await flush();
+    await expect(rtt).resolves.toBe(0); // the monotonic clock defaults to `now`, which did not move
+    // Make b deaf: its memory link stops accepting deliveries (state not open); the ping is lost.
+    const remote = (ma.link(b!.id) as MemoryLink).peer!;
+    remote.state = "connecting";
+    const lost = ma.ping(b!.id, 1000);
+    const failed = expect(lost).rejects.toThrow(/no answer/);
+    c.clock.now += 1200;
+    ma.tick();
+    await failed;
+  });
+
+  it("sendPacket: typed results; frames arrive at the peer's packet handler", async () => {
+    const c = cluster(2);
+    c.welcome();
+    await c.run(() => c.all.every((m) => m.connectedPeers().length === 1));
+    const [a, b] = c.ids;
+    const got: [string, number[]][] = [];
+    c.managers.get(b!.id)!.onPacket((from, d) => got.push([from, [...d]]));
+    const ma = c.managers.get(a!.id)!;
+    expect(ma.sendPacket(b!.id, new Uint8Array([1, 2, 3]))).toBe("ok");
+    expect(ma.sendPacket("ffffffffffffffff", new Uint8Array([1]))).toBe("closed");
+    expect(ma.queued(b!.id)).toBe(3); // sent, not delivered yet
+    await flush();
+    expect(got).toEqual([[a!.id, [1, 2, 3]]]);
+    expect(ma.queued(b!.id)).toBe(0);
+  });
+
+  it("falls back to the relay when WebRTC cannot open, then upgrades make-before-break when it can", async () => {
+    const c = cluster(2, { relay: true });
+    c.webrtc.reachable = false;
+    c.welcome();
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    let st = (await ma.status())[0]!;
+    expect(st.link).toBe("relay");
+    expect(st.webrtcFailures).toBeGreaterThanOrEqual(1);
+    const packets: number[] = [];
+    mb.onPacket((_f, d) => packets.push(d[0]!));
+    expect(ma.sendPacket(b!.id, new Uint8Array([7]))).toBe("ok");
+    // The first background attempt is due PROBE_FIRST_MS after the relay opened; WebRTC works again.
+    c.webrtc.reachable = true;
+    const drains: string[] = [];
+    ma.onDrain((p, ch) => drains.push(`${p}:${ch}`));
+    await c.run(() => ma.counters.upgrades === 1 && mb.counters.upgrades === 1, PROBE_FIRST_MS * 4);
+    st = (await ma.status())[0]!;
+    expect(st.link).toBe("webrtc");
+    expect(st.state).toBe("connected");
+    expect(drains).toContain(`${b!.id}:packets`); // what the Forwarder held for the relay link may go now
+    expect(ma.sendPacket(b!.id, new Uint8Array([8]))).toBe("ok");
+    await flush();
+    expect(packets).toEqual([7, 8]);
+    expect(ma.counters.linksClosed).toBeGreaterThanOrEqual(1); // the relay link was retired after the switch
+  });
+});
+
+describe("IpamDriver over MeshManagers (memory transport, manual clock)", () => {
+  it("the lowest node founds the IPAM; every node gets its own block and allocates from it, persisted", async () => {
+    const { IpamDriver } = await import("../../agent/ipam.js");
+    const { mkdtempSync, rmSync, existsSync } = await import("node:fs");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const c = cluster(3);
+    const dirs = c.ids.map(() => mkdtempSync(join(tmpdir(), "weft-ipam-unit-")));
+    try {
+      const ipams = c.ids.map((idn, i) => {
+        const m = c.managers.get(idn.id)!;
+        const mayFound = () => m.knownPeers().every((p) => p > idn.id && m.isConnected(p));
+        return new IpamDriver({ id: idn.id, mayFound, range: "10.40.0.0/16", blockPrefix: 26, reclaimAfterMs: 600_000, resyncMs: 1000, claimSettleMs: 500, bootstrapWaitMs: 500 }, dirs[i]!, m, silentLogger, () => c.clock.now);
+      });
+      c.welcome(); // IPAM listens to peer-up events: created before the mesh links
+      const tickAll = c.all.map((_, i) => () => ipams[i]!.tick());
+      const results: (string | Error | undefined)[] = ipams.map(() => undefined);
+      ipams.forEach((ip, i) =>
+        ip.allocate(`pod/p${i}`, 600_000).then(
+          (a) => (results[i] = a.ip),
+          (e: Error) => (results[i] = e),
+        ),
+      );
+      for (let t = 0; t < 3000 && results.some((r) => r === undefined); t++) {
+        c.clock.now += 200;
+        for (const m of c.all) m.tick();
+        for (const f of tickAll) f();
+        await flush();
+        await new Promise((r) => setTimeout(r, 2)); // allocate() retries on a real 200 ms timer
+      }
+      expect(results.map((r) => (typeof r === "string" ? "ok" : String(r)))).toEqual(["ok", "ok", "ok"]);
+      expect(new Set(results).size).toBe(3);
+      const blocks = ipams.map((ip) => ip.localBlocks());
+      expect(new Set(blocks.flat()).size).toBe(blocks.flat().length); // no block owned twice
+      ipams.forEach((ip, i) => expect(ip.activeBlocks().length).toBe(1));
+      for (const d of dirs) expect(existsSync(join(d, "ipam.json"))).toBe(true);
+    } finally {
+      for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    }
+  }, 60_000);
+});
