@@ -9,7 +9,7 @@
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
 import { startSignalServer, type SignalServer } from "../../signaling/server.js";
-import { Cluster, fullMesh, testLogger, waitFor } from "../helpers/cluster.js";
+import { Cluster, fullMesh, TEST_TIMING, testLogger, waitFor } from "../helpers/cluster.js";
 import { stopAllTargets, workerdRuntime, type SignalTarget } from "../helpers/signal-runtimes.js";
 
 const TOKEN = "failover-test-token-0123456789abcdef";
@@ -67,7 +67,10 @@ describe("agents through the Workers build (workerd)", () => {
     // the Cluster helper only needs the URL; the Node server it normally owns is not used
     const c = new Cluster({ url: wd.url, close: async () => {} } as unknown as SignalServer, TOKEN);
     cleanups.push(() => c.cleanup());
-    const agents = [await c.agent("w1"), await c.agent("w2"), await c.agent("w3")];
+    // links must outlive the server: on a loaded box the test timing's 2 s dead-after can drop one, and
+    // without a signaling server it would not come back; use a production-like dead-after here
+    const timing = { ...TEST_TIMING, deadAfterMs: 15_000 };
+    const agents = [await c.agent("w1", { timing }), await c.agent("w2", { timing }), await c.agent("w3", { timing })];
     await waitFor(() => fullMesh(agents), 40_000, "mesh of 3 through workerd");
     const nodes = (await (await fetch(`${wd.url.replace(/^ws/, "http")}/v1/nodes`, { headers: { Authorization: `Bearer ${TOKEN}` } })).json()) as { nodes: { id: string }[] };
     expect(nodes.nodes.map((n) => n.id).sort()).toEqual(agents.map((a) => a.id).sort());
