@@ -50,6 +50,7 @@ function inRange(ip: string, cidr: Cidr): boolean {
   }
 }
 import { startApiServer, type ApiServer } from "./api.js";
+import type { AgentStatus, AgentView, IpamView, LinkType, PeerPath, RouteConflict, RouteStatus } from "./status.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
 import { apiRequest } from "./api-client.js";
@@ -114,30 +115,9 @@ export interface AgentConfig {
   k8sNodeWatch?: NodeWatchConfig;
 }
 
-export interface RouteStatus {
-  dst: string;
-  name: string;
-  nextHop: string;
-  nextHopName: string;
-  via: string;
-  costMs: number;
-  path: string[];
-}
+export type { AgentStatus, AgentView, IpamView, LinkType, PeerPath, RouteConflict, RouteStatus } from "./status.js";
 
-export type PeerPath = "direct" | "turn" | "relay" | `via ${string}` | "none";
-/** What carries pod traffic to a peer: the bulk UDP link, WebRTC (direct ICE), TURN, the server relay, or another agent. */
-export type LinkType = "bulk" | "webrtc" | "turn" | "relay" | "via";
-
-export interface AgentStatus {
-  node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
-  peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null; linkType: LinkType | null; linkWhy: string; bulk: BulkPeerStatus | null })[];
-  bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"] } | null;
-  dataplane: ReturnType<DataPlane["stats"]> | null;
-  routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: Agent["routeConflicts"] };
-  counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
-}
-
-export class Agent {
+export class Agent implements AgentView {
   private tickTimer: NodeJS.Timeout | undefined;
   private api: ApiServer | undefined;
   private readonly startedAt = Date.now();
@@ -227,7 +207,7 @@ export class Agent {
    * ground): both sides keep advertising and every receiver installs neither (agent/os/advertise.ts
    * decideRoutes) until an operator changes --advertise-routes. `kept` is always true (kept for the API).
    */
-  routeConflicts: { route: string; other: string; node: string; nodeName: string; kept: boolean }[] = [];
+  routeConflicts: RouteConflict[] = [];
 
   /** Advertised routes still in force (overlaps with a lower node id's prefixes are withdrawn). */
   advertisedRoutes(): string[] {
@@ -387,7 +367,7 @@ export class Agent {
     if (cfg.api !== false) agent.api = await startApiServer(sock, agent);
     if (cfg.metricsListen !== undefined) {
       try {
-        agent.metrics = await (await import("./metrics.js")).startAgentMetrics(agent, cfg.metricsListen);
+        agent.metrics = await (await import("./metrics.js")).startAgentMetrics(agent, cfg.metricsListen, agentLog.child("metrics"));
       } catch (e) {
         await agent.stop();
         throw e;
@@ -506,12 +486,22 @@ export class Agent {
     return { ...p, path, via, linkType, linkWhy, bulk };
   }
 
+  peerName(id: string): string | undefined {
+    return this.mesh.peerName(id);
+  }
+
+  /** The data plane's drop counters (forwarder and TUN), when it runs. */
+  drops() {
+    const dp = this.dataplane;
+    return dp ? { forwarder: dp.forwarder.drops, tun: dp.tun.drops } : null;
+  }
+
   routes(): RouteStatus[] {
     const name = (id: string) => this.mesh.peerName(id) ?? id;
     return this.router.entries().map((e) => ({ dst: e.dst, name: name(e.dst), nextHop: e.nextHop, nextHopName: name(e.nextHop), via: e.via === "direct" ? "direct" : `via ${name(e.via)}`, costMs: e.cost, path: [...e.path] }));
   }
 
-  ipamStatus() {
+  ipamStatus(): IpamView {
     const st = this.ipam.status();
     const connected = new Set(this.mesh.connectedPeers());
     const name = (id: string) => (id === this.id ? this.name : (this.mesh.peerName(id) ?? null));

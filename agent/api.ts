@@ -18,13 +18,23 @@ import type { Server } from "node:http";
 import { createAdaptorServer } from "@hono/node-server";
 import { Hono } from "hono";
 import { WeftError } from "../src/errors.js";
-import type { Agent } from "./agent.js";
+import type { PodInfo } from "./dataplane.js";
+import type { PodAddress } from "./ipam.js";
+import type { AgentView, PeerPath } from "./status.js";
 
 export interface ApiServer {
   close(): Promise<void>;
 }
 
-type ApiAgent = Pick<Agent, "status" | "ping" | "routes" | "ipamStatus" | "allocate" | "release" | "ipamRelease" | "addPod" | "delPod">;
+/** What the local API serves: the read-only view plus the operations it exposes. */
+export interface ApiAgent extends Pick<AgentView, "status" | "routes" | "ipamStatus"> {
+  ping(target: string, timeoutMs?: number): Promise<{ id: string; name: string; rttMs: number; path: PeerPath }>;
+  allocate(podId: string, timeoutMs?: number, signal?: AbortSignal): Promise<PodAddress>;
+  release(podId: string): boolean;
+  ipamRelease(target: string): { node: string };
+  addPod(name: string): Promise<PodInfo>;
+  delPod(name: string): Promise<{ released: boolean }>;
+}
 
 function errorStatus(code: string): 400 | 404 | 409 | 500 | 503 {
   if (code === "ERR_USAGE" || code === "ERR_NO_DATAPLANE" || code.startsWith("ERR_POD_INPUT")) return 400;

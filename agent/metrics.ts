@@ -35,12 +35,12 @@ import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Registry } from "prom-client";
 import { WeftError } from "../src/errors.js";
 import { DROP_REASONS } from "../src/packet/drop.js";
-import type { Agent, AgentStatus } from "./agent.js";
+import type { Logger } from "../src/log.js";
+import type { AgentStatus, AgentView, IpamView } from "./status.js";
 
 export const PEER_PATHS = ["direct", "turn", "via", "relay", "none"] as const;
 export const PEER_STATES = ["waiting", "connecting", "connected", "backoff", "auth-failed", "gone"] as const;
 
-type IpamView = ReturnType<Agent["ipamStatus"]>;
 
 interface Snapshot {
   status: AgentStatus;
@@ -62,11 +62,11 @@ function pathOf(p: string): (typeof PEER_PATHS)[number] {
 }
 
 /** The agent's registry: metric definitions whose collect() read `source()`'s latest snapshot. */
-export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(): Promise<string> } {
+export function createAgentRegistry(agent: AgentView): { registry: Registry; scrape(): Promise<string> } {
   const registry = new Registry();
   let snap: Snapshot | undefined;
   const registers = [registry];
-  const peerName = (id: string) => agent.mesh.peerName(id) ?? id;
+  const peerName = (id: string) => agent.peerName(id) ?? id;
 
   new Gauge({
     name: "weftnet_info",
@@ -173,10 +173,10 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
     registers,
     collect() {
       this.reset();
-      const dp = agent.dataplane;
-      if (!snap || !dp) return;
-      const fw = dp.forwarder.drops.snapshot(true);
-      const tun = dp.tun.drops.snapshot(true);
+      const drops = agent.drops();
+      if (!snap || !drops) return;
+      const fw = drops.forwarder.snapshot(true);
+      const tun = drops.tun.snapshot(true);
       for (const reason of DROP_REASONS) {
         this.inc({ stage: "forwarder", reason }, fw[reason] ?? 0);
         this.inc({ stage: "tun", reason }, tun[reason] ?? 0);
@@ -412,7 +412,7 @@ export function createAgentRegistry(agent: Agent): { registry: Registry; scrape(
       const status = await agent.status();
       let ipam: IpamView | null = null;
       try {
-        ipam = agent.ipam ? agent.ipamStatus() : null;
+        ipam = agent.ipamStatus();
       } catch {
         ipam = null;
       }
@@ -435,10 +435,9 @@ export interface MetricsServer {
 }
 
 /** Serve GET /metrics on HOST:PORT. Anything else is 404; a failed scrape is 500 (logged). */
-export async function startAgentMetrics(agent: Agent, listen: string): Promise<MetricsServer> {
+export async function startAgentMetrics(agent: AgentView, listen: string, log: Logger): Promise<MetricsServer> {
   const { host, port } = parseListen(listen);
   const { registry, scrape } = createAgentRegistry(agent);
-  const log = agent.log.child("metrics");
   // Scrapes are serialised: each one owns the snapshot while the collect callbacks run.
   let chain: Promise<unknown> = Promise.resolve();
   const server: Server = createServer((req, res) => {

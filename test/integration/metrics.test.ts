@@ -16,6 +16,7 @@ import parsePrometheusTextFormat, { type MetricFamily } from "parse-prometheus-t
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import type { Agent } from "../../agent/agent.js";
+import type { AgentStatus, AgentView, IpamView } from "../../agent/status.js";
 import { DataPlane } from "../../agent/dataplane.js";
 import { createAgentRegistry, parseListen } from "../../agent/metrics.js";
 import { DropCounters } from "../../src/packet/drop.js";
@@ -282,13 +283,14 @@ describe("data-plane metrics (real Forwarder and DataPlane.stats(), stub agent)"
     const tunDrops = new DropCounters();
     tunDrops.drop("queue-full", 3);
     const dp = { forwarder: fw, iface: "weft0", bridge: "weft-br0", mtu: 1400, tun: { paused: false, drops: tunDrops, stats: { rxPackets: 3, rxBytes: 360, rxBatches: 1, txPackets: 0, txBytes: 0, rxMaxPacket: 120 } } };
-    const stub = {
-      dataplane: dp,
-      ipam: {},
-      mesh: { peerName: (id: string) => (id === PEER ? "peer-b" : undefined) },
-      status: async () => ({ node: { id: SELF, name: "self", version: "0", transport: "stub", signal: { connected: true } }, peers: [], counters: {}, dataplane: DataPlane.prototype.stats.call(dp as unknown as DataPlane) }),
-      ipamStatus: () => ({ blocks: [], allocations: [], pending: null, proposals: [], counters: {} }),
-    } as unknown as Agent;
+    // the exporter reads an AgentView only (agent/status.ts), not the Agent
+    const stub: AgentView = {
+      peerName: (id: string) => (id === PEER ? "peer-b" : undefined),
+      drops: () => ({ forwarder: dp.forwarder.drops, tun: dp.tun.drops }),
+      status: async () => ({ node: { id: SELF, name: "self", version: "0", transport: "stub", signal: { connected: true } }, peers: [], counters: {}, dataplane: DataPlane.prototype.stats.call(dp as unknown as DataPlane) }) as unknown as AgentStatus,
+      routes: () => [],
+      ipamStatus: () => ({ blocks: [], allocations: [], pending: null, proposals: [], counters: {} }) as unknown as IpamView,
+    };
     const text = await createAgentRegistry(stub).scrape();
     lint(text);
     const m = parse(text);
