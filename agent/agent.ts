@@ -9,6 +9,7 @@ import { hostname } from "node:os";
 import { DEFAULT_CLUSTER_RANGE } from "../src/defaults.js";
 import { UsageError, WeftError } from "../src/errors.js";
 import { peerKeyOf } from "../src/identity.js";
+import { identityKeys } from "../src/ipam/signing.js";
 import { createLogger, type Logger } from "../src/log.js";
 import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/manager.js";
 import type { PeerTiming } from "../src/mesh/peer.js";
@@ -341,7 +342,8 @@ export class Agent implements AgentView {
         const linked = new Set(a.mesh.connectedPeers());
         return known.every((p) => p > identity.id && linked.has(p));
       };
-      agent.ipam = new IpamDriver({ id: identity.id, mayFound, ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
+      // every heartbeat, owner write and promise signed with the node key; unsigned remote state refused
+      agent.ipam = new IpamDriver({ id: identity.id, mayFound, keys: identityKeys(identity), ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
     } catch (e) {
       await transport.close();
       throw e;

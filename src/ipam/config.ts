@@ -3,6 +3,7 @@ import { DEFAULT_CLUSTER_RANGE } from "../defaults.js";
 import { NODE_ID_RE } from "../wire/codec.js";
 import { type Cidr, blockCount, formatCidr, parseCidr } from "./cidr.js";
 import { IpamError } from "./table.js";
+import type { IpamKeys } from "./signing.js";
 import { MAX_BLOCKS } from "./wire.js";
 
 export interface IpamConfig {
@@ -34,6 +35,12 @@ export interface IpamConfig {
    * relay still forming) does not found an IPAM of its own next to the real one.
    */
   mayFound?: boolean | (() => boolean);
+  /**
+   * this node's signing key (signing.ts identityKeys): with keys, every heartbeat, owner write and
+   * promise is signed, and unsigned or badly signed remote state is refused (counted as `forged`). The
+   * agent always passes its identity; only the pure-algorithm simulations leave it out.
+   */
+  keys?: IpamKeys;
   /** give up on an unanswered block request after this long; default 5 s */
   requestTimeoutMs?: number;
   /** minimum interval between two full state syncs to one peer on digest mismatch; default 30 s */

@@ -2,8 +2,9 @@
  * The consensus write rule (docs/ipam.md rules 2, 2b, 3, 7): every write that moves a block to another
  * owner — a claim of a silent member's block, a grant to a requester — is proposed, and written only
  * with promises from a strict majority of the members. An acceptor promises a (block, version) to one
- * live proposer at a time, persistently. Also the "doomed" bookkeeping: our blocks a peer reports as
- * promised to a claimer are not used until that resolves.
+ * live proposer at a time, persistently. (Hellos still list an acceptor's outstanding promises, for
+ * status; they no longer "doom" the owner's blocks: a pin is refused by any acceptor holding a live
+ * promise for someone else, which protects the owner without trusting what another node says.)
  *
  * Pins (rule 7): before an owner hands out addresses from a block it writes a pin ("p") on it and waits
  * until a strict majority of the members has recorded that pin in its own table (`prop` kind "p" ->
@@ -34,7 +35,16 @@ export interface Proposal {
   owner: string; // current owner (the silent member for claims, us for grants)
   to: string; // new owner (us for claims, the requester for grants)
   acks: Set<string>;
+  /** the acceptors' signed promises (with keys): acceptor -> [pk, sig, members it counted] */
+  sigs: Map<string, [Uint8Array, Uint8Array, number]>;
   until: number;
+}
+
+/** A write completed by a majority: the entry, the owner before, and the signed promises. */
+export interface Written {
+  entry: EntryTuple;
+  from: string;
+  proof: [string, Uint8Array, Uint8Array, number][];
 }
 
 export type PromiseTuple = [number, number, string, string, "t" | "c", number];
@@ -42,8 +52,6 @@ export type PromiseTuple = [number, number, string, string, "t" | "c", number];
 export class WriteRule {
   readonly promises = new Map<number, Promise_>();
   readonly proposals = new Map<number, Proposal>();
-  /** our blocks that a peer reports as promised to a claimer: never used until that resolves */
-  private readonly doomedBy = new Map<string, Set<number>>();
   /** our pins that a strict majority recorded: block -> pinned version (persisted) */
   readonly confirmed = new Map<number, number>();
 
@@ -51,6 +59,7 @@ export class WriteRule {
     private readonly self: string,
     private readonly lease: Lease,
     private readonly R: number,
+    private readonly signed = false,
   ) {}
 
   snapshot(): PromiseTuple[] {
@@ -91,26 +100,11 @@ export class WriteRule {
       if (p.kind === "p" ? this.lease.beat >= p.until || e.version !== p.v || e.owner !== this.self || e.kind !== "p" : this.lease.beat >= p.until || e.version >= p.v) this.proposals.delete(i);
     }
     for (const [i, p] of this.promises) if (table.get(i).version >= p.v || this.promiseVoid(p, now)) this.promises.delete(i);
-    for (const [peer, set] of this.doomedBy) {
-      for (const i of set) if (table.get(i).owner !== this.self) set.delete(i);
-      if (set.size === 0 || this.lease.silentFor(peer, now) >= this.R) this.doomedBy.delete(peer);
-    }
   }
 
+  /** A block with a proposal of ours open is not pinned or granted meanwhile. */
   isDoomed(i: number): boolean {
-    if (this.proposals.has(i)) return true;
-    for (const s of this.doomedBy.values()) if (s.has(i)) return true;
-    return false;
-  }
-
-  /** A hello from `from` listed these outstanding promises: those on our blocks doom them. */
-  setDoomedBy(from: string, table: BlockTable, promised: readonly [number, number][]): void {
-    const doomed = new Set<number>();
-    for (const [i, v] of promised) {
-      if (i < table.count && table.get(i).owner === this.self && table.get(i).version === v - 1) doomed.add(i);
-    }
-    if (doomed.size > 0) this.doomedBy.set(from, doomed);
-    else this.doomedBy.delete(from);
+    return this.proposals.has(i);
   }
 
   /** A hello from a proposer with beat >= until voids the promises we gave it. */
@@ -172,6 +166,7 @@ export class WriteRule {
     const e = table.get(i);
     const already = e.version === v && e.owner === by && e.kind === "p";
     if (!already && !(e.version === v - 1 && e.owner === by)) return null;
+    if (!already && this.signed) return null; // signed clusters record a pin only from its signed entry (state)
     const p = this.promises.get(i);
     if (p && !this.promiseVoid(p, now) && p.v >= v && p.by !== by) return null;
     if (already) return [];
@@ -192,7 +187,7 @@ export class WriteRule {
       v = e.version + 1;
       table.write(i, { owner: this.self, version: v, kind: "p" });
     } else if (this.confirmed.get(i) === v) return null;
-    this.proposals.set(i, { v, kind: "p", owner: this.self, to: this.self, acks: new Set([this.self]), until });
+    this.proposals.set(i, { v, kind: "p", owner: this.self, to: this.self, acks: new Set([this.self]), sigs: new Map(), until });
     return [i, v];
   }
 
@@ -211,28 +206,39 @@ export class WriteRule {
         acks.add(this.self);
         promised = true;
       }
-      this.proposals.set(i, { v, kind, owner, to, acks, until });
+      this.proposals.set(i, { v, kind, owner, to, acks, sigs: new Map(), until });
       sent.push([i, v]);
     }
     return { sent, promised };
   }
 
-  /** A `prom` from an acceptor. */
-  promised(from: string, blocks: readonly [number, number][]): void {
-    for (const [i, v] of blocks) {
+  /** A `prom` from an acceptor (with keys: only promises whose signature `check` accepts count). */
+  promised(from: string, blocks: readonly [number, number][], sigs?: { pk: Uint8Array; sigs: Uint8Array[]; m: number; check: (i: number, p: Proposal, sig: Uint8Array) => boolean }): void {
+    blocks.forEach(([i, v], k) => {
       const p = this.proposals.get(i);
-      if (p && p.v === v) p.acks.add(from);
-    }
+      if (!p || p.v !== v) return;
+      if (sigs) {
+        const sig = sigs.sigs[k]!;
+        if (p.kind !== "p" && !sigs.check(i, p, sig)) return;
+        p.sigs.set(from, [sigs.pk, sig, sigs.m]);
+      }
+      p.acks.add(from);
+    });
+  }
+
+  /** Our own promise's signature on a proposal we made. */
+  selfSign(i: number, pk: Uint8Array, sig: Uint8Array, m: number): void {
+    this.proposals.get(i)?.sigs.set(this.self, [pk, sig, m]);
   }
 
   /**
    * Write every proposal that has promises from a strict majority of the members (and, checked last and
    * only then, the lease). Returns the entries written, with their kind, for the dispatcher to apply.
    */
-  complete(table: BlockTable, leaseValid: () => boolean): EntryTuple[] {
+  complete(table: BlockTable, leaseValid: () => boolean): Written[] {
     const members = this.memberSet(table);
     const owners = table.owners();
-    const written: EntryTuple[] = [];
+    const written: Written[] = [];
     for (const [i, p] of this.proposals) {
       const e = table.get(i);
       if (p.kind === "p") {
@@ -261,7 +267,7 @@ export class WriteRule {
       this.proposals.delete(i);
       const kind = p.kind as "t" | "c";
       table.write(i, { owner: p.to, version: p.v, kind });
-      written.push([i, p.to, p.v, kind]);
+      written.push({ entry: [i, p.to, p.v, kind], from: p.owner, proof: [...p.sigs].map(([n, [pk, sig, m]]) => [n, pk, sig, m]) });
     }
     return written;
   }

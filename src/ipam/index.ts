@@ -27,4 +27,5 @@
 export * from "./cidr.js";
 export { BlockTable, IpamError, compareEntries, type Entry, type EntryKind, type EntryTuple, type IpamErrorCode } from "./table.js";
 export { decodeIpamMessage, encodeIpamMessage, epochId, type EpochInfo, type IpamMessage, IPAM_WIRE_VERSION, MAX_BLOCKS, STATE_CHUNK } from "./wire.js";
-export { IpamNode, type AllocateResult, type IpamConfig, type IpamCounters, type IpamEvent, type IpamOutput, type IpamSnapshot, type IpamStatus } from "./node.js";
+export { identityKeys, type IpamKeys } from "./signing.js";
+export { IpamNode, MAX_BEAT_AHEAD_MS, MAX_VERSION_STEP, type AllocateResult, type IpamConfig, type IpamCounters, type IpamEvent, type IpamOutput, type IpamSnapshot, type IpamStatus } from "./node.js";

@@ -5,6 +5,7 @@
  * a restart or a lapse).
  */
 import type { Resolved } from "./config.js";
+import type { BeatRecord } from "./wire.js";
 
 const NEG = Number.NEGATIVE_INFINITY;
 
@@ -12,7 +13,7 @@ export class Lease {
   /** our own heartbeat: strictly increasing, survives restarts (persisted) */
   beat = 0;
   /** highest heartbeat seen of each other node, and when (our clock) it last advanced */
-  readonly beats = new Map<string, { beat: number; at: number }>();
+  readonly beats = new Map<string, { beat: number; at: number; pk?: Uint8Array; sig?: Uint8Array }>();
   /** when each direct peer was last heard (any IPAM message, or link-up) */
   readonly heard = new Map<string, number>();
   private since: number | null = null;
@@ -49,10 +50,11 @@ export class Lease {
     this.beat = Math.max(this.beat + 1, Math.floor(now));
   }
 
-  mergeBeat(n: string, b: number, now: number): void {
+  /** Merge a heartbeat (already verified by the caller when signed); keeps the origin's signature to relay. */
+  mergeBeat(n: string, b: number, now: number, pk?: Uint8Array, sig?: Uint8Array): void {
     if (n === this.self) return;
     const cur = this.beats.get(n);
-    if (!cur || b > cur.beat) this.beats.set(n, { beat: b, at: now });
+    if (!cur || b > cur.beat) this.beats.set(n, pk && sig ? { beat: b, at: now, pk, sig } : { beat: b, at: now });
   }
 
   beatOf(n: string): number {
@@ -60,9 +62,9 @@ export class Lease {
   }
 
   /** Highest heartbeat seen of every other node (for hellos). */
-  known(): [string, number][] {
-    const out: [string, number][] = [];
-    for (const [n, b] of this.beats) if (b.beat > 0) out.push([n, b.beat]);
+  known(): BeatRecord[] {
+    const out: BeatRecord[] = [];
+    for (const [n, b] of this.beats) if (b.beat > 0) out.push(b.pk && b.sig ? [n, b.beat, b.pk, b.sig] : [n, b.beat]);
     return out;
   }
 

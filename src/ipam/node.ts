@@ -15,8 +15,9 @@ import { type Cidr, blockAt, blockCount, blockIndexOf, equalCidr, formatCidr, fo
 import { type IpamConfig, type Resolved, resolve } from "./config.js";
 import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
-import { BlockTable, type EntryTuple, IpamError } from "./table.js";
-import { type EpochInfo, STATE_CHUNK, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, type IpamKeys, type Signed } from "./signing.js";
+import { BlockTable, compareEntries, type EntryKind, type EntryTuple, IpamError } from "./table.js";
+import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, decodeCert, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
 
@@ -50,6 +51,8 @@ export interface IpamSnapshot {
   promises: PromiseTuple[];
   /** our pins a majority recorded: [blockIndex, version] (absent in snapshots before pins existed) */
   pinned?: [number, number][];
+  /** who wrote each entry and with what right (signed clusters): [blockIndex, cert, handover?] with hex keys */
+  certs?: [number, unknown, unknown][];
   beat: number;
 }
 
@@ -62,6 +65,10 @@ export interface IpamCounters {
   forced: number;
   grants: number;
   revoked: number;
+  /** remote state refused because its signature is missing or wrong, or its signer had no right to say it */
+  forged: number;
+  /** remote counters or versions that jumped further ahead than allowed (MAX_BEAT_AHEAD_MS, MAX_VERSION_STEP) */
+  jumps: number;
 }
 
 export interface IpamStatus {
@@ -99,6 +106,36 @@ interface PeerInfo {
 }
 
 const NEG = Number.NEGATIVE_INFINITY;
+/** a remote entry may be at most this many versions ahead of ours for its block (counted as a jump) */
+export const MAX_VERSION_STEP = 64;
+/** entries per state message when signed (each carries its cert, claims and grants a majority's promises) */
+const SIGNED_CHUNK = 128;
+
+/** Who wrote an entry and with what right (see signing.ts). */
+interface Cert {
+  from: string;
+  by: string;
+  pk: Uint8Array;
+  sig: Uint8Array;
+  proof?: Signed[];
+}
+interface Handover {
+  owner: string;
+  version: number;
+  kind: EntryKind;
+  cert: Cert;
+}
+const certWire = (c: Cert): CertWire => (c.proof ? [c.from, c.by, c.pk, c.sig, c.proof] : [c.from, c.by, c.pk, c.sig]);
+const certOf = (w: CertWire): Cert => ({ from: w[0], by: w[1], pk: w[2], sig: w[3], ...(w[4] ? { proof: w[4] } : {}) });
+const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
+const unhex = (s: unknown) => new Uint8Array(Buffer.from(String(s), "hex"));
+const certJson = (c: Cert) => [c.from, c.by, hex(c.pk), hex(c.sig), ...(c.proof ? [c.proof.map(([n, pk, sig, m]) => [n, hex(pk), hex(sig), m])] : [])];
+const certFromJson = (x: unknown): Cert => {
+  const a = x as unknown[];
+  return certOf(decodeCert([a[0], a[1], unhex(a[2]), unhex(a[3]), ...(a[4] ? [(a[4] as unknown[][]).map(([n, pk, sig, m]) => [n, unhex(pk), unhex(sig), m])] : [])]));
+};
+/** a heartbeat (its origin's clock, ms) more than this far ahead of ours is refused (counted as a jump) */
+export const MAX_BEAT_AHEAD_MS = 24 * 3600_000;
 
 const emptyOutput = (): IpamOutput => ({ send: [], persist: false, revoked: [], errors: [] });
 
@@ -117,14 +154,20 @@ export class IpamNode {
   private readonly conflicts = new Map<string, { code: string; message: string }>();
   private startedAt: number;
   private pending: { to: string; since: number } | null = null;
-  readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0 };
+  readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0, forged: 0, jumps: 0 };
+  private readonly keys: IpamKeys | undefined;
+  private ownBeatSig: { beat: number; epoch: string; sig: Uint8Array } | null = null;
+  /** signed clusters: the cert of each block's current entry, and the change of owner behind an owner's own entry */
+  private readonly certs = new Map<number, Handover>();
+  private readonly handovers = new Map<number, Handover>();
 
   constructor(config: IpamConfig, now: number) {
     this.id = config.id;
     this.cfg = resolve(config);
+    this.keys = config.keys;
     this.allocs = new Allocations(this.cfg.range, this.cfg.blockPrefix);
     this.lease = new Lease(this.id, this.cfg);
-    this.rule = new WriteRule(this.id, this.lease, this.cfg.R);
+    this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined);
     this.startedAt = now;
   }
 
@@ -140,6 +183,7 @@ export class IpamNode {
       settling: [...this.settleUntil.keys()].sort((a, b) => a - b),
       promises: this.rule.snapshot(),
       pinned: [...this.rule.confirmed],
+      ...(this.keys ? { certs: [...this.certs].map(([i, c]): [number, unknown, unknown] => { const h = this.handovers.get(i); return [i, certJson(c.cert), h ? [h.owner, h.version, h.kind, certJson(h.cert)] : null]; }) } : {}),
       beat: this.lease.beat,
     };
   }
@@ -166,6 +210,12 @@ export class IpamNode {
       for (const i of snap.settling) if (n.table!.get(i).owner === n.id) n.settleUntil.set(i, now + n.cfg.S);
       n.rule.restore(snap.promises ?? []);
       for (const [i, v] of snap.pinned ?? []) if (i < n.table!.count) n.rule.confirmed.set(i, v);
+      for (const [i, c, h] of snap.certs ?? []) {
+        if (i >= n.table!.count) continue;
+        const e = n.table!.get(i);
+        n.certs.set(i, { owner: e.owner, version: e.version, kind: e.kind, cert: certFromJson(c) });
+        if (Array.isArray(h)) n.handovers.set(i, { owner: h[0] as string, version: h[1] as number, kind: h[2] as EntryKind, cert: certFromJson(h[3]) });
+      }
       n.rule.prune(n.table!, now);
       n.lease.requireResync();
     } else if (snap.allocs.length > 0) {
@@ -256,6 +306,7 @@ export class IpamNode {
       this.table.write(i, { owner: this.id, version: e.version + 1, kind: "f" });
       this.settleUntil.set(i, now + this.cfg.S);
       delta.push([i, this.id, e.version + 1, "f"]);
+      this.signOwn([i, this.id, e.version + 1, "f"], node);
     }
     if (delta.length > 0) {
       this.counters.forced += delta.length;
@@ -280,6 +331,7 @@ export class IpamNode {
       this.table.write(i, { owner: to, version: e.version + 1, kind: "t" });
       this.settleUntil.delete(i);
       delta.push([i, to, e.version + 1, "t"]);
+      this.signOwn([i, to, e.version + 1, "t"], this.id);
     }
     this.broadcast(delta, null, out);
     out.persist = true;
@@ -436,6 +488,7 @@ export class IpamNode {
     const pv = this.rule.openPin(table, i, until);
     if (!pv) return false;
     out.persist = true;
+    this.signOwn([i, this.id, pv[1], "p"], this.id);
     this.broadcast([[i, this.id, pv[1], "p"]], null, out);
     for (const p of this.peers) {
       if (!this.info.get(p)?.epochOk) continue;
@@ -453,6 +506,7 @@ export class IpamNode {
       if (this.allocs.usedIn(i) !== 0 || free - this.allocs.usableSize() < this.reserve) continue;
       const e = table.get(i);
       table.write(i, { owner: this.id, version: e.version + 1, kind: "t" });
+      this.signOwn([i, this.id, e.version + 1, "t"], this.id);
       this.rule.confirmed.delete(i);
       out.persist = true;
       this.broadcast([[i, this.id, e.version + 1, "t"]], null, out);
@@ -537,6 +591,10 @@ export class IpamNode {
     const until = this.lease.beat + this.cfg.reqTimeout;
     const { sent, promised } = this.rule.open(this.table!, kind, owner, to, blocks, until, now);
     if (promised) out.persist = true;
+    if (this.keys) {
+      const m = this.rule.memberSet(this.table!).size;
+      for (const [i, v] of sent) this.rule.selfSign(i, this.keys.publicKey, this.keys.sign(CTX_PROMISE, this.promiseFields(i, v, kind, owner, to, m)), m);
+    }
     if (sent.length === 0) return;
     for (const p of this.peers) {
       if (!this.info.get(p)?.epochOk) continue;
@@ -568,7 +626,9 @@ export class IpamNode {
   }
 
   private completeProposals(now: number, out: IpamOutput): void {
-    const delta = this.rule.complete(this.table!, () => this.leaseValid(now));
+    const written = this.rule.complete(this.table!, () => this.leaseValid(now));
+    const delta = written.map((w) => w.entry);
+    for (const w of written) this.signOwn(w.entry, w.from, w.proof);
     for (const [i, , , kind] of delta) {
       if (kind === "c") {
         this.settleUntil.set(i, now + this.cfg.S);
@@ -616,6 +676,34 @@ export class IpamNode {
 
   // ---- internals: gossip ---------------------------------------------------------------------------
 
+  /** Our heartbeat's signature (one per beat), so that peers can relay it. */
+  private beatSig(): { pk?: Uint8Array; sig?: Uint8Array } {
+    if (!this.keys) return {};
+    const epoch = this.epoch?.id ?? "";
+    if (this.ownBeatSig?.beat !== this.lease.beat || this.ownBeatSig.epoch !== epoch) {
+      this.ownBeatSig = { beat: this.lease.beat, epoch, sig: this.keys.sign(CTX_BEAT, [epoch, this.id, String(this.lease.beat)]) };
+    }
+    return { pk: this.keys.publicKey, sig: this.ownBeatSig.sig };
+  }
+
+  /**
+   * Check a heartbeat before merging or relaying it: signed by its origin (with keys), and not further
+   * ahead of our clock than MAX_BEAT_AHEAD_MS (a beat is its origin's clock in ms).
+   */
+  private beatOk(n: string, b: number, pk: Uint8Array | undefined, sig: Uint8Array | undefined, now: number): boolean {
+    if (b > now + MAX_BEAT_AHEAD_MS) {
+      this.counters.jumps++;
+      return false;
+    }
+    if (!this.keys) return true;
+    if (this.lease.beatOf(n) >= b) return true; // nothing new: not merged anyway
+    if (!pk || !sig || !this.keys.verify(n, pk, sig, CTX_BEAT, [this.epoch?.id ?? "", n, String(b)])) {
+      this.counters.forged++;
+      return false;
+    }
+    return true;
+  }
+
   private sendHello(to: string, now: number, out: IpamOutput): void {
     out.send.push({
       to,
@@ -623,6 +711,7 @@ export class IpamNode {
         t: "hello",
         epoch: this.epoch,
         beat: this.lease.beat,
+        ...this.beatSig(),
         beats: this.lease.known(),
         free: this.table ? this.wholeFreeBlocks(now).length : 0,
         digest: this.table ? this.table.digest() : 0,
@@ -631,11 +720,29 @@ export class IpamNode {
     });
   }
 
+  /** A state message for these entries, with their certs and handovers when signed. */
+  private stateMsg(entries: EntryTuple[]): unknown {
+    if (!this.keys) return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries });
+    const certs = entries.map(([i]) => {
+      const c = this.certs.get(i);
+      return c ? certWire(c.cert) : null;
+    });
+    const handovers = entries.map(([i]): HandoverWire | null => {
+      const h = this.handovers.get(i);
+      return h ? [h.owner, h.version, h.kind, ...certWire(h.cert)] : null;
+    });
+    return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries, certs, handovers });
+  }
+
+  private get chunk(): number {
+    return this.keys ? SIGNED_CHUNK : STATE_CHUNK;
+  }
+
   private sendFull(to: string, now: number, out: IpamOutput): void {
     if (!this.table || !this.epoch) return;
     const all = this.table.nonBaseline();
-    for (let k = 0; k === 0 || k < all.length; k += STATE_CHUNK) {
-      out.send.push({ to, body: encodeIpamMessage({ t: "state", epoch: this.epoch.id, entries: all.slice(k, k + STATE_CHUNK) }) });
+    for (let k = 0; k === 0 || k < all.length; k += this.chunk) {
+      out.send.push({ to, body: this.stateMsg(all.slice(k, k + this.chunk)) });
     }
     const inf = this.info.get(to);
     if (inf) inf.lastSync = now;
@@ -645,8 +752,8 @@ export class IpamNode {
     if (!this.epoch || delta.length === 0) return;
     for (const p of this.peers) {
       if (p === except || !this.info.get(p)?.epochOk) continue;
-      for (let k = 0; k < delta.length; k += STATE_CHUNK) {
-        out.send.push({ to: p, body: encodeIpamMessage({ t: "state", epoch: this.epoch.id, entries: delta.slice(k, k + STATE_CHUNK) }) });
+      for (let k = 0; k < delta.length; k += this.chunk) {
+        out.send.push({ to: p, body: this.stateMsg(delta.slice(k, k + this.chunk)) });
       }
     }
   }
@@ -673,10 +780,8 @@ export class IpamNode {
     if (!this.info.has(from)) this.info.set(from, { epochOk: false, free: 0, digest: -1, lastSync: null });
     const inf = this.info.get(from)!;
     if (m.t === "hello") {
-      this.lease.mergeBeat(from, m.beat, now);
-      this.rule.proposerBeat(from, m.beat);
       if (m.epoch === null) {
-        inf.epochOk = false;
+        inf.epochOk = false; // not a member (yet): its heartbeat matters to nobody
         return;
       }
       if (!this.epoch) {
@@ -690,6 +795,10 @@ export class IpamNode {
         out.persist = true;
         this.sendHello(from, now, out);
       }
+      if (m.epoch.id === this.epoch!.id && this.beatOk(from, m.beat, m.pk, m.sig, now)) {
+        this.lease.mergeBeat(from, m.beat, now, m.pk, m.sig);
+        this.rule.proposerBeat(from, m.beat);
+      }
       if (m.epoch.id !== this.epoch!.id) {
         inf.epochOk = false;
         this.refuse(from, new IpamError("ERR_EPOCH_MISMATCH", `peer ${from} belongs to a separately bootstrapped IPAM ${m.epoch.id} (${m.epoch.range}); ours is ${this.epoch!.id}; refusing to merge`), out);
@@ -701,8 +810,7 @@ export class IpamNode {
       }
       inf.free = m.free;
       inf.digest = m.digest;
-      this.rule.setDoomedBy(from, this.table!, m.promised);
-      for (const [n, b] of m.beats) this.lease.mergeBeat(n, b, now);
+      for (const [n, b, pk, sig] of m.beats) if (n !== from && this.beatOk(n, b, pk, sig, now)) this.lease.mergeBeat(n, b, now, pk, sig);
       if (m.digest !== this.table!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.cfg.syncInterval)) this.sendFull(from, now, out);
       return;
     }
@@ -712,7 +820,7 @@ export class IpamNode {
     }
     switch (m.t) {
       case "state":
-        this.onState(from, m.entries, out);
+        this.onState(from, m.entries, m.certs, m.handovers, now, out);
         return;
       case "req":
         this.onRequest(from, now, out);
@@ -733,19 +841,38 @@ export class IpamNode {
             this.dropLost(changed, out);
             this.broadcast(changed, from, out);
           }
-          if (ok.length > 0) out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok }) });
+          if (ok.length > 0) out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok, ...this.promiseSigs(ok, "p", from, from) }) });
           return;
         }
         const kind = m.kind;
         const ok = m.blocks.filter(([i, v]) => this.rule.accept(this.table!, i, v, from, kind, m.owner, m.to, m.until, now));
         if (ok.length > 0) {
           out.persist = true;
-          out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok }) });
+          out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok, ...this.promiseSigs(ok, kind, m.owner, m.to) }) });
         }
         return;
       }
       case "prom":
-        this.rule.promised(from, m.blocks);
+        if (this.keys && (!m.sigs || !m.pk)) {
+          this.counters.forged++;
+          return;
+        }
+        this.rule.promised(
+          from,
+          m.blocks,
+          this.keys && m.sigs && m.pk
+            ? {
+                pk: m.pk,
+                sigs: m.sigs,
+                m: m.m ?? 0,
+                check: (i, p, sig) => {
+                  const ok = this.keys!.verify(from, m.pk!, sig, CTX_PROMISE, this.promiseFields(i, p.v, p.kind, p.owner, p.to, m.m ?? 0));
+                  if (!ok) this.counters.forged++;
+                  return ok;
+                },
+              }
+            : undefined,
+        );
         this.completeProposals(now, out);
         this.nextGrant(now, out);
         return;
@@ -756,9 +883,38 @@ export class IpamNode {
     }
   }
 
-  private onState(from: string, entries: EntryTuple[], out: IpamOutput): void {
+  private onState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
     const table = this.table!;
     let delta: EntryTuple[];
+    const proofs = new Map<number, { cert: Cert; handover: Handover | null }>();
+    if (this.keys) {
+      // verify every entry that would change our table before anything is merged (or forwarded)
+      const ok: EntryTuple[] = [];
+      entries.forEach((e, k) => {
+        const [i, owner, version, kind] = e;
+        if (i >= table.count) return void ok.push(e); // merge refuses the batch
+        let wins: boolean;
+        try {
+          wins = compareEntries({ owner, version, kind }, table.get(i), i) > 0;
+        } catch {
+          return void ok.push(e); // a conflict: merge refuses the batch
+        }
+        if (!wins) return;
+        const cw = certs?.[k];
+        const hw = handovers?.[k];
+        const cert = cw ? certOf(cw) : null;
+        const handover = hw ? { owner: hw[0], version: hw[1], kind: hw[2], cert: certOf(hw.slice(3) as unknown as CertWire) } : null;
+        const why = this.checkWrite(e, cert, handover, now);
+        if (why === "jump") this.counters.jumps++;
+        else if (why !== null) this.counters.forged++;
+        else {
+          ok.push(e);
+          proofs.set(i, { cert: cert!, handover });
+        }
+      });
+      if (ok.length < entries.length && ok.length === 0) return;
+      entries = ok;
+    }
     try {
       delta = table.merge(entries);
     } catch (e) {
@@ -769,9 +925,101 @@ export class IpamNode {
       throw e;
     }
     if (delta.length === 0) return;
+    for (const [i, owner, version, kind] of delta) {
+      const p = proofs.get(i);
+      if (p) this.keepCert([i, owner, version, kind], p.cert, p.handover);
+    }
     out.persist = true;
     this.dropLost(delta, out);
     this.broadcast(delta, from, out);
+  }
+
+  private entryFields(i: number, owner: string, version: number, kind: EntryKind, from: string): string[] {
+    return [this.epoch!.id, String(i), owner, String(version), kind, from];
+  }
+
+  private promiseFields(i: number, v: number, kind: string, from: string, to: string, members: number): string[] {
+    return [this.epoch!.id, String(i), String(v), kind, from, to, String(members)];
+  }
+
+  private promiseSigs(blocks: [number, number][], kind: string, from: string, to: string): { sigs?: Uint8Array[]; pk?: Uint8Array; m?: number } {
+    if (!this.keys) return {};
+    const m = this.rule.memberSet(this.table!).size;
+    return { pk: this.keys.publicKey, m, sigs: blocks.map(([i, v]) => this.keys!.sign(CTX_PROMISE, this.promiseFields(i, v, kind, from, to, m))) };
+  }
+
+  /** Sign an entry we just wrote (from = the owner before), and keep its cert to forward it. */
+  private signOwn(e: EntryTuple, from: string, proof?: Signed[]): void {
+    if (!this.keys) return;
+    const [i, owner, version, kind] = e;
+    const sig = this.keys.sign(CTX_ENTRY, this.entryFields(i, owner, version, kind, from));
+    this.keepCert(e, { from, by: this.id, pk: this.keys.publicKey, sig, ...(proof && proof.length ? { proof } : {}) }, null);
+  }
+
+  /** Remember the cert of a block's new entry; an owner's own write keeps the change of owner behind it. */
+  private keepCert(e: EntryTuple, cert: Cert, handover: Handover | null): void {
+    const [i, owner, version, kind] = e;
+    const prev = this.certs.get(i);
+    if (cert.from !== owner) this.handovers.delete(i); // this entry is itself a change of owner
+    else if (handover) this.handovers.set(i, handover);
+    else if (prev && prev.cert.from !== prev.owner && prev.owner === owner) this.handovers.set(i, prev);
+    else if (this.handovers.get(i)?.owner !== owner) this.handovers.delete(i);
+    this.certs.set(i, { owner, version, kind, cert });
+  }
+
+  /**
+   * Do members vouch for this claim or grant with valid promises from more than half of the largest
+   * member count any of them signed? (Judged from the promises themselves, so a node that joined later,
+   * with a larger member set, still accepts a write a majority approved back then; signers must be
+   * members we know, so keys made up for the occasion count for nothing.)
+   */
+  private proofOk(i: number, v: number, kind: string, from: string, to: string, writer: string, proof: Signed[] | undefined): boolean {
+    if (!proof) return false;
+    const members = this.rule.memberSet(this.table!);
+    members.add(from);
+    const signers = new Set<string>();
+    let most = 0;
+    for (const [n, pk, sig, m] of proof) {
+      if (!members.has(n) || signers.has(n)) continue;
+      if (!this.keys!.verify(n, pk, sig, CTX_PROMISE, this.promiseFields(i, v, kind, from, to, m))) continue;
+      signers.add(n);
+      if (n !== writer) most = Math.max(most, m); // the writer's own count cannot lower the bar
+    }
+    if (most === 0) return false; // nobody but the writer vouches
+    // a grant to a newcomer is approved by the members before it (the newcomer, counted by promisers, does not vote)
+    const voters = kind === "t" && !signers.has(to) ? most - 1 : most;
+    return signers.size > 0 && 2 * signers.size > voters;
+  }
+
+  /**
+   * May this remote entry replace our entry for its block? (signed clusters; null = yes)
+   *   every entry is signed by its writer `by`; versions step forward by at most MAX_VERSION_STEP;
+   *   claim:   written by the heir it names, with promises from a majority of the members;
+   *   grant:   a transfer with promises from a majority, written by the owner before;
+   *   owner's own write (pin, unpin, leave transfer): by the owner we know, or by the new owner of a
+   *            verifiable change of owner (the handover) that is newer than what we know;
+   *   force:   by the node it names, of a block whose owner we know and do not hear (never of a live,
+   *            connected node's block, and never of ours).
+   */
+  private checkWrite(e: EntryTuple, cert: Cert | null, handover: Handover | null, now: number, nested = false): null | "jump" | "forged" {
+    const [i, owner, version, kind] = e;
+    const cur = this.table!.get(i);
+    if (version > cur.version + MAX_VERSION_STEP) return "jump";
+    if (!cert || !this.keys!.verify(cert.by, cert.pk, cert.sig, CTX_ENTRY, this.entryFields(i, owner, version, kind, cert.from))) return "forged";
+    switch (kind) {
+      case "c":
+        return cert.by === owner && cert.from !== owner && this.proofOk(i, version, "c", cert.from, owner, cert.by, cert.proof) ? null : "forged";
+      case "f":
+        if (cert.by !== owner || cert.from === owner || cert.from !== cur.owner || cert.from === this.id) return "forged";
+        return this.peers.has(cert.from) || this.lease.heardWithin(cert.from, now, this.cfg.C) ? "forged" : null;
+      default:
+        if (cert.by !== cert.from) return "forged";
+        if (kind === "p" && owner !== cert.by) return "forged";
+        if (cur.owner === cert.by) return null; // the owner we know hands it on, pins or unpins it
+        if (cert.proof) return kind === "t" && this.proofOk(i, version, "t", cert.from, owner, cert.by, cert.proof) ? null : "forged";
+        if (nested || !handover || handover.owner !== cert.by || handover.version >= version || handover.version <= cur.version) return "forged";
+        return this.checkWrite([i, handover.owner, handover.version, handover.kind], handover.cert, null, now, true);
+    }
   }
 
   /**

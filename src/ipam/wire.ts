@@ -5,7 +5,9 @@
  *   hello  periodic, per directly connected peer:
  *            epoch   {id, founder, at, range, bp} | null   the cluster IPAM the sender belongs to
  *            beat    sender's heartbeat (strictly increasing per node, survives restarts)
- *            beats   [[nodeId, beat]]   highest heartbeat the sender has seen of each member (liveness
+ *            sig     the sender's signature of its beat (signing.ts; with its public key `pk`)
+ *            beats   [[nodeId, beat, pk, sig]]   highest heartbeat the sender has seen of each member, with
+ *                    the origin's signature (relayed only once verified: nobody can speak for another) (liveness
  *                    evidence travels transitively, so reclaim works on partial meshes)
  *            free    number of whole free blocks the sender could give away
  *            digest  FNV digest of the sender's block table; a mismatch triggers a full state sync
@@ -49,25 +51,69 @@ export interface EpochInfo {
 }
 
 export type IpamMessage =
-  | { t: "hello"; epoch: EpochInfo | null; beat: number; beats: [string, number][]; free: number; digest: number; promised: [number, number][] }
-  | { t: "state"; epoch: string; entries: EntryTuple[] }
+  | { t: "hello"; epoch: EpochInfo | null; beat: number; pk?: Uint8Array; sig?: Uint8Array; beats: BeatRecord[]; free: number; digest: number; promised: [number, number][] }
+  | { t: "state"; epoch: string; entries: EntryTuple[]; certs?: (CertWire | null)[]; handovers?: (HandoverWire | null)[] }
   | { t: "prop"; epoch: string; kind: "t" | "c" | "p"; owner: string; to: string; until: number; blocks: [number, number][] }
-  | { t: "prom"; epoch: string; blocks: [number, number][] }
+  | { t: "prom"; epoch: string; blocks: [number, number][]; sigs?: Uint8Array[]; pk?: Uint8Array; m?: number }
   | { t: "req"; epoch: string }
   | { t: "nak"; epoch: string };
 
 export type IpamWire = { v: number; t: string } & Record<string, unknown>;
 
+/** A heartbeat as relayed: [node, beat] or, signed by its origin, [node, beat, pk, sig]. */
+export type BeatRecord = [string, number] | [string, number, Uint8Array, Uint8Array];
+
+/**
+ * Who wrote an entry and with what right (signing.ts): [from, by, pk, sig, proof?] — `from` the owner
+ * before, `by` the writer, its signature of the entry, and for claims and grants the promises of a
+ * majority: [[acceptor, pk, sig]].
+ */
+export type CertWire = [string, string, Uint8Array, Uint8Array, ...([[string, Uint8Array, Uint8Array, number][]] | [])];
+/** The last change of owner behind an owner's own entry: [owner, version, kind, ...cert]. */
+export type HandoverWire = [string, number, EntryKind, ...CertWire];
+
+function decodeSigned(x: unknown): [string, Uint8Array, Uint8Array, number] {
+  if (!Array.isArray(x) || x.length < 4) throw new ProtocolError("ERR_INVALID", "promise signature must be [node, pk, sig, members]");
+  const [n, pk, sig, m] = x as unknown[];
+  if (typeof n !== "string" || !NODE_ID_RE.test(n)) throw new ProtocolError("ERR_INVALID", "signer is not a node id");
+  if (typeof m !== "number" || !Number.isInteger(m) || m < 1 || m > MAX_BLOCKS) throw new ProtocolError("ERR_INVALID", "promise member count out of range");
+  return [n, keyBytes(pk, 32, "pk"), keyBytes(sig, 64, "sig"), m];
+}
+
+export function decodeCert(x: unknown): CertWire {
+  if (!Array.isArray(x) || x.length < 4) throw new ProtocolError("ERR_INVALID", "cert must be [from, by, pk, sig, proof?]");
+  const [from, by, pk, sig, proof] = x as unknown[];
+  if (typeof from !== "string" || !NODE_ID_RE.test(from) || typeof by !== "string" || !NODE_ID_RE.test(by)) throw new ProtocolError("ERR_INVALID", "cert from/by must be node ids");
+  const base: [string, string, Uint8Array, Uint8Array] = [from, by, keyBytes(pk, 32, "cert pk"), keyBytes(sig, 64, "cert sig")];
+  if (proof === undefined || proof === null) return base;
+  if (!Array.isArray(proof) || proof.length > 1024) throw new ProtocolError("ERR_INVALID", "cert proof must be a list of at most 1024 signatures");
+  return [...base, proof.map(decodeSigned)];
+}
+
+function decodeHandover(x: unknown): HandoverWire {
+  if (!Array.isArray(x) || x.length < 7) throw new ProtocolError("ERR_INVALID", "handover must be [owner, version, kind, ...cert]");
+  const [owner, version, kind, ...rest] = x as unknown[];
+  if (typeof owner !== "string" || !NODE_ID_RE.test(owner)) throw new ProtocolError("ERR_INVALID", "handover owner is not a node id");
+  if (typeof version !== "number" || !Number.isSafeInteger(version) || version < 1) throw new ProtocolError("ERR_INVALID", "handover version must be a positive integer");
+  if (kind !== "t" && kind !== "p" && kind !== "c" && kind !== "f") throw new ProtocolError("ERR_INVALID", "handover kind must be t, p, c or f");
+  return [owner, version, kind, ...decodeCert(rest)];
+}
+
+function keyBytes(x: unknown, len: number, what: string): Uint8Array {
+  if (!(x instanceof Uint8Array) || x.byteLength !== len) throw new ProtocolError("ERR_INVALID", `${what} must be ${len} bytes`);
+  return x;
+}
+
 export function encodeIpamMessage(m: IpamMessage): IpamWire {
   switch (m.t) {
     case "hello":
-      return { v: IPAM_WIRE_VERSION, t: "hello", epoch: m.epoch ? { ...m.epoch } : null, beat: m.beat, beats: m.beats, free: m.free, digest: m.digest, promised: m.promised };
+      return { v: IPAM_WIRE_VERSION, t: "hello", epoch: m.epoch ? { ...m.epoch } : null, beat: m.beat, ...(m.sig ? { pk: m.pk, sig: m.sig } : {}), beats: m.beats, free: m.free, digest: m.digest, promised: m.promised };
     case "state":
-      return { v: IPAM_WIRE_VERSION, t: "state", epoch: m.epoch, entries: m.entries };
+      return { v: IPAM_WIRE_VERSION, t: "state", epoch: m.epoch, entries: m.entries, ...(m.certs ? { certs: m.certs } : {}), ...(m.handovers ? { handovers: m.handovers } : {}) };
     case "prop":
       return { v: IPAM_WIRE_VERSION, t: "prop", epoch: m.epoch, kind: m.kind, owner: m.owner, to: m.to, until: m.until, blocks: m.blocks };
     case "prom":
-      return { v: IPAM_WIRE_VERSION, t: "prom", epoch: m.epoch, blocks: m.blocks };
+      return { v: IPAM_WIRE_VERSION, t: "prom", epoch: m.epoch, blocks: m.blocks, ...(m.sigs ? { sigs: m.sigs, pk: m.pk, m: m.m } : {}) };
     case "req":
     case "nak":
       return { v: IPAM_WIRE_VERSION, t: m.t, epoch: m.epoch };
@@ -132,29 +178,39 @@ export function decodeIpamMessage(body: unknown): IpamMessage {
     case "hello": {
       const epoch = body.epoch === null || body.epoch === undefined ? null : decodeEpoch(obj(body, "epoch"));
       const beat = uint(body, "beat");
-      const beats = arr(body, "beats", MAX_BEATS).map((x): [string, number] => {
-        if (!Array.isArray(x) || x.length < 2) throw new ProtocolError("ERR_INVALID", "beat must be [node, beat]");
-        const [n, b] = x as unknown[];
+      const beats = arr(body, "beats", MAX_BEATS).map((x): BeatRecord => {
+        if (!Array.isArray(x) || x.length < 2) throw new ProtocolError("ERR_INVALID", "beat must be [node, beat, pk, sig]");
+        const [n, b, pk, sig] = x as unknown[];
         if (typeof n !== "string" || !NODE_ID_RE.test(n)) throw new ProtocolError("ERR_INVALID", "beat node is not a node id");
         if (typeof b !== "number" || !Number.isSafeInteger(b) || b < 0) throw new ProtocolError("ERR_INVALID", "beat must be a non-negative integer");
-        return [n, b];
+        if (pk === undefined && sig === undefined) return [n, b];
+        return [n, b, keyBytes(pk, 32, "beat pk"), keyBytes(sig, 64, "beat sig")];
       });
+      const own = body.sig === undefined ? {} : { pk: keyBytes(body.pk, 32, "pk"), sig: keyBytes(body.sig, 64, "sig") };
       const free = uint(body, "free", MAX_BLOCKS);
       const digest = uint(body, "digest", 0xffffffff);
       const promised = body.promised === undefined ? [] : arr(body, "promised", MAX_BLOCKS).map(decodeBlockVersion);
-      return { t, epoch, beat, beats, free, digest, promised };
+      return { t, epoch, beat, ...own, beats, free, digest, promised };
     }
     case "state": {
       const epoch = epochRef(body);
       const entries = arr(body, "entries", STATE_CHUNK).map(decodeEntry);
-      return { t, epoch, entries };
+      const certs = body.certs === undefined ? undefined : arr(body, "certs", STATE_CHUNK).map((c) => (c === null ? null : decodeCert(c)));
+      const handovers = body.handovers === undefined ? undefined : arr(body, "handovers", STATE_CHUNK).map((h) => (h === null ? null : decodeHandover(h)));
+      if ((certs && certs.length !== entries.length) || (handovers && handovers.length !== entries.length)) throw new ProtocolError("ERR_INVALID", "certs/handovers must align with entries");
+      return { t, epoch, entries, ...(certs ? { certs } : {}), ...(handovers ? { handovers } : {}) };
     }
     case "prop":
       const kind = body.kind;
       if (kind !== "t" && kind !== "c" && kind !== "p") throw new ProtocolError("ERR_INVALID", "proposal kind must be t, c or p");
       return { t, epoch: epochRef(body), kind, owner: nodeId(body, "owner"), to: nodeId(body, "to"), until: uint(body, "until"), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
-    case "prom":
-      return { t, epoch: epochRef(body), blocks: arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion) };
+    case "prom": {
+      const blocks = arr(body, "blocks", MAX_BLOCKS).map(decodeBlockVersion);
+      if (body.sigs === undefined) return { t, epoch: epochRef(body), blocks };
+      const sigs = arr(body, "sigs", MAX_BLOCKS).map((x) => keyBytes(x, 64, "promise sig"));
+      if (sigs.length !== blocks.length) throw new ProtocolError("ERR_INVALID", "promise sigs must align with blocks");
+      return { t, epoch: epochRef(body), blocks, sigs, pk: keyBytes(body.pk, 32, "pk"), m: uint(body, "m", MAX_BLOCKS) };
+    }
     case "req":
     case "nak":
       return { t, epoch: epochRef(body) };

@@ -2,7 +2,18 @@
 // property tests). Links follow partition groups + explicit cuts; messages sent in one tick are
 // delivered before the next tick (bounded delay), shuffled (reordering) and sometimes duplicated;
 // a link going down drops what is in flight on it (loss).
+import { createPrivateKey } from "node:crypto";
+import { type Identity, identityFromPrivateKey } from "../../src/identity.js";
 import { IpamNode, type IpamConfig, type IpamOutput, type IpamSnapshot } from "../../src/ipam/index.js";
+import { identityKeys, type IpamKeys } from "../../src/ipam/signing.js";
+
+/** A real Ed25519 identity from 32 bytes of the simulation's PRNG (reproducible runs). */
+export function simIdentity(rand: () => number): Identity {
+  const seed = Buffer.alloc(32);
+  for (let k = 0; k < 32; k++) seed[k] = Math.floor(rand() * 256);
+  const der = Buffer.concat([Buffer.from("302e020100300506032b657004220420", "hex"), seed]);
+  return identityFromPrivateKey(createPrivateKey({ key: der, format: "der", type: "pkcs8" }));
+}
 
 export const SIM_CFG = {
   range: "10.40.0.0/22",
@@ -24,6 +35,7 @@ export interface SimNode {
   snap: IpamSnapshot | null; // last persisted state
   group: number;
   gone: boolean; // left or died for good
+  keys?: IpamKeys; // signed simulations: the node's own key
 }
 
 export { prng } from "../helpers/prng.js";
@@ -38,6 +50,8 @@ export class Sim {
   private queue: { from: string; to: string; body: unknown }[] = [];
   private seq = 0;
   dupRate = 0.05;
+  /** give every node a real Ed25519 identity and sign IPAM state (slower: use fewer runs) */
+  signed = false;
   /** probability that one message is lost (on top of in-flight loss when a link goes down) */
   lossRate = 0;
   /** pod addresses revoked (only an operator's force release of a live node may cause one) */
@@ -64,8 +78,14 @@ export class Sim {
   }
 
   add(opts: { mayFound: boolean; group?: number; id?: string }): SimNode {
-    const id = opts.id ?? this.newId();
-    const sn: SimNode = { id, node: new IpamNode({ ...this.cfg, id, mayFound: opts.mayFound }, this.at(id)), snap: null, group: opts.group ?? 0, gone: false };
+    let id = opts.id ?? this.newId();
+    let keys: IpamKeys | undefined;
+    if (this.signed) {
+      const idn = simIdentity(this.rand);
+      id = idn.id;
+      keys = identityKeys(idn);
+    }
+    const sn: SimNode = { id, node: new IpamNode({ ...this.cfg, id, mayFound: opts.mayFound, ...(keys ? { keys } : {}) }, this.at(id)), snap: null, group: opts.group ?? 0, gone: false, ...(keys ? { keys } : {}) };
     this.nodes.push(sn);
     this.syncLinks();
     return sn;
@@ -79,7 +99,8 @@ export class Sim {
 
   restart(sn: SimNode): void {
     if (sn.node || sn.gone) return;
-    sn.node = sn.snap ? IpamNode.restore(structuredClone(sn.snap), { ...this.cfg, id: sn.id, mayFound: false }, this.at(sn)) : new IpamNode({ ...this.cfg, id: sn.id, mayFound: false }, this.at(sn));
+    const cfg = { ...this.cfg, id: sn.id, mayFound: false, ...(sn.keys ? { keys: sn.keys } : {}) };
+    sn.node = sn.snap ? IpamNode.restore(structuredClone(sn.snap), cfg, this.at(sn)) : new IpamNode(cfg, this.at(sn));
     this.syncLinks();
   }
 
@@ -125,6 +146,11 @@ export class Sim {
         if (sn.node) this.apply(sn, sn.node.handle({ type: "peerUp", peer: b }, this.at(sn)));
       }
     }
+  }
+
+  /** Put a message on a live link as if `from` had sent it (an attacker's injection). */
+  inject(from: string, to: string, body: unknown): void {
+    if (this.links.has(pair(from, to))) this.queue.push({ from, to, body });
   }
 
   flap(a: SimNode, b: SimNode): void {
