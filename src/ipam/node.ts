@@ -998,8 +998,8 @@ export class IpamNode {
    *   grant:   a transfer with promises from a majority, written by the owner before;
    *   owner's own write (pin, unpin, leave transfer): by the owner we know, or by the new owner of a
    *            verifiable change of owner (the handover) that is newer than what we know;
-   *   force:   by the node it names, of a block whose owner we know and do not hear (never of a live,
-   *            connected node's block, and never of ours).
+   *   force:   by the node it names, of a block whose owner we know (never of a node connected to us,
+   *            and never of ours).
    */
   private checkWrite(e: EntryTuple, cert: Cert | null, handover: Handover | null, now: number, nested = false): null | "jump" | "forged" {
     const [i, owner, version, kind] = e;
@@ -1009,9 +1009,12 @@ export class IpamNode {
     switch (kind) {
       case "c":
         return cert.by === owner && cert.from !== owner && this.proofOk(i, version, "c", cert.from, owner, cert.by, cert.proof) ? null : "forged";
-      case "f":
-        if (cert.by !== owner || cert.from === owner || cert.from !== cur.owner || cert.from === this.id) return "forged";
-        return this.peers.has(cert.from) || this.lease.heardWithin(cert.from, now, this.cfg.C) ? "forged" : null;
+      case "f": {
+        // the owner before: ours, or — when we forced the same block at the same version — the one we forced
+        const prev = cur.kind === "f" && cur.version === version ? this.certs.get(i)?.cert.from : cur.owner;
+        if (cert.by !== owner || cert.from === owner || cert.from !== prev || cert.from === this.id) return "forged";
+        return this.peers.has(cert.from) ? "forged" : null; // never the blocks of a node connected to us
+      }
       default:
         if (cert.by !== cert.from) return "forged";
         if (kind === "p" && owner !== cert.by) return "forged";
