@@ -1020,7 +1020,13 @@ export class IpamNode {
         if (kind === "p" && owner !== cert.by) return "forged";
         if (cur.owner === cert.by) return null; // the owner we know hands it on, pins or unpins it
         if (cert.proof) return kind === "t" && this.proofOk(i, version, "t", cert.from, owner, cert.by, cert.proof) ? null : "forged";
-        if (nested || !handover || handover.owner !== cert.by || handover.version >= version || handover.version <= cur.version) return "forged";
+        if (nested || !handover || handover.owner !== cert.by || handover.version >= version) return "forged";
+        try {
+          // the change of owner must itself beat what we hold (a claim beats a grant at one version)
+          if (compareEntries({ owner: handover.owner, version: handover.version, kind: handover.kind }, cur, i) <= 0) return "forged";
+        } catch {
+          return "forged";
+        }
         return this.checkWrite([i, handover.owner, handover.version, handover.kind], handover.cert, null, now, true);
     }
   }

@@ -173,7 +173,11 @@ function run(seed: number, initial: number, ops: Op[]): void {
   sim.run(2 * R_TICKS + 10);
   const live = sim.live();
   for (let extra = 0; extra < 2 * R_TICKS && new Set(live.map((n) => n.node!.digest())).size > 1; extra++) sim.run(1);
-  if (new Set(live.map((n) => n.node!.digest())).size !== 1) throw new Error(`views differ: ${JSON.stringify(live.map((n) => [n.id, n.node!.digest()]))}`);
+  if (new Set(live.map((n) => n.node!.digest())).size !== 1) {
+    const v0 = live[0]!.node!.view();
+    const diff = live.map((n) => [n.id.slice(0, 4), n.node!.status(sim.now).counters.forged, n.node!.status(sim.now).counters.jumps, n.node!.view().filter((e, i) => JSON.stringify(e) !== JSON.stringify(v0[i])).map((e) => e.join(":")).join(" ")]);
+    throw new Error(`views differ: ${JSON.stringify(diff)} rogue ${rogue.id.slice(0, 4)} ref ${JSON.stringify(live.map((n) => n.node!.view().filter((e, i) => live.some((m) => JSON.stringify(m.node!.view()[i]) !== JSON.stringify(e))).map((e) => e.join(":").replace(/([0-9a-f]{4})[0-9a-f]{12}/g, "$1"))))}`);
+  }
   const rogueOwns = new Set(rogue.node!.ownedBlocks());
   for (const n of live) for (const [i, owner] of n.node!.view()) if (owner === rogue.id) expect(rogueOwns.has(i), `block ${i} given to the rogue by a forgery`).toBe(true);
   sim.checkKept();
@@ -187,7 +191,11 @@ describe("signed ipam state (property)", () => {
   it("a rogue insider's forgeries are refused and counted; honest nodes keep their blocks and addresses", () => {
     fc.assert(
       fc.property(fc.nat(), fc.integer({ min: 3, max: 6 }), fc.array(op, { minLength: 5, maxLength: 25 }), (seed, initial, ops) => run(seed, initial, ops)),
-      { numRuns: Number(process.env.IPAM_SIGNED_RUNS ?? 40) },
+      {
+        numRuns: Number(process.env.IPAM_SIGNED_RUNS ?? 40),
+        // a case found while the box was loaded (kept: it exercises crash + attack + partition)
+        examples: [[2147467235, 4, [{ k: "clock", n: 0, d: 0 }, { k: "crash", n: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "attack", a: 0, n: 0, b: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "wait", t: 6 }, { k: "heal" }, { k: "attack", a: 0, n: 0, b: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "partition", g: [0, 0, 0, 0, 0, 0, 0, 0] }, { k: "heal" }, { k: "alloc", n: 0, c: 1 }, { k: "attack", a: 0, n: 0, b: 0 }, { k: "partition", g: [0, 0, 0, 0, 1, 0, 0, 0] }, { k: "attack", a: 0, n: 0, b: 0 }, { k: "crash", n: 0 }]]],
+      },
     );
   }, 600_000);
 
