@@ -1,6 +1,6 @@
 /**
  * npm run bench:ipam [-- --nodes 16]
- * npm run bench:ipam -- --chaos [--seed 1] [--nodes 5] [--sim-minutes 30] [--reclaim-after 30]
+ * npm run bench:ipam -- --chaos [--seed 1] [--nodes 5] [--sim-minutes 30] [--reclaim-after 30] [--signed]
  *  chaos mode (simulated mesh of the property tests, seeded, bounded simulated time, 500 ms gossip
  *  rounds): random partitions of 1-4 nodes, kill -9 + restart from the persisted snapshot, allocation
  *  bursts and frees, /28 blocks so that grants and reclaims happen within minutes. Prints allocations
@@ -33,6 +33,7 @@ const { values } = parseArgs({
     seed: { type: "string", default: "1" },
     "sim-minutes": { type: "string", default: "30" },
     "reclaim-after": { type: "string", default: "30" },
+    signed: { type: "boolean", default: false },
   },
 });
 const N = Number(values.nodes ?? (values.chaos ? 5 : 16));
@@ -47,7 +48,7 @@ if (values.chaos) {
   const pct = (xs: number[], q: number) => (xs.length ? [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(q * xs.length))]! : NaN);
   const fmt = (xs: number[]) => (xs.length ? `p50 ${(pct(xs, 0.5) / 1000).toFixed(1)} s, p99 ${(pct(xs, 0.99) / 1000).toFixed(1)} s (n=${xs.length})` : "n=0");
   process.stdout.write(
-    `chaos (simulated, seed ${seed}, ${N} nodes, --reclaim-after ${R / 1000}s, /28 blocks, ${((rounds * TICK) / 60_000).toFixed(0)} min simulated, ${faulty.events} faults)\n` +
+    `chaos (simulated${values.signed ? ", signed" : ""}, seed ${seed}, ${N} nodes, --reclaim-after ${R / 1000}s, /28 blocks, ${((rounds * TICK) / 60_000).toFixed(0)} min simulated, ${faulty.events} faults)\n` +
       `  allocations attempted ${faulty.attempted}, confirmed ${faulty.confirmed}, given up after 30 s ${faulty.gaveUp}, caller crashed ${faulty.lost}\n` +
       `  latency during partitions:           ${fmt(faulty.lat.partition)}\n` +
       `  latency within 30 s after a heal:    ${fmt(faulty.lat.heal)}\n` +
@@ -65,6 +66,7 @@ function chaos(seed: number, R: number, rounds: number, faults: boolean) {
   const fr = prng(seed * 13 + 5); // the fault schedule
   const sim = new Sim(prng(seed), { range: "10.40.0.0/22", blockPrefix: 28, reclaimAfterMs: R, safetyMarginMs: R / 5, resyncMs: 15_000, contactMs: 5_000, claimSettleMs: 10_000, bootstrapWaitMs: 0, requestTimeoutMs: 5_000, syncIntervalMs: 30_000 });
   sim.dupRate = 0;
+  sim.signed = values.signed === true; // real Ed25519 identities, every record signed and verified
   sim.add({ mayFound: true });
   sim.run(2);
   for (let i = 1; i < N; i++) sim.add({ mayFound: false });
