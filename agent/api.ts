@@ -40,7 +40,7 @@ function errorStatus(code: string): 400 | 404 | 409 | 500 | 503 {
   if (code === "ERR_USAGE" || code === "ERR_NO_DATAPLANE" || code.startsWith("ERR_POD_INPUT")) return 400;
   if (code === "ERR_NO_PEER" || code === "ERR_NOT_FOUND") return 404;
   if (code === "ERR_EXISTS") return 409;
-  if (code === "ERR_TIMEOUT" || code === "ERR_NOT_CONNECTED" || code === "ERR_IPAM_TIMEOUT" || code === "ERR_NOT_READY") return 503;
+  if (code === "ERR_TIMEOUT" || code === "ERR_BUSY" || code === "ERR_NOT_CONNECTED" || code === "ERR_IPAM_TIMEOUT" || code === "ERR_NOT_READY") return 503;
   return 500;
 }
 
@@ -118,7 +118,7 @@ export function createApiApp(agent: ApiAgent): Hono {
       return c.json(await agent.ping(b.node, timeoutMs));
     } catch (e) {
       const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
-      return c.json({ error: { code, message: (e as Error).message } }, code === "ERR_NO_PEER" ? 404 : code === "ERR_TIMEOUT" || code === "ERR_NOT_CONNECTED" ? 503 : 500);
+      return c.json({ error: { code, message: (e as Error).message } }, code === "ERR_NO_PEER" ? 404 : code === "ERR_TIMEOUT" || code === "ERR_BUSY" || code === "ERR_NOT_CONNECTED" ? 503 : 500);
     }
   });
   app.notFound((c) => c.json({ error: { code: "ERR_NOT_FOUND", message: `no such endpoint ${c.req.method} ${c.req.path}` } }, 404));

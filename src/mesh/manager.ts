@@ -374,9 +374,13 @@ export class MeshManager {
     const seq = ++this.pingSeq;
     return new Promise((resolve, reject) => {
       this.pings.set(seq, { peer, resolve, reject, sentAt: this.monotonic(), deadline: this.o.now() + timeoutMs, timeoutMs });
-      if (!this.sendControl(peer, { t: "ping", seq, ts: this.o.now() })) {
+      const e = this.peers.get(peer);
+      const sent = e?.link && e.fsm.state === "connected" ? e.link.send("control", encodeControl({ t: "ping", seq, ts: this.o.now() })) : "closed";
+      if (sent !== "ok") {
         this.pings.delete(seq);
-        reject(new WeftError("ERR_NOT_CONNECTED", `cannot send to ${peer}`));
+        // "full": the control channel is backed up (e.g. a large gossip burst); try again shortly
+        if (sent === "full") reject(new WeftError("ERR_BUSY", `control channel to ${peer} is full (a gossip burst in flight); try again`));
+        else reject(new WeftError("ERR_NOT_CONNECTED", `cannot send to ${peer} (${sent})`));
       }
     });
   }

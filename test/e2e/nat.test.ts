@@ -130,9 +130,17 @@ for (const [kinds, expectPath] of [
       r = await startPair(kinds);
       await connected(r, 25_000);
       await podsPing(r);
-      const pa = await r.lab.peer(r.a, r.b);
-      const pb = await r.lab.peer(r.b, r.a);
-      results.push(`${kinds.join("-")}: ${pa?.path} ${pairTypes(pa)} ${pa?.selected?.remoteAddress ?? ""} / ${pb?.path} ${pairTypes(pb)}`);
+      // The first WebRTC attempt sometimes does not open within --connect-timeout on a busy box; the pair then
+      // starts on the server's relay and must move to the direct path by itself (make-before-break upgrade,
+      // probes every <= 5 s after a failure). What is asserted is where the pair settles; the time is printed.
+      const t0 = Date.now();
+      const lab = r.lab, ra = r.a, rb = r.b;
+      const [pa, pb] = await until(async () => {
+        const x = await lab.peer(ra, rb);
+        const y = await lab.peer(rb, ra);
+        return x?.path === "direct" && y?.path === "direct" ? ([x, y] as const) : undefined;
+      }, 40_000, `${kinds.join("-")} settles on a direct path`, () => lab.dump());
+      results.push(`${kinds.join("-")}: ${pa?.path} ${pairTypes(pa)} ${pa?.selected?.remoteAddress ?? ""} / ${pb?.path} ${pairTypes(pb)} (direct ${Date.now() - t0} ms after the first pod ping)`);
       expect(pa?.path).toBe("direct");
       expect(pb?.path).toBe("direct");
       expect(usesRelay(pa) || usesRelay(pb)).toBe(false);
@@ -142,7 +150,7 @@ for (const [kinds, expectPath] of [
         const other = open === r.a ? pb : pa;
         expect(other?.selected?.remoteAddress.split(":")[0]).toBe(open.addr);
       }
-    }, 70_000);
+    }, 120_000);
   });
 }
 

@@ -59,6 +59,24 @@ describe("signaling failover", () => {
   }, 120_000);
 });
 
+/**
+ * A ping right after the mesh forms may meet a full control channel (the founder's signed IPAM claim of
+ * ~1,000 blocks is a burst: ERR_BUSY) or a pair still on the server's relay while its agent's socket to
+ * workerd reconnects (ERR_NOT_CONNECTED "closed"); both are retried for up to 20 s, the last error is thrown.
+ */
+async function pingSoon(a: Agent, peer: string): Promise<number> {
+  const t0 = Date.now();
+  for (;;) {
+    try {
+      return (await a.ping(peer)).rttMs;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if ((code !== "ERR_BUSY" && code !== "ERR_NOT_CONNECTED") || Date.now() - t0 > 20_000) throw e;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+}
+
 describe("agents through the Workers build (workerd)", () => {
   const why = workerdRuntime.unavailable();
   it.skipIf(why !== undefined)(`three agents mesh through workerd and keep their links when it stops${why ? ` [skipped: ${why}]` : ""}`, async () => {
@@ -74,13 +92,15 @@ describe("agents through the Workers build (workerd)", () => {
     await waitFor(() => fullMesh(agents), 40_000, "mesh of 3 through workerd");
     const nodes = (await (await fetch(`${wd.url.replace(/^ws/, "http")}/v1/nodes`, { headers: { Authorization: `Bearer ${TOKEN}` } })).json()) as { nodes: { id: string }[] };
     expect(nodes.nodes.map((n) => n.id).sort()).toEqual(agents.map((a) => a.id).sort());
-    const rtt = await agents[0]!.ping(agents[2]!.id);
-    expect(rtt.rttMs).toBeGreaterThan(0);
+    expect(await pingSoon(agents[0]!, agents[2]!.id)).toBeGreaterThan(0);
 
+    // links that outlive the server are the direct ones: a pair whose first WebRTC attempt timed out starts on
+    // the server's relay and upgrades by itself; wait for that before taking the server away
+    await waitFor(async () => (await Promise.all(agents.map((a) => a.mesh.status()))).every((ps) => ps.filter((p) => p.state === "connected").every((p) => p.path === "direct")), 40_000, "every pair on a direct link");
     await wd.close(); // workerd gone
     await waitFor(() => agents.every((a) => !a.signal.up), 20_000, "agents notice the server is gone");
     await new Promise((r) => setTimeout(r, 3_000));
     expect(fullMesh(agents)).toBe(true);
-    expect((await agents[1]!.ping(agents[0]!.id)).rttMs).toBeGreaterThan(0);
-  }, 90_000);
+    expect(await pingSoon(agents[1]!, agents[0]!.id)).toBeGreaterThan(0);
+  }, 130_000);
 });
