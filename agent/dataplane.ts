@@ -19,7 +19,7 @@ import { coalesce, type GroStats } from "../src/packet/gro.js";
 import { SEGMENT_MODES, type SegmentMode } from "../src/packet/gso-policy.js";
 import type { Agent } from "./agent.js";
 import type { PodAddress } from "./ipam.js";
-import { DEFAULT_BRIDGE, DEFAULT_MTU, NodeNetwork } from "./os/netconf.js";
+import { DEFAULT_BRIDGE, DEFAULT_MTU, NodeNetwork, desiredNetwork } from "./os/netconf.js";
 import { addPod, delPod, listPods, podVethName, type PodResult } from "./os/pod.js";
 import { DEFAULT_TUN_NAME, openTun, type TunDevice } from "./os/tun.js";
 import { AdvertiseGateway, decideRoutes, type RouteDecision } from "./os/advertise.js";
@@ -223,7 +223,8 @@ export class DataPlane {
       if (this.stopped) return;
       const range = this.agent.ipam.status().range;
       const extraRoutes = this.remoteRoutes().map((cidr) => ({ cidr, dev: this.iface }));
-      const { changes } = await this.net.apply({ clusterRanges: [range], localBlocks: this.agent.ipam.activeBlocks(), extraRoutes });
+      const ipam = this.agent.ipam;
+      const { changes } = await this.net.apply(desiredNetwork({ clusterRanges: [range], ownedBlocks: ipam.localBlocks(), activeBlocks: ipam.activeBlocks(), extraRoutes }));
       if (changes.length) this.log.info("node network updated", { changes });
       const own = this.agent.advertisedRoutes();
       if (own.length || this.gatewayActive) {

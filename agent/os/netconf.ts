@@ -7,11 +7,22 @@
  * What a node looks like (defaults: TUN weft0, bridge weft-br0, MTU 1400):
  *
  *   cluster ranges (10.40.0.0/16)  --route proto 87-->  TUN weft0 (MTU, up)      the mesh
+ *                                  src 10.40.3.1        (host-originated traffic takes this node's address)
  *   local blocks (10.40.3.0/26)    --connected route->  bridge weft-br0, 10.40.3.1/26 (first usable address
  *                                                       of each block = the pods' gateway), MTU, up
  *   extra routes {cidr, dev}       --route proto 87-->  dev
  *   net.ipv4.ip_forward = 1 (pods <-> TUN is routed)
  *   iptables filter chain WEFTNET-FWD, jumped to first from FORWARD: ACCEPT bridge<->bridge, bridge<->TUN
+ *
+ * Host-originated traffic (desiredNetwork() below): the agents' data-path checks accept a packet into the
+ * mesh only when its source lies in the sending node's IPAM blocks (anti-spoofing), so a packet the host
+ * itself sends to a pod on another node must not leave with the host's LAN/underlay address. Like other
+ * CNIs (Calico, Cilium, flannel), the cluster-range route carries a `src` hint: the gateway address of this
+ * node's lowest owned block. That block's gateway stays on the bridge whenever the node owns a block, even
+ * with no pods, so the hint always names a local address (the kernel refuses a prefsrc that is not local,
+ * and drops the route when the address goes; apply() then adds it back with the new hint). A node that
+ * owns no block yet gets no hint: until its first block arrives, host-to-pod traffic across nodes is
+ * dropped as spoofed, as before (pods cannot exist then either). An explicit source (`ping -I`) still wins.
  *
  * Ownership markers and the crash-leftover rule:
  *   - Nothing is remembered only in memory. What we create carries a marker in the kernel:
@@ -113,6 +124,34 @@ export interface DesiredNetwork {
   localBlocks: string[];
   /** More routes to manage (proto 87), e.g. advertised subnets. */
   extraRoutes?: { cidr: string; dev: string }[];
+  /**
+   * Preferred source (`ip route ... src`) of the cluster-range routes: must be the gateway address of one
+   * of `localBlocks` (so it is local). Unset: no hint (the kernel picks, usually the LAN address).
+   */
+  clusterRouteSrc?: string;
+}
+
+/**
+ * The desired node network from IPAM state, pure (the agent's DataPlane.reconcile applies it):
+ * the bridge carries the gateway of every block with pods plus, whenever the node owns any block, the
+ * gateway of its lowest owned block, which is also the `src` of the cluster-range routes (see the header:
+ * host-originated traffic). Owning no block: no anchor address and no `src`.
+ */
+export function desiredNetwork(input: {
+  clusterRanges: readonly string[];
+  /** every block this node owns (IPAM localBlocks()) */
+  ownedBlocks: readonly string[];
+  /** owned blocks holding at least one pod (IPAM activeBlocks()) */
+  activeBlocks: readonly string[];
+  extraRoutes?: readonly { cidr: string; dev: string }[];
+}): DesiredNetwork {
+  const base = (b: string) => cidrInput(b, "local block").base;
+  const anchor = [...input.ownedBlocks].sort((a, b) => base(a) - base(b))[0];
+  const localBlocks = [...new Set([...input.activeBlocks, ...(anchor === undefined ? [] : [anchor])])].sort((a, b) => base(a) - base(b));
+  const out: DesiredNetwork = { clusterRanges: [...input.clusterRanges], localBlocks };
+  if (input.extraRoutes) out.extraRoutes = input.extraRoutes.map((r) => ({ ...r }));
+  if (anchor !== undefined) out.clusterRouteSrc = formatIp(base(anchor) + 1);
+  return out;
 }
 
 export interface ApplyResult {
@@ -134,6 +173,12 @@ interface AddrJson {
 interface RouteJson {
   dst: string;
   dev?: string;
+  prefsrc?: string;
+}
+/** A route we manage: its device and preferred source. */
+interface RouteSpec {
+  dev: string;
+  src?: string;
 }
 
 interface StateRecord {
@@ -230,16 +275,26 @@ export class NodeNetwork {
     }
 
     // 4. Routes with our protocol: cluster ranges -> TUN, extra routes -> their device.
+    //    (A route whose src address was just removed above is already gone: the kernel drops it.)
     const routes = await this.ourRoutes();
-    for (const [dst, dev] of routes) {
-      if (want.routes.get(dst) === dev) continue;
+    for (const [dst, { dev }] of routes) {
+      if (want.routes.get(dst)?.dev === dev) continue;
       await this.ip(["route", "del", dst, "dev", dev, "proto", String(ROUTE_PROTO)]);
       changes.push(`remove route ${dst} dev ${dev}`);
     }
-    for (const [dst, dev] of want.routes) {
-      if (routes.get(dst) === dev) continue;
+    for (const [dst, { dev, src }] of want.routes) {
+      const cur = routes.get(dst);
+      const srcArgs = src === undefined ? [] : ["src", src];
+      const srcText = src === undefined ? "" : ` src ${src}`;
+      if (cur?.dev === dev) {
+        if (cur.src === src) continue;
+        // ours already (proto 87, same device): only the preferred source differs
+        await this.ip(["route", "replace", dst, "dev", dev, "proto", String(ROUTE_PROTO), ...srcArgs]);
+        changes.push(`set route ${dst} dev ${dev} src ${cur.src ?? "(none)"} -> ${src ?? "(none)"}`);
+        continue;
+      }
       try {
-        await this.ip(["route", "add", dst, "dev", dev, "proto", String(ROUTE_PROTO)]);
+        await this.ip(["route", "add", dst, "dev", dev, "proto", String(ROUTE_PROTO), ...srcArgs]);
       } catch (e) {
         if (e instanceof NetconfError && /File exists/i.test(e.stderr ?? "")) {
           throw new NetconfError(
@@ -252,7 +307,7 @@ export class NodeNetwork {
         }
         throw e;
       }
-      changes.push(`add route ${dst} dev ${dev} proto ${ROUTE_PROTO}`);
+      changes.push(`add route ${dst} dev ${dev} proto ${ROUTE_PROTO}${srcText}`);
     }
 
     // 5. IPv4 forwarding (pods <-> TUN is routed).
@@ -277,7 +332,7 @@ export class NodeNetwork {
       }
     };
     await attempt(async () => {
-      for (const [dst, dev] of await this.ourRoutes()) await this.ip(["route", "del", dst, "dev", dev, "proto", String(ROUTE_PROTO)]);
+      for (const [dst, { dev }] of await this.ourRoutes()) await this.ip(["route", "del", dst, "dev", dev, "proto", String(ROUTE_PROTO)]);
     });
     await attempt(async () => {
       const br = await this.link(this.bridge);
@@ -297,23 +352,30 @@ export class NodeNetwork {
 
   // ---- internals ----
 
-  private validate(d: DesiredNetwork): { addrs: Map<string, { block: string }>; routes: Map<string, string> } {
+  private validate(d: DesiredNetwork): { addrs: Map<string, { block: string }>; routes: Map<string, RouteSpec> } {
     const addrs = new Map<string, { block: string }>();
     for (const b of d.localBlocks) {
       const c = cidrInput(b, "local block");
       if (c.prefix > 30) throw new NetconfError("ERR_NETCONF_INPUT", `local block ${b} is too small for a gateway and pods (need /30 or larger)`);
       addrs.set(`${formatIp(c.base + 1)}/${c.prefix}`, { block: b });
     }
-    const routes = new Map<string, string>();
-    const addRoute = (cidr: string, dev: string, what: string) => {
+    let src: string | undefined;
+    if (d.clusterRouteSrc !== undefined) {
+      src = d.clusterRouteSrc;
+      if (![...addrs.keys()].some((k) => k.startsWith(`${src}/`))) {
+        throw new NetconfError("ERR_NETCONF_INPUT", `cluster route src ${JSON.stringify(src)} is not the gateway address of a local block (${[...addrs.keys()].join(", ") || "none"})`);
+      }
+    }
+    const routes = new Map<string, RouteSpec>();
+    const addRoute = (cidr: string, dev: string, what: string, routeSrc?: string) => {
       const c = cidrInput(cidr, what);
       const key = `${formatIp(c.base)}/${c.prefix}`;
       const prev = routes.get(key);
-      if (prev !== undefined && prev !== dev) throw new NetconfError("ERR_NETCONF_INPUT", `${key} is routed to both ${prev} and ${dev}`);
+      if (prev !== undefined && prev.dev !== dev) throw new NetconfError("ERR_NETCONF_INPUT", `${key} is routed to both ${prev.dev} and ${dev}`);
       if (!/^[A-Za-z0-9_.-]{1,15}$/.test(dev)) throw new NetconfError("ERR_NETCONF_INPUT", `${what} ${cidr}: bad device name ${JSON.stringify(dev)}`);
-      routes.set(key, dev);
+      if (prev === undefined || routeSrc !== undefined) routes.set(key, routeSrc === undefined ? { dev } : { dev, src: routeSrc });
     };
-    for (const r of d.clusterRanges) addRoute(r, this.tunName, "cluster range");
+    for (const r of d.clusterRanges) addRoute(r, this.tunName, "cluster range", src);
     for (const r of d.extraRoutes ?? []) addRoute(r.cidr, r.dev, "extra route");
     return { addrs, routes };
   }
@@ -476,11 +538,11 @@ export class NodeNetwork {
     return out;
   }
 
-  /** Our routes in the main table: dst -> dev. */
-  private async ourRoutes(): Promise<Map<string, string>> {
+  /** Our routes in the main table: dst -> dev and preferred source. */
+  private async ourRoutes(): Promise<Map<string, RouteSpec>> {
     const rows = await this.host.ipJson<RouteJson>(["-4", "route", "show", "table", "main", "proto", String(ROUTE_PROTO)]);
-    const out = new Map<string, string>();
-    for (const r of rows) if (r.dev) out.set(normDst(r.dst), r.dev);
+    const out = new Map<string, RouteSpec>();
+    for (const r of rows) if (r.dev) out.set(normDst(r.dst), r.prefsrc ? { dev: r.dev, src: r.prefsrc } : { dev: r.dev });
     return out;
   }
 }

@@ -54,6 +54,18 @@ d("data plane across three namespaces", () => {
       }
   }, 120_000);
 
+  it("the host itself reaches a pod on another node, with its own block's gateway as source (not its LAN address)", async () => {
+    const [n1, n2] = lab.nodes as [LabNode, LabNode];
+    const target = pods.find((p) => p.node === n2)!;
+    const route = (await sh(n1.ns, "ip", ["-4", "route", "get", target.ip])).stdout;
+    const src = /\bsrc (\S+)/.exec(route)?.[1];
+    expect(src, route).toMatch(/^10\.40\./);
+    expect(src).not.toBe(n1.addr);
+    // the gateway address on n1's bridge (first address of a block n1 owns)
+    expect((await sh(n1.ns, "ip", ["-4", "-br", "addr", "show", "dev", "weft-br0"])).stdout).toContain(`${src}/`);
+    await until(async () => (await sh(n1.ns, "ping", ["-c", "1", "-W", "1", target.ip], 5000)).stdout.includes("1 received"), 20_000, `${n1.name} host -> ${target.ip}`, dump);
+  }, 60_000);
+
   it("carries a TCP stream byte for byte", async () => {
     const [a, b] = pods as [(typeof pods)[0], (typeof pods)[0]];
     const data = randomBytes(8 << 20);

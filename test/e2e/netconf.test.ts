@@ -159,6 +159,39 @@ describe.skipIf(!isRoot)("NodeNetwork (root, real kernel, inside a throwaway nam
     await expect(net4.apply({ clusterRanges: [], localBlocks: ["10.40.0.0/31"] })).rejects.toMatchObject({ code: "ERR_NETCONF_INPUT" });
   });
 
+  it("the cluster route carries the src hint, follows its block, and drops it when asked", async () => {
+    const net = new NodeNetwork({ tunName: "weft0", netns: ns, stateFile });
+    expect((await net.apply(desired)).changes).toEqual([]);
+    const prefsrc = () => (routes() as { dst: string; prefsrc?: string }[]).find((r) => r.dst === "10.40.0.0/16")?.prefsrc;
+
+    const withSrc = { ...desired, clusterRouteSrc: "10.40.3.1" };
+    expect((await net.apply(withSrc)).changes).toEqual(["set route 10.40.0.0/16 dev weft0 src (none) -> 10.40.3.1"]);
+    expect(prefsrc()).toBe("10.40.3.1");
+    // what the host's own traffic to another node's pod now uses
+    expect(sh(["-n", ns, "route", "get", "10.40.9.9"])).toMatch(/dev weft0 src 10\.40\.3\.1\b/);
+    expect((await net.apply(withSrc)).changes).toEqual([]);
+
+    // the anchor block moves: its old address goes (the kernel drops the route with it), the route comes back with the new src
+    const moved = { ...desired, localBlocks: ["10.40.3.64/26"], clusterRouteSrc: "10.40.3.65" };
+    expect((await net.apply(moved)).changes).toEqual(
+      expect.arrayContaining(["add address 10.40.3.65/26 to weft-br0 (block 10.40.3.64/26)", "remove address 10.40.3.1/26 from weft-br0"]),
+    );
+    expect(prefsrc()).toBe("10.40.3.65");
+    expect(brAddrs()).toEqual(["10.40.3.65/26"]);
+    expect((await net.apply(moved)).changes).toEqual([]);
+
+    // a src that is not a local block's gateway never reaches the kernel
+    await expect(net.apply({ ...desired, clusterRouteSrc: "10.40.3.2" })).rejects.toMatchObject({ code: "ERR_NETCONF_INPUT" });
+    await expect(net.apply({ ...desired, localBlocks: [], clusterRouteSrc: "10.40.3.1" })).rejects.toMatchObject({ code: "ERR_NETCONF_INPUT" });
+    expect(prefsrc()).toBe("10.40.3.65");
+
+    // back to no block-owned hint (a node without a block): the route loses its src
+    expect((await net.apply(desired)).changes).toEqual(expect.arrayContaining(["add address 10.40.3.1/26 to weft-br0 (block 10.40.3.0/26)", "remove address 10.40.3.65/26 from weft-br0"]));
+    expect(routes()).toEqual([expect.objectContaining({ dst: "10.40.0.0/16", dev: "weft0" })]);
+    expect(prefsrc()).toBeUndefined();
+    expect((await net.apply(desired)).changes).toEqual([]);
+  });
+
   it("teardown (even by a fresh instance after a crash) removes exactly what was added and restores sysctls", async () => {
     // the instance that applied is gone (crash); a new one reads the sysctl record from the state file
     const net = new NodeNetwork({ tunName: "weft0", netns: ns, stateFile });

@@ -1,0 +1,35 @@
+/** desiredNetwork(): the node network the agent asks for, from IPAM state (pure; the kernel side is test/e2e/netconf.test.ts). */
+import { describe, expect, it } from "vitest";
+import { desiredNetwork } from "../../agent/os/netconf.js";
+
+const range = ["10.40.0.0/16"];
+
+describe("desiredNetwork", () => {
+  it("an owned block without pods keeps its gateway on the bridge and is the cluster route's src", () => {
+    expect(desiredNetwork({ clusterRanges: range, ownedBlocks: ["10.40.3.0/26"], activeBlocks: [] })).toEqual({
+      clusterRanges: range,
+      localBlocks: ["10.40.3.0/26"],
+      clusterRouteSrc: "10.40.3.1",
+    });
+  });
+
+  it("the src is the lowest owned block's gateway (numeric order), stable while pods come and go", () => {
+    const owned = ["10.40.3.64/26", "10.40.10.0/26", "10.40.3.0/26"];
+    const none = desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: [] });
+    const some = desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: ["10.40.10.0/26", "10.40.3.64/26"] });
+    expect(none).toMatchObject({ localBlocks: ["10.40.3.0/26"], clusterRouteSrc: "10.40.3.1" });
+    expect(some).toMatchObject({ localBlocks: ["10.40.3.0/26", "10.40.3.64/26", "10.40.10.0/26"], clusterRouteSrc: "10.40.3.1" });
+    // 10.40.10.0 < 10.40.3.0 as strings, not as addresses
+    expect(desiredNetwork({ clusterRanges: range, ownedBlocks: ["10.40.10.0/26", "10.40.9.0/26"], activeBlocks: [] }).clusterRouteSrc).toBe("10.40.9.1");
+  });
+
+  it("no owned block: no gateway address and no src", () => {
+    const d = desiredNetwork({ clusterRanges: range, ownedBlocks: [], activeBlocks: [], extraRoutes: [{ cidr: "10.77.0.0/24", dev: "weft0" }] });
+    expect(d).toEqual({ clusterRanges: range, localBlocks: [], extraRoutes: [{ cidr: "10.77.0.0/24", dev: "weft0" }] });
+    expect("clusterRouteSrc" in d).toBe(false);
+  });
+
+  it("bad IPAM input is a typed error", () => {
+    expect(() => desiredNetwork({ clusterRanges: range, ownedBlocks: ["10.40.3.0/99"], activeBlocks: [] })).toThrow(expect.objectContaining({ code: "ERR_NETCONF_INPUT" }));
+  });
+});
