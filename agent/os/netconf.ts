@@ -18,8 +18,9 @@
  * mesh only when its source lies in the sending node's IPAM blocks (anti-spoofing), so a packet the host
  * itself sends to a pod on another node must not leave with the host's LAN/underlay address. Like other
  * CNIs (Calico, Cilium, flannel), the cluster-range route carries a `src` hint: the gateway address of this
- * node's lowest owned block. That block's gateway stays on the bridge whenever the node owns a block, even
- * with no pods, so the hint always names a local address (the kernel refuses a prefsrc that is not local,
+ * node's lowest block holding pods or, with no pods, of its lowest owned block (a block with pods is never
+ * handed to another node, so the hint rarely moves). That gateway stays on the bridge whenever the node
+ * owns a block, even with no pods, so the hint always names a local address (the kernel refuses a prefsrc that is not local,
  * and drops the route when the address goes; apply() then adds it back with the new hint). A node that
  * owns no block yet gets no hint: until its first block arrives, host-to-pod traffic across nodes is
  * dropped as spoofed, as before (pods cannot exist then either). An explicit source (`ping -I`) still wins.
@@ -133,9 +134,9 @@ export interface DesiredNetwork {
 
 /**
  * The desired node network from IPAM state, pure (the agent's DataPlane.reconcile applies it):
- * the bridge carries the gateway of every block with pods plus, whenever the node owns any block, the
- * gateway of its lowest owned block, which is also the `src` of the cluster-range routes (see the header:
- * host-originated traffic). Owning no block: no anchor address and no `src`.
+ * the bridge carries the gateway of every block with pods; the `src` of the cluster-range routes (see the
+ * header: host-originated traffic) is the gateway of the lowest of those or, with no pods, of the lowest
+ * owned block, which then is on the bridge too. Owning no block: no such address and no `src`.
  */
 export function desiredNetwork(input: {
   clusterRanges: readonly string[];
@@ -146,7 +147,8 @@ export function desiredNetwork(input: {
   extraRoutes?: readonly { cidr: string; dev: string }[];
 }): DesiredNetwork {
   const base = (b: string) => cidrInput(b, "local block").base;
-  const anchor = [...input.ownedBlocks].sort((a, b) => base(a) - base(b))[0];
+  const lowest = (bs: readonly string[]) => [...bs].sort((a, b) => base(a) - base(b))[0];
+  const anchor = lowest(input.activeBlocks) ?? lowest(input.ownedBlocks);
   const localBlocks = [...new Set([...input.activeBlocks, ...(anchor === undefined ? [] : [anchor])])].sort((a, b) => base(a) - base(b));
   const out: DesiredNetwork = { clusterRanges: [...input.clusterRanges], localBlocks };
   if (input.extraRoutes) out.extraRoutes = input.extraRoutes.map((r) => ({ ...r }));

@@ -13,13 +13,16 @@ describe("desiredNetwork", () => {
     });
   });
 
-  it("the src is the lowest owned block's gateway (numeric order), stable while pods come and go", () => {
+  it("the src is the lowest block with pods, else the lowest owned block (numeric order)", () => {
     const owned = ["10.40.3.64/26", "10.40.10.0/26", "10.40.3.0/26"];
-    const none = desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: [] });
-    const some = desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: ["10.40.10.0/26", "10.40.3.64/26"] });
-    expect(none).toMatchObject({ localBlocks: ["10.40.3.0/26"], clusterRouteSrc: "10.40.3.1" });
-    expect(some).toMatchObject({ localBlocks: ["10.40.3.0/26", "10.40.3.64/26", "10.40.10.0/26"], clusterRouteSrc: "10.40.3.1" });
-    // 10.40.10.0 < 10.40.3.0 as strings, not as addresses
+    expect(desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: [] })).toMatchObject({ localBlocks: ["10.40.3.0/26"], clusterRouteSrc: "10.40.3.1" });
+    // pods: only blocks holding pods are on the bridge, the src is the lowest of them (it is never handed away)
+    expect(desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: ["10.40.10.0/26", "10.40.3.64/26"] })).toMatchObject({
+      localBlocks: ["10.40.3.64/26", "10.40.10.0/26"],
+      clusterRouteSrc: "10.40.3.65",
+    });
+    expect(desiredNetwork({ clusterRanges: range, ownedBlocks: owned, activeBlocks: ["10.40.3.0/26"] })).toMatchObject({ localBlocks: ["10.40.3.0/26"], clusterRouteSrc: "10.40.3.1" });
+    // 10.40.10.0 < 10.40.9.0 as strings, not as addresses
     expect(desiredNetwork({ clusterRanges: range, ownedBlocks: ["10.40.10.0/26", "10.40.9.0/26"], activeBlocks: [] }).clusterRouteSrc).toBe("10.40.9.1");
   });
 
