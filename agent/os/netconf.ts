@@ -20,10 +20,11 @@
  * CNIs (Calico, Cilium, flannel), the cluster-range route carries a `src` hint: the gateway address of this
  * node's lowest block holding pods or, with no pods, of its lowest owned block (a block with pods is never
  * handed to another node, so the hint rarely moves). That gateway stays on the bridge whenever the node
- * owns a block, even with no pods, so the hint always names a local address (the kernel refuses a prefsrc that is not local,
- * and drops the route when the address goes; apply() then adds it back with the new hint). A node that
- * owns no block yet gets no hint: until its first block arrives, host-to-pod traffic across nodes is
- * dropped as spoofed, as before (pods cannot exist then either). An explicit source (`ping -I`) still wins.
+ * owns a block, even with no pods, so the hint always names a local address (the kernel refuses a prefsrc
+ * that is not local, and drops the route when the address goes; apply() then adds it back with the new
+ * hint). A node that owns no block yet gets no hint: until its first block arrives, host-to-pod traffic
+ * across nodes is dropped as spoofed, as before (pods cannot exist then either). An explicit source
+ * (`ping -I`) still wins, and is still checked.
  *
  * Ownership markers and the crash-leftover rule:
  *   - Nothing is remembered only in memory. What we create carries a marker in the kernel:
