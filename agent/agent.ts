@@ -56,6 +56,7 @@ import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
 import { apiRequest } from "./api-client.js";
 import { VERSION } from "./version.js";
+import { AgentStun, ownStun, stunPlan, type StunUse } from "./stun-server.js";
 
 export type IceServer = { urls: string | string[]; username?: string; credential?: string };
 
@@ -73,6 +74,9 @@ export interface AgentConfig {
   iceServers?: IceServer[];
   /** Use the signaling server's STUN responder (default true). */
   useServerStun?: boolean;
+  /** Serve STUN on this UDP port (0 = any free port) and advertise it through the mesh (agent/stun-server.ts); --stun-advertise addresses. */
+  stunPort?: number;
+  stunAdvertise?: string[];
   logger?: Logger;
   timing?: Partial<PeerTiming>;
   /** Serve the local API on <stateDir>/agent.sock (default true). */
@@ -132,6 +136,8 @@ export class Agent implements AgentView {
   /** handed out by the signaling server in `welcome` (TURN REST credentials); replaced on every welcome */
   private serverIceServers: IceServer[] = [];
   private reflexive: string | null = null;
+  /** our STUN responder (--stun-port) */
+  stun: AgentStun | undefined;
   private stopping: Promise<void> | undefined;
   readonly router: Router;
   ipam!: IpamDriver;
@@ -158,7 +164,7 @@ export class Agent implements AgentView {
     readonly transport: Transport,
     readonly log: Logger,
   ) {
-    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.localPrefixes(), prefixAllowed: (node, cidr) => this.prefixAllowed(node, cidr) });
+    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.localPrefixes(), prefixAllowed: (node, cidr) => this.prefixAllowed(node, cidr), localStun: () => this.stun?.advertised(this.reflexive) ?? [] });
   }
 
   /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
@@ -320,7 +326,7 @@ export class Agent implements AgentView {
           ...(cfg.mtu !== undefined ? { mtu: cfg.mtu } : {}),
           loopbackOnly: cfg.werift?.loopbackOnly === true,
           excludeAddress: (ip) => inRange(ip, rangeCidr),
-          stun: () => (cfg.useServerStun !== false && a.stunPort > 0 ? { host: a.signal.host, port: a.stunPort } : undefined),
+          stun: () => (cfg.useServerStun !== false && a.stunPort > 0 ? { host: a.signal.host, port: a.stunPort } : a.agentStunFor4()),
           ...(cfg.bulkTiming ? { timing: cfg.bulkTiming } : {}),
         });
       } catch (e) {
@@ -386,6 +392,14 @@ export class Agent implements AgentView {
       }
       a.k8s.start();
     }
+    if (cfg.stunPort !== undefined) {
+      try {
+        agent.stun = await AgentStun.start({ port: cfg.stunPort, ...(cfg.stunAdvertise ? { advertise: cfg.stunAdvertise } : {}), logger: agentLog.child("stun") });
+      } catch (e) {
+        await agent.stop();
+        throw e;
+      }
+    }
     signal.start();
     let ticks = 0;
     agent.tickTimer = setInterval(() => {
@@ -407,7 +421,22 @@ export class Agent implements AgentView {
       const host = this.signal.host.includes(":") ? `[${this.signal.host}]` : this.signal.host;
       out.push({ urls: `stun:${host}:${this.stunPort}` });
     }
-    return out.concat(this.cfg.iceServers ?? [], this.serverIceServers);
+    // no STUN of our own (a Workers signaling server, no --ice-server): the agents' advertised ones
+    const agents = this.stunUses().filter((u) => u.node !== undefined).map((u) => ({ urls: `stun:${u.server}` }));
+    return out.concat(this.cfg.iceServers ?? [], this.serverIceServers, agents);
+  }
+
+  /** The STUN servers this agent uses and where each came from (agent/stun-server.ts). */
+  stunUses(): StunUse[] {
+    const own = ownStun({ useServerStun: this.cfg.useServerStun !== false, serverHost: this.signal.host, stunPort: this.stunPort, stunAltPort: this.stunAltPort, flagIce: this.cfg.iceServers ?? [], serverIce: this.serverIceServers });
+    return stunPlan(own, this.router.records(), this.id, (id) => this.peerName(id));
+  }
+
+  /** The first IPv4 agent STUN server in use, for the bulk link's mapping. */
+  private agentStunFor4(): { host: string; port: number } | undefined {
+    const u = this.stunUses().find((x) => x.node !== undefined && !x.server.startsWith("["));
+    const i = u ? u.server.lastIndexOf(":") : -1;
+    return u ? { host: u.server.slice(0, i), port: Number(u.server.slice(i + 1)) } : undefined;
   }
 
   /** Resolves once registered with the signaling server; rejects on a fatal refusal or timeout. */
@@ -454,6 +483,7 @@ export class Agent implements AgentView {
       peers: (await this.mesh.status()).map((p) => this.peerView(p)),
       bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates(), crypto: this.bulk.cryptoName, gso: this.bulk.socket.gso, gro: this.bulk.socket.gro, coalesced: { ...this.bulk.gro }, counters: { ...this.bulk.counters } } : null,
       dataplane: this.dataplane ? this.dataplane.stats() : null,
+      stun: { serving: this.stun?.status(this.reflexive) ?? null, using: this.stunUses() },
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
       counters: {
         ...this.mesh.counters,
@@ -631,6 +661,7 @@ export class Agent implements AgentView {
       if (this.tickTimer) clearInterval(this.tickTimer);
       this.k8s?.stop();
       await this.bulk?.close().catch((err) => this.log.warn("could not close the bulk link", { err }));
+      await this.stun?.close().catch((err) => this.log.warn("could not close the STUN responder", { err }));
       await this.mesh.stop();
       this.signal.stop();
       await this.api?.close();

@@ -193,14 +193,17 @@ Check what this host needs to join a mesh, and report its NAT behaviour:
   UDP        is UDP to the STUN server reachable, which public (reflexive) address does it see, and
              does the mapping vary by destination (symmetric NAT) or not (cone)
   IPv6       this host's global IPv6 addresses
-STUN servers: --stun HOST:PORT (repeatable), else the running agent's (the signaling server's STUN
-ports; the server needs --stun-alt-port to tell cone from symmetric), else port ${DEFAULT_STUN} of the
---signal host. Exits 1 when a check fails (UDP blocked, signaling unreachable), 0 otherwise.
+STUN servers: --stun HOST:PORT (repeatable), else the ones the running agent uses (the signaling
+server's STUN ports — the server needs --stun-alt-port to tell cone from symmetric —, its --ice-server
+stun: URLs, or, with none of those, STUN servers other agents advertise with --stun-port), else port
+${DEFAULT_STUN} of the --signal host. Each is printed with its source: --stun, flag (--ice-server),
+signaling server, agent NAME. Exits 1 when a check fails (UDP blocked, signaling unreachable), 0 otherwise.
 
   --signal URL      signaling server to check, ws://HOST:PORT or wss://HOST:PORT
   --stun HOST:PORT  STUN server to probe, repeatable (replaces the agent's)
   --timeout MS      per attempt, 3 attempts per STUN server (default 700); signaling steps get 3000
-  --json            {ok, signal:{ok, dns, tcp, websocket, hello, tcp6}, stun:{servers, source}, udp,
+  --json            {ok, signal:{ok, dns, tcp, websocket, hello, tcp6}, stun:{servers, source, sources:
+                    [{server, source}]}, udp,
                     reflexive, mappingVariesByDestination, natted, verdict, detail, probes:[...], ipv6}
   --state-dir D     the agent's state dir (default: /var/lib/weftnet as root, else $XDG_STATE_HOME/weftnet)
 `;
@@ -222,17 +225,26 @@ export async function runNetcheck(argv: string[]): Promise<number> {
   let signalUrl = values.signal ?? (process.env.WEFTNET_SIGNAL?.trim() || undefined);
   let servers = values.stun ?? [];
   let source = servers.length ? "--stun" : "";
+  /** per server: where it came from (flag, signaling server, agent NAME) */
+  let sources: { server: string; source: string }[] = servers.map((server) => ({ server, source: "flag" }));
   let agentError: string | undefined;
   if (servers.length === 0 || signalUrl === undefined) {
-    // Ask the running agent (if any) for its signaling server and that server's STUN ports.
+    // Ask the running agent (if any) for its signaling server and the STUN servers it uses: the
+    // server's STUN ports, --ice-server stun: URLs, or the STUN servers other agents advertise.
     try {
       const st = await apiRequest<AgentStatus>(apiSocketPath(values["state-dir"] ?? defaultStateDir()), "GET", "/v1/status", undefined, 5000);
       signalUrl ??= st.node.signal.url;
       const stun = st.node.signal.stun;
-      if (servers.length === 0 && stun && stun.port !== 0) {
+      const using = st.stun?.using ?? [];
+      if (servers.length === 0 && using.length > 0) {
+        sources = using.map((u) => ({ server: u.server, source: u.source }));
+        servers = sources.map((u) => u.server);
+        source = [...new Set(sources.map((u) => u.source))].join(", ");
+      } else if (servers.length === 0 && stun && stun.port !== 0) {
         const h = stun.host.startsWith("[") ? stun.host : stun.host.includes(":") ? `[${stun.host}]` : stun.host;
         servers = [`${h}:${stun.port}`, ...(stun.altPort ? [`${h}:${stun.altPort}`] : [])];
-        source = "the agent's signaling server";
+        source = "signaling server";
+        sources = servers.map((server) => ({ server, source }));
       }
     } catch (e) {
       agentError = (e as Error).message;
@@ -247,6 +259,7 @@ export async function runNetcheck(argv: string[]): Promise<number> {
     }
     servers = [`${host}:${DEFAULT_STUN}`];
     source = `the default STUN port of the --signal host (the agent's server would tell its real ports)`;
+    sources = [{ server: servers[0]!, source: "signaling server (default port)" }];
   }
   if (servers.length === 0) {
     throw new WeftError("ERR_NO_AGENT", `nothing to check: give --signal URL or --stun HOST:PORT${agentError ? ` (${agentError})` : ""}`);
@@ -255,7 +268,7 @@ export async function runNetcheck(argv: string[]): Promise<number> {
   const ipv6 = { addresses: globalIPv6(), signal: signal?.tcp6 ?? null };
   const ok = r.udp && (signal === null || signal.ok);
   if (values.json) {
-    process.stdout.write(JSON.stringify({ ok, signal, stun: { servers, source }, ...r, ipv6 }, null, 2) + "\n");
+    process.stdout.write(JSON.stringify({ ok, signal, stun: { servers, source, sources }, ...r, ipv6 }, null, 2) + "\n");
     return ok ? 0 : 1;
   }
   const step = (name: string, c: CheckStep) => `  ${name.padEnd(10)} ${c.ok ? "ok    " : "FAILED"} ${c.detail}${c.ok && c.ms !== null && c.ms > 0 ? ` (${c.ms} ms)` : ""}`;
@@ -264,7 +277,7 @@ export async function runNetcheck(argv: string[]): Promise<number> {
     ...(signal
       ? [`signaling   ${signal.url} ${signal.ok ? "reachable" : "NOT REACHABLE"}`, step("dns", signal.dns), step("tcp", signal.tcp), step("websocket", signal.websocket), step("hello", signal.hello), ""]
       : ["signaling   not checked (give --signal URL)", ""]),
-    `STUN        ${servers.join(", ")} (${source})`,
+    `STUN        ${sources.map((u) => `${u.server} (${u.source === "flag" ? "--stun" : u.source})`).join(", ")}`,
     `UDP         ${r.udp ? `yes (${answered} of ${r.probes.length} STUN addresses answered)` : "BLOCKED (no STUN answer)"}`,
     `reflexive   ${r.reflexive ?? "-"}`,
     `mapping     ${r.mappingVariesByDestination === null ? "unknown" : r.mappingVariesByDestination ? "varies by destination" : "same for every destination"}`,

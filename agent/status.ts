@@ -8,6 +8,7 @@ import type { MeshCounters, PeerStatus } from "../src/mesh/manager.js";
 import type { DropCounters } from "../src/packet/drop.js";
 import type { DataPlane } from "./dataplane.js";
 import type { BulkPeerStatus, BulkService } from "./transport/bulk.js";
+import type { StunStatus } from "./stun-server.js";
 
 /** An overlap between our advertised routes and another node's (reported; see Agent.checkRouteConflicts). */
 export interface RouteConflict {
@@ -37,6 +38,8 @@ export interface AgentStatus {
   peers: (Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null; linkType: LinkType | null; linkWhy: string; bulk: BulkPeerStatus | null })[];
   bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"] } | null;
   dataplane: ReturnType<DataPlane["stats"]> | null;
+  /** this agent's STUN responder (--stun-port) and the STUN servers it uses, with their source */
+  stun?: StunStatus;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: RouteConflict[] };
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
 }

@@ -9,6 +9,7 @@ import { ViewerHub } from "../ui/viewer.js";
 import { startUiServer, type UiServer } from "../ui/server.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { DEFAULT_CLUSTER_RANGE } from "../../src/defaults.js";
+import { parseStunAdvertise } from "../stun-server.js";
 import { Agent, checkAdvertisedRoutes, type AgentStatus, type IceServer, type RouteStatus } from "../agent.js";
 import { apiRequest } from "../api-client.js";
 import { MAX_LINK_MTU } from "../transport/link-base.js";
@@ -75,6 +76,11 @@ Options:
   --ice-server URL      extra STUN/TURN server, repeatable: stun:HOST:PORT or
                         turn:USER:PASS@HOST:PORT (credentials may also come as turn:HOST:PORT?user=U&pass=P)
   --no-server-stun      do not use the signaling server's built-in STUN responder
+  --stun-port N         serve STUN (RFC 5389 Binding) on UDP port N and advertise it through the mesh:
+                        agents with no STUN of their own (a Workers signaling server) gather with it
+  --stun-advertise IP[,IP]
+                        the address(es) to advertise with --stun-port (default: the address the
+                        signaling server sees this agent connect from)
   --loopback-only       ICE on 127.0.0.1 only (single-host demos and tests)
   --metrics-listen HOST:PORT
                         serve Prometheus metrics at http://HOST:PORT/metrics (off by default; no
@@ -121,6 +127,17 @@ NODE is a node id, a unique id prefix, or a node name.
   --state-dir D     the agent's state dir
 `;
 
+function stunPortArg(v: string): number {
+  const n = Number(v);
+  if (!/^\d{1,5}$/.test(v) || n > 65535) throw new UsageError(`weftnet agent: --stun-port ${JSON.stringify(v)} must be a UDP port (0 = any free port)`);
+  return n;
+}
+
+function stunAdvertiseArg(v: string, port: string | undefined): string[] {
+  if (port === undefined) throw new UsageError("weftnet agent: --stun-advertise needs --stun-port");
+  return parseStunAdvertise(v)!;
+}
+
 export function parseIceServer(url: string): IceServer {
   const m = /^(stuns?|turns?):(?:([^:@]+):([^@]+)@)?([^?]+)(\?.*)?$/.exec(url);
   if (!m) throw new UsageError(`weftnet agent: --ice-server ${JSON.stringify(url)} is not a stun:/turn: URL`);
@@ -166,6 +183,8 @@ const AGENT_OPTIONS = {
     mtu: { type: "string" },
     "ice-server": { type: "string", multiple: true },
     "no-server-stun": { type: "boolean" },
+    "stun-port": { type: "string" },
+    "stun-advertise": { type: "string" },
     transport: { type: "string" },
     "link-mtu": { type: "string" },
     "connect-timeout": { type: "string" },
@@ -347,6 +366,8 @@ export async function runAgent(argv: string[]): Promise<number> {
     ...(mtu !== undefined ? { mtu } : {}),
     iceServers,
     useServerStun: !values["no-server-stun"],
+    ...(values["stun-port"] !== undefined ? { stunPort: stunPortArg(values["stun-port"]) } : {}),
+    ...(values["stun-advertise"] !== undefined ? { stunAdvertise: stunAdvertiseArg(values["stun-advertise"], values["stun-port"]) } : {}),
     logger,
     ...(values.name !== undefined ? { name: values.name } : {}),
     ...(values["loopback-only"] ? { werift: { loopbackOnly: true } } : {}),

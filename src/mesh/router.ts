@@ -25,6 +25,8 @@ export interface RouterOptions {
    * external ones: only routes this node accepted.) Absent = every claim (simulations, tests).
    */
   prefixAllowed?: (node: string, cidr: string) => boolean;
+  /** STUN servers this node serves, advertised in its topology record ("IP:PORT"; absent = none) */
+  localStun?: () => string[];
   initialSeq?: number;
 }
 
@@ -124,13 +126,14 @@ export class Router {
   private local(): boolean {
     const links = this.o.mesh.linkRtts();
     const prefixes = this.o.localPrefixes();
+    const stun = this.o.localStun?.() ?? [];
     const now = this.o.now();
-    const shape = links.map((l) => l.peer).join(",") + "|" + prefixes.join(",");
+    const shape = links.map((l) => l.peer).join(",") + "|" + prefixes.join(",") + "|" + stun.join(",");
     if (shape === this.lastShape && now - this.lastOriginAt < RTT_ORIGIN_MS) {
       this.dirtyLocal = true; // look again at the next flush
       return false;
     }
-    const r = this.topo.setLocal(links, prefixes, now);
+    const r = this.topo.setLocal(links, prefixes, now, stun);
     if (r) {
       this.lastShape = shape;
       this.lastOriginAt = now;

@@ -12,6 +12,12 @@
  *   prefixes   canonical CIDR strings the origin owns/advertises (its IPAM blocks, extra routes), sorted
  *   updatedAt  origin's wall clock when it made this version (informational only: never used for
  *              ordering or aging, so clock skew between hosts does not matter)
+ *   stun       optional: STUN servers the origin answers on (`weftnet agent --stun-port`), "IP:PORT" /
+ *              "[IPv6]:PORT" literals, at most MAX_STUN_PER_RECORD, sorted. Covered by the signature like
+ *              every field; a record without it has exactly the content key (and signature) it had
+ *              before the field existed. Agents from before the field ignore the extra tuple element, so
+ *              they see a signature that does not match and refuse such records (counted as forged): run
+ *              --stun-port only once every agent understands it.
  *   pub, sig   the origin's raw Ed25519 public key (its hash is the node id) and its signature over
  *              (CTX_TOPO, node, recordKey(record)) — identity.ts signRecord/verifyRecord
  *
@@ -29,7 +35,7 @@
  * merge algebra) records are neither signed nor checked: the agent always passes one (Router).
  *
  * Wire body on the mesh app channel "topo" (plain maps/arrays for msgpack; see encode/decode below):
- *   { v: 1, t: "recs", recs: [[node, seq, [[peer, rttMs], ...], [cidr, ...], updatedAt | null, pub, sig], ...] }
+ *   { v: 1, t: "recs", recs: [[node, seq, [[peer, rttMs], ...], [cidr, ...], updatedAt | null, pub, sig, stun?], ...] }
  * Decoders ignore unknown map fields and extra trailing tuple elements, so newer senders may append.
  * A message carries at most MAX_RECORDS_PER_MESSAGE records and stays under ~192 KiB
  * (encodeTopologyMessages chunks), below the control channel's 256 KiB limit.
@@ -103,6 +109,7 @@ export const MAX_LINKS_PER_RECORD = 256;
 export const MAX_PREFIXES_PER_RECORD = 256;
 export const MAX_RECORDS_PER_MESSAGE = MAX_NODES;
 export const MAX_RTT_MS = 60_000;
+export const MAX_STUN_PER_RECORD = 4;
 /**
  * Largest forward step of an origin's seq past max(held version, tombstone, our clock). seq is the origin's
  * wall clock in ms, so this is also the clock skew tolerated between hosts (a day).
@@ -122,6 +129,8 @@ export interface TopologyRecord {
   readonly links: readonly TopologyLink[];
   readonly prefixes: readonly string[];
   readonly updatedAt?: number;
+  /** STUN servers the origin serves ("IP:PORT", "[IPv6]:PORT"), sorted; absent when none */
+  readonly stun?: readonly string[];
   /** origin's public key and signature (identity.ts signRecord); absent only in unsigned mode */
   readonly pub?: Uint8Array;
   readonly sig?: Uint8Array;
@@ -190,7 +199,38 @@ interface Entry {
 
 /** Canonical content key: equal records (in any field order) have equal keys. */
 export function recordKey(r: TopologyRecord): string {
-  return JSON.stringify([r.node, r.seq, r.links.map((l) => [l.peer, l.rttMs]), r.prefixes, r.updatedAt ?? null]);
+  const k: unknown[] = [r.node, r.seq, r.links.map((l) => [l.peer, l.rttMs]), r.prefixes, r.updatedAt ?? null];
+  // appended only when present: records without it keep the key (and signatures) they always had
+  if (r.stun && r.stun.length > 0) k.push(r.stun);
+  return JSON.stringify(k);
+}
+
+/** "IP:PORT" / "[IPv6]:PORT" with a canonical IP literal and a port 1..65535, else undefined. */
+export function canonicalStunAddress(s: unknown): string | undefined {
+  if (typeof s !== "string" || s.length > 64) return undefined;
+  const m = /^(?:\[([0-9a-f:.]+)\]|(\d{1,3}(?:\.\d{1,3}){3})):(\d{1,5})$/.exec(s);
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (!(port >= 1 && port <= 65535) || String(port) !== m[3]) return undefined;
+  const ip = m[1] ?? m[2]!;
+  const c = parseCidr(`${ip}/${m[1] !== undefined ? 128 : 32}`);
+  if (!c) return undefined;
+  const text = formatCidr(c).replace(/\/\d+$/, "");
+  if (text !== ip) return undefined;
+  return m[1] !== undefined ? `[${text}]:${port}` : `${text}:${port}`;
+}
+
+function canonicalStunList(v: unknown, what: string): string[] | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (!Array.isArray(v) || v.length > MAX_STUN_PER_RECORD) throw new ProtocolError("ERR_TOO_LARGE", `${what} stun must be an array of at most ${MAX_STUN_PER_RECORD}`);
+  const out = new Set<string>();
+  for (const s of v as unknown[]) {
+    const c = canonicalStunAddress(s);
+    if (c === undefined || c !== s) throw new ProtocolError("ERR_INVALID", `${what} stun entry is not a canonical IP:PORT`);
+    if (out.has(c)) throw new ProtocolError("ERR_INVALID", `duplicate ${what} stun entry`);
+    out.add(c);
+  }
+  return out.size ? [...out].sort() : undefined;
 }
 
 /** Total order on versions of one origin: >0 when a is newer than b. */
@@ -240,10 +280,11 @@ export function validateRecord(r: unknown): TopologyRecord {
     if (ps.has(c)) throw new ProtocolError("ERR_INVALID", "duplicate record prefix");
     ps.add(c);
   }
+  const stun = canonicalStunList((r as Record<string, unknown>).stun, "record");
   const { pub, sig } = r as Record<string, unknown>;
   if (pub !== undefined && !(pub instanceof Uint8Array && pub.byteLength === 32)) throw new ProtocolError("ERR_INVALID", "record pub must be 32 bytes");
   if (sig !== undefined && !(sig instanceof Uint8Array && sig.byteLength === 64)) throw new ProtocolError("ERR_INVALID", "record sig must be 64 bytes");
-  const out: TopologyRecord = { node, seq, links: outLinks, prefixes: [...ps].sort(), ...(updatedAt === undefined ? {} : { updatedAt }) };
+  const out: TopologyRecord = { node, seq, links: outLinks, prefixes: [...ps].sort(), ...(updatedAt === undefined ? {} : { updatedAt }), ...(stun ? { stun } : {}) };
   return pub && sig ? { ...out, pub: pub as Uint8Array, sig: sig as Uint8Array } : out;
 }
 
@@ -265,6 +306,10 @@ export type TopologyWire = { v: number; t: "recs"; recs: unknown[] };
 function recordTuple(r: TopologyRecord): unknown[] {
   const t: unknown[] = [r.node, r.seq, r.links.map((l) => [l.peer, l.rttMs]), [...r.prefixes], r.updatedAt ?? null];
   if (r.pub && r.sig) t.push(r.pub, r.sig);
+  if (r.stun && r.stun.length > 0) {
+    if (!(r.pub && r.sig)) t.push(null, null);
+    t.push([...r.stun]);
+  }
   return t;
 }
 
@@ -272,6 +317,7 @@ function estimateBytes(r: TopologyRecord): number {
   let n = 48 + 100;
   n += r.links.length * 30;
   for (const p of r.prefixes) n += p.length + 2;
+  for (const s of r.stun ?? []) n += s.length + 2;
   return n;
 }
 
@@ -303,14 +349,14 @@ export function decodeTopologyMessage(body: unknown): TopologyRecord[] {
   if (body.t !== "recs") throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown topology message type ${JSON.stringify(body.t)}`);
   return arr(body, "recs", MAX_RECORDS_PER_MESSAGE).map((x) => {
     if (!Array.isArray(x) || x.length < 4) throw new ProtocolError("ERR_INVALID", "record must be [node, seq, links, prefixes, updatedAt?]");
-    const [node, seq, links, prefixes, updatedAt, pub, sig] = x as unknown[];
+    const [node, seq, links, prefixes, updatedAt, pub, sig, stun] = x as unknown[];
     if (!Array.isArray(links) || links.length > MAX_LINKS_PER_RECORD) throw new ProtocolError("ERR_TOO_LARGE", `record links must be an array of at most ${MAX_LINKS_PER_RECORD}`);
     const ls = links.map((l) => {
       if (!Array.isArray(l) || l.length < 2) throw new ProtocolError("ERR_INVALID", "link must be [peer, rttMs]");
       return { peer: l[0], rttMs: l[1] };
     });
     const proof = pub === undefined || pub === null ? {} : { pub: toBytes(pub), sig: toBytes(sig) };
-    return validateRecord({ node, seq, links: ls, prefixes, ...(updatedAt === null || updatedAt === undefined ? {} : { updatedAt }), ...proof });
+    return validateRecord({ node, seq, links: ls, prefixes, ...(updatedAt === null || updatedAt === undefined ? {} : { updatedAt }), ...proof, ...(stun === null || stun === undefined ? {} : { stun }) });
   });
 }
 
@@ -329,6 +375,7 @@ export class Topology {
   /** advertised RTTs (sticky) and the last inputs, so refresh() can re-originate the same content */
   private advertised = new Map<string, number>();
   private localPrefixes: string[] = [];
+  private localStun: string[] = [];
   private hasLocal = false;
   private readonly o: Required<Omit<TopologyOptions, "initialSeq" | "identity">>;
   private readonly identity: Identity | undefined;
@@ -393,9 +440,10 @@ export class Topology {
 
   /**
    * Report our live links and prefixes. Returns the new record when it differs from the advertised one
-   * (flood it), else undefined. RTTs are sticky (see the header).
+   * (flood it), else undefined. RTTs are sticky (see the header). `stun`: the STUN servers this node
+   * serves (IP:PORT literals; see the record layout).
    */
-  setLocal(links: readonly LocalLink[], prefixes: readonly string[], now: number): TopologyRecord | undefined {
+  setLocal(links: readonly LocalLink[], prefixes: readonly string[], now: number, stun: readonly string[] = []): TopologyRecord | undefined {
     const next = new Map<string, number>();
     for (const l of links) {
       if (!NODE_ID_RE.test(l.peer) || l.peer === this.selfId) throw new TopologyError("ERR_CONFIG", `bad local link peer ${JSON.stringify(l.peer)}`);
@@ -416,15 +464,23 @@ export class Topology {
     }
     if (ps.size > MAX_PREFIXES_PER_RECORD) throw new TopologyError("ERR_CONFIG", `more than ${MAX_PREFIXES_PER_RECORD} local prefixes`);
     const nextPrefixes = [...ps].sort();
+    let nextStun: string[];
+    try {
+      nextStun = canonicalStunList([...new Set(stun.map((s) => canonicalStunAddress(s) ?? s))], "local") ?? [];
+    } catch (e) {
+      throw new TopologyError("ERR_CONFIG", `bad local STUN address list ${JSON.stringify(stun)}: ${(e as Error).message}`);
+    }
     const changed =
       !this.hasLocal ||
       next.size !== this.advertised.size ||
       [...next].some(([p, v]) => this.advertised.get(p) !== v) ||
       nextPrefixes.length !== this.localPrefixes.length ||
-      nextPrefixes.some((p, i) => this.localPrefixes[i] !== p);
+      nextPrefixes.some((p, i) => this.localPrefixes[i] !== p) ||
+      nextStun.join(",") !== this.localStun.join(",");
     if (!changed) return undefined;
     this.advertised = next;
     this.localPrefixes = nextPrefixes;
+    this.localStun = nextStun;
     this.hasLocal = true;
     return this.originate(now);
   }
@@ -439,7 +495,7 @@ export class Topology {
   private originate(now: number): TopologyRecord {
     this.seqNo = Math.max(this.seqNo + 1, Number.isFinite(now) ? Math.floor(now) : 0);
     const links = [...this.advertised].map(([peer, rttMs]) => ({ peer, rttMs })).sort((a, b) => (a.peer < b.peer ? -1 : 1));
-    const plain: TopologyRecord = { node: this.selfId, seq: this.seqNo, links, prefixes: [...this.localPrefixes], updatedAt: Math.max(0, now) };
+    const plain: TopologyRecord = { node: this.selfId, seq: this.seqNo, links, prefixes: [...this.localPrefixes], updatedAt: Math.max(0, now), ...(this.localStun.length ? { stun: [...this.localStun] } : {}) };
     const rec = this.identity ? signTopologyRecord(this.identity, plain) : plain;
     this.entries.set(this.selfId, { rec, key: recordKey(rec), receivedAt: now });
     this.lastOriginated = now;

@@ -56,6 +56,8 @@ export type StunParseResult<T> = { ok: true; value: T } | { ok: false; reason: S
 
 export interface StunBindingRequest {
   transactionId: Uint8Array; // 12 bytes
+  /** the request carried a (valid) FINGERPRINT: a responder answers with one too, else without (smaller answer) */
+  fingerprint: boolean;
 }
 
 export interface StunBindingSuccess {
@@ -115,7 +117,7 @@ export function parseBindingRequest(buf: Uint8Array): StunParseResult<StunBindin
   const raw = parseRaw(buf);
   if (!raw.ok) return raw;
   if (raw.value.type !== STUN_BINDING_REQUEST) return reject("wrong-type", `type 0x${raw.value.type.toString(16).padStart(4, "0")}`);
-  return { ok: true, value: { transactionId: raw.value.transactionId } };
+  return { ok: true, value: { transactionId: raw.value.transactionId, fingerprint: raw.value.attrs.some((a) => a.type === STUN_ATTR_FINGERPRINT) } };
 }
 
 /** Parse a Binding success response (client side: netcheck, tests). Never throws. */

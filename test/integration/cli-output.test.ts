@@ -164,14 +164,14 @@ describe("weftnet status / ping / netcheck / agent logs against a live mesh", ()
   it("netcheck: checks the signaling URL (DNS, TCP, WebSocket, hello) and says which STUN it used", () => {
     const r = run(["netcheck", "--json", "--state-dir", dir("a")]);
     expect(r.code, r.out + r.err).toBe(0);
-    const js = JSON.parse(r.out) as { ok: boolean; signal: { ok: boolean; dns: { ok: boolean }; tcp: { ok: boolean }; websocket: { ok: boolean }; hello: { ok: boolean } }; stun: { servers: string[]; source: string }; ipv6: { addresses: string[] } };
+    const js = JSON.parse(r.out) as { ok: boolean; signal: { ok: boolean; dns: { ok: boolean }; tcp: { ok: boolean }; websocket: { ok: boolean }; hello: { ok: boolean } }; stun: { servers: string[]; source: string; sources: { server: string; source: string }[] }; ipv6: { addresses: string[] } };
     expect(js.ok).toBe(true);
     expect(js.signal).toMatchObject({ ok: true, dns: { ok: true }, tcp: { ok: true }, websocket: { ok: true }, hello: { ok: true } });
     expect(js.stun.servers).toEqual([`127.0.0.1:${server.stunPort}`]);
-    expect(js.stun.source).toMatch(/agent/);
+    expect(js.stun.sources).toEqual([{ server: `127.0.0.1:${server.stunPort}`, source: "signaling server" }]);
     expect(Array.isArray(js.ipv6.addresses)).toBe(true);
     const text = run(["netcheck", "--state-dir", dir("a")]).out;
-    expect(text).toMatch(/^STUN\s+127\.0\.0\.1:\d+ \(the agent's signaling server\)$/m);
+    expect(text).toMatch(/^STUN\s+127\.0\.0\.1:\d+ \(signaling server\)$/m);
     expect(text).toMatch(/^\s+hello\s+ok\s/m);
   });
 

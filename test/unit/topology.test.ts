@@ -210,7 +210,7 @@ describe("topology wire", () => {
   });
 
   it("ignores unknown fields and trailing tuple elements; refuses malformed bodies with ProtocolError", () => {
-    expect(decodeTopologyMessage({ v: 1, t: "recs", recs: [[A, 1, [[B, 2, "x"]], [], null, null, null, "future"]], extra: 1 })).toEqual([rec(A, 1, [[B, 2]])]);
+    expect(decodeTopologyMessage({ v: 1, t: "recs", recs: [[A, 1, [[B, 2, "x"]], [], null, null, null, null, "future"]], extra: 1 })).toEqual([rec(A, 1, [[B, 2]])]);
     const bad: unknown[] = [
       null,
       [],
