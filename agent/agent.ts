@@ -118,6 +118,12 @@ export interface AgentConfig {
   bulkTiming?: Partial<BulkTiming>;
   /** Watch Kubernetes Node objects (in-cluster) and release a deleted Node's blocks (agent name = Node name). Off when unset. */
   k8sNodeWatch?: NodeWatchConfig;
+  /**
+   * The operator's Ed25519 public key (32 bytes, --operator-key): `weftnet ipam release NODE` then needs
+   * the operator's signature of each released block, and this agent accepts other nodes' force releases
+   * only with it (or after seeing the node's Kubernetes Node deleted itself). Unset: only that path.
+   */
+  operatorKey?: Uint8Array;
 }
 
 export type { AgentStatus, AgentView, IpamView, LinkType, PeerPath, RouteConflict, RouteStatus } from "./status.js";
@@ -349,7 +355,7 @@ export class Agent implements AgentView {
         return known.every((p) => p > identity.id && linked.has(p));
       };
       // every heartbeat, owner write and promise signed with the node key; unsigned remote state refused
-      agent.ipam = new IpamDriver({ id: identity.id, mayFound, keys: identityKeys(identity), ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
+      agent.ipam = new IpamDriver({ id: identity.id, mayFound, keys: identityKeys(identity, cfg.operatorKey), ...(cfg.ipam ?? {}) }, cfg.stateDir, mesh, agentLog.child("ipam"));
     } catch (e) {
       await transport.close();
       throw e;
@@ -568,12 +574,13 @@ export class Agent implements AgentView {
     return released;
   }
 
-  ipamRelease(target: string): { node: string } {
+  /** `weftnet ipam release`: `sigs` are the operator's signatures, block index -> signature (src/ipam/signing.ts releaseFields). */
+  ipamRelease(target: string, sigs: Map<number, Uint8Array> = new Map()): { node: string } {
     const id = /^[0-9a-f]{16}$/.test(target) ? target : this.mesh.resolvePeer(target);
     if (!id) throw new WeftError("ERR_NO_PEER", `no node matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
     if (id === this.id) throw new WeftError("ERR_USAGE", "refusing to release this node's own blocks; stop the agent and remove its ipam.json instead");
     if (this.mesh.isConnected(id)) throw new WeftError("ERR_USAGE", `node ${id} is connected right now; release only nodes that are gone`);
-    this.ipam.forceRelease(id);
+    this.ipam.forceRelease(id, { operator: sigs });
     return { node: id };
   }
 
@@ -609,7 +616,7 @@ export class Agent implements AgentView {
       }
       try {
         const blocks = this.ipam.status().blocks.filter((b) => b.owner === id).length;
-        this.ipam.forceRelease(id);
+        this.ipam.forceRelease(id, { observedGone: true });
         log.warn("released the address blocks of a deleted Kubernetes Node", { k8sNode: name, id, blocks });
       } catch (e) {
         log.warn("could not release the blocks of a deleted Kubernetes Node; the mesh reclaims them after --reclaim-after", { k8sNode: name, id, err: (e as Error).message });

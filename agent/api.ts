@@ -10,7 +10,8 @@
  *   POST /v1/ipam/free {podId} -> {released}
  *   POST /v1/pods {name}       -> PodInfo (netns NAME, veth on the bridge, IP from this node's blocks)
  *   DELETE /v1/pods/NAME       -> {released}
- *   POST /v1/ipam/release-node {node} -> {node}   (operator: force-release a gone node's blocks)
+ *   POST /v1/ipam/release-node {node, sigs?} -> {node}   (operator: force-release a gone node's blocks;
+ *                              sigs: [[block, hex signature]] by the operator key, see `weftnet ipam release`)
  * Errors: JSON {error: {code, message}} with 4xx/5xx.
  */
 import { chmodSync, unlinkSync } from "node:fs";
@@ -31,13 +32,14 @@ export interface ApiAgent extends Pick<AgentView, "status" | "routes" | "ipamSta
   ping(target: string, timeoutMs?: number): Promise<{ id: string; name: string; rttMs: number; path: PeerPath }>;
   allocate(podId: string, timeoutMs?: number, signal?: AbortSignal): Promise<PodAddress>;
   release(podId: string): boolean;
-  ipamRelease(target: string): { node: string };
+  ipamRelease(target: string, sigs?: Map<number, Uint8Array>): { node: string };
   addPod(name: string): Promise<PodInfo>;
   delPod(name: string): Promise<{ released: boolean }>;
 }
 
-function errorStatus(code: string): 400 | 404 | 409 | 500 | 503 {
+function errorStatus(code: string): 400 | 403 | 404 | 409 | 500 | 503 {
   if (code === "ERR_USAGE" || code === "ERR_NO_DATAPLANE" || code.startsWith("ERR_POD_INPUT")) return 400;
+  if (code === "ERR_FORBIDDEN") return 403;
   if (code === "ERR_NO_PEER" || code === "ERR_NOT_FOUND") return 404;
   if (code === "ERR_EXISTS") return 409;
   if (code === "ERR_TIMEOUT" || code === "ERR_BUSY" || code === "ERR_NOT_CONNECTED" || code === "ERR_IPAM_TIMEOUT" || code === "ERR_NOT_READY") return 503;
@@ -96,9 +98,13 @@ export function createApiApp(agent: ApiAgent): Hono {
   });
   app.post("/v1/ipam/release-node", async (c) => {
     const b = await jsonBody(c);
-    if (!b || typeof b.node !== "string" || b.node.length > 128) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {node}" } }, 400);
+    const sigs = new Map<number, Uint8Array>();
+    const raw = b?.sigs ?? [];
+    const okSigs = Array.isArray(raw) && raw.length <= 65536 && raw.every((x) => Array.isArray(x) && Number.isInteger(x[0]) && typeof x[1] === "string" && /^[0-9a-f]{128}$/.test(x[1]));
+    if (!b || typeof b.node !== "string" || b.node.length > 128 || !okSigs) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {node, sigs?: [[block, 128 hex chars]]}" } }, 400);
+    for (const [i, h] of raw as [number, string][]) sigs.set(i, new Uint8Array(Buffer.from(h, "hex")));
     try {
-      return c.json(agent.ipamRelease(b.node));
+      return c.json(agent.ipamRelease(b.node, sigs));
     } catch (e) {
       const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
       return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));

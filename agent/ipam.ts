@@ -7,6 +7,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { WeftError } from "../src/errors.js";
 import { IpamNode, containsIp, formatIp, gatewayOf, parseCidr, parseIp, type Cidr, type IpamConfig, type IpamOutput, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
+import type { ReleaseAuth } from "../src/ipam/node.js";
 import type { Logger } from "../src/log.js";
 import type { MeshManager } from "../src/mesh/manager.js";
 import { writeFileAtomic } from "./state.js";
@@ -174,8 +175,8 @@ export class IpamDriver {
     return r.changed;
   }
 
-  forceRelease(node: string): void {
-    const out = this.node.forceRelease(node, this.now());
+  forceRelease(node: string, auth: ReleaseAuth): void {
+    const out = this.node.forceRelease(node, this.now(), auth);
     out.persist = true;
     this.apply(out);
   }

@@ -169,3 +169,19 @@ export const CTX_SDP = "weftnet/sdp/v1";
 export const CTX_TOPO = "weftnet/topo/v1";
 export const CTX_BYE = "weftnet/bye/v1";
 export const CTX_LINK = "weftnet/link/v1";
+
+/**
+ * The operator key (`weftnet keygen --operator`): an Ed25519 pair held by the cluster's operator, not by any
+ * node. Agents are given only its public key (--operator-key: 64 hex chars) and accept a force release of
+ * another node's blocks only with its signature (src/ipam/signing.ts CTX_RELEASE), so a compromised node
+ * cannot release anyone's addresses.
+ */
+export function parseOperatorKey(text: string): Uint8Array {
+  const t = text.trim();
+  if (!/^[0-9a-fA-F]{64}$/.test(t)) throw new AuthError("ERR_BAD_SIGNATURE", "an operator public key is 64 hex characters (the .pub file `weftnet keygen --operator` writes)");
+  return new Uint8Array(Buffer.from(t, "hex"));
+}
+
+export function publicKeyHex(idn: Identity): string {
+  return Buffer.from(idn.publicKey).toString("hex");
+}

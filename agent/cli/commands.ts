@@ -15,6 +15,7 @@ import { apiRequest } from "../api-client.js";
 import { MAX_LINK_MTU } from "../transport/link-base.js";
 import { DEFAULT_TOKEN_PATH, inClusterAvailable } from "../k8s.js";
 import { apiSocketPath, defaultStateDir } from "../state.js";
+import { loadOperatorKey, signRelease } from "./operator.js";
 import { didYouMean, fmtBytes, fmtDuration, fmtRtt, LOG_OPTIONS, logOptions, parse, positiveInt, resolveToken, table, type Options } from "./util.js";
 
 export const AGENT_HELP = `Usage: weftnet agent --signal URL (--token T | --token-file F) [options]
@@ -89,6 +90,12 @@ Options:
                         blocks at once (the agent's --name must be the Node name); default on in a pod
                         (KUBERNETES_SERVICE_HOST set and a service-account token mounted); needs
                         get/list/watch on nodes. --no-k8s-node-watch turns it off
+  --operator-key KEY|FILE
+                        the operator's public key (64 hex, or the .pub file of \`weftnet keygen
+                        --operator\`): \`weftnet ipam release\` must then carry the operator's signature,
+                        and other nodes' force releases are accepted only with it. Without it, another
+                        node's blocks are released only when this agent sees its Kubernetes Node
+                        deleted itself (or the node hands them on as it leaves)
   --ui-listen HOST:PORT serve the live topology page at http://HOST:PORT/ui (off by default): the browser
                         joins the mesh as a viewer with the cluster token pasted into the page (it
                         routes nothing and carries no pod traffic) and keeps working without the
@@ -203,6 +210,7 @@ const AGENT_OPTIONS = {
     "ui-listen": { type: "string" },
     "k8s-node-watch": { type: "boolean" },
     "no-k8s-node-watch": { type: "boolean" },
+    "operator-key": { type: "string" },
     ...LOG_OPTIONS,
     help: { type: "boolean", short: "h" },
 } as const satisfies Options;
@@ -373,6 +381,7 @@ export async function runAgent(argv: string[]): Promise<number> {
     ...(values["loopback-only"] ? { werift: { loopbackOnly: true } } : {}),
     ...(values["metrics-listen"] !== undefined ? { metricsListen: values["metrics-listen"] } : {}),
     ...(k8sNodeWatch ? { k8sNodeWatch: {} } : {}),
+    ...(values["operator-key"] ? { operatorKey: loadOperatorKey(values["operator-key"]) } : {}),
   });
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
   const stopWatch = watchPaths(agent, logger.child("mesh"));
@@ -552,16 +561,20 @@ export function parseDuration(cmd: string, flag: string, v: string): number {
 export const IPAM_HELP = `Usage: weftnet ipam <command> [--state-dir D] [--json]
 
 Commands:
-  release NODE      force-release the blocks of a node that is gone for good (by id or name); the
-                    mesh reclaims silent nodes by itself after --reclaim-after, this is for operators
-                    who know the node will not come back
+  release NODE --operator-key-file F
+                    force-release the blocks of a node that is gone for good (by id or name), signed
+                    with the operator key F (\`weftnet keygen --operator\`; env WEFTNET_OPERATOR_KEY_FILE):
+                    every agent checks the signature against its --operator-key before it accepts the
+                    release, so no node can release another's blocks. The mesh reclaims silent nodes'
+                    unpinned blocks by itself after --reclaim-after; this is for operators who know
+                    the node will not come back
   allocate POD      allocate (idempotently) an address for pod id POD on this node and print it
   free POD          release the address of pod id POD
 See \`weftnet status ipam\` for the range, blocks and allocations.
 `;
 
 export async function runIpam(argv: string[]): Promise<number> {
-  const { values, positionals } = parse("ipam", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, help: { type: "boolean", short: "h" } }, true);
+  const { values, positionals } = parse("ipam", argv, { json: { type: "boolean" }, "state-dir": { type: "string" }, "operator-key-file": { type: "string" }, help: { type: "boolean", short: "h" } }, true);
   if (values.help) {
     process.stdout.write(IPAM_HELP);
     return 0;
@@ -571,10 +584,13 @@ export async function runIpam(argv: string[]): Promise<number> {
   const sock = apiSocketPath(values["state-dir"] ?? defaultStateDir());
   let out: unknown;
   switch (sub) {
-    case "release":
-      out = await apiRequest(sock, "POST", "/v1/ipam/release-node", { node: arg });
+    case "release": {
+      const keyFile = values["operator-key-file"] ?? process.env.WEFTNET_OPERATOR_KEY_FILE;
+      if (!keyFile) throw new UsageError("weftnet ipam release: give --operator-key-file F (the operator's private key from `weftnet keygen --operator`); agents accept a release only with its signature");
+      out = await apiRequest(sock, "POST", "/v1/ipam/release-node", await signRelease(sock, arg, keyFile));
       if (!values.json) process.stdout.write(`released the blocks of ${(out as { node: string }).node}; they are free for other nodes\n`);
       break;
+    }
     case "allocate": {
       const a = await apiRequest<{ ip: string; prefixLen: number; gateway: string }>(sock, "POST", "/v1/ipam/allocate", { podId: arg }, 40_000);
       out = a;

@@ -6,7 +6,7 @@ import { UsageError } from "../../src/errors.js";
 import { VERSION } from "../version.js";
 import { didYouMean, errorJson, errorLine, noAgentHint } from "./util.js";
 
-const COMMANDS = ["signal", "agent", "status", "ping", "netcheck", "pod", "ipam", "join-key", "version", "help"];
+const COMMANDS = ["signal", "agent", "status", "ping", "netcheck", "pod", "ipam", "keygen", "join-key", "version", "help"];
 
 export const MAIN_HELP = `weftnet ${VERSION} — peer-to-peer WebRTC overlay network for pods
 
@@ -20,6 +20,7 @@ Commands:
   netcheck   this host's NAT behaviour (UDP reachable, reflexive address, cone or symmetric)
   pod        add NAME / del NAME: a pod (network namespace) on this node's bridge
   ipam       operator commands for the shared address range (release NODE, allocate/free POD)
+  keygen     --operator --out F: the operator key pair (\`ipam release\` signs with it)
   join-key   print the join key of a cluster token (--token-file F): all the signaling server needs
   version    print the version
 
@@ -57,6 +58,8 @@ export async function main(argv: string[]): Promise<number> {
         return await (await import("./commands.js")).runPod(rest);
       case "ipam":
         return await (await import("./commands.js")).runIpam(rest);
+      case "keygen":
+        return (await import("./operator.js")).runKeygen(rest);
       case "join-key": {
         // The signaling server needs only this (hello MAC, API Bearer), never the token: see src/identity.ts.
         const { parse, resolveToken } = await import("./util.js");

@@ -15,7 +15,7 @@ import { type Cidr, blockAt, blockCount, blockIndexOf, equalCidr, formatCidr, fo
 import { type IpamConfig, type Resolved, resolve } from "./config.js";
 import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
-import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, type IpamKeys, type Signed } from "./signing.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, type IpamKeys, releaseFields, type Signed } from "./signing.js";
 import { BlockTable, compareEntries, type EntryKind, type EntryTuple, IpamError } from "./table.js";
 import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, decodeCert, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
 
@@ -69,7 +69,19 @@ export interface IpamCounters {
   forged: number;
   /** remote counters or versions that jumped further ahead than allowed (MAX_BEAT_AHEAD_MS, MAX_VERSION_STEP) */
   jumps: number;
+  /**
+   * remote force releases refused because nothing authorised them: no operator signature (or a wrong one)
+   * and this node did not see the released node's Kubernetes Node deleted itself (also counted in forged)
+   */
+  releasesRefused: number;
 }
+
+/**
+ * What authorises a force release (forceRelease): the operator's signatures, one per block (block index ->
+ * signature of releaseFields(epoch, block, node, version of the forced entry), by the --operator-key), or
+ * this node's own observation that the node is gone (its Kubernetes Node object was deleted).
+ */
+export type ReleaseAuth = { operator: Map<number, Uint8Array> } | { observedGone: true };
 
 export interface IpamStatus {
   id: string;
@@ -108,6 +120,8 @@ interface PeerInfo {
 const NEG = Number.NEGATIVE_INFINITY;
 /** a remote entry may be at most this many versions ahead of ours for its block (counted as a jump) */
 export const MAX_VERSION_STEP = 64;
+/** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
+const MAX_REFUSED_FORCES = 4096;
 /** entries per state message when signed (each carries its cert, claims and grants a majority's promises) */
 const SIGNED_CHUNK = 128;
 
@@ -118,6 +132,8 @@ interface Cert {
   pk: Uint8Array;
   sig: Uint8Array;
   proof?: Signed[];
+  /** an operator's signature of a force release (kind "f") */
+  op?: Uint8Array;
 }
 interface Handover {
   owner: string;
@@ -125,14 +141,14 @@ interface Handover {
   kind: EntryKind;
   cert: Cert;
 }
-const certWire = (c: Cert): CertWire => (c.proof ? [c.from, c.by, c.pk, c.sig, c.proof] : [c.from, c.by, c.pk, c.sig]);
-const certOf = (w: CertWire): Cert => ({ from: w[0], by: w[1], pk: w[2], sig: w[3], ...(w[4] ? { proof: w[4] } : {}) });
+const certWire = (c: Cert): CertWire => (c.op ? [c.from, c.by, c.pk, c.sig, c.proof ?? null, c.op] : c.proof ? [c.from, c.by, c.pk, c.sig, c.proof] : [c.from, c.by, c.pk, c.sig]);
+const certOf = (w: CertWire): Cert => ({ from: w[0], by: w[1], pk: w[2], sig: w[3], ...(w[4] ? { proof: w[4] } : {}), ...(w[5] ? { op: w[5] } : {}) });
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
 const unhex = (s: unknown) => new Uint8Array(Buffer.from(String(s), "hex"));
-const certJson = (c: Cert) => [c.from, c.by, hex(c.pk), hex(c.sig), ...(c.proof ? [c.proof.map(([n, pk, sig, m]) => [n, hex(pk), hex(sig), m])] : [])];
+const certJson = (c: Cert) => [c.from, c.by, hex(c.pk), hex(c.sig), ...(c.proof || c.op ? [c.proof ? c.proof.map(([n, pk, sig, m]) => [n, hex(pk), hex(sig), m]) : null] : []), ...(c.op ? [hex(c.op)] : [])];
 const certFromJson = (x: unknown): Cert => {
   const a = x as unknown[];
-  return certOf(decodeCert([a[0], a[1], unhex(a[2]), unhex(a[3]), ...(a[4] ? [(a[4] as unknown[][]).map(([n, pk, sig, m]) => [n, unhex(pk), unhex(sig), m])] : [])]));
+  return certOf(decodeCert([a[0], a[1], unhex(a[2]), unhex(a[3]), a[4] ? (a[4] as unknown[][]).map(([n, pk, sig, m]) => [n, unhex(pk), unhex(sig), m]) : null, ...(a[5] ? [unhex(a[5])] : [])]));
 };
 /** a heartbeat (its origin's clock, ms) more than this far ahead of ours is refused (counted as a jump) */
 export const MAX_BEAT_AHEAD_MS = 24 * 3600_000;
@@ -150,11 +166,21 @@ export class IpamNode {
   private readonly rule: WriteRule;
   private grantQueue: string[] = [];
   private readonly peers = new Set<string>();
+  /** nodes this node saw gone itself (their Kubernetes Node was deleted): their force releases need no operator signature */
+  private readonly gone = new Set<string>();
+  /**
+   * Force releases refused only for want of authority (validly signed by their writer), kept by released
+   * node, bounded: when this node sees that node gone itself (forceRelease with observedGone: every agent
+   * sees a Kubernetes Node deletion, at slightly different times) they are merged then, so agents that
+   * released the same node agree at once instead of at the next full sync.
+   */
+  private readonly refusedForces = new Map<string, { from: string; entry: EntryTuple; cert: CertWire }[]>();
+  private refusedCount = 0;
   private readonly info = new Map<string, PeerInfo>();
   private readonly conflicts = new Map<string, { code: string; message: string }>();
   private startedAt: number;
   private pending: { to: string; since: number } | null = null;
-  readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0, forged: 0, jumps: 0 };
+  readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0, forged: 0, jumps: 0, releasesRefused: 0 };
   private readonly keys: IpamKeys | undefined;
   private ownBeatSig: { beat: number; epoch: string; sig: Uint8Array } | null = null;
   /** signed clusters: the cert of each block's current entry, and the change of owner behind an owner's own entry */
@@ -295,23 +321,49 @@ export class IpamNode {
   /**
    * Operator override (`weftnet ipam release NODE`): take over every block of `node` now, without the
    * grace period or the majority check. Only safe if `node` is really gone; the operator asserts that.
+   * In a signed cluster (keys) it needs `auth` (ReleaseAuth), and every receiver checks the same right
+   * before it merges or forwards the forced entries: the operator's signature of each block's release
+   * (verified here first, against our --operator-key), or — without one — that the receiver itself saw the
+   * node gone (Kubernetes). Nothing else a node says releases another node's blocks.
    */
-  forceRelease(node: string, now: number): IpamOutput {
+  forceRelease(node: string, now: number, auth?: ReleaseAuth): IpamOutput {
     const out = emptyOutput();
     if (!this.table || !this.epoch) throw new IpamError("ERR_NOT_READY", "no cluster IPAM yet");
     if (node === this.id) throw new IpamError("ERR_CONFIG", "a node cannot force-release itself; use leave()");
+    const indices = this.table.indicesOf(node);
+    if (this.keys) {
+      if (!auth) throw new IpamError("ERR_FORBIDDEN", "a force release needs the operator's signature (--operator-key) or a Kubernetes Node deletion");
+      if ("observedGone" in auth) {
+        this.gone.add(node);
+      }
+      else {
+        if (!this.keys.verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
+        for (const i of indices) {
+          const sig = auth.operator.get(i);
+          if (!sig || !this.keys.verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1)))
+            throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} (a signature by another key, or the block changed since it was signed: sign again)`);
+        }
+      }
+    }
     const delta: EntryTuple[] = [];
-    for (const i of this.table.indicesOf(node)) {
+    for (const i of indices) {
       const e = this.table.get(i);
       this.table.write(i, { owner: this.id, version: e.version + 1, kind: "f" });
       this.settleUntil.set(i, now + this.cfg.S);
       delta.push([i, this.id, e.version + 1, "f"]);
-      this.signOwn([i, this.id, e.version + 1, "f"], node);
+      const op = auth && "operator" in auth ? auth.operator.get(i) : undefined;
+      this.signOwn([i, this.id, e.version + 1, "f"], node, undefined, op);
     }
     if (delta.length > 0) {
       this.counters.forced += delta.length;
       this.broadcast(delta, null, out);
       out.persist = true;
+    }
+    const held = this.refusedForces.get(node);
+    if (held && this.gone.has(node)) {
+      this.refusedForces.delete(node);
+      this.refusedCount -= held.length;
+      for (const h of held) this.onState(h.from, [h.entry], [h.cert], undefined, now, out);
     }
     this.assertInvariants();
     return out;
@@ -906,7 +958,18 @@ export class IpamNode {
         const handover = hw ? { owner: hw[0], version: hw[1], kind: hw[2], cert: certOf(hw.slice(3) as unknown as CertWire) } : null;
         const why = this.checkWrite(e, cert, handover, now);
         if (why === "jump") this.counters.jumps++;
-        else if (why !== null) this.counters.forged++;
+        else if (why !== null) {
+          this.counters.forged++;
+          if (why === "release") {
+            this.counters.releasesRefused++;
+            if (this.refusedCount < MAX_REFUSED_FORCES) {
+              const list = this.refusedForces.get(cert!.from) ?? [];
+              list.push({ from, entry: e, cert: cw! });
+              this.refusedForces.set(cert!.from, list);
+              this.refusedCount++;
+            }
+          }
+        }
         else {
           ok.push(e);
           proofs.set(i, { cert: cert!, handover });
@@ -949,11 +1012,11 @@ export class IpamNode {
   }
 
   /** Sign an entry we just wrote (from = the owner before), and keep its cert to forward it. */
-  private signOwn(e: EntryTuple, from: string, proof?: Signed[]): void {
+  private signOwn(e: EntryTuple, from: string, proof?: Signed[], op?: Uint8Array): void {
     if (!this.keys) return;
     const [i, owner, version, kind] = e;
     const sig = this.keys.sign(CTX_ENTRY, this.entryFields(i, owner, version, kind, from));
-    this.keepCert(e, { from, by: this.id, pk: this.keys.publicKey, sig, ...(proof && proof.length ? { proof } : {}) }, null);
+    this.keepCert(e, { from, by: this.id, pk: this.keys.publicKey, sig, ...(proof && proof.length ? { proof } : {}), ...(op ? { op } : {}) }, null);
   }
 
   /** Remember the cert of a block's new entry; an owner's own write keeps the change of owner behind it. */
@@ -999,9 +1062,10 @@ export class IpamNode {
    *   owner's own write (pin, unpin, leave transfer): by the owner we know, or by the new owner of a
    *            verifiable change of owner (the handover) that is newer than what we know;
    *   force:   by the node it names, of a block whose owner we know (never of a node connected to us,
-   *            and never of ours).
+   *            and never of ours), authorised by the operator's signature of this release (--operator-key)
+   *            or by our own observation that the owner is gone (its Kubernetes Node was deleted).
    */
-  private checkWrite(e: EntryTuple, cert: Cert | null, handover: Handover | null, now: number, nested = false): null | "jump" | "forged" {
+  private checkWrite(e: EntryTuple, cert: Cert | null, handover: Handover | null, now: number, nested = false): null | "jump" | "forged" | "release" {
     const [i, owner, version, kind] = e;
     const cur = this.table!.get(i);
     if (version > cur.version + MAX_VERSION_STEP) return "jump";
@@ -1013,7 +1077,9 @@ export class IpamNode {
         // the owner before: ours, or — when we forced the same block at the same version — the one we forced
         const prev = cur.kind === "f" && cur.version === version ? this.certs.get(i)?.cert.from : cur.owner;
         if (cert.by !== owner || cert.from === owner || cert.from !== prev || cert.from === this.id) return "forged";
-        return this.peers.has(cert.from) ? "forged" : null; // never the blocks of a node connected to us
+        if (this.peers.has(cert.from)) return "forged"; // never the blocks of a node connected to us
+        if (this.gone.has(cert.from)) return null;
+        return cert.op && this.keys!.verifyOperator?.(cert.op, releaseFields(this.epoch!.id, i, cert.from, version)) ? null : "release";
       }
       default:
         if (cert.by !== cert.from) return "forged";

@@ -9,6 +9,10 @@
  *   beat      "weftnet/ipam-beat/v1"  epochId, node, beat
  *   entry     "weftnet/ipam-entry/v1" epochId, block, owner, version, kind, from   (signed by the writer)
  *   promise   "weftnet/ipam-prom/v1"  epochId, block, version, kind, from, to, members (signed by the acceptor)
+ *   release   "weftnet/ipam-release/v1" epochId, block, released node, version of the forced entry
+ *             (signed by the OPERATOR key, not a node's: `weftnet keygen --operator`; agents hold only its
+ *             public key, --operator-key, so no node can forge one; bound to one block at one version, so
+ *             it cannot be replayed against blocks the node owns later)
  */
 import { createPublicKey, type KeyObject, verify } from "node:crypto";
 import { deriveNodeId, frame, type Identity, signFields } from "../identity.js";
@@ -18,6 +22,12 @@ const ED25519_SPKI_PREFIX = Buffer.from("302a300506032b6570032100", "hex");
 export const CTX_BEAT = "weftnet/ipam-beat/v1";
 export const CTX_ENTRY = "weftnet/ipam-entry/v1";
 export const CTX_PROMISE = "weftnet/ipam-prom/v1";
+export const CTX_RELEASE = "weftnet/ipam-release/v1";
+
+/** What an operator signs to release block `block` of `node` (gone for good): the forced entry's version. */
+export function releaseFields(epochId: string, block: number, node: string, version: number): string[] {
+  return [epochId, String(block), node, String(version)];
+}
 
 /** The signing port of the IPAM core: this node's key, and verification of anyone's. */
 export interface IpamKeys {
@@ -25,6 +35,8 @@ export interface IpamKeys {
   sign(context: string, fields: string[]): Uint8Array;
   /** does `pk` belong to `node` (id derived from it) and did it sign `fields`? */
   verify(node: string, pk: Uint8Array, sig: Uint8Array, context: string, fields: string[]): boolean;
+  /** did the operator key (--operator-key) sign these release fields? Absent: no operator key configured. */
+  verifyOperator?(sig: Uint8Array, fields: string[]): boolean;
 }
 
 /**
@@ -34,7 +46,8 @@ export interface IpamKeys {
  */
 export type Signed = [string, Uint8Array, Uint8Array, number];
 
-export function identityKeys(idn: Identity): IpamKeys {
+export function identityKeys(idn: Identity, operatorKey?: Uint8Array): IpamKeys {
+  const op = operatorKey ? createPublicKey({ key: Buffer.concat([ED25519_SPKI_PREFIX, Buffer.from(operatorKey)]), format: "der", type: "spki" }) : undefined;
   // node -> its verified key (id derived from it), parsed once: parsing a key costs more than verifying
   const known = new Map<string, { raw: Buffer; key: KeyObject }>();
   return {
@@ -55,5 +68,17 @@ export function identityKeys(idn: Identity): IpamKeys {
         return false;
       }
     },
+    ...(op
+      ? {
+          verifyOperator(sig: Uint8Array, fields: string[]) {
+            if (sig.byteLength !== 64) return false;
+            try {
+              return verify(null, frame(CTX_RELEASE, ...fields), op, sig);
+            } catch {
+              return false;
+            }
+          },
+        }
+      : {}),
   };
 }

@@ -24,7 +24,8 @@ export type IpamErrorCode =
   | "ERR_INVARIANT" // our own state is broken: a bug, thrown loudly
   | "ERR_NOT_READY" // no cluster yet, or allocation frozen (see partition rule)
   | "ERR_EXHAUSTED" // no free address in owned blocks (a block request was sent)
-  | "ERR_CONFIG"; // bad configuration / snapshot
+  | "ERR_CONFIG" // bad configuration / snapshot
+  | "ERR_FORBIDDEN"; // an operation this node may not perform without an authorisation it lacks (force release)
 
 export class IpamError extends WeftError {
   static override readonly name = "IpamError";

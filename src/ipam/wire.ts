@@ -64,11 +64,12 @@ export type IpamWire = { v: number; t: string } & Record<string, unknown>;
 export type BeatRecord = [string, number] | [string, number, Uint8Array, Uint8Array];
 
 /**
- * Who wrote an entry and with what right (signing.ts): [from, by, pk, sig, proof?] — `from` the owner
- * before, `by` the writer, its signature of the entry, and for claims and grants the promises of a
- * majority: [[acceptor, pk, sig]].
+ * Who wrote an entry and with what right (signing.ts): [from, by, pk, sig, proof?, op?] — `from` the owner
+ * before, `by` the writer, its signature of the entry, for claims and grants the promises of a
+ * majority: [[acceptor, pk, sig]] (null when absent), and for an operator's force release the operator's
+ * signature of the release (64 bytes).
  */
-export type CertWire = [string, string, Uint8Array, Uint8Array, ...([[string, Uint8Array, Uint8Array, number][]] | [])];
+export type CertWire = [string, string, Uint8Array, Uint8Array, ([string, Uint8Array, Uint8Array, number][] | null)?, Uint8Array?];
 /** The last change of owner behind an owner's own entry: [owner, version, kind, ...cert]. */
 export type HandoverWire = [string, number, EntryKind, ...CertWire];
 
@@ -82,12 +83,13 @@ function decodeSigned(x: unknown): [string, Uint8Array, Uint8Array, number] {
 
 export function decodeCert(x: unknown): CertWire {
   if (!Array.isArray(x) || x.length < 4) throw new ProtocolError("ERR_INVALID", "cert must be [from, by, pk, sig, proof?]");
-  const [from, by, pk, sig, proof] = x as unknown[];
+  const [from, by, pk, sig, proof, op] = x as unknown[];
   if (typeof from !== "string" || !NODE_ID_RE.test(from) || typeof by !== "string" || !NODE_ID_RE.test(by)) throw new ProtocolError("ERR_INVALID", "cert from/by must be node ids");
   const base: [string, string, Uint8Array, Uint8Array] = [from, by, keyBytes(pk, 32, "cert pk"), keyBytes(sig, 64, "cert sig")];
-  if (proof === undefined || proof === null) return base;
+  const opSig = op === undefined || op === null ? undefined : keyBytes(op, 64, "cert operator sig");
+  if (proof === undefined || proof === null) return opSig ? [...base, null, opSig] : base;
   if (!Array.isArray(proof) || proof.length > 1024) throw new ProtocolError("ERR_INVALID", "cert proof must be a list of at most 1024 signatures");
-  return [...base, proof.map(decodeSigned)];
+  return opSig ? [...base, proof.map(decodeSigned), opSig] : [...base, proof.map(decodeSigned)];
 }
 
 function decodeHandover(x: unknown): HandoverWire {

@@ -5,15 +5,21 @@
  *   - a rogue agent that holds the token (an insider with its own valid identity) and sends forged gossip.
  * Every attack must fail and be counted, and the honest nodes must keep their links and routes (checked).
  */
+import { rmSync } from "node:fs";
 import type { AddressInfo } from "node:net";
+import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import WebSocket, { WebSocketServer } from "ws";
 import type { Agent } from "../../agent/agent.js";
 import { nativeAvailable } from "../../agent/transport/native.js";
+import { main as cli } from "../../agent/cli/main.js";
+import { loadOperatorKey } from "../../agent/cli/operator.js";
+import { IPAM_CHANNEL } from "../../agent/ipam.js";
 import { generateIdentity } from "../../src/identity.js";
+import { CTX_ENTRY, CTX_RELEASE, identityKeys, releaseFields } from "../../src/ipam/signing.js";
 import { encodeTopologyMessages, signTopologyRecord, TOPO_CHANNEL, type TopologyRecord } from "../../src/mesh/topology.js";
 import { decodeServerMsg, encodeSignal, type ServerMsg, type SignalData } from "../../src/wire/signal.js";
-import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
+import { Cluster, fullMesh, startServer, tmpDir, waitFor } from "../helpers/cluster.js";
 
 const TOKEN = "adversarial-token-0123456789abcdef";
 const ATTACKER_FP = Array(32).fill("EE").join(":");
@@ -220,5 +226,52 @@ describe("a rogue agent with the token", () => {
     expect(x.router.owners.lookup4(ip4("8.8.8.8"))).toBeUndefined();
     expect(v.ipam.localBlocks()).toContain(block);
     expect(fullMesh([x, v, rogue])).toBe(true);
+  });
+
+  it("cannot release a silent node's address blocks (unsigned, or 'signed' with its own key): refused and counted; the operator's signed release works", async () => {
+    const keyDir = tmpDir("weft-operator-");
+    try {
+      const keyFile = join(keyDir, "operator.key");
+      expect(await cli(["keygen", "--operator", "--out", keyFile])).toBe(0);
+      const operatorKey = loadOperatorKey(`${keyFile}.pub`);
+      c = new Cluster(await startServer(TOKEN), TOKEN);
+      const x = await c.agent("x", { operatorKey });
+      const v = await c.agent("victim", { operatorKey });
+      const rogue = await c.agent("rogue", { operatorKey });
+      await waitFor(() => fullMesh([x, v, rogue]), 30_000, "mesh of 3");
+      await v.allocate("pod/victim-pod", 30_000);
+      const ownedByV = () => x.ipam.node.view().filter((e) => e[1] === v.id).map((e) => e[0]);
+      await waitFor(() => ownedByV().length > 0 && rogue.ipam.node.view().some((e) => e[1] === v.id), 20_000, "x and the rogue know the victim's block");
+      const blocks = ownedByV();
+      // the victim goes silent (partitioned away, or dead): nobody is connected to it any more
+      await v.stop();
+      await waitFor(() => !x.mesh.isConnected(v.id) && !rogue.mesh.isConnected(v.id), 15_000, "the victim is gone from the mesh");
+      // the rogue's own (honest) engine refuses to release without the operator's signature...
+      expect(() => rogue.ipamRelease(v.id)).toThrow(/operator/);
+      // ...so it forges the forced entries itself, signed with its own (valid, member) key
+      const R = (rogue.mesh as unknown as { o: { identity: ReturnType<typeof generateIdentity> } }).o.identity;
+      const keys = identityKeys(R);
+      const epoch = x.ipam.node.epochInfo()!.id;
+      const forged = (how: "no-operator-sig" | "own-key-as-operator") => {
+        const entries = blocks.map((i) => [i, rogue.id, x.ipam.node.view()[i]![2] + 1, "f"] as [number, string, number, "f"]);
+        const certs = entries.map(([i, owner, ver, k]) => {
+          const base = [v.id, rogue.id, R.publicKey, keys.sign(CTX_ENTRY, [epoch, String(i), owner, String(ver), k, v.id])];
+          return how === "no-operator-sig" ? base : [...base, null, keys.sign(CTX_RELEASE, releaseFields(epoch, i, v.id, ver))];
+        });
+        return { v: 1, t: "state", epoch, entries, certs, handovers: entries.map(() => null) };
+      };
+      const refused0 = x.ipam.status().counters.releasesRefused;
+      for (const how of ["no-operator-sig", "own-key-as-operator"] as const) expect(rogue.mesh.sendApp(x.id, IPAM_CHANNEL, forged(how))).toBe(true);
+      await waitFor(() => x.ipam.status().counters.releasesRefused >= refused0 + 2 * blocks.length, 10_000, "forged releases refused and counted");
+      expect(ownedByV()).toEqual(blocks); // the silent node keeps its blocks
+      expect(x.ipam.status().counters.forged).toBeGreaterThanOrEqual(2 * blocks.length);
+      // the operator's release (the real CLI: it reads x's view, signs each block with the operator key)
+      expect(await cli(["ipam", "release", v.id, "--operator-key-file", keyFile, "--state-dir", x.cfg.stateDir, "--json"])).toBe(0);
+      for (const a of [x, rogue]) await waitFor(() => blocks.every((i) => a.ipam.node.view()[i]![1] === x.id), 10_000, `${a.name} accepts the operator's release`);
+      expect(x.ipam.status().counters.releasesRefused).toBe(refused0 + 2 * blocks.length);
+      expect(rogue.ipam.status().counters.releasesRefused).toBe(0);
+    } finally {
+      rmSync(keyDir, { recursive: true, force: true });
+    }
   });
 });

@@ -52,6 +52,8 @@ export class Sim {
   dupRate = 0.05;
   /** give every node a real Ed25519 identity and sign IPAM state (slower: use fewer runs) */
   signed = false;
+  /** signed simulations: the operator's public key every node is configured with (--operator-key) */
+  operatorKey: Uint8Array | undefined = undefined;
   /** probability that one message is lost (on top of in-flight loss when a link goes down) */
   lossRate = 0;
   /** pod addresses revoked (only an operator's force release of a live node may cause one) */
@@ -83,7 +85,7 @@ export class Sim {
     if (this.signed) {
       const idn = simIdentity(this.rand);
       id = idn.id;
-      keys = identityKeys(idn);
+      keys = identityKeys(idn, this.operatorKey);
     }
     const sn: SimNode = { id, node: new IpamNode({ ...this.cfg, id, mayFound: opts.mayFound, ...(keys ? { keys } : {}) }, this.at(id)), snap: null, group: opts.group ?? 0, gone: false, ...(keys ? { keys } : {}) };
     this.nodes.push(sn);

@@ -7,10 +7,12 @@
 // invariants (no block allocatable twice, nothing revoked, convergence) hold.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE } from "../../src/ipam/signing.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, CTX_RELEASE, releaseFields } from "../../src/ipam/signing.js";
+import { generateIdentity } from "../../src/identity.js";
 import { encodeIpamMessage, type EntryKind } from "../../src/ipam/index.js";
 import { SIM_CFG, Sim, type SimNode, TICK, prng } from "./ipam-harness.js";
 
+const OPERATOR = generateIdentity();
 const R_TICKS = Math.ceil(SIM_CFG.reclaimAfterMs / TICK);
 
 type Op =
@@ -80,10 +82,14 @@ function attack(sim: Sim, rogue: SimNode, kind: number, victimIx: number, target
     case 3: // a pin "by" the victim at a later version (to wedge its block), signed by the rogue
       body = entry(victim.id, v + 5, "p", victim.id, victim.id);
       break;
-    case 4: // force release of a live, connected node's block
-      if (!target.node!.status(sim.now).peers.some((p) => p.id === victim.id)) return false;
-      body = entry(rogue.id, v + 1, "f", victim.id, rogue.id);
+    case 4: {
+      // force release of another node's block, connected or not (partitioned away from the target):
+      // without the operator's signature, or with an "operator" signature made with the rogue's own key
+      const e = entry(rogue.id, v + 1, "f", victim.id, rogue.id);
+      if (targetIx % 2 === 1) e.certs = [[...(e.certs[0] as unknown[]), null, keys.sign(CTX_RELEASE, releaseFields(epoch, i, victim.id, v + 1))] as never];
+      body = e;
       break;
+    }
     case 5: // a heartbeat for the victim far in the future (made it look silent forever)
       body = encodeIpamMessage({ t: "hello", epoch: rn.epochInfo(), beat: Math.floor(sim.at(rogue)), pk, sig: keys.sign(CTX_BEAT, [epoch, rogue.id, String(Math.floor(sim.at(rogue)))]), beats: [[victim.id, Number.MAX_SAFE_INTEGER - 1, pk, keys.sign(CTX_BEAT, [epoch, victim.id, String(Number.MAX_SAFE_INTEGER - 1)])]], free: 0, digest: 0, promised: [] });
       break;
@@ -103,6 +109,7 @@ function attack(sim: Sim, rogue: SimNode, kind: number, victimIx: number, target
 function run(seed: number, initial: number, ops: Op[]): void {
   const sim = new Sim(prng(seed));
   sim.signed = true;
+  sim.operatorKey = OPERATOR.publicKey; // every node checks operator-signed releases (none is issued here)
   sim.dupRate = 0.05;
   sim.add({ mayFound: true });
   sim.run(1);
@@ -203,6 +210,7 @@ describe("signed ipam state (property)", () => {
     for (let kind = 0; kind < 8; kind++) {
       const sim = new Sim(prng(100 + kind));
       sim.signed = true;
+      sim.operatorKey = OPERATOR.publicKey; // every node checks operator-signed releases (none is issued here)
       sim.dupRate = 0;
       sim.add({ mayFound: true });
       sim.run(1);

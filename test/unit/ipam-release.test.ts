@@ -1,0 +1,136 @@
+// Force release in a signed cluster (issue 12): another node's blocks are released only with the
+// operator's signature (--operator-key; `weftnet ipam release --operator-key-file`) or by a node that saw
+// the owner gone itself (its Kubernetes Node deleted). A rogue member with the token and its own valid
+// key cannot release a silent (partitioned or dead) node's blocks: refused and counted on every node.
+import { describe, expect, it } from "vitest";
+import { generateIdentity, signFields, type Identity } from "../../src/identity.js";
+import { IpamError } from "../../src/ipam/index.js";
+import { CTX_ENTRY, CTX_RELEASE, releaseFields } from "../../src/ipam/signing.js";
+import { SIM_CFG, Sim, type SimNode, prng } from "../property/ipam-harness.js";
+
+function signedCluster(n: number, operator: Identity | undefined, seed = 7, syncIntervalMs = SIM_CFG.syncIntervalMs) {
+  const sim = new Sim(prng(seed), { ...SIM_CFG, syncIntervalMs });
+  sim.dupRate = 0;
+  sim.signed = true;
+  sim.operatorKey = operator?.publicKey;
+  const f = sim.add({ mayFound: true });
+  sim.run(1);
+  const others = Array.from({ length: n - 1 }, () => sim.add({ mayFound: false }));
+  sim.run(4 + 3 * n);
+  return { sim, nodes: [f, ...others] };
+}
+
+/** The last node takes a block (a pod), then goes away for good. */
+function withGoneNode(sim: Sim, nodes: SimNode[]) {
+  const gone = nodes[nodes.length - 1]!;
+  for (let k = 0; k < 20 && gone.node!.ownedBlocks().length === 0; k++) {
+    sim.allocate(gone);
+    sim.run(1);
+  }
+  sim.run(4);
+  const blocks = gone.node!.ownedBlocks();
+  expect(blocks.length).toBeGreaterThan(0);
+  sim.crash(gone, true);
+  sim.run(2);
+  return { gone, blocks };
+}
+
+const owners = (sn: SimNode, blocks: number[]) => blocks.map((i) => sn.node!.view()[i]![1]);
+
+function operatorSigs(op: Identity, sn: SimNode, node: string, blocks: number[], versionDelta = 1): Map<number, Uint8Array> {
+  const epoch = sn.node!.epochInfo()!.id;
+  return new Map(blocks.map((i) => [i, signFields(op, CTX_RELEASE, ...releaseFields(epoch, i, node, sn.node!.view()[i]![2] + versionDelta))]));
+}
+
+function forbidden(f: () => unknown): string {
+  try {
+    f();
+  } catch (e) {
+    expect(e).toBeInstanceOf(IpamError);
+    expect((e as IpamError).code).toBe("ERR_FORBIDDEN");
+    return (e as Error).message;
+  }
+  throw new Error("expected ERR_FORBIDDEN");
+}
+
+describe("force release in a signed cluster", () => {
+  it("needs the operator's signature of each block at its next version: none, another key's, a stale one or another block's are refused", () => {
+    const op = generateIdentity();
+    const { sim, nodes } = signedCluster(4, op);
+    const [a] = nodes as [SimNode];
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    expect(forbidden(() => a.node!.forceRelease(gone.id, sim.at(a)))).toMatch(/operator/);
+    forbidden(() => a.node!.forceRelease(gone.id, sim.at(a), { operator: operatorSigs(generateIdentity(), a, gone.id, blocks) }));
+    forbidden(() => a.node!.forceRelease(gone.id, sim.at(a), { operator: operatorSigs(op, a, gone.id, blocks, 0) })); // signed for the version it had
+    forbidden(() => a.node!.forceRelease(gone.id, sim.at(a), { operator: operatorSigs(op, a, gone.id, blocks, 2) }));
+    if (blocks.length === 1) {
+      // a signature for one block does not release another (here: for block+1, which the node does not own)
+      const sig = operatorSigs(op, a, gone.id, [blocks[0]! + 1]).get(blocks[0]! + 1)!;
+      forbidden(() => a.node!.forceRelease(gone.id, sim.at(a), { operator: new Map([[blocks[0]!, sig]]) }));
+    }
+    expect(owners(a, blocks).every((o) => o === gone.id)).toBe(true);
+    // the operator's signature works, and every other node accepts it
+    sim.apply(a, a.node!.forceRelease(gone.id, sim.at(a), { operator: operatorSigs(op, a, gone.id, blocks) }));
+    sim.run(4);
+    for (const sn of nodes.slice(0, 3)) expect(owners(sn, blocks)).toEqual(blocks.map(() => a.id));
+    for (const sn of nodes.slice(0, 3)) expect(sn.node!.status(sim.at(sn)).counters.releasesRefused).toBe(0);
+  });
+
+  it("an agent without --operator-key cannot issue an operator release (its peers could not check it)", () => {
+    const { sim, nodes } = signedCluster(3, undefined);
+    const [a] = nodes as [SimNode];
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    expect(forbidden(() => a.node!.forceRelease(gone.id, sim.at(a), { operator: operatorSigs(generateIdentity(), a, gone.id, blocks) }))).toMatch(/no --operator-key/);
+  });
+
+  it("a rogue member's release of a silent node (unsigned, or signed with its own key as 'operator') is refused and counted everywhere", () => {
+    const op = generateIdentity();
+    const { sim, nodes } = signedCluster(4, op);
+    const [a, b, rogue] = nodes as [SimNode, SimNode, SimNode];
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    const epoch = rogue.node!.epochInfo()!.id;
+    const rogueIdn = { sign: (ctx: string, f: string[]) => rogue.keys!.sign(ctx, f) };
+    const state = (withOp: "none" | "own-key" | "operator-other-block") => {
+      const entries = blocks.map((i) => [i, rogue.id, rogue.node!.view()[i]![2] + 1, "f"]);
+      const certs = entries.map(([i, owner, v, k]) => {
+        const sig = rogueIdn.sign(CTX_ENTRY, [epoch, String(i), String(owner), String(v), String(k), gone.id]);
+        const base = [gone.id, rogue.id, rogue.keys!.publicKey, sig];
+        if (withOp === "none") return base;
+        // "operator" signatures the rogue can make: its own key's, or the real operator's for another block
+        const opSig = withOp === "own-key" ? rogueIdn.sign(CTX_RELEASE, releaseFields(epoch, Number(i), gone.id, Number(v))) : signFields(op, CTX_RELEASE, ...releaseFields(epoch, Number(i) + 1, gone.id, Number(v)));
+        return [...base, null, opSig];
+      });
+      return { v: 1, t: "state", epoch, entries, certs, handovers: entries.map(() => null) };
+    };
+    const refused0 = [a, b].map((sn) => sn.node!.status(sim.at(sn)).counters.releasesRefused);
+    for (const how of ["none", "own-key", "operator-other-block"] as const) for (const to of [a, b]) sim.inject(rogue.id, to.id, state(how));
+    sim.run(3);
+    for (const [k, sn] of [a, b].entries()) {
+      expect(owners(sn, blocks).every((o) => o === gone.id), "the silent node keeps its blocks").toBe(true);
+      expect(sn.node!.status(sim.at(sn)).counters.releasesRefused - refused0[k]!).toBe(3 * blocks.length);
+    }
+  });
+
+  it("Kubernetes path: a node that saw the Node deleted itself accepts the others' releases; one that did not refuses them until it does", () => {
+    const { sim, nodes } = signedCluster(4, undefined, 11, 3_600_000); // no full resync during the test
+    const [a, b, c] = nodes as [SimNode, SimNode, SimNode];
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    // a sees the deletion first; b and c refuse its forced entries (they did not see it)
+    sim.apply(a, a.node!.forceRelease(gone.id, sim.at(a), { observedGone: true }));
+    sim.run(3);
+    for (const sn of [b, c]) {
+      expect(owners(sn, blocks).every((o) => o === gone.id)).toBe(true);
+      expect(sn.node!.status(sim.at(sn)).counters.releasesRefused).toBeGreaterThan(0);
+    }
+    // then b and c see it too: every node ends with the same single owner per block
+    sim.apply(b, b.node!.forceRelease(gone.id, sim.at(b), { observedGone: true }));
+    sim.apply(c, c.node!.forceRelease(gone.id, sim.at(c), { observedGone: true }));
+    // (at once: each merges the releases it refused before, not only at the next full sync)
+    sim.run(3);
+    expect(new Set([a, b, c].map((sn) => sn.node!.digest())).size).toBe(1);
+    const views = [a, b, c].map((sn) => owners(sn, blocks));
+    expect(views[1]).toEqual(views[0]);
+    expect(views[2]).toEqual(views[0]);
+    expect(views[0]!.every((o) => o !== gone.id && [a.id, b.id, c.id].includes(o))).toBe(true);
+  });
+});
