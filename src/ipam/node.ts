@@ -978,15 +978,25 @@ export class IpamNode {
       if (ok.length < entries.length && ok.length === 0) return;
       entries = ok;
     }
+    const clashes: number[] = [];
     try {
       delta = table.merge(entries);
     } catch (e) {
-      if (e instanceof IpamError && e.code === "ERR_CONFLICT") {
-        this.refuse(from, e, out);
-        return;
+      if (!(e instanceof IpamError && e.code === "ERR_CONFLICT")) throw e;
+      // Refuse only the entries that conflict and merge the rest, so one disputed block cannot stop
+      // every other block from converging.
+      this.refuse(from, e, out);
+      delta = [];
+      for (const x of entries) {
+        try {
+          delta.push(...table.merge([x]));
+        } catch (e2) {
+          if (!(e2 instanceof IpamError && e2.code === "ERR_CONFLICT")) throw e2;
+          clashes.push(x[0]);
+        }
       }
-      throw e;
     }
+    for (const i of clashes) this.settleClash(i, now, out);
     if (delta.length === 0) return;
     for (const [i, owner, version, kind] of delta) {
       const p = proofs.get(i);
@@ -995,6 +1005,27 @@ export class IpamNode {
     out.persist = true;
     this.dropLost(delta, out);
     this.broadcast(delta, from, out);
+  }
+
+  /**
+   * Two pins at one version naming different owners (docs/ipam.md "Disputed pins"): a claim and a grant
+   * of one block version can both be written when the grant's promises were voided by the granter's
+   * silence before the grant reached them; each new owner then pins version+1 in its own part of a
+   * partition. At most one of the two pins is confirmed (the two recording majorities intersect, and a
+   * node that recorded one refuses the other). The owner of the confirmed pin settles the dispute: it
+   * pins again one version higher, which wins everywhere by version and keeps its confirmation (only an
+   * owner writes on top of a pin). The owner of the unconfirmed pin never allocated from it and takes
+   * the higher pin when it arrives.
+   */
+  private settleClash(i: number, now: number, out: IpamOutput): void {
+    const table = this.table!;
+    if (!this.rule.isConfirmed(table, i)) return;
+    const e = table.get(i);
+    table.write(i, { owner: this.id, version: e.version + 1, kind: "p" });
+    this.rule.confirmed.set(i, e.version + 1);
+    this.signOwn([i, this.id, e.version + 1, "p"], this.id);
+    out.persist = true;
+    this.broadcast([[i, this.id, e.version + 1, "p"]], null, out);
   }
 
   private entryFields(i: number, owner: string, version: number, kind: EntryKind, from: string): string[] {
@@ -1087,11 +1118,15 @@ export class IpamNode {
         if (cur.owner === cert.by) return null; // the owner we know hands it on, pins or unpins it
         if (cert.proof) return kind === "t" && this.proofOk(i, version, "t", cert.from, owner, cert.by, cert.proof) ? null : "forged";
         if (nested || !handover || handover.owner !== cert.by || handover.version >= version) return "forged";
-        try {
-          // the change of owner must itself beat what we hold (a claim beats a grant at one version)
-          if (compareEntries({ owner: handover.owner, version: handover.version, kind: handover.kind }, cur, i) <= 0) return "forged";
-        } catch {
-          return "forged";
+        // the change of owner must itself beat what we hold (a claim beats a grant at one version) —
+        // unless what we hold is our own unconfirmed pin without pods: a disputed pin (settleClash)
+        // yields to the confirmed owner's higher pin, whose change of owner is verified all the same
+        if (!(cur.owner === this.id && cur.kind === "p" && !this.rule.isConfirmed(this.table!, i) && this.allocs.usedIn(i) === 0)) {
+          try {
+            if (compareEntries({ owner: handover.owner, version: handover.version, kind: handover.kind }, cur, i) <= 0) return "forged";
+          } catch {
+            return "forged";
+          }
         }
         return this.checkWrite([i, handover.owner, handover.version, handover.kind], handover.cert, null, now, true);
     }

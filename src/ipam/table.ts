@@ -12,8 +12,8 @@
  * Merge is a per-block join over a total order, so it is commutative, associative and idempotent:
  *   higher version wins; at equal version f > c > p > t; two claims/forces at equal version: lower owner id
  *   wins (concurrent heirs converge to one winner); two *transfers* (or two pins) at the same version naming
- *   different owners cannot come from a correct history (only the single current owner writes them) and are
- *   rejected as an invariant violation (IpamError ERR_CONFLICT) — the whole remote batch is refused.
+ *   different owners are rejected (IpamError ERR_CONFLICT) — the whole remote batch is refused (node.ts then
+ *   merges it entry by entry, refusing only the conflicting entries; docs/ipam.md "Merge" on disputed pins).
  */
 import { WeftError } from "../errors.js";
 

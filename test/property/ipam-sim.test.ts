@@ -206,11 +206,16 @@ export function healAndCheck(sim: Sim): void {
 //  3. a granter kept adding members in its lease tail; the other side's stale view looked like a
 //     majority -> grants need majority promises, promised grantees count as members
 //  4. a grant still in flight when the quiet time ended (the check now allows a bounded tail)
+//  5. a grant and a claim of one block version both written (the granter went silent before its grant
+//     reached an acceptor, which then promised the claim); both new owners pinned the next version, one
+//     confirmed: two pins at one version refused every batch for good -> per-entry refusal, the
+//     confirmed owner pins again one version higher (seed 1032526987 of a 200-run default)
 const REGRESSIONS: [number, number, Op[]][] = [
   [0, 6, [{ k: "die", n: 0 }, { k: "wait", t: 2 }, { k: "restart", n: 0 }, { k: "wait", t: 1 }, { k: "crash", n: 0 }, { k: "leave", n: 0 }, { k: "partition", g: [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 7 }]],
   [0, 4, [{ k: "partition", g: [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 7 }, { k: "partition", g: [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 3 }, { k: "crash", n: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "heal" }]],
   [1602047960, 11, [{ k: "partition", g: [1, 1, 0, 2, 2, 2, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0] }, { k: "join" }, { k: "wait", t: 14 }, { k: "partition", g: [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "alloc", n: 0, c: 1 }, { k: "cut", a: 0, b: 0 }]],
   [1879048179, 10, [{ k: "flap", a: 155, b: 684 }, { k: "partition", g: [0, 1, 1, 1, 1, 1, 2, 0, 0, 2, 0, 0, 0, 0, 0, 0] }, { k: "die", n: 0 }, { k: "crash", n: 478 }, { k: "heal" }, { k: "restart", n: 0 }, { k: "join" }, { k: "wait", t: 15 }, { k: "release", n: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "join" }, { k: "cut", a: 463, b: 0 }, { k: "alloc", n: 0, c: 1 }]],
+  [1008712345, 9, [{ k: "die", n: 425 }, { k: "cut", a: 0, b: 0 }, { k: "partition", g: [1, 2, 0, 2, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 14 }, { k: "flap", a: 0, b: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "partition", g: [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "cut", a: 0, b: 0 }, { k: "release", n: 0 }]],
 ];
 
 describe("ipam simulated mesh (property)", () => {

@@ -229,11 +229,18 @@ describe("ipam node", () => {
     expect(bad.errors[0]).toBeInstanceOf(ProtocolError);
     const owned = a.ownedBlocks()[0]!;
     const e = a.view()[owned]!;
-    // a transfer at a version we already hold, naming someone else: impossible in a correct history
-    const conflict = a.handle({ type: "message", from: nodes[1]!.id, body: { v: 1, t: "state", epoch, entries: [[owned, nodes[1]!.id, e[2], e[3]]] } }, sim.now);
+    // our confirmed pin, and another owner's pin at the same version (a disputed pin: a grant and a claim
+    // of the version below were both written), in one batch with an entry that is fine
+    expect(e[3]).toBe("p");
+    const other = a.view().find(([i, o, v]) => o !== a.id && i !== owned && v > 0)!;
+    const conflict = a.handle({ type: "message", from: nodes[1]!.id, body: { v: 1, t: "state", epoch, entries: [[owned, nodes[1]!.id, e[2], e[3]], [other[0], other[1], other[2] + 1, "t"]] } }, sim.now);
     expect(conflict.errors[0]!.code).toBe("ERR_CONFLICT");
-    expect(a.view()[owned]).toEqual(e);
     expect(a.status(sim.now).counters).toMatchObject({ malformed: 1, conflicts: 1 });
+    // the rest of the batch is merged; the owner of the confirmed pin pins again one version higher
+    expect(a.view()[other[0]]).toEqual([other[0], other[1], other[2] + 1, "t"]);
+    expect(a.view()[owned]).toEqual([owned, a.id, e[2] + 1, "p"]);
+    expect(conflict.send.some((m) => JSON.stringify(m.body).includes(`[${owned},"${a.id}",${e[2] + 1},"p"]`))).toBe(true);
+    expect(a.canAllocate(sim.now)).toBe(true);
   });
 
   it("status lists range, blocks with owners and free counts, allocations", () => {
