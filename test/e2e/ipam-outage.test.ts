@@ -74,13 +74,13 @@ d("IPAM: a node cut off for 2 x --reclaim-after keeps its pods' addresses", () =
 
   it("pods keep their addresses and connectivity across the outage; allocation never waits", async () => {
     const [n1, n2, n3] = lab.nodes as [LabNode, LabNode, LabNode];
-    // 20 pods on n3 (4 at a time), one on n1 to ping them from
-    const podName = (k: number) => `wl-${lab.id}-q${k}`;
+    // 20 pods on n3, one on n1 to ping them from (one at a time: concurrent pod adds race in ebtables,
+    // see NOTES.md "ipam -> trust")
     const pods: { name: string; ip: string }[] = [];
-    for (let k = 0; k < PODS; k += 4) {
-      const batch = [k, k + 1, k + 2, k + 3].filter((j) => j < PODS);
-      for (const j of batch) n3.pods.push(podName(j));
-      pods.push(...(await Promise.all(batch.map((j) => api<{ ip: string }>(n3, "POST", "/v1/pods", { name: podName(j) }, 60_000).then((r) => ({ name: podName(j), ip: r.ip }))))));
+    for (let k = 0; k < PODS; k++) {
+      const name = `wl-${lab.id}-q${k}`;
+      n3.pods.push(name);
+      pods.push({ name, ip: (await api<{ ip: string }>(n3, "POST", "/v1/pods", { name }, 60_000)).ip });
     }
     n1.pods.push(`wl-${lab.id}-pinger`);
     const pinger = (await api<{ ip: string; netns: string }>(n1, "POST", "/v1/pods", { name: `wl-${lab.id}-pinger` }, 60_000)).netns;
