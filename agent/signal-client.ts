@@ -9,7 +9,7 @@ import WebSocket from "ws";
 import { CTX_HELLO, joinKeyOf, signFields, tokenMac, type Identity } from "../src/identity.js";
 import type { Logger } from "../src/log.js";
 import { backoffDelay, type BackoffConfig } from "../src/mesh/backoff.js";
-import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type PeerInfo, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
+import { CLOSE_CODES, decodeServerMsg, encodeSignal, SIGNAL_PATH, type IceCandidateInit, type PeerInfo, type SignalData, type WelcomeIceServer } from "../src/wire/signal.js";
 import { UsageError, WeftError } from "../src/errors.js";
 
 export interface SignalClientEvents {
@@ -106,6 +106,18 @@ export class SignalClient {
   send(to: string, data: SignalData): boolean {
     if (!this.up || !this.ws) return false;
     this.ws.send(encodeSignal({ t: "signal", to, data }));
+    return true;
+  }
+
+  /**
+   * A topology-page browser introduced by the server (its /ui page): answer with sendViewerAnswer and the
+   * same ref. Set by agent/ui (the agent's hello meta then says `ui`, so the server asks only us).
+   */
+  onViewerOffer: ((ref: string, sdp: string) => void) | undefined;
+
+  sendViewerAnswer(a: { ref: string; sdp?: string; candidates?: IceCandidateInit[]; error?: string }): boolean {
+    if (!this.up || !this.ws) return false;
+    this.ws.send(encodeSignal({ t: "viewer-answer", ...a }));
     return true;
   }
 
@@ -252,6 +264,10 @@ export class SignalClient {
           break;
         case "relay":
           ev.onRelay?.(msg.from, msg.data);
+          break;
+        case "viewer-offer":
+          if (this.onViewerOffer) this.onViewerOffer(msg.ref, msg.sdp);
+          else this.sendViewerAnswer({ ref: msg.ref, error: "this agent takes no topology-page viewers" });
           break;
         case "error":
           ev.onServerError(msg.code, msg.msg, msg.ref);

@@ -16,6 +16,7 @@ import { startSignalServer, type SignalServer } from "./server.js";
 import { deriveJoinKey } from "./core/crypto.js";
 import { MIN_TOKEN_BITS, MIN_TOKEN_CHARS, tokenWeakness } from "./core/crypto.js";
 import { DEFAULT_LIMITS, type SignalLimits } from "./core/hub.js";
+import { loadInviteKey, pubHex } from "../agent/ui/invite.js";
 
 export const DEFAULT_LISTEN = "0.0.0.0:7000";
 export const DEFAULT_STUN_PORT = 3478;
@@ -36,6 +37,10 @@ Options:
   --allow-weak-token   accept a token shorter than ${MIN_TOKEN_CHARS} characters or under ${MIN_TOKEN_BITS} bits (tests only)
   --admin-token-file F credential for /v1/nodes, /v1/stats and /metrics (or env WEFTNET_ADMIN_TOKEN);
                        without it they take the cluster token or the join key
+  --invite-key-file F  this server's viewer-invite key (Ed25519 PEM, created with mode 0600 if missing):
+                       \`weftnet invite --invite-key-file F\` mints short-lived read-only invites to the
+                       topology page at /ui; agents honour them only with --ui-invite-key <its public key>
+  --no-ui              do not serve the live topology page at /ui
   --max-sessions N     WebSocket sessions in total (default ${DEFAULT_LIMITS.maxSessions})
   --max-sessions-per-ip N  sessions from one source address (default ${DEFAULT_LIMITS.maxSessionsPerIp})
   --state-dir D        where a generated token is kept, mode 0700 (default /var/lib/weftnet-signal as
@@ -68,7 +73,9 @@ it is never printed) and reused afterwards. Join an agent with:
   weftnet agent --signal ws://HOST:PORT --token-file <copy of that file>
 
 Endpoints: GET /healthz, GET /v1/nodes, /v1/stats, /metrics (Authorization: Bearer <admin token, or
-cluster token / join key>), WebSocket ${SIGNAL_PATH}.
+cluster token / join key>), WebSocket ${SIGNAL_PATH}, the topology page GET /ui (its browser joins the
+mesh as a read-only WebRTC viewer of the agents: with the cluster token pasted into the page, which this
+server's code then sees, or with an invite) and POST /ui/v1/offer.
 `;
 
 export interface SignalCliIo {
@@ -220,7 +227,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const err = io.stderr ?? ((s: string) => void process.stderr.write(s));
   const env = io.env ?? process.env;
 
-  let values: { listen?: string; token?: string; "token-file"?: string; "join-key-file"?: string; "allow-weak-token"?: boolean; "admin-token-file"?: string; "max-sessions"?: string; "max-sessions-per-ip"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; "log-level"?: string; "log-format"?: string; verbose?: boolean; help?: boolean };
+  let values: { "invite-key-file"?: string; "no-ui"?: boolean; listen?: string; token?: string; "token-file"?: string; "join-key-file"?: string; "allow-weak-token"?: boolean; "admin-token-file"?: string; "max-sessions"?: string; "max-sessions-per-ip"?: string; "state-dir"?: string; "stun-port"?: string; "stun-alt-port"?: string; "turn-url"?: string[]; "turn-secret-file"?: string; "turn-ttl"?: string; "relay-rate"?: string; "no-relay"?: boolean; "log-level"?: string; "log-format"?: string; verbose?: boolean; help?: boolean };
   let logOpts: ReturnType<typeof logOptions>;
   try {
     values = parse("signal", argv, {
@@ -230,6 +237,8 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
         "join-key-file": { type: "string" },
         "allow-weak-token": { type: "boolean" },
         "admin-token-file": { type: "string" },
+        "invite-key-file": { type: "string" },
+        "no-ui": { type: "boolean" },
         "max-sessions": { type: "string" },
         "max-sessions-per-ip": { type: "string" },
         "state-dir": { type: "string" },
@@ -264,6 +273,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   const limits: Partial<SignalLimits> = {};
   let tokenNote: string | undefined;
   let tokenPath: string | undefined;
+  let inviteKey: ReturnType<typeof loadInviteKey> | undefined;
   try {
     listen = parseListen(values.listen ?? DEFAULT_LISTEN);
     stunPort = values["stun-port"] === undefined ? DEFAULT_STUN_PORT : parsePort(values["stun-port"], "--stun-port");
@@ -311,6 +321,10 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
     if (values["admin-token-file"] !== undefined) adminToken = readTokenFile(values["admin-token-file"], "--admin-token-file");
     else if (env.WEFTNET_ADMIN_TOKEN !== undefined && env.WEFTNET_ADMIN_TOKEN.trim() !== "") adminToken = env.WEFTNET_ADMIN_TOKEN.trim();
     if (adminToken !== undefined && !values["allow-weak-token"] && tokenWeakness(adminToken) !== undefined) throw new UsageError(`weak admin token: ${tokenWeakness(adminToken)}`);
+    if (values["invite-key-file"] !== undefined) {
+      if (values["no-ui"]) throw new UsageError("--invite-key-file admits viewers of the /ui page, which --no-ui turns off");
+      inviteKey = loadInviteKey(values["invite-key-file"], true);
+    }
     for (const [flag, key] of [["max-sessions", "maxSessions"], ["max-sessions-per-ip", "maxSessionsPerIp"]] as const) {
       const v = values[flag];
       if (v === undefined) continue;
@@ -328,7 +342,7 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
     // Only the join key reaches the server; the token goes out of scope here.
     if (joinKey === undefined) joinKey = await deriveJoinKey(token!);
     token = undefined;
-    server = await startSignalServer({ listen, joinKey, stunPort, logger, limits, ...(adminToken !== undefined ? { adminToken } : {}), ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}), ...(relay ? { relay } : {}) });
+    server = await startSignalServer({ listen, joinKey, stunPort, logger, limits, ...(adminToken !== undefined ? { adminToken } : {}), ...(stunAltPort ? { stunAltPort } : {}), ...(turn ? { turn } : {}), ...(relay ? { relay } : {}), ...(inviteKey ? { viewerInvitePub: inviteKey.key.publicKey } : {}), ui: !values["no-ui"] });
   } catch (e) {
     err(`weftnet signal: ${(e as Error).message}\n`);
     return e instanceof WeftError && e.code === "ERR_USAGE" ? 2 : 1;
@@ -339,6 +353,11 @@ export async function runSignal(argv: string[], io: SignalCliIo = {}): Promise<n
   if (tokenNote !== undefined) {
     out(`${tokenNote}\n`);
     out(`join agents with: weftnet agent --signal ws://${publicHostGuess(listen.host)}:${server.port} --token-file ${tokenPath}\n`);
+  }
+  if (!values["no-ui"]) out(`topology page on http://${publicHostGuess(listen.host)}:${server.port}/ui\n`);
+  if (inviteKey) {
+    const pub = pubHex(inviteKey.key);
+    out(`viewer invites: ${inviteKey.created ? "created" : "using"} the invite key ${values["invite-key-file"]}; agents that accept its invites run with --ui-invite-key ${pub}\n`);
   }
   io.onListening?.(server);
 

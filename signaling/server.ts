@@ -19,6 +19,7 @@ import { WebSocket, WebSocketServer, type RawData } from "ws";
 import { WeftError } from "../src/errors.js";
 import { silentLogger, type Logger } from "../src/log.js";
 import { CLOSE_CODES, MAX_RELAY_BYTES, SIGNAL_PATH } from "../src/wire/signal.js";
+import { mountUiAssets } from "../agent/ui/server.js";
 import { createSignalApp } from "./core/app.js";
 import { deriveJoinKey } from "./core/crypto.js";
 import type { SignalHub, SignalLimits, SignalSocket } from "./core/hub.js";
@@ -60,6 +61,10 @@ export interface SignalServerOptions {
   probeTimeoutMs?: number;
   pingIntervalMs?: number;
   now?: () => number;
+  /** public key of the viewer-invite key: invites signed with it admit /ui viewers (src/wire/invite.ts) */
+  viewerInvitePub?: Uint8Array;
+  /** serve the live topology page at /ui (default true; its assets are built by npm run build) */
+  ui?: boolean;
 }
 
 export interface SignalServer {
@@ -143,9 +148,11 @@ export async function startSignalServer(opts: SignalServerOptions): Promise<Sign
     ...(opts.helloTimeoutMs !== undefined ? { helloTimeoutMs: opts.helloTimeoutMs } : {}),
     ...(opts.probeTimeoutMs !== undefined ? { probeTimeoutMs: opts.probeTimeoutMs } : {}),
     ...(opts.now !== undefined ? { now: opts.now } : {}),
+    ...(opts.viewerInvitePub !== undefined ? { viewerInvitePub: opts.viewerInvitePub } : {}),
     extraStats: () => ({ tcpRefused, idleDropped, ...(stun ? { stun: stun.stats() } : {}), ...(stunAlt ? { stunAlt: stunAlt.stats() } : {}) }),
   };
   const { app, hub } = createSignalApp(hubOpts);
+  if (opts.ui !== false) mountUiAssets(app);
   const server = createAdaptorServer({
     fetch: app.fetch,
     serverOptions: { headersTimeout: headersTimeoutMs, requestTimeout: Math.max(30_000, headersTimeoutMs), connectionsCheckingInterval: Math.min(1_000, headersTimeoutMs) },

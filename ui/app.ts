@@ -1,9 +1,11 @@
 /**
  * The live topology page (browser side). See agent/ui/viewer.ts for the protocol: this tab gets its own
  * Ed25519 key (WebCrypto), proves the cluster credential to each agent (HMAC with the peer key derived
- * from the pasted token; the token itself never leaves the tab), opens one WebRTC link per agent — the
- * first over HTTP to the agent that served the page, the others introduced through an open link — and
- * renders what the agents report, plus its own RTT to each of them.
+ * from the pasted token; the token itself never leaves the tab) or shows an invite the signaling server
+ * signed, opens one WebRTC link per agent — the first over HTTP to the server that served the page (an
+ * agent's --ui-listen answers itself; `weftnet signal` hands the offer to one agent, after checking a
+ * join-key proof or its own invite), the others introduced through an open link — and renders what the
+ * agents report, plus its own RTT to each of them.
  */
 
 type Json = Record<string, unknown>;
@@ -55,6 +57,10 @@ const conns = new Map<string, AgentConn>();
 const connecting = new Set<string>();
 let identity: { id: string; pubHex: string; priv: CryptoKey } | null = null;
 let macKey: CryptoKey | null = null;
+/** HMAC key of the join key (what the signaling server holds): proves the token to the server's /ui/v1/offer */
+let joinMacKey: CryptoKey | null = null;
+let invite: string | null = null;
+const OFFER_CTX = "weftnet/viewer-offer/v1";
 let seq = 0;
 let refused = false;
 
@@ -84,16 +90,25 @@ function setStatus(text: string, cls: "" | "ok" | "bad" = ""): void {
   s.className = cls;
 }
 
-async function makeIdentity(token: string): Promise<void> {
+async function makeIdentity(credential: string): Promise<void> {
   const kp = (await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"])) as CryptoKeyPair;
   const pub = new Uint8Array(await crypto.subtle.exportKey("raw", kp.publicKey));
   const id = hex(await crypto.subtle.digest("SHA-256", pub)).slice(0, 16);
   identity = { id, pubHex: hex(pub), priv: kp.privateKey };
-  // peer key = HKDF-SHA256(token, salt "weftnet/token-split/v1", info "peer"), as hex (src/identity.ts splitToken):
-  // the agents' own secret, which the signaling server never has
-  const ikm = await crypto.subtle.importKey("raw", enc.encode(token), "HKDF", false, ["deriveBits"]);
-  const bits = await crypto.subtle.deriveBits({ name: "HKDF", hash: "SHA-256", salt: enc.encode("weftnet/token-split/v1"), info: enc.encode("peer") }, ikm, 256);
-  macKey = await crypto.subtle.importKey("raw", enc.encode(hex(bits)), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  macKey = joinMacKey = invite = null;
+  if (credential.startsWith("wv1.")) {
+    invite = credential; // a viewer invite (src/wire/invite.ts): shown to the server and to each agent
+    return;
+  }
+  // HKDF-SHA256(token, salt "weftnet/token-split/v1", info) as hex (src/identity.ts splitToken): "peer" is
+  // the agents' own secret, which the signaling server never has; "join" is what the server holds
+  const ikm = await crypto.subtle.importKey("raw", enc.encode(credential), "HKDF", false, ["deriveBits"]);
+  const derive = async (info: string) => {
+    const bits = await crypto.subtle.deriveBits({ name: "HKDF", hash: "SHA-256", salt: enc.encode("weftnet/token-split/v1"), info: enc.encode(info) }, ikm, 256);
+    return crypto.subtle.importKey("raw", enc.encode(hex(bits)), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  };
+  macKey = await derive("peer");
+  joinMacKey = await derive("join");
 }
 
 function send(c: { control: RTCDataChannel }, m: Json): void {
@@ -165,6 +180,10 @@ function attach(pc: RTCPeerConnection, control: RTCDataChannel, expectId: string
         c.name = node.name;
         const nonce = String(m.nonce);
         const sig = await crypto.subtle.sign("Ed25519", identity!.priv, frame(CTX, nonce, node.id));
+        if (invite !== null) {
+          send(c, { t: "auth", id: identity!.id, pub: identity!.pubHex, sig: hex(sig), invite });
+          break;
+        }
         const mac = await crypto.subtle.sign("HMAC", macKey!, frame(CTX, nonce, node.id, identity!.id, identity!.pubHex));
         send(c, { t: "auth", id: identity!.id, pub: identity!.pubHex, sig: hex(sig), mac: hex(mac) });
         break;
@@ -236,7 +255,7 @@ async function discover(via: AgentConn): Promise<void> {
 async function join(ev: Event): Promise<void> {
   ev.preventDefault();
   const token = $<HTMLInputElement>("#credential").value.trim();
-  if (!token) return setStatus("paste the cluster token first", "bad");
+  if (!token) return setStatus("paste the cluster token (or an invite) first", "bad");
   refused = false;
   for (const c of conns.values()) c.pc.close();
   conns.clear();
@@ -245,8 +264,21 @@ async function join(ev: Event): Promise<void> {
     await makeIdentity(token);
     const { pc, control, sdp } = await newPc();
     attach(pc, control, null);
-    const res = await fetch("/ui/v1/offer", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sdp }) });
-    const body = (await res.json()) as { sdp: string; candidates: RTCIceCandidateInit[]; error?: { message: string } };
+    // The credential for the server that answers this request: an agent's page ignores it (the agent checks
+    // the credential on the link), `weftnet signal` wants a join-key proof bound to this offer, or its invite.
+    let cred: Json;
+    if (invite !== null) cred = { invite };
+    else {
+      const ts = Date.now();
+      cred = { proof: { ts, mac: hex(await crypto.subtle.sign("HMAC", joinMacKey!, frame(OFFER_CTX, String(ts), sdp))) } };
+    }
+    const res = await fetch("/ui/v1/offer", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sdp, ...cred }) });
+    const body = (await res.json()) as { sdp: string; candidates: RTCIceCandidateInit[]; error?: { code?: string; message: string } };
+    if (res.status === 401) {
+      refused = true;
+      pc.close();
+      return setStatus(`refused by the signaling server: ${body.error?.message ?? "wrong credential"}`, "bad");
+    }
     if (!res.ok) throw new Error(body.error?.message ?? `HTTP ${res.status}`);
     await finishPc(pc, body);
   } catch (e) {
@@ -366,8 +398,11 @@ setInterval(() => {
 
 $("#join").addEventListener("submit", (ev) => void join(ev));
 $("#ping").addEventListener("click", () => void pingNode());
-const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+const hashParams = new URLSearchParams(location.hash.slice(1));
+const fromHash = hashParams.get("invite") ?? hashParams.get("token");
 if (fromHash) {
   $<HTMLInputElement>("#credential").value = fromHash;
   history.replaceState(null, "", location.pathname);
+  // an invite link joins at once (it grants viewing only); a token waits for the Join button
+  if (fromHash.startsWith("wv1.")) $<HTMLFormElement>("#join").requestSubmit();
 }

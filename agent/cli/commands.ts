@@ -7,6 +7,7 @@ import { aggregateCidrs } from "../../src/ipam/aggregate.js";
 import { peerKeyOf } from "../../src/identity.js";
 import { ViewerHub } from "../ui/viewer.js";
 import { startUiServer, type UiServer } from "../ui/server.js";
+import { loadInviteKey, mintInvite, parseInvitePub } from "../ui/invite.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { DEFAULT_CLUSTER_RANGE } from "../../src/defaults.js";
 import { parseStunAdvertise } from "../stun-server.js";
@@ -99,7 +100,10 @@ Options:
   --ui-listen HOST:PORT serve the live topology page at http://HOST:PORT/ui (off by default): the browser
                         joins the mesh as a viewer with the cluster token pasted into the page (it
                         routes nothing and carries no pod traffic) and keeps working without the
-                        signaling server
+                        signaling server. Every agent takes viewers introduced by the mesh or by the
+                        signaling server's /ui page, admitted with the cluster token
+  --ui-invite-key HEX   also admit viewers holding an invite signed by this signaling server key (64
+                        hex; \`weftnet signal --invite-key-file F\` prints it): read-only, until it expires
   --log-level L         debug | info | warn | error (default info: one line per peer up/down and path
                         change; env WEFTNET_LOG)
   --log-format F        auto | text | json (default auto: coloured text on a terminal, JSON lines
@@ -208,6 +212,7 @@ const AGENT_OPTIONS = {
     "loopback-only": { type: "boolean" },
     "metrics-listen": { type: "string" },
     "ui-listen": { type: "string" },
+    "ui-invite-key": { type: "string" },
     "k8s-node-watch": { type: "boolean" },
     "no-k8s-node-watch": { type: "boolean" },
     "operator-key": { type: "string" },
@@ -320,6 +325,7 @@ export async function runAgent(argv: string[]): Promise<number> {
   }
   if (values["reclaim-after"] !== undefined) ipam.reclaimAfterMs = parseDuration("agent", "--reclaim-after", values["reclaim-after"]);
   if (values["ui-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["ui-listen"])) throw new UsageError(`weftnet agent: --ui-listen ${JSON.stringify(values["ui-listen"])} must be HOST:PORT (e.g. 127.0.0.1:7080)`);
+  const invitePub = values["ui-invite-key"] !== undefined ? parseInvitePub("weftnet agent: --ui-invite-key", values["ui-invite-key"]) : undefined;
   if (values["metrics-listen"] !== undefined && !/^(\[[0-9A-Fa-f:.]+\]|[^:[\]]+):\d{1,5}$/.test(values["metrics-listen"])) throw new UsageError(`weftnet agent: --metrics-listen ${JSON.stringify(values["metrics-listen"])} must be HOST:PORT (e.g. 127.0.0.1:9465)`);
 
   const advertiseRoutes = (values["advertise-routes"] ?? []).flatMap((v) => v.split(",")).map((v) => v.trim()).filter(Boolean);
@@ -382,11 +388,20 @@ export async function runAgent(argv: string[]): Promise<number> {
     ...(values["metrics-listen"] !== undefined ? { metricsListen: values["metrics-listen"] } : {}),
     ...(k8sNodeWatch ? { k8sNodeWatch: {} } : {}),
     ...(values["operator-key"] ? { operatorKey: loadOperatorKey(values["operator-key"]) } : {}),
+    // the signaling server introduces its /ui page's browsers only to agents that say they take viewers
+    // (and, for invites, only to those pinning its invite key)
+    meta: { ui: "1", ...(invitePub ? { "ui-invite": Buffer.from(invitePub).toString("hex") } : {}) },
   });
   process.stdout.write(`weftnet agent ${agent.name} (${agent.id}) started; state dir ${stateDir}; signaling ${agent.signal.endpoint}\n`);
   const stopWatch = watchPaths(agent, logger.child("mesh"));
   // Every agent answers topology-page viewers introduced through the mesh; --ui-listen also serves the page.
-  const hub = new ViewerHub(agent, peerKeyOf(token), logger.child("ui"), () => iceServers);
+  const hub = new ViewerHub(agent, peerKeyOf(token), logger.child("ui"), () => iceServers, invitePub);
+  // browsers of the signaling server's /ui page, introduced through the server
+  agent.signal.onViewerOffer = (ref, sdp) =>
+    void hub.accept(sdp).then(
+      (a) => agent.signal.sendViewerAnswer({ ref, sdp: a.sdp, candidates: a.candidates }),
+      (e: Error) => agent.signal.sendViewerAnswer({ ref, error: e.message.slice(0, 500) }),
+    );
   let uiServer: UiServer | undefined;
   if (values["ui-listen"] !== undefined) {
     const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(values["ui-listen"])!;
@@ -549,6 +564,47 @@ export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockC
 
 /** src/mesh/peer.ts DEFAULT_TIMING.goneTtlMs, in minutes */
 const GONE_FORGET_MIN = 5;
+
+export const INVITE_HELP = `Usage: weftnet invite --invite-key-file F [--ttl DUR] [--url URL] [--json]
+
+Mint a short-lived viewer invite for the live topology page at \`weftnet signal\`'s /ui. Whoever holds
+it may watch the mesh until it expires: nodes, links (path, RTT, throughput, MTU, the why of relayed
+links), address blocks and pod counts, and ping nodes, on the agents that pin the server's invite key
+(\`weftnet agent --ui-invite-key HEX\`). It never admits a mesh member: no pod traffic, no gossip.
+  --invite-key-file F   the signaling server's invite key (the file given to \`weftnet signal --invite-key-file\`)
+  --ttl DUR             lifetime (default 15m, at most 24h; e.g. 90s, 15m, 2h)
+  --url URL             the page, e.g. http://signal.example:7000/ui: prints URL#invite=... to open
+  --json                print {invite, expires, url?}
+`;
+
+export async function runInvite(argv: string[]): Promise<number> {
+  const { values } = parse("invite", argv, { "invite-key-file": { type: "string" }, ttl: { type: "string" }, url: { type: "string" }, json: { type: "boolean" }, help: { type: "boolean", short: "h" } });
+  if (values.help) {
+    process.stdout.write(INVITE_HELP);
+    return 0;
+  }
+  if (values["invite-key-file"] === undefined) throw new UsageError("weftnet invite: --invite-key-file F is required (the key `weftnet signal --invite-key-file F` uses)");
+  const ttlMs = values.ttl === undefined ? 15 * 60_000 : parseDuration("invite", "--ttl", values.ttl);
+  if (ttlMs > 24 * 3600_000) throw new UsageError(`weftnet invite: --ttl must be at most 24h, got ${JSON.stringify(values.ttl)}`);
+  let url: string | undefined;
+  if (values.url !== undefined) {
+    try {
+      const u = new URL(values.url);
+      if (u.protocol !== "http:" && u.protocol !== "https:") throw new Error("not http(s)");
+      if (u.pathname === "/" || u.pathname === "") u.pathname = "/ui";
+      u.hash = "";
+      url = u.toString();
+    } catch {
+      throw new UsageError(`weftnet invite: --url ${JSON.stringify(values.url)} must be the page's http(s):// URL, e.g. http://signal.example:7000/ui`);
+    }
+  }
+  const { key } = loadInviteKey(values["invite-key-file"], false);
+  const { invite, exp } = mintInvite(key, ttlMs);
+  const link = url !== undefined ? `${url}#invite=${invite}` : undefined;
+  if (values.json) process.stdout.write(`${JSON.stringify({ invite, expires: new Date(exp).toISOString(), ...(link ? { url: link } : {}) })}\n`);
+  else process.stdout.write(`${link ?? invite}\n(viewer invite, expires ${new Date(exp).toISOString()})\n`);
+  return 0;
+}
 
 export function parseDuration(cmd: string, flag: string, v: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(v.trim());

@@ -6,7 +6,7 @@ import { UsageError } from "../../src/errors.js";
 import { VERSION } from "../version.js";
 import { didYouMean, errorJson, errorLine, noAgentHint } from "./util.js";
 
-const COMMANDS = ["signal", "agent", "status", "ping", "netcheck", "pod", "ipam", "keygen", "join-key", "version", "help"];
+const COMMANDS = ["signal", "agent", "status", "ping", "netcheck", "pod", "ipam", "keygen", "join-key", "invite", "version", "help"];
 
 export const MAIN_HELP = `weftnet ${VERSION} — peer-to-peer WebRTC overlay network for pods
 
@@ -22,6 +22,7 @@ Commands:
   ipam       operator commands for the shared address range (release NODE, allocate/free POD)
   keygen     --operator --out F: the operator key pair (\`ipam release\` signs with it)
   join-key   print the join key of a cluster token (--token-file F): all the signaling server needs
+  invite     mint a short-lived viewer invite for the signaling server's topology page (/ui)
   version    print the version
 
 Run \`weftnet <command> --help\` for the options of each command.
@@ -60,6 +61,8 @@ export async function main(argv: string[]): Promise<number> {
         return await (await import("./commands.js")).runIpam(rest);
       case "keygen":
         return (await import("./operator.js")).runKeygen(rest);
+      case "invite":
+        return await (await import("./commands.js")).runInvite(rest);
       case "join-key": {
         // The signaling server needs only this (hello MAC, API Bearer), never the token: see src/identity.ts.
         const { parse, resolveToken } = await import("./util.js");

@@ -13,12 +13,16 @@
  *
  * Viewer protocol, JSON objects in binary messages on the "control" channel (id 0, negotiated):
  *   agent -> browser  {t:"challenge", v:1, nonce, node:{id, name}}
- *   browser -> agent  {t:"auth", id, pub, sig, mac}
+ *   browser -> agent  {t:"auth", id, pub, sig, mac} | {t:"auth", id, pub, sig, invite}
  *       pub  hex of the raw 32-byte Ed25519 public key; id = hex(sha256(pub))[0..16] (like nodes)
  *       sig  Ed25519 over frame("weftnet/viewer-auth/v1", nonce, agentId)          (holds the key)
  *       mac  HMAC-SHA256(peerKey, frame("weftnet/viewer-auth/v1", nonce, agentId, id, pub)) (knows the
  *            cluster token: the peer key is HKDF("peer") of the token, see src/identity.ts; the signaling
  *            server holds only the join key, so it cannot make itself a viewer)
+ *       invite  a viewer invite signed by the signaling server's invite key (src/wire/invite.ts), taken
+ *            only when this agent pins that key (`--ui-invite-key`), before its expiry, and never one
+ *            claiming more than 24 h. A server whose invites an operator accepts can thereby make itself
+ *            a viewer: see README "Topology page" for what a viewer sees. Nothing else.
  *   agent -> browser  {t:"welcome"} | {t:"refused", reason} (then the link is closed)
  *   agent -> browser  {t:"state", ...}                    every second: this node, its peers, routes, IPAM
  *   browser -> agent  {t:"ping", seq, ts}                 -> {t:"pong", seq, ts}  (RTT measured by the browser)
@@ -28,6 +32,8 @@
 import { randomBytes } from "node:crypto";
 import { WeftError } from "../../src/errors.js";
 import { checkTokenMac, deriveNodeId, verifyFields } from "../../src/identity.js";
+import { parseInvite } from "../../src/wire/invite.js";
+import { inviteProblem } from "./invite.js";
 import type { Logger } from "../../src/log.js";
 import type { LinkSignal, Transport, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
@@ -54,6 +60,8 @@ interface Viewer {
   nonce: string;
   authed: boolean;
   viewerId: string | null;
+  /** admitted with an invite (its `n`), not the cluster token */
+  invited: boolean;
   bad: number;
   timer: NodeJS.Timeout;
 }
@@ -74,6 +82,8 @@ export class ViewerHub {
     private readonly peerKey: string,
     private readonly log: Logger,
     private readonly iceServers: () => { urls: string | string[]; username?: string; credential?: string }[] = () => [],
+    /** the signaling server's invite public key, pinned by the operator (--ui-invite-key); absent = no invites */
+    private readonly invitePub?: Uint8Array,
   ) {
     agent.mesh.onApp(APP_CH, (from, body) => void this.onApp(from, body));
     this.ticker = setInterval(() => this.broadcast().catch((err) => this.log.warn("cannot build the viewers' state", { err })), 1000);
@@ -105,6 +115,7 @@ export class ViewerHub {
       nonce: hex(randomBytes(32)),
       authed: false,
       viewerId: null,
+      invited: false,
       bad: 0,
       timer: setTimeout(() => {
         if (!v.authed) this.drop(v, "no valid auth in time");
@@ -186,19 +197,30 @@ export class ViewerHub {
       const sig = unhex(m.sig, 64);
       const mac = unhex(m.mac, 32);
       const id = typeof m.id === "string" ? m.id : "";
-      const ok = pub && sig && mac && deriveNodeId(pub) === id && verifyFields(pub, sig, VIEWER_CTX, v.nonce, this.agent.id) && checkTokenMac(this.peerKey, mac, VIEWER_CTX, v.nonce, this.agent.id, id, m.pub as string);
-      if (!ok) {
+      const holdsKey = !!pub && !!sig && deriveNodeId(pub) === id && verifyFields(pub, sig, VIEWER_CTX, v.nonce, this.agent.id);
+      let problem: string | undefined;
+      if (!holdsKey) problem = "bad signature";
+      else if (m.invite !== undefined) problem = inviteProblem(m.invite, this.invitePub);
+      else if (!mac || !checkTokenMac(this.peerKey, mac, VIEWER_CTX, v.nonce, this.agent.id, id, m.pub as string)) problem = "wrong cluster credential";
+      if (problem !== undefined) {
         this.counters.refused++;
-        this.log.warn("refused a viewer: wrong cluster credential or bad signature", { viewer: id || null });
-        this.send(v, { t: "refused", reason: "wrong cluster credential (or a bad signature)" });
+        const what = m.invite !== undefined ? "refused a viewer invite" : "refused a viewer: wrong cluster credential or bad signature";
+        this.log.warn(what, { viewer: id || null, why: problem });
+        this.send(v, { t: "refused", reason: m.invite !== undefined ? `invite refused: ${problem}` : "wrong cluster credential (or a bad signature)" });
         setTimeout(() => this.drop(v, "refused"), 300).unref();
         return;
       }
       v.authed = true;
       v.viewerId = id;
+      v.invited = m.invite !== undefined;
       clearTimeout(v.timer);
+      if (v.invited) {
+        // an invite's viewer leaves when the invite expires (a new invite: a new join)
+        v.timer = setTimeout(() => this.drop(v, "invite expired"), Math.max(0, parseInvite(m.invite).exp - Date.now()));
+        v.timer.unref();
+      }
       this.counters.accepted++;
-      this.log.info("viewer joined", { viewer: id });
+      this.log.info("viewer joined", { viewer: id, with: v.invited ? "invite" : "cluster token" });
       this.send(v, { t: "welcome" });
       if (this.snapshot) this.send(v, this.snapshot);
       else this.broadcast().catch((err) => this.log.warn("cannot build the viewers' state", { err }));

@@ -36,7 +36,7 @@ import { Packr } from "msgpackr";
 import { ProtocolError, WeftError } from "../../src/errors.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { decodeEnvelope, isPlainObject, nodeId, PROTOCOL_VERSION } from "../../src/wire/codec.js";
-import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_RELAY_BYTES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type PeerInfo, type ServerMsg, type SignalData, type WelcomeIceServer } from "../../src/wire/signal.js";
+import { CLOSE_CODES, MAX_BAD_FRAMES, MAX_RELAY_BYTES, MAX_SIGNAL_BYTES, decodeClientMsg, encodeSignal, type ClientMsg, type IceCandidateInit, type PeerInfo, type ServerMsg, type SignalData, type ViewerAnswerMsg, type WelcomeIceServer } from "../../src/wire/signal.js";
 import { frameFields, toHex, webCryptoPort, webRandom, type SignalCrypto } from "./crypto.js";
 
 /** 100 Mbit/s per agent. */
@@ -180,12 +180,27 @@ export interface HubStats {
   relayBytes: number;
   relayDropped: number;
   relayDroppedByReason: Partial<Record<RelayDropReason, number>>;
+  /** topology-page viewers introduced to an agent (viewer-offer sent), answered, failed (no agent, timeout, refused) */
+  viewerOffers: number;
+  viewerAnswers: number;
+  viewerFailures: number;
+}
+
+/** How long an agent has to answer a viewer-offer. */
+export const VIEWER_ANSWER_TIMEOUT_MS = 10_000;
+/** viewer-offers waiting for their answer, server-wide */
+export const MAX_PENDING_VIEWERS = 64;
+
+export interface ViewerIntroduction {
+  node: { id: string; name: string };
+  sdp: string;
+  candidates: IceCandidateInit[];
 }
 
 type State = "challenged" | "verifying" | "member" | "closed";
 
 /** Decoded client frame; `signal.data` stays the raw map so it is relayed verbatim. */
-type Inbound = Extract<ClientMsg, { t: "hello" }> | { t: "signal"; to: string; data: Record<string, unknown> } | Extract<ClientMsg, { t: "relay" }>;
+type Inbound = Extract<ClientMsg, { t: "hello" }> | { t: "signal"; to: string; data: Record<string, unknown> } | Extract<ClientMsg, { t: "relay" }> | ViewerAnswerMsg;
 
 function decodeInbound(frame: Uint8Array): Inbound {
   const m = decodeEnvelope(frame, MAX_RELAY_BYTES);
@@ -195,6 +210,8 @@ function decodeInbound(frame: Uint8Array): Inbound {
       return decodeClientMsg(frame) as Extract<ClientMsg, { t: "relay" }>;
     case "hello":
       return decodeClientMsg(frame) as Extract<ClientMsg, { t: "hello" }>;
+    case "viewer-answer":
+      return decodeClientMsg(frame) as ViewerAnswerMsg;
     case "signal": {
       const to = nodeId(m, "to");
       if (!isPlainObject(m.data)) throw new ProtocolError("ERR_INVALID", "field data must be a map");
@@ -505,6 +522,9 @@ export class SignalHub {
     relayFrames: 0,
     relayBytes: 0,
     relayDropped: 0,
+    viewerOffers: 0,
+    viewerAnswers: 0,
+    viewerFailures: 0,
   };
   readonly relayEnabled: boolean;
   readonly relayRate: number;
@@ -524,6 +544,7 @@ export class SignalHub {
   private presenceSeq = 0;
   private pending: PresenceEvent[] = [];
   private flushTimer: unknown;
+  private readonly viewerWaits = new Map<string, { session: SignalSession; done: (r: ViewerAnswerMsg | Error) => void }>();
 
   constructor(private readonly opts: SignalHubOptions) {
     if (typeof opts.joinKey !== "string" || opts.joinKey.length === 0) throw new WeftError("ERR_USAGE", "signaling hub needs a non-empty join key");
@@ -646,9 +667,60 @@ export class SignalHub {
     this.badByCode.set(code, (this.badByCode.get(code) ?? 0) + 1);
   }
 
+  /**
+   * Introduce a topology-page browser (the server's /ui) to one agent: send its WebRTC offer as
+   * `viewer-offer` and resolve with the agent's answer. Viewers are never members: they have no session
+   * here, appear in no presence, and prove their credential to the agent on the WebRTC link itself (the
+   * caller, core/app.ts, only checked they hold one before bothering an agent).
+   *   target     a node id or name (else any agent that takes viewers, chosen at random)
+   *   needMeta   only agents whose hello meta has this key with this value (e.g. the invite key they pin)
+   * Throws WeftError ERR_NO_PEER (no such agent), ERR_BUSY, ERR_TIMEOUT, ERR_VIEWER (the agent said no).
+   */
+  introduceViewer(sdp: string, opts: { target?: string; needMeta?: [string, string] } = {}): Promise<ViewerIntroduction> {
+    const fail = (code: string, msg: string) => {
+      this.stats_.viewerFailures++;
+      return Promise.reject(new WeftError(code, msg));
+    };
+    const ok = (m: MemberInfo) => m.meta.ui !== undefined && (opts.needMeta === undefined || m.meta[opts.needMeta[0]] === opts.needMeta[1]);
+    let candidates = [...this.members.values()].filter((x) => x.state === "member" && ok(x.member!));
+    if (opts.target) candidates = candidates.filter((x) => x.member!.id === opts.target || x.member!.name === opts.target);
+    if (candidates.length === 0) {
+      const why = opts.needMeta ? "that accepts this server's viewer invites (agents pin its key with --ui-invite-key)" : "that takes topology-page viewers";
+      return fail("ERR_NO_PEER", opts.target ? `no connected agent ${JSON.stringify(opts.target)} ${why}` : `no connected agent ${why}`);
+    }
+    if (this.viewerWaits.size >= MAX_PENDING_VIEWERS) return fail("ERR_BUSY", "too many viewers joining at once; try again");
+    const r = this.random(12);
+    const target = candidates[r[0]! % candidates.length]!;
+    const ref = toHex(r);
+    return new Promise<ViewerIntroduction>((resolve, reject) => {
+      const timer = this.clock.setTimer(() => done(new WeftError("ERR_TIMEOUT", `${target.member!.name} did not answer within ${VIEWER_ANSWER_TIMEOUT_MS / 1000} s`)), VIEWER_ANSWER_TIMEOUT_MS);
+      const done = (a: ViewerAnswerMsg | Error) => {
+        if (!this.viewerWaits.delete(ref)) return;
+        this.clock.clearTimer(timer);
+        if (a instanceof Error || a.sdp === undefined) {
+          this.stats_.viewerFailures++;
+          reject(a instanceof Error ? a : new WeftError("ERR_VIEWER", `${target.member!.name} refused the viewer: ${a.error ?? "no answer"}`));
+          return;
+        }
+        this.stats_.viewerAnswers++;
+        resolve({ node: { id: target.member!.id, name: target.member!.name }, sdp: a.sdp, candidates: a.candidates ?? [] });
+      };
+      this.viewerWaits.set(ref, { session: target, done });
+      this.stats_.viewerOffers++;
+      target.send({ t: "viewer-offer", ref, sdp });
+    });
+  }
+
+  private viewerAnswer(s: SignalSession, msg: ViewerAnswerMsg): void {
+    const w = this.viewerWaits.get(msg.ref);
+    if (w === undefined || w.session !== s) throw new ProtocolError("ERR_INVALID", "viewer-answer for no viewer-offer of ours");
+    w.done(msg);
+  }
+
   /** @internal */
   detach(s: SignalSession, announce: boolean): void {
     if (!this.sessions.delete(s)) return;
+    for (const w of [...this.viewerWaits.values()]) if (w.session === s) w.done(new WeftError("ERR_NO_PEER", "the agent disconnected before it answered"));
     const e = this.perIp.get(s.ip);
     if (e !== undefined && --e.sessions <= 0) this.perIp.delete(s.ip);
     const m = s.member;
@@ -675,6 +747,7 @@ export class SignalHub {
       case "member":
         if (msg.t === "hello") throw new ProtocolError("ERR_INVALID", "already registered: hello is accepted once per connection");
         if (msg.t === "relay") this.relayData(s, msg);
+        else if (msg.t === "viewer-answer") this.viewerAnswer(s, msg);
         else this.relay(s, msg);
         return;
       case "closed":

@@ -22,6 +22,10 @@
  *     |  ---- relay {to, data} -------------> |   last-resort data path: opaque bytes (a relay link's
  *     |  <--- relay {from, data} ------------ |   AEAD-sealed frames, see agent/transport/relay.ts),
  *     |                                       |   rate-limited per agent, refused when relay is off
+ *     |  <--- viewer-offer {ref, sdp} ------- |   a browser of the server's /ui page wants a viewer link
+ *     |  ---- viewer-answer {ref, sdp,        |   (agent/ui/viewer.ts); sent only to agents whose hello
+ *     |         candidates} | {ref, error} -> |   meta has `ui`; the viewer proves its credential to the
+ *     |                                       |   agent on the link itself, never to the server
  *
  * The server never sees the cluster token (only its MAC over a fresh nonce) and never sees peer traffic.
  * Signal payloads (SignalData) are opaque to the server; agents authenticate them end to end:
@@ -108,12 +112,38 @@ export type ServerMsg =
   | { t: "presence"; join: PeerInfo[]; leave: string[] }
   | { t: "signal"; from: string; data: SignalData }
   | { t: "relay"; from: string; data: Uint8Array }
+  /** a topology-page browser's WebRTC offer, introduced by the server (answer with viewer-answer, same ref) */
+  | { t: "viewer-offer"; ref: string; sdp: string }
   | { t: "error"; code: string; msg: string; ref?: string };
 
 export type ClientMsg =
   | { t: "hello"; id: string; pub: Uint8Array; name: string; instance: string; meta: Record<string, string>; mac: Uint8Array; sig: Uint8Array }
   | { t: "signal"; to: string; data: SignalData }
-  | { t: "relay"; to: string; data: Uint8Array };
+  | { t: "relay"; to: string; data: Uint8Array }
+  | ViewerAnswerMsg;
+
+/** An agent's answer to a viewer-offer: the SDP answer and its candidates, or why not. */
+export type ViewerAnswerMsg = { t: "viewer-answer"; ref: string; sdp?: string; candidates?: IceCandidateInit[]; error?: string };
+
+function iceCandidate(x: unknown): IceCandidateInit {
+  if (!isPlainObject(x)) throw new ProtocolError("ERR_INVALID", "a candidate must be a map");
+  const cand: IceCandidateInit = { candidate: str(x, "candidate", 1024) };
+  const mid = optStr(x, "sdpMid", 64);
+  if (mid !== undefined) cand.sdpMid = mid;
+  if (x.sdpMLineIndex !== undefined && x.sdpMLineIndex !== null) cand.sdpMLineIndex = num(x, "sdpMLineIndex");
+  return cand;
+}
+
+export function decodeViewerAnswer(m: Record<string, unknown>): ViewerAnswerMsg {
+  const out: ViewerAnswerMsg = { t: "viewer-answer", ref: str(m, "ref", 64) };
+  const sdp = optStr(m, "sdp", 32 * 1024);
+  const error = optStr(m, "error", 512);
+  if (sdp !== undefined) out.sdp = sdp;
+  if (error !== undefined) out.error = error;
+  if (m.candidates !== undefined && m.candidates !== null) out.candidates = arr(m, "candidates", 64).map(iceCandidate);
+  if (sdp === undefined && error === undefined) throw new ProtocolError("ERR_INVALID", "viewer-answer needs sdp or error");
+  return out;
+}
 
 export function encodeSignal(msg: ServerMsg | ClientMsg): Uint8Array {
   return encodeMessage({ v: PROTOCOL_VERSION, ...msg } as WireMap);
@@ -188,6 +218,8 @@ export function decodeClientMsg(data: Uint8Array): ClientMsg {
       return { t: "signal", to: nodeId(m, "to"), data: decodeSignalData(m.data) };
     case "relay":
       return { t: "relay", to: nodeId(m, "to"), data: bytes(m, "data", undefined, MAX_RELAY_BYTES) };
+    case "viewer-answer":
+      return decodeViewerAnswer(m);
     default:
       throw new ProtocolError("ERR_UNKNOWN_TYPE", `unknown client message type ${JSON.stringify(m.t)}`);
   }
@@ -216,6 +248,8 @@ export function decodeServerMsg(data: Uint8Array): ServerMsg {
       return { t: "signal", from: nodeId(m, "from"), data: decodeSignalData(m.data) };
     case "relay":
       return { t: "relay", from: nodeId(m, "from"), data: bytes(m, "data", undefined, MAX_RELAY_BYTES) };
+    case "viewer-offer":
+      return { t: "viewer-offer", ref: str(m, "ref", 64), sdp: str(m, "sdp", 32 * 1024) };
     case "error": {
       const out: ServerMsg = { t: "error", code: str(m, "code", 64), msg: str(m, "msg", 1024) };
       const ref = optStr(m, "ref", 64);

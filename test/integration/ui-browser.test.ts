@@ -6,97 +6,45 @@
  * A wrong token is refused. The screenshot is kept in test-artifacts/ (WEFTNET_ARTIFACTS overrides).
  * Skipped when /usr/bin/chromium is not installed (CI's set-up installs it: see /work/wt/NEEDS.md).
  */
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
+import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Browser, Page } from "playwright-core";
-import { tmpDir, waitFor } from "../helpers/cluster.js";
+import { waitFor } from "../helpers/cluster.js";
+import { agentStatus, ARTIFACTS, freePort, HAVE_CHROMIUM, launchChromium, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
 
-const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
-const CHROMIUM = process.env.WEFTNET_CHROMIUM ?? "/usr/bin/chromium";
 const TOKEN = "ui-browser-Zq3v8Kp1Lm7Xr2Tn5Wb9Yc4Hd6Jf0Gs";
-const ARTIFACTS = process.env.WEFTNET_ARTIFACTS ?? join(process.cwd(), "test-artifacts");
-const env = { ...process.env, WEFTNET_TOKEN: "", WEFTNET_SIGNAL: "", WEFTNET_LOG: "", WEFTNET_LOG_FORMAT: "" };
-
-interface Proc {
-  child: ChildProcess;
-  out: () => string;
-  err: () => string;
-  exited: Promise<unknown>;
-}
-function start(args: string[]): Proc {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env });
-  let out = "";
-  let err = "";
-  child.stdout!.setEncoding("utf8").on("data", (d: string) => (out += d));
-  child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
-  return { child, out: () => out, err: () => err, exited: new Promise((r) => child.once("exit", r)) };
-}
-async function stop(p: Proc | undefined): Promise<void> {
-  if (!p) return;
-  if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill("SIGTERM");
-  await p.exited;
-}
-const freePort = () =>
-  new Promise<number>((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-const status = (dir: string) => {
-  const r = spawnSync(process.execPath, [CLI, "status", "--json", "--state-dir", dir], { encoding: "utf8", env, timeout: 10_000 });
-  return r.status === 0 ? (JSON.parse(r.stdout) as { node: { id: string }; peers: { id: string; name: string; state: string }[] }) : undefined;
-};
-
-const d = existsSync(CHROMIUM) ? describe : describe.skip;
+const status = agentStatus;
+const d = HAVE_CHROMIUM ? describe : describe.skip;
 
 d("live topology page in Chromium", () => {
   let signal: Proc | undefined;
-  const agents: Proc[] = [];
-  const dirs: string[] = [];
+  let agents: TestAgent[] = [];
+  let dirs: string[] = [];
   let uiUrl = "";
   let browser: Browser | undefined;
 
   beforeAll(async () => {
-    signal = start(["signal", "--listen", "127.0.0.1:0", "--stun-port", String(await freePort()), "--token", TOKEN]);
-    await waitFor(() => /listening on ws:\/\/127\.0\.0\.1:\d+/.test(signal!.out()) || signal!.child.exitCode !== null, 10_000, "signal listening");
-    const url = /listening on (ws:\/\/127\.0\.0\.1:\d+)/.exec(signal.out())?.[1];
-    if (!url) throw new Error(`signal did not start: ${signal.out()} ${signal.err()}`);
+    const s = await startSignal(TOKEN);
+    signal = s.proc;
     const uiPort = await freePort();
-    const specs: [string, string[]][] = [
+    agents = startAgents(s.url, TOKEN, [
       ["a", ["--transport", "native", "--ui-listen", `127.0.0.1:${uiPort}`]],
       ["b", ["--transport", "werift"]],
       ["c", ["--transport", "native"]],
-    ];
-    for (const [name, extra] of specs) {
-      const dir = tmpDir(`weft-ui-${name}-`);
-      dirs.push(dir);
-      agents.push(start(["agent", "--no-tun", "--loopback-only", "--signal", url, "--token", TOKEN, "--name", name, "--state-dir", dir, ...extra]));
-    }
-    await waitFor(() => /topology page on (http:\S+)/.test(agents[0]!.out()) || agents[0]!.child.exitCode !== null, 15_000, "the topology page");
-    uiUrl = /topology page on (http:\S+)/.exec(agents[0]!.out())?.[1] ?? "";
-    expect(uiUrl, agents[0]!.out() + agents[0]!.err()).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/ui$/);
-    await waitFor(() => dirs.every((dir) => (status(dir)?.peers.filter((p) => p.state === "connected").length ?? 0) === 2), 40_000, "a full mesh");
-    const { chromium } = await import("playwright-core");
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      // Debian's chromium in a container: no sandbox, no GPU, nothing phoning home; loopback ICE allowed and
-      // host candidates not hidden behind mDNS names (the agents run with --loopback-only).
-      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"],
-    });
+    ]);
+    dirs = agents.map((a) => a.dir);
+    await waitFor(() => /topology page on (http:\S+)/.test(agents[0]!.proc.out()) || agents[0]!.proc.child.exitCode !== null, 15_000, "the topology page");
+    uiUrl = /topology page on (http:\S+)/.exec(agents[0]!.proc.out())?.[1] ?? "";
+    expect(uiUrl, agents[0]!.proc.out() + agents[0]!.proc.err()).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/ui$/);
+    await waitFullMesh(agents);
+    browser = await launchChromium();
   }, 90_000);
 
   afterAll(async () => {
     await browser?.close().catch(() => {});
-    await Promise.all(agents.map(stop));
-    await stop(signal);
-    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+    await stopAgents(agents);
+    await stopCli(signal);
   }, 30_000);
 
   const nodeRows = (page: Page) =>
@@ -143,7 +91,7 @@ d("live topology page in Chromium", () => {
     expect(await page.textContent("#ping-result")).toMatch(/^a → c: \d+(\.\d+)? ms via (direct|turn|relay)( route .+)?$/);
 
     // the signaling server goes away; RTTs measured by the browser keep coming from all three agents
-    await stop(signal);
+    await stopCli(signal);
     signal = undefined;
     await waitFor(async () => (await nodeRows(page)).length === 3, 5_000, "rows");
     const before = Object.fromEntries((await nodeRows(page)).map((n) => [n.name, n.pongs]));
@@ -165,7 +113,7 @@ d("live topology page in Chromium", () => {
     await page.waitForFunction(`/refused/.test(document.querySelector("#status").textContent)`, undefined, { timeout: 20_000 });
     expect(await page.textContent("#status")).toMatch(/^refused by a: wrong cluster credential/);
     expect(await page.locator("#nodes tbody tr").count()).toBe(0);
-    await waitFor(() => /refused a viewer: wrong cluster credential/.test(agents[0]!.err()), 5_000, "the agent logs the refusal");
+    await waitFor(() => /refused a viewer: wrong cluster credential/.test(agents[0]!.proc.err()), 5_000, "the agent logs the refusal");
     await page.close();
   }, 40_000);
 });

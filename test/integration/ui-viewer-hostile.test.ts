@@ -3,112 +3,55 @@
  * nothing happens before it proves the cluster credential, a forged proof is refused, garbage closes its
  * link, its "packets" channel goes nowhere, and it never shows up in the agent's mesh (peers, routes).
  */
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { rmSync } from "node:fs";
-import { createServer } from "node:net";
-import { join } from "node:path";
-import { RTCPeerConnection, type RTCDataChannel } from "werift";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { generateIdentity, peerKeyOf, signFields, tokenMac } from "../../src/identity.js";
+import { generateIdentity, peerKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { VIEWER_CTX } from "../../agent/ui/viewer.js";
-import { tmpDir, waitFor } from "../helpers/cluster.js";
+import { mintInvite, pubHex } from "../../agent/ui/invite.js";
+import { formatInvite, INVITE_CTX, invitePayload } from "../../src/wire/invite.js";
+import { waitFor } from "../helpers/cluster.js";
+import { agentRoutes, agentStatus, freePort, openNodeViewer as openViewer, sendViewer as send, startAgents, startSignal, stopAgents, stopCli, type NodeViewer as Viewer, type Proc, type TestAgent } from "../helpers/ui.js";
 
-const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
 const TOKEN = "ui-hostile-Lm7Xr2Tn5Wb9Yc4Hd6Jf0GsZq3v8Kp1";
-const env = { ...process.env, WEFTNET_TOKEN: "", WEFTNET_SIGNAL: "", WEFTNET_LOG: "", WEFTNET_LOG_FORMAT: "" };
+/** the invite key agent a pins (as if it were the signaling server's) and one nobody pins */
+const SERVER_KEY = generateIdentity();
+const OTHER_KEY = generateIdentity();
 
-function start(args: string[]): { child: ChildProcess; out: () => string; err: () => string; exited: Promise<unknown> } {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env });
-  let out = "";
-  let err = "";
-  child.stdout!.setEncoding("utf8").on("data", (d: string) => (out += d));
-  child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
-  return { child, out: () => out, err: () => err, exited: new Promise((r) => child.once("exit", r)) };
+/** An auth message for the challenge in v.msgs[0]: holds `idn`, proves the token or shows an invite. */
+function auth(v: Viewer, idn: Identity, cred: { token: string } | { invite: string }): Record<string, unknown> {
+  const ch = v.msgs[0] as { nonce: string; node: { id: string } };
+  const pub = Buffer.from(idn.publicKey).toString("hex");
+  const sig = Buffer.from(signFields(idn, VIEWER_CTX, ch.nonce, ch.node.id)).toString("hex");
+  if ("invite" in cred) return { t: "auth", id: idn.id, pub, sig, invite: cred.invite };
+  return { t: "auth", id: idn.id, pub, sig, mac: Buffer.from(tokenMac(peerKeyOf(cred.token), VIEWER_CTX, ch.nonce, ch.node.id, idn.id, pub)).toString("hex") };
 }
-const freePort = () =>
-  new Promise<number>((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-
-interface Viewer {
-  pc: RTCPeerConnection;
-  control: RTCDataChannel;
-  packets: RTCDataChannel;
-  msgs: Record<string, unknown>[];
-  closed: () => boolean;
-}
-
-/** A viewer link to the agent behind `base` (POST /ui/v1/offer), open and past the agent's challenge. */
-async function openViewer(base: string): Promise<Viewer> {
-  const pc = new RTCPeerConnection({ iceServers: [] });
-  const control = pc.createDataChannel("control", { negotiated: true, id: 0, ordered: true });
-  const packets = pc.createDataChannel("packets", { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
-  const msgs: Record<string, unknown>[] = [];
-  let isClosed = false;
-  control.onMessage.subscribe((d: string | Buffer) => msgs.push(JSON.parse(d.toString()) as Record<string, unknown>));
-  control.stateChanged.subscribe((s: string) => {
-    if (s === "closed") isClosed = true;
-  });
-  pc.connectionStateChange.subscribe((s: string) => {
-    if (s === "closed" || s === "failed") isClosed = true;
-  });
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise<void>((resolve) => {
-    const t = setTimeout(resolve, 2000);
-    pc.iceGatheringStateChange.subscribe((s: string) => {
-      if (s === "complete") {
-        clearTimeout(t);
-        resolve();
-      }
-    });
-  });
-  const res = await fetch(`${base}/ui/v1/offer`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sdp: pc.localDescription!.sdp }) });
-  const ans = (await res.json()) as { sdp: string; candidates: { candidate: string; sdpMid?: string; sdpMLineIndex?: number }[] };
-  expect(res.status).toBe(200);
-  await pc.setRemoteDescription({ type: "answer", sdp: ans.sdp });
-  for (const c of ans.candidates) await pc.addIceCandidate(c as never).catch(() => {});
-  await waitFor(() => msgs.some((m) => m.t === "challenge"), 15_000, "the agent's challenge");
-  return { pc, control, packets, msgs, closed: () => isClosed };
-}
-
-const send = (v: Viewer, m: unknown) => v.control.send(Buffer.from(JSON.stringify(m)));
 
 describe("a hostile viewer of the topology page", () => {
-  let signal: ReturnType<typeof start>;
-  const agents: ReturnType<typeof start>[] = [];
-  const dirs: string[] = [];
+  let signal: Proc | undefined;
+  let agents: TestAgent[] = [];
+  let dirs: string[] = [];
   let base = "";
-  const status = (dir: string) => {
-    const r = spawnSync(process.execPath, [CLI, "status", "--json", "--state-dir", dir], { encoding: "utf8", env });
-    return r.status === 0 ? (JSON.parse(r.stdout) as { peers: { id: string; state: string }[] }) : { peers: [] }; // not up yet: no peers
-  };
-  const routes = (dir: string) => JSON.parse(spawnSync(process.execPath, [CLI, "status", "routes", "--json", "--state-dir", dir], { encoding: "utf8", env }).stdout) as { routes: { dst: string }[] };
+  let baseB = "";
+  const status = (dir: string) => agentStatus(dir) ?? { peers: [] }; // not up yet: no peers
+  const routes = (dir: string) => ({ routes: agentRoutes(dir) });
 
   beforeAll(async () => {
-    signal = start(["signal", "--listen", "127.0.0.1:0", "--stun-port", String(await freePort()), "--token", TOKEN]);
-    await waitFor(() => /listening on ws:\/\/\S+:\d+/.test(signal.out()), 10_000, "signal");
-    const url = /listening on (ws:\/\/\S+:\d+)/.exec(signal.out())![1]!;
-    const uiPort = await freePort();
-    for (const [name, extra] of [["a", ["--ui-listen", `127.0.0.1:${uiPort}`]], ["b", []]] as const) {
-      const dir = tmpDir(`weft-uih-${name}-`);
-      dirs.push(dir);
-      agents.push(start(["agent", "--no-tun", "--loopback-only", "--signal", url, "--token", TOKEN, "--name", name, "--state-dir", dir, ...extra]));
-    }
+    const s = await startSignal(TOKEN);
+    signal = s.proc;
+    const [uiPort, uiPortB] = [await freePort(), await freePort()];
+    // a pins SERVER_KEY's invites; b takes none
+    agents = startAgents(s.url, TOKEN, [
+      ["a", ["--ui-listen", `127.0.0.1:${uiPort}`, "--ui-invite-key", pubHex(SERVER_KEY)]],
+      ["b", ["--ui-listen", `127.0.0.1:${uiPortB}`]],
+    ]);
+    dirs = agents.map((a) => a.dir);
     base = `http://127.0.0.1:${uiPort}`;
+    baseB = `http://127.0.0.1:${uiPortB}`;
     await waitFor(() => status(dirs[0]!).peers.some((p) => p.state === "connected"), 30_000, "a and b linked");
   }, 45_000);
 
   afterAll(async () => {
-    for (const p of [...agents, signal]) {
-      if (p && p.child.exitCode === null) p.child.kill("SIGTERM");
-      await p?.exited;
-    }
-    for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    await stopAgents(agents);
+    await stopCli(signal);
   });
 
   it("gets nothing before a valid proof, is refused with a forged one, and is dropped for garbage", async () => {
@@ -155,7 +98,47 @@ describe("a hostile viewer of the topology page", () => {
       expect(status(d).peers.map((p) => p.id)).not.toContain(idn.id);
       expect(routes(d).routes.map((r) => r.dst)).not.toContain(idn.id);
     }
-    expect(agents[0]!.err()).toMatch(/refused a viewer: wrong cluster credential/);
-    expect(agents[0]!.child.exitCode).toBeNull();
+    expect(agents[0]!.proc.err()).toMatch(/refused a viewer: wrong cluster credential/);
+    expect(agents[0]!.proc.child.exitCode).toBeNull();
+  }, 60_000);
+
+  it("takes an invite only when signed by the pinned key, unexpired and not too long-lived; an agent that pins no key takes none", async () => {
+    const idn = generateIdentity();
+    const refusedWith = async (where: string, invite: string) => {
+      const v = await openViewer(where);
+      send(v, auth(v, idn, { invite }));
+      await waitFor(() => v.msgs.some((m) => m.t === "refused" || m.t === "welcome"), 10_000, "an answer to the invite");
+      await v.pc.close();
+      const r = v.msgs.find((m) => m.t === "refused");
+      expect(v.msgs.some((m) => m.t === "state")).toBe(false);
+      return r ? String(r.reason) : "welcome";
+    };
+    // forged: signed by a key a does not pin (a hostile server's, say)
+    expect(await refusedWith(base, mintInvite(OTHER_KEY, 60_000).invite)).toBe("invite refused: the invite was not signed with the invite key this agent pins");
+    // expired: the right key, but its time is over
+    expect(await refusedWith(base, mintInvite(SERVER_KEY, 60_000, Date.now() - 120_000).invite)).toMatch(/^invite refused: the invite expired \d+ s ago$/);
+    // tampered: a valid invite whose expiry was pushed out
+    const good = mintInvite(SERVER_KEY, 60_000).invite;
+    const [, payload, sig] = good.split(".");
+    const longer = Buffer.from(JSON.stringify({ ...JSON.parse(Buffer.from(payload!, "base64url").toString()), exp: Date.now() + 3600_000 })).toString("base64url");
+    expect(await refusedWith(base, `wv1.${longer}.${sig}`)).toBe("invite refused: the invite was not signed with the invite key this agent pins");
+    // signed by the pinned key but claiming two days: longer than any agent takes
+    const twoDays = invitePayload(Date.now() + 48 * 3600_000, "00112233aabbccdd");
+    expect(await refusedWith(base, formatInvite(twoDays, signFields(SERVER_KEY, INVITE_CTX, twoDays)))).toBe("invite refused: the invite claims to be valid for more than 24 h");
+    // garbage instead of an invite
+    expect(await refusedWith(base, "wv1.not-an-invite")).toMatch(/^invite refused: /);
+    // b pins no invite key: a valid invite is no credential there
+    expect(await refusedWith(baseB, good)).toBe("invite refused: this agent does not accept viewer invites (no --ui-invite-key)");
+    expect(agents[1]!.proc.err()).toMatch(/refused a viewer invite/);
+
+    // the genuine invite: a viewer, with state and pongs, still not a mesh member
+    const v = await openViewer(base);
+    send(v, auth(v, idn, { invite: good }));
+    await waitFor(() => v.msgs.some((m) => m.t === "state"), 10_000, "state for the invited viewer");
+    send(v, { t: "ping", seq: 9, ts: 1 });
+    await waitFor(() => v.msgs.some((m) => m.t === "pong" && m.seq === 9), 5_000, "pong");
+    await v.pc.close();
+    for (const d of dirs) expect(status(d).peers.map((p) => p.id)).not.toContain(idn.id);
+    expect(agents[0]!.proc.err()).toMatch(/viewer joined.*invite/);
   }, 60_000);
 });

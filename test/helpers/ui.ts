@@ -1,0 +1,172 @@
+/**
+ * Shared set-up of the topology-page tests (test/integration/ui-*.test.ts): the real `weftnet` CLI as
+ * child processes (signal server, agents), their status, a free port, a viewer link from Node (werift,
+ * speaking the viewer protocol of agent/ui/viewer.ts), and Debian's Chromium through playwright-core.
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { join } from "node:path";
+import type { Browser } from "playwright-core";
+import { RTCPeerConnection, type RTCDataChannel } from "werift";
+import { tmpDir, waitFor } from "./cluster.js";
+
+export const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
+export const CHROMIUM = process.env.WEFTNET_CHROMIUM ?? "/usr/bin/chromium";
+export const HAVE_CHROMIUM = existsSync(CHROMIUM);
+/** screenshots and other keepsakes of a run (gitignored) */
+export const ARTIFACTS = process.env.WEFTNET_ARTIFACTS ?? join(process.cwd(), "test-artifacts");
+/** the children must not pick up the developer's environment */
+export const CHILD_ENV = { ...process.env, WEFTNET_TOKEN: "", WEFTNET_SIGNAL: "", WEFTNET_LOG: "", WEFTNET_LOG_FORMAT: "", WEFTNET_JOIN_KEY: "", WEFTNET_ADMIN_TOKEN: "" };
+
+export interface Proc {
+  child: ChildProcess;
+  out: () => string;
+  err: () => string;
+  exited: Promise<unknown>;
+}
+
+/** `weftnet ARGS...` as a child process, its stdout/stderr collected. */
+export function startCli(args: string[]): Proc {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env: CHILD_ENV });
+  let out = "";
+  let err = "";
+  child.stdout!.setEncoding("utf8").on("data", (d: string) => (out += d));
+  child.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
+  return { child, out: () => out, err: () => err, exited: new Promise((r) => child.once("exit", r)) };
+}
+
+/** SIGTERM and wait for the exit (no-op for undefined or an exited process). */
+export async function stopCli(p: Proc | undefined): Promise<void> {
+  if (!p) return;
+  if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill("SIGTERM");
+  await p.exited;
+}
+
+/** `weftnet ARGS...` to completion. */
+export function runCli(args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: CHILD_ENV, timeout: 10_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+export const freePort = () =>
+  new Promise<number>((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+
+export interface AgentStatus {
+  node: { id: string; name: string };
+  peers: { id: string; name: string; state: string }[];
+}
+
+/** `weftnet status --json` of the agent with state dir `dir`; undefined while it is not up. */
+export function agentStatus(dir: string): AgentStatus | undefined {
+  const r = runCli(["status", "--json", "--state-dir", dir]);
+  return r.status === 0 ? (JSON.parse(r.stdout) as AgentStatus) : undefined;
+}
+
+export function agentRoutes(dir: string): { dst: string }[] {
+  return (JSON.parse(runCli(["status", "routes", "--json", "--state-dir", dir]).stdout) as { routes: { dst: string }[] }).routes;
+}
+
+/** A signaling server on loopback (any free port): its process, ws:// URL and the lines it printed. */
+export async function startSignal(token: string, extra: string[] = []): Promise<{ proc: Proc; url: string }> {
+  const proc = startCli(["signal", "--listen", "127.0.0.1:0", "--stun-port", String(await freePort()), "--token", token, ...extra]);
+  await waitFor(() => /listening on ws:\/\/127\.0\.0\.1:\d+/.test(proc.out()) || proc.child.exitCode !== null, 15_000, "signal listening");
+  const url = /listening on (ws:\/\/127\.0\.0\.1:\d+)/.exec(proc.out())?.[1];
+  if (!url) {
+    await stopCli(proc);
+    throw new Error(`signal did not start: ${proc.out()} ${proc.err()}`);
+  }
+  return { proc, url };
+}
+
+export interface TestAgent {
+  name: string;
+  dir: string;
+  proc: Proc;
+}
+
+/** Agents on loopback without a data plane, one per [name, extra flags]; each gets a fresh state dir. */
+export function startAgents(signalUrl: string, token: string, specs: [string, string[]][]): TestAgent[] {
+  return specs.map(([name, extra]) => {
+    const dir = tmpDir(`weft-ui-${name}-`);
+    return { name, dir, proc: startCli(["agent", "--no-tun", "--loopback-only", "--signal", signalUrl, "--token", token, "--name", name, "--state-dir", dir, ...extra]) };
+  });
+}
+
+export async function stopAgents(agents: TestAgent[]): Promise<void> {
+  await Promise.all(agents.map((a) => stopCli(a.proc)));
+  for (const a of agents) rmSync(a.dir, { recursive: true, force: true });
+}
+
+/** Every agent sees every other one connected. */
+export async function waitFullMesh(agents: TestAgent[], timeoutMs = 40_000): Promise<void> {
+  await waitFor(() => agents.every((a) => (agentStatus(a.dir)?.peers.filter((p) => p.state === "connected").length ?? 0) === agents.length - 1), timeoutMs, `a full mesh of ${agents.length}`);
+}
+
+/**
+ * Debian's chromium, headless, no browser download. In a container: no sandbox, no GPU, nothing phoning
+ * home; loopback ICE allowed and host candidates not hidden behind mDNS names (agents run --loopback-only).
+ */
+export async function launchChromium(): Promise<Browser> {
+  const { chromium } = await import("playwright-core");
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"],
+  });
+}
+
+// ---- a viewer link from Node (werift), for the protocol-level tests -------------------------------------
+
+export interface NodeViewer {
+  pc: RTCPeerConnection;
+  control: RTCDataChannel;
+  packets: RTCDataChannel;
+  msgs: Record<string, unknown>[];
+  closed: () => boolean;
+}
+
+/** A viewer link to the agent behind `base` (POST /ui/v1/offer), open and past the agent's challenge. */
+export async function openNodeViewer(base: string, body: Record<string, unknown> = {}): Promise<NodeViewer> {
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  const control = pc.createDataChannel("control", { negotiated: true, id: 0, ordered: true });
+  const packets = pc.createDataChannel("packets", { negotiated: true, id: 1, ordered: false, maxRetransmits: 0 });
+  const msgs: Record<string, unknown>[] = [];
+  let isClosed = false;
+  control.onMessage.subscribe((d: string | Buffer) => msgs.push(JSON.parse(d.toString()) as Record<string, unknown>));
+  control.stateChanged.subscribe((s: string) => {
+    if (s === "closed") isClosed = true;
+  });
+  pc.connectionStateChange.subscribe((s: string) => {
+    if (s === "closed" || s === "failed") isClosed = true;
+  });
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise<void>((resolve) => {
+    const t = setTimeout(resolve, 2000);
+    pc.iceGatheringStateChange.subscribe((s: string) => {
+      if (s === "complete") {
+        clearTimeout(t);
+        resolve();
+      }
+    });
+  });
+  const res = await fetch(`${base}/ui/v1/offer`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ ...body, sdp: pc.localDescription!.sdp }) });
+  const ans = (await res.json()) as { sdp: string; candidates: { candidate: string; sdpMid?: string; sdpMLineIndex?: number }[] };
+  if (res.status !== 200) {
+    await pc.close();
+    throw new Error(`POST ${base}/ui/v1/offer: HTTP ${res.status} ${JSON.stringify(ans)}`);
+  }
+  await pc.setRemoteDescription({ type: "answer", sdp: ans.sdp });
+  for (const c of ans.candidates) await pc.addIceCandidate(c as never).catch(() => {});
+  await waitFor(() => msgs.some((m) => m.t === "challenge"), 15_000, "the agent's challenge");
+  return { pc, control, packets, msgs, closed: () => isClosed };
+}
+
+export const sendViewer = (v: NodeViewer, m: unknown) => v.control.send(Buffer.from(JSON.stringify(m)));
