@@ -108,7 +108,8 @@ export function createSignalApp(opts: SignalAppOptions): { app: Hono; hub: Signa
   app.get("/metrics", requireAdmin, (c) => c.body(renderSignalMetrics(hub, stunStats()), 200, { "content-type": METRICS_CONTENT_TYPE }));
 
   const crypto = opts.crypto ?? webCryptoPort();
-  const now = opts.now ?? (() => Date.now());
+  const clock = opts.clock;
+  const now = opts.now ?? (clock ? () => clock.now() : () => Date.now());
   const invitePubHex = opts.viewerInvitePub ? toHex(opts.viewerInvitePub) : undefined;
   const refuse = (code: string, message: string) => ({ error: { code, message } });
   app.post("/ui/v1/offer", async (c) => {
