@@ -252,37 +252,60 @@ async function discover(via: AgentConn): Promise<void> {
   }
 }
 
+/** The first link, through the server that served the page; tried again (up to 3 times) when it does not open. */
+const FIRST_LINK_MS = 15_000;
+let joinRun = 0;
+
 async function join(ev: Event): Promise<void> {
   ev.preventDefault();
   const token = $<HTMLInputElement>("#credential").value.trim();
   if (!token) return setStatus("paste the cluster token (or an invite) first", "bad");
+  const run = ++joinRun;
   refused = false;
   for (const c of conns.values()) c.pc.close();
   conns.clear();
   setStatus("joining…");
   try {
     await makeIdentity(token);
-    const { pc, control, sdp } = await newPc();
-    attach(pc, control, null);
-    // The credential for the server that answers this request: an agent's page ignores it (the agent checks
-    // the credential on the link), `weftnet signal` wants a join-key proof bound to this offer, or its invite.
-    let cred: Json;
-    if (invite !== null) cred = { invite };
-    else {
-      const ts = Date.now();
-      cred = { proof: { ts, mac: hex(await crypto.subtle.sign("HMAC", joinMacKey!, frame(OFFER_CTX, String(ts), sdp))) } };
-    }
-    const res = await fetch("/ui/v1/offer", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sdp, ...cred }) });
-    const body = (await res.json()) as { sdp: string; candidates: RTCIceCandidateInit[]; error?: { code?: string; message: string } };
-    if (res.status === 401) {
-      refused = true;
-      pc.close();
-      return setStatus(`refused by the signaling server: ${body.error?.message ?? "wrong credential"}`, "bad");
-    }
-    if (!res.ok) throw new Error(body.error?.message ?? `HTTP ${res.status}`);
-    await finishPc(pc, body);
   } catch (e) {
-    setStatus(`cannot join: ${(e as Error).message}`, "bad");
+    return setStatus(`cannot join: ${(e as Error).message}`, "bad");
+  }
+  for (let attempt = 1; attempt <= 3 && run === joinRun && !refused; attempt++) {
+    let pc: RTCPeerConnection | undefined;
+    try {
+      const x = await newPc();
+      pc = x.pc;
+      attach(x.pc, x.control, null);
+      // The credential for the server that answers this request: an agent's page ignores it (the agent checks
+      // the credential on the link), `weftnet signal` wants a join-key proof bound to this offer, or its invite.
+      let cred: Json;
+      if (invite !== null) cred = { invite };
+      else {
+        const ts = Date.now();
+        cred = { proof: { ts, mac: hex(await crypto.subtle.sign("HMAC", joinMacKey!, frame(OFFER_CTX, String(ts), x.sdp))) } };
+      }
+      const res = await fetch("/ui/v1/offer", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sdp: x.sdp, ...cred }) });
+      const body = (await res.json()) as { sdp: string; candidates: RTCIceCandidateInit[]; error?: { code?: string; message: string } };
+      if (res.status === 401) {
+        refused = true;
+        pc.close();
+        return setStatus(`refused by the signaling server: ${body.error?.message ?? "wrong credential"}`, "bad");
+      }
+      if (!res.ok) throw new Error(body.error?.message ?? `HTTP ${res.status}`);
+      await finishPc(pc, body);
+    } catch (e) {
+      setStatus(`cannot join: ${(e as Error).message}`, "bad");
+      pc?.close();
+      if (attempt === 3) return;
+    }
+    // joined (a welcome), refused, or give this link up and ask again (maybe another agent answers)
+    const until = Date.now() + FIRST_LINK_MS;
+    while (Date.now() < until && conns.size === 0 && !refused && run === joinRun) await new Promise((r) => setTimeout(r, 200));
+    if (conns.size > 0 || refused || run !== joinRun) return;
+    pc?.close();
+    console.warn(`the first link did not open within ${FIRST_LINK_MS / 1000} s (attempt ${attempt})`);
+    if (attempt < 3) setStatus(`joining… (attempt ${attempt + 1})`);
+    else setStatus("cannot join: no link to an agent opened", "bad");
   }
 }
 

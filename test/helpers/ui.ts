@@ -7,7 +7,7 @@ import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
-import type { Browser } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { RTCPeerConnection, type RTCDataChannel } from "werift";
 import { tmpDir, waitFor } from "./cluster.js";
 
@@ -170,3 +170,26 @@ export async function openNodeViewer(base: string, body: Record<string, unknown>
 }
 
 export const sendViewer = (v: NodeViewer, m: unknown) => v.control.send(Buffer.from(JSON.stringify(m)));
+
+/** The page's console output (warnings, errors), for failure messages. */
+export function recordConsole(page: Page): string[] {
+  const lines: string[] = [];
+  page.on("console", (m) => lines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => lines.push(`pageerror: ${e.message}`));
+  return lines;
+}
+
+/**
+ * page.waitForFunction(predicate) that, on timeout, fails with what the page showed: its status line,
+ * its node and link rows, and its console (so a CI failure says where the join stopped).
+ */
+export async function waitForPage(page: Page, predicate: string, timeoutMs: number, what: string, consoleLines: string[] = []): Promise<void> {
+  try {
+    await page.waitForFunction(predicate, undefined, { timeout: timeoutMs });
+  } catch (e) {
+    const shown = await page
+      .evaluate(`(() => ({ status: document.querySelector("#status")?.textContent, nodes: [...document.querySelectorAll("#nodes tbody tr")].map((r) => r.textContent), links: [...document.querySelectorAll("#links tbody tr")].map((r) => r.textContent) }))()`)
+      .catch((x: Error) => `(page gone: ${x.message})`);
+    throw new Error(`${what}: not within ${timeoutMs} ms (${(e as Error).message.split("\n")[0]}); the page showed ${JSON.stringify(shown)}; console: ${JSON.stringify(consoleLines.slice(-20))}`);
+  }
+}

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Browser, Page } from "playwright-core";
 import { waitFor } from "../helpers/cluster.js";
-import { agentStatus, ARTIFACTS, freePort, HAVE_CHROMIUM, launchChromium, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
+import { agentStatus, ARTIFACTS, freePort, HAVE_CHROMIUM, launchChromium, recordConsole, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
 
 const TOKEN = "ui-browser-Zq3v8Kp1Lm7Xr2Tn5Wb9Yc4Hd6Jf0Gs";
 const status = agentStatus;
@@ -55,15 +55,18 @@ d("live topology page in Chromium", () => {
     const page = await browser!.newPage({ viewport: { width: 1280, height: 760 } });
     const errors: string[] = [];
     page.on("pageerror", (e) => errors.push(e.message));
+    const logs = recordConsole(page);
     await page.goto(uiUrl);
     await page.fill("#credential", TOKEN);
     await page.click("#join-btn");
     // (page-side predicates are strings: this file is compiled for Node, without the DOM types)
-    await page.waitForFunction(
+    await waitForPage(
+      page,
       `(() => { const rows = [...document.querySelectorAll("#nodes tbody tr")];
         return rows.length === 3 && rows.every((r) => /ms$/.test(r.querySelector(".rtt").textContent)) && document.querySelectorAll("#links tbody tr").length === 3; })()`,
-      undefined,
-      { timeout: 40_000 },
+      40_000,
+      "3 nodes with RTTs and 3 links",
+      logs,
     );
     expect(await page.textContent("#status")).toMatch(/^joined: 3 agent link\(s\), viewer id [0-9a-f]{16}$/);
     const nodes = await nodeRows(page);

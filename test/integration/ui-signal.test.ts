@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { generateIdentity } from "../../src/identity.js";
 import { loadInviteKey, mintInvite } from "../../agent/ui/invite.js";
 import { tmpDir, waitFor } from "../helpers/cluster.js";
-import { agentStatus, ARTIFACTS, HAVE_CHROMIUM, launchChromium, runCli, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
+import { agentStatus, ARTIFACTS, HAVE_CHROMIUM, launchChromium, recordConsole, runCli, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
 
 const TOKEN = "ui-signal-Hd6Jf0GsZq3v8Kp1Lm7Xr2Tn5Wb9Yc4";
 const d = HAVE_CHROMIUM ? describe : describe.skip;
@@ -79,6 +79,7 @@ d("live topology page at weftnet signal's /ui", () => {
     // the operator's page: pasted token
     const byToken = await browser!.newPage({ viewport: { width: 1280, height: 760 } });
     byToken.on("pageerror", (e) => errors.push(e.message));
+    const logs = new Map([[byToken, recordConsole(byToken)]]);
     await byToken.goto(uiUrl);
     await byToken.fill("#credential", TOKEN);
     await byToken.click("#join-btn");
@@ -89,10 +90,11 @@ d("live topology page at weftnet signal's /ui", () => {
     expect(link, inv.stdout).toBeDefined();
     const byInvite = await browser!.newPage({ viewport: { width: 1280, height: 760 } });
     byInvite.on("pageerror", (e) => errors.push(e.message));
+    logs.set(byInvite, recordConsole(byInvite));
     await byInvite.goto(link!);
 
     for (const page of [byToken, byInvite]) {
-      await page.waitForFunction(FULL_VIEW, undefined, { timeout: 40_000 });
+      await waitForPage(page, FULL_VIEW, 40_000, `${page === byToken ? "token" : "invite"} page: 3 nodes with RTTs and 3 links`, logs.get(page));
       expect(await page.textContent("#status")).toMatch(/^joined: 3 agent link\(s\), viewer id [0-9a-f]{16}$/);
       const nodes = await nodeRows(page);
       expect(nodes.map((n) => n.name).sort()).toEqual(["a", "b", "c"]);
