@@ -1,62 +1,67 @@
 /**
- * The agent's composition root: identity + signaling client + transport + mesh manager + local API.
- * Everything with I/O is created here and passed into the core (src/), which never imports it.
+ * The agent's composition root and lifecycle: identity + signaling client + transport + mesh manager +
+ * IPAM + data plane + local API, started in order and stopped in reverse. Everything with I/O is created
+ * here and passed into the core (src/), which never imports it. The rules live in their own modules:
+ * transport choice (transport-choice.ts), route policy (route-policy.ts), Kubernetes release rules
+ * (k8s-release.ts), status assembly (status.ts), pods (pods.ts); the data plane is built from ports
+ * (dataplane.ts). Nothing in agent/ imports this file back except the CLI (test/unit/deps.test.ts).
  */
-import { uplinkMtu } from "./os/mtu.js";
-import { MAX_LINK_MTU, SAFE_LINK_MTU } from "./transport/link-base.js";
 import { existsSync, unlinkSync } from "node:fs";
-import { hostname } from "node:os";
+import { hostname, networkInterfaces } from "node:os";
+import { join } from "node:path";
 import { DEFAULT_CLUSTER_RANGE } from "../src/defaults.js";
-import { UsageError, WeftError } from "../src/errors.js";
+import { desiredNodeNetwork } from "../src/desired-network.js";
+import { WeftError } from "../src/errors.js";
 import { peerKeyOf } from "../src/identity.js";
+import { parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
 import { identityKeys } from "../src/ipam/signing.js";
 import { createLogger, type Logger } from "../src/log.js";
-import { MeshManager, type PeerStatus, type MeshCounters } from "../src/mesh/manager.js";
+import { MeshManager } from "../src/mesh/manager.js";
 import type { PeerTiming } from "../src/mesh/peer.js";
 import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
-import { IpamDriver, type PodAddress } from "./ipam.js";
-import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
-import { BulkService, refuseBulk, type BulkPeerStatus } from "./transport/bulk.js";
+import { FrameSealer } from "../src/packet/seal.js";
 import type { BulkTiming } from "../src/bulk/session.js";
-import { aggregateCidrs } from "../src/ipam/aggregate.js";
-import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
-import type { DataPlane, PodInfo } from "./dataplane.js";
-import type { MetricsServer } from "./metrics.js";
-import type { NodeWatchConfig, NodeWatcher } from "./k8s.js";
-
-/** Advertised routes must be valid IPv4 CIDRs outside the cluster range. */
-export function checkAdvertisedRoutes(routes: string[], clusterRange: string): void {
-  const range = parseCidr(clusterRange);
-  for (const r of routes) {
-    let c;
-    try {
-      c = parseCidr(r);
-    } catch {
-      throw new UsageError(`advertised route ${JSON.stringify(r)} is not an IPv4 CIDR like 192.168.1.0/24`);
-    }
-    if (overlaps(c, range)) throw new UsageError(`advertised route ${r} overlaps the cluster range ${clusterRange}: the mesh already routes it to pods; advertise networks outside it`);
-  }
-  for (let i = 0; i < routes.length; i++)
-    for (let j = i + 1; j < routes.length; j++) if (overlaps(parseCidr(routes[i]!), parseCidr(routes[j]!))) throw new UsageError(`advertised routes ${routes[i]} and ${routes[j]} overlap each other`);
-}
-
-/** Is `ip` (any family; only IPv4 can match) inside the IPv4 CIDR? */
-function inRange(ip: string, cidr: Cidr): boolean {
-  if (!/^\d+\.\d+\.\d+\.\d+$/.test(ip)) return false;
-  try {
-    return containsIp(cidr, parseIp(ip));
-  } catch {
-    return false;
-  }
-}
 import { startApiServer, type ApiServer } from "./api.js";
-import type { AgentStatus, AgentView, IpamView, LinkType, PeerPath, RouteConflict, RouteStatus } from "./status.js";
+import { apiRequest } from "./api-client.js";
+import type { DataPlane } from "./dataplane.js";
+import { IpamDriver, type PodAddress } from "./ipam.js";
+import { K8sRelease } from "./k8s-release.js";
+import type { NodeWatchConfig, NodeWatcher } from "./k8s.js";
+import type { MetricsServer } from "./metrics.js";
+import type { PodInfo, Pods } from "./pods.js";
+import { checkAdvertisedRoutes, RoutePolicy } from "./route-policy.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
-import { apiRequest } from "./api-client.js";
+import { describePeer, ipamView, linkPath, routeStatus, type AgentStatus, type AgentView, type IpamView, type PeerPath, type RouteStatus } from "./status.js";
+import { createTransport, inRange } from "./transport-choice.js";
+import { BulkService, refuseBulk } from "./transport/bulk.js";
+import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
 import { VERSION } from "./version.js";
 import { AgentStun, ownStun, stunPlan, type StunUse } from "./stun-server.js";
+
+export { checkAdvertisedRoutes } from "./route-policy.js";
+export type { PodInfo } from "./pods.js";
+
+/** IPv4 networks of this host's interfaces (except loopback and the overlay's own). */
+function hostNetworks(): Cidr[] {
+  const out: Cidr[] = [];
+  for (const [name, addrs] of Object.entries(networkInterfaces())) {
+    for (const a of addrs ?? []) {
+      if (a.family !== "IPv4" || a.internal || !a.cidr) continue;
+      if (name.startsWith("weft")) continue;
+      const [ip, len] = a.cidr.split("/") as [string, string];
+      try {
+        const prefix = Number(len);
+        const size = 2 ** (32 - prefix);
+        out.push({ base: Math.floor(parseIp(ip) / size) * size, prefix });
+      } catch {
+        // not an address we understand
+      }
+    }
+  }
+  return out;
+}
 
 export type IceServer = { urls: string | string[]; username?: string; credential?: string };
 
@@ -146,8 +151,14 @@ export class Agent implements AgentView {
   stun: AgentStun | undefined;
   private stopping: Promise<void> | undefined;
   readonly router: Router;
+  readonly routePolicy: RoutePolicy;
+  readonly k8sRelease: K8sRelease;
   ipam!: IpamDriver;
   dataplane: DataPlane | undefined;
+  private pods: Pods | undefined;
+  private sourcesTimer: NodeJS.Timeout | undefined;
+  /** peers' underlay addresses (selected ICE pairs), never routed into the overlay */
+  private peerAddrs: string[] = [];
   relay: RelayTransport | undefined;
   /** the bulk link service (--bulk), when enabled */
   bulk: BulkService | undefined;
@@ -155,10 +166,6 @@ export class Agent implements AgentView {
   metrics: MetricsServer | undefined;
   /** the --k8s-node-watch watcher, when enabled */
   k8s: NodeWatcher | undefined;
-  /** id -> name of every peer seen connected (the mesh forgets gone peers; a Node may be deleted much later) */
-  private readonly seenNames = new Map<string, string>();
-  /** Nodes deleted while their agent was still reachable: name -> re-check deadline */
-  private readonly pendingDeletes = new Map<string, number>();
 
   private constructor(
     readonly cfg: AgentConfig,
@@ -170,87 +177,37 @@ export class Agent implements AgentView {
     readonly transport: Transport,
     readonly log: Logger,
   ) {
-    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.localPrefixes(), prefixAllowed: (node, cidr) => this.prefixAllowed(node, cidr), localStun: () => this.stun?.advertised(this.reflexive) ?? [] });
-  }
-
-  /** Prefixes this node owns or advertises (IPAM blocks; filled in by the data plane). */
-  localPrefixes(): string[] {
-    const owned = this.ipam ? this.ipam.localBlocks() : [];
-    if (owned !== this.aggKey) {
-      // localBlocks() returns the same array until ownership changes: aggregate once per change.
-      this.aggKey = owned;
-      this.aggregated = aggregateCidrs(owned);
-    }
-    return [...this.aggregated, ...this.advertisedRoutes()];
-  }
-
-  /**
-   * Route ownership comes from what a node owns, not from what it claims: a cluster prefix only when the
-   * IPAM table gives every address of it to that node, an external one only when this node installs it
-   * (--accept-routes, agent/os/advertise.ts decideRoutes; without a data plane none is used).
-   */
-  prefixAllowed(node: string, cidr: string): boolean {
-    const c = parseCidr(cidr);
-    // One IPAM snapshot per routing recompute (it asks for every prefix of every record).
-    const now = Date.now();
-    if (!this.ipamSnap || now - this.ipamSnap.at > 100) this.ipamSnap = this.ipam ? { at: now, st: this.ipam.status() } : undefined;
-    const st = this.ipamSnap?.st;
-    if (!st) return false;
-    const range = parseCidr(st.range);
-    if (overlaps(c, range)) {
-      if (c.prefix < range.prefix) return false;
-      let covered = 0;
-      for (const b of st.blocks) {
-        if (b.owner !== node) continue;
-        const bc = parseCidr(b.cidr);
-        if (bc.prefix >= c.prefix && overlaps(bc, c)) covered += 2 ** (32 - bc.prefix);
-        else if (bc.prefix < c.prefix && overlaps(bc, c)) return true; // inside one of its blocks
-      }
-      return covered === 2 ** (32 - c.prefix);
-    }
-    return this.dataplane?.routeDecisions.some((d) => d.accepted && d.node === node && d.cidr === cidr) ?? false;
-  }
-
-  private ipamSnap: { at: number; st: ReturnType<IpamDriver["status"]> } | undefined;
-  private aggKey: string[] | undefined;
-  private aggregated: string[] = [];
-
-  /**
-   * Conflicts between our advertised routes and other nodes'. Reported, not settled by node id (ids can be
-   * ground): both sides keep advertising and every receiver installs neither (agent/os/advertise.ts
-   * decideRoutes) until an operator changes --advertise-routes. `kept` is always true (kept for the API).
-   */
-  routeConflicts: RouteConflict[] = [];
-
-  /** Advertised routes still in force (overlaps with a lower node id's prefixes are withdrawn). */
-  advertisedRoutes(): string[] {
-    const withdrawn = new Set(this.routeConflicts.filter((c) => !c.kept).map((c) => c.route));
-    return (this.cfg.advertiseRoutes ?? []).filter((r) => !withdrawn.has(r));
-  }
-
-  /** Re-check our advertised routes against every other node's prefixes (outside the cluster range). */
-  checkRouteConflicts(): void {
-    const mine = this.cfg.advertiseRoutes ?? [];
-    if (mine.length === 0) return;
-    const range = parseCidr(this.cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE);
-    const next: typeof this.routeConflicts = [];
-    for (const rec of this.router.records()) {
-      if (rec.node === this.id) continue;
-      for (const p of rec.prefixes) {
-        const pc = parseCidr(p);
-        if (overlaps(pc, range)) continue;
-        for (const r of mine) {
-          if (!overlaps(parseCidr(r), pc)) continue;
-          next.push({ route: r, other: p, node: rec.node, nodeName: this.mesh.peerName(rec.node) ?? rec.node, kept: true });
-        }
-      }
-    }
-    const key = (l: typeof next) => JSON.stringify(l.map((c) => [c.route, c.other, c.node, c.kept]).sort());
-    if (key(next) === key(this.routeConflicts)) return;
-    for (const c of next)
-      this.log.error(`advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); other nodes install neither until one side changes --advertise-routes`, { route: c.route, other: c.other, node: c.node });
-    this.routeConflicts = next;
-    this.router.prefixesChanged();
+    this.routePolicy = new RoutePolicy({
+      selfId: id,
+      configuredRange: cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE,
+      advertise: cfg.advertiseRoutes ?? [],
+      accept: cfg.acceptRoutes,
+      ownedBlocks: () => this.ipam?.localBlocks(),
+      ipamStatus: () => this.ipam?.status(),
+      records: () => this.router.records(),
+      peerName: (n) => mesh.peerName(n),
+      hostNetworks,
+      protectedHosts: () => {
+        const iceHosts = this.iceServers().flatMap((s) => (Array.isArray(s.urls) ? s.urls : [s.urls])).map((u) => /^(?:stuns?|turns?):\[?([^\]?/]+?)\]?(?::\d+)?(?:\?.*)?$/.exec(u)?.[1] ?? "");
+        return [this.signal.host, ...iceHosts, ...this.peerAddrs];
+      },
+      prefixesChanged: () => this.router.prefixesChanged(),
+      now: () => Date.now(),
+      logger: log,
+    });
+    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.routePolicy.localPrefixes(), prefixAllowed: (node, cidr) => this.routePolicy.prefixAllowed(node, cidr), localStun: () => this.stun?.advertised(this.reflexive) ?? [] });
+    this.k8sRelease = new K8sRelease({
+      selfId: id,
+      selfName: name,
+      blockOwners: () => this.ipam.status().blocks.map((b) => b.owner),
+      // the agent saw the Node deleted itself: that is the release's authority (src/ipam/node.ts ReleaseAuth)
+      forceRelease: (node) => this.ipam.forceRelease(node, { observedGone: true }),
+      peerName: (n) => mesh.peerName(n),
+      reachable: (n) => mesh.isConnected(n) || this.router.nextHop(n) !== undefined,
+      ...(cfg.k8sNodeWatch?.pendingMs !== undefined ? { pendingMs: cfg.k8sNodeWatch.pendingMs } : {}),
+      now: () => Date.now(),
+      logger: log.child("k8s"),
+    });
   }
 
   static async start(cfg: AgentConfig): Promise<Agent> {
@@ -261,7 +218,15 @@ export class Agent implements AgentView {
     const instance = newInstanceId();
     const sock = apiSocketPath(cfg.stateDir);
     if (cfg.api !== false) await claimSocket(sock, cfg.stateDir);
-    const transport = cfg.transport ?? (await createTransport(cfg, log));
+    const transport =
+      cfg.transport ??
+      (await createTransport({
+        clusterRange: cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE,
+        logger: log,
+        ...(cfg.transportKind !== undefined ? { kind: cfg.transportKind } : {}),
+        ...(cfg.linkMtu !== undefined ? { linkMtu: cfg.linkMtu } : {}),
+        ...(cfg.werift !== undefined ? { werift: cfg.werift } : {}),
+      }));
     const agentLog = log.child("agent", { node: identity.id, name });
     if (created) agentLog.info("created a new node identity", { stateDir: cfg.stateDir });
 
@@ -322,7 +287,7 @@ export class Agent implements AgentView {
     agent.relay = relay;
     if (cfg.bulk) {
       const a = agent;
-      const rangeCidr = parseCidr(cfg.ipam?.range ?? "10.40.0.0/16");
+      const rangeCidr = parseCidr(cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE);
       try {
         agent.bulk = BulkService.open({
           identity,
@@ -361,18 +326,10 @@ export class Agent implements AgentView {
       throw e;
     }
     agent.ipam.onBlocksChanged(() => agent!.router.prefixesChanged());
-    mesh.onPeerUp((id) => {
-      const n = mesh.peerName(id);
-      if (n !== undefined) agent!.seenNames.set(id, n);
-    });
+    mesh.onPeerUp((id) => agent!.k8sRelease.peerUp(id));
     if (cfg.tun) {
       try {
-        agent.dataplane = await (await import("./dataplane.js")).DataPlane.start(agent, {
-          logger: agentLog.child("dataplane"),
-          ...(cfg.iface !== undefined ? { iface: cfg.iface } : {}),
-          ...(cfg.bridge !== undefined ? { bridge: cfg.bridge } : {}),
-          ...(cfg.mtu !== undefined ? { mtu: cfg.mtu } : {}),
-        });
+        await agent.startDataPlane();
       } catch (e) {
         await transport.close();
         throw e;
@@ -391,7 +348,7 @@ export class Agent implements AgentView {
       const { NodeWatcher } = await import("./k8s.js");
       const a = agent;
       try {
-        a.k8s = new NodeWatcher(cfg.k8sNodeWatch, { onDeleted: (n) => a.k8sNodeDeleted(n), onPresent: (n) => a.pendingDeletes.delete(n) }, agentLog.child("k8s"));
+        a.k8s = new NodeWatcher(cfg.k8sNodeWatch, { onDeleted: (n) => a.k8sRelease.nodeDeleted(n), onPresent: (n) => a.k8sRelease.present(n) }, agentLog.child("k8s"));
       } catch (e) {
         await a.stop();
         throw e;
@@ -413,12 +370,112 @@ export class Agent implements AgentView {
       agent!.router.flush();
       if (++ticks % 5 === 0) {
         agent!.router.tick();
-        agent!.checkRouteConflicts();
+        agent!.routePolicy.checkConflicts();
         agent!.ipam.tick();
-        agent!.recheckPendingDeletes();
+        agent!.k8sRelease.tick();
       }
     }, 200);
     return agent;
+  }
+
+  /**
+   * The data plane from its ports: the TUN, the node network (netconf + gateway rules), the mesh's packet
+   * side (the bulk link preferred where it is up), the router's tables, the route policy's source table and
+   * desiredNodeNetwork() over this agent's inputs. Every input change goes through its one reconcile trigger.
+   */
+  private async startDataPlane(): Promise<void> {
+    const cfg = this.cfg;
+    const log = this.log.child("dataplane");
+    const [{ DataPlane, segmentModeFromEnv }, { openTun, DEFAULT_TUN_NAME }, { NodeNetwork, DEFAULT_BRIDGE, DEFAULT_MTU }, { LinuxNodeNetwork }, { Pods }] = await Promise.all([
+      import("./dataplane.js"),
+      import("./os/tun.js"),
+      import("./os/netconf.js"),
+      import("./os/node-network.js"),
+      import("./pods.js"),
+    ]);
+    const bridge = cfg.bridge ?? DEFAULT_BRIDGE;
+    const mtu = cfg.mtu ?? DEFAULT_MTU;
+    // reuseSlab: the forwarder copies every packet into a frame inside onBatch.
+    const tun = openTun({ name: cfg.iface ?? DEFAULT_TUN_NAME, reuseSlab: true });
+    const network = new LinuxNodeNetwork(new NodeNetwork({ tunName: tun.name, bridge, mtu, logger: log, stateFile: join(cfg.stateDir, "netconf.json") }), log);
+    const { mesh, bulk, router, routePolicy: policy, ipam } = this;
+    const dp = new DataPlane({
+      selfId: this.id,
+      device: tun,
+      network,
+      mesh: {
+        // The bulk UDP link where it is up (agent/transport/bulk.ts), else the mesh link (WebRTC/relay).
+        sendPacket: bulk ? (peer, frame) => bulk.send(peer, frame) ?? mesh.sendPacket(peer, frame) : (peer, frame) => mesh.sendPacket(peer, frame),
+        queued: (peer) => mesh.queued(peer),
+        // The bulk link segments by itself (one inner packet per datagram); WebRTC links report their budget.
+        linkBudget: (peer) => (bulk?.isUp(peer) ? undefined : mesh.link(peer)?.packetBudget),
+        onPacket: (h) => {
+          mesh.onPacket(h);
+          bulk?.onFrame(h);
+        },
+        onDrain: (h) => mesh.onDrain(h),
+        onPeerDown: (h) => mesh.onPeerDown(h),
+      },
+      routes: router,
+      // Cryptokey routing: who may use which address (IPAM blocks, accepted and own routes), and end-to-end
+      // sealing of frames through transit nodes with keys from the nodes' signed topology records.
+      sources: policy.sources,
+      sealer: new FrameSealer({ identity: mesh.identity, publicKeyOf: (n) => router.topo.get(n)?.pub, now: () => Date.now() }),
+      desired: () =>
+        desiredNodeNetwork({
+          tun: tun.name,
+          clusterRange: ipam.status().range,
+          ownedBlocks: ipam.localBlocks(),
+          activeBlocks: ipam.activeBlocks(),
+          acceptedRoutes: policy.acceptedRoutes(),
+          advertised: policy.advertisedRoutes(),
+          snat: !!cfg.snatRoutes,
+        }),
+      segment: segmentModeFromEnv(),
+      now: () => performance.now(),
+      logger: log,
+      bridge,
+      mtu,
+    });
+    try {
+      await dp.start();
+    } catch (e) {
+      await tun.close().catch(() => {});
+      await network.teardown().catch(() => {});
+      throw e;
+    }
+    this.dataplane = dp;
+    const reconcile = () => void dp.reconcile().catch((err) => log.error("could not apply the node network", { err }));
+    ipam.onBlocksChanged(reconcile);
+    // Routes advertised by other nodes (and our own advertisements) change with the gossip.
+    let routesKey = "";
+    router.onChange(() => {
+      const key = JSON.stringify([policy.acceptedRoutes(), policy.advertisedRoutes()]);
+      if (key === routesKey) return;
+      routesKey = key;
+      reconcile();
+    });
+    const pods = (this.pods = new Pods({ ipam, reconcile: () => dp.reconcile(), bridge, mtu, logger: log }));
+    ipam.onRevoked((r) => void pods.revoked(r.podId));
+    policy.refreshSources();
+    router.onChange(() => policy.refreshSources());
+    ipam.onBlocksChanged(() => policy.refreshSources());
+    // Remote IPAM ownership changes without a local event: look again every 250 ms (a new block of another
+    // node is refused as a source until then; the key comparison keeps an unchanged table cheap).
+    let ticks = 0;
+    let ownersVersion = 0;
+    this.sourcesTimer = setInterval(() => {
+      policy.refreshSources();
+      if (policy.sourcesVersion !== ownersVersion) {
+        ownersVersion = policy.sourcesVersion;
+        router.refreshOwners(); // forwarding follows IPAM ownership and accepted routes
+      }
+      if (++ticks % 4 !== 0) return; // peers' addresses: once a second
+      void mesh.status().then((ps) => {
+        this.peerAddrs = ps.flatMap((p) => (p.selected ? [p.selected.remoteAddress.replace(/:\d+$/, "")] : []));
+      }, () => {});
+    }, 250);
+    this.sourcesTimer.unref?.();
   }
 
   iceServers(): IceServer[] {
@@ -486,11 +543,11 @@ export class Agent implements AgentView {
         fingerprint: `${this.transport.fingerprint.algorithm} ${this.transport.fingerprint.value}`,
         signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive, stun: { host: this.signal.host, port: this.stunPort, altPort: this.stunAltPort } },
       },
-      peers: (await this.mesh.status()).map((p) => this.peerView(p)),
+      peers: (await this.mesh.status()).map((p) => describePeer(p, this.router.route(p.id), (id) => this.mesh.peerName(id), { enabled: !!this.bulk, status: this.bulk?.status(p.id) ?? null })),
       bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates(), crypto: this.bulk.cryptoName, gso: this.bulk.socket.gso, gro: this.bulk.socket.gro, coalesced: { ...this.bulk.gro }, counters: { ...this.bulk.counters } } : null,
-      dataplane: this.dataplane ? this.dataplane.stats() : null,
+      dataplane: this.dataplane ? { ...this.dataplane.stats(), routes: this.routePolicy.decisions } : null,
       stun: { serving: this.stun?.status(this.reflexive) ?? null, using: this.stunUses() },
-      routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routeConflicts },
+      routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.routePolicy.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routePolicy.conflicts },
       counters: {
         ...this.mesh.counters,
         relayBytesIn: this.relay?.counters.bytesIn ?? 0,
@@ -502,28 +559,6 @@ export class Agent implements AgentView {
     };
   }
 
-  /** A peer as status shows it: which path its traffic takes (direct, turn, relay, via NODE) and why. */
-  private peerView(p: PeerStatus): AgentStatus["peers"][number] {
-    const r = this.router.route(p.id);
-    const via = r && r.via !== "direct" ? r.via : null;
-    const path: PeerPath = via ? `via ${this.mesh.peerName(via) ?? via}` : p.state === "connected" ? linkPath(p) : r ? "direct" : "none";
-    const turn = path === "turn";
-    const bulk = this.bulk?.status(p.id) ?? null;
-    const bulkUp = bulk?.state === "up";
-    const linkType: LinkType | null = via ? "via" : p.state !== "connected" ? null : bulkUp ? "bulk" : p.path === "relay" ? "relay" : turn ? "turn" : "webrtc";
-    const linkWhy =
-      linkType === null
-        ? ""
-        : linkType === "bulk"
-          ? `direct UDP to ${bulk!.endpoint}, path MTU ${bulk!.pathMax}`
-          : linkType === "via"
-            ? "no direct link; routed via another agent (lowest measured RTT)"
-            : !this.bulk
-              ? "bulk link disabled here (--no-bulk)"
-              : `bulk link ${bulk ? `${bulk.state}: ${bulk.reason}` : "not negotiated yet"}`;
-    return { ...p, path, via, linkType, linkWhy, bulk };
-  }
-
   peerName(id: string): string | undefined {
     return this.mesh.peerName(id);
   }
@@ -531,28 +566,16 @@ export class Agent implements AgentView {
   /** The data plane's drop counters (forwarder and TUN), when it runs. */
   drops() {
     const dp = this.dataplane;
-    return dp ? { forwarder: dp.forwarder.drops, tun: dp.tun.drops } : null;
+    return dp ? { forwarder: dp.forwarder.drops, tun: dp.device.drops } : null;
   }
 
   routes(): RouteStatus[] {
-    const name = (id: string) => this.mesh.peerName(id) ?? id;
-    return this.router.entries().map((e) => ({ dst: e.dst, name: name(e.dst), nextHop: e.nextHop, nextHopName: name(e.nextHop), via: e.via === "direct" ? "direct" : `via ${name(e.via)}`, costMs: e.cost, path: [...e.path] }));
+    return routeStatus(this.router.entries(), (id) => this.mesh.peerName(id));
   }
 
   ipamStatus(): IpamView {
-    const st = this.ipam.status();
     const connected = new Set(this.mesh.connectedPeers());
-    const name = (id: string) => (id === this.id ? this.name : (this.mesh.peerName(id) ?? null));
-    const reach = new Map<string, boolean>();
-    return {
-      ...st,
-      // once per owner, not per block: a founder or heir owns ~1000 blocks, and nextHop is not free
-      blocks: st.blocks.map((b) => {
-        let r = reach.get(b.owner);
-        if (r === undefined) reach.set(b.owner, (r = b.owner === this.id || connected.has(b.owner) || this.router.nextHop(b.owner) !== undefined));
-        return { ...b, ownerName: name(b.owner), reachable: r };
-      }),
-    };
+    return ipamView(this.ipam.status(), this.id, this.name, (id) => this.mesh.peerName(id), (id) => connected.has(id) || this.router.nextHop(id) !== undefined);
   }
 
   /** Also for API clients (the CNI plugin): the bridge gets the block's gateway before this returns. */
@@ -584,73 +607,17 @@ export class Agent implements AgentView {
     return { node: id };
   }
 
-  /**
-   * A Kubernetes Node named `name` was deleted: force-release the blocks of the weftnet node(s) of that
-   * name (agents run with --name $(NODE_NAME)). Tolerant, unlike ipamRelease: a name no block owner has,
-   * our own name, or a node still reachable is logged and skipped (a reachable one is re-checked for
-   * `pendingMs`: a VM that was just terminated still looks connected until its heartbeats time out).
-   * The --reclaim-after mesh reclaim stays the fallback. Every agent sees the same deletion and they may
-   * all force-release at once: that converges, because forced writes are ordinary CRDT entries
-   * (src/ipam/table.ts: higher version wins, at equal version kind "f" beats "c" and "t", and two "f"
-   * at one version go to the lower owner id), so the agents agree on exactly one new owner per block.
-   */
-  k8sNodeDeleted(name: string, recheck = false): void {
-    const log = this.log.child("k8s");
-    if (name === this.name) {
-      log.warn("this node's own Kubernetes Node object was deleted; its blocks stay with it", { k8sNode: name });
-      return;
-    }
-    const owners = [...new Set(this.ipam.status().blocks.map((b) => b.owner).filter((o): o is string => !!o && o !== this.id))];
-    const ids = owners.filter((id) => (this.mesh.peerName(id) ?? this.seenNames.get(id)) === name);
-    if (ids.length === 0) {
-      this.pendingDeletes.delete(name);
-      if (!recheck) log.info("deleted Kubernetes Node: no weftnet node of that name owns address blocks (known to this agent); nothing to release", { k8sNode: name });
-      return;
-    }
-    let alive = false;
-    for (const id of ids) {
-      if (this.reachable(id)) {
-        alive = true;
-        if (!recheck) log.info("deleted Kubernetes Node: its weftnet agent is still connected; not releasing its blocks (re-checked for a while)", { k8sNode: name, id });
-        continue;
-      }
-      try {
-        const blocks = this.ipam.status().blocks.filter((b) => b.owner === id).length;
-        this.ipam.forceRelease(id, { observedGone: true });
-        log.warn("released the address blocks of a deleted Kubernetes Node", { k8sNode: name, id, blocks });
-      } catch (e) {
-        log.warn("could not release the blocks of a deleted Kubernetes Node; the mesh reclaims them after --reclaim-after", { k8sNode: name, id, err: (e as Error).message });
-      }
-    }
-    if (alive) {
-      if (!this.pendingDeletes.has(name)) this.pendingDeletes.set(name, Date.now() + (this.cfg.k8sNodeWatch?.pendingMs ?? 120_000));
-    } else this.pendingDeletes.delete(name);
-  }
-
-  private reachable(id: string): boolean {
-    return this.mesh.isConnected(id) || this.router.nextHop(id) !== undefined;
-  }
-
-  private recheckPendingDeletes(): void {
-    for (const [name, until] of [...this.pendingDeletes]) {
-      if (Date.now() > until) {
-        this.pendingDeletes.delete(name);
-        this.log.child("k8s").info("deleted Kubernetes Node's agent is still connected; giving up (the mesh reclaims its blocks if it goes silent)", { k8sNode: name });
-      } else this.k8sNodeDeleted(name, true);
-    }
-  }
-
-  private requireDataplane(): DataPlane {
-    if (!this.dataplane) throw new WeftError("ERR_NO_DATAPLANE", "this agent runs without a data plane (--no-tun); pods need the TUN data plane");
-    return this.dataplane;
+  private requirePods(): Pods {
+    if (!this.pods) throw new WeftError("ERR_NO_DATAPLANE", "this agent runs without a data plane (--no-tun); pods need the TUN data plane");
+    return this.pods;
   }
 
   addPod(name: string): Promise<PodInfo> {
-    return this.requireDataplane().addPod(name);
+    return this.requirePods().add(name);
   }
 
   delPod(name: string): Promise<{ released: boolean }> {
-    return this.requireDataplane().delPod(name);
+    return this.requirePods().del(name);
   }
 
   /** Round trip over the peer's link; `path` is the path that link takes (as in status). */
@@ -666,6 +633,7 @@ export class Agent implements AgentView {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       if (this.tickTimer) clearInterval(this.tickTimer);
+      if (this.sourcesTimer) clearInterval(this.sourcesTimer);
       this.k8s?.stop();
       await this.bulk?.close().catch((err) => this.log.warn("could not close the bulk link", { err }));
       await this.stun?.close().catch((err) => this.log.warn("could not close the STUN responder", { err }));
@@ -678,39 +646,6 @@ export class Agent implements AgentView {
     })();
     return this.stopping;
   }
-}
-
-/** The path of a connected peer's own link: through the signaling server's relay, a TURN server, or direct. */
-function linkPath(p: PeerStatus): "direct" | "turn" | "relay" {
-  if (p.path === "relay") return "relay";
-  // A WebRTC link whose selected candidate pair goes through a TURN server is reported as "turn".
-  if (p.link === "webrtc" && (p.selected?.localType === "relay" || p.selected?.remoteType === "relay")) return "turn";
-  return "direct";
-}
-
-async function createTransport(cfg: AgentConfig, log: Logger): Promise<Transport> {
-  // ICE must never try to reach a peer through the overlay itself (TUN/bridge addresses).
-  const range = cfg.ipam?.range ?? DEFAULT_CLUSTER_RANGE;
-  const rangeCidr = parseCidr(range);
-  const common = { logger: log, ...(cfg.werift ?? {}), excludeAddress: (ip: string) => inRange(ip, rangeCidr) };
-  let kind = cfg.transportKind ?? "werift";
-  if (kind !== "werift") {
-    const native = await import("./transport/native.js");
-    if (await native.nativeAvailable()) {
-      let mtu = cfg.linkMtu ?? "auto";
-      if (mtu === "auto") {
-        const up = await uplinkMtu();
-        mtu = Math.min(MAX_LINK_MTU, Math.max(SAFE_LINK_MTU, up ?? SAFE_LINK_MTU));
-        log.debug("link MTU from the uplink", { uplinkMtu: up ?? "unknown", linkMtu: mtu });
-      }
-      return native.createNativeTransport({ ...common, mtu });
-    }
-    if (kind === "native") throw new WeftError("ERR_NO_NATIVE", `--transport native: node-datachannel does not load here (${native.nativeLoadError() ?? "unknown reason"}); use --transport werift`);
-    log.info("native transport unavailable; using werift", { reason: native.nativeLoadError() });
-    kind = "werift";
-  }
-  if (typeof cfg.linkMtu === "number") log.warn("--link-mtu applies to the native transport only: werift sends fixed 1200-byte SCTP chunks", { linkMtu: cfg.linkMtu });
-  return (await import("./transport/werift.js")).createWeriftTransport(common);
 }
 
 /** Refuse to start when another agent already serves this state dir; remove a stale socket. */

@@ -19,7 +19,7 @@ import type { Server } from "node:http";
 import { createAdaptorServer } from "@hono/node-server";
 import { Hono } from "hono";
 import { WeftError } from "../src/errors.js";
-import type { PodInfo } from "./dataplane.js";
+import type { PodInfo } from "./pods.js";
 import type { PodAddress } from "./ipam.js";
 import type { AgentView, PeerPath } from "./status.js";
 

@@ -1,116 +1,135 @@
 /**
- * The node's data plane: TUN device + node network (bridge, routes) + the forwarder + pods.
+ * The node's data plane, built only from ports (as wireguard-go's NewDevice(tun, bind, logger)):
+ *
+ *   device    PacketDevice: the TUN (agent/os/tun.ts; src/testing/memory-device.ts MemoryDevice in tests)
+ *   network   NodeNetworkPort: converges the OS to a desired state (agent/os/node-network.ts: netconf +
+ *             gateway rules; RecordingNetwork in tests)
+ *   mesh      MeshPacketPort: send a frame to a peer (the bulk link where it is up, else the mesh link),
+ *             its queue and budget, frames / drains / lost peers from the links
+ *   routes    RoutePort: prefix -> owner node, node -> next hop (src/mesh/router.ts Router)
+ *   sources   the cryptokey routing table, address -> node allowed to use it (agent/route-policy.ts keeps it)
+ *   sealer    end-to-end sealing of frames through transit nodes (src/packet/seal.ts)
+ *   desired() the desired OS state now: src/desired-network.ts desiredNodeNetwork(...) over the agent's inputs
  *
  *   pod (veth) -> bridge weft-br0 -> kernel route "cluster range -> weft0" -> TUN read batch
- *     -> Forwarder: LPM over gossiped prefixes -> owner node -> next hop (router) -> packets channel
- *   packets channel -> Forwarder: ours? -> TUN write -> kernel -> bridge -> pod
- *                                 transit? -> next hop (header only, TTL spent)
+ *     -> Forwarder: source check (sources) -> LPM over gossiped prefixes -> owner node -> next hop -> mesh port
+ *   frame from a peer -> Forwarder: source check -> ours? -> TUN write -> kernel -> bridge -> pod
+ *                                   transit? -> next hop (header only, TTL spent; sealed end to end)
  *
- * OS state is declarative (NodeNetwork.apply) and re-applied whenever this node's pod blocks change;
- * stop() removes what was added. Pods are network namespaces attached to the bridge (agent/os/pod.ts),
- * addressed from this node's IPAM blocks by pod id, the same path the CNI plugin uses.
+ * Receive side: packets for the TUN from every message of one event-loop turn are coalesced (userspace
+ * GRO, src/packet/gro.ts) and written as one batch. Send side: the Forwarder segments GSO super-packets
+ * towards lossy WebRTC links (src/packet/gso-policy.ts; the bulk link segments by itself).
+ *
+ * Backpressure is the Forwarder's one policy (src/packet/forwarder.ts): after each batch the TUN is paused
+ * when shouldPause(); a drain or a lost peer is the only cue to resume.
+ *
+ * OS state: reconcile() is the one trigger. A call while a run is queued (not started yet) shares that run;
+ * runs are serialised, each computes desired() when it starts and skips the apply when that equals what was
+ * last applied, so the triggers of one change (IPAM blocks, gossiped routes, a pod allocated or released)
+ * apply it once. A failed apply is tried again by the next call. stop() tears down what was added.
+ * The DataPlane itself does no I/O: everything goes through its ports.
  */
-import { join } from "node:path";
-import { WeftError } from "../src/errors.js";
+import type { DesiredNodeNetwork, NodeNetworkPort } from "../src/desired-network.js";
 import type { Logger } from "../src/log.js";
+import type { ChannelName, SendResult } from "../src/mesh/transport.js";
+import type { PacketDevice } from "../src/packet/device.js";
 import { Forwarder } from "../src/packet/forwarder.js";
 import { ByteArena } from "../src/packet/gso.js";
 import { coalesce, type GroStats } from "../src/packet/gro.js";
 import { SEGMENT_MODES, type SegmentMode } from "../src/packet/gso-policy.js";
-import type { Agent } from "./agent.js";
-import type { PodAddress } from "./ipam.js";
-import { DEFAULT_BRIDGE, DEFAULT_MTU, NodeNetwork, desiredNetwork } from "./os/netconf.js";
-import { addPod, delPod, listPods, podVethName, type PodResult } from "./os/pod.js";
-import { DEFAULT_TUN_NAME, openTun, type TunDevice } from "./os/tun.js";
-import { AdvertiseGateway, decideRoutes, type RouteDecision } from "./os/advertise.js";
-import { PrefixTable } from "../src/packet/prefix-table.js";
-import { FrameSealer } from "../src/packet/seal.js";
-import { containsIp, overlaps, parseCidr, parseIp, type Cidr } from "../src/ipam/cidr.js";
-import { networkInterfaces } from "node:os";
-
-/** IPv4 networks of this host's interfaces (except loopback and the overlay's own). */
-function localNetworks(): Cidr[] {
-  const out: Cidr[] = [];
-  for (const [name, addrs] of Object.entries(networkInterfaces())) {
-    for (const a of addrs ?? []) {
-      if (a.family !== "IPv4" || a.internal || !a.cidr) continue;
-      if (name.startsWith("weft")) continue;
-      const [ip, len] = a.cidr.split("/") as [string, string];
-      try {
-        const prefix = Number(len);
-        const size = 2 ** (32 - prefix);
-        out.push({ base: Math.floor(parseIp(ip) / size) * size, prefix });
-      } catch {
-        // not an address we understand
-      }
-    }
-  }
-  return out;
-}
+import type { PrefixTable } from "../src/packet/prefix-table.js";
+import type { FrameSealer } from "../src/packet/seal.js";
 
 /** Received packets collected before a coalesce + TUN write is forced (see DataPlane.toTun). */
 const RX_BATCH = 1024;
 
 /** WEFTNET_SEGMENT=auto|always|off (benchmarks and debugging; default auto, see src/packet/gso-policy.ts). */
-function segmentModeFromEnv(): SegmentMode {
+export function segmentModeFromEnv(): SegmentMode {
   const v = process.env.WEFTNET_SEGMENT;
   return v && (SEGMENT_MODES as readonly string[]).includes(v) ? (v as SegmentMode) : "auto";
 }
 
-export interface DataPlaneOptions {
-  iface?: string;
-  bridge?: string;
-  mtu?: number;
-  /** Software segmentation towards lossy links (default: WEFTNET_SEGMENT, else auto). */
-  segment?: SegmentMode;
-  logger: Logger;
+/** The packet side of the links to other nodes. */
+export interface MeshPacketPort {
+  /** Send one frame to a peer (TransportLink.send semantics: copies or transmits before returning). */
+  sendPacket(peer: string, frame: Uint8Array): SendResult;
+  /** bytes waiting on the peer's link (the Forwarder's high-water mark) */
+  queued(peer: string): number;
+  /** bytes one message to the peer should carry at most (segmentation); undefined: no budget */
+  linkBudget(peer: string): number | undefined;
+  /** frames from peers, whichever link carried them */
+  onPacket(h: (from: string, data: Uint8Array) => void): void;
+  /** a link can take more again (after "full") */
+  onDrain(h: (peer: string, channel: ChannelName) => void): void;
+  onPeerDown(h: (peer: string) => void): void;
 }
 
-export interface PodInfo extends PodAddress {
-  name: string;
-  hostVeth: string;
-  netns: string;
+/** Read side of the routing tables. */
+export interface RoutePort {
+  /** prefix -> node that owns/advertises it */
+  readonly owners: PrefixTable<string>;
+  nextHop(node: string): string | undefined;
+}
+
+export interface DataPlaneDeps {
+  selfId: string;
+  device: PacketDevice;
+  network: NodeNetworkPort;
+  mesh: MeshPacketPort;
+  routes: RoutePort;
+  /** address -> node allowed to use it as a source (anti-spoofing); unset: no source checks */
+  sources?: PrefixTable<string>;
+  /** end-to-end sealing through transit nodes; unset: transit frames are neither sealed nor accepted unsealed */
+  sealer?: FrameSealer;
+  desired(): DesiredNodeNetwork;
+  logger: Logger;
+  /** shown in stats (the pod bridge and MTU the network port was built with) */
+  bridge: string;
+  mtu: number;
+  /** software segmentation towards lossy links (default auto) */
+  segment?: SegmentMode;
+  /** monotonic clock, ms (segmentation's loss detection) */
+  now?: () => number;
 }
 
 export class DataPlane {
   readonly forwarder: Forwarder;
+  readonly device: PacketDevice;
   private applying: Promise<unknown> = Promise.resolve();
+  private queuedRun: Promise<void> | undefined;
+  /** JSON of the last desired state applied successfully */
+  private appliedKey: string | undefined;
   private stopped = false;
-  readonly iface: string;
-  readonly bridge: string;
-  readonly mtu: number;
+  private readonly log: Logger;
 
-  private constructor(
-    private readonly agent: Agent,
-    readonly tun: TunDevice,
-    readonly net: NodeNetwork,
-    private readonly log: Logger,
-    opts: DataPlaneOptions,
-  ) {
-    this.iface = tun.name;
-    this.bridge = opts.bridge ?? DEFAULT_BRIDGE;
-    this.mtu = opts.mtu ?? DEFAULT_MTU;
-    const mesh = agent.mesh;
-    this.gateway = new AdvertiseGateway({ logger: log });
-    // Cryptokey routing: who may use which address (IPAM blocks, accepted and own routes), and end-to-end
-    // sealing of frames through transit nodes with keys from the nodes' signed topology records.
-    this.sealer = new FrameSealer({ identity: mesh.identity, publicKeyOf: (n) => agent.router.topo.get(n)?.pub, now: () => Date.now() });
-    this.forwarder = new Forwarder({
-      sources: this.sources,
-      sealer: this.sealer,
-      selfId: agent.id,
-      routes: agent.router.owners,
-      nextHop: (n) => agent.router.nextHop(n),
-      // The bulk UDP link where it is up (agent/transport/bulk.ts), else the mesh link (WebRTC/relay).
-      send: (peer, frame) => agent.bulk?.send(peer, frame) ?? mesh.sendPacket(peer, frame),
+  constructor(private readonly d: DataPlaneDeps) {
+    const dev = (this.device = d.device);
+    this.log = d.logger;
+    const mesh = d.mesh;
+    const fw = (this.forwarder = new Forwarder({
+      ...(d.sources ? { sources: d.sources } : {}),
+      ...(d.sealer ? { sealer: d.sealer } : {}),
+      selfId: d.selfId,
+      routes: d.routes.owners,
+      nextHop: (n) => d.routes.nextHop(n),
+      send: (peer, frame) => mesh.sendPacket(peer, frame),
       queued: (peer) => mesh.queued(peer),
       sendBorrows: true, // TransportLink.send copies or transmits before returning
       deliver: (pkts) => this.toTun(pkts),
-      vnetHdr: tun.vnetHdr,
-      // The bulk link segments by itself (one inner packet per datagram); WebRTC links report their budget.
-      linkBudget: (peer) => (agent.bulk?.isUp(peer) ? undefined : mesh.link(peer)?.packetBudget),
-      segment: opts.segment ?? segmentModeFromEnv(),
-      now: () => performance.now(),
+      vnetHdr: dev.vnetHdr,
+      linkBudget: (peer) => mesh.linkBudget(peer),
+      segment: d.segment ?? "auto",
+      ...(d.now ? { now: d.now } : {}),
+    }));
+    mesh.onPacket((from, data) => fw.fromPeer(from, data));
+    mesh.onDrain((peer, ch) => {
+      if (ch !== "packets") return;
+      fw.drained(peer);
+      this.resumeIfClear();
+    });
+    mesh.onPeerDown((peer) => {
+      fw.linkDown(peer);
+      this.resumeIfClear();
     });
   }
 
@@ -145,209 +164,76 @@ export class DataPlane {
   private flushRx(): void {
     const rx = this.rx;
     if (rx.length === 0) return;
-    if (this.tun.vnetHdr) {
+    const dev = this.device;
+    if (dev.vnetHdr) {
       coalesce(rx, this.rxArena, this.rxOut, this.gro);
-      this.tun.writeBatch(this.rxOut);
+      dev.writeBatch(this.rxOut);
       this.rxOut.length = 0;
       this.rxArena.reset();
     } else {
-      this.tun.writeBatch(rx);
+      dev.writeBatch(rx);
     }
     rx.length = 0;
   }
 
-  static async start(agent: Agent, opts: DataPlaneOptions): Promise<DataPlane> {
-    // reuseSlab: the forwarder copies every packet into a frame inside onBatch.
-    const tun = openTun({ name: opts.iface ?? DEFAULT_TUN_NAME, reuseSlab: true });
-    const net = new NodeNetwork({ tunName: tun.name, bridge: opts.bridge ?? DEFAULT_BRIDGE, mtu: opts.mtu ?? DEFAULT_MTU, logger: opts.logger, stateFile: join(agent.cfg.stateDir, "netconf.json") });
-    const dp = new DataPlane(agent, tun, net, opts.logger, opts);
-    try {
-      await dp.reconcile();
-    } catch (e) {
-      await tun.close().catch(() => {});
-      await net.teardown().catch(() => {});
-      throw e;
-    }
-    const fw = dp.forwarder;
-    tun.start(
+  /** Apply the node network once, then start reading the device. */
+  async start(): Promise<void> {
+    await this.reconcile();
+    const fw = this.forwarder;
+    const dev = this.device;
+    dev.start(
       (batch) => {
         fw.fromTun(batch);
-        if (fw.shouldPause()) tun.pause();
+        if (fw.shouldPause()) dev.pause();
       },
-      (err) => opts.logger.error("TUN read loop stopped", { err }),
+      (err) => this.log.error("TUN read loop stopped", { err }),
     );
-    agent.mesh.onPacket((from, data) => fw.fromPeer(from, data));
-    agent.bulk?.onFrame((from, data) => fw.fromPeer(from, data));
-    agent.mesh.onDrain((peer, ch) => {
-      if (ch !== "packets") return;
-      fw.drained(peer);
-      if (tun.paused && !fw.shouldPause()) tun.resume();
-    });
-    agent.mesh.onPeerDown((peer) => {
-      fw.linkDown(peer);
-      if (tun.paused && !fw.shouldPause()) tun.resume();
-    });
-    agent.ipam.onBlocksChanged(() => void dp.reconcile().catch((err) => opts.logger.error("could not apply the node network", { err })));
-    // Routes advertised by other nodes (and our own advertisements) change with the gossip.
-    agent.router.onChange(() => {
-      const key = JSON.stringify([dp.remoteRoutes(), agent.advertisedRoutes()]);
-      if (key === dp.routesKey) return;
-      dp.routesKey = key;
-      void dp.reconcile().catch((err) => opts.logger.error("could not apply the node network", { err }));
-    });
-    agent.ipam.onRevoked((r) => void dp.revoked(r.podId));
-    dp.refreshSources();
-    agent.router.onChange(() => dp.refreshSources());
-    agent.ipam.onBlocksChanged(() => dp.refreshSources());
-    // Remote IPAM ownership changes without a local event: look again every 250 ms (a new block of another
-    // node is refused as a source until then; the key comparison keeps an unchanged table cheap).
-    let ticks = 0;
-    dp.sourcesTimer = setInterval(() => {
-      dp.refreshSources();
-      if (dp.sourcesKey !== dp.ownersKey) {
-        dp.ownersKey = dp.sourcesKey;
-        agent.router.refreshOwners(); // forwarding follows IPAM ownership and accepted routes
-      }
-      if (++ticks % 4 !== 0) return; // peers' addresses: once a second
-      void agent.mesh.status().then((ps) => {
-        dp.peerAddrs = ps.flatMap((p) => (p.selected ? [p.selected.remoteAddress.replace(/:\d+$/, "")] : []));
-      }, () => {});
-    }, 250);
-    dp.sourcesTimer.unref?.();
-    return dp;
   }
 
-  /** Apply the desired OS state (serialised; a second identical apply changes nothing). */
+  private resumeIfClear(): void {
+    if (this.device.paused && !this.forwarder.shouldPause()) this.device.resume();
+  }
+
+  /** The one reconcile trigger (see the header): resolves once the OS matches desired() as of this call. */
   reconcile(): Promise<void> {
+    if (this.queuedRun) return this.queuedRun;
     const run = async () => {
+      this.queuedRun = undefined;
       if (this.stopped) return;
-      const range = this.agent.ipam.status().range;
-      const extraRoutes = this.remoteRoutes().map((cidr) => ({ cidr, dev: this.iface }));
-      const ipam = this.agent.ipam;
-      const { changes } = await this.net.apply(desiredNetwork({ clusterRanges: [range], ownedBlocks: ipam.localBlocks(), activeBlocks: ipam.activeBlocks(), extraRoutes }));
+      const want = this.d.desired();
+      const key = JSON.stringify(want);
+      if (key === this.appliedKey) return;
+      this.appliedKey = undefined; // until this apply succeeds
+      const changes = await this.d.network.apply(want);
+      this.appliedKey = key;
       if (changes.length) this.log.info("node network updated", { changes });
-      const own = this.agent.advertisedRoutes();
-      if (own.length || this.gatewayActive) {
-        await this.gateway.apply({ tun: this.iface, clusterRanges: [range], routes: own, snat: !!this.agent.cfg.snatRoutes });
-        this.gatewayActive = own.length > 0;
-      }
     };
     const p = this.applying.then(run, run);
+    this.queuedRun = p;
     this.applying = p.catch(() => {});
     return p;
   }
 
-  routesKey = "";
-  /** address -> node allowed to use it (forwarder `sources`), rebuilt by refreshSources() */
-  readonly sources = new PrefixTable<string>();
-  private readonly sealer: FrameSealer;
-  private sourcesKey = "";
-  private ownersKey = "";
-  private sourcesTimer: NodeJS.Timeout | undefined;
-  /** the last decision on every route other nodes advertise (status: installed or why not) */
-  routeDecisions: RouteDecision[] = [];
-  /** peers' underlay addresses (selected ICE pairs), never routed into the overlay */
-  private peerAddrs: string[] = [];
-
-  /** Rebuild the cryptokey routing table from the IPAM table and the route decisions (cheap when unchanged). */
-  refreshSources(): void {
-    const entries: [string, string][] = [];
-    for (const b of this.agent.ipam.status().blocks) if (b.owner) entries.push([b.cidr, b.owner]);
-    for (const r of this.agent.advertisedRoutes()) entries.push([r, this.agent.id]);
-    this.remoteRoutes();
-    for (const d of this.routeDecisions) if (d.accepted) entries.push([d.cidr, d.node]);
-    const key = JSON.stringify(entries);
-    if (key === this.sourcesKey) return;
-    this.sourcesKey = key;
-    // An exact prefix can appear once: the first (IPAM, then ours, then accepted) wins.
-    const seen = new Set<string>();
-    this.sources.replaceAll(entries.filter(([c]) => !seen.has(c) && !!seen.add(c)));
-  }
-
-  private gatewayActive = false;
-  private readonly gateway: AdvertiseGateway;
-
-  /**
-   * Prefixes other nodes advertise outside the cluster range, to route into the TUN. A prefix that
-   * overlaps one of this host's own networks, or holds the signaling server, is skipped: those are
-   * reachable directly, and routing them into the overlay would carry the overlay's own packets.
-   */
-  remoteRoutes(): string[] {
-    const offers = [];
-    for (const rec of this.agent.router.records()) {
-      if (rec.node === this.agent.id) continue;
-      for (const cidr of rec.prefixes) offers.push({ node: rec.node, cidr });
-    }
-    const iceHosts = this.agent.iceServers().flatMap((s) => (Array.isArray(s.urls) ? s.urls : [s.urls])).map((u) => /^(?:stuns?|turns?):\[?([^\]?/]+?)\]?(?::\d+)?(?:\?.*)?$/.exec(u)?.[1] ?? "");
-    this.routeDecisions = decideRoutes({
-      offers,
-      accept: this.agent.cfg.acceptRoutes,
-      clusterRange: this.agent.ipam.status().range,
-      localNetworks: localNetworks(),
-      protectedHosts: [this.agent.signal.host, ...iceHosts, ...this.peerAddrs],
-      own: this.agent.advertisedRoutes(),
-    });
-    return [...new Set(this.routeDecisions.filter((d) => d.accepted).map((d) => d.cidr))].sort();
-  }
-
-  /** `weftnet pod add NAME`: a netns with a veth on the bridge and an address from this node's blocks. */
-  async addPod(name: string): Promise<PodInfo> {
-    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) throw new WeftError("ERR_USAGE", `pod name ${JSON.stringify(name)} must be 1-64 chars of letters, digits, '.', '_' or '-'`);
-    const podId = `pod/${name}`;
-    const addr = await this.agent.allocate(podId);
-    await this.reconcile(); // the block now has a pod: give it its gateway on the bridge
-    let res: PodResult;
-    try {
-      res = await addPod({ netns: { name }, podId, ip: addr.ip, prefixLen: addr.prefixLen, gateway: addr.gateway, bridge: this.bridge, mtu: this.mtu, logger: this.log });
-    } catch (e) {
-      this.agent.release(podId);
-      await this.reconcile().catch(() => {});
-      throw e;
-    }
-    return { ...addr, name, hostVeth: res.hostVeth, netns: name };
-  }
-
-  async delPod(name: string): Promise<{ released: boolean }> {
-    const podId = `pod/${name}`;
-    await delPod({ netns: { name }, podId, hostVeth: podVethName(podId), deleteNetns: true, logger: this.log });
-    const released = this.agent.release(podId);
-    await this.reconcile();
-    return { released };
-  }
-
-  private async revoked(podId: string): Promise<void> {
-    if (!podId.startsWith("pod/")) return;
-    const name = podId.slice(4);
-    await delPod({ netns: { name }, podId, hostVeth: podVethName(podId), deleteNetns: false, logger: this.log }).catch((err) => this.log.warn("could not detach revoked pod", { pod: name, err }));
-  }
-
-  async pods(): Promise<unknown[]> {
-    return listPods();
-  }
-
   stats() {
     const f = this.forwarder;
+    const dev = this.device;
     return {
-      iface: this.iface,
-      bridge: this.bridge,
-      mtu: this.mtu,
-      paused: this.tun.paused,
-      tun: this.tun.stats,
+      iface: dev.name,
+      bridge: this.d.bridge,
+      mtu: this.d.mtu,
+      paused: dev.paused,
+      tun: dev.stats,
       forwarder: { ...f.stats, perPeer: Object.fromEntries(f.stats.perPeer) },
       segmentation: { mode: f.segmenter.mode, ...f.segmenter.stats },
       gro: { ...this.gro },
-      /** every route other nodes advertise: installed, or why not (--accept-routes, reserved, underlay, conflict) */
-      routes: this.routeDecisions,
-      drops: { ...f.drops.snapshot(), ...Object.fromEntries(Object.entries(this.tun.drops.snapshot()).map(([k, v]) => [`tun-${k}`, v])) },
+      drops: { ...f.drops.snapshot(), ...Object.fromEntries(Object.entries(dev.drops.snapshot()).map(([k, v]) => [`tun-${k}`, v])) },
     };
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
-    if (this.sourcesTimer) clearInterval(this.sourcesTimer);
     await this.applying;
-    await this.tun.close();
-    if (this.gatewayActive) await this.gateway.teardown().catch((err) => this.log.warn("could not remove the advertised-route rules", { err }));
-    await this.net.teardown();
+    await this.device.close();
+    await this.d.network.teardown();
   }
 }

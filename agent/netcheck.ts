@@ -26,7 +26,7 @@ import { WebSocket } from "ws";
 import { encodeBindingRequest, parseBindingSuccess } from "../src/wire/stun.js";
 import { decodeServerMsg } from "../src/wire/signal.js";
 import { signalEndpoint } from "./signal-client.js";
-import type { AgentStatus } from "./agent.js";
+import type { AgentStatus } from "./status.js";
 import { apiRequest } from "./api-client.js";
 import { parse, positiveInt } from "./cli/util.js";
 import { apiSocketPath, defaultStateDir } from "./state.js";

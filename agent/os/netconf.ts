@@ -14,7 +14,7 @@
  *   net.ipv4.ip_forward = 1 (pods <-> TUN is routed)
  *   iptables filter chain WEFTNET-FWD, jumped to first from FORWARD: ACCEPT bridge<->bridge, bridge<->TUN
  *
- * Host-originated traffic (desiredNetwork() below): the agents' data-path checks accept a packet into the
+ * Host-originated traffic (desiredNetwork(), src/desired-network.ts): the agents' data-path checks accept a packet into the
  * mesh only when its source lies in the sending node's IPAM blocks (anti-spoofing), so a packet the host
  * itself sends to a pod on another node must not leave with the host's LAN/underlay address. Like other
  * CNIs (Calico, Cilium, flannel), the cluster-range route carries a `src` hint: the gateway address of this
@@ -69,6 +69,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import { WeftError } from "../../src/errors.js";
+import type { DesiredNetwork } from "../../src/desired-network.js";
 import { formatIp, parseCidr, type Cidr } from "../../src/ipam/cidr.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { CommandError, HostExec } from "./exec.js";
@@ -119,43 +120,7 @@ export interface NodeNetworkOptions {
   firewall?: boolean;
 }
 
-export interface DesiredNetwork {
-  /** Routed to the TUN (proto 87). */
-  clusterRanges: string[];
-  /** This node's IPAM blocks: the bridge gets the first usable address of each. */
-  localBlocks: string[];
-  /** More routes to manage (proto 87), e.g. advertised subnets. */
-  extraRoutes?: { cidr: string; dev: string }[];
-  /**
-   * Preferred source (`ip route ... src`) of the cluster-range routes: must be the gateway address of one
-   * of `localBlocks` (so it is local). Unset: no hint (the kernel picks, usually the LAN address).
-   */
-  clusterRouteSrc?: string;
-}
-
-/**
- * The desired node network from IPAM state, pure (the agent's DataPlane.reconcile applies it):
- * the bridge carries the gateway of every block with pods; the `src` of the cluster-range routes (see the
- * header: host-originated traffic) is the gateway of the lowest of those or, with no pods, of the lowest
- * owned block, which then is on the bridge too. Owning no block: no such address and no `src`.
- */
-export function desiredNetwork(input: {
-  clusterRanges: readonly string[];
-  /** every block this node owns (IPAM localBlocks()) */
-  ownedBlocks: readonly string[];
-  /** owned blocks holding at least one pod (IPAM activeBlocks()) */
-  activeBlocks: readonly string[];
-  extraRoutes?: readonly { cidr: string; dev: string }[];
-}): DesiredNetwork {
-  const base = (b: string) => cidrInput(b, "local block").base;
-  const lowest = (bs: readonly string[]) => [...bs].sort((a, b) => base(a) - base(b))[0];
-  const anchor = lowest(input.activeBlocks) ?? lowest(input.ownedBlocks);
-  const localBlocks = [...new Set([...input.activeBlocks, ...(anchor === undefined ? [] : [anchor])])].sort((a, b) => base(a) - base(b));
-  const out: DesiredNetwork = { clusterRanges: [...input.clusterRanges], localBlocks };
-  if (input.extraRoutes) out.extraRoutes = input.extraRoutes.map((r) => ({ ...r }));
-  if (anchor !== undefined) out.clusterRouteSrc = formatIp(base(anchor) + 1);
-  return out;
-}
+export { desiredNetwork, type DesiredNetwork } from "../../src/desired-network.js";
 
 export interface ApplyResult {
   /** Human-readable, one per change made; empty when the kernel already matched. */

@@ -2,7 +2,8 @@
 // - the core in src/ stays sans-I/O and implementation-free, so it can be driven by fakes and by any
 //   transport: no sockets, files, processes, FFI, WebRTC/ws/hono libraries, no imports into agent/ or
 //   signaling/, and clock-free (time and randomness are injected; src/testing's fakes may schedule);
-// - agent/'s import graph is built here; the no-cycle check joins once agent.ts stops being imported back.
+// - agent/ has no import cycle (the composition root imports its parts; they never import it back), and the
+//   data plane is built only from ports: agent/dataplane.ts imports nothing from agent/ and no I/O module.
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, normalize } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -109,6 +110,16 @@ describe("agent/ import graph", () => {
   it("the cycle finder sees a cycle", () => {
     expect(cycles(new Map([["a", ["b"]], ["b", ["c"]], ["c", ["a"]], ["d", ["a"]]]))).toEqual([["a", "b", "c"]]);
   });
-  // agent.ts <-> api.ts/metrics.ts/dataplane.ts still form a cycle on main (the DataPlane-from-ports split that
-  // removes it is not landed yet): the cycle check joins this suite with it.
+  it("has no import cycle", () => {
+    expect(cycles(graph)).toEqual([]);
+  });
+  it("only the front ends (CLI, UI viewer) import the composition root (agent.ts); its parts never do", () => {
+    const importers = [...graph].filter(([, deps]) => deps.includes(join("agent", "agent.ts"))).map(([f]) => f);
+    expect(importers.filter((f) => !f.startsWith(join("agent", "cli") + "/") && !f.startsWith(join("agent", "ui") + "/"))).toEqual([]);
+  });
+  it("the data plane is built from ports: agent/dataplane.ts imports no agent/ module and no I/O", () => {
+    const f = join("agent", "dataplane.ts");
+    const bad = imports(readFileSync(f, "utf8")).filter((m) => FORBIDDEN.some((re) => re.test(m)) || (m.startsWith(".") && !normalize(join(dirname(f), m)).startsWith("src/")));
+    expect(bad).toEqual([]);
+  });
 });

@@ -1,0 +1,193 @@
+/**
+ * Route policy: which prefixes this node announces, which routes of other nodes it installs, and who may
+ * use which address (cryptokey routing).
+ *
+ *   localPrefixes()     this node's IPAM blocks (aggregated) + its advertised routes: what its topology
+ *                       record announces (src/mesh/router.ts asks for it)
+ *   prefixAllowed()     route ownership comes from what a node owns, not what it claims (router filter)
+ *   checkConflicts()    our --advertise-routes against every other node's prefixes outside the cluster range:
+ *                       conflicts are reported, never settled by node id (ids can be ground)
+ *   acceptedRoutes()    other nodes' routes this node installs (--accept-routes; agent/os/advertise.ts
+ *                       decideRoutes), kept as `decisions` for status
+ *   refreshSources()    the address -> node table the data path checks every packet's source against
+ *
+ * checkAdvertisedRoutes() validates the flag at start (CLI and Agent.start).
+ */
+import { UsageError } from "../src/errors.js";
+import { aggregateCidrs } from "../src/ipam/aggregate.js";
+import { overlaps, parseCidr, type Cidr } from "../src/ipam/cidr.js";
+import type { IpamStatus } from "../src/ipam/index.js";
+import type { Logger } from "../src/log.js";
+import { PrefixTable } from "../src/packet/prefix-table.js";
+import { decideRoutes, type RouteDecision } from "./os/advertise.js";
+import type { RouteConflict } from "./status.js";
+
+/** Advertised routes must be valid IPv4 CIDRs outside the cluster range. */
+export function checkAdvertisedRoutes(routes: string[], clusterRange: string): void {
+  const range = parseCidr(clusterRange);
+  for (const r of routes) {
+    let c;
+    try {
+      c = parseCidr(r);
+    } catch {
+      throw new UsageError(`advertised route ${JSON.stringify(r)} is not an IPv4 CIDR like 192.168.1.0/24`);
+    }
+    if (overlaps(c, range)) throw new UsageError(`advertised route ${r} overlaps the cluster range ${clusterRange}: the mesh already routes it to pods; advertise networks outside it`);
+  }
+  for (let i = 0; i < routes.length; i++)
+    for (let j = i + 1; j < routes.length; j++) if (overlaps(parseCidr(routes[i]!), parseCidr(routes[j]!))) throw new UsageError(`advertised routes ${routes[i]} and ${routes[j]} overlap each other`);
+}
+
+export interface RoutePolicyDeps {
+  selfId: string;
+  /** the configured cluster range (conflict checks) */
+  configuredRange: string;
+  /** --advertise-routes */
+  advertise: readonly string[];
+  /** --accept-routes */
+  accept: "all" | string[] | undefined;
+  /** this node's IPAM blocks, the same array until ownership changes (undefined: IPAM not up yet) */
+  ownedBlocks(): string[] | undefined;
+  /** the IPAM table (undefined: IPAM not up yet) */
+  ipamStatus(): IpamStatus | undefined;
+  /** every node's gossiped prefixes */
+  records(): Iterable<{ readonly node: string; readonly prefixes: readonly string[] }>;
+  peerName(id: string): string | undefined;
+  /** IPv4 networks of this host's interfaces (the underlay; never routed into the overlay) */
+  hostNetworks(): Cidr[];
+  /** addresses never routed into the overlay: the signaling and STUN/TURN servers, peers' addresses */
+  protectedHosts(): string[];
+  /** our prefixes changed: re-announce them */
+  prefixesChanged(): void;
+  now(): number;
+  logger: Logger;
+}
+
+export class RoutePolicy {
+  /**
+   * Conflicts between our advertised routes and other nodes'. Reported, not settled by node id (ids can be
+   * ground): both sides keep advertising and every receiver installs neither (agent/os/advertise.ts
+   * decideRoutes) until an operator changes --advertise-routes. `kept` is always true (kept for the API).
+   */
+  conflicts: RouteConflict[] = [];
+  /** the last decision on every route other nodes advertise (status: installed or why not) */
+  decisions: RouteDecision[] = [];
+  /** address -> node allowed to use it (the Forwarder's `sources`), rebuilt by refreshSources() */
+  readonly sources = new PrefixTable<string>();
+  private sourcesKey = "";
+  /** bumped whenever `sources` changes (the router's owner table follows it) */
+  sourcesVersion = 0;
+  private aggKey: string[] | undefined;
+  private aggregated: string[] = [];
+  private ipamSnap: { at: number; st: IpamStatus } | undefined;
+
+  constructor(private readonly d: RoutePolicyDeps) {}
+
+  /** Prefixes this node owns or advertises (IPAM blocks, aggregated). */
+  localPrefixes(): string[] {
+    const owned = this.d.ownedBlocks() ?? [];
+    if (owned !== this.aggKey) {
+      // ownedBlocks() returns the same array until ownership changes: aggregate once per change.
+      this.aggKey = owned;
+      this.aggregated = aggregateCidrs(owned);
+    }
+    return [...this.aggregated, ...this.advertisedRoutes()];
+  }
+
+  /**
+   * Route ownership comes from what a node owns, not from what it claims: a cluster prefix only when the
+   * IPAM table gives every address of it to that node, an external one only when this node installs it
+   * (--accept-routes, decideRoutes; without a data plane none is decided, so none is used).
+   */
+  prefixAllowed(node: string, cidr: string): boolean {
+    const c = parseCidr(cidr);
+    // One IPAM snapshot per routing recompute (it asks for every prefix of every record).
+    const now = this.d.now();
+    if (!this.ipamSnap || now - this.ipamSnap.at > 100) {
+      const st = this.d.ipamStatus();
+      this.ipamSnap = st ? { at: now, st } : undefined;
+    }
+    const st = this.ipamSnap?.st;
+    if (!st) return false;
+    const range = parseCidr(st.range);
+    if (overlaps(c, range)) {
+      if (c.prefix < range.prefix) return false;
+      let covered = 0;
+      for (const b of st.blocks) {
+        if (b.owner !== node) continue;
+        const bc = parseCidr(b.cidr);
+        if (bc.prefix >= c.prefix && overlaps(bc, c)) covered += 2 ** (32 - bc.prefix);
+        else if (bc.prefix < c.prefix && overlaps(bc, c)) return true; // inside one of its blocks
+      }
+      return covered === 2 ** (32 - c.prefix);
+    }
+    return this.decisions.some((d) => d.accepted && d.node === node && d.cidr === cidr);
+  }
+
+  /** Advertised routes still in force (withdrawn ones: `kept` false; none today, see `conflicts`). */
+  advertisedRoutes(): string[] {
+    const withdrawn = new Set(this.conflicts.filter((c) => !c.kept).map((c) => c.route));
+    return this.d.advertise.filter((r) => !withdrawn.has(r));
+  }
+
+  /** Re-check our advertised routes against every other node's prefixes (outside the cluster range). */
+  checkConflicts(): void {
+    const mine = this.d.advertise;
+    if (mine.length === 0) return;
+    const range = parseCidr(this.d.configuredRange);
+    const next: RouteConflict[] = [];
+    for (const rec of this.d.records()) {
+      if (rec.node === this.d.selfId) continue;
+      for (const p of rec.prefixes) {
+        const pc = parseCidr(p);
+        if (overlaps(pc, range)) continue;
+        for (const r of mine) {
+          if (!overlaps(parseCidr(r), pc)) continue;
+          next.push({ route: r, other: p, node: rec.node, nodeName: this.d.peerName(rec.node) ?? rec.node, kept: true });
+        }
+      }
+    }
+    const key = (l: RouteConflict[]) => JSON.stringify(l.map((c) => [c.route, c.other, c.node, c.kept]).sort());
+    if (key(next) === key(this.conflicts)) return;
+    for (const c of next)
+      this.d.logger.error(`advertised route ${c.route} overlaps ${c.other} advertised by ${c.nodeName} (${c.node}); other nodes install neither until one side changes --advertise-routes`, { route: c.route, other: c.other, node: c.node });
+    this.conflicts = next;
+    this.d.prefixesChanged();
+  }
+
+  /**
+   * Prefixes other nodes advertise outside the cluster range that this node routes into the TUN (sorted,
+   * unique); updates `decisions`. A prefix that overlaps one of this host's own networks, or holds the
+   * signaling server, a STUN/TURN server or a peer's address, is never installed: those are reachable
+   * directly, and routing them into the overlay would carry the overlay's own packets.
+   */
+  acceptedRoutes(): string[] {
+    const offers = [];
+    for (const rec of this.d.records()) {
+      if (rec.node === this.d.selfId) continue;
+      for (const cidr of rec.prefixes) offers.push({ node: rec.node, cidr });
+    }
+    const range = this.d.ipamStatus()?.range ?? this.d.configuredRange;
+    this.decisions = decideRoutes({ offers, accept: this.d.accept, clusterRange: range, localNetworks: this.d.hostNetworks(), protectedHosts: this.d.protectedHosts(), own: this.advertisedRoutes() });
+    return [...new Set(this.decisions.filter((d) => d.accepted).map((d) => d.cidr))].sort();
+  }
+
+  /**
+   * Rebuild the cryptokey routing table from the IPAM table and the route decisions (cheap when
+   * unchanged: a change bumps sourcesVersion).
+   */
+  refreshSources(): void {
+    const entries: [string, string][] = [];
+    for (const b of this.d.ipamStatus()?.blocks ?? []) if (b.owner) entries.push([b.cidr, b.owner]);
+    for (const r of this.advertisedRoutes()) entries.push([r, this.d.selfId]);
+    this.acceptedRoutes();
+    for (const d of this.decisions) if (d.accepted) entries.push([d.cidr, d.node]);
+    const key = JSON.stringify(entries);
+    if (key === this.sourcesKey) return;
+    this.sourcesKey = key;
+    this.sourcesVersion++;
+    // An exact prefix can appear once: the first (IPAM, then ours, then accepted) wins.
+    const seen = new Set<string>();
+    this.sources.replaceAll(entries.filter(([c]) => !seen.has(c) && !!seen.add(c)));
+  }
+}
