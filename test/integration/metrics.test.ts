@@ -6,7 +6,7 @@
  * implementation of the format. Counters must move when traffic flows.
  *
  * The data-plane metrics (per-node pod bytes/packets, drops by stage and reason) need a TUN device; the
- * last test drives them through a real Forwarder and the real DataPlane.stats() behind a stub agent.
+ * last test drives them through a real DataPlane on memory ports (no root) behind a stub agent.
  */
 import { joinKeyOf } from "../../src/identity.js";
 import { spawnSync } from "node:child_process";
@@ -19,10 +19,10 @@ import type { Agent } from "../../agent/agent.js";
 import type { AgentStatus, AgentView, IpamView } from "../../agent/status.js";
 import { DataPlane } from "../../agent/dataplane.js";
 import { createAgentRegistry, parseListen } from "../../agent/metrics.js";
-import { DropCounters } from "../../src/packet/drop.js";
-import { Forwarder } from "../../src/packet/forwarder.js";
+import { silentLogger } from "../../src/log.js";
 import { PrefixTable } from "../../src/packet/prefix-table.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
+import { MemoryDevice, RecordingNetwork } from "../../src/testing/memory-device.js";
 import { SIGNAL_PATH } from "../../src/wire/signal.js";
 import { Cluster, fullMesh, startServer, waitFor } from "../helpers/cluster.js";
 
@@ -260,13 +260,26 @@ describe("metrics", () => {
   });
 });
 
-describe("data-plane metrics (real Forwarder and DataPlane.stats(), stub agent)", () => {
+describe("data-plane metrics (a real DataPlane on memory ports, stub agent)", () => {
   it("per-node pod bytes and packets, drops by stage and reason", async () => {
     const SELF = "aaaaaaaaaaaaaaaa";
     const PEER = "bbbbbbbbbbbbbbbb";
-    const routes = new PrefixTable<string>();
-    routes.insert("10.40.0.64/26", PEER);
-    const fw = new Forwarder({ selfId: SELF, routes, nextHop: (n) => (n === PEER ? PEER : undefined), send: () => "ok", deliver: () => {} });
+    const owners = new PrefixTable<string>();
+    owners.insert("10.40.0.64/26", PEER);
+    const device = new MemoryDevice("weft0");
+    const dp = new DataPlane({
+      selfId: SELF,
+      device,
+      network: new RecordingNetwork(),
+      mesh: { sendPacket: () => "ok", queued: () => 0, linkBudget: () => undefined, onPacket: () => {}, onDrain: () => {}, onPeerDown: () => {} },
+      routes: { owners, nextHop: (n) => (n === PEER ? PEER : undefined) },
+      desired: () => ({ node: { clusterRanges: ["10.40.0.0/16"], localBlocks: [] }, gateway: { tun: "weft0", clusterRanges: ["10.40.0.0/16"], routes: [], snat: false } }),
+      logger: silentLogger,
+      bridge: "weft-br0",
+      mtu: 1400,
+    });
+    await dp.start();
+    const fw = dp.forwarder;
     const ipv4 = (dst: number[], len = 120) => {
       const p = new Uint8Array(VNET_HDR_LEN + len);
       const ip = p.subarray(VNET_HDR_LEN);
@@ -279,15 +292,13 @@ describe("data-plane metrics (real Forwarder and DataPlane.stats(), stub agent)"
       ip.set(dst, 16);
       return p;
     };
-    fw.fromTun([ipv4([10, 40, 0, 70]), ipv4([10, 40, 0, 71]), ipv4([10, 41, 0, 1])]); // 2 routed, 1 no-route
-    const tunDrops = new DropCounters();
-    tunDrops.drop("queue-full", 3);
-    const dp = { forwarder: fw, iface: "weft0", bridge: "weft-br0", mtu: 1400, tun: { paused: false, drops: tunDrops, stats: { rxPackets: 3, rxBytes: 360, rxBatches: 1, txPackets: 0, txBytes: 0, rxMaxPacket: 120 } } };
+    device.inject([ipv4([10, 40, 0, 70]), ipv4([10, 40, 0, 71]), ipv4([10, 41, 0, 1])]); // 2 routed, 1 no-route
+    device.drops.drop("queue-full", 3);
     // the exporter reads an AgentView only (agent/status.ts), not the Agent
     const stub: AgentView = {
       peerName: (id: string) => (id === PEER ? "peer-b" : undefined),
-      drops: () => ({ forwarder: dp.forwarder.drops, tun: dp.tun.drops }),
-      status: async () => ({ node: { id: SELF, name: "self", version: "0", transport: "stub", signal: { connected: true } }, peers: [], counters: {}, dataplane: DataPlane.prototype.stats.call(dp as unknown as DataPlane) }) as unknown as AgentStatus,
+      drops: () => ({ forwarder: dp.forwarder.drops, tun: dp.device.drops }),
+      status: async () => ({ node: { id: SELF, name: "self", version: "0", transport: "stub", signal: { connected: true } }, peers: [], counters: {}, dataplane: { ...dp.stats(), routes: [] } }) as unknown as AgentStatus,
       routes: () => [],
       ipamStatus: () => ({ blocks: [], allocations: [], pending: null, proposals: [], counters: {} }) as unknown as IpamView,
     };
@@ -302,5 +313,6 @@ describe("data-plane metrics (real Forwarder and DataPlane.stats(), stub agent)"
     expect(sample(m, "weftnet_drops_total", { stage: "forwarder", reason: "ttl-expired" })).toBe(0);
     expect(sample(m, "weftnet_tun_packets_total", { direction: "rx" })).toBe(3);
     expect(sample(m, "weftnet_forwarded_frames_total")).toBe(0);
+    await dp.stop();
   });
 });
