@@ -96,7 +96,7 @@ export function createSignalApp(opts: SignalAppOptions): { app: Hono; hub: Signa
     }),
   );
 
-  app.get("/v1/stats", requireAdmin, (c) => c.json({ ...hub.stats(), ...(opts.extraStats?.() ?? {}) }));
+  app.get("/v1/stats", requireAdmin, (c) => c.json({ ...hub.stats(), joinMs: hub.joinTimes(), ...(opts.extraStats?.() ?? {}) }));
 
   // STUN counters: given directly, or the `stun` entry the server merges into /v1/stats.
   const stunStats =

@@ -12,6 +12,7 @@
  * sends every one of them. Figures are noisy on a shared box; ratios from one run are what to compare.
  */
 import { readdirSync, readFileSync } from "node:fs";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 import { CTX_HELLO, CTX_SDP, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
@@ -166,6 +167,11 @@ interface Result {
   offerP50: number;
   offerP99: number;
   mibToAgents: number;
+  /** server side: hello received -> welcome sent (GET /v1/stats joinMs), ms */
+  serverJoinP50: number;
+  serverJoinP99: number;
+  /** the bench client's own event-loop delay p99 during the joins (its share of the measured join time), ms */
+  clientLagP99: number;
 }
 
 async function run(runtime: "node" | "workerd", n: number, concurrency: number, offersPer: number): Promise<Result> {
@@ -176,6 +182,8 @@ async function run(runtime: "node" | "workerd", n: number, concurrency: number, 
   try {
     await new Promise((r) => setTimeout(r, 500));
     const idle = procStats(server.pid);
+    const lag = monitorEventLoopDelay({ resolution: 10 });
+    lag.enable();
     const t0 = performance.now();
     let next = 0;
     const worker = async () => {
@@ -186,6 +194,14 @@ async function run(runtime: "node" | "workerd", n: number, concurrency: number, 
     };
     await Promise.all(Array.from({ length: Math.min(concurrency, n) }, worker));
     const joinWallS = (performance.now() - t0) / 1000;
+    lag.disable();
+    let serverJoin = { p50: NaN, p99: NaN };
+    try {
+      const r = await fetch(server.url.replace(/^ws/, "http") + "/v1/stats", { headers: { Authorization: `Bearer ${TOKEN}` } });
+      serverJoin = ((await r.json()) as { joinMs?: { p50: number; p99: number } }).joinMs ?? serverJoin;
+    } catch {
+      /* an older server: not reported */
+    }
     // let the last presence batches drain before measuring
     await new Promise((r) => setTimeout(r, 1_000));
     const joined = procStats(server.pid);
@@ -216,6 +232,9 @@ async function run(runtime: "node" | "workerd", n: number, concurrency: number, 
       offerP50: pct(lat, 50),
       offerP99: pct(lat, 99),
       mibToAgents: agents.reduce((s, a) => s + a.bytesIn, 0) / 1048576,
+      serverJoinP50: serverJoin.p50,
+      serverJoinP99: serverJoin.p99,
+      clientLagP99: lag.percentile(99) / 1e6,
     };
   } finally {
     for (const a of agents) a.ws?.terminate();
@@ -250,6 +269,7 @@ async function main(): Promise<void> {
       console.log(
         `${rt.padEnd(8)} N=${String(n).padStart(5)}  join p50 ${r.joinP50.toFixed(1)} ms  p99 ${r.joinP99.toFixed(1)} ms  (all joined in ${r.joinWallS.toFixed(1)} s)  ` +
           `RSS ${r.rssMb.toFixed(0)} MB (idle ${r.rssIdleMb.toFixed(0)})  CPU/join ${r.cpuMsPerJoin.toFixed(2)} ms  ` +
+          `server hello->welcome p50 ${r.serverJoinP50.toFixed(0)} ms p99 ${r.serverJoinP99.toFixed(0)} ms  bench client loop delay p99 ${r.clientLagP99.toFixed(0)} ms  ` +
           `offers ${r.offersDelivered}/${r.offersSent} p50 ${r.offerP50.toFixed(1)} ms p99 ${r.offerP99.toFixed(1)} ms  presence+welcome to agents ${r.mibToAgents.toFixed(0)} MiB${ratio}`,
       );
     }

@@ -130,6 +130,41 @@ describe("signaling core", () => {
     hub.closeAll();
   });
 
+  it("past 500 members a flush is sent in slices: every member still learns every join and leave once, in order, and welcomes list exactly the others", async () => {
+    const clock = new ManualClock();
+    const hub = new SignalHub({ joinKey: KEY, clock, presenceBatchMs: 20, limits: { maxSessionsPerIp: 10_000, maxSessions: 10_000 } });
+    const ms: Awaited<ReturnType<typeof join>>[] = [];
+    for (let i = 0; i < 620; i++) ms.push(await join(hub));
+    // no clock advance yet: the first window is pending; now a burst of joins and leaves while flushes slice
+    clock.advance(100); // window fires: first slice sent, the rest on 0 ms timers
+    const more: Awaited<ReturnType<typeof join>>[] = [];
+    for (let i = 0; i < 5; i++) more.push(await join(hub)); // admitted mid-flush
+    ms[3]!.s.closed();
+    ms[700 % 620]!.s.closed(); // index 80
+    for (let k = 0; k < 50; k++) clock.advance(100);
+    const gone = new Set([ms[3]!.idn.id, ms[80]!.idn.id]);
+    const live = [...ms, ...more].filter((m) => !gone.has(m.idn.id));
+    for (const m of live) {
+      const known = new Set<string>();
+      for (const msg of m.sock.sent) {
+        if (msg.t === "welcome") for (const p of msg.peers) known.add(p.id);
+        if (msg.t === "join") known.add(msg.peer.id);
+        if (msg.t === "presence") {
+          for (const id of msg.leave) known.delete(id);
+          for (const p of msg.join) {
+            expect(known.has(p.id), "a peer announced twice").toBe(false);
+            known.add(p.id);
+          }
+        }
+        if (msg.t === "leave") known.delete(msg.id);
+      }
+      expect(known.size).toBe(live.length - 1);
+      expect(known.has(m.idn.id)).toBe(false);
+      for (const g of gone) expect(known.has(g)).toBe(false);
+    }
+    hub.closeAll();
+  }, 60_000);
+
   it("a welcome with more peers than fit one frame continues in presence frames", async () => {
     const hub = new SignalHub({ joinKey: KEY });
     const meta = Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, "x".repeat(250)])); // ~4 KiB per peer
