@@ -432,7 +432,7 @@ async function ensurePodChain(host: HostExec): Promise<void> {
 /** Install the pod's rules; false (and a warning once) when ebtables is not installed. */
 export async function podFilterAdd(host: HostExec, hostVeth: string, ip: string, log: Logger): Promise<boolean> {
   try {
-    await ensurePodChain(host);
+    await ebRetry(() => ensurePodChain(host));
   } catch (e) {
     if (e instanceof CommandError && e.exitCode === null) {
       if (!ebtablesMissingLogged) log.warn("ebtables is not installed: pods are not prevented from sending with another pod's address (install ebtables)", {});
@@ -441,14 +441,44 @@ export async function podFilterAdd(host: HostExec, hostVeth: string, ip: string,
     }
     throw e;
   }
-  await podFilterDel(host, hostVeth);
-  await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "IPv4", "--ip-src", "!", ip, "-j", "DROP"]);
-  await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "ARP", "--arp-ip-src", "!", ip, "-j", "DROP"]);
+  // Delete-then-append is idempotent, so the whole sequence is what a conflict retries.
+  await ebRetry(async () => {
+    await podFilterDelOnce(host, hostVeth);
+    await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "IPv4", "--ip-src", "!", ip, "-j", "DROP"]);
+    await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "ARP", "--arp-ip-src", "!", ip, "-j", "DROP"]);
+  });
   return true;
+}
+
+/**
+ * ebtables-nft builds each change against a cached copy of the ruleset; when another process (a
+ * concurrent CNI ADD runs as its own plugin process) commits in between, the command fails with exit 4
+ * ("RULE_DELETE failed", "RULE_APPEND failed") and nothing was applied (nft batches are atomic).
+ * Changes are serialised within this process and retried with jitter across processes.
+ */
+let ebQueue: Promise<unknown> = Promise.resolve();
+async function ebRetry<T>(fn: () => Promise<T>, attempts = 6): Promise<T> {
+  const run = async (): Promise<T> => {
+    for (let i = 1; ; i++) {
+      try {
+        return await fn();
+      } catch (e) {
+        if (!(e instanceof CommandError && e.exitCode === 4) || i >= attempts) throw e;
+        await new Promise((r) => setTimeout(r, 20 * i + Math.floor(Math.random() * 30)));
+      }
+    }
+  };
+  const p = ebQueue.then(run, run);
+  ebQueue = p.catch(() => undefined);
+  return p;
 }
 
 /** Remove every rule of this veth (idempotent; nothing to do without ebtables or the chain). */
 export async function podFilterDel(host: HostExec, hostVeth: string): Promise<void> {
+  return ebRetry(() => podFilterDelOnce(host, hostVeth));
+}
+
+async function podFilterDelOnce(host: HostExec, hostVeth: string): Promise<void> {
   let listing: string;
   try {
     listing = (await host.run("ebtables", ["-L", POD_EB_CHAIN])).stdout;
@@ -458,6 +488,8 @@ export async function podFilterDel(host: HostExec, hostVeth: string): Promise<vo
   for (const line of listing.split("\n")) {
     const rule = line.trim();
     if (!rule.startsWith("-") || !` ${rule} `.includes(` -i ${hostVeth} `)) continue;
-    await host.run("ebtables", ["-D", POD_EB_CHAIN, ...rule.split(/\s+/)]).catch(() => undefined);
+    await host.run("ebtables", ["-D", POD_EB_CHAIN, ...rule.split(/\s+/)]).catch((e) => {
+      if (e instanceof CommandError && e.exitCode === 4) throw e; // a concurrent change: retried
+    });
   }
 }

@@ -4,7 +4,7 @@
  * pod traffic through); pods are further namespaces wn-<random>-pN wired to the node's bridge. The code
  * under test runs host-side commands with `ip -n <node>` (the hostNetns option).
  */
-import { execFileSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import fs from "node:fs";
 import { customAlphabet } from "nanoid";
 import { hasIptables, isRoot } from "../helpers/netns.js";
@@ -159,6 +159,29 @@ describe.skipIf(!isRoot)("pods on the node bridge (root, real kernel)", () => {
     expect((await checkPod(base(8, "10.40.3.20"))).ok).toBe(true);
     await delPod({ netns: { name: pod(8) }, hostNetns: node, deleteNetns: true });
     await delPod({ netns: { name: pod(9) }, hostNetns: node, deleteNetns: true });
+  });
+
+  it("concurrent adds, from this process and from other processes (as CNI ADDs run), each get their anti-spoofing filter", async () => {
+    // ebtables-nft commits against a cached ruleset: unserialised, a concurrent change failed with exit 4
+    const rules = () => execFileSync("ip", ["netns", "exec", node, "ebtables", "-L", "WEFTNET-POD"], { encoding: "utf8" });
+    const inProc = [30, 31, 32, 33].map((n) => base(n, `10.40.3.${n}`));
+    const child = (n: number) =>
+      new Promise<void>((resolve, reject) => {
+        const spec = JSON.stringify(base(n, `10.40.3.${n}`));
+        const code = `import(${JSON.stringify(new URL("../../dist/agent/os/pod.js", import.meta.url).pathname)}).then((m) => m.addPod(${spec}))`;
+        execFile("node", ["--input-type=module", "-e", code], { timeout: 60_000 }, (err, _out, stderr) => (err ? reject(new Error(`child add ${n}: ${stderr || err}`)) : resolve()));
+      });
+    const results = await Promise.allSettled([...inProc.map((s) => addPod(s)), child(34), child(35), child(36)]);
+    const failed = results.filter((r): r is PromiseRejectedResult => r.status === "rejected").map((r) => String(r.reason));
+    expect(failed).toEqual([]);
+    const listing = rules();
+    for (const n of [30, 31, 32, 33, 34, 35, 36]) {
+      const veth = podVethName(`${pod(n)}/eth0`);
+      expect(listing, veth).toContain(`-p IPv4 -i ${veth} --ip-src ! 10.40.3.${n} -j DROP`);
+      expect(listing.split("\n").filter((l) => l.includes(`-i ${veth} `)).length, veth).toBe(2);
+    }
+    await Promise.all([30, 31, 32, 33, 34, 35, 36].map((n) => delPod({ netns: { name: pod(n) }, hostNetns: node, deleteNetns: true })));
+    expect(rules()).not.toMatch(/-i wp/);
   });
 
   it("a failed add leaves nothing behind", async () => {
