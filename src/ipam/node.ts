@@ -15,9 +15,10 @@ import { type Cidr, blockAt, blockCount, blockIndexOf, equalCidr, formatCidr, fo
 import { type IpamConfig, type Resolved, resolve } from "./config.js";
 import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
-import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, type IpamKeys, releaseFields, type Signed } from "./signing.js";
-import { BlockTable, compareEntries, type EntryKind, type EntryTuple, IpamError } from "./table.js";
-import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, decodeCert, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
+import { MAX_VERSION_STEP, SignedState } from "./certs.js";
+import { releaseFields } from "./signing.js";
+import { BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
+import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
 
@@ -118,38 +119,12 @@ interface PeerInfo {
 }
 
 const NEG = Number.NEGATIVE_INFINITY;
-/** a remote entry may be at most this many versions ahead of ours for its block (counted as a jump) */
-export const MAX_VERSION_STEP = 64;
+export { MAX_VERSION_STEP };
 /** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
 const MAX_REFUSED_FORCES = 4096;
 /** entries per state message when signed (each carries its cert, claims and grants a majority's promises) */
 const SIGNED_CHUNK = 128;
 
-/** Who wrote an entry and with what right (see signing.ts). */
-interface Cert {
-  from: string;
-  by: string;
-  pk: Uint8Array;
-  sig: Uint8Array;
-  proof?: Signed[];
-  /** an operator's signature of a force release (kind "f") */
-  op?: Uint8Array;
-}
-interface Handover {
-  owner: string;
-  version: number;
-  kind: EntryKind;
-  cert: Cert;
-}
-const certWire = (c: Cert): CertWire => (c.op ? [c.from, c.by, c.pk, c.sig, c.proof ?? null, c.op] : c.proof ? [c.from, c.by, c.pk, c.sig, c.proof] : [c.from, c.by, c.pk, c.sig]);
-const certOf = (w: CertWire): Cert => ({ from: w[0], by: w[1], pk: w[2], sig: w[3], ...(w[4] ? { proof: w[4] } : {}), ...(w[5] ? { op: w[5] } : {}) });
-const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
-const unhex = (s: unknown) => new Uint8Array(Buffer.from(String(s), "hex"));
-const certJson = (c: Cert) => [c.from, c.by, hex(c.pk), hex(c.sig), ...(c.proof || c.op ? [c.proof ? c.proof.map(([n, pk, sig, m]) => [n, hex(pk), hex(sig), m]) : null] : []), ...(c.op ? [hex(c.op)] : [])];
-const certFromJson = (x: unknown): Cert => {
-  const a = x as unknown[];
-  return certOf(decodeCert([a[0], a[1], unhex(a[2]), unhex(a[3]), a[4] ? (a[4] as unknown[][]).map(([n, pk, sig, m]) => [n, unhex(pk), unhex(sig), m]) : null, ...(a[5] ? [unhex(a[5])] : [])]));
-};
 /** a heartbeat (its origin's clock, ms) more than this far ahead of ours is refused (counted as a jump) */
 export const MAX_BEAT_AHEAD_MS = 24 * 3600_000;
 
@@ -181,16 +156,13 @@ export class IpamNode {
   private startedAt: number;
   private pending: { to: string; since: number } | null = null;
   readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0, forged: 0, jumps: 0, releasesRefused: 0 };
-  private readonly keys: IpamKeys | undefined;
-  private ownBeatSig: { beat: number; epoch: string; sig: Uint8Array } | null = null;
-  /** signed clusters: the cert of each block's current entry, and the change of owner behind an owner's own entry */
-  private readonly certs = new Map<number, Handover>();
-  private readonly handovers = new Map<number, Handover>();
+  /** signed clusters (the agent gave us a key): certs of our entries, signing and checking (certs.ts) */
+  private readonly signed: SignedState | null;
 
   constructor(config: IpamConfig, now: number) {
     this.id = config.id;
     this.cfg = resolve(config);
-    this.keys = config.keys;
+    this.signed = config.keys ? new SignedState(this.id, config.keys, this.signedContext()) : null;
     this.allocs = new Allocations(this.cfg.range, this.cfg.blockPrefix);
     this.lease = new Lease(this.id, this.cfg);
     this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined);
@@ -209,7 +181,7 @@ export class IpamNode {
       settling: [...this.settleUntil.keys()].sort((a, b) => a - b),
       promises: this.rule.snapshot(),
       pinned: [...this.rule.confirmed],
-      ...(this.keys ? { certs: [...this.certs].map(([i, c]): [number, unknown, unknown] => { const h = this.handovers.get(i); return [i, certJson(c.cert), h ? [h.owner, h.version, h.kind, certJson(h.cert)] : null]; }) } : {}),
+      ...(this.signed ? { certs: this.signed.snapshot() } : {}),
       beat: this.lease.beat,
     };
   }
@@ -236,12 +208,7 @@ export class IpamNode {
       for (const i of snap.settling) if (n.table!.get(i).owner === n.id) n.settleUntil.set(i, now + n.cfg.S);
       n.rule.restore(snap.promises ?? []);
       for (const [i, v] of snap.pinned ?? []) if (i < n.table!.count) n.rule.confirmed.set(i, v);
-      for (const [i, c, h] of snap.certs ?? []) {
-        if (i >= n.table!.count) continue;
-        const e = n.table!.get(i);
-        n.certs.set(i, { owner: e.owner, version: e.version, kind: e.kind, cert: certFromJson(c) });
-        if (Array.isArray(h)) n.handovers.set(i, { owner: h[0] as string, version: h[1] as number, kind: h[2] as EntryKind, cert: certFromJson(h[3]) });
-      }
+      n.signed?.restore(n.table!, snap.certs ?? []);
       n.rule.prune(n.table!, now);
       n.lease.requireResync();
     } else if (snap.allocs.length > 0) {
@@ -331,16 +298,17 @@ export class IpamNode {
     if (!this.table || !this.epoch) throw new IpamError("ERR_NOT_READY", "no cluster IPAM yet");
     if (node === this.id) throw new IpamError("ERR_CONFIG", "a node cannot force-release itself; use leave()");
     const indices = this.table.indicesOf(node);
-    if (this.keys) {
+    if (this.signed) {
       if (!auth) throw new IpamError("ERR_FORBIDDEN", "a force release needs the operator's signature (--operator-key) or a Kubernetes Node deletion");
       if ("observedGone" in auth) {
         this.gone.add(node);
       }
       else {
-        if (!this.keys.verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
+        const verifyOperator = this.signed.keys.verifyOperator;
+        if (!verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
         for (const i of indices) {
           const sig = auth.operator.get(i);
-          if (!sig || !this.keys.verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1)))
+          if (!sig || !verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1)))
             throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} (a signature by another key, or the block changed since it was signed: sign again)`);
         }
       }
@@ -352,7 +320,7 @@ export class IpamNode {
       this.settleUntil.set(i, now + this.cfg.S);
       delta.push([i, this.id, e.version + 1, "f"]);
       const op = auth && "operator" in auth ? auth.operator.get(i) : undefined;
-      this.signOwn([i, this.id, e.version + 1, "f"], node, undefined, op);
+      this.signed?.signOwn([i, this.id, e.version + 1, "f"], node, undefined, op);
     }
     if (delta.length > 0) {
       this.counters.forced += delta.length;
@@ -383,7 +351,7 @@ export class IpamNode {
       this.table.write(i, { owner: to, version: e.version + 1, kind: "t" });
       this.settleUntil.delete(i);
       delta.push([i, to, e.version + 1, "t"]);
-      this.signOwn([i, to, e.version + 1, "t"], this.id);
+      this.signed?.signOwn([i, to, e.version + 1, "t"], this.id);
     }
     this.broadcast(delta, null, out);
     out.persist = true;
@@ -540,7 +508,7 @@ export class IpamNode {
     const pv = this.rule.openPin(table, i, until);
     if (!pv) return false;
     out.persist = true;
-    this.signOwn([i, this.id, pv[1], "p"], this.id);
+    this.signed?.signOwn([i, this.id, pv[1], "p"], this.id);
     this.broadcast([[i, this.id, pv[1], "p"]], null, out);
     for (const p of this.peers) {
       if (!this.info.get(p)?.epochOk) continue;
@@ -558,7 +526,7 @@ export class IpamNode {
       if (this.allocs.usedIn(i) !== 0 || free - this.allocs.usableSize() < this.reserve) continue;
       const e = table.get(i);
       table.write(i, { owner: this.id, version: e.version + 1, kind: "t" });
-      this.signOwn([i, this.id, e.version + 1, "t"], this.id);
+      this.signed?.signOwn([i, this.id, e.version + 1, "t"], this.id);
       this.rule.confirmed.delete(i);
       out.persist = true;
       this.broadcast([[i, this.id, e.version + 1, "t"]], null, out);
@@ -643,9 +611,9 @@ export class IpamNode {
     const until = this.lease.beat + this.cfg.reqTimeout;
     const { sent, promised } = this.rule.open(this.table!, kind, owner, to, blocks, until, now);
     if (promised) out.persist = true;
-    if (this.keys) {
+    if (this.signed) {
       const m = this.rule.memberSet(this.table!).size;
-      for (const [i, v] of sent) this.rule.selfSign(i, this.keys.publicKey, this.keys.sign(CTX_PROMISE, this.promiseFields(i, v, kind, owner, to, m)), m);
+      for (const [i, v] of sent) this.rule.selfSign(i, this.signed.keys.publicKey, this.signed.signPromise(i, v, kind, owner, to, m), m);
     }
     if (sent.length === 0) return;
     for (const p of this.peers) {
@@ -680,7 +648,7 @@ export class IpamNode {
   private completeProposals(now: number, out: IpamOutput): void {
     const written = this.rule.complete(this.table!, () => this.leaseValid(now));
     const delta = written.map((w) => w.entry);
-    for (const w of written) this.signOwn(w.entry, w.from, w.proof);
+    for (const w of written) this.signed?.signOwn(w.entry, w.from, w.proof);
     for (const [i, , , kind] of delta) {
       if (kind === "c") {
         this.settleUntil.set(i, now + this.cfg.S);
@@ -728,16 +696,6 @@ export class IpamNode {
 
   // ---- internals: gossip ---------------------------------------------------------------------------
 
-  /** Our heartbeat's signature (one per beat), so that peers can relay it. */
-  private beatSig(): { pk?: Uint8Array; sig?: Uint8Array } {
-    if (!this.keys) return {};
-    const epoch = this.epoch?.id ?? "";
-    if (this.ownBeatSig?.beat !== this.lease.beat || this.ownBeatSig.epoch !== epoch) {
-      this.ownBeatSig = { beat: this.lease.beat, epoch, sig: this.keys.sign(CTX_BEAT, [epoch, this.id, String(this.lease.beat)]) };
-    }
-    return { pk: this.keys.publicKey, sig: this.ownBeatSig.sig };
-  }
-
   /**
    * Check a heartbeat before merging or relaying it: signed by its origin (with keys), and not further
    * ahead of our clock than MAX_BEAT_AHEAD_MS (a beat is its origin's clock in ms).
@@ -747,9 +705,9 @@ export class IpamNode {
       this.counters.jumps++;
       return false;
     }
-    if (!this.keys) return true;
+    if (!this.signed) return true;
     if (this.lease.beatOf(n) >= b) return true; // nothing new: not merged anyway
-    if (!pk || !sig || !this.keys.verify(n, pk, sig, CTX_BEAT, [this.epoch?.id ?? "", n, String(b)])) {
+    if (!this.signed.verifyBeat(n, b, pk, sig)) {
       this.counters.forged++;
       return false;
     }
@@ -763,7 +721,7 @@ export class IpamNode {
         t: "hello",
         epoch: this.epoch,
         beat: this.lease.beat,
-        ...this.beatSig(),
+        ...(this.signed ? this.signed.beatSig(this.lease.beat) : {}),
         beats: this.lease.known(),
         free: this.table ? this.wholeFreeBlocks(now).length : 0,
         digest: this.table ? this.table.digest() : 0,
@@ -774,20 +732,12 @@ export class IpamNode {
 
   /** A state message for these entries, with their certs and handovers when signed. */
   private stateMsg(entries: EntryTuple[]): unknown {
-    if (!this.keys) return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries });
-    const certs = entries.map(([i]) => {
-      const c = this.certs.get(i);
-      return c ? certWire(c.cert) : null;
-    });
-    const handovers = entries.map(([i]): HandoverWire | null => {
-      const h = this.handovers.get(i);
-      return h ? [h.owner, h.version, h.kind, ...certWire(h.cert)] : null;
-    });
-    return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries, certs, handovers });
+    if (!this.signed) return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries });
+    return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries, ...this.signed.wire(entries) });
   }
 
   private get chunk(): number {
-    return this.keys ? SIGNED_CHUNK : STATE_CHUNK;
+    return this.signed ? SIGNED_CHUNK : STATE_CHUNK;
   }
 
   private sendFull(to: string, now: number, out: IpamOutput): void {
@@ -905,20 +855,20 @@ export class IpamNode {
         return;
       }
       case "prom":
-        if (this.keys && (!m.sigs || !m.pk)) {
+        if (this.signed && (!m.sigs || !m.pk)) {
           this.counters.forged++;
           return;
         }
         this.rule.promised(
           from,
           m.blocks,
-          this.keys && m.sigs && m.pk
+          this.signed && m.sigs && m.pk
             ? {
                 pk: m.pk,
                 sigs: m.sigs,
                 m: m.m ?? 0,
                 check: (i, p, sig) => {
-                  const ok = this.keys!.verify(from, m.pk!, sig, CTX_PROMISE, this.promiseFields(i, p.v, p.kind, p.owner, p.to, m.m ?? 0));
+                  const ok = this.signed!.verifyPromise(from, m.pk!, sig, i, p.v, p.kind, p.owner, p.to, m.m ?? 0);
                   if (!ok) this.counters.forged++;
                   return ok;
                 },
@@ -938,8 +888,8 @@ export class IpamNode {
   private onState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
     const table = this.table!;
     let delta: EntryTuple[];
-    const proofs = new Map<number, { cert: Cert; handover: Handover | null }>();
-    if (this.keys) {
+    const proofs = new Map<number, Exclude<ReturnType<SignedState["check"]>, string>>();
+    if (this.signed) {
       // verify every entry that would change our table before anything is merged (or forwarded)
       const ok: EntryTuple[] = [];
       entries.forEach((e, k) => {
@@ -953,26 +903,24 @@ export class IpamNode {
         }
         if (!wins) return;
         const cw = certs?.[k];
-        const hw = handovers?.[k];
-        const cert = cw ? certOf(cw) : null;
-        const handover = hw ? { owner: hw[0], version: hw[1], kind: hw[2], cert: certOf(hw.slice(3) as unknown as CertWire) } : null;
-        const why = this.checkWrite(e, cert, handover, now);
+        const why = this.signed!.check(e, cw, handovers?.[k]);
         if (why === "jump") this.counters.jumps++;
-        else if (why !== null) {
+        else if (why === "forged" || why === "release") {
           this.counters.forged++;
           if (why === "release") {
+            // validly signed by its writer, only not authorised (yet): kept until we see the node gone ourselves
             this.counters.releasesRefused++;
+            const released = cw![0]; // the cert's `from`: the node whose block was forced
             if (this.refusedCount < MAX_REFUSED_FORCES) {
-              const list = this.refusedForces.get(cert!.from) ?? [];
+              const list = this.refusedForces.get(released) ?? [];
               list.push({ from, entry: e, cert: cw! });
-              this.refusedForces.set(cert!.from, list);
+              this.refusedForces.set(released, list);
               this.refusedCount++;
             }
           }
-        }
-        else {
+        } else {
           ok.push(e);
-          proofs.set(i, { cert: cert!, handover });
+          proofs.set(i, why);
         }
       });
       if (ok.length < entries.length && ok.length === 0) return;
@@ -1000,7 +948,7 @@ export class IpamNode {
     if (delta.length === 0) return;
     for (const [i, owner, version, kind] of delta) {
       const p = proofs.get(i);
-      if (p) this.keepCert([i, owner, version, kind], p.cert, p.handover);
+      if (p) this.signed?.keepCert([i, owner, version, kind], p.cert, p.handover);
     }
     out.persist = true;
     this.dropLost(delta, out);
@@ -1023,113 +971,28 @@ export class IpamNode {
     const e = table.get(i);
     table.write(i, { owner: this.id, version: e.version + 1, kind: "p" });
     this.rule.confirmed.set(i, e.version + 1);
-    this.signOwn([i, this.id, e.version + 1, "p"], this.id);
+    this.signed?.signOwn([i, this.id, e.version + 1, "p"], this.id);
     out.persist = true;
     this.broadcast([[i, this.id, e.version + 1, "p"]], null, out);
   }
 
-  private entryFields(i: number, owner: string, version: number, kind: EntryKind, from: string): string[] {
-    return [this.epoch!.id, String(i), owner, String(version), kind, from];
-  }
-
-  private promiseFields(i: number, v: number, kind: string, from: string, to: string, members: number): string[] {
-    return [this.epoch!.id, String(i), String(v), kind, from, to, String(members)];
-  }
-
   private promiseSigs(blocks: [number, number][], kind: string, from: string, to: string): { sigs?: Uint8Array[]; pk?: Uint8Array; m?: number } {
-    if (!this.keys) return {};
-    const m = this.rule.memberSet(this.table!).size;
-    return { pk: this.keys.publicKey, m, sigs: blocks.map(([i, v]) => this.keys!.sign(CTX_PROMISE, this.promiseFields(i, v, kind, from, to, m))) };
+    return this.signed ? this.signed.promiseSigs(blocks, kind, from, to) : {};
   }
 
-  /** Sign an entry we just wrote (from = the owner before), and keep its cert to forward it. */
-  private signOwn(e: EntryTuple, from: string, proof?: Signed[], op?: Uint8Array): void {
-    if (!this.keys) return;
-    const [i, owner, version, kind] = e;
-    const sig = this.keys.sign(CTX_ENTRY, this.entryFields(i, owner, version, kind, from));
-    this.keepCert(e, { from, by: this.id, pk: this.keys.publicKey, sig, ...(proof && proof.length ? { proof } : {}), ...(op ? { op } : {}) }, null);
-  }
-
-  /** Remember the cert of a block's new entry; an owner's own write keeps the change of owner behind it. */
-  private keepCert(e: EntryTuple, cert: Cert, handover: Handover | null): void {
-    const [i, owner, version, kind] = e;
-    const prev = this.certs.get(i);
-    if (cert.from !== owner) this.handovers.delete(i); // this entry is itself a change of owner
-    else if (handover) this.handovers.set(i, handover);
-    else if (prev && prev.cert.from !== prev.owner && prev.owner === owner) this.handovers.set(i, prev);
-    else if (this.handovers.get(i)?.owner !== owner) this.handovers.delete(i);
-    this.certs.set(i, { owner, version, kind, cert });
-  }
-
-  /**
-   * Do members vouch for this claim or grant with valid promises from more than half of the largest
-   * member count any of them signed? (Judged from the promises themselves, so a node that joined later,
-   * with a larger member set, still accepts a write a majority approved back then; signers must be
-   * members we know, so keys made up for the occasion count for nothing.)
-   */
-  private proofOk(i: number, v: number, kind: string, from: string, to: string, writer: string, proof: Signed[] | undefined): boolean {
-    if (!proof) return false;
-    const members = this.rule.memberSet(this.table!);
-    members.add(from);
-    const signers = new Set<string>();
-    let most = 0;
-    for (const [n, pk, sig, m] of proof) {
-      if (!members.has(n) || signers.has(n)) continue;
-      if (!this.keys!.verify(n, pk, sig, CTX_PROMISE, this.promiseFields(i, v, kind, from, to, m))) continue;
-      signers.add(n);
-      if (n !== writer) most = Math.max(most, m); // the writer's own count cannot lower the bar
-    }
-    if (most === 0) return false; // nobody but the writer vouches
-    // a grant to a newcomer is approved by the members before it (the newcomer, counted by promisers, does not vote)
-    const voters = kind === "t" && !signers.has(to) ? most - 1 : most;
-    return signers.size > 0 && 2 * signers.size > voters;
-  }
-
-  /**
-   * May this remote entry replace our entry for its block? (signed clusters; null = yes)
-   *   every entry is signed by its writer `by`; versions step forward by at most MAX_VERSION_STEP;
-   *   claim:   written by the heir it names, with promises from a majority of the members;
-   *   grant:   a transfer with promises from a majority, written by the owner before;
-   *   owner's own write (pin, unpin, leave transfer): by the owner we know, or by the new owner of a
-   *            verifiable change of owner (the handover) that is newer than what we know;
-   *   force:   by the node it names, of a block whose owner we know (never of a node connected to us,
-   *            and never of ours), authorised by the operator's signature of this release (--operator-key)
-   *            or by our own observation that the owner is gone (its Kubernetes Node was deleted).
-   */
-  private checkWrite(e: EntryTuple, cert: Cert | null, handover: Handover | null, now: number, nested = false): null | "jump" | "forged" | "release" {
-    const [i, owner, version, kind] = e;
-    const cur = this.table!.get(i);
-    if (version > cur.version + MAX_VERSION_STEP) return "jump";
-    if (!cert || !this.keys!.verify(cert.by, cert.pk, cert.sig, CTX_ENTRY, this.entryFields(i, owner, version, kind, cert.from))) return "forged";
-    switch (kind) {
-      case "c":
-        return cert.by === owner && cert.from !== owner && this.proofOk(i, version, "c", cert.from, owner, cert.by, cert.proof) ? null : "forged";
-      case "f": {
-        // the owner before: ours, or — when we forced the same block at the same version — the one we forced
-        const prev = cur.kind === "f" && cur.version === version ? this.certs.get(i)?.cert.from : cur.owner;
-        if (cert.by !== owner || cert.from === owner || cert.from !== prev || cert.from === this.id) return "forged";
-        if (this.peers.has(cert.from)) return "forged"; // never the blocks of a node connected to us
-        if (this.gone.has(cert.from)) return null;
-        return cert.op && this.keys!.verifyOperator?.(cert.op, releaseFields(this.epoch!.id, i, cert.from, version)) ? null : "release";
-      }
-      default:
-        if (cert.by !== cert.from) return "forged";
-        if (kind === "p" && owner !== cert.by) return "forged";
-        if (cur.owner === cert.by) return null; // the owner we know hands it on, pins or unpins it
-        if (cert.proof) return kind === "t" && this.proofOk(i, version, "t", cert.from, owner, cert.by, cert.proof) ? null : "forged";
-        if (nested || !handover || handover.owner !== cert.by || handover.version >= version) return "forged";
-        // the change of owner must itself beat what we hold (a claim beats a grant at one version) —
-        // unless what we hold is our own unconfirmed pin without pods: a disputed pin (settleClash)
-        // yields to the confirmed owner's higher pin, whose change of owner is verified all the same
-        if (!(cur.owner === this.id && cur.kind === "p" && !this.rule.isConfirmed(this.table!, i) && this.allocs.usedIn(i) === 0)) {
-          try {
-            if (compareEntries({ owner: handover.owner, version: handover.version, kind: handover.kind }, cur, i) <= 0) return "forged";
-          } catch {
-            return "forged";
-          }
-        }
-        return this.checkWrite([i, handover.owner, handover.version, handover.kind], handover.cert, null, now, true);
-    }
+  /** What the signed state needs of us (certs.ts). */
+  private signedContext() {
+    return {
+      epochId: () => this.epoch?.id ?? "",
+      table: () => this.table!,
+      memberSet: () => this.rule.memberSet(this.table!),
+      connected: (peer: string) => this.peers.has(peer),
+      sawGone: (node: string) => this.gone.has(node),
+      yieldablePin: (i: number) => {
+        const e = this.table!.get(i);
+        return e.owner === this.id && e.kind === "p" && !this.rule.isConfirmed(this.table!, i) && this.allocs.usedIn(i) === 0;
+      },
+    };
   }
 
   /**
