@@ -10,7 +10,21 @@
  *   limit / low-water refusal ("full"), onDrain once after a refusal or after packets went above low water, send-failure logging once per link, byte counters;
  * - receive: string messages (a misbehaving peer) are delivered as their UTF-8 bytes, logged once;
  * - stats(): byte counters plus the selected candidate pair when the library knows it;
- * - path MTU check (probeMtu): see below.
+ * - path MTU check (probeMtu): see below;
+ * - the initiator's candidates wait for the answer (below).
+ *
+ * Initiator candidates wait for the answer (holdCandidatesUntilAnswer: the native transport). The offer goes out without a=candidate lines and the initiator's
+ * trickled candidates are held until the remote answer is applied, then sent in order. Until then the
+ * answerer has no address to send ICE checks (or DTLS) to. Reason (measured, libdatachannel 0.24.5): an
+ * answerer that knows the offerer's candidates connects ICE within a millisecond on a LAN or loopback (the
+ * offerer's ICE agent answers checks before it has the answer) and sends its DTLS ClientHello at once; when
+ * the answer then arrives, libdatachannel hands it to ICE before it records the remote description, ICE
+ * connects on the spot, the buffered ClientHello is handshaked and the client certificate checked against a
+ * remote fingerprint that is not set yet: "certificate verify failed", the whole attempt fails (about half
+ * the first attempts in a 5-agent loopback mesh) and the pair starts on the relay. Holding the candidates
+ * costs nothing: the offerer cannot complete ICE before it has the answer anyway. (werift has no such race,
+ * and holding made its own DTLS weakness more frequent in the same mesh: its client fails on a duplicate
+ * HelloVerifyRequest when the server answers a ClientHello later than its 500 ms retransmission.)
  *
  * Path MTU check. A link built for a path MTU above 1280 (the native transport's --link-mtu) proves it once
  * open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on `packets`,
@@ -24,6 +38,7 @@
  * Subclasses implement the small hooks below with their library's calls and keep everything
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
  */
+import { AFTER_ICE_CONNECTED } from "../../src/mesh/transport.js";
 import type { ChannelName, LinkHandlers, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Logger } from "../../src/log.js";
@@ -69,6 +84,8 @@ export interface LinkBaseOptions {
   pathMtu?: number;
   /** The check failed: packets of pathMtu bytes do not reach the peer. */
   onPathMtuFailed?(): void;
+  /** Initiator: send no candidates before the answer is applied (see the header; native.ts sets it). */
+  holdCandidatesUntilAnswer?: boolean;
 }
 
 /** Remote candidates kept while the remote description is not set yet. */
@@ -96,6 +113,11 @@ export abstract class LinkBase implements TransportLink {
   private probeTimer: NodeJS.Timeout | undefined;
   private probeTries = 0;
   private pathMtuConfirmed = false;
+  /** when the link was created (performance.now), for the connect-path stage log */
+  private readonly bornAt = performance.now();
+  private readonly staged = new Set<string>();
+  /** initiator: local candidates held until the answer is applied (header); undefined once released */
+  private held: { list: IceCandidateInit[]; seen: Set<string>; ended: boolean } | undefined;
 
   constructor(opts: LinkBaseOptions) {
     this.handlers = opts.handlers;
@@ -105,6 +127,7 @@ export abstract class LinkBase implements TransportLink {
     this.onGone = opts.onGone;
     this.pathMtu = opts.pathMtu;
     this.onPathMtuFailed = opts.onPathMtuFailed;
+    if (this.initiator && opts.holdCandidatesUntilAnswer) this.held = { list: [], seen: new Set(), ended: false };
   }
 
   // ---- hooks: the library calls ---------------------------------------------------------------------
@@ -144,8 +167,66 @@ export abstract class LinkBase implements TransportLink {
     return this._state === "closed" || this._state === "failed";
   }
 
+  /**
+   * Connect-path timing (debug level): one line per stage with ms since the link was created, the first
+   * time it is reached (offer/answer, first candidates, ICE, DTLS/connection, channels, open). Repeated
+   * stages (e.g. every candidate) are logged once; `always` logs every occurrence.
+   */
+  protected stage(name: string, fields: Record<string, unknown> = {}, always = false): void {
+    if (!always && this.staged.has(name)) return;
+    this.staged.add(name);
+    this.log.debug("link stage", { stage: name, ms: Math.round(performance.now() - this.bornAt), ...fields });
+  }
+
   protected emitSignal(sig: LinkSignal): void {
+    if (sig.kind === "candidate" && this.held) {
+      this.hold(sig.candidate);
+      return;
+    }
+    if (sig.kind === "candidate") this.stage(sig.candidate ? "local candidate" : "local end-of-candidates", sig.candidate ? { candidate: sig.candidate.candidate } : {});
+    else this.stage(`${sig.kind} sent`);
     this.call("onSignal", () => this.handlers.onSignal(sig));
+  }
+
+  /** Initiator before the answer: keep a local candidate (null: end of candidates) for releaseHeld(). */
+  private hold(c: IceCandidateInit | null): void {
+    const h = this.held!;
+    if (c === null) {
+      h.ended = true;
+      return;
+    }
+    const key = c.candidate.replace(/^a=/, "").trim();
+    if (h.seen.has(key)) return;
+    h.seen.add(key);
+    h.list.push(c);
+    this.stage("local candidate held until the answer");
+  }
+
+  /** The answer is applied: send the held candidates, then end-of-candidates if gathering finished. */
+  private releaseHeld(): void {
+    const h = this.held;
+    if (!h) return;
+    this.held = undefined;
+    for (const c of h.list) {
+      if (this.isDone()) return;
+      this.emitSignal({ kind: "candidate", candidate: c });
+    }
+    if (h.ended && !this.isDone()) this.emitSignal({ kind: "candidate", candidate: null });
+  }
+
+  /** Take the a=candidate / a=end-of-candidates lines out of our offer into the held list (header). */
+  private holdOfferCandidates(sdp: string): string {
+    if (!/^a=(candidate:|end-of-candidates)/m.test(sdp)) return sdp;
+    const mid = /^a=mid:(\S+)\s*$/m.exec(sdp)?.[1];
+    const out: string[] = [];
+    let ended = false;
+    for (const line of sdp.split(/\r?\n/)) {
+      if (line.startsWith("a=candidate:")) this.hold({ candidate: line.slice(2), ...(mid !== undefined ? { sdpMid: mid } : {}), sdpMLineIndex: 0 });
+      else if (line.startsWith("a=end-of-candidates")) ended = true;
+      else out.push(line);
+    }
+    if (ended) this.hold(null);
+    return out.join("\r\n");
   }
 
   /** Run a handler; never let it throw into the library. */
@@ -159,14 +240,14 @@ export abstract class LinkBase implements TransportLink {
 
   /** The peer connection's state changed. */
   protected connectionState(s: string): void {
-    this.log.debug("connection state", { state: s });
-    if (s === "failed") this.finish("failed", "connection failed");
+    this.stage(`connection ${s}`);
+    if (s === "failed") this.finish("failed", this.iceWasUp() ? `connection failed ${AFTER_ICE_CONNECTED} (DTLS/SCTP)` : "connection failed");
     else if (s === "closed") this.finish("closed", "connection closed");
   }
 
   /** A data channel's state changed: the link opens with both channels, and closes with either. */
   protected channelState(name: ChannelName, s: string): void {
-    this.log.debug("channel state", { channel: name, state: s });
+    this.stage(`${name} channel ${s}`);
     if (s === "open") this.maybeOpen();
     else if (s === "closed" || s === "closing") this.finish("closed", `${name} channel closed`);
   }
@@ -175,7 +256,7 @@ export abstract class LinkBase implements TransportLink {
     if (this._state !== "new" && this._state !== "connecting") return;
     if (!this.channelsOpen()) return;
     this._state = "open";
-    this.log.debug("link open");
+    this.stage("open");
     this.call("onOpen", () => this.handlers.onOpen());
     if (this.pathMtu !== undefined && this.pathMtu > SAFE_LINK_MTU && !this.isDone()) this.probe();
   }
@@ -311,7 +392,7 @@ export abstract class LinkBase implements TransportLink {
     try {
       const sdp = await this.makeOffer();
       if (sdp === undefined || this.isDone()) return;
-      this.emitSignal({ kind: "offer", sdp });
+      this.emitSignal({ kind: "offer", sdp: this.held ? this.holdOfferCandidates(sdp) : sdp });
     } catch (err) {
       if (this.isDone()) return;
       this.log.warn("creating the offer failed", { err });
@@ -333,6 +414,7 @@ export abstract class LinkBase implements TransportLink {
             return;
           }
           this._state = "connecting";
+          this.stage("offer received");
           await this.setRemote("offer", sig.sdp);
           if (this.isDone()) return;
           this.remoteSet = true;
@@ -357,13 +439,16 @@ export abstract class LinkBase implements TransportLink {
             this.log.warn("answer before our offer; ignored", { signalingState });
             return;
           }
+          this.stage("answer received");
           await this.setRemote("answer", sig.sdp);
           if (this.isDone()) return;
           this.remoteSet = true;
+          this.releaseHeld();
           await this.flushCandidates();
           return;
         }
         case "candidate": {
+          this.stage(sig.candidate ? "remote candidate" : "remote end-of-candidates", sig.candidate ? { candidate: sig.candidate.candidate, early: !this.remoteSet } : {});
           if (!this.remoteSet) {
             if (this.pendingCandidates.length < MAX_PENDING_CANDIDATES) this.pendingCandidates.push(sig.candidate);
             return;
@@ -436,7 +521,13 @@ export abstract class LinkBase implements TransportLink {
   }
 
   close(): void {
-    this.finish("closed", "closed locally");
+    // Before opening (e.g. the peer's side of the attempt failed and it said bye): say whether UDP worked.
+    this.finish("closed", this._state !== "open" && this.iceWasUp() ? `closed locally before opening, ${AFTER_ICE_CONNECTED}` : "closed locally");
+  }
+
+  /** ICE reached connected on this link at some point (the stage log records it; werift reports "completed" for gathering, so only "connected" counts). */
+  private iceWasUp(): boolean {
+    return this.staged.has("ice connected");
   }
 
   /** close() and wait until the library has released the connection (sockets, native resources). */

@@ -200,6 +200,7 @@ async function requireNative(): Promise<NdcModule> {
 export async function createNativeTransport(opts: NativeTransportOptions = {}): Promise<NativeTransport> {
   const ndc = await requireNative();
   const log = (opts.logger ?? silentLogger).child("transport");
+  enableLibraryLog(ndc, log);
   const pem = opts.certificate ?? (await generateDtlsCertificate());
   const limits = { ...NATIVE_LIMITS, ...(opts.limits ?? {}) };
 
@@ -241,7 +242,7 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
     createLink(lo: LinkOptions): TransportLink {
       if (closed) throw new Error("transport is closed");
       const n = ++seq;
-      const linkLog = log.child("link", { link: n });
+      const linkLog = log.child("link", { link: n, peer: lo.peer, conn: lo.conn });
       // A peer whose path failed the MTU check gets the next smaller step (4096 -> 1500 -> 1280) for a
       // while, then the configured MTU again.
       const peer = lo.peer;
@@ -265,6 +266,19 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       await Promise.all([...links].map((l) => l.closeAndWait("transport closed")));
     },
   };
+}
+
+/**
+ * Diagnostics: env WEFTNET_NATIVE_LOG=Verbose|Debug|Info|Warning|Error routes libdatachannel's own log (ICE,
+ * DTLS, SCTP internals; process-wide, not per link) into ours at debug level. Off by default.
+ */
+let libraryLogOn = false;
+function enableLibraryLog(ndc: NdcModule, log: Logger): void {
+  const level = process.env.WEFTNET_NATIVE_LOG;
+  if (libraryLogOn || !level || !["Verbose", "Debug", "Info", "Warning", "Error", "Fatal"].includes(level)) return;
+  libraryLogOn = true;
+  const lib = log.child("libdatachannel", { pid: process.pid });
+  safe(() => ndc.initLogger(level as Ndc.LogLevel, (lv, message) => lib.debug(message, { lv })), undefined);
 }
 
 /**
@@ -365,7 +379,9 @@ class NativeLink extends LinkBase {
     opts: LinkOptions,
     private readonly env: LinkEnv,
   ) {
-    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, onPathMtuFailed: env.onPathMtuFailed });
+    // libdatachannel checks the DTLS peer's certificate against a remote description it may not have recorded
+    // yet when the peer's ClientHello came before the answer: hold our candidates until then (link-base.ts).
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, onPathMtuFailed: env.onPathMtuFailed, holdCandidatesUntilAnswer: true });
   }
 
   /**
@@ -404,12 +420,14 @@ class NativeLink extends LinkBase {
     );
     pc.onGatheringStateChange((s) =>
       this.guard("gathering state", () => {
+        this.stage(`gathering ${s}`);
         if (this.isDone() || s !== "complete" || this.endOfCandidatesSent) return;
         this.endOfCandidatesSent = true;
         this.emitSignal({ kind: "candidate", candidate: null });
       }),
     );
     pc.onStateChange((s) => this.guard("connection state", () => this.connectionState(s)));
+    pc.onIceStateChange((s) => this.guard("ice state", () => this.stage(`ice ${s}`)));
     for (const name of CHANNELS) {
       const dc = this.dc[name]!;
       const low = this.lowWater(name);

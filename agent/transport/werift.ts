@@ -148,7 +148,7 @@ export async function createWeriftTransport(opts: WeriftTransportOptions = {}): 
     },
     createLink(lo: LinkOptions): TransportLink {
       if (closed) throw new Error("transport is closed");
-      const link = new WeriftLink(lo, { cert, ice, limits, log: log.child("link", { link: ++seq }), onGone: (l) => links.delete(l) });
+      const link = new WeriftLink(lo, { cert, ice, limits, log: log.child("link", { link: ++seq, peer: lo.peer, conn: lo.conn }), onGone: (l) => links.delete(l) });
       links.add(link);
       return link;
     },
@@ -230,6 +230,8 @@ class WeriftLink extends LinkBase {
       }),
     );
     sub(pc.connectionStateChange.subscribe((s) => this.connectionState(s)));
+    sub(pc.iceConnectionStateChange.subscribe((s) => this.stage(`ice ${s}`)));
+    sub(pc.iceGatheringStateChange.subscribe((s) => this.stage(`gathering ${s}`)));
     for (const name of CHANNELS) {
       const dc = this.dc[name];
       dc.bufferedAmountLowThreshold = this.lowWater(name);

@@ -107,6 +107,12 @@ export interface Transport {
   close(): Promise<void>;
 }
 
+/**
+ * Part of a link's close reason when it failed after ICE had connected (DTLS or SCTP failed): UDP reaches
+ * the peer, so the mesh retries WebRTC instead of falling back to the relay (manager.ts noteFailure).
+ */
+export const AFTER_ICE_CONNECTED = "after ICE connected";
+
 /** Extract the first a=fingerprint line from an SDP. Pure; used to bind SDP to node identity. */
 export function sdpFingerprint(sdp: string): Fingerprint | undefined {
   const m = /^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$/m.exec(sdp);

@@ -122,10 +122,12 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
   });
 
   it("buffers candidates that arrive before the description, opens, and carries messages both ways on both channels", async () => {
+    // A native offerer sends no candidate before the answer (link-base.ts: holdCandidatesUntilAnswer); the
+    // answerer's candidates still reach it before the answer (connectPair's shuffle delays descriptions).
     const { a, b, candidatesBeforeOffer } = await connectPair(ta, tb, true);
     expect(a.link.state).toBe("open");
     expect(b.link.state).toBe("open");
-    expect(candidatesBeforeOffer).toBeGreaterThan(0);
+    expect(candidatesBeforeOffer).toBe(0);
     await exchangeBothChannels(a, b);
 
     const stats = await a.link.stats();
@@ -275,6 +277,42 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     }
   });
 
+  it("fresh pairs open on the first attempt when the answer arrives after the answerer's ICE checks", async () => {
+    // A signaling hop delays the answer (here 40 ms) while the answerer already knows the offerer's
+    // candidates: without holding the offerer's candidates until the answer (link-base.ts), the answerer's
+    // ICE connects first, its ClientHello waits at the offerer, and libdatachannel checks the client
+    // certificate before it records the answer: "certificate verify failed" for about half the pairs.
+    const N = 8;
+    const results = await Promise.all(
+      Array.from({ length: N }, async () => {
+        let a!: Side;
+        let b!: Side;
+        let sentBeforeAnswer = -1;
+        a = makeSide(ta, true, (sig) => void b.link.handleSignal(sig));
+        b = makeSide(tb, false, (sig) => {
+          if (sig.kind === "answer")
+            setTimeout(() => {
+              sentBeforeAnswer = a.signals.length;
+              void a.link.handleSignal(sig);
+            }, 40);
+          else void a.link.handleSignal(sig);
+        });
+        await a.link.start();
+        const outcome = await Promise.race([Promise.all([a.opened, b.opened]).then(() => "open"), a.closed.then((r) => `a closed: ${r}`), b.closed.then((r) => `b closed: ${r}`), sleep(15_000).then(() => "no open within 15 s")]);
+        a.link.close();
+        b.link.close();
+        // The mechanism itself: the offer carries no candidates and none is sent before the answer is applied.
+        const offer = a.signals[0];
+        expect(offer?.kind === "offer" && /^a=candidate:/m.test(offer.sdp)).toBe(false);
+        expect(a.signals.slice(0, sentBeforeAnswer).filter((x) => x.kind === "candidate")).toEqual([]);
+        expect(a.signals.slice(sentBeforeAnswer).some((x) => x.kind === "candidate" && x.candidate !== null)).toBe(true);
+        return outcome;
+      }),
+    );
+    console.log(`[measure] native: ${results.filter((r) => r === "open").length}/${N} fresh pairs opened on the first attempt (answer delayed 40 ms)`);
+    expect(results).toEqual(Array.from({ length: N }, () => "open"));
+  });
+
   it("converts ICE server URLs (TURN over TCP/TLS skipped: libjuice relays over UDP only)", () => {
     expect(
       toNdcIceServers([
@@ -353,7 +391,8 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
   });
 
   it("leaves no UDP sockets behind", async () => {
-    await sleep(300);
+    // closed links free their sockets asynchronously (channel close, 20 ms grace, pc.close on libdatachannel's threads)
+    await until(() => udpSockets() === baselineUdp, 5000, "every UDP socket freed").catch(() => {});
     expect(udpSockets()).toBe(baselineUdp);
   });
 });
@@ -377,7 +416,9 @@ describe.skipIf(!available)("native <-> werift interop (loopback, one process)",
     it(`${dir}: candidates buffered, both channels both ways, fingerprints, 200 KiB control, close propagates`, async () => {
       const [to, ta] = nativeOffers ? [tn, tw] : [tw, tn];
       const { a, b, candidatesBeforeOffer } = await connectPair(to, ta, true);
-      expect(candidatesBeforeOffer).toBeGreaterThan(0);
+      // a native offerer holds its candidates until the answer (link-base.ts); werift trickles them early
+      if (nativeOffers) expect(candidatesBeforeOffer).toBe(0);
+      else expect(candidatesBeforeOffer).toBeGreaterThan(0);
       const offer = a.signals.find((s) => s.kind === "offer");
       const answer = b.signals.find((s) => s.kind === "answer");
       expect(offer && offer.kind === "offer" && sdpFingerprint(offer.sdp)).toEqual(to.fingerprint);
