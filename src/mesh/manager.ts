@@ -13,7 +13,7 @@ import { checkSdpFingerprints, proveLink, proveSdp, verifyLink, verifySdp } from
 import { CTX_BYE, deriveNodeId, signRecord, verifyRecord } from "../identity.js";
 import { Upgrade, type UpgradeAction, type UpgradeEvent } from "./upgrade.js";
 import { DEFAULT_TIMING, PeerFsm, type PeerAction, type PeerEvent, type PeerState, type PeerTiming } from "./peer.js";
-import { fingerprintString, type Fingerprint, type ChannelName, type LinkSignal, type LinkStats, type SendResult, type Transport, type TransportLink } from "./transport.js";
+import { AFTER_ICE_CONNECTED, fingerprintString, type Fingerprint, type ChannelName, type LinkSignal, type LinkStats, type SendResult, type Transport, type TransportLink } from "./transport.js";
 
 /** A peer that sends this many undecodable control messages in a row is disconnected. */
 export const MAX_BAD_CONTROL = 50;
@@ -22,6 +22,22 @@ export const MAX_BAD_CONTROL = 50;
  * keeps trying WebRTC in the background). One: a failed attempt already waited a full connect timeout.
  */
 export const RELAY_AFTER_FAILURES = 1;
+/**
+ * Attempts that failed after ICE had connected (a DTLS or SCTP failure: UDP works, e.g. werift's DTLS client
+ * failing on a duplicate HelloVerifyRequest on a loaded box) are retried over WebRTC; only this many in a
+ * row fall back to the relay.
+ */
+export const RELAY_AFTER_DTLS_FAILURES = 3;
+/**
+ * Signals from a node whose presence has not arrived yet are kept this long, at most UNANNOUNCED_MAX_SIGNALS
+ * per sender and UNANNOUNCED_MAX_SENDERS senders: the signaling server batches joins (20 ms and more) but
+ * forwards signals at once, so a newcomer's offer routinely overtakes its join. Replayed when the join comes.
+ */
+export const UNANNOUNCED_TTL_MS = 5_000;
+export const UNANNOUNCED_MAX_SIGNALS = 32;
+export const UNANNOUNCED_MAX_SENDERS = 64;
+/** ... and at most this many bytes of them in all (a hostile server cannot make us hold more). */
+export const UNANNOUNCED_MAX_BYTES = 1024 * 1024;
 /** Added to a relay link's RTT in topology gossip, so routing prefers a path via another agent. */
 export const RELAY_RTT_PENALTY_MS = 50;
 /** While on the relay, retry WebRTC in the background (upgrade.ts, backoff.ts probeDelay). */
@@ -98,6 +114,8 @@ interface Entry {
   linkOpened: boolean;
   pendingTr: LinkKind;
   webrtcFailures: number;
+  /** WebRTC attempts in a row that failed after ICE connected (RELAY_AFTER_DTLS_FAILURES) */
+  dtlsFailures: number;
   lastWebrtcError: string | undefined;
   /** a WebRTC attempt running next to a connected relay link (make-before-break upgrade) */
   /** the relay -> WebRTC upgrade (upgrade.ts) and its attempt's link (for upgrade.conn) */
@@ -130,6 +148,9 @@ type AppHandler = (from: string, body: unknown) => void;
 
 export class MeshManager {
   private readonly peers = new Map<string, Entry>();
+  /** signals that overtook their sender's presence (see UNANNOUNCED_TTL_MS), in arrival order */
+  private readonly unannounced = new Map<string, { at: number; bytes: number; list: SignalData[] }>();
+  private unannouncedBytes = 0;
   private readonly timing: PeerTiming;
   /** pings waiting for their pong; tick() rejects those past their deadline */
   private readonly pings = new Map<number, { peer: string; resolve: (rtt: number) => void; reject: (e: Error) => void; sentAt: number; deadline: number; timeoutMs: number }>();
@@ -170,6 +191,7 @@ export class MeshManager {
       listed.add(p.id);
       this.ensure(p);
       this.feed(p.id, { type: "present" });
+      this.replayUnannounced(p.id);
     }
     for (const id of [...this.peers.keys()]) if (!listed.has(id)) this.feed(id, { type: "absent" });
   }
@@ -178,6 +200,7 @@ export class MeshManager {
     if (p.id === this.selfId) return;
     this.ensure(p);
     this.feed(p.id, { type: "present" });
+    this.replayUnannounced(p.id);
   }
 
   onLeave(id: string): void {
@@ -187,8 +210,7 @@ export class MeshManager {
   onSignal(from: string, data: SignalData): void {
     const e = this.peers.get(from);
     if (!e) {
-      this.counters.unknownSender++;
-      this.o.logger.debug("signal from a node we have no presence for; dropped", { from });
+      this.keepUnannounced(from, data);
       return;
     }
     switch (data.kind) {
@@ -273,10 +295,55 @@ export class MeshManager {
     }
   }
 
+  /**
+   * A signal from a node we have no presence for: most likely its join is still in the server's batch
+   * window. Keep it (bounded, for UNANNOUNCED_TTL_MS) and replay it when the presence comes; without this
+   * a newcomer's first offer is lost and its attempt waits out the whole connect timeout.
+   */
+  private keepUnannounced(from: string, data: SignalData): void {
+    this.counters.unknownSender++;
+    const now = this.o.now();
+    this.expireUnannounced(now);
+    const size = 64 + (data.kind === "offer" || data.kind === "answer" ? data.sdp.length : data.kind === "candidate" ? (data.candidate?.candidate.length ?? 0) : 0);
+    let q = this.unannounced.get(from);
+    if (!q) {
+      if (this.unannounced.size >= UNANNOUNCED_MAX_SENDERS) this.dropUnannounced(this.unannounced.keys().next().value!);
+      q = { at: now, bytes: 0, list: [] };
+      this.unannounced.set(from, q);
+    }
+    if (q.list.length < UNANNOUNCED_MAX_SIGNALS && this.unannouncedBytes + size <= UNANNOUNCED_MAX_BYTES) {
+      q.list.push(data);
+      q.bytes += size;
+      this.unannouncedBytes += size;
+    }
+    this.o.logger.debug("signal from a node we have no presence for yet; kept until its join arrives", { from, kind: data.kind, kept: q.list.length });
+  }
+
+  private expireUnannounced(now: number): void {
+    for (const [id, q] of this.unannounced) if (now - q.at > UNANNOUNCED_TTL_MS) this.dropUnannounced(id);
+  }
+
+  private dropUnannounced(id: string): void {
+    const q = this.unannounced.get(id);
+    if (!q) return;
+    this.unannouncedBytes -= q.bytes;
+    this.unannounced.delete(id);
+  }
+
+  private replayUnannounced(id: string): void {
+    const q = this.unannounced.get(id);
+    if (!q) return;
+    this.dropUnannounced(id);
+    if (this.o.now() - q.at > UNANNOUNCED_TTL_MS) return;
+    this.o.logger.debug("replaying signals that arrived before the sender's presence", { from: id, signals: q.list.length });
+    for (const d of q.list) this.onSignal(id, d);
+  }
+
   // ---- timer -------------------------------------------------------------------------------------
 
   tick(): void {
     if (this.stopped) return;
+    if (this.unannounced.size) this.expireUnannounced(this.o.now());
     for (const id of [...this.peers.keys()]) this.feed(id, { type: "tick", canDial: this.o.signal.up });
     const now = this.o.now();
     for (const e of [...this.peers.values()]) {
@@ -460,7 +527,7 @@ export class MeshManager {
     }
     if (!e) {
       const fsm = new PeerFsm(this.selfId, p.id, this.timing, () => nanoid(12));
-      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, lastWebrtcError: undefined, upgrade: new Upgrade({ connectTimeoutMs: this.timing.connectTimeoutMs, newConn: () => nanoid(12), random: this.random, lastUpAt: () => fsm.lastUpAt }), probeLink: undefined, seenOffers: new Map(), proofs: new Map() };
+      e = { fsm, info: p, link: undefined, linkConn: undefined, pendingOffer: undefined, hello: undefined, badControl: 0, badLogged: false, early: new Map(), linkKind: "webrtc", linkOpened: false, pendingTr: "webrtc", webrtcFailures: 0, dtlsFailures: 0, lastWebrtcError: undefined, upgrade: new Upgrade({ connectTimeoutMs: this.timing.connectTimeoutMs, newConn: () => nanoid(12), random: this.random, lastUpAt: () => fsm.lastUpAt }), probeLink: undefined, seenOffers: new Map(), proofs: new Map() };
       this.peers.set(p.id, e);
     } else {
       e.info = p;
@@ -496,7 +563,7 @@ export class MeshManager {
         let kind: LinkKind = "webrtc";
         if (a.type === "dial") {
           this.counters.dials++;
-          if (this.o.relay && !this.relayRefused && e.webrtcFailures >= RELAY_AFTER_FAILURES) kind = "relay";
+          if (this.o.relay && !this.relayRefused && (e.webrtcFailures >= RELAY_AFTER_FAILURES || e.dtlsFailures >= RELAY_AFTER_DTLS_FAILURES)) kind = "relay";
         } else {
           kind = e.pendingTr;
           if (kind === "relay" && !this.o.relay) {
@@ -506,6 +573,7 @@ export class MeshManager {
           if (kind === "relay") e.lastWebrtcError ??= "the peer could not connect over WebRTC (ICE) and dialed through the relay";
         }
         const conn = a.conn;
+        this.o.logger.debug(a.type === "dial" ? "dialing" : "accepting an offer", { peer: id, conn, kind });
         const link = this.makeLink(e, conn, a.type === "dial", kind);
         e.link = link;
         e.linkConn = conn;
@@ -599,6 +667,7 @@ export class MeshManager {
       e.linkOpened = true;
       if (kind === "webrtc") {
         e.webrtcFailures = 0;
+        e.dtlsFailures = 0;
         e.lastWebrtcError = undefined;
       } else this.runUpgrade(e, { type: "relay-open" });
     }
@@ -619,7 +688,8 @@ export class MeshManager {
     }
     st.remote = remote;
     st.open = open;
-    link.send("control", encodeControl({ t: "auth", sig: proveLink(this.o.identity, e.info.id, conn, this.o.transport.fingerprint, remote) }));
+    const sent = link.send("control", encodeControl({ t: "auth", sig: proveLink(this.o.identity, e.info.id, conn, this.o.transport.fingerprint, remote) }));
+    this.o.logger.debug("link proof sent", { peer: e.info.id, conn, sent, theirsWaiting: !!st.theirs });
     if (st.theirs) this.checkLinkProof(e, conn, st.theirs);
   }
 
@@ -635,6 +705,7 @@ export class MeshManager {
       return;
     }
     st.done = true;
+    this.o.logger.debug("link proof checked", { peer: e.info.id, conn });
     const open = st.open;
     st.open = undefined;
     open();
@@ -652,7 +723,8 @@ export class MeshManager {
   /** A WebRTC attempt that never opened counts towards falling back to the relay. */
   private noteFailure(e: Entry, reason: string): void {
     if (e.linkKind === "webrtc" && !e.linkOpened) {
-      e.webrtcFailures++;
+      if (reason.includes(AFTER_ICE_CONNECTED)) e.dtlsFailures++;
+      else e.webrtcFailures++;
       e.lastWebrtcError = reason;
     }
   }
@@ -707,6 +779,7 @@ export class MeshManager {
     e.linkKind = "webrtc";
     e.linkOpened = true;
     e.webrtcFailures = 0;
+    e.dtlsFailures = 0;
     e.lastWebrtcError = undefined;
     this.runUpgrade(e, { type: "promoted" });
     this.counters.upgrades++;

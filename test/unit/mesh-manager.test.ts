@@ -6,7 +6,7 @@ import { describe, expect, it } from "vitest";
 import { generateIdentity, type Identity } from "../../src/identity.js";
 import { silentLogger } from "../../src/log.js";
 import { MeshManager, PROBE_FIRST_MS } from "../../src/mesh/manager.js";
-import type { Transport } from "../../src/mesh/transport.js";
+import { AFTER_ICE_CONNECTED, type Transport } from "../../src/mesh/transport.js";
 import { MemoryNetwork, type MemoryLink } from "../../src/testing/memory-transport.js";
 import type { PeerInfo, SignalData } from "../../src/wire/signal.js";
 
@@ -14,7 +14,7 @@ const flush = async (n = 6) => {
   for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
 };
 
-function cluster(n: number, opts: { relay?: boolean } = {}) {
+function cluster(n: number, opts: { relay?: boolean; wrap?: (t: Transport, i: number) => Transport } = {}) {
   const clock = { now: 1_000_000 };
   const webrtc = new MemoryNetwork();
   const relay = new MemoryNetwork();
@@ -29,7 +29,7 @@ function cluster(n: number, opts: { relay?: boolean } = {}) {
       name: `n${i}`,
       instance: `i${i}`,
       version: "test",
-      transport: webrtc.transport(),
+      transport: opts.wrap ? opts.wrap(webrtc.transport(), i) : webrtc.transport(),
       ...(opts.relay ? { relay: relay.transport() as Transport } : {}),
       signal: {
         up: true,
@@ -125,6 +125,63 @@ describe("MeshManager (memory transport, manual clock)", () => {
     await flush();
     expect(packets).toEqual([7, 8]);
     expect(ma.counters.linksClosed).toBeGreaterThanOrEqual(1); // the relay link was retired after the switch
+  });
+});
+
+describe("MeshManager: first attempts", () => {
+  it("keeps a signal that overtook its sender's presence and replays it when the join arrives", async () => {
+    // The signaling server batches joins but forwards signals at once: a newcomer's offer can reach an
+    // existing member before the newcomer's join does. It must not be lost (the attempt would wait out
+    // the whole connect timeout and start on the relay).
+    const c = cluster(2, { relay: true });
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    const info = (idn: Identity, i: number): PeerInfo => ({ id: idn.id, name: `n${i}`, pub: idn.publicKey, meta: {} });
+    mb.onWelcome([info(b!, 1)]); // b is alone so far
+    ma.onWelcome([info(a!, 0), info(b!, 1)]); // a (the offerer: lower id) learns of b and dials at once
+    await flush();
+    expect(mb.counters.unknownSender).toBeGreaterThan(0); // the offer (and candidates) arrived first
+    expect(mb.isConnected(a!.id)).toBe(false);
+    mb.onJoin(info(a!, 0)); // the batched join arrives
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id), 1_000);
+    expect(ma.counters.dials).toBe(1);
+    expect((await ma.status())[0]!.link).toBe("webrtc");
+  });
+
+  it("an attempt that failed after ICE connected (DTLS) is retried over WebRTC, not moved to the relay", async () => {
+    let failed = 0;
+    const c = cluster(2, {
+      relay: true,
+      // the offerer's first link fails the way a DTLS handshake failure is reported
+      wrap: (t, i) =>
+        i !== 0
+          ? t
+          : {
+              ...t,
+              name: t.name,
+              fingerprint: t.fingerprint,
+              close: () => t.close(),
+              createLink: (o) => {
+                const l = t.createLink(o) as MemoryLink;
+                if (failed++ === 0) {
+                  const start = l.start.bind(l);
+                  l.start = async () => {
+                    await start();
+                    setImmediate(() => l.close(`connection failed ${AFTER_ICE_CONNECTED} (DTLS/SCTP)`));
+                  };
+                }
+                return l;
+              },
+            },
+    });
+    c.welcome();
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    await c.run(() => ma.isConnected(b!.id) && c.managers.get(b!.id)!.isConnected(a!.id));
+    expect(ma.counters.dials).toBe(2);
+    expect(ma.counters.relayLinks).toBe(0);
+    expect((await ma.status())[0]!.link).toBe("webrtc");
   });
 });
 
