@@ -69,10 +69,12 @@ async function once(run: number): Promise<{ meshMs: number; rss: number[]; rssId
     await new Promise((r) => setTimeout(r, 100));
   }
   const rss = agents.map((a) => rssMiB(a.pid!));
-  const counters = await Promise.all(agents.map((_, i) => apiRequest<{ counters: { dials: number; connectTimeouts: number } }>(apiSocketPath(join(root, `n${i}`)), "GET", "/v1/status").then((s) => s.counters)));
+  const counters = await Promise.all(agents.map((_, i) => apiRequest<{ counters: { dials: number; connectTimeouts: number; relayLinks: number } }>(apiSocketPath(join(root, `n${i}`)), "GET", "/v1/status").then((s) => s.counters)));
   const dials = counters.reduce((a, c) => a + c.dials, 0);
   const timeouts = counters.reduce((a, c) => a + c.connectTimeouts, 0);
-  process.stdout.write(`run ${run}: ${dials} dials for ${(N * (N - 1)) / 2} links, ${timeouts} connect timeouts\n`);
+  // relayLinks counts both ends of a relayed pair; a pair whose first WebRTC attempt failed starts on the relay
+  const relayed = counters.reduce((a, c) => a + (c.relayLinks ?? 0), 0) / 2;
+  process.stdout.write(`run ${run}: ${dials} dials for ${(N * (N - 1)) / 2} links, ${timeouts} connect timeouts, ${relayed} pairs started on the relay\n`);
   await new Promise((r) => setTimeout(r, 5000));
   const rssIdle = agents.map((a) => rssMiB(a.pid!));
   await stopAll(agents);

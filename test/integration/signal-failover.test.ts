@@ -52,9 +52,9 @@ describe("signaling failover", () => {
 
     // A comes back on the same port: the agents that prefer it move back; the newcomer stays on B
     const A2 = await server(A.port);
-    await waitFor(() => A2.hub.size === 3, 30_000, "agents back on their preferred server");
+    // The hub counts a member before the agent has read its welcome: wait for both ends.
+    await waitFor(() => A2.hub.size === 3 && agents.every((a) => a.signal.endpoint === A2.signalUrl && a.signal.up), 30_000, "agents back on their preferred server");
     expect(B.hub.size).toBe(1);
-    expect(agents.every((a) => a.signal.endpoint === A2.signalUrl && a.signal.up)).toBe(true);
     expect(fullMesh([...agents, late])).toBe(true);
   }, 120_000);
 });
