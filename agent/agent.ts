@@ -21,6 +21,7 @@ import type { PeerTiming } from "../src/mesh/peer.js";
 import type { Transport } from "../src/mesh/transport.js";
 import { Router } from "../src/mesh/router.js";
 import { FrameSealer } from "../src/packet/seal.js";
+import { ViaPinger } from "./ping.js";
 import type { BulkTiming } from "../src/bulk/session.js";
 import { startApiServer, type ApiServer } from "./api.js";
 import { apiRequest } from "./api-client.js";
@@ -208,7 +209,9 @@ export class Agent implements AgentView {
       now: () => Date.now(),
       logger: log.child("k8s"),
     });
+    this.viaPinger = new ViaPinger({ selfId: id, onApp: (ch, h) => mesh.onApp(ch, h), sendApp: (p, ch, b) => mesh.sendApp(p, ch, b), connected: (p) => mesh.isConnected(p), ping: (p, t) => mesh.ping(p, t), nextHop: (n) => this.router.nextHop(n), now: () => performance.now(), log });
   }
+  private readonly viaPinger: ViaPinger;
 
   static async start(cfg: AgentConfig): Promise<Agent> {
     const log = cfg.logger ?? createLogger({ level: "warn" });
@@ -624,6 +627,12 @@ export class Agent implements AgentView {
   async ping(target: string, timeoutMs = 3000): Promise<{ id: string; name: string; rttMs: number; path: PeerPath }> {
     const id = this.mesh.resolvePeer(target);
     if (!id) throw new WeftError("ERR_NO_PEER", `no peer matches ${JSON.stringify(target)} (use a node id, a unique id prefix or a name from \`weftnet status\`)`);
+    const hop = this.mesh.isConnected(id) ? undefined : this.router.nextHop(id);
+    if (hop !== undefined && hop !== id) {
+      // no link of our own: forwarded along the route (agent/ping.ts), timed over the whole path
+      const rtt = await this.viaPinger.via(id, hop, timeoutMs);
+      return { id, name: this.mesh.peerName(id) ?? id, rttMs: Math.round(rtt * 1000) / 1000, path: `via ${this.mesh.peerName(hop) ?? hop}` };
+    }
     const rtt = await this.mesh.ping(id, timeoutMs);
     // The ping went over the direct link to the peer (control channel), whatever the route of pod traffic.
     const p = (await this.mesh.status()).find((x) => x.id === id);

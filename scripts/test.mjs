@@ -51,7 +51,7 @@ export const TOOLS = [
   { tool: "ebtables", pkg: "ebtables", suite: "e2e", why: "the per-pod source filter on the host veth", usedBy: ["test/e2e/antispoof.test.ts"] },
   { tool: "libsodium.so.23", pkg: "libsodium23", suite: "integration", check: "lib", why: "the bulk link's AES-256-GCM through FFI (interop check)", usedBy: ["test/integration/bulk-crypto.test.ts", "agent/os/sodium.ts"] },
   { tool: "promtool", pkg: "prometheus", suite: "integration", why: "`promtool check metrics` lints the exposition", usedBy: ["test/integration/metrics.test.ts"] },
-  { tool: "chromium", pkg: "chromium", suite: "integration", why: "the topology page in a real browser", usedBy: ["test/integration/ui.test.ts", "test/integration/ui-browser.test.ts", "test/e2e/ui.test.ts"] },
+  { tool: "chromium", pkg: "chromium", suite: "integration", why: "the topology page in a real browser", usedBy: ["test/integration/ui.test.ts", "test/integration/ui-browser.test.ts", "test/integration/ui-signal.test.ts", "test/e2e/ui.test.ts"] },
   { tool: "iperf3", pkg: "iperf3", suite: "e2e", why: "TCP through the bulk link", usedBy: ["test/e2e/bulk.test.ts"] },
   { tool: "iperf3", pkg: "iperf3", suite: "bench", why: "pod-to-pod TCP throughput", usedBy: ["test/bench/datapath.ts", "test/bench/nat.ts", "examples/netns-demo.sh"] },
   { tool: "wireguard-go", pkg: "wireguard-go", suite: "bench", why: "the WireGuard baseline of the loss sweep", usedBy: ["test/bench/loss.ts"] },

@@ -130,7 +130,8 @@ they were last seen; they are not counted in "peers x/y" and are forgotten 5 min
 export const PING_HELP = `Usage: weftnet ping NODE [--count N] [--timeout MS] [--json] [--state-dir D]
 
 Measure the round-trip time to a peer over the mesh's control channel, and say which path each reply
-took: direct, turn (through a TURN server) or relay (through the signaling server).
+took: direct, turn (through a TURN server) or relay (through the signaling server) over this node's own
+link, or via NODE when there is none (forwarded along the route and timed over the whole path).
 NODE is a node id, a unique id prefix, or a node name.
   -c, --count N     pings to send (default 3)
   --timeout MS      per-ping timeout in ms (default 3000)
@@ -855,7 +856,7 @@ export async function runPing(argv: string[]): Promise<number> {
       if (error.code === "ERR_NOT_CONNECTED") {
         const routes = await apiRequest<{ routes: RouteStatus[] }>(sock, "GET", "/v1/routes").catch(() => ({ routes: [] as RouteStatus[] }));
         const r = routes.routes.find((x) => x.dst === positionals[0] || x.name === positionals[0] || x.dst.startsWith(positionals[0]!));
-        why = r && r.via !== "direct" ? `no direct link (ping uses one); its traffic goes ${r.via} (route ${r.path.join(" > ")})` : "not connected (gone or not linked yet; see `weftnet status`)";
+        why = r && r.via !== "direct" ? `not reached ${r.via} (route ${r.path.join(" > ")}): ${error.message}` : "not connected (gone or not linked yet; see `weftnet status`)";
       }
       process.stderr.write(`weftnet ping: ${positionals[0]}: ${why}\n`);
     }
