@@ -56,6 +56,7 @@ export class MeshLab {
   readonly token = "lab-token-" + suffix() + suffix();
   private readonly namespaces: string[] = [];
   private readonly procs = new Set<ChildProcess>();
+  private readonly cleanups: (() => void)[] = [];
   signalProc: ChildProcess | undefined;
   readonly signalAddr: string;
 
@@ -110,6 +111,26 @@ export class MeshLab {
       }
     }
     throw new Error("signaling server did not start: " + this.log("signal.log"));
+  }
+
+  /**
+   * The Workers build under workerd as the lab's signaling server (same address and port as
+   * startSignal; no STUN: Workers have no UDP). stopSignal() kills it.
+   */
+  async startWorkerdSignal(): Promise<void> {
+    const { workerdCommand } = await import("../helpers/signal-runtimes.js");
+    const w = workerdCommand({ host: this.signalAddr, port: 7000, token: this.token });
+    this.cleanups.push(w.cleanup);
+    this.signalProc = spawnInNetns(this.lan, w.bin, w.args, join(this.root, "signal.log"), this.procs);
+    await until(async () => {
+      const { stdout } = await sh(this.lan, process.execPath, ["-e", `fetch("http://${this.signalAddr}:7000/healthz", { signal: AbortSignal.timeout(2000) }).then((r) => console.log(r.status))`], 5000);
+      return stdout.trim() === "200";
+    }, 30_000, "workerd signaling server up", () => this.log("signal.log"));
+  }
+
+  /** Stop the signaling server (SIGTERM, then KILL) and wait for it to exit. */
+  stopSignal(): Promise<void> {
+    return stopChild(this.signalProc, 5_000);
   }
 
   startAgent(n: LabNode, extra: string[] = []): void {
@@ -175,6 +196,7 @@ export class MeshLab {
     } catch {
       /* best effort */
     }
+    for (const f of this.cleanups) f();
     if (!process.env.WEFTNET_KEEP_LAB) rmSync(this.root, { recursive: true, force: true });
   }
 }

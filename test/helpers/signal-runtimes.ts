@@ -232,12 +232,12 @@ export function bundleWorker(): string {
 
 const capnpString = (s: string) => JSON.stringify(s);
 
-export function workerdConfig(opts: { port: number; bundle: string; env: Record<string, string>; storageDir?: string }): string {
+export function workerdConfig(opts: { port: number; bundle: string; env: Record<string, string>; storageDir?: string; host?: string }): string {
   const bindings = [`(name = "SIGNAL_ROOM", durableObjectNamespace = "SignalRoom")`, ...Object.entries(opts.env).map(([k, v]) => `(name = ${capnpString(k)}, text = ${capnpString(v)})`)];
   return `using Workerd = import "/workerd/workerd.capnp";
 const config :Workerd.Config = (
   services = [ (name = "main", worker = .w)${opts.storageDir ? `, (name = "do-disk", disk = (path = ${capnpString(opts.storageDir)}, writable = true))` : ""} ],
-  sockets = [ (name = "http", address = "127.0.0.1:${opts.port}", http = (), service = "main") ],
+  sockets = [ (name = "http", address = "${opts.host ?? "127.0.0.1"}:${opts.port}", http = (), service = "main") ],
 );
 const w :Workerd.Worker = (
   modules = [ (name = "worker.js", esModule = embed ${capnpString(opts.bundle)}) ],
@@ -263,6 +263,18 @@ export const workerdRuntime: Runtime = {
     return spawnTarget("workerd", nativeBin("workerd"), ["serve", cfg], {}, dir, port, o.token, () => rmSync(dir, { recursive: true, force: true }));
   },
 };
+
+/**
+ * workerd serving the Workers build on host:port, for a caller that spawns it itself (in a lab network
+ * namespace): the binary and its arguments; cleanup() removes the config dir.
+ */
+export function workerdCommand(o: { host: string; port: number; token: string }): { bin: string; args: string[]; cleanup(): void } {
+  const dir = mkdtempSync(join(tmpdir(), "weftnet-workerd-"));
+  const cfg = join(dir, "config.capnp");
+  copyFileSync(bundleWorker(), join(dir, "worker.js"));
+  writeFileSync(cfg, workerdConfig({ port: o.port, host: o.host, bundle: "worker.js", env: envFor({ token: o.token }) }));
+  return { bin: nativeBin("workerd"), args: ["serve", cfg], cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
 
 /** Deno and Bun run the compiled entry points (npm run build makes dist/). */
 function distEntry(name: string): string {
