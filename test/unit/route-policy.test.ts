@@ -1,0 +1,103 @@
+// Route policy without an agent (agent/route-policy.ts): what this node announces, which prefixes of other
+// nodes the router may use, which of their routes it installs, and the cryptokey source table.
+import { describe, expect, it } from "vitest";
+import { RoutePolicy, type RoutePolicyDeps } from "../../agent/route-policy.js";
+import type { IpamStatus } from "../../src/ipam/index.js";
+import { silentLogger } from "../../src/log.js";
+
+const A = "aaaaaaaaaaaaaaaa";
+const B = "bbbbbbbbbbbbbbbb";
+const C = "cccccccccccccccc";
+
+function ipam(blocks: [string, string][]): IpamStatus {
+  return { range: "10.40.0.0/16", blocks: blocks.map(([cidr, owner], index) => ({ index, cidr, owner })) } as unknown as IpamStatus;
+}
+
+function policy(opts: Partial<Omit<RoutePolicyDeps, "records">> & { records?: { node: string; prefixes: string[] }[] } = {}) {
+  let now = 0;
+  const changed: number[] = [];
+  const { records = [], ...over } = opts;
+  const p = new RoutePolicy({
+    selfId: A,
+    configuredRange: "10.40.0.0/16",
+    advertise: [],
+    accept: "all",
+    ownedBlocks: () => ["10.40.0.0/26", "10.40.0.64/26"],
+    ipamStatus: () => ipam([["10.40.0.0/26", A], ["10.40.0.64/26", A], ["10.40.1.0/26", B]]),
+    records: () => records,
+    peerName: (id) => (id === B ? "node-b" : undefined),
+    hostNetworks: () => [],
+    protectedHosts: () => ["192.0.2.10"],
+    prefixesChanged: () => changed.push(now),
+    now: () => (now += 1000),
+    logger: silentLogger,
+    ...over,
+  });
+  return { p, changed };
+}
+
+describe("RoutePolicy", () => {
+  it("announces its blocks aggregated, plus its advertised routes", () => {
+    const { p } = policy({ advertise: ["192.168.7.0/24"] });
+    expect(p.localPrefixes()).toEqual(["10.40.0.0/25", "192.168.7.0/24"]);
+  });
+
+  it("a cluster prefix is allowed only to the node the IPAM table gives every address of it", () => {
+    const { p } = policy();
+    expect(p.prefixAllowed(B, "10.40.1.0/26")).toBe(true);
+    expect(p.prefixAllowed(B, "10.40.1.0/27")).toBe(true); // inside its block
+    expect(p.prefixAllowed(B, "10.40.0.0/25")).toBe(false); // A's
+    expect(p.prefixAllowed(A, "10.40.0.0/25")).toBe(true);
+    expect(p.prefixAllowed(A, "10.40.0.0/24")).toBe(false); // half of it is nobody's
+    expect(p.prefixAllowed(B, "10.40.0.0/16")).toBe(false);
+  });
+
+  it("an outside prefix is allowed only once this node decided to install it", () => {
+    const { p } = policy({ records: [{ node: B, prefixes: ["10.40.1.0/26", "172.20.0.0/16"] }, { node: C, prefixes: ["192.0.2.0/24"] }] });
+    expect(p.prefixAllowed(B, "172.20.0.0/16")).toBe(false); // nothing decided yet (no data plane)
+    expect(p.acceptedRoutes()).toEqual(["172.20.0.0/16"]); // 192.0.2.0/24 holds a protected host
+    expect(p.decisions.find((d) => d.cidr === "192.0.2.0/24")).toMatchObject({ node: C, accepted: false });
+    expect(p.prefixAllowed(B, "172.20.0.0/16")).toBe(true);
+    expect(p.prefixAllowed(C, "172.20.0.0/16")).toBe(false);
+  });
+
+  it("accepts nothing by default (--accept-routes unset)", () => {
+    const { p } = policy({ accept: undefined, records: [{ node: B, prefixes: ["172.20.0.0/16"] }] });
+    expect(p.acceptedRoutes()).toEqual([]);
+    expect(p.decisions[0]).toMatchObject({ accepted: false, reason: "not accepted here (--accept-routes)" });
+  });
+
+  it("the source table: IPAM owners, our advertised routes, accepted routes; a change bumps its version", () => {
+    const records = [{ node: B, prefixes: ["172.20.0.0/16"] }];
+    const { p } = policy({ advertise: ["192.168.7.0/24"], records });
+    expect(p.sourcesVersion).toBe(0);
+    p.refreshSources();
+    expect(p.sourcesVersion).toBe(1);
+    expect(Object.fromEntries(p.sources.entries().map((e) => [e.cidr, e.value]))).toEqual({
+      "10.40.0.0/26": A,
+      "10.40.0.64/26": A,
+      "10.40.1.0/26": B,
+      "192.168.7.0/24": A,
+      "172.20.0.0/16": B,
+    });
+    p.refreshSources();
+    expect(p.sourcesVersion).toBe(1); // unchanged: not rebuilt
+    records.push({ node: C, prefixes: ["172.21.0.0/16"] });
+    p.refreshSources();
+    expect(p.sourcesVersion).toBe(2);
+    expect(p.sources.get("172.21.0.0/16")).toBe(C);
+  });
+
+  it("reports a conflict with another node's prefix and re-announces once; both keep advertising", () => {
+    const records = [{ node: B, prefixes: ["192.168.7.128/25"] }];
+    const { p, changed } = policy({ advertise: ["192.168.7.0/24"], records });
+    p.checkConflicts();
+    expect(p.conflicts).toEqual([{ route: "192.168.7.0/24", other: "192.168.7.128/25", node: B, nodeName: "node-b", kept: true }]);
+    expect(changed.length).toBe(1);
+    p.checkConflicts();
+    expect(changed.length).toBe(1);
+    expect(p.advertisedRoutes()).toEqual(["192.168.7.0/24"]);
+    // and this node does not install the other side either
+    expect(p.acceptedRoutes()).toEqual([]);
+  });
+});
