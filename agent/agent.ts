@@ -4,7 +4,8 @@
  * here and passed into the core (src/), which never imports it. The rules live in their own modules:
  * transport choice (transport-choice.ts), route policy (route-policy.ts), Kubernetes release rules
  * (k8s-release.ts), status assembly (status.ts), pods (pods.ts); the data plane is built from ports
- * (dataplane.ts). Nothing in agent/ imports this file back except the CLI (test/unit/deps.test.ts).
+ * (dataplane.ts). Nothing in agent/ imports this file back except the front ends, cli/ and ui/
+ * (test/unit/deps.test.ts).
  */
 import { existsSync, unlinkSync } from "node:fs";
 import { hostname, networkInterfaces } from "node:os";

@@ -209,7 +209,7 @@ describe("bulk link (agents on loopback)", () => {
     // dead interval 650 ms + a tick; bounded loosely: this box is shared and loaded (the figure is logged)
     console.log(`bulk link silent -> fell back after ${(downAt - silentAt).toFixed(0)} ms`);
     expect(downAt - silentAt).toBeLessThan(3000);
-    // pod frames now go on the WebRTC link: the data plane's choice, as in dataplane.ts
+    // pod frames now go on the WebRTC link: the data plane's choice, as in Agent.startDataPlane (agent.ts)
     let viaMesh = 0;
     b.mesh.onPacket(() => viaMesh++);
     const frame = encodeFrames(nodeIdToBytes(a.id), nodeIdToBytes(b.id), [packet(1, Buffer.alloc(PAYLOAD))]).frames[0]!;
