@@ -15,10 +15,10 @@
  *          valid only during onBatch). Deliver the batch to onBatch (one call per drain: the caller flushes
  *          coalesced frames there). If the drain stopped on the batch limit, continue via setImmediate so
  *          timers and I/O get their turn; if it hit EAGAIN, wait.
- *   wait:  poll([tun fd, eventfd], timeout) through koffi's async call, i.e. on a worker thread, so the
- *          event loop never blocks. close() writes the eventfd so an in-flight poll returns at once; the
- *          timeout (default 200 ms) is only a safety net. Closing the fds waits for the poll to return, so
- *          a worker thread never polls a closed (or reused) fd number.
+ *   wait:  agent/os/fd-reader.ts (shared with the bulk link's UDP socket): poll([tun fd, eventfd]) on a
+ *          worker thread, so the event loop never blocks; busy-poll from setImmediate for a short window
+ *          after traffic (the answer to a forwarded packet is read without a thread hop); close() wakes the
+ *          poll and closes the fd only once no worker thread polls it.
  *   An idle device keeps one worker thread parked in poll(); an agent with one TUN leaves the others of
  *   libuv's pool (UV_THREADPOOL_SIZE, default 4) to fs/dns/crypto.
  *   pause() stops after the current batch; resume() restarts (or lets the in-flight poll restart).
@@ -29,11 +29,11 @@
  * Not done here (the route/bridge adapter's job): MTU, addresses, link up, routes.
  */
 import fs from "node:fs";
-import { createRequire } from "node:module";
 import { WeftError } from "../../src/errors.js";
 import { DropCounters } from "../../src/packet/drop.js";
 import type { PacketDevice, PacketDeviceStats } from "../../src/packet/device.js";
 import { MAX_VNET_PACKET } from "../../src/packet/vnet.js";
+import { baseLibc, FdReader, type BaseLibc, type DrainResult } from "./fd-reader.js";
 
 export type TunErrorCode = "ERR_TUN_PERMISSION" | "ERR_TUN_UNAVAILABLE" | "ERR_TUN_BUSY" | "ERR_TUN_SETUP" | "ERR_TUN_CLOSED";
 
@@ -67,6 +67,8 @@ export interface TunOptions {
   reuseSlab?: boolean;
   /** Safety-net poll timeout (close() wakes the poll at once anyway). Default 200 ms. */
   pollTimeoutMs?: number;
+  /** Busy-poll window after traffic (agent/os/fd-reader.ts). Default WEFTNET_BUSY_POLL_US or 1000 us. */
+  busyPollUs?: number;
 }
 
 export const DEFAULT_TUN_NAME = "weft0";
@@ -84,24 +86,14 @@ const TUN_F_TSO4 = 0x02;
 const TUN_F_TSO6 = 0x04;
 const IFNAMSIZ = 16;
 const IFREQ_SIZE = 40;
-const POLLIN = 0x0001;
-const EFD_NONBLOCK = 0o4000;
-const EFD_CLOEXEC = 0o2000000;
 
 /** Room for one read: the largest GSO packet + its virtio header, rounded up. */
 const READ_SIZE = (MAX_VNET_PACKET + 7) & ~7;
 
-interface Libc {
-  koffi: { errno(): number; os: { errno: Record<string, number> } };
+interface Libc extends BaseLibc {
   ioctlPtr(fd: number, req: number, buf: Uint8Array): number;
   ioctlVal(fd: number, req: number, val: number): number;
-  read(fd: number, buf: Uint8Array, n: number): number;
-  write(fd: number, buf: Uint8Array, n: number): number;
-  close(fd: number): number;
-  eventfd(init: number, flags: number): number;
   ifNameToIndex(name: string): number;
-  pollAsync(fds: Uint8Array, n: number, timeout: number, cb: (err: unknown, rc: number) => void): void;
-  errnoName(e: number): string;
   E: { EAGAIN: number; EINTR: number; EPERM: number; EACCES: number; EBUSY: number; ENOBUFS: number };
 }
 
@@ -112,40 +104,21 @@ function loadLibc(): Libc {
   if (process.platform !== "linux") {
     throw new TunError("ERR_TUN_UNAVAILABLE", `TUN devices are only supported on Linux (this is ${process.platform}); start the agent with --no-tun`);
   }
-  const require = createRequire(import.meta.url);
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const koffi = require("koffi") as typeof import("koffi");
-  const lib = koffi.load("libc.so.6");
-  const ioctl = lib.func("int ioctl(int fd, unsigned long req, ...)");
-  const read = lib.func("long read(int fd, void *buf, size_t n)");
-  const write = lib.func("long write(int fd, const void *buf, size_t n)");
-  const close = lib.func("int close(int fd)");
-  const eventfd = lib.func("int eventfd(unsigned int initval, int flags)");
-  const ifNameToIndex = lib.func("unsigned int if_nametoindex(const char *name)");
-  const poll = lib.func("int poll(void *fds, unsigned long nfds, int timeout)");
-  const strerror = lib.func("const char *strerror(int errnum)");
-  const en = koffi.os.errno;
-  const E = {
-    EAGAIN: en.EAGAIN ?? 11,
-    EINTR: en.EINTR ?? 4,
-    EPERM: en.EPERM ?? 1,
-    EACCES: en.EACCES ?? 13,
-    EBUSY: en.EBUSY ?? 16,
-    ENOBUFS: en.ENOBUFS ?? 105,
-  };
-  const names = new Map<number, string>(Object.entries(en).map(([k, v]) => [v, k]));
+  const b = baseLibc();
+  const ioctl = b.lib.func("int ioctl(int fd, unsigned long req, ...)");
   libc = {
-    koffi,
+    ...b,
     ioctlPtr: (fd, req, buf) => ioctl(fd, req, "void *", buf) as number,
     ioctlVal: (fd, req, val) => ioctl(fd, req, "unsigned long", val) as number,
-    read: read as Libc["read"],
-    write: write as Libc["write"],
-    close: close as Libc["close"],
-    eventfd: eventfd as Libc["eventfd"],
-    ifNameToIndex: ifNameToIndex as Libc["ifNameToIndex"],
-    pollAsync: (fds, n, timeout, cb) => poll.async(fds, n, timeout, cb),
-    errnoName: (e) => `${names.get(e) ?? `errno ${e}`} (${strerror(e) as string})`,
-    E,
+    ifNameToIndex: b.lib.func("unsigned int if_nametoindex(const char *name)") as Libc["ifNameToIndex"],
+    E: {
+      EAGAIN: b.errnoOf("EAGAIN", 11),
+      EINTR: b.errnoOf("EINTR", 4),
+      EPERM: b.errnoOf("EPERM", 1),
+      EACCES: b.errnoOf("EACCES", 13),
+      EBUSY: b.errnoOf("EBUSY", 16),
+      ENOBUFS: b.errnoOf("ENOBUFS", 105),
+    },
   };
   return libc;
 }
@@ -167,31 +140,22 @@ export class TunDevice implements PacketDevice {
   readonly stats: PacketDeviceStats = { rxPackets: 0, rxBytes: 0, rxBatches: 0, txPackets: 0, txBytes: 0, rxMaxPacket: 0 };
 
   private readonly c: Libc;
-  private readonly pfd: Buffer;
-  private readonly wake = Buffer.alloc(8);
+  private readonly reader: FdReader;
   private readonly maxBatch: number;
   private readonly maxBatchBytes: number;
   private readonly slabSize: number;
   private readonly reuseSlab: boolean;
-  private readonly pollTimeoutMs: number;
   private slab: Uint8Array;
   private off = 0;
   private onBatch: ((packets: Uint8Array[]) => void) | undefined;
   private onError: ((err: Error) => void) | undefined;
-  private isPaused = false;
-  private polling = false;
-  private scheduled = false;
   private closing = false;
-  private closed = false;
   private closePromise: Promise<void> | undefined;
-  private resolveClose: (() => void) | undefined;
-  private pollFailures = 0;
 
   private constructor(
     c: Libc,
     /** The /dev/net/tun file descriptor. */
     readonly fd: number,
-    private readonly efd: number,
     /** The interface name the kernel gave (== opts.name unless it had "%d"). */
     readonly name: string,
     /** Interface index in the namespace where it was created (0 if unknown). Moving it to another namespace may renumber it. */
@@ -204,14 +168,11 @@ export class TunDevice implements PacketDevice {
     this.maxBatchBytes = Math.max(READ_SIZE, opts.maxBatchBytes ?? 2 << 20);
     this.slabSize = Math.max(READ_SIZE, opts.slabSize ?? 1 << 20);
     this.reuseSlab = opts.reuseSlab === true;
-    this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
     this.slab = Buffer.allocUnsafeSlow(this.slabSize);
-    this.pfd = Buffer.alloc(16); // struct pollfd[2] { int fd; short events; short revents; }
-    this.pfd.writeInt32LE(fd, 0);
-    this.pfd.writeInt16LE(POLLIN, 4);
-    this.pfd.writeInt32LE(efd, 8);
-    this.pfd.writeInt16LE(POLLIN, 12);
-    this.wake.writeBigUInt64LE(1n);
+    this.reader = new FdReader(c, fd, this.drain, (err) => this.fail(new TunError("ERR_TUN_SETUP", `TUN ${this.name}: ${err.message}`)), {
+      ...(opts.pollTimeoutMs !== undefined ? { pollTimeoutMs: opts.pollTimeoutMs } : {}),
+      ...(opts.busyPollUs !== undefined ? { busyPollUs: opts.busyPollUs } : {}),
+    });
   }
 
   /** Alias of `name` for the route/bridge adapters. */
@@ -240,13 +201,12 @@ export class TunDevice implements PacketDevice {
       throw new TunError("ERR_TUN_UNAVAILABLE", `cannot open /dev/net/tun for ${name}: ${code ?? (e as Error).message} (no TUN support here: load the tun module or pass /dev/net/tun into the container); or start the agent with --no-tun`, { cause: e });
     }
 
-    let efd = -1;
     try {
       const ifr = Buffer.alloc(IFREQ_SIZE);
       ifr.write(name, 0, IFNAMSIZ - 1, "ascii");
       ifr.writeUInt16LE(IFF_TUN | IFF_NO_PI | (vnet ? IFF_VNET_HDR : 0), IFNAMSIZ);
       if (c.ioctlPtr(fd, TUNSETIFF, ifr) < 0) {
-        const e = c.koffi.errno();
+        const e = c.errno();
         if (e === c.E.EPERM || e === c.E.EACCES) {
           throw new TunError("ERR_TUN_PERMISSION", `cannot create TUN interface ${name}: ${c.errnoName(e)}, CAP_NET_ADMIN is required; ${NO_TUN_HINT}`);
         }
@@ -257,7 +217,7 @@ export class TunDevice implements PacketDevice {
       }
       const actual = ifr.toString("ascii", 0, IFNAMSIZ).replace(/\0.*$/s, "");
       const setup = (what: string, rc: number) => {
-        if (rc < 0) throw new TunError("ERR_TUN_SETUP", `${what} on ${actual} failed: ${c.errnoName(c.koffi.errno())}`);
+        if (rc < 0) throw new TunError("ERR_TUN_SETUP", `${what} on ${actual} failed: ${c.errnoName(c.errno())}`);
       };
       setup("TUNSETPERSIST 0", c.ioctlVal(fd, TUNSETPERSIST, 0));
       if (vnet) {
@@ -268,19 +228,20 @@ export class TunDevice implements PacketDevice {
         if (rc < 0 && new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) setup("TUNSETVNETLE", rc);
         setup("TUNSETOFFLOAD", c.ioctlVal(fd, TUNSETOFFLOAD, opts.offload === false ? 0 : TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6));
       }
-      efd = c.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-      if (efd < 0) throw new TunError("ERR_TUN_SETUP", `eventfd failed: ${c.errnoName(c.koffi.errno())}`);
       const ifindex = c.ifNameToIndex(actual) >>> 0;
-      return new TunDevice(c, fd, efd, actual, ifindex, vnet, opts);
+      try {
+        return new TunDevice(c, fd, actual, ifindex, vnet, opts);
+      } catch (e) {
+        throw new TunError("ERR_TUN_SETUP", `TUN ${actual}: ${(e as Error).message}`);
+      }
     } catch (e) {
-      if (efd >= 0) c.close(efd);
       fs.closeSync(fd);
       throw e;
     }
   }
 
   get paused(): boolean {
-    return this.isPaused;
+    return this.reader.isPaused;
   }
 
   start(onBatch: (packets: Uint8Array[]) => void, onError?: (err: Error) => void): void {
@@ -288,18 +249,15 @@ export class TunDevice implements PacketDevice {
     if (this.onBatch) throw new TunError("ERR_TUN_SETUP", `TUN ${this.name} read loop already started`);
     this.onBatch = onBatch;
     this.onError = onError;
-    this.schedule();
+    this.reader.start();
   }
 
   pause(): void {
-    this.isPaused = true;
+    this.reader.pause();
   }
 
   resume(): void {
-    if (!this.isPaused) return;
-    this.isPaused = false;
-    // An in-flight poll restarts the drain when it returns; otherwise start one now.
-    if (!this.polling) this.schedule();
+    this.reader.resume();
   }
 
   writeBatch(packets: readonly Uint8Array[]): number {
@@ -317,7 +275,7 @@ export class TunDevice implements PacketDevice {
         this.stats.txBytes += n;
         continue;
       }
-      const e = n < 0 ? c.koffi.errno() : 0;
+      const e = n < 0 ? c.errno() : 0;
       this.drops.drop(e === c.E.EAGAIN || e === c.E.ENOBUFS ? "queue-full" : "write-failed");
     }
     this.stats.txPackets += ok;
@@ -327,28 +285,16 @@ export class TunDevice implements PacketDevice {
   close(): Promise<void> {
     if (this.closePromise) return this.closePromise;
     this.closing = true;
-    this.closePromise = new Promise<void>((resolve) => {
-      this.resolveClose = resolve;
-    });
-    if (this.polling) {
-      this.c.write(this.efd, this.wake, 8); // the poll callback finishes the close
-    } else {
-      this.finishClose();
-    }
+    this.onBatch = undefined;
+    // The fd closes once no poll on a worker thread uses its number any more.
+    this.closePromise = this.reader.close().then(() => fs.closeSync(this.fd));
     return this.closePromise;
   }
 
-  // ---- read loop ------------------------------------------------------------------------------------
+  // ---- read loop (scheduling and waiting: FdReader) -------------------------------------------------
 
-  private schedule(): void {
-    if (this.scheduled || this.closing) return;
-    this.scheduled = true;
-    setImmediate(this.drain);
-  }
-
-  private readonly drain = (): void => {
-    this.scheduled = false;
-    if (this.closing || this.isPaused || !this.onBatch) return;
+  private readonly drain = (): DrainResult => {
+    if (this.closing || !this.onBatch) return "stop";
     const c = this.c;
     const fd = this.fd;
     const batch: Uint8Array[] = [];
@@ -369,7 +315,7 @@ export class TunDevice implements PacketDevice {
         if (n > this.stats.rxMaxPacket) this.stats.rxMaxPacket = n;
         continue;
       }
-      const e = n < 0 ? c.koffi.errno() : c.E.EAGAIN;
+      const e = n < 0 ? c.errno() : c.E.EAGAIN;
       if (e === c.E.EAGAIN) {
         wouldBlock = true;
         break;
@@ -377,12 +323,11 @@ export class TunDevice implements PacketDevice {
       if (e === c.E.EINTR) continue;
       this.deliver(batch, bytes);
       this.fail(new TunError("ERR_TUN_SETUP", `read from TUN ${this.name} failed: ${c.errnoName(e)}`));
-      return;
+      return "stop";
     }
     this.deliver(batch, bytes);
-    if (this.closing || this.isPaused) return;
-    if (wouldBlock) this.waitReadable();
-    else this.schedule();
+    if (this.closing) return "stop";
+    return !wouldBlock ? "more" : batch.length > 0 ? "data" : "idle";
   };
 
   private deliver(batch: Uint8Array[], bytes: number): void {
@@ -397,28 +342,6 @@ export class TunDevice implements PacketDevice {
     }
   }
 
-  private waitReadable(): void {
-    this.polling = true;
-    this.c.pollAsync(this.pfd, 2, this.pollTimeoutMs, (err, rc) => {
-      this.polling = false;
-      if (this.closing) {
-        this.finishClose();
-        return;
-      }
-      if (err || rc < 0) {
-        // EINTR or a transient failure: retry, but never spin.
-        if (++this.pollFailures > 100) {
-          this.fail(new TunError("ERR_TUN_SETUP", `poll on TUN ${this.name} keeps failing: ${String(err ?? rc)}`));
-          return;
-        }
-        if (!this.isPaused) setTimeout(() => this.schedule(), 10);
-        return;
-      }
-      this.pollFailures = 0;
-      if (!this.isPaused) this.drain();
-    });
-  }
-
   private fail(err: Error): void {
     this.onBatch = undefined; // the loop stops; close() still releases the fds
     this.report(err);
@@ -429,17 +352,5 @@ export class TunDevice implements PacketDevice {
     else queueMicrotask(() => {
       throw err;
     });
-  }
-
-  private finishClose(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.onBatch = undefined;
-    this.c.close(this.efd);
-    try {
-      fs.closeSync(this.fd);
-    } finally {
-      this.resolveClose?.();
-    }
   }
 }

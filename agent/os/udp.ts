@@ -6,8 +6,8 @@
  *   be shorter), up to 64 per call. One syscall instead of up to 64. A kernel or device that refuses GSO
  *   (EIO/EINVAL) turns it off for this socket and the batch goes out one datagram per sendmsg.
  * - receive: UDP_GRO on: the kernel hands consecutive datagrams of one flow as one buffer plus their
- *   segment size (a cmsg); recvmsg() in a loop until EAGAIN (or maxBatch), then wait with poll() on a
- *   worker thread (koffi async), woken by an eventfd on close. Exactly the TUN's read loop. Each recvmsg
+ *   segment size (a cmsg); recvmsg() in a loop until EAGAIN (or maxBatch), then wait: the read loop the
+ *   TUN uses too (agent/os/fd-reader.ts: poll() on a worker thread, busy-poll briefly after traffic). Each recvmsg
  *   of a drain reads into the next part of one receive slab, so everything handed to onData in a drain
  *   stays valid until the next drain starts (the next turn of the event loop at the earliest): a consumer
  *   may collect packets and write them out from setImmediate without copying.
@@ -18,9 +18,9 @@
  * once per buffer with a memcpy(p, p, 0) call that returns p); those buffers are allocated with
  * allocUnsafeSlow and held for the socket's lifetime, so the addresses stay valid.
  */
-import { createRequire } from "node:module";
 import { WeftError } from "../../src/errors.js";
 import type { Endpoint } from "../../src/bulk/wire.js";
+import { baseLibc, FdReader, type BaseLibc, type DrainResult } from "./fd-reader.js";
 
 export type UdpErrorCode = "ERR_UDP_UNAVAILABLE" | "ERR_UDP_BIND" | "ERR_UDP_SETUP" | "ERR_UDP_CLOSED";
 
@@ -46,6 +46,8 @@ export interface UdpSocketOptions {
   /** recvmsg calls per drain before yielding to the event loop (each gets its own part of the slab). Default 16. */
   maxBatch?: number;
   pollTimeoutMs?: number;
+  /** Busy-poll window after traffic (agent/os/fd-reader.ts). */
+  busyPollUs?: number;
 }
 
 export interface UdpStats {
@@ -75,28 +77,18 @@ const SO_RCVBUFFORCE = 33;
 const SOL_UDP = 17;
 const UDP_SEGMENT = 103;
 const UDP_GRO = 104;
-const POLLIN = 1;
-const EFD_NONBLOCK = 0o4000;
-const EFD_CLOEXEC = 0o2000000;
 const MSGHDR_LEN = 56;
 const CMSG_HDR = 16;
 const CMSG_SPACE_INT = 24;
 const RECV_SIZE = 65_536 + 4096;
 
-interface Libc {
-  errno(): number;
-  errnoName(e: number): string;
+interface Libc extends BaseLibc {
   socket(d: number, t: number, p: number): number;
   bind(fd: number, addr: Uint8Array, len: number): number;
   getsockname(fd: number, addr: Uint8Array, len: Int32Array): number;
   setsockopt(fd: number, level: number, name: number, val: Uint8Array, len: number): number;
   sendmsg(fd: number, msg: Uint8Array, flags: number): number;
   recvmsg(fd: number, msg: Uint8Array, flags: number): number;
-  addr(buf: Uint8Array): number;
-  close(fd: number): number;
-  write(fd: number, buf: Uint8Array, n: number): number;
-  eventfd(init: number, flags: number): number;
-  pollAsync(fds: Uint8Array, n: number, timeout: number, cb: (err: unknown, rc: number) => void): void;
   E: { EAGAIN: number; EINTR: number; ENOBUFS: number; EIO: number; EINVAL: number; EMSGSIZE: number; ECONNREFUSED: number; EPERM: number };
 }
 
@@ -105,38 +97,25 @@ let libc: Libc | undefined;
 function loadLibc(): Libc {
   if (libc) return libc;
   if (process.platform !== "linux") throw new UdpError("ERR_UDP_UNAVAILABLE", `the bulk link's UDP socket needs Linux (this is ${process.platform}); start the agent with --no-bulk`);
-  const require = createRequire(import.meta.url);
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const koffi = require("koffi") as typeof import("koffi");
-  const lib = koffi.load("libc.so.6");
-  const en = koffi.os.errno;
-  const names = new Map<number, string>(Object.entries(en).map(([k, v]) => [v, k]));
-  const strerror = lib.func("const char *strerror(int errnum)");
-  const poll = lib.func("int poll(void *fds, unsigned long nfds, int timeout)");
-  const memcpy = lib.func("uintptr_t memcpy(void *d, void *s, size_t n)");
+  const b = baseLibc();
+  const lib = b.lib;
   libc = {
-    errno: () => koffi.errno(),
-    errnoName: (e) => `${names.get(e) ?? `errno ${e}`} (${strerror(e) as string})`,
+    ...b,
     socket: lib.func("int socket(int domain, int type, int protocol)") as Libc["socket"],
     bind: lib.func("int bind(int fd, void *addr, uint32_t len)") as Libc["bind"],
     getsockname: lib.func("int getsockname(int fd, void *addr, void *len)") as Libc["getsockname"],
     setsockopt: lib.func("int setsockopt(int fd, int level, int name, void *val, uint32_t len)") as Libc["setsockopt"],
     sendmsg: lib.func("long sendmsg(int fd, void *msg, int flags)") as Libc["sendmsg"],
     recvmsg: lib.func("long recvmsg(int fd, void *msg, int flags)") as Libc["recvmsg"],
-    addr: (b) => Number(memcpy(b, b, 0)),
-    close: lib.func("int close(int fd)") as Libc["close"],
-    write: lib.func("long write(int fd, const void *buf, size_t n)") as Libc["write"],
-    eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as Libc["eventfd"],
-    pollAsync: (fds, n, timeout, cb) => poll.async(fds, n, timeout, cb),
     E: {
-      EAGAIN: en.EAGAIN ?? 11,
-      EINTR: en.EINTR ?? 4,
-      ENOBUFS: en.ENOBUFS ?? 105,
-      EIO: en.EIO ?? 5,
-      EINVAL: en.EINVAL ?? 22,
-      EMSGSIZE: en.EMSGSIZE ?? 90,
-      ECONNREFUSED: en.ECONNREFUSED ?? 111,
-      EPERM: en.EPERM ?? 1,
+      EAGAIN: b.errnoOf("EAGAIN", 11),
+      EINTR: b.errnoOf("EINTR", 4),
+      ENOBUFS: b.errnoOf("ENOBUFS", 105),
+      EIO: b.errnoOf("EIO", 5),
+      EINVAL: b.errnoOf("EINVAL", 22),
+      EMSGSIZE: b.errnoOf("EMSGSIZE", 90),
+      ECONNREFUSED: b.errnoOf("ECONNREFUSED", 111),
+      EPERM: b.errnoOf("EPERM", 1),
     },
   };
   return libc;
@@ -173,7 +152,6 @@ export class UdpSocket {
   gso: boolean;
   readonly gro: boolean;
   private readonly maxBatch: number;
-  private readonly pollTimeoutMs: number;
   // send side: msghdr + sockaddr + iovec + cmsg, preallocated
   private readonly sMsg = Buffer.allocUnsafeSlow(MSGHDR_LEN).fill(0);
   private readonly sName = Buffer.allocUnsafeSlow(16).fill(0);
@@ -187,24 +165,17 @@ export class UdpSocket {
   private readonly rBuf: Buffer;
   private readonly rBufAddr: number;
   private readonly addrCache = new WeakMap<ArrayBufferLike, number>();
-  private readonly pfd = Buffer.alloc(16);
-  private readonly wake = Buffer.alloc(8);
   private readonly from: Endpoint = { addr: 0, port: 0 };
   private onData: UdpReceiver | undefined;
   private onBatchEnd: (() => void) | undefined;
   private onError: ((err: Error) => void) | undefined;
-  private polling = false;
-  private scheduled = false;
   private closing = false;
-  private closed = false;
   private closePromise: Promise<void> | undefined;
-  private resolveClose: (() => void) | undefined;
-  private pollFailures = 0;
+  private readonly reader: FdReader;
 
   private constructor(
     private readonly c: Libc,
     readonly fd: number,
-    private readonly efd: number,
     /** the bound port */
     readonly port: number,
     opts: UdpSocketOptions,
@@ -215,7 +186,6 @@ export class UdpSocket {
     this.maxBatch = Math.max(1, opts.maxBatch ?? 16);
     this.rBuf = Buffer.allocUnsafeSlow(this.maxBatch * RECV_SIZE);
     this.rBufAddr = c.addr(this.rBuf);
-    this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
     // send msghdr: name, iov (1 entry), control filled per call
     setU64(this.sMsg, 0, c.addr(this.sName));
     this.sMsg.writeUInt32LE(16, 8);
@@ -230,18 +200,16 @@ export class UdpSocket {
     setU64(this.rMsg, 24, 1);
     setU64(this.rMsg, 32, c.addr(this.rCtl));
     setU64(this.rIov, 8, RECV_SIZE);
-    this.pfd.writeInt32LE(fd, 0);
-    this.pfd.writeInt16LE(POLLIN, 4);
-    this.pfd.writeInt32LE(efd, 8);
-    this.pfd.writeInt16LE(POLLIN, 12);
-    this.wake.writeBigUInt64LE(1n);
+    this.reader = new FdReader(c, fd, this.drain, (err) => this.report(new UdpError("ERR_UDP_SETUP", `bulk UDP socket: ${err.message}`)), {
+      ...(opts.pollTimeoutMs !== undefined ? { pollTimeoutMs: opts.pollTimeoutMs } : {}),
+      ...(opts.busyPollUs !== undefined ? { busyPollUs: opts.busyPollUs } : {}),
+    });
   }
 
   static open(opts: UdpSocketOptions = {}): UdpSocket {
     const c = loadLibc();
     const fd = c.socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) throw new UdpError("ERR_UDP_UNAVAILABLE", `socket(AF_INET, SOCK_DGRAM) failed: ${c.errnoName(c.errno())}`);
-    let efd = -1;
     try {
       const int = (v: number) => {
         const b = Buffer.alloc(4);
@@ -263,11 +231,8 @@ export class UdpSocket {
       const len = new Int32Array([16]);
       if (c.getsockname(fd, sa, len) < 0) throw new UdpError("ERR_UDP_SETUP", `getsockname failed: ${c.errnoName(c.errno())}`);
       const port = (sa[2]! << 8) | sa[3]!;
-      efd = c.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-      if (efd < 0) throw new UdpError("ERR_UDP_SETUP", `eventfd failed: ${c.errnoName(c.errno())}`);
-      return new UdpSocket(c, fd, efd, port, opts, gro);
+      return new UdpSocket(c, fd, port, opts, gro);
     } catch (e) {
-      if (efd >= 0) c.close(efd);
       c.close(fd);
       throw e;
     }
@@ -364,21 +329,14 @@ export class UdpSocket {
     this.onData = onData;
     this.onBatchEnd = onBatchEnd;
     this.onError = onError;
-    this.schedule();
-  }
-
-  private schedule(): void {
-    if (this.scheduled || this.closing) return;
-    this.scheduled = true;
-    setImmediate(this.drain);
+    this.reader.start();
   }
 
   /** Drains started so far: data from an earlier drain is no longer valid (see the header). */
   drains = 0;
 
-  private readonly drain = (): void => {
-    this.scheduled = false;
-    if (this.closing || !this.onData) return;
+  private readonly drain = (): DrainResult => {
+    if (this.closing || !this.onData) return "stop";
     this.drains++;
     const c = this.c;
     let wouldBlock = false;
@@ -421,7 +379,7 @@ export class UdpSocket {
       } catch (err) {
         this.report(err instanceof Error ? err : new Error(String(err)));
       }
-      if (this.closing) return;
+      if (this.closing) return "stop";
       off += RECV_SIZE;
     }
     if (got > 0 && this.onBatchEnd) {
@@ -431,31 +389,9 @@ export class UdpSocket {
         this.report(err instanceof Error ? err : new Error(String(err)));
       }
     }
-    if (this.closing) return;
-    if (wouldBlock) this.waitReadable();
-    else this.schedule();
+    if (this.closing) return "stop";
+    return !wouldBlock ? "more" : got > 0 ? "data" : "idle";
   };
-
-  private waitReadable(): void {
-    this.polling = true;
-    this.c.pollAsync(this.pfd, 2, this.pollTimeoutMs, (err, rc) => {
-      this.polling = false;
-      if (this.closing) {
-        this.finishClose();
-        return;
-      }
-      if (err || rc < 0) {
-        if (++this.pollFailures > 100) {
-          this.report(new UdpError("ERR_UDP_SETUP", `poll on the bulk UDP socket keeps failing: ${String(err ?? rc)}`));
-          return;
-        }
-        setTimeout(() => this.schedule(), 10);
-        return;
-      }
-      this.pollFailures = 0;
-      this.drain();
-    });
-  }
 
   private report(err: Error): void {
     if (this.onError) this.onError(err);
@@ -464,20 +400,11 @@ export class UdpSocket {
   close(): Promise<void> {
     if (this.closePromise) return this.closePromise;
     this.closing = true;
-    this.closePromise = new Promise<void>((resolve) => {
-      this.resolveClose = resolve;
-    });
-    if (this.polling) this.c.write(this.efd, this.wake, 8);
-    else this.finishClose();
-    return this.closePromise;
-  }
-
-  private finishClose(): void {
-    if (this.closed) return;
-    this.closed = true;
     this.onData = undefined;
-    this.c.close(this.efd);
-    this.c.close(this.fd);
-    this.resolveClose?.();
+    // The fd closes once no poll on a worker thread uses its number any more.
+    this.closePromise = this.reader.close().then(() => {
+      this.c.close(this.fd);
+    });
+    return this.closePromise;
   }
 }
