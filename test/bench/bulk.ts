@@ -3,7 +3,8 @@
  * loopback (real UDP sockets with GSO/GRO, real crypto), a stand-in mesh for the handshake. The sender
  * hands TCP GSO super-packets (60 KB, gso_size 1360) in data-plane frames, the receiver counts what its
  * GRO hands back. Both ends share this one thread, so the figure is the pipeline's CPU ceiling (sending +
- * receiving on one core), not a link speed. Prints Gbit/s of pod payload and microseconds per packet.
+ * receiving on one core), not a link speed. Prints Gbit/s of pod payload and microseconds per packet
+ * (wall clock, and CPU time of the process: the steadier figure on a shared box).
  *
  *   npm run build && node dist/test/bench/bulk.js [--seconds 5] [--crypto sodium|node]
  */
@@ -97,6 +98,7 @@ const dst = nodeIdToBytes(ib.id);
 let seq = 0;
 let sent = 0;
 const t0 = performance.now();
+const cpu0 = process.cpuUsage();
 const end = t0 + SECONDS * 1000;
 while (performance.now() < end) {
   const frame = encodeFrames(src, dst, [tcpGso(PAYLOAD, MSS, seq)]).frames[0]!;
@@ -107,12 +109,13 @@ while (performance.now() < end) {
   while (sent - rxBytes > 2_000_000 && performance.now() < end + 2000) await new Promise((r) => setImmediate(r));
 }
 await new Promise((r) => setTimeout(r, 200));
+const cpu = process.cpuUsage(cpu0);
 const secs = (performance.now() - t0) / 1000;
 const segs = rxBytes / MSS;
 process.stdout.write(
   `bulk pipeline, one process (send + receive on one core), ${aead.name}: ${((rxBytes * 8) / secs / 1e9).toFixed(2)} Gbit/s of TCP payload, ` +
     `${((secs * 1e6) / segs).toFixed(2)} us per 1360-byte segment (seal+send+recv+open+GRO), ${(100 * rxBytes / sent).toFixed(1)}% delivered, ` +
-    `${rxPackets} packets after GRO for ${Math.round(segs)} segments\n`,
+    `${rxPackets} packets after GRO for ${Math.round(segs)} segments; CPU ${(((cpu.user + cpu.system) / segs)).toFixed(2)} us per segment (user+system: less sensitive to a loaded box than the wall clock)\n`,
 );
 await A.close();
 await B.close();
