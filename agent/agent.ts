@@ -123,6 +123,8 @@ export interface AgentConfig {
   bulkPort?: number;
   /** Bulk link timing (tests). */
   bulkTiming?: Partial<BulkTiming>;
+  /** Software segmentation of GSO packets towards WebRTC links (--segment; default auto, see src/packet/gso-policy.ts). */
+  segment?: import("../src/packet/gso-policy.js").SegmentMode;
   /** Watch Kubernetes Node objects (in-cluster) and release a deleted Node's blocks (agent name = Node name). Off when unset. */
   k8sNodeWatch?: NodeWatchConfig;
   /**
@@ -435,7 +437,7 @@ export class Agent implements AgentView {
           advertised: policy.advertisedRoutes(),
           snat: !!cfg.snatRoutes,
         }),
-      segment: segmentModeFromEnv(),
+      segment: cfg.segment ?? segmentModeFromEnv(),
       now: () => performance.now(),
       logger: log,
       bridge,
