@@ -189,7 +189,7 @@ describe.skipIf(!isRoot)("TUN lifecycle (root)", () => {
     beforeAll(() => {
       // The child cannot load .ts: transpile the modules tun.ts needs into a temp dir it can read.
       dir = fs.mkdtempSync(path.join(os.tmpdir(), "weft-tun-"));
-      for (const f of ["agent/os/tun.ts", "src/errors.ts", "src/packet/drop.ts", "src/packet/vnet.ts", "src/packet/ip.ts", "src/packet/device.ts"]) {
+      for (const f of ["agent/os/tun.ts", "agent/os/fd-reader.ts", "src/errors.ts", "src/packet/drop.ts", "src/packet/vnet.ts", "src/packet/ip.ts", "src/packet/device.ts"]) {
         const out = ts.transpileModule(fs.readFileSync(path.join(repo, f), "utf8"), {
           compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022, verbatimModuleSyntax: false },
         }).outputText;
