@@ -65,5 +65,10 @@ export function renderSignalMetrics(hub: SignalHub, stun?: StunStats): string {
   metric("weftnet_signal_relayed_bytes_total", "counter", "Data bytes relayed for agents without a direct or multi-hop path.", [[undefined, s.relayBytes]]);
   metric("weftnet_signal_relay_dropped_total", "counter", "Relay frames dropped (rate limits, relay disabled, congested receiver, unknown destination).", [[undefined, s.relayDropped]]);
   metric("weftnet_signal_relay_dropped_by_reason_total", "counter", "Relay frames dropped, by reason.", Object.entries(s.relayDroppedByReason).map(([reason, n]) => [{ reason }, n ?? 0]));
+  metric("weftnet_signal_viewer_introductions_total", "counter", "Topology-page viewers introduced to an agent (/ui): offers sent, answered, failed (no agent, refused, timeout).", [
+    [{ result: "offered" }, s.viewerOffers],
+    [{ result: "answered" }, s.viewerAnswers],
+    [{ result: "failed" }, s.viewerFailures],
+  ]);
   return out.join("\n") + "\n";
 }

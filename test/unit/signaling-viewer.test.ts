@@ -7,6 +7,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { createSignalApp, VIEWER_OFFER_CTX } from "../../signaling/core/app.js";
+import { renderSignalMetrics } from "../../signaling/core/metrics.js";
 import { SignalHub, VIEWER_ANSWER_TIMEOUT_MS, type Clock, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
 import { CTX_HELLO, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
@@ -91,6 +92,9 @@ describe("topology-page viewers at the signaling server", () => {
     await expect(q).rejects.toMatchObject({ code: "ERR_VIEWER", message: expect.stringContaining("16 viewers") });
     await expect(hub.introduceViewer(SDP, { target: plain.s.member!.name })).rejects.toMatchObject({ code: "ERR_NO_PEER" });
     expect(hub.stats()).toMatchObject({ viewerOffers: 2, viewerAnswers: 1, viewerFailures: 3 });
+    const text = renderSignalMetrics(hub, undefined);
+    expect(text).toMatch(/^weftnet_signal_viewer_introductions_total\{result="answered"\} 1$/m);
+    expect(text).toMatch(/^weftnet_signal_viewer_introductions_total\{result="failed"\} 3$/m);
   });
 
   it("counts a viewer-answer for an offer the agent was not sent as a bad frame; silence times out; a disconnect fails the wait", async () => {
