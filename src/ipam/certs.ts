@@ -50,6 +50,8 @@ export interface SignedContext {
   connected(peer: string): boolean;
   /** did this node see `node` gone itself (its Kubernetes Node was deleted): its force releases need no operator signature */
   sawGone(node: string): boolean;
+  /** an operator-signed release of `node` checked out: the operator declared it gone (node.ts marks it gone) */
+  operatorReleased(node: string): void;
   /** is block i our own pin, unconfirmed and without pods (a disputed pin that may yield, node.ts settleClash) */
   yieldablePin(i: number): boolean;
 }
@@ -217,7 +219,9 @@ export class SignedState {
         if (cert.by !== owner || cert.from === owner || cert.from !== prev || cert.from === this.self) return "forged";
         if (this.ctx.connected(cert.from)) return "forged"; // never the blocks of a node connected to us
         if (this.ctx.sawGone(cert.from)) return null;
-        return cert.op && this.keys.verifyOperator?.(cert.op, releaseFields(this.ctx.epochId(), i, cert.from, version)) ? null : "release";
+        if (!cert.op || !this.keys.verifyOperator?.(cert.op, releaseFields(this.ctx.epochId(), i, cert.from, version))) return "release";
+        this.ctx.operatorReleased(cert.from); // other nodes' releases of it count too from now on
+        return null;
       }
       default:
         if (cert.by !== cert.from) return "forged";

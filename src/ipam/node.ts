@@ -54,6 +54,8 @@ export interface IpamSnapshot {
   pinned?: [number, number][];
   /** who wrote each entry and with what right (signed clusters): [blockIndex, cert, handover?] with hex keys */
   certs?: [number, unknown, unknown][];
+  /** nodes known gone (a Kubernetes Node deletion we saw, or an operator's release we accepted) */
+  gone?: string[];
   beat: number;
 }
 
@@ -151,6 +153,8 @@ export class IpamNode {
    */
   private readonly refusedForces = new Map<string, { from: string; entry: EntryTuple; cert: CertWire }[]>();
   private refusedCount = 0;
+  /** nodes an operator-signed release declared gone while a batch was checked (their held releases are merged after it) */
+  private readonly newlyGone = new Set<string>();
   private readonly info = new Map<string, PeerInfo>();
   private readonly conflicts = new Map<string, { code: string; message: string }>();
   private startedAt: number;
@@ -182,6 +186,7 @@ export class IpamNode {
       promises: this.rule.snapshot(),
       pinned: [...this.rule.confirmed],
       ...(this.signed ? { certs: this.signed.snapshot() } : {}),
+      ...(this.gone.size ? { gone: [...this.gone].sort() } : {}),
       beat: this.lease.beat,
     };
   }
@@ -209,6 +214,7 @@ export class IpamNode {
       n.rule.restore(snap.promises ?? []);
       for (const [i, v] of snap.pinned ?? []) if (i < n.table!.count) n.rule.confirmed.set(i, v);
       n.signed?.restore(n.table!, snap.certs ?? []);
+      for (const g of snap.gone ?? []) if (typeof g === "string") n.gone.add(g);
       n.rule.prune(n.table!, now);
       n.lease.requireResync();
     } else if (snap.allocs.length > 0) {
@@ -300,9 +306,7 @@ export class IpamNode {
     const indices = this.table.indicesOf(node);
     if (this.signed) {
       if (!auth) throw new IpamError("ERR_FORBIDDEN", "a force release needs the operator's signature (--operator-key) or a Kubernetes Node deletion");
-      if ("observedGone" in auth) {
-        this.gone.add(node);
-      }
+      if ("observedGone" in auth) this.gone.add(node);
       else {
         const verifyOperator = this.signed.keys.verifyOperator;
         if (!verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
@@ -311,6 +315,7 @@ export class IpamNode {
           if (!sig || !verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1)))
             throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} (a signature by another key, or the block changed since it was signed: sign again)`);
         }
+        if (indices.length > 0) this.gone.add(node); // declared gone by the operator: others' releases of it count too
       }
     }
     const delta: EntryTuple[] = [];
@@ -327,12 +332,7 @@ export class IpamNode {
       this.broadcast(delta, null, out);
       out.persist = true;
     }
-    const held = this.refusedForces.get(node);
-    if (held && this.gone.has(node)) {
-      this.refusedForces.delete(node);
-      this.refusedCount -= held.length;
-      for (const h of held) this.onState(h.from, [h.entry], [h.cert], undefined, now, out);
-    }
+    this.mergeHeld(node, now, out);
     this.assertInvariants();
     return out;
   }
@@ -885,7 +885,24 @@ export class IpamNode {
     }
   }
 
+  /** `node` is known gone now: merge the force releases of it we refused before (refusedForces). */
+  private mergeHeld(node: string, now: number, out: IpamOutput): void {
+    const held = this.refusedForces.get(node);
+    if (!held || !this.gone.has(node)) return;
+    this.refusedForces.delete(node);
+    this.refusedCount -= held.length;
+    for (const h of held) this.onState(h.from, [h.entry], [h.cert], undefined, now, out);
+  }
+
   private onState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
+    this.mergeState(from, entries, certs, handovers, now, out);
+    if (this.newlyGone.size === 0) return;
+    const gone = [...this.newlyGone];
+    this.newlyGone.clear();
+    for (const g of gone) this.mergeHeld(g, now, out);
+  }
+
+  private mergeState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
     const table = this.table!;
     let delta: EntryTuple[];
     const proofs = new Map<number, Exclude<ReturnType<SignedState["check"]>, string>>();
@@ -988,6 +1005,11 @@ export class IpamNode {
       memberSet: () => this.rule.memberSet(this.table!),
       connected: (peer: string) => this.peers.has(peer),
       sawGone: (node: string) => this.gone.has(node),
+      operatorReleased: (node: string) => {
+        if (this.gone.has(node)) return;
+        this.gone.add(node);
+        this.newlyGone.add(node);
+      },
       yieldablePin: (i: number) => {
         const e = this.table!.get(i);
         return e.owner === this.id && e.kind === "p" && !this.rule.isConfirmed(this.table!, i) && this.allocs.usedIn(i) === 0;

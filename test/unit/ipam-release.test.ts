@@ -133,4 +133,23 @@ describe("force release in a signed cluster", () => {
     expect(views[2]).toEqual(views[0]);
     expect(views[0]!.every((o) => o !== gone.id && [a.id, b.id, c.id].includes(o))).toBe(true);
   });
+
+  it("an agent that cannot see the deletion itself (it never knew the node's name) converges once the operator releases the node on any agent", () => {
+    const op = generateIdentity();
+    const { sim, nodes } = signedCluster(4, op, 13, 3_600_000);
+    const [a, b, c] = nodes as [SimNode, SimNode, SimNode];
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    sim.apply(a, a.node!.forceRelease(gone.id, sim.at(a), { observedGone: true }));
+    sim.run(3);
+    expect(owners(b, blocks).every((o) => o === gone.id)).toBe(true);
+    // the operator releases it on c: b and c accept it and merge what they refused from a
+    sim.apply(c, c.node!.forceRelease(gone.id, sim.at(c), { operator: operatorSigs(op, c, gone.id, blocks) }));
+    sim.run(3);
+    expect(new Set([a, b, c].map((sn) => sn.node!.digest())).size).toBe(1);
+    expect(owners(b, blocks).every((o) => o !== gone.id)).toBe(true);
+    // and it survives a restart (the node stays known gone)
+    sim.crash(b);
+    sim.restart(b);
+    expect(b.node!.snapshot().gone).toContain(gone.id);
+  });
 });
