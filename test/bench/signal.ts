@@ -2,18 +2,21 @@
  * bench:signal — N simulated agents against one signaling server: real WebSockets, real hellos (join-key
  * MAC + Ed25519 signature over the server's nonce) and real offers forwarded between them.
  *
- *   npm run bench:signal -- [--n 1000,10000] [--runtime node,workerd] [--concurrency 200] [--offers 1]
+ *   npm run bench:signal -- [--n 1000,10000] [--runtime node,workerd] [--concurrency 50] [--threads 4] [--offers 1]
  *
  * Per run it prints: join latency p50/p99 (connect start -> welcome, with `concurrency` joins in flight),
  * server RSS after all have joined, server CPU per join (utime+stime of the server process over the join
  * phase / N), offers forwarded and their delivery latency, and for workerd its ratio to Node at the same N
- * (same run). The server is a separate process (`weftnet signal`, or workerd with the Workers build), so
+ * (same run). Simulated agents run in --threads worker threads; an offer goes to a random agent of the same
+ * thread. The server is a separate process (`weftnet signal`, or workerd with the Workers build), so
  * RSS and CPU are its own. Simulated agents do not decode presence frames (they count bytes); the server
- * sends every one of them. Figures are noisy on a shared box; ratios from one run are what to compare.
+ * sends every one of them. workerd freezes its clock while a request runs, so its server-side join time
+ * reads ~0. Figures are noisy on a shared box; ratios from one run are what to compare.
  */
 import { readdirSync, readFileSync } from "node:fs";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { parseArgs } from "node:util";
+import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import WebSocket from "ws";
 import { CTX_HELLO, CTX_SDP, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { decodeServerMsg, encodeSignal, SIGNAL_PATH } from "../../src/wire/signal.js";
@@ -91,6 +94,9 @@ async function startWorkerd(n: number): Promise<Server> {
 class SimAgent {
   ws!: WebSocket;
   joinMs = -1;
+  /** phases of the join, ms from its start: WebSocket open (TCP + upgrade), challenge received */
+  openMs = -1;
+  challengeMs = -1;
   bytesIn = 0;
   offersIn = 0;
   offerLatencies: number[] = [];
@@ -102,6 +108,7 @@ class SimAgent {
       const ws = new WebSocket(url + SIGNAL_PATH, { perMessageDeflate: false, maxPayload: 1 << 20 });
       this.ws = ws;
       ws.binaryType = "nodebuffer";
+      ws.once("open", () => (this.openMs = performance.now() - t0));
       let state: "challenge" | "welcome" | "member" = "challenge";
       ws.on("message", (data: Buffer) => {
         this.bytesIn += data.byteLength;
@@ -119,6 +126,7 @@ class SimAgent {
         if (state === "challenge") {
           const m = decodeServerMsg(data);
           if (m.t !== "challenge") return;
+          this.challengeMs = performance.now() - t0;
           const id = this.idn.id;
           ws.send(encodeSignal({ t: "hello", id, pub: this.idn.publicKey, name: `sim-${id.slice(0, 6)}`, instance: "bench", meta: { version: "bench" }, mac: tokenMac(JOIN_KEY, CTX_HELLO, m.nonce, id, "bench"), sig: signFields(this.idn, CTX_HELLO, m.nonce, id, "bench") }));
           state = "welcome";
@@ -172,29 +180,97 @@ interface Result {
   serverJoinP99: number;
   /** the bench client's own event-loop delay p99 during the joins (its share of the measured join time), ms */
   clientLagP99: number;
+  /** p99 of the join's phases as the client saw them: connect+upgrade, open -> challenge, challenge -> welcome */
+  openP99: number;
+  challengeP99: number;
+  helloToWelcomeP99: number;
 }
 
-async function run(runtime: "node" | "workerd", n: number, concurrency: number, offersPer: number): Promise<Result> {
-  const ids: Identity[] = [];
-  for (let i = 0; i < n; i++) ids.push(generateIdentity());
+/** What a worker thread reports: its agents' join phases, loop delay, bytes, and later the offers it received. */
+interface WorkerJoined {
+  joins: number[];
+  opens: number[];
+  challenges: number[];
+  hellos: number[];
+  lagP99: number;
+}
+interface WorkerOffers {
+  sent: number;
+  delivered: number;
+  latencies: number[];
+  bytesIn: number;
+}
+
+/**
+ * Simulated agents run in `threads` worker threads (each its own event loop and sockets): one loop
+ * receiving every agent's presence (9 GB at 10,000) made the client's own delay the largest part of the
+ * measured join time (event-loop delay p99 1.6 s at 10,000 with one thread).
+ */
+async function workerMain(): Promise<void> {
+  const { url, n, concurrency } = workerData as { url: string; n: number; concurrency: number };
+  const agents = Array.from({ length: n }, () => new SimAgent(generateIdentity()));
+  const port = parentPort!;
+  port.postMessage({ t: "ready" });
+  await new Promise<void>((r) => port.once("message", () => r()));
+  const lag = monitorEventLoopDelay({ resolution: 10 });
+  lag.enable();
+  let next = 0;
+  const joiner = async () => {
+    while (next < agents.length) await agents[next++]!.join(url);
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(concurrency, n)) }, joiner));
+  lag.disable();
+  const joined: WorkerJoined = { joins: agents.map((a) => a.joinMs), opens: agents.map((a) => a.openMs), challenges: agents.map((a) => a.challengeMs - a.openMs), hellos: agents.map((a) => a.joinMs - a.challengeMs), lagP99: lag.percentile(99) / 1e6 };
+  port.postMessage({ t: "joined", ...joined });
+  const offersPer = await new Promise<number>((r) => port.once("message", (m: { offers: number }) => r(m.offers)));
+  let sent = 0;
+  for (const [i, a] of agents.entries()) {
+    for (let k = 0; k < offersPer && n > 1; k++) {
+      a.offer(agents[(i + 1 + Math.floor(Math.random() * (n - 1))) % n]!); // any peer of this thread but itself
+      sent++;
+    }
+  }
+  const deadline = Date.now() + 30_000;
+  const delivered = () => agents.reduce((s, a) => s + a.offersIn, 0);
+  while (delivered() < sent && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  const offers: WorkerOffers = { sent, delivered: delivered(), latencies: agents.flatMap((a) => a.offerLatencies), bytesIn: agents.reduce((s, a) => s + a.bytesIn, 0) };
+  port.postMessage({ t: "offers", ...offers });
+  await new Promise<void>((r) => port.once("message", () => r()));
+  for (const a of agents) a.ws?.terminate();
+  port.postMessage({ t: "closed" });
+}
+
+async function run(runtime: "node" | "workerd", n: number, concurrency: number, offersPer: number, threads: number): Promise<Result> {
   const server = runtime === "node" ? await startNode(n) : await startWorkerd(n);
-  const agents = ids.map((i) => new SimAgent(i));
+  const workers: Worker[] = [];
+  const inbox = new Map<Worker, unknown[]>();
+  const waiters = new Map<Worker, (m: unknown) => void>();
+  const next = (w: Worker) => new Promise<unknown>((resolve) => {
+    const q = inbox.get(w)!;
+    if (q.length) resolve(q.shift());
+    else waiters.set(w, resolve);
+  });
   try {
+    const t = Math.max(1, Math.min(threads, n));
+    for (let i = 0; i < t; i++) {
+      const share = Math.floor(n / t) + (i < n % t ? 1 : 0);
+      const w = new Worker(new URL(import.meta.url), { workerData: { url: server.url, n: share, concurrency: Math.max(1, Math.round(concurrency / t)) } });
+      inbox.set(w, []);
+      w.on("message", (m) => {
+        const f = waiters.get(w);
+        if (f) (waiters.delete(w), f(m));
+        else inbox.get(w)!.push(m);
+      });
+      w.on("error", (e) => console.error("bench worker failed", e));
+      workers.push(w);
+    }
+    await Promise.all(workers.map(next)); // identities generated
     await new Promise((r) => setTimeout(r, 500));
     const idle = procStats(server.pid);
-    const lag = monitorEventLoopDelay({ resolution: 10 });
-    lag.enable();
     const t0 = performance.now();
-    let next = 0;
-    const worker = async () => {
-      while (next < agents.length) {
-        const a = agents[next++]!;
-        await a.join(server.url);
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(concurrency, n) }, worker));
+    for (const w of workers) w.postMessage({ t: "go" });
+    const joined = (await Promise.all(workers.map(next))) as WorkerJoined[];
     const joinWallS = (performance.now() - t0) / 1000;
-    lag.disable();
     let serverJoin = { p50: NaN, p99: NaN };
     try {
       const r = await fetch(server.url.replace(/^ws/, "http") + "/v1/stats", { headers: { Authorization: `Bearer ${TOKEN}` } });
@@ -204,51 +280,47 @@ async function run(runtime: "node" | "workerd", n: number, concurrency: number, 
     }
     // let the last presence batches drain before measuring
     await new Promise((r) => setTimeout(r, 1_000));
-    const joined = procStats(server.pid);
-    // offers: each agent sends `offersPer` offers to random peers
-    let sent = 0;
-    for (const [i, a] of agents.entries()) {
-      for (let k = 0; k < offersPer; k++) {
-        a.offer(agents[(i + 1 + Math.floor(Math.random() * (n - 1))) % n]!); // any peer but itself
-        sent++;
-      }
-    }
-    const deadline = Date.now() + 30_000;
-    const delivered = () => agents.reduce((s, a) => s + a.offersIn, 0);
-    while (delivered() < sent && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    const lat = agents.flatMap((a) => a.offerLatencies);
-    const joins = agents.map((a) => a.joinMs);
+    const after = procStats(server.pid);
+    for (const w of workers) w.postMessage({ offers: offersPer });
+    const offers = (await Promise.all(workers.map(next))) as WorkerOffers[];
+    for (const w of workers) w.postMessage({ t: "close" });
+    await Promise.all(workers.map(next));
+    const lat = offers.flatMap((o) => o.latencies);
+    const all = (k: keyof Omit<WorkerJoined, "lagP99">) => joined.flatMap((j) => j[k]);
     return {
       runtime,
       n,
-      joinP50: pct(joins, 50),
-      joinP99: pct(joins, 99),
-      rssMb: joined.rssMb,
+      joinP50: pct(all("joins"), 50),
+      joinP99: pct(all("joins"), 99),
+      rssMb: after.rssMb,
       rssIdleMb: idle.rssMb,
-      cpuMsPerJoin: ((joined.cpuS - idle.cpuS) * 1000) / n,
+      cpuMsPerJoin: ((after.cpuS - idle.cpuS) * 1000) / n,
       joinWallS,
-      offersSent: sent,
-      offersDelivered: delivered(),
+      offersSent: offers.reduce((s, o) => s + o.sent, 0),
+      offersDelivered: offers.reduce((s, o) => s + o.delivered, 0),
       offerP50: pct(lat, 50),
       offerP99: pct(lat, 99),
-      mibToAgents: agents.reduce((s, a) => s + a.bytesIn, 0) / 1048576,
+      mibToAgents: offers.reduce((s, o) => s + o.bytesIn, 0) / 1048576,
       serverJoinP50: serverJoin.p50,
       serverJoinP99: serverJoin.p99,
-      clientLagP99: lag.percentile(99) / 1e6,
+      clientLagP99: Math.max(...joined.map((j) => j.lagP99)),
+      openP99: pct(all("opens"), 99),
+      challengeP99: pct(all("challenges"), 99),
+      helloToWelcomeP99: pct(all("hellos"), 99),
     };
   } finally {
-    for (const a of agents) a.ws?.terminate();
+    await Promise.all(workers.map((w) => w.terminate()));
     await server.close();
   }
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { n: { type: "string", default: "1000,10000" }, runtime: { type: "string", default: "node,workerd" }, concurrency: { type: "string", default: "50" }, offers: { type: "string", default: "1" }, "workerd-max": { type: "string", default: "1000" } } });
+  const { values } = parseArgs({ options: { n: { type: "string", default: "1000,10000" }, runtime: { type: "string", default: "node,workerd" }, concurrency: { type: "string", default: "50" }, threads: { type: "string", default: "4" }, offers: { type: "string", default: "1" }, "workerd-max": { type: "string", default: "1000" } } });
   const ns = values.n!.split(",").map(Number);
   const runtimes = values.runtime!.split(",") as ("node" | "workerd")[];
   const workerdMax = Number(values["workerd-max"]);
   const results: Result[] = [];
-  console.log(`bench:signal  concurrency ${values.concurrency} joins in flight, ${values.offers} offer(s) per agent; one box, noisy: compare ratios`);
+  console.log(`bench:signal  concurrency ${values.concurrency} joins in flight over ${values.threads} client threads, ${values.offers} offer(s) per agent; one box, noisy: compare ratios`);
   for (const n of ns) {
     for (const rt of runtimes) {
       if (rt === "workerd") {
@@ -262,13 +334,14 @@ async function main(): Promise<void> {
           continue;
         }
       }
-      const r = await run(rt, n, Number(values.concurrency), Number(values.offers));
+      const r = await run(rt, n, Number(values.concurrency), Number(values.offers), Number(values.threads));
       results.push(r);
       const base = results.find((x) => x.runtime === "node" && x.n === n);
       const ratio = rt !== "node" && base ? `  vs node: join p99 x${(r.joinP99 / base.joinP99).toFixed(2)}, cpu/join x${(r.cpuMsPerJoin / base.cpuMsPerJoin).toFixed(2)}, rss x${(r.rssMb / base.rssMb).toFixed(2)}` : "";
       console.log(
         `${rt.padEnd(8)} N=${String(n).padStart(5)}  join p50 ${r.joinP50.toFixed(1)} ms  p99 ${r.joinP99.toFixed(1)} ms  (all joined in ${r.joinWallS.toFixed(1)} s)  ` +
           `RSS ${r.rssMb.toFixed(0)} MB (idle ${r.rssIdleMb.toFixed(0)})  CPU/join ${r.cpuMsPerJoin.toFixed(2)} ms  ` +
+          `phases p99: connect+upgrade ${r.openP99.toFixed(0)} ms, open->challenge ${r.challengeP99.toFixed(0)} ms, challenge->welcome ${r.helloToWelcomeP99.toFixed(0)} ms  ` +
           `server hello->welcome p50 ${r.serverJoinP50.toFixed(0)} ms p99 ${r.serverJoinP99.toFixed(0)} ms  bench client loop delay p99 ${r.clientLagP99.toFixed(0)} ms  ` +
           `offers ${r.offersDelivered}/${r.offersSent} p50 ${r.offerP50.toFixed(1)} ms p99 ${r.offerP99.toFixed(1)} ms  presence+welcome to agents ${r.mibToAgents.toFixed(0)} MiB${ratio}`,
       );
@@ -281,9 +354,16 @@ async function main(): Promise<void> {
   if (w1k && n1k) console.log(`target workerd within 2x of Node at 1,000: join p99 x${(w1k.joinP99 / n1k.joinP99).toFixed(2)}, CPU/join x${(w1k.cpuMsPerJoin / n1k.cpuMsPerJoin).toFixed(2)}`);
 }
 
-main()
-  .catch((e) => {
+if (isMainThread) {
+  main()
+    .catch((e) => {
+      console.error(e);
+      process.exitCode = 1;
+    })
+    .finally(() => stopAll(children));
+} else {
+  workerMain().catch((e) => {
     console.error(e);
-    process.exitCode = 1;
-  })
-  .finally(() => stopAll(children));
+    process.exit(1);
+  });
+}
