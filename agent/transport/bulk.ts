@@ -27,7 +27,7 @@
  * work over either link type).
  *
  * Drops are typed and counted: per peer (session drops: short, bad-type, unknown-index, stale-key,
- * bad-auth, replay, bad-inner) and here (no-peer: a receiver index nobody owns; send-full: the socket
+ * bad-auth, replay, bad-inner, handshake-rate: a peer sending init/resp faster than ~5/s) and here (no-peer: a receiver index nobody owns; send-full: the socket
  * refused a batch; segment-drop: a GSO packet gso.ts refuses to split, e.g. UFO or a malformed header).
  */
 import { lookup } from "node:dns/promises";

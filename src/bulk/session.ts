@@ -71,7 +71,19 @@ export const DEFAULT_BULK_TIMING: BulkTiming = {
 /** Counter values a keypair may seal before it must be rotated (far below 2^53 and the GCM limits). */
 export const REJECT_AFTER_MESSAGES = 2 ** 48;
 
-export const BULK_DROP_REASONS = ["short", "bad-type", "unknown-index", "stale-key", "bad-auth", "replay", "bad-inner"] as const;
+export const BULK_DROP_REASONS = ["short", "bad-type", "unknown-index", "stale-key", "bad-auth", "replay", "bad-inner", "handshake-rate"] as const;
+
+/**
+ * Handshake messages (init, resp) a peer may make us process: a bucket of HANDSHAKE_BURST refilled with one
+ * every HANDSHAKE_REFILL_MS. Each costs a signature check, an X25519 key pair, HKDF and a signature (~0.2 ms);
+ * an honest peer sends one per handshakeRetryMs (3 s) while waiting and one per rotation (2 min), so a peer
+ * flooding them is capped at ~5 per second of our CPU; the rest are dropped before any crypto and counted
+ * (`handshake-rate`). Only connected mesh peers reach this at all (the control channel is authenticated);
+ * UDP datagrams never start a handshake, so a spoofed sender costs at most one index lookup (and one AEAD
+ * attempt when it guesses a live receiver index) per datagram.
+ */
+export const HANDSHAKE_BURST = 5;
+export const HANDSHAKE_REFILL_MS = 200;
 export type BulkDropReason = (typeof BULK_DROP_REASONS)[number];
 
 export type BulkState = "idle" | "handshake" | "punching" | "up" | "off";
@@ -177,6 +189,8 @@ export class BulkPeer {
   private lastTick = -Infinity;
   private graceUntil = -Infinity;
   private lastKeepalive = -Infinity;
+  private hsTokens = HANDSHAKE_BURST;
+  private hsRefillAt = -Infinity;
   private peerTs = 0;
   private peerTsAt = 0;
   rttMs: number | undefined;
@@ -263,6 +277,19 @@ export class BulkPeer {
     }
   }
 
+  /** Token bucket of handshake messages (see HANDSHAKE_BURST). */
+  private handshakeAllowed(now: number): boolean {
+    if (this.hsRefillAt === -Infinity) this.hsRefillAt = now;
+    const add = Math.floor((now - this.hsRefillAt) / HANDSHAKE_REFILL_MS);
+    if (add > 0) {
+      this.hsTokens = Math.min(HANDSHAKE_BURST, this.hsTokens + add);
+      this.hsRefillAt = this.hsTokens === HANDSHAKE_BURST ? now : this.hsRefillAt + add * HANDSHAKE_REFILL_MS;
+    }
+    if (this.hsTokens <= 0) return false;
+    this.hsTokens--;
+    return true;
+  }
+
   private onControl(body: unknown, now: number): void {
     let m: BulkControl;
     try {
@@ -271,6 +298,10 @@ export class BulkPeer {
       this.counters.badControl++;
       if (e instanceof ProtocolError) return;
       throw e;
+    }
+    if ((m.t === "init" || m.t === "resp") && !this.handshakeAllowed(now)) {
+      this.dropped("handshake-rate");
+      return;
     }
     switch (m.t) {
       case "init": {

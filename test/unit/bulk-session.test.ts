@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { nodeAead } from "../../src/bulk/crypto.js";
-import { BulkPeer, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src/bulk/session.js";
+import { BulkPeer, HANDSHAKE_BURST, HANDSHAKE_REFILL_MS, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src/bulk/session.js";
 import { parseCandidate, type Endpoint } from "../../src/bulk/wire.js";
 import { generateIdentity, signFields, verifyFields, type Identity } from "../../src/identity.js";
 
@@ -225,5 +225,26 @@ describe("bulk session", () => {
     void epA;
     void epB;
     void KEEPALIVE;
+  });
+
+  it("a peer flooding handshake messages gets a bounded number processed; the rest are dropped before any crypto and counted", () => {
+    const { A, B } = pair();
+    const init = A.handle({ type: "start" }, 0).find((a) => a.type === "control") as { body: unknown };
+    let answered = 0;
+    const flood = (n: number, now: number) => {
+      for (let i = 0; i < n; i++) answered += B.handle({ type: "control", body: structuredClone(init.body) }, now).filter((a) => a.type === "control").length;
+    };
+    flood(200, 0);
+    expect(answered).toBe(HANDSHAKE_BURST);
+    expect(B.counters.handshakes).toBe(HANDSHAKE_BURST);
+    expect(B.drops["handshake-rate"]).toBe(200 - HANDSHAKE_BURST);
+    // one more per refill interval, never more than the burst however long the peer waited
+    flood(10, HANDSHAKE_REFILL_MS);
+    expect(answered).toBe(HANDSHAKE_BURST + 1);
+    flood(50, 60_000);
+    expect(answered).toBe(2 * HANDSHAKE_BURST + 1);
+    // the honest initiator still completes a handshake with the latest answer
+    const resp = B.handle({ type: "control", body: structuredClone(A.handle({ type: "tick" }, 70_000).find((a) => a.type === "control")?.body ?? init.body) }, 70_000);
+    expect(resp.some((a) => a.type === "control")).toBe(true);
   });
 });
