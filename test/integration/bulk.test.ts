@@ -5,6 +5,7 @@
  * Frames here are the data plane's own (src/packet/frame.ts) with IPv4/UDP packets; the TCP-over-pods
  * versions of these checks are in test/e2e/bulk.test.ts (root).
  */
+import type { BulkTiming } from "../../src/bulk/session.js";
 import { createHash } from "node:crypto";
 import { afterEach, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
@@ -76,10 +77,64 @@ describe("bulk link (agents on loopback)", () => {
     cluster = undefined;
   });
 
-  async function pair(over: { bulkB?: boolean } = {}): Promise<[Agent, Agent]> {
+  /** Stream `total` bytes a -> b over the bulk link in TUN-sized frames; the receiver checks order and hashes. */
+  async function stream(a: Agent, b: Agent, total: number) {
+    let lastT = performance.now();
+    let maxGap = 0;
+    const mon = setInterval(() => {
+      const t = performance.now();
+      maxGap = Math.max(maxGap, t - lastT);
+      lastT = t;
+    }, 10);
+    try {
+      const n = Math.ceil(total / (PAYLOAD - 4));
+      const rx = createHash("sha256");
+      const tx = createHash("sha256");
+      let next = 0;
+      let received = 0;
+      let outOfOrder = 0;
+      let wrongPeer = 0;
+      b.bulk!.onFrame((from, frame) => {
+        if (from !== a.id) wrongPeer++;
+        const f = decodeFrame(frame);
+        if (!f.ok) throw new Error(`bad frame: ${f.detail}`);
+        for (const p of f.packets) {
+          const { seq, data } = payloadOf(p);
+          if (seq !== next) outOfOrder++;
+          next = seq + 1;
+          rx.update(data);
+          received++;
+        }
+      });
+      const src = nodeIdToBytes(a.id);
+      const dst = nodeIdToBytes(b.id);
+      const fill = Buffer.alloc(PAYLOAD);
+      let seq = 0;
+      while (seq < n) {
+        // 40 packets per frame, like a TUN batch; keep < 2 MiB in flight (the receive buffer is 4 MiB)
+        const pkts: Uint8Array[] = [];
+        for (let i = 0; i < 40 && seq < n; i++, seq++) {
+          fill.writeUInt32BE(seq, 0);
+          fill.writeUInt32BE(seq * 2654435761 >>> 0, 100);
+          const p = packet(seq, fill);
+          tx.update(payloadOf(p).data);
+          pkts.push(p);
+        }
+        for (const fr of encodeFrames(src, dst, pkts).frames) if (a.bulk!.send(b.id, fr) !== "ok") throw new Error(`bulk down mid-stream at ${seq}: ${JSON.stringify(a.bulk!.status(b.id))} / ${JSON.stringify(b.bulk!.status(a.id))}`);
+        while (seq - received > 1500) await new Promise((r) => setImmediate(r));
+      }
+      await waitFor(() => received >= n, 20_000, `all ${n} packets (got ${received})`);
+      return { n, maxGap, rxHash: rx.digest("hex"), txHash: tx.digest("hex"), outOfOrder, wrongPeer, received };
+    } finally {
+      clearInterval(mon);
+    }
+  }
+
+  async function pair(over: { bulkB?: boolean; bulkTiming?: Partial<BulkTiming> } = {}): Promise<[Agent, Agent]> {
     cluster = new Cluster(await startServer(TOKEN), TOKEN);
-    const a = await cluster.agent("a", { bulk: true });
-    const b = await cluster.agent("b", { bulk: over.bulkB ?? true });
+    const t = over.bulkTiming ? { bulkTiming: over.bulkTiming } : {};
+    const a = await cluster.agent("a", { bulk: true, ...t });
+    const b = await cluster.agent("b", { bulk: over.bulkB ?? true, ...t });
     await waitFor(() => a.mesh.isConnected(b.id) && b.mesh.isConnected(a.id), 20_000, "mesh link");
     return [a, b];
   }
@@ -94,60 +149,36 @@ describe("bulk link (agents on loopback)", () => {
     expect(pb.bulk?.state).toBe("up");
     expect(st.bulk?.port).toBe(a.bulk!.port);
 
-    let lastT = performance.now();
-    let maxGap = 0;
-    const mon = setInterval(() => {
-      const t = performance.now();
-      maxGap = Math.max(maxGap, t - lastT);
-      lastT = t;
-    }, 10);
-    const total = 64 * 1024 * 1024;
-    const n = Math.ceil(total / (PAYLOAD - 4));
-    const rx = createHash("sha256");
-    const tx = createHash("sha256");
-    let next = 0;
-    let received = 0;
-    let outOfOrder = 0;
-    let wrongPeer = 0;
-    b.bulk!.onFrame((from, frame) => {
-      if (from !== a.id) wrongPeer++;
-      const f = decodeFrame(frame);
-      if (!f.ok) throw new Error(`bad frame: ${f.detail}`);
-      for (const p of f.packets) {
-        const { seq, data } = payloadOf(p);
-        if (seq !== next) outOfOrder++;
-        next = seq + 1;
-        rx.update(data);
-        received++;
-      }
-    });
-    const src = nodeIdToBytes(a.id);
-    const dst = nodeIdToBytes(b.id);
-    const fill = Buffer.alloc(PAYLOAD);
-    let seq = 0;
-    while (seq < n) {
-      // 40 packets per frame, like a TUN batch; keep < 2 MiB in flight (the receive buffer is 4 MiB)
-      const pkts: Uint8Array[] = [];
-      for (let i = 0; i < 40 && seq < n; i++, seq++) {
-        fill.writeUInt32BE(seq, 0);
-        fill.writeUInt32BE(seq * 2654435761 >>> 0, 100);
-        const p = packet(seq, fill);
-        tx.update(payloadOf(p).data);
-        pkts.push(p);
-      }
-      for (const fr of encodeFrames(src, dst, pkts).frames) if (a.bulk!.send(b.id, fr) !== "ok") throw new Error(`bulk down mid-stream at ${seq}: ${JSON.stringify(a.bulk!.status(b.id))} / ${JSON.stringify(b.bulk!.status(a.id))}`);
-      while (seq - received > 1500) await new Promise((r) => setImmediate(r));
-    }
-    await waitFor(() => received >= n, 20_000, `all ${n} packets (got ${received})`);
+    const { n, maxGap, rxHash, txHash, outOfOrder, wrongPeer, received } = await stream(a, b, 64 * 1024 * 1024);
     expect(received).toBe(n);
     expect(outOfOrder).toBe(0);
     expect(wrongPeer).toBe(0);
-    clearInterval(mon);
     console.log(`64 MiB over the bulk link: longest event-loop gap ${maxGap.toFixed(0)} ms`);
-    expect(rx.digest("hex")).toBe(tx.digest("hex"));
+    expect(rxHash).toBe(txHash);
     const sb = b.bulk!.status(a.id)!;
     expect(sb.drops).toEqual({});
     expect(sb.rxDatagrams).toBeGreaterThanOrEqual(n);
+  }, 120_000);
+
+  it("keys rotate mid-stream, by bytes and by time, and the stream stays byte-exact and in order", async () => {
+    // 2 MiB or 1.5 s per keypair: a 48 MiB stream (under a second on a quiet box) passes the byte trigger
+    // many times over; a rotation takes a control-channel round trip, so at least one lands mid-stream
+    const [a, b] = await pair({ bulkTiming: { rekeyAfterBytes: 2 * 1024 * 1024, rekeyAfterMs: 1500 } });
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up on both sides");
+    const r0 = a.bulk!.status(b.id)!.rotations;
+    const { n, rxHash, txHash, outOfOrder, received } = await stream(a, b, 48 * 1024 * 1024);
+    const sa = a.bulk!.status(b.id)!;
+    const sb = b.bulk!.status(a.id)!;
+    expect(received, JSON.stringify({ sa, sb })).toBe(n);
+    expect(outOfOrder).toBe(0);
+    expect(rxHash).toBe(txHash);
+    expect(sa.rotations - r0, JSON.stringify(sa)).toBeGreaterThanOrEqual(1);
+    expect(sb.rotations, JSON.stringify(sb)).toBeGreaterThanOrEqual(1);
+    expect(sa.state).toBe("up");
+    // by time alone too: an idle link rotates once its keypair is older than rekeyAfterMs
+    const r1 = a.bulk!.status(b.id)!.rotations;
+    await waitFor(() => a.bulk!.status(b.id)!.rotations > r1, 10_000, "a time-based rotation on an idle link");
+    expect(a.bulk!.isUp(b.id)).toBe(true);
   }, 120_000);
 
   it("TCP GSO super-packets: segmented into one packet per datagram, coalesced back on arrival, payload intact", async () => {
