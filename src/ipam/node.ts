@@ -4,6 +4,7 @@
  *   lease.ts        liveness (heartbeats, silence) and the lease (majority contact, resync hold)
  *   consensus.ts    the write rule: proposals, promises, majority writes of claims and grants
  *   allocations.ts  pod allocations inside our blocks
+ *   certs.ts        signed state: certs of entries, signing our writes, checking remote ones
  *   table.ts        the block-ownership CRDT;  wire.ts the messages;  config.ts the parameters
  * See index.ts for how to drive it and docs/ipam.md for the algorithm and the safety argument. Time
  * comes in as `now` (ms, one monotonic-rate clock per node; clocks need not be synchronised, only tick
