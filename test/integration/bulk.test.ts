@@ -33,6 +33,35 @@ function packet(seq: number, fill: Buffer): Uint8Array {
   return p;
 }
 
+/** An IPv6 TCP GSO super-packet as a TUN hands it over (virtio NEEDS_CSUM + TCPV6, gso_size = mss). */
+function tcpGso6(payload: Uint8Array, mss: number, seq: number): Uint8Array {
+  const p = new Uint8Array(VNET_HDR_LEN + 60 + payload.length);
+  const dv = new DataView(p.buffer);
+  p[0] = 1; // NEEDS_CSUM
+  p[1] = 4; // TCPV6
+  dv.setUint16(2, 60, true);
+  dv.setUint16(4, mss, true);
+  dv.setUint16(6, 40, true);
+  dv.setUint16(8, 16, true);
+  const ip = VNET_HDR_LEN;
+  p[ip] = 0x60;
+  dv.setUint16(ip + 4, 20 + payload.length);
+  p[ip + 6] = 6;
+  p[ip + 7] = 64;
+  p.set([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], ip + 8);
+  p.set([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], ip + 24);
+  const t = ip + 40;
+  dv.setUint16(t, 40000);
+  dv.setUint16(t + 2, 5201);
+  dv.setUint32(t + 4, seq);
+  dv.setUint32(t + 8, 1);
+  p[t + 12] = 5 << 4;
+  p[t + 13] = 0x10; // ACK
+  dv.setUint16(t + 14, 65535);
+  p.set(payload, t + 20);
+  return p;
+}
+
 /** An IPv4 TCP GSO super-packet as a TUN hands it over (virtio NEEDS_CSUM + TCPV4, gso_size = mss). */
 function tcpGso(payload: Uint8Array, mss: number, seq: number): Uint8Array {
   const ipLen = 40 + payload.length;
@@ -202,6 +231,25 @@ describe("bulk link (agents on loopback)", () => {
     const joined = Buffer.concat(got.map((p) => p.subarray(VNET_HDR_LEN + 40)));
     expect(joined.equals(big)).toBe(true);
     expect(got[0]![1]).toBe(1); // virtio gso_type TCPV4: a super-packet again
+  }, 60_000);
+
+  it("IPv6 inside: a TCPv6 GSO super-packet is segmented per datagram and coalesced back, payload intact", async () => {
+    const [a, b] = await pair();
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
+    const got: Uint8Array[] = [];
+    b.bulk!.onFrame((_from, frame) => {
+      const f = decodeFrame(frame);
+      if (f.ok) for (const p of f.packets) got.push(Uint8Array.from(p));
+    });
+    const big = Buffer.alloc(60_000);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 7 + (i >> 8)) & 255;
+    const sent0 = a.bulk!.status(b.id)!.txDatagrams;
+    expect(a.bulk!.send(b.id, encodeFrames(nodeIdToBytes(a.id), nodeIdToBytes(b.id), [tcpGso6(big, 1340, 7)]).frames[0]!)).toBe("ok");
+    await waitFor(() => got.reduce((n, p) => n + p.length - VNET_HDR_LEN - 60, 0) >= big.length, 5000, "all bytes");
+    expect(a.bulk!.status(b.id)!.txDatagrams - sent0).toBeGreaterThanOrEqual(Math.ceil(big.length / 1340)); // one segment per datagram
+    expect(Buffer.concat(got.map((p) => p.subarray(VNET_HDR_LEN + 60))).equals(big)).toBe(true);
+    expect(got[0]![VNET_HDR_LEN]! >> 4).toBe(6);
+    expect(got[0]![1]).toBe(4); // virtio gso_type TCPV6: a super-packet again
   }, 60_000);
 
   it("multi-hop: frames for another destination keep their own header through segmenting and coalescing", async () => {
