@@ -9,8 +9,8 @@
  * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
  *   --only S      only the configurations whose key contains S (bulk, native-native-1280, native-native-auto,
- *                 werift-werift, werift-native, jumbo, loss-bulk, loss-native, loss-werift; "bulk" matches both
- *                 bulk rows). WebRTC rows run with --no-bulk; the bulk rows are the default agent (bulk link up)
+ *                 werift-werift, werift-native, jumbo, loss-bulk, loss-native, loss-werift, bulk-busy-poll-off;
+ *                 "bulk" matches every bulk row). WebRTC rows run with --no-bulk; the bulk rows are the default agent (bulk link up)
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
  *   --segment M   software segmentation modes to sweep (agents' WEFTNET_SEGMENT), comma-separated, of auto,
  *                 always, off (default auto: what the agent does by default)
@@ -251,6 +251,8 @@ interface Config {
   kinds: [string, string];
   args?: string[];
   uplinkMtu?: number;
+  /** environment of the agents (set while they are spawned) */
+  env?: Record<string, string>;
 }
 
 /** Both agents carry pod traffic on the bulk link (direct UDP), not WebRTC. */
@@ -266,7 +268,16 @@ async function overlay(c: Config): Promise<Result> {
   try {
     await lab.setup();
     await lab.startSignal();
-    lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", c.kinds[i]!, "--log-level", "warn", ...(c.args ?? [])]));
+    const saved = Object.fromEntries(Object.keys(c.env ?? {}).map((k) => [k, process.env[k]]));
+    Object.assign(process.env, c.env ?? {});
+    try {
+      lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", c.kinds[i]!, "--log-level", "warn", ...(c.args ?? [])]));
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
     await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.state === "connected")), 30_000, "mesh");
     const pa = await lab.addPod(lab.nodes[0]!, "pa");
     const pb = await lab.addPod(lab.nodes[1]!, "pb");
@@ -327,6 +338,7 @@ async function libraryCeiling(mtu?: number): Promise<number> {
 // WebRTC rows run with --no-bulk (else pod traffic would take the bulk link); the bulk row is the default agent.
 const configs: Config[] = [
   { key: "bulk", label: "bulk link (direct UDP; default)", kinds: ["native", "native"] },
+  { key: "bulk-busy-poll-off", label: "bulk link, busy-poll off (WEFTNET_BUSY_POLL_US=0)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "0" } },
   { key: "native-native-1280", label: "native -> native, --link-mtu 1280", kinds: ["native", "native"], args: ["--link-mtu", "1280", "--no-bulk"] },
   { key: "native-native-auto", label: "native -> native (default: auto = 1500)", kinds: ["native", "native"], args: ["--no-bulk"] },
   { key: "werift-werift", label: "werift -> werift", kinds: ["werift", "werift"], args: ["--no-bulk"] },
