@@ -264,7 +264,7 @@ export function segment(pkt: Uint8Array, opts: SegmentOptions, arena: ByteArena,
     const payload = ipLen - l.ipHdr - l.l4Hdr;
     const hdrs = l.ipHdr + l.l4Hdr;
     if (opts.maxIp - hdrs <= 0) return GSO_DROPS.maxIp;
-    return splitTcp(pkt, l, payload, opts.maxIp - hdrs, full, arena, out);
+    return split(pkt, l, PROTO_TCP, payload, opts.maxIp - hdrs, full, arena, out);
   }
   if (gso === 3) return GSO_DROPS.ufo;
   const gsoSize = pkt[4]! | (pkt[5]! << 8);
@@ -274,11 +274,11 @@ export function segment(pkt: Uint8Array, opts: SegmentOptions, arena: ByteArena,
     const hdrs = l.ipHdr + l.l4Hdr;
     const seg = Math.min(gsoSize, opts.maxIp - hdrs);
     if (seg <= 0) return GSO_DROPS.maxIp;
-    return splitTcp(pkt, l, ipLen - hdrs, seg, full, arena, out);
+    return split(pkt, l, PROTO_TCP, ipLen - hdrs, seg, full, arena, out);
   }
   if (gso === VNET_GSO_UDP_L4) {
     if (l.proto !== PROTO_UDP) return GSO_DROPS.gsoType;
-    return splitUdp(pkt, l, ipLen - l.ipHdr - 8, gsoSize, full, arena, out);
+    return split(pkt, l, PROTO_UDP, ipLen - l.ipHdr - 8, gsoSize, full, arena, out);
   }
   return GSO_DROPS.gsoType;
 }
@@ -300,7 +300,7 @@ export function segmentBatch(
 }
 
 /** Write the per-segment IP fields: length, id (+i), checksum (v4) or payload length (v6). */
-function fixIp(b: Uint8Array, ipHdr: number, segIpLen: number, i: number): void {
+function fixIp(b: Uint8Array, segIpLen: number, i: number): void {
   const ip = VNET_HDR_LEN;
   if (b[ip]! >> 4 === 4) {
     b[ip + 2] = segIpLen >> 8;
@@ -314,7 +314,6 @@ function fixIp(b: Uint8Array, ipHdr: number, segIpLen: number, i: number): void 
     b[ip + 4] = pl >> 8;
     b[ip + 5] = pl & 0xff;
   }
-  void ipHdr;
 }
 
 /** Finish the L4 checksum of a segment and write its virtio header. `csumOff`: 16 TCP, 6 UDP. */
@@ -347,13 +346,19 @@ function finishL4(b: Uint8Array, ipHdr: number, proto: number, csumOff: number, 
   b[l4 + csumOff + 1] = c & 0xff;
 }
 
-function splitTcp(pkt: Uint8Array, l: L4Info, payload: number, seg: number, full: boolean, arena: ByteArena, out: Uint8Array[]): null {
+/**
+ * Cut the payload behind the IP + L4 headers into `seg`-byte pieces, each a whole packet: the headers copied,
+ * the IP fields per segment (fixIp), the L4 fields per segment (TCP: sequence number, FIN/PSH only on the
+ * last, CWR only on the first; UDP: length), the checksum finished (finishL4).
+ */
+function split(pkt: Uint8Array, l: L4Info, proto: number, payload: number, seg: number, full: boolean, arena: ByteArena, out: Uint8Array[]): null {
+  const tcp = proto === PROTO_TCP;
   const ip = VNET_HDR_LEN;
-  const hdrs = l.ipHdr + l.l4Hdr;
+  const hdrs = l.ipHdr + (tcp ? l.l4Hdr : 8);
   const head = ip + hdrs;
   const t = ip + l.ipHdr;
-  const seq0 = ((pkt[t + 4]! << 24) | (pkt[t + 5]! << 16) | (pkt[t + 6]! << 8) | pkt[t + 7]!) >>> 0;
-  const flags0 = pkt[t + 13]!;
+  const seq0 = tcp ? ((pkt[t + 4]! << 24) | (pkt[t + 5]! << 16) | (pkt[t + 6]! << 8) | pkt[t + 7]!) >>> 0 : 0;
+  const flags0 = tcp ? pkt[t + 13]! : 0;
   const n = Math.max(1, Math.ceil(payload / seg));
   for (let i = 0; i < n; i++) {
     const off = i * seg;
@@ -361,39 +366,23 @@ function splitTcp(pkt: Uint8Array, l: L4Info, payload: number, seg: number, full
     const b = arena.alloc(head + len);
     b.set(pkt.subarray(0, head), 0);
     b.set(pkt.subarray(head + off, head + off + len), head);
-    fixIp(b, l.ipHdr, hdrs + len, i);
-    const seq = (seq0 + off) >>> 0;
-    b[t + 4] = seq >>> 24;
-    b[t + 5] = (seq >>> 16) & 0xff;
-    b[t + 6] = (seq >>> 8) & 0xff;
-    b[t + 7] = seq & 0xff;
-    let f = flags0;
-    if (i !== n - 1) f &= ~(TCP_FIN | TCP_PSH);
-    if (i !== 0) f &= ~TCP_CWR;
-    b[t + 13] = f;
-    finishL4(b, l.ipHdr, PROTO_TCP, 16, full);
-    out.push(b);
-  }
-  return null;
-}
-
-function splitUdp(pkt: Uint8Array, l: L4Info, payload: number, seg: number, full: boolean, arena: ByteArena, out: Uint8Array[]): null {
-  const ip = VNET_HDR_LEN;
-  const hdrs = l.ipHdr + 8;
-  const head = ip + hdrs;
-  const u = ip + l.ipHdr;
-  const n = Math.max(1, Math.ceil(payload / seg));
-  for (let i = 0; i < n; i++) {
-    const off = i * seg;
-    const len = Math.min(seg, payload - off);
-    const b = arena.alloc(head + len);
-    b.set(pkt.subarray(0, head), 0);
-    b.set(pkt.subarray(head + off, head + off + len), head);
-    fixIp(b, l.ipHdr, hdrs + len, i);
-    const ul = 8 + len;
-    b[u + 4] = ul >> 8;
-    b[u + 5] = ul & 0xff;
-    finishL4(b, l.ipHdr, PROTO_UDP, 6, full);
+    fixIp(b, hdrs + len, i);
+    if (tcp) {
+      const seq = (seq0 + off) >>> 0;
+      b[t + 4] = seq >>> 24;
+      b[t + 5] = (seq >>> 16) & 0xff;
+      b[t + 6] = (seq >>> 8) & 0xff;
+      b[t + 7] = seq & 0xff;
+      let f = flags0;
+      if (i !== n - 1) f &= ~(TCP_FIN | TCP_PSH);
+      if (i !== 0) f &= ~TCP_CWR;
+      b[t + 13] = f;
+    } else {
+      const ul = 8 + len;
+      b[t + 4] = ul >> 8;
+      b[t + 5] = ul & 0xff;
+    }
+    finishL4(b, l.ipHdr, proto, tcp ? 16 : 6, full);
     out.push(b);
   }
   return null;
