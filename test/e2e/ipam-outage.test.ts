@@ -19,7 +19,7 @@ if (!isRoot) console.warn("skipping IPAM outage e2e: needs root (network namespa
 
 const R_MS = 15_000;
 const PODS = 20;
-/** The issue's requirement: allocation from a node's own blocks never waits (< 1 s; measured ~60-120 ms
+/** The issue's requirement: allocation from a node's own blocks never waits (< 1 s; measured 3-120 ms
  *  median on a quiet box, ~500-800 ms on a box loaded with other test runs, where the bridge/route
  *  commands of each allocation are the slow part). The bounds leave room for a loaded 2-core box and are
  *  still far below what waiting looks like (the old resync pause was 15-25 s; U here is 15 s). */
