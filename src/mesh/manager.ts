@@ -185,6 +185,7 @@ export class MeshManager {
   // ---- inputs from signaling -------------------------------------------------------------------
 
   onWelcome(peers: PeerInfo[]): void {
+    if (this.stopped) return;
     const listed = new Set<string>();
     for (const p of peers) {
       if (p.id === this.selfId) continue;
@@ -197,6 +198,7 @@ export class MeshManager {
   }
 
   onJoin(p: PeerInfo): void {
+    if (this.stopped) return;
     if (p.id === this.selfId) return;
     this.ensure(p);
     this.feed(p.id, { type: "present" });
@@ -204,10 +206,12 @@ export class MeshManager {
   }
 
   onLeave(id: string): void {
+    if (this.stopped) return;
     if (this.peers.has(id)) this.feed(id, { type: "absent" });
   }
 
   onSignal(from: string, data: SignalData): void {
+    if (this.stopped) return; // a late signal must not make a link on a transport being closed
     const e = this.peers.get(from);
     if (!e) {
       this.keepUnannounced(from, data);

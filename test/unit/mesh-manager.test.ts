@@ -128,6 +128,27 @@ describe("MeshManager (memory transport, manual clock)", () => {
   });
 });
 
+describe("MeshManager: stopping", () => {
+  it("ignores presence and signals that arrive after stop() (no link is made on a transport being closed)", async () => {
+    const c = cluster(2);
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    const info = (idn: Identity, i: number): PeerInfo => ({ id: idn.id, name: `n${i}`, pub: idn.publicKey, meta: {} });
+    mb.onWelcome([info(a!, 0), info(b!, 1)]); // b knows a; a does not know b yet
+    await ma.stop();
+    const dials = ma.counters.dials;
+    ma.onWelcome([info(a!, 0), info(b!, 1)]); // a is the offerer (lower id): it would dial at once
+    ma.onJoin(info(b!, 1));
+    ma.onSignal(b!.id, { kind: "candidate", conn: "late", candidate: "x", mid: "0" } as unknown as SignalData);
+    ma.onLeave(b!.id);
+    await c.run(() => false, 3_000).catch(() => undefined);
+    expect(ma.counters.dials).toBe(dials);
+    expect(ma.connectedPeers()).toEqual([]);
+    expect(await ma.status()).toEqual([]);
+  });
+});
+
 describe("MeshManager: first attempts", () => {
   it("keeps a signal that overtook its sender's presence and replays it when the join arrives", async () => {
     // The signaling server batches joins but forwards signals at once: a newcomer's offer can reach an
