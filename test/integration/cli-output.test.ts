@@ -127,15 +127,27 @@ describe("weftnet status / ping / netcheck / agent logs against a live mesh", ()
 
   it("status ipam: one row per owner, JSON small; --blocks lists every block", async () => {
     await waitFor(() => (JSON.parse(run(["status", "ipam", "--json", "--state-dir", dir("a")]).out) as { totalBlocks: number }).totalBlocks > 0, 20_000, "the mesh's IPAM bootstrapped");
-    const r = run(["status", "ipam", "--state-dir", dir("a")]);
+    // The text and the JSON are two calls: blocks may change hands between them while members pin their
+    // reserves, so take a pair of calls that saw the same owners (a real mismatch never settles).
+    type IpamJson = { owners: { id: string; blocks: number; cidrs: string[] }[]; blocks?: unknown[]; totalBlocks: number };
+    let r = run(["status", "ipam", "--state-dir", dir("a")]);
+    let js = {} as IpamJson;
+    const ownerRows = () => r.out.split("\n").filter((l) => /\s[0-9a-f]{16}\s/.test(l));
+    await waitFor(
+      () => {
+        r = run(["status", "ipam", "--state-dir", dir("a")]);
+        js = JSON.parse(run(["status", "ipam", "--json", "--state-dir", dir("a")]).out) as IpamJson;
+        return ownerRows().length === js.owners.length && js.owners.every((o) => r.out.includes(o.id));
+      },
+      20_000,
+      "status ipam's owner rows match its JSON owners",
+    );
     expect(r.code, r.err).toBe(0);
     expect(r.out).toMatch(/^range\s+10\.40\.0\.0\/16 \(1024 blocks of \/26, \d+ unowned\)$/m);
-    const js = JSON.parse(run(["status", "ipam", "--json", "--state-dir", dir("a")]).out) as { owners: { id: string; blocks: number; cidrs: string[] }[]; blocks?: unknown[]; totalBlocks: number };
     expect(js.totalBlocks).toBe(1024);
     expect(js.blocks).toBeUndefined();
     expect(new Set(js.owners.map((o) => o.id)).size).toBe(js.owners.length);
-    const ownerRows = r.out.split("\n").filter((l) => /\s[0-9a-f]{16}\s/.test(l));
-    expect(ownerRows).toHaveLength(js.owners.length);
+    expect(ownerRows()).toHaveLength(js.owners.length);
     const full = JSON.parse(run(["status", "ipam", "--json", "--blocks", "--state-dir", dir("a")]).out) as { blocks: unknown[] };
     expect(full.blocks).toHaveLength(1024);
   }, 30_000);
