@@ -84,8 +84,6 @@ export class PeerFsm {
   private deadline = 0;
   private nextAt = 0;
   private lastHeard = 0;
-  /** when the peer last answered one of our heartbeats (or the link opened): proof that it hears us */
-  private lastAcked = 0;
   private nextPing = 0;
   private seq = 0;
   private goneAt = 0;
@@ -129,7 +127,6 @@ export class PeerFsm {
         this.lastError = undefined;
         this.connectedAt = now;
         this.lastHeard = now;
-        this.lastAcked = now;
         this.recent.length = 0;
         this.nextPing = now;
         out.push({ type: "hello" });
@@ -153,7 +150,6 @@ export class PeerFsm {
         break;
       case "pong": {
         this.lastHeard = now;
-        this.lastAcked = now;
         const rtt = Math.max(0, now - ev.sentAt);
         this.rttMs = rtt;
         this.srttMs = this.srttMs === undefined ? rtt : this.srttMs * 0.875 + rtt * 0.125;
@@ -171,7 +167,6 @@ export class PeerFsm {
         if (this.state === "connected") {
           this.conn = ev.conn;
           this.lastHeard = now;
-          this.lastAcked = now;
         }
         break;
       case "tick":
@@ -193,14 +188,10 @@ export class PeerFsm {
         }
         break;
       case "connected":
-        // Dead when nothing is heard, and also when the peer is heard but answers none of our
-        // heartbeats: a half-open (one-way) link is closed on both sides within deadAfterMs.
-        const silent = now - this.lastHeard > this.timing.deadAfterMs;
-        if ((silent || now - this.lastAcked > this.timing.deadAfterMs) && this.conn !== undefined) {
+        if (now - this.lastHeard > this.timing.deadAfterMs && this.conn !== undefined) {
           const conn = this.conn;
           this.conn = undefined;
-          const secs = (t: number) => Math.round((now - t) / 100) / 10;
-          const reason = silent ? `no heartbeat for ${secs(this.lastHeard)} s` : `one-way link: heard from the peer, but it answered no heartbeat for ${secs(this.lastAcked)} s`;
+          const reason = `no heartbeat for ${Math.round((now - this.lastHeard) / 100) / 10} s`;
           out.push({ type: "close", conn, reason });
           this.failed(now, reason, "backoff", out);
         } else {
