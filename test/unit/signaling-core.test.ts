@@ -7,7 +7,8 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join as pathJoin } from "node:path";
 import { describe, expect, it } from "vitest";
 import { deriveJoinKey, frameFields, webCryptoPort } from "../../signaling/core/crypto.js";
-import { SignalHub, type Clock, type SessionSnapshot, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
+import { SignalHub, type SessionSnapshot, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
+import { ManualClock } from "../helpers/manual-clock.js";
 import { joinKeyOf, CTX_HELLO, frame, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { CLOSE_CODES, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 
@@ -37,26 +38,6 @@ class MemSocket implements SignalSocket {
   }
 }
 
-class ManualClock implements Clock {
-  t = 1_000_000;
-  timers: { at: number; fn: () => void }[] = [];
-  now = () => this.t;
-  setTimer = (fn: () => void, ms: number) => {
-    const h = { at: this.t + ms, fn };
-    this.timers.push(h);
-    return h;
-  };
-  clearTimer = (h: unknown) => {
-    this.timers = this.timers.filter((x) => x !== h);
-  };
-  advance(ms: number): void {
-    this.t += ms;
-    for (const h of this.timers.filter((x) => x.at <= this.t)) {
-      this.timers = this.timers.filter((x) => x !== h);
-      h.fn();
-    }
-  }
-}
 
 async function settled(...s: SignalSession[]): Promise<void> {
   for (let i = 0; i < 400 && s.some((x) => x.state === "verifying"); i++) await new Promise((r) => setTimeout(r, 2));

@@ -9,6 +9,7 @@ import { describe, expect, it } from "vitest";
 import { createSignalApp, VIEWER_OFFER_CTX } from "../../signaling/core/app.js";
 import { renderSignalMetrics } from "../../signaling/core/metrics.js";
 import { SignalHub, VIEWER_ANSWER_TIMEOUT_MS, type Clock, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
+import { ManualClock } from "../helpers/manual-clock.js";
 import { CTX_HELLO, generateIdentity, joinKeyOf, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
 import { mintInvite, pubHex } from "../../agent/ui/invite.js";
@@ -29,26 +30,6 @@ class MemSocket implements SignalSocket {
   }
 }
 
-class ManualClock implements Clock {
-  t = 1_700_000_000_000;
-  timers: { at: number; fn: () => void }[] = [];
-  now = () => this.t;
-  setTimer = (fn: () => void, ms: number) => {
-    const h = { at: this.t + ms, fn };
-    this.timers.push(h);
-    return h;
-  };
-  clearTimer = (h: unknown) => {
-    this.timers = this.timers.filter((x) => x !== h);
-  };
-  advance(ms: number): void {
-    this.t += ms;
-    for (const h of this.timers.filter((x) => x.at <= this.t)) {
-      this.timers = this.timers.filter((x) => x !== h);
-      h.fn();
-    }
-  }
-}
 
 async function join(hub: SignalHub, meta: Record<string, string>, idn: Identity = generateIdentity()): Promise<{ sock: MemSocket; s: SignalSession; idn: Identity }> {
   const sock = new MemSocket();
@@ -177,6 +158,6 @@ describe("topology-page viewers at the signaling server", () => {
 
 /** A manual clock whose now() also drives the hub's wall clock (invite expiry, proof times). */
 class ClockWrap {
-  readonly m = new ManualClock();
+  readonly m = new ManualClock(1_700_000_000_000);
   readonly c: Clock = { now: () => this.m.now(), setTimer: (fn, ms) => this.m.setTimer(fn, ms), clearTimer: (h) => this.m.clearTimer(h) };
 }
