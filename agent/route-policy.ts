@@ -38,6 +38,37 @@ export function checkAdvertisedRoutes(routes: string[], clusterRange: string): v
     for (let j = i + 1; j < routes.length; j++) if (overlaps(parseCidr(routes[i]!), parseCidr(routes[j]!))) throw new UsageError(`advertised routes ${routes[i]} and ${routes[j]} overlap each other`);
 }
 
+/** parsed CIDR strings kept by RoutePolicy.parse (well above records x prefixes + blocks of a big cluster) */
+const MAX_PARSED = 65_536;
+
+interface BlockIndex {
+  st: IpamStatus;
+  rangeStr: string;
+  range: Cidr;
+  /** cidr, owner, cidr, owner, ... of st.blocks in order */
+  pairs: string[];
+  byOwner: Map<string, Cidr[]>;
+  /** "node cidr" -> prefixAllowed for cluster prefixes, valid for this ownership */
+  results: Map<string, boolean>;
+}
+
+function sameOwners(pairs: string[], blocks: IpamStatus["blocks"]): boolean {
+  if (pairs.length !== blocks.length * 2) return false;
+  for (let i = 0; i < blocks.length; i++) if (pairs[2 * i] !== blocks[i]!.cidr || pairs[2 * i + 1] !== blocks[i]!.owner) return false;
+  return true;
+}
+
+/** A cluster prefix `c` is a node's when its `blocks` cover every address of it (or one block holds it). */
+function ownsAll(c: Cidr, range: Cidr, blocks: Cidr[]): boolean {
+  if (c.prefix < range.prefix) return false;
+  let covered = 0;
+  for (const bc of blocks) {
+    if (bc.prefix >= c.prefix && overlaps(bc, c)) covered += 2 ** (32 - bc.prefix);
+    else if (bc.prefix < c.prefix && overlaps(bc, c)) return true; // inside one of its blocks
+  }
+  return covered === 2 ** (32 - c.prefix);
+}
+
 export interface RoutePolicyDeps {
   selfId: string;
   /** the configured cluster range (conflict checks) */
@@ -80,6 +111,12 @@ export class RoutePolicy {
   private aggKey: string[] | undefined;
   private aggregated: string[] = [];
   private ipamSnap: { at: number; st: IpamStatus } | undefined;
+  private readonly parsed = new Map<string, Cidr>();
+  private index: BlockIndex | undefined;
+  private acceptedKeysOf: RouteDecision[] | undefined;
+  private acceptedKeys = new Set<string>();
+  /** work prefixAllowed did (tests: the cached path parses nothing again) */
+  readonly counters = { cidrParses: 0, indexBuilds: 0 };
 
   constructor(private readonly d: RoutePolicyDeps) {}
 
@@ -100,7 +137,7 @@ export class RoutePolicy {
    * (--accept-routes, decideRoutes; without a data plane none is decided, so none is used).
    */
   prefixAllowed(node: string, cidr: string): boolean {
-    const c = parseCidr(cidr);
+    const c = this.parse(cidr);
     // One IPAM snapshot per routing recompute (it asks for every prefix of every record).
     const now = this.d.now();
     if (!this.ipamSnap || now - this.ipamSnap.at > 100) {
@@ -109,19 +146,62 @@ export class RoutePolicy {
     }
     const st = this.ipamSnap?.st;
     if (!st) return false;
-    const range = parseCidr(st.range);
-    if (overlaps(c, range)) {
-      if (c.prefix < range.prefix) return false;
-      let covered = 0;
-      for (const b of st.blocks) {
-        if (b.owner !== node) continue;
-        const bc = parseCidr(b.cidr);
-        if (bc.prefix >= c.prefix && overlaps(bc, c)) covered += 2 ** (32 - bc.prefix);
-        else if (bc.prefix < c.prefix && overlaps(bc, c)) return true; // inside one of its blocks
-      }
-      return covered === 2 ** (32 - c.prefix);
+    const idx = this.blockIndex(st);
+    if (overlaps(c, idx.range)) {
+      const key = `${node} ${cidr}`;
+      const known = idx.results.get(key);
+      if (known !== undefined) return known;
+      const ok = ownsAll(c, idx.range, idx.byOwner.get(node) ?? []);
+      idx.results.set(key, ok);
+      return ok;
     }
-    return this.decisions.some((d) => d.accepted && d.node === node && d.cidr === cidr);
+    if (this.acceptedKeysOf !== this.decisions) {
+      this.acceptedKeysOf = this.decisions;
+      this.acceptedKeys = new Set(this.decisions.filter((d) => d.accepted).map((d) => `${d.node} ${d.cidr}`));
+    }
+    return this.acceptedKeys.has(`${node} ${cidr}`);
+  }
+
+  /**
+   * Parsed CIDRs by their string (records' prefixes, block CIDRs, the range): a router recompute asks
+   * prefixAllowed for every prefix of every record, and parsing them each time cost 150-200 ms per
+   * recompute in CPU profiles (issue 10). A string's parse never changes; an advertisement that changes
+   * is a new string. Invalid strings are not cached (they throw every time, as before). Bounded: cleared
+   * when it outgrows MAX_PARSED (prefixes nobody advertises any more).
+   */
+  private parse(s: string): Cidr {
+    let c = this.parsed.get(s);
+    if (!c) {
+      c = parseCidr(s);
+      if (this.parsed.size >= MAX_PARSED) this.parsed.clear();
+      this.parsed.set(s, c);
+      this.counters.cidrParses++;
+    }
+    return c;
+  }
+
+  /**
+   * The IPAM table's blocks grouped by owner, parsed, with the cluster-prefix decisions made on it: kept
+   * while the table's (cidr, owner) pairs and range stay the same (compared pair by pair, no parsing), so
+   * a refreshed snapshot with the same ownership reuses every decision; any ownership change drops them.
+   */
+  private blockIndex(st: IpamStatus): BlockIndex {
+    const idx = this.index;
+    if (idx && idx.st === st) return idx;
+    if (idx && idx.rangeStr === st.range && sameOwners(idx.pairs, st.blocks)) {
+      idx.st = st;
+      return idx;
+    }
+    const byOwner = new Map<string, Cidr[]>();
+    const pairs: string[] = [];
+    for (const b of st.blocks) {
+      pairs.push(b.cidr, b.owner);
+      let l = byOwner.get(b.owner);
+      if (!l) byOwner.set(b.owner, (l = []));
+      l.push(this.parse(b.cidr));
+    }
+    this.counters.indexBuilds++;
+    return (this.index = { st, rangeStr: st.range, range: this.parse(st.range), pairs, byOwner, results: new Map() });
   }
 
   /** Advertised routes still in force (withdrawn ones: `kept` false; none today, see `conflicts`). */

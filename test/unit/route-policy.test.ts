@@ -1,7 +1,9 @@
 // Route policy without an agent (agent/route-policy.ts): what this node announces, which prefixes of other
 // nodes the router may use, which of their routes it installs, and the cryptokey source table.
+import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { RoutePolicy, type RoutePolicyDeps } from "../../agent/route-policy.js";
+import { formatCidr, overlaps, parseCidr } from "../../src/ipam/cidr.js";
 import type { IpamStatus } from "../../src/ipam/index.js";
 import { silentLogger } from "../../src/log.js";
 
@@ -99,5 +101,75 @@ describe("RoutePolicy", () => {
     expect(p.advertisedRoutes()).toEqual(["192.168.7.0/24"]);
     // and this node does not install the other side either
     expect(p.acceptedRoutes()).toEqual([]);
+  });
+
+  it("parses each prefix once across router recomputes; an ownership change or a changed advertisement is decided anew", () => {
+    let table: [string, string][] = [["10.40.0.0/26", A], ["10.40.0.64/26", A], ["10.40.1.0/26", B]];
+    const records = [{ node: B, prefixes: ["10.40.1.0/26", "172.20.0.0/16"] }];
+    const { p } = policy({ ipamStatus: () => ipam(table), records });
+    p.acceptedRoutes();
+    // a recompute asks for every prefix of every record (src/mesh/router.ts); each call here is a fresh IPAM snapshot (now += 1000)
+    const recompute = () => records.flatMap((r) => r.prefixes.map((c) => p.prefixAllowed(r.node, c)));
+    expect(recompute()).toEqual([true, true]);
+    const parses = p.counters.cidrParses;
+    expect(p.counters.indexBuilds).toBe(1);
+    for (let i = 0; i < 5; i++) expect(recompute()).toEqual([true, true]);
+    expect(p.counters.cidrParses).toBe(parses); // cached: nothing parsed again
+    expect(p.counters.indexBuilds).toBe(1); // same owners in every new snapshot: decisions reused
+    // the advertisement changes: B now announces a prefix half of which is A's
+    records[0]!.prefixes = ["10.40.1.0/26", "10.40.0.0/25"];
+    expect(recompute()).toEqual([true, false]);
+    expect(p.counters.cidrParses).toBe(parses + 1);
+    // the IPAM table changes: A's blocks go to B; the cached decision for B's prefix is dropped
+    table = [["10.40.0.0/26", B], ["10.40.0.64/26", B], ["10.40.1.0/26", B]];
+    expect(recompute()).toEqual([true, true]);
+    expect(p.counters.indexBuilds).toBe(2);
+    // and back: ownership decides, not the cache
+    table = [["10.40.0.0/26", A], ["10.40.0.64/26", B], ["10.40.1.0/26", B]];
+    expect(recompute()).toEqual([true, false]);
+    expect(p.prefixAllowed(B, "10.40.0.64/27")).toBe(true);
+    expect(p.prefixAllowed(A, "10.40.0.0/26")).toBe(true);
+    // outside prefixes follow the latest route decisions
+    expect(p.prefixAllowed(B, "172.20.0.0/16")).toBe(true);
+    records[0]!.prefixes = ["10.40.1.0/26"];
+    p.acceptedRoutes();
+    expect(p.prefixAllowed(B, "172.20.0.0/16")).toBe(false);
+  });
+
+  it("an invalid prefix throws every time (not cached), as before", () => {
+    const { p } = policy();
+    expect(() => p.prefixAllowed(B, "10.40.1.1/26")).toThrow();
+    expect(() => p.prefixAllowed(B, "10.40.1.1/26")).toThrow();
+  });
+
+  it("the cached decisions equal a fresh computation over random tables, prefixes and ownership changes", () => {
+    // the rule as written before the cache (parse everything on every call)
+    const fresh = (st: IpamStatus, node: string, cidr: string) => {
+      const c = parseCidr(cidr);
+      const range = parseCidr(st.range);
+      if (c.prefix < range.prefix) return false;
+      let covered = 0;
+      for (const b of st.blocks) {
+        if (b.owner !== node) continue;
+        const bc = parseCidr(b.cidr);
+        if (bc.prefix >= c.prefix && overlaps(bc, c)) covered += 2 ** (32 - bc.prefix);
+        else if (bc.prefix < c.prefix && overlaps(bc, c)) return true;
+      }
+      return covered === 2 ** (32 - c.prefix);
+    };
+    const owner = fc.constantFrom(A, B, C, "");
+    const table = fc.array(owner, { minLength: 16, maxLength: 16 }).map((owners) => ipam(owners.map((o, i) => [`10.40.0.${i * 16}/28`, o])));
+    const prefix = fc.tuple(fc.integer({ min: 0, max: 255 }), fc.integer({ min: 23, max: 30 })).map(([n, len]) => formatCidr({ base: (0x0a280000 + (n << 2)) & ~(2 ** (32 - len) - 1) >>> 0, prefix: len }));
+    fc.assert(
+      fc.property(fc.array(fc.tuple(table, fc.array(fc.tuple(owner, prefix), { minLength: 1, maxLength: 12 })), { minLength: 1, maxLength: 6 }), (rounds) => {
+        let st = rounds[0]![0];
+        const { p } = policy({ ipamStatus: () => st });
+        for (const [t, asks] of rounds) {
+          st = t;
+          for (let rep = 0; rep < 2; rep++) for (const [n, c] of asks) expect(p.prefixAllowed(n, c)).toBe(fresh(st, n, c));
+        }
+      }),
+      { numRuns: 300 },
+    );
   });
 });
