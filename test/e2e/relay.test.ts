@@ -1,7 +1,7 @@
 /**
  * End to end (root): a node whose site blocks all UDP reaches its peers through the signaling server's
  * relay (end-to-end sealed), and moves to a direct WebRTC link make-before-break when UDP comes back,
- * while a TCP stream between pods keeps running (bytes verified).
+ * while a TCP stream between pods keeps running across the switches (bytes verified).
  */
 import { createHash } from "node:crypto";
 import { execFileSync, spawn } from "node:child_process";
@@ -56,23 +56,42 @@ d("relay of last resort", () => {
   it("moves to direct WebRTC when UDP comes back, without breaking a running TCP stream", async () => {
     const [n1] = lab.nodes as [LabNode, LabNode];
     const [a, b] = pods as [{ ip: string; name: string }, { ip: string; name: string }];
-    const total = 24 << 20;
-    const server = sh(b.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5202,'${b.ip}')`], 120_000);
+    const chunkSize = 64 * 1024;
+    const server = sh(b.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5202,'${b.ip}')`], 110_000);
     await new Promise((r) => setTimeout(r, 500));
-    // A paced sender (~2 MB/s, 12 s) with a deterministic payload, so the stream spans the path switch.
+    // A paced sender (~2 MB/s) with a deterministic payload that runs until the test closes its stdin (or
+    // 96 MiB), so the stream spans every switch: relay -> bulk UDP when UDP comes back, relay -> WebRTC for
+    // the mesh link later. It prints how much it has sent ("S n") and, at the end, the total ("END n").
+    // Its exit is awaited from spawn on: once it had finished before the upgrade, and an exit listener
+    // added after the fact waited for the test timeout (the stream itself was complete).
     const sender = spawn("nsenter", [`--net=/run/netns/${a.name}`, "--", process.execPath, "-e", `
-      const c=require('net').connect(5202,'${b.ip}');let sent=0;const chunk=Buffer.alloc(64*1024);
-      const tick=()=>{if(sent>=${total}){c.end();return}for(let i=0;i<chunk.length;i++)chunk[i]=(sent+i)*31&255;sent+=chunk.length;c.write(chunk)?setTimeout(tick,30):c.once('drain',()=>setTimeout(tick,30))};
-      c.on('connect',tick);`], { stdio: "ignore" });
-    await new Promise((r) => setTimeout(r, 3000));
-    unblock!();
-    unblock = undefined;
-    await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n2")?.path === "direct", 40_000, "upgrade to direct", dump);
-    const st = await lab.status(n1);
-    expect(st.counters.upgrades).toBeGreaterThan(0);
-    await new Promise<void>((r) => sender.once("exit", () => r()));
+      const c=require('net').connect(5202,'${b.ip}');let sent=0,stop=false;const chunk=Buffer.alloc(${chunkSize});
+      process.stdin.on('end',()=>{stop=true});process.stdin.resume();
+      const tick=()=>{if(stop||sent>=${96 << 20}){c.end(()=>console.log('END '+sent));return}for(let i=0;i<chunk.length;i++)chunk[i]=(sent+i)*31&255;sent+=chunk.length;if(sent%${1 << 20}===0)console.log('S '+sent);c.write(chunk)?setTimeout(tick,30):c.once('drain',()=>setTimeout(tick,30))};
+      c.on('connect',tick);`], { stdio: ["pipe", "pipe", "inherit"] });
+    let out = "";
+    sender.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((r) => sender.once("exit", (code) => r(code)));
+    const sentSoFar = () => Math.max(0, ...[...out.matchAll(/^S (\d+)$/gm)].map((m) => Number(m[1])));
+    try {
+      await until(async () => sentSoFar() >= 4 << 20, 30_000, "4 MiB of the stream sent over the relay", dump);
+      unblock!();
+      unblock = undefined;
+      await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n2")?.path === "direct", 40_000, "upgrade to direct", dump);
+      const st = await lab.status(n1);
+      expect(st.counters.upgrades).toBeGreaterThan(0);
+      // The stream keeps flowing after the switch.
+      const atSwitch = sentSoFar();
+      await until(async () => sentSoFar() >= atSwitch + (4 << 20), 30_000, "4 MiB more of the stream after the upgrade", dump);
+    } finally {
+      sender.stdin!.end();
+    }
+    const code = await Promise.race([exited, new Promise<string>((r) => setTimeout(() => r("still running"), 30_000))]);
+    expect(code, `sender exit (output: ${out.slice(-200)})`).toBe(0);
+    const total = Number(/^END (\d+)$/m.exec(out)?.[1]);
+    expect(total).toBeGreaterThan(8 << 20);
     const expected = createHash("sha256");
-    const chunk = Buffer.alloc(64 * 1024);
+    const chunk = Buffer.alloc(chunkSize);
     for (let sent = 0; sent < total; sent += chunk.length) {
       for (let i = 0; i < chunk.length; i++) chunk[i] = ((sent + i) * 31) & 255;
       expected.update(chunk);
