@@ -56,7 +56,7 @@ export function loadOperatorKey(value: string): Uint8Array {
   }
 }
 
-type IpamBlocks = { epoch: { id: string } | null; blocks: { index: number; owner: string; ownerName?: string | null; version: number }[] };
+type IpamBlocks = { id: string; epoch: { id: string } | null; blocks: { index: number; owner: string; ownerName?: string | null; version: number }[] };
 
 /**
  * Sign the release of every block `target` (id, unique name or id prefix) owns in the agent's current
@@ -82,6 +82,7 @@ export async function signRelease(sock: string, target: string, keyFile: string)
   }
   if (!id) throw new WeftError("ERR_NO_PEER", `no block owner matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
   const epoch = view.epoch.id;
-  const sigs = view.blocks.filter((b) => b.owner === id).map((b) => [b.index, Buffer.from(signFields(op, CTX_RELEASE, ...releaseFields(epoch, b.index, id!, b.version + 1))).toString("hex")] as [number, string]);
+  // each signature names this agent as the new owner: no other node can copy it onto a release of its own
+  const sigs = view.blocks.filter((b) => b.owner === id).map((b) => [b.index, Buffer.from(signFields(op, CTX_RELEASE, ...releaseFields(epoch, b.index, id!, b.version + 1, view.id))).toString("hex")] as [number, string]);
   return { node: id, sigs };
 }

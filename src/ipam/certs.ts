@@ -19,7 +19,7 @@ export interface Cert {
   pk: Uint8Array;
   sig: Uint8Array;
   proof?: Signed[];
-  /** an operator's signature of a force release (kind "f") */
+  /** an operator's signature of a force release (kind "o") */
   op?: Uint8Array;
 }
 /** An entry with its cert: the current one of a block, or the change of owner behind it. */
@@ -202,8 +202,11 @@ export class SignedState {
    *   owner's own write (pin, unpin, leave transfer): by the owner we know, or by the new owner of a
    *            verifiable change of owner (the handover) that is newer than what we know;
    *   force:   by the node it names, of a block whose owner we know (never of a node connected to us,
-   *            and never of ours), authorised by the operator's signature of this release (--operator-key)
-   *            or by our own observation that the owner is gone (its Kubernetes Node was deleted).
+   *            and never of ours), authorised by our own observation that the owner is gone (its
+   *            Kubernetes Node was deleted, or an operator's release of it checked out here);
+   *   operator force ("o"): the same, authorised by the operator's signature of this release to the node
+   *            it names (--operator-key). An agent without --operator-key cannot check one and treats it
+   *            as a force ("f") for the right (it ranks above "f" on every node all the same: table.ts).
    */
   private checkWrite(e: EntryTuple, cert: Cert | null, handover: Handover | null, nested = false): null | "jump" | "forged" | "release" {
     const [i, owner, version, kind] = e;
@@ -213,15 +216,20 @@ export class SignedState {
     switch (kind) {
       case "c":
         return cert.by === owner && cert.from !== owner && this.proofOk(i, version, "c", cert.from, owner, cert.by, cert.proof) ? null : "forged";
-      case "f": {
-        // the owner before: ours, or — when we forced the same block at the same version — the one we forced
-        const prev = cur.kind === "f" && cur.version === version ? this.certs.get(i)?.cert.from : cur.owner;
+      case "f":
+      case "o": {
+        // the owner before: ours, or — when a force of the same block at the same version is ours — the one it forced
+        const prev = (cur.kind === "f" || cur.kind === "o") && cur.version === version ? this.certs.get(i)?.cert.from : cur.owner;
         if (cert.by !== owner || cert.from === owner || cert.from !== prev || cert.from === this.self) return "forged";
         if (this.ctx.connected(cert.from)) return "forged"; // never the blocks of a node connected to us
-        if (this.ctx.sawGone(cert.from)) return null;
-        if (!cert.op || !this.keys.verifyOperator?.(cert.op, releaseFields(this.ctx.epochId(), i, cert.from, version))) return "release";
-        this.ctx.operatorReleased(cert.from); // other nodes' releases of it count too from now on
-        return null;
+        const verifyOperator = this.keys.verifyOperator;
+        if (kind === "o" && verifyOperator) {
+          // an operator force stands on the operator's signature alone: a wrong one is a forgery, never held back
+          if (!cert.op || !verifyOperator(cert.op, releaseFields(this.ctx.epochId(), i, cert.from, version, owner))) return "forged";
+          this.ctx.operatorReleased(cert.from); // other nodes' releases of it count too from now on
+          return null;
+        }
+        return this.ctx.sawGone(cert.from) ? null : "release";
       }
       default:
         if (cert.by !== cert.from) return "forged";

@@ -82,8 +82,9 @@ export interface IpamCounters {
 
 /**
  * What authorises a force release (forceRelease): the operator's signatures, one per block (block index ->
- * signature of releaseFields(epoch, block, node, version of the forced entry), by the --operator-key), or
- * this node's own observation that the node is gone (its Kubernetes Node object was deleted).
+ * signature of releaseFields(epoch, block, node, version of the forced entry, this node's id), by the
+ * --operator-key; written as kind "o"), or this node's own observation that the node is gone (its
+ * Kubernetes Node object was deleted; kind "f").
  */
 export type ReleaseAuth = { operator: Map<number, Uint8Array> } | { observedGone: true };
 
@@ -313,20 +314,22 @@ export class IpamNode {
         if (!verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
         for (const i of indices) {
           const sig = auth.operator.get(i);
-          if (!sig || !verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1)))
-            throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} (a signature by another key, or the block changed since it was signed: sign again)`);
+          if (!sig || !verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1, this.id)))
+            throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} to ${this.id} (a signature by another key, for another agent, or the block changed since it was signed: sign again)`);
         }
         if (indices.length > 0) this.gone.add(node); // declared gone by the operator: others' releases of it count too
       }
     }
     const delta: EntryTuple[] = [];
+    // an operator's release is kind "o": it beats any other force of the same version on every node (table.ts)
+    const kind = this.signed && auth && "operator" in auth ? "o" : "f";
     for (const i of indices) {
       const e = this.table.get(i);
-      this.table.write(i, { owner: this.id, version: e.version + 1, kind: "f" });
+      this.table.write(i, { owner: this.id, version: e.version + 1, kind });
       this.settleUntil.set(i, now + this.cfg.S);
-      delta.push([i, this.id, e.version + 1, "f"]);
+      delta.push([i, this.id, e.version + 1, kind]);
       const op = auth && "operator" in auth ? auth.operator.get(i) : undefined;
-      this.signed?.signOwn([i, this.id, e.version + 1, "f"], node, undefined, op);
+      this.signed?.signOwn([i, this.id, e.version + 1, kind], node, undefined, op);
     }
     if (delta.length > 0) {
       this.counters.forced += delta.length;

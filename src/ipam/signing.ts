@@ -9,10 +9,11 @@
  *   beat      "weftnet/ipam-beat/v1"  epochId, node, beat
  *   entry     "weftnet/ipam-entry/v1" epochId, block, owner, version, kind, from   (signed by the writer)
  *   promise   "weftnet/ipam-prom/v1"  epochId, block, version, kind, from, to, members (signed by the acceptor)
- *   release   "weftnet/ipam-release/v1" epochId, block, released node, version of the forced entry
+ *   release   "weftnet/ipam-release/v2" epochId, block, released node, version of the forced entry, new owner
  *             (signed by the OPERATOR key, not a node's: `weftnet keygen --operator`; agents hold only its
  *             public key, --operator-key, so no node can forge one; bound to one block at one version, so
- *             it cannot be replayed against blocks the node owns later)
+ *             it cannot be replayed against blocks the node owns later, and to the node it was run on, so
+ *             no other node can copy it onto a force of its own)
  */
 import { createPublicKey, type KeyObject, verify } from "node:crypto";
 import { deriveNodeId, frame, type Identity, signFields } from "../identity.js";
@@ -22,11 +23,11 @@ const ED25519_SPKI_PREFIX = Buffer.from("302a300506032b6570032100", "hex");
 export const CTX_BEAT = "weftnet/ipam-beat/v1";
 export const CTX_ENTRY = "weftnet/ipam-entry/v1";
 export const CTX_PROMISE = "weftnet/ipam-prom/v1";
-export const CTX_RELEASE = "weftnet/ipam-release/v1";
+export const CTX_RELEASE = "weftnet/ipam-release/v2";
 
-/** What an operator signs to release block `block` of `node` (gone for good): the forced entry's version. */
-export function releaseFields(epochId: string, block: number, node: string, version: number): string[] {
-  return [epochId, String(block), node, String(version)];
+/** What an operator signs to release block `block` of `node` (gone for good) to `owner`: the forced entry's version and owner. */
+export function releaseFields(epochId: string, block: number, node: string, version: number, owner: string): string[] {
+  return [epochId, String(block), node, String(version), owner];
 }
 
 /** The signing port of the IPAM core: this node's key, and verification of anyone's. */

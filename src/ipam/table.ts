@@ -1,16 +1,18 @@
 /**
  * Block-ownership CRDT: one entry per CIDR-aligned block of the cluster range.
  *
- *   entry = { owner: nodeId, version: uint, kind: "t" | "p" | "c" | "f" }
+ *   entry = { owner: nodeId, version: uint, kind: "t" | "p" | "c" | "f" | "o" }
  *     "t" transfer: written by the owner at `version-1` (founding is version 0, owner = founder); an
  *                   owner also writes "t" to itself to unpin an empty block
  *     "p" pin:      written by the owner on its own block, recorded by a majority before the owner
  *                   hands out addresses from it; a pinned block is never claimed (node.ts)
  *     "c" claim:    written by an heir that reclaims a silent owner's block (see node.ts)
- *     "f" force:    written by a node on operator request (`weftnet ipam release NODE`)
+ *     "f" force:    written by a node that saw the owner gone itself (its Kubernetes Node deleted)
+ *     "o" operator force: written by the node an operator's signed `weftnet ipam release NODE` was run on
+ *                   (the operator's signature names that node as the new owner, certs.ts)
  *
  * Merge is a per-block join over a total order, so it is commutative, associative and idempotent:
- *   higher version wins; at equal version f > c > p > t; two claims/forces at equal version: lower owner id
+ *   higher version wins; at equal version o > f > c > p > t; two claims/forces at equal version: lower owner id
  *   wins (concurrent heirs converge to one winner); two *transfers* (or two pins) at the same version naming
  *   different owners are rejected (IpamError ERR_CONFLICT) — the whole remote batch is refused (node.ts then
  *   merges it entry by entry, refusing only the conflicting entries; docs/ipam.md "Merge" on disputed pins).
@@ -37,7 +39,7 @@ export class IpamError extends WeftError {
   }
 }
 
-export type EntryKind = "t" | "p" | "c" | "f";
+export type EntryKind = "t" | "p" | "c" | "f" | "o";
 export interface Entry {
   readonly owner: string;
   readonly version: number;
@@ -46,7 +48,12 @@ export interface Entry {
 /** Wire / snapshot form of one changed entry: [blockIndex, owner, version, kind]. */
 export type EntryTuple = [number, string, number, EntryKind];
 
-const KIND_RANK: Record<EntryKind, number> = { t: 0, p: 1, c: 2, f: 3 };
+/**
+ * "o" above "f": an operator's release beats every other force of the same block version on every node
+ * alike (the order depends on the entry alone, never on what a node can verify), so a force refused and
+ * held back (node.ts refusedForces) and merged once the node is known gone cannot win a tie against it.
+ */
+const KIND_RANK: Record<EntryKind, number> = { t: 0, p: 1, c: 2, f: 3, o: 4 };
 
 /** >0 if a wins, <0 if b wins, 0 if identical. Throws ERR_CONFLICT on two different transfers at one version. */
 export function compareEntries(a: Entry, b: Entry, index: number): number {

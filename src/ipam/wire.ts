@@ -97,7 +97,7 @@ function decodeHandover(x: unknown): HandoverWire {
   const [owner, version, kind, ...rest] = x as unknown[];
   if (typeof owner !== "string" || !NODE_ID_RE.test(owner)) throw new ProtocolError("ERR_INVALID", "handover owner is not a node id");
   if (typeof version !== "number" || !Number.isSafeInteger(version) || version < 1) throw new ProtocolError("ERR_INVALID", "handover version must be a positive integer");
-  if (kind !== "t" && kind !== "p" && kind !== "c" && kind !== "f") throw new ProtocolError("ERR_INVALID", "handover kind must be t, p, c or f");
+  if (kind !== "t" && kind !== "p" && kind !== "c" && kind !== "f" && kind !== "o") throw new ProtocolError("ERR_INVALID", "handover kind must be t, p, c, f or o");
   return [owner, version, kind, ...decodeCert(rest)];
 }
 
@@ -157,7 +157,7 @@ function decodeEntry(x: unknown): EntryTuple {
   if (typeof i !== "number" || !Number.isInteger(i) || i < 0 || i >= MAX_BLOCKS) throw new ProtocolError("ERR_INVALID", "entry index out of range");
   if (typeof owner !== "string" || !NODE_ID_RE.test(owner)) throw new ProtocolError("ERR_INVALID", "entry owner is not a node id");
   if (typeof version !== "number" || !Number.isSafeInteger(version) || version < 0) throw new ProtocolError("ERR_INVALID", "entry version must be a non-negative integer");
-  if (kind !== "t" && kind !== "p" && kind !== "c" && kind !== "f") throw new ProtocolError("ERR_INVALID", "entry kind must be t, p, c or f");
+  if (kind !== "t" && kind !== "p" && kind !== "c" && kind !== "f" && kind !== "o") throw new ProtocolError("ERR_INVALID", "entry kind must be t, p, c, f or o");
   return [i, owner, version, kind as EntryKind];
 }
 

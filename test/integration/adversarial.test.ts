@@ -256,7 +256,7 @@ describe("a rogue agent with the token", () => {
         const entries = blocks.map((i) => [i, rogue.id, x.ipam.node.view()[i]![2] + 1, "f"] as [number, string, number, "f"]);
         const certs = entries.map(([i, owner, ver, k]) => {
           const base = [v.id, rogue.id, R.publicKey, keys.sign(CTX_ENTRY, [epoch, String(i), owner, String(ver), k, v.id])];
-          return how === "no-operator-sig" ? base : [...base, null, keys.sign(CTX_RELEASE, releaseFields(epoch, i, v.id, ver))];
+          return how === "no-operator-sig" ? base : [...base, null, keys.sign(CTX_RELEASE, releaseFields(epoch, i, v.id, ver, rogue.id))];
         });
         return { v: 1, t: "state", epoch, entries, certs, handovers: entries.map(() => null) };
       };

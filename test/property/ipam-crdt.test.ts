@@ -8,10 +8,10 @@ const FOUNDER = NODES[0]!;
 
 // A "valid history": transfers at (block, version) always name the same owner (only one owner writes it).
 const transferOwner = fc.array(fc.constantFrom(...NODES), { minLength: N * 8, maxLength: N * 8 });
-const rawEntry = fc.tuple(fc.integer({ min: 0, max: N - 1 }), fc.integer({ min: 1, max: 7 }), fc.constantFrom("t", "c", "f"), fc.constantFrom(...NODES));
+const rawEntry = fc.tuple(fc.integer({ min: 0, max: N - 1 }), fc.integer({ min: 1, max: 7 }), fc.constantFrom("t", "c", "f", "o"), fc.constantFrom(...NODES));
 
 const history = fc.tuple(transferOwner, fc.array(fc.array(rawEntry, { maxLength: 12 }), { minLength: 3, maxLength: 3 })).map(([owners, sets]) =>
-  sets.map((set) => set.map(([i, v, k, o]): EntryTuple => [i, k === "t" ? owners[i * 8 + v]! : o, v, k as "t" | "c" | "f"])),
+  sets.map((set) => set.map(([i, v, k, o]): EntryTuple => [i, k === "t" ? owners[i * 8 + v]! : o, v, k as "t" | "c" | "f" | "o"])),
 );
 
 function table(...parts: EntryTuple[][]): BlockTable {

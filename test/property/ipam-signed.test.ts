@@ -84,9 +84,11 @@ function attack(sim: Sim, rogue: SimNode, kind: number, victimIx: number, target
       break;
     case 4: {
       // force release of another node's block, connected or not (partitioned away from the target):
-      // without the operator's signature, or with an "operator" signature made with the rogue's own key
-      const e = entry(rogue.id, v + 1, "f", victim.id, rogue.id);
-      if (targetIx % 2 === 1) e.certs = [[...(e.certs[0] as unknown[]), null, keys.sign(CTX_RELEASE, releaseFields(epoch, i, victim.id, v + 1))] as never];
+      // without the operator's signature, or with an "operator" signature made with the rogue's own key,
+      // as a force ("f") or as an operator force ("o")
+      const kind = targetIx % 3 === 2 ? "o" : "f";
+      const e = entry(rogue.id, v + 1, kind, victim.id, rogue.id);
+      if (targetIx % 3 !== 0) e.certs = [[...(e.certs[0] as unknown[]), null, keys.sign(CTX_RELEASE, releaseFields(epoch, i, victim.id, v + 1, rogue.id))] as never];
       body = e;
       break;
     }

@@ -36,10 +36,11 @@ function withGoneNode(sim: Sim, nodes: SimNode[]) {
 }
 
 const owners = (sn: SimNode, blocks: number[]) => blocks.map((i) => sn.node!.view()[i]![1]);
+const entriesOf = (sn: SimNode, blocks: number[]) => JSON.stringify(blocks.map((i) => sn.node!.view()[i]));
 
 function operatorSigs(op: Identity, sn: SimNode, node: string, blocks: number[], versionDelta = 1): Map<number, Uint8Array> {
   const epoch = sn.node!.epochInfo()!.id;
-  return new Map(blocks.map((i) => [i, signFields(op, CTX_RELEASE, ...releaseFields(epoch, i, node, sn.node!.view()[i]![2] + versionDelta))]));
+  return new Map(blocks.map((i) => [i, signFields(op, CTX_RELEASE, ...releaseFields(epoch, i, node, sn.node!.view()[i]![2] + versionDelta, sn.id))]));
 }
 
 function forbidden(f: () => unknown): string {
@@ -97,7 +98,7 @@ describe("force release in a signed cluster", () => {
         const base = [gone.id, rogue.id, rogue.keys!.publicKey, sig];
         if (withOp === "none") return base;
         // "operator" signatures the rogue can make: its own key's, or the real operator's for another block
-        const opSig = withOp === "own-key" ? rogueIdn.sign(CTX_RELEASE, releaseFields(epoch, Number(i), gone.id, Number(v))) : signFields(op, CTX_RELEASE, ...releaseFields(epoch, Number(i) + 1, gone.id, Number(v)));
+        const opSig = withOp === "own-key" ? rogueIdn.sign(CTX_RELEASE, releaseFields(epoch, Number(i), gone.id, Number(v), rogue.id)) : signFields(op, CTX_RELEASE, ...releaseFields(epoch, Number(i) + 1, gone.id, Number(v), rogue.id));
         return [...base, null, opSig];
       });
       return { v: 1, t: "state", epoch, entries, certs, handovers: entries.map(() => null) };
@@ -109,6 +110,38 @@ describe("force release in a signed cluster", () => {
       expect(owners(sn, blocks).every((o) => o === gone.id), "the silent node keeps its blocks").toBe(true);
       expect(sn.node!.status(sim.at(sn)).counters.releasesRefused - refused0[k]!).toBe(3 * blocks.length);
     }
+  });
+
+  it.each([17, 23, 29])("a rogue's refused release held back by x does not beat the operator's release on x once the node is gone (whatever the ids), and every node agrees (seed %i)", (seed) => {
+    const op = generateIdentity();
+    const { sim, nodes } = signedCluster(4, op, seed, 3_600_000); // no full resync: the held merge alone must agree
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    // the operator releases on the highest id; the rogue has the lowest: a tie at one version went to the rogue
+    const live = nodes.filter((sn) => sn !== gone).sort((p, q) => (p.id < q.id ? -1 : 1));
+    const [rogue, other, x] = live as [SimNode, SimNode, SimNode];
+    const epoch = x.node!.epochInfo()!.id;
+    const entries = blocks.map((i) => [i, rogue.id, x.node!.view()[i]![2] + 1, "f"] as [number, string, number, "f"]);
+    const certs = entries.map(([i, owner, v, k]) => [gone.id, rogue.id, rogue.keys!.publicKey, rogue.keys!.sign(CTX_ENTRY, [epoch, String(i), owner, String(v), k, gone.id])]);
+    for (const to of [x, other]) sim.inject(rogue.id, to.id, { v: 1, t: "state", epoch, entries, certs, handovers: entries.map(() => null) });
+    sim.run(2);
+    for (const sn of [x, other]) expect(sn.node!.status(sim.at(sn)).counters.releasesRefused).toBe(blocks.length);
+    expect(owners(x, blocks).every((o) => o === gone.id)).toBe(true);
+    sim.apply(x, x.node!.forceRelease(gone.id, sim.at(x), { operator: operatorSigs(op, x, gone.id, blocks) }));
+    sim.run(4);
+    for (const sn of live) expect(owners(sn, blocks), `${sn === x ? "x" : sn === rogue ? "rogue" : "other"}'s view`).toEqual(blocks.map(() => x.id));
+    expect(new Set(live.map((sn) => entriesOf(sn, blocks))).size, "one entry per block everywhere").toBe(1);
+    // the rogue cannot take them afterwards either: its own force at that version, now the node is known gone
+    // everywhere (with or without the operator's signature for x copied into its cert), loses to the operator's
+    const v1 = entries.map(([i]) => x.node!.view()[i]![2]);
+    const again = (kind: "f" | "o") => {
+      const es = blocks.map((i, k) => [i, rogue.id, v1[k]!, kind] as [number, string, number, "f" | "o"]);
+      const cs = es.map(([i, owner, v, kd]) => [gone.id, rogue.id, rogue.keys!.publicKey, rogue.keys!.sign(CTX_ENTRY, [epoch, String(i), owner, String(v), kd, gone.id]), null, signFields(op, CTX_RELEASE, ...releaseFields(epoch, i, gone.id, v, x.id))]);
+      return { v: 1, t: "state", epoch, entries: es, certs: cs, handovers: es.map(() => null) };
+    };
+    for (const kind of ["f", "o"] as const) for (const to of [x, other]) sim.inject(rogue.id, to.id, again(kind));
+    sim.run(4);
+    for (const sn of live) expect(owners(sn, blocks)).toEqual(blocks.map(() => x.id));
+    expect(new Set(live.map((sn) => entriesOf(sn, blocks))).size).toBe(1);
   });
 
   it("Kubernetes path: a node that saw the Node deleted itself accepts the others' releases; one that did not refuses them until it does", () => {

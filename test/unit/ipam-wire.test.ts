@@ -16,7 +16,7 @@ const msg = fc.oneof(
     digest: fc.integer({ min: 0, max: 0xffffffff }),
     promised: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), fc.integer({ min: 1, max: 1000 }))),
   }),
-  fc.record({ t: fc.constant("state" as const), epoch: eid, entries: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), id, fc.nat(), fc.constantFrom("t" as const, "p" as const, "c" as const, "f" as const))) }),
+  fc.record({ t: fc.constant("state" as const), epoch: eid, entries: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), id, fc.nat(), fc.constantFrom("t" as const, "p" as const, "c" as const, "f" as const, "o" as const))) }),
   fc.record({ t: fc.constantFrom("req" as const, "nak" as const), epoch: eid }),
   fc.record({ t: fc.constant("prop" as const), epoch: eid, kind: fc.constantFrom("t" as const, "c" as const, "p" as const), owner: id, to: id, until: fc.nat(), blocks: fc.array(fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }))) }),
   fc.record({ t: fc.constant("prom" as const), epoch: eid, blocks: fc.array(fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }))) }),
