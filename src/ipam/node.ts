@@ -16,12 +16,14 @@ import { type Cidr, blockAt, blockCount, blockIndexOf, equalCidr, formatCidr, fo
 import { type IpamConfig, type Resolved, resolve } from "./config.js";
 import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
+import { buildStatus, type IpamCounters, type IpamStatus, type PeerInfo } from "./status.js";
 import { MAX_VERSION_STEP, SignedState } from "./certs.js";
 import { releaseFields } from "./signing.js";
 import { BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
 import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
+export type { IpamCounters, IpamStatus } from "./status.js";
 
 export type IpamEvent =
   | { type: "tick" }
@@ -60,26 +62,6 @@ export interface IpamSnapshot {
   beat: number;
 }
 
-export interface IpamCounters {
-  malformed: number;
-  conflicts: number;
-  epochMismatch: number;
-  rangeMismatch: number;
-  claims: number;
-  forced: number;
-  grants: number;
-  revoked: number;
-  /** remote state refused because its signature is missing or wrong, or its signer had no right to say it */
-  forged: number;
-  /** remote counters or versions that jumped further ahead than allowed (MAX_BEAT_AHEAD_MS, MAX_VERSION_STEP) */
-  jumps: number;
-  /**
-   * remote force releases refused because nothing authorised them: no operator signature (or a wrong one)
-   * and this node did not see the released node's Kubernetes Node deleted itself (also counted in forged)
-   */
-  releasesRefused: number;
-}
-
 /**
  * What authorises a force release (forceRelease): the operator's signatures, one per block (block index ->
  * signature of releaseFields(epoch, block, node, version of the forced entry, this node's id), by the
@@ -88,39 +70,6 @@ export interface IpamCounters {
  */
 export type ReleaseAuth = { operator: Map<number, Uint8Array> } | { observedGone: true };
 
-export interface IpamStatus {
-  id: string;
-  epoch: EpochInfo | null;
-  range: string;
-  blockPrefix: number;
-  canAllocate: boolean;
-  /** why allocation is not possible right now, if it is not */
-  reason: string | null;
-  blocks: { index: number; cidr: string; owner: string; version: number; kind: string; mine: boolean; free: number | null; settling: boolean }[];
-  allocations: { podId: string; ip: string }[];
-  pending: { to: string; sinceMs: number } | null;
-  /** writes this node proposed and is collecting promises for (claims of silent members, grants) */
-  proposals: { index: number; cidr: string; kind: "t" | "c" | "p"; from: string; to: string; promises: number }[];
-  /**
-   * Ownership changes (new blocks by grant or claim) need the lease: a strict majority of the members
-   * heard within W, and after a restart or a lapse that contact held for U. Allocation from our own
-   * pinned blocks never needs it. `reason` says plainly why new blocks wait (e.g. a 2|2 split).
-   */
-  ownership: { lease: boolean; membersHeard: number; members: number; reason: string | null };
-  /** blocks of members that are silent but kept for their pods (pinned): never reclaimed automatically */
-  reserved: { cidr: string; owner: string; silentMs: number | null }[];
-  peers: { id: string; epochOk: boolean; freeBlocks: number; heardAgoMs: number | null }[];
-  members: { id: string; silentMs: number | null }[];
-  conflicts: { peer: string; code: string; message: string }[];
-  counters: IpamCounters;
-}
-
-interface PeerInfo {
-  epochOk: boolean;
-  free: number;
-  digest: number;
-  lastSync: number | null;
-}
 
 const NEG = Number.NEGATIVE_INFINITY;
 export { MAX_VERSION_STEP };
@@ -407,59 +356,27 @@ export class IpamNode {
   }
 
   status(now: number): IpamStatus {
-    const why = this.table ? null : "not yet part of a cluster IPAM";
-    const free = this.freeAddresses(now);
-    const members = this.table ? [...this.table.owners()].sort() : [];
-    const memberSet = this.table ? this.rule.memberSet(this.table) : new Set<string>();
-    const heard = [...memberSet].filter((m) => m === this.id || this.lease.heardWithin(m, now)).length;
-    const lease = this.leaseValid(now);
-    const need = Math.floor(memberSet.size / 2) + 1;
-    const ownershipReason = !this.table
-      ? why
-      : lease
-        ? null
-        : heard < need
-          ? `no majority: ${heard} of ${memberSet.size} members heard (need ${need}); new blocks (grants, reclaims) wait, existing blocks keep allocating`
-          : `resyncing: majority contact must last ${Math.round(this.cfg.U / 1000)} s before ownership changes; existing blocks keep allocating`;
-    return {
-      id: this.id,
-      epoch: this.epoch,
-      range: formatCidr(this.cfg.range),
-      blockPrefix: this.cfg.blockPrefix,
-      canAllocate: why === null && free > 0,
-      reason: why ?? (free > 0 ? null : this.rule.pinRound() ? "pinning a block: waiting for a majority of the members to record it" : "no free address in owned blocks"),
-      blocks: this.table
-        ? this.table.all().map((e, i) => ({
-            index: i,
-            cidr: this.blockCidr(i),
-            owner: e.owner,
-            version: e.version,
-            kind: e.kind,
-            mine: e.owner === this.id,
-            free: e.owner === this.id ? this.allocs.usableSize() - this.allocs.usedIn(i) : null,
-            settling: (this.settleUntil.get(i) ?? NEG) > now,
-          }))
-        : [],
-      allocations: [...this.allocs.entries()].map(([podId, ip]) => ({ podId, ip: formatIp(ip) })),
-      pending: this.pending ? { to: this.pending.to, sinceMs: now - this.pending.since } : null,
-      proposals: [...this.rule.proposals].map(([i, p]) => ({ index: i, cidr: this.blockCidr(i), kind: p.kind, from: p.owner, to: p.to, promises: p.acks.size })),
-      peers: [...this.peers].sort().map((p) => {
-        const inf = this.info.get(p);
-        const h = this.lease.heard.get(p);
-        return { id: p, epochOk: inf?.epochOk ?? false, freeBlocks: inf?.free ?? 0, heardAgoMs: h === undefined ? null : now - h };
-      }),
-      members: members.map((m) => ({ id: m, silentMs: this.lease.silentMs(m, now) })),
-      conflicts: [...this.conflicts].map(([peer, c]) => ({ peer, ...c })),
-      counters: { ...this.counters },
-      ownership: { lease, membersHeard: heard, members: memberSet.size, reason: ownershipReason },
-      reserved: this.table
-        ? this.table
-            .all()
-            .map((e, i) => ({ e, i }))
-            .filter(({ e }) => e.kind === "p" && e.owner !== this.id && (this.lease.silentMs(e.owner, now) ?? 0) >= this.cfg.R)
-            .map(({ e, i }) => ({ cidr: this.blockCidr(i), owner: e.owner, silentMs: this.lease.silentMs(e.owner, now) }))
-        : [],
-    };
+    return buildStatus(
+      {
+        id: this.id,
+        cfg: this.cfg,
+        epoch: this.epoch,
+        table: this.table,
+        allocs: this.allocs,
+        settleUntil: this.settleUntil,
+        rule: this.rule,
+        lease: this.lease,
+        peers: this.peers,
+        info: this.info,
+        conflicts: this.conflicts,
+        counters: this.counters,
+        pending: this.pending,
+        freeAddresses: () => this.freeAddresses(now),
+        leaseValid: () => this.leaseValid(now),
+        blockCidr: (i) => this.blockCidr(i),
+      },
+      now,
+    );
   }
 
   // ---- internals: lease and allocation -------------------------------------------------------------
