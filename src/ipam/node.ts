@@ -5,7 +5,12 @@
  *   consensus.ts    the write rule: proposals, promises, majority writes of claims and grants
  *   allocations.ts  pod allocations inside our blocks
  *   certs.ts        signed state: certs of entries, signing our writes, checking remote ones
+ *   gossip.ts       hellos, state messages (full syncs, deltas), merging remote state, held-back releases
+ *   pins.ts         our reserve of pinned blocks, recording others' pins, disputed pins
+ *   status.ts       what `weftnet status ipam` shows
  *   table.ts        the block-ownership CRDT;  wire.ts the messages;  config.ts the parameters
+ * What stays here: the event dispatch (handle), allocation and release calls, force release and leave,
+ * block requests and grants, reclaim, persistence (snapshot/restore) and our invariants.
  * See index.ts for how to drive it and docs/ipam.md for the algorithm and the safety argument. Time
  * comes in as `now` (ms, one monotonic-rate clock per node; clocks need not be synchronised, only tick
  * at about the same rate).
@@ -18,9 +23,12 @@ import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
 import { buildStatus, type IpamCounters, type IpamStatus, type PeerInfo } from "./status.js";
 import { MAX_VERSION_STEP, SignedState } from "./certs.js";
+import { Gossip, MAX_BEAT_AHEAD_MS } from "./gossip.js";
+import { emptyOutput, type IpamOutput } from "./output.js";
+import { Pins } from "./pins.js";
 import { releaseFields } from "./signing.js";
-import { BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
-import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
+import { BlockTable, type EntryTuple, IpamError } from "./table.js";
+import { type EpochInfo, STATE_CHUNK, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
 export type { IpamCounters, IpamStatus } from "./status.js";
@@ -31,16 +39,7 @@ export type IpamEvent =
   | { type: "peerDown"; peer: string }
   | { type: "message"; from: string; body: unknown };
 
-export interface IpamOutput {
-  /** messages for directly connected peers, on the "ipam" app channel (deliver AFTER persisting) */
-  send: { to: string; body: unknown }[];
-  /** state changed: persist snapshot() atomically before delivering `send` or returning an address */
-  persist: boolean;
-  /** pod addresses that are no longer ours (the block was reclaimed): tear these pods' interfaces down */
-  revoked: { podId: string; ip: string }[];
-  /** remote data refused (ProtocolError / IpamError): count them, they were dropped */
-  errors: WeftError[];
-}
+export type { IpamOutput } from "./output.js";
 
 export type AllocateResult = ({ ok: true; ip: string; changed: boolean } | { ok: false; error: IpamError }) & { output: IpamOutput };
 
@@ -73,15 +72,8 @@ export type ReleaseAuth = { operator: Map<number, Uint8Array> } | { observedGone
 
 const NEG = Number.NEGATIVE_INFINITY;
 export { MAX_VERSION_STEP };
-/** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
-const MAX_REFUSED_FORCES = 4096;
-/** entries per state message when signed (each carries its cert, claims and grants a majority's promises) */
-const SIGNED_CHUNK = 128;
+export { MAX_BEAT_AHEAD_MS };
 
-/** a heartbeat (its origin's clock, ms) more than this far ahead of ours is refused (counted as a jump) */
-export const MAX_BEAT_AHEAD_MS = 24 * 3600_000;
-
-const emptyOutput = (): IpamOutput => ({ send: [], persist: false, revoked: [], errors: [] });
 
 export class IpamNode {
   readonly id: string;
@@ -94,18 +86,6 @@ export class IpamNode {
   private readonly rule: WriteRule;
   private grantQueue: string[] = [];
   private readonly peers = new Set<string>();
-  /** nodes this node saw gone itself (their Kubernetes Node was deleted): their force releases need no operator signature */
-  private readonly gone = new Set<string>();
-  /**
-   * Force releases refused only for want of authority (validly signed by their writer), kept by released
-   * node, bounded: when this node sees that node gone itself (forceRelease with observedGone: every agent
-   * sees a Kubernetes Node deletion, at slightly different times) they are merged then, so agents that
-   * released the same node agree at once instead of at the next full sync.
-   */
-  private readonly refusedForces = new Map<string, { from: string; entry: EntryTuple; cert: CertWire }[]>();
-  private refusedCount = 0;
-  /** nodes an operator-signed release declared gone while a batch was checked (their held releases are merged after it) */
-  private readonly newlyGone = new Set<string>();
   private readonly info = new Map<string, PeerInfo>();
   private readonly conflicts = new Map<string, { code: string; message: string }>();
   private startedAt: number;
@@ -113,6 +93,10 @@ export class IpamNode {
   readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0, forged: 0, jumps: 0, releasesRefused: 0 };
   /** signed clusters (the agent gave us a key): certs of our entries, signing and checking (certs.ts) */
   private readonly signed: SignedState | null;
+  /** hellos, state messages and merging remote state (gossip.ts) */
+  private readonly gossip: Gossip;
+  /** our reserve of pinned blocks, others' pins we record, disputed pins (pins.ts) */
+  private readonly pins: Pins;
 
   constructor(config: IpamConfig, now: number) {
     this.id = config.id;
@@ -121,6 +105,40 @@ export class IpamNode {
     this.allocs = new Allocations(this.cfg.range, this.cfg.blockPrefix);
     this.lease = new Lease(this.id, this.cfg);
     this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined);
+    this.gossip = new Gossip({
+      cfg: this.cfg,
+      lease: this.lease,
+      rule: this.rule,
+      counters: this.counters,
+      signed: this.signed,
+      peers: this.peers,
+      info: this.info,
+      epoch: () => this.epoch,
+      table: () => this.table,
+      wholeFreeBlocks: (now) => this.wholeFreeBlocks(now),
+      refuse: (from, err, out) => this.refuse(from, err, out),
+      settleClash: (i, now, out) => this.pins.settleClash(i, now, out),
+      dropLost: (delta, out) => this.dropLost(delta, out),
+    });
+    this.pins = new Pins({
+      id: this.id,
+      cfg: this.cfg,
+      lease: this.lease,
+      rule: this.rule,
+      allocs: this.allocs,
+      settleUntil: this.settleUntil,
+      signed: this.signed,
+      peers: this.peers,
+      info: this.info,
+      epoch: () => this.epoch,
+      table: () => this.table,
+      freeAddresses: (now) => this.freeAddresses(now),
+      allocatableBlocks: (now) => this.allocatableBlocks(now),
+      completeProposals: (now, out) => this.completeProposals(now, out),
+      dropLost: (delta, out) => this.dropLost(delta, out),
+      broadcast: (delta, except, out) => this.gossip.broadcast(delta, except, out),
+      promiseSigs: (blocks, kind, from, to) => this.promiseSigs(blocks, kind, from, to),
+    });
     this.startedAt = now;
   }
 
@@ -137,7 +155,7 @@ export class IpamNode {
       promises: this.rule.snapshot(),
       pinned: [...this.rule.confirmed],
       ...(this.signed ? { certs: this.signed.snapshot() } : {}),
-      ...(this.gone.size ? { gone: [...this.gone].sort() } : {}),
+      ...(this.gossip.gone.size ? { gone: [...this.gossip.gone].sort() } : {}),
       beat: this.lease.beat,
     };
   }
@@ -165,7 +183,7 @@ export class IpamNode {
       n.rule.restore(snap.promises ?? []);
       for (const [i, v] of snap.pinned ?? []) if (i < n.table!.count) n.rule.confirmed.set(i, v);
       n.signed?.restore(n.table!, snap.certs ?? []);
-      for (const g of snap.gone ?? []) if (typeof g === "string") n.gone.add(g);
+      for (const g of snap.gone ?? []) if (typeof g === "string") n.gossip.gone.add(g);
       n.rule.prune(n.table!, now);
       n.lease.requireResync();
     } else if (snap.allocs.length > 0) {
@@ -189,8 +207,8 @@ export class IpamNode {
         this.lease.heard.set(ev.peer, now);
         if (!this.info.has(ev.peer)) this.info.set(ev.peer, { epochOk: false, free: 0, digest: -1, lastSync: null });
         this.info.get(ev.peer)!.lastSync = null;
-        this.sendHello(ev.peer, now, out);
-        if (this.epoch) this.sendFull(ev.peer, now, out);
+        this.gossip.sendHello(ev.peer, now, out);
+        if (this.epoch) this.gossip.sendFull(ev.peer, now, out);
         break;
       case "peerDown":
         this.peers.delete(ev.peer);
@@ -220,12 +238,12 @@ export class IpamNode {
       if (ip !== null) {
         this.allocs.add(podId, ip);
         out.persist = true;
-        this.keepReserve(now, out);
+        this.pins.keepReserve(now, out);
         this.assertInvariants();
         return { ok: true, ip: formatIp(ip), changed: true, output: out };
       }
     }
-    if (this.keepReserve(now, out) || this.rule.pinRound()) {
+    if (this.pins.keepReserve(now, out) || this.rule.pinRound()) {
       return { ok: false, error: new IpamError("ERR_NOT_READY", "pinning a block of ours: waiting for a majority of the members to record it"), output: out };
     }
     this.maybeRequest(now, out);
@@ -257,7 +275,7 @@ export class IpamNode {
     const indices = this.table.indicesOf(node);
     if (this.signed) {
       if (!auth) throw new IpamError("ERR_FORBIDDEN", "a force release needs the operator's signature (--operator-key) or a Kubernetes Node deletion");
-      if ("observedGone" in auth) this.gone.add(node);
+      if ("observedGone" in auth) this.gossip.gone.add(node);
       else {
         const verifyOperator = this.signed.keys.verifyOperator;
         if (!verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
@@ -266,7 +284,7 @@ export class IpamNode {
           if (!sig || !verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1, this.id)))
             throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} to ${this.id} (a signature by another key, for another agent, or the block changed since it was signed: sign again)`);
         }
-        if (indices.length > 0) this.gone.add(node); // declared gone by the operator: others' releases of it count too
+        if (indices.length > 0) this.gossip.gone.add(node); // declared gone by the operator: others' releases of it count too
       }
     }
     const delta: EntryTuple[] = [];
@@ -282,10 +300,10 @@ export class IpamNode {
     }
     if (delta.length > 0) {
       this.counters.forced += delta.length;
-      this.broadcast(delta, null, out);
+      this.gossip.broadcast(delta, null, out);
       out.persist = true;
     }
-    this.mergeHeld(node, now, out);
+    this.gossip.mergeHeld(node, now, out);
     this.assertInvariants();
     return out;
   }
@@ -306,7 +324,7 @@ export class IpamNode {
       delta.push([i, to, e.version + 1, "t"]);
       this.signed?.signOwn([i, to, e.version + 1, "t"], this.id);
     }
-    this.broadcast(delta, null, out);
+    this.gossip.broadcast(delta, null, out);
     out.persist = true;
     this.assertInvariants();
     return { ok: true, to, output: out };
@@ -398,63 +416,6 @@ export class IpamNode {
     return table.indicesOf(this.id).filter((i) => table.get(i).kind !== "p" && this.allocs.usedIn(i) === 0 && !((this.settleUntil.get(i) ?? NEG) > now) && !this.rule.isDoomed(i));
   }
 
-  /** Blocks we own and could pin now (unpinned or pin unconfirmed, not settling, not doomed, no round open); ones holding pods first. */
-  private pinnable(now: number): number[] {
-    const table = this.table;
-    if (!table) return [];
-    return table
-      .indicesOf(this.id)
-      .filter((i) => !this.rule.isConfirmed(table, i) && !((this.settleUntil.get(i) ?? NEG) > now) && !this.rule.isDoomed(i))
-      .sort((a, b) => this.allocs.usedIn(b) - this.allocs.usedIn(a) || a - b);
-  }
-
-  private get reserve(): number {
-    return Math.max(1, Math.floor(this.allocs.usableSize() / 4));
-  }
-
-  /**
-   * Keep allocation instant: pin a block whenever free space in confirmed pins falls below a quarter
-   * block (or a block holding pods is not pinned, e.g. after an upgrade). One pin round at a time.
-   * Returns true if a round is open (new or already running).
-   */
-  private keepReserve(now: number, out: IpamOutput): boolean {
-    const table = this.table;
-    if (!table || !this.epoch) return false;
-    if (this.rule.pinRound()) return true;
-    const cands = this.pinnable(now);
-    const i = cands[0];
-    if (i === undefined) return false;
-    if (this.allocs.usedIn(i) === 0 && this.freeAddresses(now) >= this.reserve) return false;
-    const until = this.lease.beat + this.cfg.reqTimeout;
-    const pv = this.rule.openPin(table, i, until);
-    if (!pv) return false;
-    out.persist = true;
-    this.signed?.signOwn([i, this.id, pv[1], "p"], this.id);
-    this.broadcast([[i, this.id, pv[1], "p"]], null, out);
-    for (const p of this.peers) {
-      if (!this.info.get(p)?.epochOk) continue;
-      out.send.push({ to: p, body: encodeIpamMessage({ t: "prop", epoch: this.epoch.id, kind: "p", owner: this.id, to: this.id, until, blocks: [pv] }) });
-    }
-    this.completeProposals(now, out);
-    return true;
-  }
-
-  /** Unpin one empty pinned block when the other pins keep the reserve (so a silent node's free space can be reclaimed). */
-  private maybeUnpin(now: number, out: IpamOutput): void {
-    const table = this.table!;
-    const free = this.freeAddresses(now);
-    for (const i of this.allocatableBlocks(now)) {
-      if (this.allocs.usedIn(i) !== 0 || free - this.allocs.usableSize() < this.reserve) continue;
-      const e = table.get(i);
-      table.write(i, { owner: this.id, version: e.version + 1, kind: "t" });
-      this.signed?.signOwn([i, this.id, e.version + 1, "t"], this.id);
-      this.rule.confirmed.delete(i);
-      out.persist = true;
-      this.broadcast([[i, this.id, e.version + 1, "t"]], null, out);
-      return;
-    }
-  }
-
   private checkRange(e: EpochInfo): void {
     let r: Cidr;
     try {
@@ -479,7 +440,7 @@ export class IpamNode {
     const at = Math.max(0, Math.floor(now));
     this.adopt({ id: epochId(this.id, at), founder: this.id, at, range: formatCidr(this.cfg.range), bp: this.cfg.blockPrefix });
     out.persist = true;
-    for (const p of this.peers) this.sendHello(p, now, out);
+    for (const p of this.peers) this.gossip.sendHello(p, now, out);
   }
 
   private onTick(now: number, out: IpamOutput): void {
@@ -496,20 +457,20 @@ export class IpamNode {
       this.reclaim(now, out);
       this.completeProposals(now, out);
       this.nextGrant(now, out);
-      this.keepReserve(now, out);
-      this.maybeUnpin(now, out);
+      this.pins.keepReserve(now, out);
+      this.pins.maybeUnpin(now, out);
       if (this.pending && now - this.pending.since >= this.cfg.reqTimeout) this.pending = null;
       if (this.needsBlock(now)) this.maybeRequest(now, out);
     }
-    for (const p of this.peers) this.sendHello(p, now, out);
+    for (const p of this.peers) this.gossip.sendHello(p, now, out);
   }
 
   private needsBlock(now: number): boolean {
     if (!this.table) return false;
     if (this.table.indicesOf(this.id).length === 0) return true;
     let room = this.freeAddresses(now);
-    for (const i of this.pinnable(now)) room += this.allocs.usableSize() - this.allocs.usedIn(i);
-    return room < this.reserve;
+    for (const i of this.pins.pinnable(now)) room += this.allocs.usableSize() - this.allocs.usedIn(i);
+    return room < this.pins.reserve;
   }
 
   private maybeRequest(now: number, out: IpamOutput): void {
@@ -581,7 +542,7 @@ export class IpamNode {
     }
     if (delta.length > 0) {
       out.persist = true;
-      this.broadcast(delta, null, out);
+      this.gossip.broadcast(delta, null, out);
     }
   }
 
@@ -612,72 +573,6 @@ export class IpamNode {
       }
       this.propose("t", this.id, to, [free[0]!], now, out);
       return;
-    }
-  }
-
-  // ---- internals: gossip ---------------------------------------------------------------------------
-
-  /**
-   * Check a heartbeat before merging or relaying it: signed by its origin (with keys), and not further
-   * ahead of our clock than MAX_BEAT_AHEAD_MS (a beat is its origin's clock in ms).
-   */
-  private beatOk(n: string, b: number, pk: Uint8Array | undefined, sig: Uint8Array | undefined, now: number): boolean {
-    if (b > now + MAX_BEAT_AHEAD_MS) {
-      this.counters.jumps++;
-      return false;
-    }
-    if (!this.signed) return true;
-    if (this.lease.beatOf(n) >= b) return true; // nothing new: not merged anyway
-    if (!this.signed.verifyBeat(n, b, pk, sig)) {
-      this.counters.forged++;
-      return false;
-    }
-    return true;
-  }
-
-  private sendHello(to: string, now: number, out: IpamOutput): void {
-    out.send.push({
-      to,
-      body: encodeIpamMessage({
-        t: "hello",
-        epoch: this.epoch,
-        beat: this.lease.beat,
-        ...(this.signed ? this.signed.beatSig(this.lease.beat) : {}),
-        beats: this.lease.known(),
-        free: this.table ? this.wholeFreeBlocks(now).length : 0,
-        digest: this.table ? this.table.digest() : 0,
-        promised: this.rule.outstanding(this.table),
-      }),
-    });
-  }
-
-  /** A state message for these entries, with their certs and handovers when signed. */
-  private stateMsg(entries: EntryTuple[]): unknown {
-    if (!this.signed) return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries });
-    return encodeIpamMessage({ t: "state", epoch: this.epoch!.id, entries, ...this.signed.wire(entries) });
-  }
-
-  private get chunk(): number {
-    return this.signed ? SIGNED_CHUNK : STATE_CHUNK;
-  }
-
-  private sendFull(to: string, now: number, out: IpamOutput): void {
-    if (!this.table || !this.epoch) return;
-    const all = this.table.nonBaseline();
-    for (let k = 0; k === 0 || k < all.length; k += this.chunk) {
-      out.send.push({ to, body: this.stateMsg(all.slice(k, k + this.chunk)) });
-    }
-    const inf = this.info.get(to);
-    if (inf) inf.lastSync = now;
-  }
-
-  private broadcast(delta: EntryTuple[], except: string | null, out: IpamOutput): void {
-    if (!this.epoch || delta.length === 0) return;
-    for (const p of this.peers) {
-      if (p === except || !this.info.get(p)?.epochOk) continue;
-      for (let k = 0; k < delta.length; k += this.chunk) {
-        out.send.push({ to: p, body: this.stateMsg(delta.slice(k, k + this.chunk)) });
-      }
     }
   }
 
@@ -716,9 +611,9 @@ export class IpamNode {
         }
         this.adopt(m.epoch);
         out.persist = true;
-        this.sendHello(from, now, out);
+        this.gossip.sendHello(from, now, out);
       }
-      if (m.epoch.id === this.epoch!.id && this.beatOk(from, m.beat, m.pk, m.sig, now)) {
+      if (m.epoch.id === this.epoch!.id && this.gossip.beatOk(from, m.beat, m.pk, m.sig, now)) {
         this.lease.mergeBeat(from, m.beat, now, m.pk, m.sig);
         this.rule.proposerBeat(from, m.beat);
       }
@@ -733,8 +628,8 @@ export class IpamNode {
       }
       inf.free = m.free;
       inf.digest = m.digest;
-      for (const [n, b, pk, sig] of m.beats) if (n !== from && this.beatOk(n, b, pk, sig, now)) this.lease.mergeBeat(n, b, now, pk, sig);
-      if (m.digest !== this.table!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.cfg.syncInterval)) this.sendFull(from, now, out);
+      for (const [n, b, pk, sig] of m.beats) if (n !== from && this.gossip.beatOk(n, b, pk, sig, now)) this.lease.mergeBeat(n, b, now, pk, sig);
+      if (m.digest !== this.table!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.cfg.syncInterval)) this.gossip.sendFull(from, now, out);
       return;
     }
     if (!this.epoch || m.epoch !== this.epoch.id) {
@@ -743,7 +638,7 @@ export class IpamNode {
     }
     switch (m.t) {
       case "state":
-        this.onState(from, m.entries, m.certs, m.handovers, now, out);
+        this.gossip.onState(from, m.entries, m.certs, m.handovers, now, out);
         return;
       case "req":
         this.onRequest(from, now, out);
@@ -751,20 +646,7 @@ export class IpamNode {
       case "prop": {
         if (m.kind === "p") {
           if (m.owner !== from || m.to !== from) return; // only an owner pins, and only for itself
-          const ok: [number, number][] = [];
-          const changed: EntryTuple[] = [];
-          for (const [i, v] of m.blocks) {
-            const d = this.rule.acceptPin(this.table!, i, v, from, now);
-            if (d === null) continue;
-            ok.push([i, v]);
-            changed.push(...d);
-          }
-          if (changed.length > 0) {
-            out.persist = true;
-            this.dropLost(changed, out);
-            this.broadcast(changed, from, out);
-          }
-          if (ok.length > 0) out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok, ...this.promiseSigs(ok, "p", from, from) }) });
+          this.pins.onPinProposal(from, m.blocks, now, out);
           return;
         }
         const kind = m.kind;
@@ -806,114 +688,6 @@ export class IpamNode {
     }
   }
 
-  /** `node` is known gone now: merge the force releases of it we refused before (refusedForces). */
-  private mergeHeld(node: string, now: number, out: IpamOutput): void {
-    const held = this.refusedForces.get(node);
-    if (!held || !this.gone.has(node)) return;
-    this.refusedForces.delete(node);
-    this.refusedCount -= held.length;
-    for (const h of held) this.onState(h.from, [h.entry], [h.cert], undefined, now, out);
-  }
-
-  private onState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
-    this.mergeState(from, entries, certs, handovers, now, out);
-    if (this.newlyGone.size === 0) return;
-    const gone = [...this.newlyGone];
-    this.newlyGone.clear();
-    for (const g of gone) this.mergeHeld(g, now, out);
-  }
-
-  private mergeState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
-    const table = this.table!;
-    let delta: EntryTuple[];
-    const proofs = new Map<number, Exclude<ReturnType<SignedState["check"]>, string>>();
-    if (this.signed) {
-      // verify every entry that would change our table before anything is merged (or forwarded)
-      const ok: EntryTuple[] = [];
-      entries.forEach((e, k) => {
-        const [i, owner, version, kind] = e;
-        if (i >= table.count) return void ok.push(e); // merge refuses the batch
-        let wins: boolean;
-        try {
-          wins = compareEntries({ owner, version, kind }, table.get(i), i) > 0;
-        } catch {
-          return void ok.push(e); // a conflict: merge refuses the batch
-        }
-        if (!wins) return;
-        const cw = certs?.[k];
-        const why = this.signed!.check(e, cw, handovers?.[k]);
-        if (why === "jump") this.counters.jumps++;
-        else if (why === "forged" || why === "release") {
-          this.counters.forged++;
-          if (why === "release") {
-            // validly signed by its writer, only not authorised (yet): kept until we see the node gone ourselves
-            this.counters.releasesRefused++;
-            const released = cw![0]; // the cert's `from`: the node whose block was forced
-            if (this.refusedCount < MAX_REFUSED_FORCES) {
-              const list = this.refusedForces.get(released) ?? [];
-              list.push({ from, entry: e, cert: cw! });
-              this.refusedForces.set(released, list);
-              this.refusedCount++;
-            }
-          }
-        } else {
-          ok.push(e);
-          proofs.set(i, why);
-        }
-      });
-      if (ok.length < entries.length && ok.length === 0) return;
-      entries = ok;
-    }
-    const clashes: number[] = [];
-    try {
-      delta = table.merge(entries);
-    } catch (e) {
-      if (!(e instanceof IpamError && e.code === "ERR_CONFLICT")) throw e;
-      // Refuse only the entries that conflict and merge the rest, so one disputed block cannot stop
-      // every other block from converging.
-      this.refuse(from, e, out);
-      delta = [];
-      for (const x of entries) {
-        try {
-          delta.push(...table.merge([x]));
-        } catch (e2) {
-          if (!(e2 instanceof IpamError && e2.code === "ERR_CONFLICT")) throw e2;
-          clashes.push(x[0]);
-        }
-      }
-    }
-    for (const i of clashes) this.settleClash(i, now, out);
-    if (delta.length === 0) return;
-    for (const [i, owner, version, kind] of delta) {
-      const p = proofs.get(i);
-      if (p) this.signed?.keepCert([i, owner, version, kind], p.cert, p.handover);
-    }
-    out.persist = true;
-    this.dropLost(delta, out);
-    this.broadcast(delta, from, out);
-  }
-
-  /**
-   * Two pins at one version naming different owners (docs/ipam.md "Disputed pins"): a claim and a grant
-   * of one block version can both be written when the grant's promises were voided by the granter's
-   * silence before the grant reached them; each new owner then pins version+1 in its own part of a
-   * partition. At most one of the two pins is confirmed (the two recording majorities intersect, and a
-   * node that recorded one refuses the other). The owner of the confirmed pin settles the dispute: it
-   * pins again one version higher, which wins everywhere by version and keeps its confirmation (only an
-   * owner writes on top of a pin). The owner of the unconfirmed pin never allocated from it and takes
-   * the higher pin when it arrives.
-   */
-  private settleClash(i: number, now: number, out: IpamOutput): void {
-    const table = this.table!;
-    if (!this.rule.isConfirmed(table, i)) return;
-    const e = table.get(i);
-    table.write(i, { owner: this.id, version: e.version + 1, kind: "p" });
-    this.rule.confirmed.set(i, e.version + 1);
-    this.signed?.signOwn([i, this.id, e.version + 1, "p"], this.id);
-    out.persist = true;
-    this.broadcast([[i, this.id, e.version + 1, "p"]], null, out);
-  }
-
   private promiseSigs(blocks: [number, number][], kind: string, from: string, to: string): { sigs?: Uint8Array[]; pk?: Uint8Array; m?: number } {
     return this.signed ? this.signed.promiseSigs(blocks, kind, from, to) : {};
   }
@@ -925,11 +699,11 @@ export class IpamNode {
       table: () => this.table!,
       memberSet: () => this.rule.memberSet(this.table!),
       connected: (peer: string) => this.peers.has(peer),
-      sawGone: (node: string) => this.gone.has(node),
+      sawGone: (node: string) => this.gossip.gone.has(node),
       operatorReleased: (node: string) => {
-        if (this.gone.has(node)) return;
-        this.gone.add(node);
-        this.newlyGone.add(node);
+        if (this.gossip.gone.has(node)) return;
+        this.gossip.gone.add(node);
+        this.gossip.newlyGone.add(node);
       },
       yieldablePin: (i: number) => {
         const e = this.table!.get(i);

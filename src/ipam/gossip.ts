@@ -1,0 +1,211 @@
+/**
+ * Gossip of one IPAM node: hellos (heartbeats, digests), state messages (full syncs and deltas, with
+ * their certs when signed), and merging remote state into our table — every entry checked first in a
+ * signed cluster (certs.ts), refused force releases held back until their node is known gone. node.ts
+ * dispatches to it; what the merge changes (lost blocks, disputed pins) goes back through GossipContext.
+ */
+import type { WeftError } from "../errors.js";
+import type { Resolved } from "./config.js";
+import type { WriteRule } from "./consensus.js";
+import type { Lease } from "./lease.js";
+import type { IpamOutput } from "./output.js";
+import type { SignedState } from "./certs.js";
+import type { IpamCounters, PeerInfo } from "./status.js";
+import { type BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
+import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
+
+/** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
+const MAX_REFUSED_FORCES = 4096;
+/** entries per state message when signed (each carries its cert, claims and grants a majority's promises) */
+const SIGNED_CHUNK = 128;
+
+/** a heartbeat (its origin's clock, ms) more than this far ahead of ours is refused (counted as a jump) */
+export const MAX_BEAT_AHEAD_MS = 24 * 3600_000;
+
+/** What gossip needs of its node (live views: the epoch and table are read at each use). */
+export interface GossipContext {
+  readonly cfg: Resolved;
+  readonly lease: Lease;
+  readonly rule: WriteRule;
+  readonly counters: IpamCounters;
+  readonly signed: SignedState | null;
+  readonly peers: ReadonlySet<string>;
+  readonly info: ReadonlyMap<string, PeerInfo>;
+  epoch(): EpochInfo | null;
+  table(): BlockTable | null;
+  wholeFreeBlocks(now: number): number[];
+  /** count and report refused remote data */
+  refuse(from: string, err: WeftError, out: IpamOutput): void;
+  /** a disputed pin at one version (node.ts settleClash) */
+  settleClash(i: number, now: number, out: IpamOutput): void;
+  /** entries that changed our table: blocks no longer ours lose their allocations */
+  dropLost(delta: EntryTuple[], out: IpamOutput): void;
+}
+
+export class Gossip {
+  /** nodes known gone here: a Kubernetes Node deletion we saw, or an operator's release we accepted or issued */
+  readonly gone = new Set<string>();
+  /**
+   * Force releases refused only for want of authority (validly signed by their writer), kept by released
+   * node, bounded: when this node sees that node gone itself (forceRelease with observedGone: every agent
+   * sees a Kubernetes Node deletion, at slightly different times) they are merged then, so agents that
+   * released the same node agree at once instead of at the next full sync.
+   */
+  private readonly refusedForces = new Map<string, { from: string; entry: EntryTuple; cert: CertWire }[]>();
+  private refusedCount = 0;
+  /** nodes an operator-signed release declared gone while a batch was checked (their held releases are merged after it) */
+  readonly newlyGone = new Set<string>();
+
+  constructor(private readonly c: GossipContext) {}
+
+  /**
+   * Check a heartbeat before merging or relaying it: signed by its origin (with keys), and not further
+   * ahead of our clock than MAX_BEAT_AHEAD_MS (a beat is its origin's clock in ms).
+   */
+  beatOk(n: string, b: number, pk: Uint8Array | undefined, sig: Uint8Array | undefined, now: number): boolean {
+    if (b > now + MAX_BEAT_AHEAD_MS) {
+      this.c.counters.jumps++;
+      return false;
+    }
+    if (!this.c.signed) return true;
+    if (this.c.lease.beatOf(n) >= b) return true; // nothing new: not merged anyway
+    if (!this.c.signed.verifyBeat(n, b, pk, sig)) {
+      this.c.counters.forged++;
+      return false;
+    }
+    return true;
+  }
+
+  sendHello(to: string, now: number, out: IpamOutput): void {
+    out.send.push({
+      to,
+      body: encodeIpamMessage({
+        t: "hello",
+        epoch: this.c.epoch(),
+        beat: this.c.lease.beat,
+        ...(this.c.signed ? this.c.signed.beatSig(this.c.lease.beat) : {}),
+        beats: this.c.lease.known(),
+        free: this.c.table() ? this.c.wholeFreeBlocks(now).length : 0,
+        digest: this.c.table() ? this.c.table()!.digest() : 0,
+        promised: this.c.rule.outstanding(this.c.table()),
+      }),
+    });
+  }
+
+  /** A state message for these entries, with their certs and handovers when signed. */
+  stateMsg(entries: EntryTuple[]): unknown {
+    if (!this.c.signed) return encodeIpamMessage({ t: "state", epoch: this.c.epoch()!.id, entries });
+    return encodeIpamMessage({ t: "state", epoch: this.c.epoch()!.id, entries, ...this.c.signed.wire(entries) });
+  }
+
+  private get chunk(): number {
+    return this.c.signed ? SIGNED_CHUNK : STATE_CHUNK;
+  }
+
+  sendFull(to: string, now: number, out: IpamOutput): void {
+    if (!this.c.table() || !this.c.epoch()) return;
+    const all = this.c.table()!.nonBaseline();
+    for (let k = 0; k === 0 || k < all.length; k += this.chunk) {
+      out.send.push({ to, body: this.stateMsg(all.slice(k, k + this.chunk)) });
+    }
+    const inf = this.c.info.get(to);
+    if (inf) inf.lastSync = now;
+  }
+
+  broadcast(delta: EntryTuple[], except: string | null, out: IpamOutput): void {
+    if (!this.c.epoch() || delta.length === 0) return;
+    for (const p of this.c.peers) {
+      if (p === except || !this.c.info.get(p)?.epochOk) continue;
+      for (let k = 0; k < delta.length; k += this.chunk) {
+        out.send.push({ to: p, body: this.stateMsg(delta.slice(k, k + this.chunk)) });
+      }
+    }
+  }
+
+  /** `node` is known gone now: merge the force releases of it we refused before (refusedForces). */
+  mergeHeld(node: string, now: number, out: IpamOutput): void {
+    const held = this.refusedForces.get(node);
+    if (!held || !this.gone.has(node)) return;
+    this.refusedForces.delete(node);
+    this.refusedCount -= held.length;
+    for (const h of held) this.onState(h.from, [h.entry], [h.cert], undefined, now, out);
+  }
+
+  onState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
+    this.mergeState(from, entries, certs, handovers, now, out);
+    if (this.newlyGone.size === 0) return;
+    const gone = [...this.newlyGone];
+    this.newlyGone.clear();
+    for (const g of gone) this.mergeHeld(g, now, out);
+  }
+
+  private mergeState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
+    const table = this.c.table()!;
+    let delta: EntryTuple[];
+    const proofs = new Map<number, Exclude<ReturnType<SignedState["check"]>, string>>();
+    if (this.c.signed) {
+      // verify every entry that would change our table before anything is merged (or forwarded)
+      const ok: EntryTuple[] = [];
+      entries.forEach((e, k) => {
+        const [i, owner, version, kind] = e;
+        if (i >= table.count) return void ok.push(e); // merge refuses the batch
+        let wins: boolean;
+        try {
+          wins = compareEntries({ owner, version, kind }, table.get(i), i) > 0;
+        } catch {
+          return void ok.push(e); // a conflict: merge refuses the batch
+        }
+        if (!wins) return;
+        const cw = certs?.[k];
+        const why = this.c.signed!.check(e, cw, handovers?.[k]);
+        if (why === "jump") this.c.counters.jumps++;
+        else if (why === "forged" || why === "release") {
+          this.c.counters.forged++;
+          if (why === "release") {
+            // validly signed by its writer, only not authorised (yet): kept until we see the node gone ourselves
+            this.c.counters.releasesRefused++;
+            const released = cw![0]; // the cert's `from`: the node whose block was forced
+            if (this.refusedCount < MAX_REFUSED_FORCES) {
+              const list = this.refusedForces.get(released) ?? [];
+              list.push({ from, entry: e, cert: cw! });
+              this.refusedForces.set(released, list);
+              this.refusedCount++;
+            }
+          }
+        } else {
+          ok.push(e);
+          proofs.set(i, why);
+        }
+      });
+      if (ok.length < entries.length && ok.length === 0) return;
+      entries = ok;
+    }
+    const clashes: number[] = [];
+    try {
+      delta = table.merge(entries);
+    } catch (e) {
+      if (!(e instanceof IpamError && e.code === "ERR_CONFLICT")) throw e;
+      // Refuse only the entries that conflict and merge the rest, so one disputed block cannot stop
+      // every other block from converging.
+      this.c.refuse(from, e, out);
+      delta = [];
+      for (const x of entries) {
+        try {
+          delta.push(...table.merge([x]));
+        } catch (e2) {
+          if (!(e2 instanceof IpamError && e2.code === "ERR_CONFLICT")) throw e2;
+          clashes.push(x[0]);
+        }
+      }
+    }
+    for (const i of clashes) this.c.settleClash(i, now, out);
+    if (delta.length === 0) return;
+    for (const [i, owner, version, kind] of delta) {
+      const p = proofs.get(i);
+      if (p) this.c.signed?.keepCert([i, owner, version, kind], p.cert, p.handover);
+    }
+    out.persist = true;
+    this.c.dropLost(delta, out);
+    this.broadcast(delta, from, out);
+  }
+}
