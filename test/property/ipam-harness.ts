@@ -224,6 +224,21 @@ export class Sim {
     }
   }
 
+  /** nodes that have had a pin of theirs confirmed by a majority (checkMembers) */
+  readonly everPinned = new Set<string>();
+
+  /**
+   * Membership is stable (issue 15): a node stays a member (owns a block) from its first confirmed pin on,
+   * whatever the partitions, silences and restarts — its pinned reserve is never reclaimed — until it
+   * leaves or is released. Checked in the node's own view here; in every view after heal (ipam-sim).
+   */
+  checkMembers(): void {
+    for (const sn of this.live()) {
+      if ((sn.node!.snapshot().pinned ?? []).length > 0) this.everPinned.add(sn.id);
+      if (this.everPinned.has(sn.id) && sn.node!.ownedBlocks().length === 0) throw new Error(`t=${this.now}: ${sn.id} had a confirmed pin but owns no block: no longer a member`);
+    }
+  }
+
   /** I1: no block is allocatable by two live nodes at the same moment. */
   checkSafety(): void {
     const owner = new Map<number, string>();

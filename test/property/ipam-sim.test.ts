@@ -2,8 +2,9 @@
 // partitions, heals, link cuts (partial mesh), link flaps (in-flight loss), duplication and reordering
 // over 3-12 simulated nodes with a manual clock. After EVERY tick: no block allocatable by two nodes,
 // no handed-out address held by a non-stale other node (and each node's own invariants, checked inside
-// IpamNode on entry and exit). After heal + quiet time: one view everywhere, every node can allocate,
-// no address held twice.
+// IpamNode on entry and exit); a node that had a pin confirmed still owns a block (is a member). After
+// heal + quiet time: one view everywhere, every node can allocate, no address held twice, every live node
+// that ever had a confirmed pin is a member in every view.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { SIM_CFG, Sim, type SimNode, TICK, prng } from "./ipam-harness.js";
@@ -147,6 +148,7 @@ export function runScenario(seed: number, initial: number, ops: Op[]): Sim {
     }
     sim.checkSafety();
     sim.checkKept();
+    sim.checkMembers();
     sim.tick();
   }
   return sim;
@@ -175,6 +177,12 @@ export function healAndCheck(sim: Sim): void {
   expect(new Set(live.map((n) => n.node!.epochInfo()?.id)).size).toBe(1);
   const digests = new Set(live.map((n) => n.node!.digest()));
   if (digests.size !== 1) throw new Error(`views differ after quiet time: ${JSON.stringify(live.map((n) => [n.id, n.node!.digest()]))}`);
+  // membership is stable: every live node that ever had a confirmed pin is a member in every view
+  sim.checkMembers();
+  for (const n of live) {
+    const owners = new Set(n.node!.view().map((e) => e[1]));
+    for (const m of live) if (sim.everPinned.has(m.id)) expect(owners.has(m.id), `${m.id} (had a confirmed pin) is a member in ${n.id}'s view`).toBe(true);
+  }
   // nothing was revoked: every node still holds every address it was handed and did not release
   sim.checkKept();
   expect(sim.revoked).toBe(0);
