@@ -651,6 +651,8 @@ export class Agent implements AgentView {
       await this.stun?.close().catch((err) => this.log.warn("could not close the STUN responder", { err }));
       await this.mesh.stop();
       this.signal.stop();
+      // the last IPAM changes reach the disk (writes are asynchronous, agent/snapshot-writer.ts)
+      await this.ipam?.close().catch((err) => this.log.error("could not write the IPAM state", { err }));
       await this.api?.close();
       await this.metrics?.close();
       await this.dataplane?.stop().catch((err) => this.log.error("could not remove the node network", { err }));

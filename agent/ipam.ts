@@ -2,15 +2,23 @@
  * Agent-side driver of the IPAM core (src/ipam): wires it to the mesh, persists its snapshot atomically
  * in the state dir BEFORE anything it decided leaves the process (gossip, an address handed to a pod),
  * and retries allocations that are not possible yet (bootstrap, resync, a block request in flight).
+ *
+ * Persistence is coalesced and asynchronous (agent/snapshot-writer.ts): a state change marks the snapshot
+ * dirty and one write (temp file, fsync, rename) runs off the event loop with the latest state. The order
+ * "on disk before it leaves" holds per message: IPAM messages produced while a change is not on disk yet
+ * are held, in order, until the write covering it completes; allocate() awaits the same barrier before it
+ * returns an address. Releases are not awaited (a release lost in a crash keeps an address reserved for a
+ * pod that is gone: a leak the next CNI DEL fixes, never a duplicate). Before, every applied change paid a
+ * synchronous fsync on the event loop (200-300 ms per agent in the first 10 s after start).
  */
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import { WeftError } from "../src/errors.js";
 import { IpamNode, containsIp, formatIp, gatewayOf, parseCidr, parseIp, type Cidr, type IpamConfig, type IpamOutput, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
 import type { ReleaseAuth } from "../src/ipam/node.js";
 import type { Logger } from "../src/log.js";
 import type { MeshManager } from "../src/mesh/manager.js";
-import { writeFileAtomic } from "./state.js";
+import { SnapshotWriter, type SnapshotWriterOptions } from "./snapshot-writer.js";
 
 export const IPAM_FILE = "ipam.json";
 export const IPAM_CHANNEL = "ipam";
@@ -26,7 +34,11 @@ export interface PodAddress {
 export class IpamDriver {
   readonly node: IpamNode;
   private readonly path: string;
-  readonly counters = { remoteErrors: 0, persists: 0, abandoned: 0 };
+  readonly counters = { remoteErrors: 0, persists: 0, persistErrors: 0, abandoned: 0, held: 0 };
+  /** the state file's writer (generations, durable barrier, write counters) */
+  readonly writer: SnapshotWriter;
+  /** IPAM messages waiting for the write of the state they were produced from (FIFO, gen non-decreasing) */
+  private held: { gen: number; to: string; body: unknown }[] = [];
   private readonly blockListeners: (() => void)[] = [];
   private readonly revokeListeners: ((r: { podId: string; ip: string }) => void)[] = [];
   private lastBlocks = "";
@@ -38,9 +50,23 @@ export class IpamDriver {
     private readonly mesh: MeshManager,
     private readonly log: Logger,
     private readonly now: () => number = Date.now,
+    /** the state file's write (tests inject failures and gates) and its retry delay */
+    persistOpts: Pick<SnapshotWriterOptions, "write" | "retryMs"> = {},
   ) {
     this.path = join(stateDir, IPAM_FILE);
     this.node = this.load();
+    this.writer = new SnapshotWriter(this.path, () => JSON.stringify(this.node.snapshot()), {
+      mode: 0o600,
+      ...persistOpts,
+      onError: (err) => {
+        this.counters.persistErrors++;
+        this.log.error("cannot write the IPAM state; IPAM messages and new addresses wait until it is written (retrying)", { path: this.path, err: err.message });
+      },
+    });
+    this.writer.onDurable((gen) => {
+      this.counters.persists++;
+      this.sendHeld(gen);
+    });
     mesh.onPeerUp((peer) => this.apply(this.node.handle({ type: "peerUp", peer }, this.now())));
     mesh.onPeerDown((peer) => this.apply(this.node.handle({ type: "peerDown", peer }, this.now())));
     mesh.onApp(IPAM_CHANNEL, (from, body) => this.apply(this.node.handle({ type: "message", from, body }, this.now())));
@@ -48,6 +74,7 @@ export class IpamDriver {
 
   private load(): IpamNode {
     const now = this.now();
+    this.removeStaleTemps();
     if (!existsSync(this.path)) return new IpamNode(this.cfg, now);
     let snap: IpamSnapshot;
     try {
@@ -62,6 +89,21 @@ export class IpamDriver {
     }
   }
 
+  /** temp files of writes a crash interrupted (the state file itself is the previous complete write) */
+  private removeStaleTemps(): void {
+    let names: string[];
+    try {
+      names = readdirSync(this.stateDir);
+    } catch {
+      return;
+    }
+    for (const n of names) if (n.startsWith(`${IPAM_FILE}.tmp-`)) try {
+      unlinkSync(join(this.stateDir, n));
+    } catch {
+      // not ours to remove (permissions): harmless, the state file is what counts
+    }
+  }
+
   tick(): void {
     this.apply(this.node.handle({ type: "tick" }, this.now()));
   }
@@ -73,14 +115,36 @@ export class IpamDriver {
     this.revokeListeners.push(f);
   }
 
-  private persist(): void {
-    writeFileAtomic(this.path, JSON.stringify(this.node.snapshot()), 0o600);
-    this.counters.persists++;
+  /** Resolves when every IPAM state change made so far is on disk (rejects if that write failed). */
+  flushed(): Promise<void> {
+    return this.writer.flushed();
+  }
+
+  /** Agent stop: write what is not on disk yet and wait for it. */
+  async close(): Promise<void> {
+    await this.writer.close();
+  }
+
+  private sendHeld(durable: number): void {
+    let i = 0;
+    while (i < this.held.length && this.held[i]!.gen <= durable) {
+      const m = this.held[i++]!;
+      this.mesh.sendApp(m.to, IPAM_CHANNEL, m.body);
+    }
+    if (i) this.held.splice(0, i);
   }
 
   private apply(out: IpamOutput): void {
-    if (out.persist) this.persist();
-    for (const { to, body } of out.send) this.mesh.sendApp(to, IPAM_CHANNEL, body);
+    if (out.persist && !this.writer.isClosed) this.writer.markDirty();
+    // messages leave only once the state they were produced from is on disk (and in order)
+    const gen = this.writer.requested;
+    for (const { to, body } of out.send) {
+      if (gen <= this.writer.durable && this.held.length === 0) this.mesh.sendApp(to, IPAM_CHANNEL, body);
+      else {
+        this.held.push({ gen, to, body });
+        this.counters.held++;
+      }
+    }
     for (const r of out.revoked) {
       this.log.warn("pod address revoked: its block was reclaimed while this node was away", r);
       for (const f of this.revokeListeners) f(r);
@@ -136,7 +200,7 @@ export class IpamDriver {
   }
 
   /**
-   * Allocate (idempotently) an address for a pod, persisting it before returning. Retries while the IPAM
+   * Allocate (idempotently) an address for a pod, on disk before it returns (awaits the writer's barrier). Retries while the IPAM
    * is not ready or waits for a block, up to `timeoutMs`. A caller that gives up (its `signal` aborts:
    * the CNI plugin or `weftnet ipam allocate` timed out and closed the connection) leaves nothing behind:
    * the retries stop, and an address allocated for it by this call is released again.
@@ -150,6 +214,7 @@ export class IpamDriver {
       if (r.ok && r.changed) r.output.persist = true;
       this.apply(r.output);
       if (r.ok) {
+        await this.writer.flushed(); // the address is on disk before anyone sees it
         if (signal?.aborted) throw this.abandoned(podId, had);
         return this.describe(podId, r.ip);
       }
