@@ -247,8 +247,13 @@ export class WriteRule {
           this.proposals.delete(i);
           continue;
         }
+        // Recordings count only from owners (members by a written entry), out of all members including
+        // the grantees we promised: a grantee whose grant is not written is no member anywhere else, and
+        // counting its recording let a pin be "confirmed" by a majority that missed every member of the
+        // other side of a partition (property seed 1553934982: owners {a,b,c} + written grantee d +
+        // promised grantee e; d's pin recorded by {d,a,e} = 3 of 5 while {b,c} claimed the block).
         let n = 0;
-        for (const a of p.acks) if (members.has(a)) n++;
+        for (const a of p.acks) if (owners.has(a)) n++;
         if (2 * n > members.size) {
           this.proposals.delete(i);
           this.confirmed.set(i, p.v);

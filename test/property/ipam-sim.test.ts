@@ -218,7 +218,12 @@ export function healAndCheck(sim: Sim): void {
 //     reached an acceptor, which then promised the claim); both new owners pinned the next version, one
 //     confirmed: two pins at one version refused every batch for good -> per-entry refusal, the
 //     confirmed owner pins again one version higher (seed 1032526987 of a 200-run default)
+//  6. a pin counted the recording of a grantee whose grant was only promised (not written): after a grant
+//     and a claim of one block version were both written in a 3|3|3 split, the grantee's pin was confirmed
+//     by 3 of 5 "members" ({granter, grantee, promised grantee}) disjoint from the claim's majority, and
+//     both sides allocated from the block -> pins count recordings from owners only
 const REGRESSIONS: [number, number, Op[]][] = [
+  [1553934982, 9, [{ k: "alloc", n: 0, c: 1 }, { k: "alloc", n: 0, c: 1 }, { k: "partition", g: [1, 0, 2, 1, 0, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 20 }, { k: "alloc", n: 0, c: 1 }, { k: "crash", n: 0 }, { k: "restart", n: 0 }, { k: "flap", a: 0, b: 0 }, { k: "alloc", n: 0, c: 1 }]],
   [0, 6, [{ k: "die", n: 0 }, { k: "wait", t: 2 }, { k: "restart", n: 0 }, { k: "wait", t: 1 }, { k: "crash", n: 0 }, { k: "leave", n: 0 }, { k: "partition", g: [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 7 }]],
   [0, 4, [{ k: "partition", g: [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 7 }, { k: "partition", g: [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "wait", t: 3 }, { k: "crash", n: 0 }, { k: "alloc", n: 0, c: 1 }, { k: "heal" }]],
   [1602047960, 11, [{ k: "partition", g: [1, 1, 0, 2, 2, 2, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0] }, { k: "join" }, { k: "wait", t: 14 }, { k: "partition", g: [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }, { k: "alloc", n: 0, c: 1 }, { k: "cut", a: 0, b: 0 }]],
