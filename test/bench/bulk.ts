@@ -16,37 +16,10 @@ import { generateIdentity, type Identity } from "../../src/identity.js";
 import { createLogger } from "../../src/log.js";
 import { encodeFrames, nodeIdToBytes, decodeFrame } from "../../src/packet/frame.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
+import { tcpGso } from "../helpers/gso-packets.js";
 
 const { values } = parseArgs({ options: { seconds: { type: "string", default: "5" }, crypto: { type: "string", default: "sodium" } } });
 const SECONDS = Number(values.seconds);
-
-function tcpGso(payloadLen: number, mss: number, seq: number): Uint8Array {
-  const ipLen = 40 + payloadLen;
-  const p = new Uint8Array(VNET_HDR_LEN + ipLen);
-  const dv = new DataView(p.buffer);
-  p[0] = 1;
-  p[1] = 1;
-  dv.setUint16(2, 40, true);
-  dv.setUint16(4, mss, true);
-  dv.setUint16(6, 20, true);
-  dv.setUint16(8, 16, true);
-  const ip = VNET_HDR_LEN;
-  p[ip] = 0x45;
-  dv.setUint16(ip + 2, ipLen);
-  p[ip + 6] = 0x40;
-  p[ip + 8] = 64;
-  p[ip + 9] = 6;
-  dv.setUint32(ip + 12, 0x0a280001);
-  dv.setUint32(ip + 16, 0x0a280101);
-  const t = ip + 20;
-  dv.setUint16(t, 40000);
-  dv.setUint16(t + 2, 5201);
-  dv.setUint32(t + 4, seq >>> 0);
-  dv.setUint32(t + 8, 1);
-  p[t + 12] = 5 << 4;
-  p[t + 13] = 0x10;
-  return p;
-}
 
 function mesh(self: Identity, peers: Map<string, { pub: Uint8Array; app?: (from: string, body: unknown) => void }>) {
   const st: { up?: (id: string) => void } = {};

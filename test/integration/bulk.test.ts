@@ -12,6 +12,7 @@ import type { Agent } from "../../agent/agent.js";
 import { decodeFrame, encodeFrames, nodeIdToBytes } from "../../src/packet/frame.js";
 import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
 import { Cluster, startServer, waitFor } from "../helpers/cluster.js";
+import { tcpGso, tcpGso6 } from "../helpers/gso-packets.js";
 
 const TOKEN = "bulk-test-token";
 const PAYLOAD = 1300;
@@ -30,66 +31,6 @@ function packet(seq: number, fill: Buffer): Uint8Array {
   dv.setUint16(ip + 24, 8 + PAYLOAD);
   dv.setUint32(ip + 28, seq);
   p.set(fill.subarray(0, PAYLOAD - 4), ip + 32);
-  return p;
-}
-
-/** An IPv6 TCP GSO super-packet as a TUN hands it over (virtio NEEDS_CSUM + TCPV6, gso_size = mss). */
-function tcpGso6(payload: Uint8Array, mss: number, seq: number): Uint8Array {
-  const p = new Uint8Array(VNET_HDR_LEN + 60 + payload.length);
-  const dv = new DataView(p.buffer);
-  p[0] = 1; // NEEDS_CSUM
-  p[1] = 4; // TCPV6
-  dv.setUint16(2, 60, true);
-  dv.setUint16(4, mss, true);
-  dv.setUint16(6, 40, true);
-  dv.setUint16(8, 16, true);
-  const ip = VNET_HDR_LEN;
-  p[ip] = 0x60;
-  dv.setUint16(ip + 4, 20 + payload.length);
-  p[ip + 6] = 6;
-  p[ip + 7] = 64;
-  p.set([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], ip + 8);
-  p.set([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], ip + 24);
-  const t = ip + 40;
-  dv.setUint16(t, 40000);
-  dv.setUint16(t + 2, 5201);
-  dv.setUint32(t + 4, seq);
-  dv.setUint32(t + 8, 1);
-  p[t + 12] = 5 << 4;
-  p[t + 13] = 0x10; // ACK
-  dv.setUint16(t + 14, 65535);
-  p.set(payload, t + 20);
-  return p;
-}
-
-/** An IPv4 TCP GSO super-packet as a TUN hands it over (virtio NEEDS_CSUM + TCPV4, gso_size = mss). */
-function tcpGso(payload: Uint8Array, mss: number, seq: number): Uint8Array {
-  const ipLen = 40 + payload.length;
-  const p = new Uint8Array(VNET_HDR_LEN + ipLen);
-  const dv = new DataView(p.buffer);
-  p[0] = 1; // NEEDS_CSUM
-  p[1] = 1; // TCPV4
-  dv.setUint16(2, 40, true);
-  dv.setUint16(4, mss, true);
-  dv.setUint16(6, 20, true);
-  dv.setUint16(8, 16, true);
-  const ip = VNET_HDR_LEN;
-  p[ip] = 0x45;
-  dv.setUint16(ip + 2, ipLen);
-  p[ip + 6] = 0x40; // DF
-  p[ip + 8] = 64;
-  p[ip + 9] = 6;
-  dv.setUint32(ip + 12, 0x0a280001);
-  dv.setUint32(ip + 16, 0x0a280101);
-  const t = ip + 20;
-  dv.setUint16(t, 40000);
-  dv.setUint16(t + 2, 5201);
-  dv.setUint32(t + 4, seq);
-  dv.setUint32(t + 8, 1);
-  p[t + 12] = 5 << 4;
-  p[t + 13] = 0x10; // ACK
-  dv.setUint16(t + 14, 65535);
-  p.set(payload, t + 20);
   return p;
 }
 
@@ -168,6 +109,18 @@ describe("bulk link (agents on loopback)", () => {
     return [a, b];
   }
 
+  /** A pair with the bulk link up both ways; `got` collects (copies of) the packets b receives over it. */
+  async function pairUpCollecting(): Promise<{ a: Agent; b: Agent; got: Uint8Array[] }> {
+    const [a, b] = await pair();
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
+    const got: Uint8Array[] = [];
+    b.bulk!.onFrame((_from, frame) => {
+      const f = decodeFrame(frame);
+      if (f.ok) for (const p of f.packets) got.push(Uint8Array.from(p));
+    });
+    return { a, b, got };
+  }
+
   it("comes up beside WebRTC and carries a 64 MiB stream byte-exact; status says bulk and why", async () => {
     const [a, b] = await pair();
     await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up on both sides");
@@ -211,13 +164,7 @@ describe("bulk link (agents on loopback)", () => {
   }, 120_000);
 
   it("TCP GSO super-packets: segmented into one packet per datagram, coalesced back on arrival, payload intact", async () => {
-    const [a, b] = await pair();
-    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
-    const got: Uint8Array[] = [];
-    b.bulk!.onFrame((_from, frame) => {
-      const f = decodeFrame(frame);
-      if (f.ok) for (const p of f.packets) got.push(Uint8Array.from(p));
-    });
+    const { a, b, got } = await pairUpCollecting();
     const payload = createHash("sha512").update("x").digest();
     const big = Buffer.alloc(60_000);
     for (let i = 0; i < big.length; i += payload.length) payload.copy(big, i);
@@ -234,13 +181,7 @@ describe("bulk link (agents on loopback)", () => {
   }, 60_000);
 
   it("IPv6 inside: a TCPv6 GSO super-packet is segmented per datagram and coalesced back, payload intact", async () => {
-    const [a, b] = await pair();
-    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
-    const got: Uint8Array[] = [];
-    b.bulk!.onFrame((_from, frame) => {
-      const f = decodeFrame(frame);
-      if (f.ok) for (const p of f.packets) got.push(Uint8Array.from(p));
-    });
+    const { a, b, got } = await pairUpCollecting();
     const big = Buffer.alloc(60_000);
     for (let i = 0; i < big.length; i++) big[i] = (i * 7 + (i >> 8)) & 255;
     const sent0 = a.bulk!.status(b.id)!.txDatagrams;
