@@ -9,6 +9,7 @@ import { createServer } from "node:net";
 import { join } from "node:path";
 import type { Browser, Page } from "playwright-core";
 import { RTCPeerConnection, type RTCDataChannel } from "werift";
+import { expect } from "vitest";
 import { tmpDir, waitFor } from "./cluster.js";
 
 export const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
@@ -192,4 +193,44 @@ export async function waitForPage(page: Page, predicate: string, timeoutMs: numb
       .catch((x: Error) => `(page gone: ${x.message})`);
     throw new Error(`${what}: not within ${timeoutMs} ms (${(e as Error).message.split("\n")[0]}); the page showed ${JSON.stringify(shown)}; console: ${JSON.stringify(consoleLines.slice(-20))}`);
   }
+}
+
+// ---- the topology page (agent/ui, also served by `weftnet signal` at /ui): rows and the checks both UI suites make
+
+export const nodeRows = (page: Page) =>
+  page.$$eval("#nodes tbody tr", (rs) => rs.map((r) => ({ id: r.getAttribute("data-node"), pongs: Number(r.getAttribute("data-pongs")), name: r.children[0]!.textContent, transport: r.children[2]!.textContent, rtt: r.querySelector(".rtt")!.textContent })));
+export const linkRows = (page: Page) => page.$$eval("#links tbody tr", (rs) => rs.map((r) => ({ key: r.getAttribute("data-link"), path: r.getAttribute("data-path"), why: r.querySelector(".why")!.textContent, text: r.textContent })));
+/** the page shows 3 nodes, each with an RTT, and 3 links (page-side predicates are strings: compiled for Node, without the DOM types) */
+export const FULL_VIEW = `(() => { const rows = [...document.querySelectorAll("#nodes tbody tr")];
+  return rows.length === 3 && rows.every((r) => /ms$/.test(r.querySelector(".rtt").textContent)) && document.querySelectorAll("#links tbody tr").length === 3; })()`;
+
+/**
+ * What a joined page shows of the 3-agent test mesh (a: native, b: werift, c: native): the status line,
+ * the three nodes with their transports and RTTs, every link with a path (and why, when relayed), and the
+ * graph. Returns the node rows.
+ */
+export async function expectMeshView(page: Page) {
+  expect(await page.textContent("#status")).toMatch(/^joined: 3 agent link\(s\), viewer id [0-9a-f]{16}$/);
+  const nodes = await nodeRows(page);
+  expect(nodes.map((n) => n.name).sort()).toEqual(["a", "b", "c"]);
+  expect(nodes.find((n) => n.name === "b")!.transport).toBe("werift");
+  expect(nodes.find((n) => n.name === "a")!.transport).toBe("native");
+  for (const n of nodes) expect(n.rtt).toMatch(/^\d+(\.\d+)? ms$/);
+  for (const l of await linkRows(page)) {
+    expect(l.path).toMatch(/^(direct|bulk|turn|relay|via)$/);
+    if (l.path === "relay") expect(l.why).toMatch(/relayed through the signaling server: .+/);
+  }
+  expect(await page.locator("svg#graph g[data-node]").count()).toBe(3);
+  expect(await page.locator("svg#graph line[data-link]").count()).toBe(3);
+  return nodes;
+}
+
+/** Ping `to` from `from` (node names) on the page; returns the result line ("a → c: 1.2 ms via direct"). */
+export async function pingOnPage(page: Page, from: string, to: string): Promise<string | null> {
+  const ids = Object.fromEntries((await nodeRows(page)).map((n) => [n.name, n.id]));
+  await page.selectOption("#ping-from", ids[from]!);
+  await page.selectOption("#ping-target", ids[to]!);
+  await page.click("#ping");
+  await page.waitForFunction(`/: /.test(document.querySelector("#ping-result").textContent)`, undefined, { timeout: 10_000 });
+  return page.textContent("#ping-result");
 }

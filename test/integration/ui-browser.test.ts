@@ -9,9 +9,9 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { Browser, Page } from "playwright-core";
+import type { Browser } from "playwright-core";
 import { waitFor } from "../helpers/cluster.js";
-import { agentStatus, ARTIFACTS, freePort, HAVE_CHROMIUM, launchChromium, recordConsole, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
+import { agentStatus, ARTIFACTS, expectMeshView, freePort, FULL_VIEW, HAVE_CHROMIUM, launchChromium, linkRows, nodeRows, pingOnPage, recordConsole, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
 
 const TOKEN = "ui-browser-Zq3v8Kp1Lm7Xr2Tn5Wb9Yc4Hd6Jf0Gs";
 const status = agentStatus;
@@ -47,10 +47,6 @@ d("live topology page in Chromium", () => {
     await stopCli(signal);
   }, 30_000);
 
-  const nodeRows = (page: Page) =>
-    page.$$eval("#nodes tbody tr", (rs) => rs.map((r) => ({ id: r.getAttribute("data-node"), pongs: Number(r.getAttribute("data-pongs")), name: r.children[0]!.textContent, transport: r.children[2]!.textContent, rtt: r.querySelector(".rtt")!.textContent })));
-  const linkRows = (page: Page) => page.$$eval("#links tbody tr", (rs) => rs.map((r) => ({ key: r.getAttribute("data-link"), path: r.getAttribute("data-path"), why: r.querySelector(".why")!.textContent, text: r.textContent })));
-
   it("joins over WebRTC, shows every node and link, pings a node with its path, survives the signaling server", async () => {
     const page = await browser!.newPage({ viewport: { width: 1280, height: 760 } });
     const errors: string[] = [];
@@ -59,39 +55,14 @@ d("live topology page in Chromium", () => {
     await page.goto(uiUrl);
     await page.fill("#credential", TOKEN);
     await page.click("#join-btn");
-    // (page-side predicates are strings: this file is compiled for Node, without the DOM types)
-    await waitForPage(
-      page,
-      `(() => { const rows = [...document.querySelectorAll("#nodes tbody tr")];
-        return rows.length === 3 && rows.every((r) => /ms$/.test(r.querySelector(".rtt").textContent)) && document.querySelectorAll("#links tbody tr").length === 3; })()`,
-      40_000,
-      "3 nodes with RTTs and 3 links",
-      logs,
-    );
-    expect(await page.textContent("#status")).toMatch(/^joined: 3 agent link\(s\), viewer id [0-9a-f]{16}$/);
-    const nodes = await nodeRows(page);
-    expect(nodes.map((n) => n.name).sort()).toEqual(["a", "b", "c"]);
-    expect(nodes.find((n) => n.name === "b")!.transport).toBe("werift");
-    expect(nodes.find((n) => n.name === "a")!.transport).toBe("native");
-    for (const n of nodes) expect(n.rtt).toMatch(/^\d+(\.\d+)? ms$/);
-    const links = await linkRows(page);
-    for (const l of links) {
-      expect(l.path).toMatch(/^(direct|bulk|turn|relay|via)$/);
-      if (l.path === "relay") expect(l.why).toMatch(/relayed through the signaling server: .+/);
-    }
-    expect(await page.locator("svg#graph g[data-node]").count()).toBe(3);
-    expect(await page.locator("svg#graph line[data-link]").count()).toBe(3);
+    await waitForPage(page, FULL_VIEW, 40_000, "3 nodes with RTTs and 3 links", logs);
+    await expectMeshView(page);
 
     // the viewer is not a mesh member: the agents' peer lists and routes do not contain it
     for (const dir of dirs) expect(status(dir)!.peers.map((p) => p.name).sort()).toHaveLength(2);
 
     // ping c from a: the reply names its path
-    const ids = Object.fromEntries(nodes.map((n) => [n.name, n.id]));
-    await page.selectOption("#ping-from", ids.a!);
-    await page.selectOption("#ping-target", ids.c!);
-    await page.click("#ping");
-    await page.waitForFunction(`/: /.test(document.querySelector("#ping-result").textContent)`, undefined, { timeout: 10_000 });
-    expect(await page.textContent("#ping-result")).toMatch(/^a → c: \d+(\.\d+)? ms via (direct|turn|relay)( route .+)?$/);
+    expect(await pingOnPage(page, "a", "c")).toMatch(/^a → c: \d+(\.\d+)? ms via (direct|turn|relay)( route .+)?$/);
 
     // the signaling server goes away; RTTs measured by the browser keep coming from all three agents
     await stopCli(signal);

@@ -8,22 +8,15 @@
  */
 import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import type { Browser, Page } from "playwright-core";
+import type { Browser } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { generateIdentity } from "../../src/identity.js";
 import { loadInviteKey, mintInvite } from "../../agent/ui/invite.js";
 import { tmpDir, waitFor } from "../helpers/cluster.js";
-import { agentStatus, ARTIFACTS, HAVE_CHROMIUM, launchChromium, recordConsole, runCli, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
+import { agentStatus, ARTIFACTS, expectMeshView, FULL_VIEW, HAVE_CHROMIUM, launchChromium, linkRows, nodeRows, pingOnPage, recordConsole, runCli, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
 
 const TOKEN = "ui-signal-Hd6Jf0GsZq3v8Kp1Lm7Xr2Tn5Wb9Yc4";
 const d = HAVE_CHROMIUM ? describe : describe.skip;
-
-const nodeRows = (page: Page) =>
-  page.$$eval("#nodes tbody tr", (rs) => rs.map((r) => ({ id: r.getAttribute("data-node"), pongs: Number(r.getAttribute("data-pongs")), name: r.children[0]!.textContent, transport: r.children[2]!.textContent, rtt: r.querySelector(".rtt")!.textContent })));
-const linkRows = (page: Page) => page.$$eval("#links tbody tr", (rs) => rs.map((r) => ({ key: r.getAttribute("data-link"), path: r.getAttribute("data-path"), why: r.querySelector(".why")!.textContent })));
-/** (page-side predicates are strings: this file is compiled for Node, without the DOM types) */
-const FULL_VIEW = `(() => { const rows = [...document.querySelectorAll("#nodes tbody tr")];
-  return rows.length === 3 && rows.every((r) => /ms$/.test(r.querySelector(".rtt").textContent)) && document.querySelectorAll("#links tbody tr").length === 3; })()`;
 
 d("live topology page at weftnet signal's /ui", () => {
   let signal: Proc | undefined;
@@ -95,17 +88,7 @@ d("live topology page at weftnet signal's /ui", () => {
 
     for (const page of [byToken, byInvite]) {
       await waitForPage(page, FULL_VIEW, 40_000, `${page === byToken ? "token" : "invite"} page: 3 nodes with RTTs and 3 links`, logs.get(page));
-      expect(await page.textContent("#status")).toMatch(/^joined: 3 agent link\(s\), viewer id [0-9a-f]{16}$/);
-      const nodes = await nodeRows(page);
-      expect(nodes.map((n) => n.name).sort()).toEqual(["a", "b", "c"]);
-      expect(nodes.find((n) => n.name === "b")!.transport).toBe("werift");
-      expect(nodes.find((n) => n.name === "a")!.transport).toBe("native");
-      for (const l of await linkRows(page)) {
-        expect(l.path).toMatch(/^(direct|bulk|turn|relay|via)$/);
-        if (l.path === "relay") expect(l.why).toMatch(/relayed through the signaling server: .+/);
-      }
-      expect(await page.locator("svg#graph g[data-node]").count()).toBe(3);
-      expect(await page.locator("svg#graph line[data-link]").count()).toBe(3);
+      await expectMeshView(page);
     }
     // the invite never showed the agents the token: its page holds only the invite
     expect(await byInvite.inputValue("#credential")).toMatch(/^wv1\./);
@@ -116,12 +99,7 @@ d("live topology page at weftnet signal's /ui", () => {
     expect(joined).toMatch(/viewer joined.*invite/);
 
     // ping c from b (the werift agent), on the invited page: the reply names its path
-    const ids = Object.fromEntries((await nodeRows(byInvite)).map((n) => [n.name, n.id]));
-    await byInvite.selectOption("#ping-from", ids.b!);
-    await byInvite.selectOption("#ping-target", ids.c!);
-    await byInvite.click("#ping");
-    await byInvite.waitForFunction(`/: /.test(document.querySelector("#ping-result").textContent)`, undefined, { timeout: 10_000 });
-    expect(await byInvite.textContent("#ping-result")).toMatch(/^b → c: \d+(\.\d+)? ms via (direct|turn|relay)( route .+)?$/);
+    expect(await pingOnPage(byInvite, "b", "c")).toMatch(/^b → c: \d+(\.\d+)? ms via (direct|turn|relay)( route .+)?$/);
 
     // the signaling server goes away; both pages keep getting RTTs from all three agents
     await stopCli(signal);
