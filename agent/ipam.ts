@@ -43,6 +43,7 @@ export class IpamDriver {
   private readonly revokeListeners: ((r: { podId: string; ip: string }) => void)[] = [];
   private lastBlocks = "";
   private lastError: WeftError | undefined;
+  private persistFailing: string | undefined;
 
   constructor(
     private readonly cfg: IpamConfig,
@@ -60,11 +61,15 @@ export class IpamDriver {
       ...persistOpts,
       onError: (err) => {
         this.counters.persistErrors++;
-        this.log.error("cannot write the IPAM state; IPAM messages and new addresses wait until it is written (retrying)", { path: this.path, err: err.message });
+        // retried every second: say it once per distinct error, and once when it works again
+        if (this.persistFailing !== err.message) this.log.error("cannot write the IPAM state; IPAM messages and new addresses wait until it is written (retrying)", { path: this.path, err: err.message });
+        this.persistFailing = err.message;
       },
     });
     this.writer.onDurable((gen) => {
       this.counters.persists++;
+      if (this.persistFailing !== undefined) this.log.info("IPAM state written again", { path: this.path, failures: this.counters.persistErrors });
+      this.persistFailing = undefined;
       this.sendHeld(gen);
     });
     mesh.onPeerUp((peer) => this.apply(this.node.handle({ type: "peerUp", peer }, this.now())));

@@ -8,7 +8,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { IpamDriver } from "../../agent/ipam.js";
 import { SnapshotWriter, writeFileAtomicAsync } from "../../agent/snapshot-writer.js";
 import type { IpamOutput } from "../../src/ipam/index.js";
-import { silentLogger } from "../../src/log.js";
+import { createLogger, silentLogger, type Logger } from "../../src/log.js";
 import type { MeshManager } from "../../src/mesh/manager.js";
 
 const dirs: string[] = [];
@@ -147,7 +147,7 @@ describe("SnapshotWriter", () => {
 describe("IpamDriver persistence", () => {
   const sent: { to: string; body: unknown; onDisk: string }[] = [];
   afterEach(() => void sent.splice(0));
-  function driver(dir: string, write?: ReturnType<typeof gatedWrite>["write"]) {
+  function driver(dir: string, write?: ReturnType<typeof gatedWrite>["write"], log: Logger = silentLogger) {
     const path = join(dir, "ipam.json");
     const mesh = {
       onPeerUp() {},
@@ -158,7 +158,7 @@ describe("IpamDriver persistence", () => {
         return true;
       },
     } as unknown as MeshManager;
-    const d = new IpamDriver({ id: "00000000000000aa", range: "10.40.0.0/24", blockPrefix: 28, bootstrapWaitMs: 0 }, dir, mesh, silentLogger, Date.now, write ? { write } : {});
+    const d = new IpamDriver({ id: "00000000000000aa", range: "10.40.0.0/24", blockPrefix: 28, bootstrapWaitMs: 0 }, dir, mesh, log, Date.now, write ? { write, retryMs: 20 } : {});
     // the driver's step for one output of the IPAM core (what every mesh event and tick goes through)
     const apply = (out: Partial<IpamOutput>) => (d as unknown as { apply(o: IpamOutput): void }).apply({ send: [], persist: false, revoked: [], errors: [], ...out });
     return { d, apply, path };
@@ -217,17 +217,22 @@ describe("IpamDriver persistence", () => {
   it("a failing disk holds messages and fails allocations instead of handing out an address that is not on disk", async () => {
     const dir = tmp();
     const { g, write } = gatedWrite();
-    const { d, apply } = driver(dir, write);
+    const lines: string[] = [];
+    const { d, apply } = driver(dir, write, createLogger({ level: "info", sink: (l) => lines.push(l) }));
     const pump = setInterval(() => g.open?.(), 5);
     try {
       d.tick();
       d.tick();
       await until(() => !d.writer.pending, "founding written");
-      g.fail = 1;
+      lines.splice(0);
+      g.fail = 3;
       await expect(d.allocate("pod/x", 5_000)).rejects.toThrow("disk full");
       apply({ persist: true, send: [{ to: "p1", body: "m" }] });
-      await until(() => sent.length === 1, "the message after the retry");
-      expect(d.counters.persistErrors).toBe(1);
+      await until(() => sent.length === 1, "the message after the retries");
+      expect(d.counters.persistErrors).toBe(3);
+      // retried until it worked, said once, and once that it works again
+      expect(lines.filter((l) => l.includes("cannot write the IPAM state"))).toHaveLength(1);
+      expect(lines.filter((l) => l.includes("IPAM state written again"))).toHaveLength(1);
     } finally {
       clearInterval(pump);
     }
