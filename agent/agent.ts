@@ -415,6 +415,9 @@ export class Agent implements AgentView {
         queued: (peer) => mesh.queued(peer),
         // The bulk link segments by itself (one inner packet per datagram); WebRTC links report their budget.
         linkBudget: (peer) => (bulk?.isUp(peer) ? undefined : mesh.link(peer)?.packetBudget),
+        // Frames sealed end to end for a node behind the peer ride the bulk link whole, one per datagram:
+        // the forwarder sizes them to this (issue 12: a via path at bulk speed on both hops).
+        sealedBudget: (peer) => bulk?.sealedBudget(peer),
         onPacket: (h) => {
           mesh.onPacket(h);
           bulk?.onFrame(h);

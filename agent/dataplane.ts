@@ -57,6 +57,8 @@ export interface MeshPacketPort {
   queued(peer: string): number;
   /** bytes one message to the peer should carry at most (segmentation); undefined: no budget */
   linkBudget(peer: string): number | undefined;
+  /** bytes of the largest frame sealed end to end the peer's link carries whole (the bulk link); undefined: none */
+  sealedBudget?(peer: string): number | undefined;
   /** frames from peers, whichever link carried them */
   onPacket(h: (from: string, data: Uint8Array) => void): void;
   /** a link can take more again (after "full") */
@@ -118,6 +120,7 @@ export class DataPlane {
       deliver: (pkts) => this.toTun(pkts),
       vnetHdr: dev.vnetHdr,
       linkBudget: (peer) => mesh.linkBudget(peer),
+      ...(mesh.sealedBudget ? { sealedBudget: (peer: string) => mesh.sealedBudget!(peer) } : {}),
       segment: d.segment ?? "auto",
       ...(d.now ? { now: d.now } : {}),
     }));

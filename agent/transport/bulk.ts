@@ -113,6 +113,9 @@ export interface BulkCounters {
   stunAnswers: number;
   framesOut: number;
   framesIn: number;
+  /** frames sealed end to end (transit) sent / received whole, one per datagram */
+  sealedOut: number;
+  sealedIn: number;
 }
 
 export class BulkService {
@@ -130,7 +133,7 @@ export class BulkService {
   private lastStun = -Infinity;
   private stunAddr: Endpoint | undefined;
   private closed = false;
-  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, tooBigForPath: 0, stunAnswers: 0, framesOut: 0, framesIn: 0 };
+  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, tooBigForPath: 0, stunAnswers: 0, framesOut: 0, framesIn: 0, sealedOut: 0, sealedIn: 0 };
   // send path buffers (long-lived: the socket caches their addresses)
   private readonly slab = Buffer.allocUnsafeSlow(UDP_GSO_MAX_BYTES + 4096);
   private readonly arena = new ByteArena(256 * 1024);
@@ -398,6 +401,14 @@ export class BulkService {
       }
       if (typeof r === "string" || r === KEEPALIVE) continue;
       this.counters.framesIn++;
+      if ((r[0]! & FLAG_SEALED) !== 0) {
+        // One whole frame sealed end to end (wire.ts 0x11): opaque here, handed on as it is, in order.
+        this.flushGroup(groupPeer, groupHdr);
+        groupHdr = undefined;
+        this.counters.sealedIn++;
+        this.frameHandler?.(this.peerIds.get(p)!, r);
+        continue;
+      }
       // One record of a valid frame? Anything else is handed on as it is (the forwarder validates and counts).
       const recLen = r.length >= FRAME_HEADER_LEN + RECORD_HEADER_LEN ? ((r[FRAME_HEADER_LEN]! << 24) | (r[FRAME_HEADER_LEN + 1]! << 16) | (r[FRAME_HEADER_LEN + 2]! << 8) | r[FRAME_HEADER_LEN + 3]!) >>> 0 : -1;
       if (recLen !== r.length - FRAME_HEADER_LEN - RECORD_HEADER_LEN || recLen <= VNET_HDR_LEN) {
@@ -465,10 +476,13 @@ export class BulkService {
   send(peer: string, frame: Uint8Array): "ok" | undefined {
     const p = this.peers.get(peer);
     if (!p || !p.up || !p.endpoint || p.pathMax === undefined) return undefined;
-    // A frame sealed end to end for a node behind this peer (src/packet/seal.ts) is opaque here: its
-    // records cannot be split into datagrams. It takes the WebRTC link (undefined = the caller's fallback).
-    if ((frame[0]! & FLAG_SEALED) !== 0) return undefined;
     const to = p.endpoint;
+    if (this.batchCount > 0 && this.batchTo !== to) this.flush();
+    // A frame sealed end to end for a node behind this peer (src/packet/seal.ts) is opaque here: it travels
+    // whole in one datagram (wire.ts 0x11). The forwarder sizes sealed frames for a bulk hop to
+    // sealedBudget(peer), so every frame of a flow fits; one that does not (the path MTU shrank under it,
+    // a non-TCP packet larger than the path) takes the WebRTC link (counted: too-big-for-path).
+    if ((frame[0]! & FLAG_SEALED) !== 0) return this.sendSealed(p, to, frame);
     const hdr = frame.subarray(0, FRAME_HEADER_LEN);
     // The largest IP packet a datagram of the confirmed path MTU carries. TCP is segmented to fit; a frame
     // with a larger packet of anything else goes on the WebRTC link instead (counted: too-big-for-path).
@@ -480,6 +494,7 @@ export class BulkService {
     }
     let off = FRAME_HEADER_LEN;
     this.batchTo = to;
+    this.flushScheduled = false;
     while (off + RECORD_HEADER_LEN <= frame.length) {
       const len = ((frame[off]! << 24) | (frame[off + 1]! << 16) | (frame[off + 2]! << 8) | frame[off + 3]!) >>> 0;
       const rec = frame.subarray(off + RECORD_HEADER_LEN, off + RECORD_HEADER_LEN + len);
@@ -498,6 +513,52 @@ export class BulkService {
     this.counters.framesOut++;
     return "ok";
   }
+
+  /**
+   * The largest frame sealed end to end (seal.ts) that the bulk link to `peer` carries whole, in one
+   * datagram: the confirmed path MTU less this link's header and tag. undefined when the link is not up
+   * (sealed frames then take the mesh link, sized to its own budget). The forwarder segments and packs
+   * sealed frames for such a hop to fit (src/packet/forwarder.ts), so a flow never splits by size.
+   */
+  sealedBudget(peer: string): number | undefined {
+    const p = this.peers.get(peer);
+    if (!p || !p.up || !p.endpoint || p.pathMax === undefined) return undefined;
+    return p.pathMax - SEAL_OVERHEAD;
+  }
+
+  /**
+   * One sealed frame as one datagram. It joins the pending batch (a transit forwarding a GRO read's worth of
+   * small sealed frames, or a TUN batch cut into many, sends them with one sendmsg) which is flushed at the
+   * end of this turn's synchronous work (a microtask), by the next send to another endpoint, or when full.
+   */
+  private sendSealed(p: BulkPeer, to: Endpoint, frame: Uint8Array): "ok" | undefined {
+    if (frame.length + SEAL_OVERHEAD > p.pathMax!) {
+      this.counters.tooBigForPath++;
+      return undefined;
+    }
+    const size = frame.length + SEAL_OVERHEAD;
+    if (this.batchCount > 0 && (size > this.batchSeg || this.batchLen % this.batchSeg !== 0 || this.batchCount >= UDP_GSO_MAX_SEGMENTS || this.batchLen + size > UDP_GSO_MAX_BYTES)) this.flush();
+    this.slab.set(frame, this.batchLen + HEADER_LEN);
+    const n = p.seal(this.slab, this.batchLen, frame.length);
+    if (n < 0) return undefined;
+    this.batchTo = to;
+    if (this.batchCount === 0) this.batchSeg = n;
+    this.batchLen += n;
+    this.batchCount++;
+    this.counters.sealedOut++;
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      queueMicrotask(this.flushCb);
+    }
+    return "ok";
+  }
+
+  private flushScheduled = false;
+  private readonly flushCb = () => {
+    if (!this.flushScheduled) return;
+    this.flushScheduled = false;
+    this.flush();
+  };
 
   /** Every record of the frame is TCP (segmentable) or fits `maxIp`. */
   private fitsPath(frame: Uint8Array, maxIp: number): boolean {
@@ -538,6 +599,10 @@ export class BulkService {
 
   private flush(): void {
     if (this.batchCount === 0 || !this.batchTo) return;
+    if (this.closed) {
+      this.batchLen = this.batchCount = 0;
+      return;
+    }
     const sent = this.socket.sendBatch(this.batchTo, this.slab.subarray(0, this.batchLen), this.batchSeg, this.batchCount);
     if (sent < this.batchCount) this.counters.sendFull += this.batchCount - sent;
     this.batchLen = 0;

@@ -27,6 +27,8 @@ import { ProtocolError } from "../errors.js";
 import type { Aead, AeadAlgorithm, AeadKey } from "./crypto.js";
 import { deriveKeys, newEphemeral, type EphemeralKey } from "./crypto.js";
 import { ReplayWindow } from "./replay.js";
+import { FRAME_VERSION } from "../packet/frame.js";
+import { FLAG_SEALED } from "../packet/seal.js";
 import {
   BULK_WIRE_VERSION,
   HEADER_LEN,
@@ -35,6 +37,9 @@ import {
   INNER_PROBE_ACK,
   KEEPALIVE_LEN,
   MAX_CANDIDATES,
+  MAX_INNER_FRAME,
+  MIN_INNER_FRAME,
+  MIN_SEALED_INNER_FRAME,
   SEAL_OVERHEAD,
   TAG_LEN,
   TYPE_DATA,
@@ -71,7 +76,13 @@ export const DEFAULT_BULK_TIMING: BulkTiming = {
 /** Counter values a keypair may seal before it must be rotated (far below 2^53 and the GCM limits). */
 export const REJECT_AFTER_MESSAGES = 2 ** 48;
 
-export const BULK_DROP_REASONS = ["short", "bad-type", "unknown-index", "stale-key", "bad-auth", "replay", "bad-inner", "handshake-rate"] as const;
+/**
+ * Why a datagram from the peer was dropped. The last four are authenticated datagrams whose inner message
+ * is not one we send (wire.ts): `bad-inner` an unknown first byte or a malformed keepalive/probe,
+ * `bad-flags` a frame with flag bits other than FLAG_SEALED, `truncated` a frame shorter than its header and
+ * one record (and, sealed, the seal's counter and tag), `oversize` longer than MAX_INNER_FRAME.
+ */
+export const BULK_DROP_REASONS = ["short", "bad-type", "unknown-index", "stale-key", "bad-auth", "replay", "bad-inner", "handshake-rate", "bad-flags", "truncated", "oversize"] as const;
 
 /**
  * Handshake messages (init, resp) a peer may make us process: a bucket of HANDSHAKE_BURST refilled with one
@@ -691,6 +702,12 @@ export class BulkPeer {
       }
       return KEEPALIVE;
     }
+    // A data-plane frame: one packet record (0x10) or one whole frame sealed end to end (0x11), see wire.ts.
+    const vf = inner[0]!;
+    if (vf >> 4 !== FRAME_VERSION) return this.dropped("bad-inner");
+    if ((vf & 0x0f & ~FLAG_SEALED) !== 0) return this.dropped("bad-flags");
+    if (inner.byteLength < ((vf & FLAG_SEALED) !== 0 ? MIN_SEALED_INNER_FRAME : MIN_INNER_FRAME)) return this.dropped("truncated");
+    if (inner.byteLength > MAX_INNER_FRAME) return this.dropped("oversize");
     return inner;
   }
 

@@ -13,9 +13,16 @@
  *                message, then the 16-byte tag
  *
  *   Inner message, by its first byte:
- *     0x1_  one data-plane frame (src/packet/frame.ts) carrying exactly ONE packet record: a pod packet
+ *     0x10  one data-plane frame (src/packet/frame.ts) carrying exactly ONE packet record: a pod packet
  *           (vnet header + IP) no larger than the path allows. GSO super-packets are segmented before
  *           sealing (segment.ts), so a lost datagram costs one inner packet, never a burst.
+ *     0x11  one whole frame sealed end to end for a node behind this peer (FLAG_SEALED, src/packet/seal.ts),
+ *           carried opaque: the receiver hands it to the forwarder unchanged (which forwards it by its
+ *           clear header or opens it). Its sender sized it to fit one datagram of the path (the forwarder
+ *           segments and packs sealed frames to BulkService.sealedBudget), so it holds one or a few small
+ *           packets. Other flag bits, a frame shorter than its header + one record (+ the seal's counter
+ *           and tag when sealed), or longer than MAX_INNER_FRAME are dropped and counted (`bad-flags`,
+ *           `truncated`, `oversize`); any other first byte is `bad-inner`.
  *     0x01  path MTU probe: [1][4 id, LE][zero padding]: the datagram has the size being tried
  *     0x02  probe ack: [2][4 id][2 size of the probe datagram] (small), sent back to where the probe came from.
  *           The sender binary-searches between 548 bytes and the link's largest datagram; the link is up only
@@ -44,6 +51,9 @@
  *   Unknown fields are ignored; a bad message is a typed error, counted, and changes nothing.
  */
 import { ProtocolError } from "../errors.js";
+import { FRAME_HEADER_LEN, MIN_RECORD_LEN, RECORD_HEADER_LEN } from "../packet/frame.js";
+import { SEAL_OVERHEAD as E2E_SEAL_OVERHEAD } from "../packet/seal.js";
+import { VNET_HDR_LEN } from "../packet/vnet.js";
 
 export const TYPE_DATA = 4;
 export const HEADER_LEN = 16;
@@ -55,6 +65,16 @@ export const INNER_KEEPALIVE = 0;
 export const INNER_PROBE = 1;
 export const INNER_PROBE_ACK = 2;
 export const KEEPALIVE_LEN = 26;
+/** The largest pod MTU an agent accepts (--mtu). */
+export const MAX_POD_MTU = 9000;
+/**
+ * The largest inner frame a bulk datagram may carry: one MAX_POD_MTU packet with its virtio header and
+ * record length, the frame header, and an end-to-end seal's counter and tag (8 + 16, src/packet/seal.ts).
+ */
+export const MAX_INNER_FRAME = FRAME_HEADER_LEN + RECORD_HEADER_LEN + VNET_HDR_LEN + MAX_POD_MTU + E2E_SEAL_OVERHEAD;
+/** The smallest: the frame header and one minimal record (plus, sealed, the counter and tag). */
+export const MIN_INNER_FRAME = FRAME_HEADER_LEN + RECORD_HEADER_LEN + MIN_RECORD_LEN;
+export const MIN_SEALED_INNER_FRAME = MIN_INNER_FRAME + E2E_SEAL_OVERHEAD;
 export const BULK_WIRE_VERSION = 1;
 export const BULK_CHANNEL = "bulk";
 export const MAX_CANDIDATES = 8;

@@ -63,6 +63,13 @@ export interface ForwarderPorts {
    * messages, or it is unknown). With it, GSO super-packets are segmented to fit (gso-policy.ts).
    */
   linkBudget?(peer: string): number | undefined;
+  /**
+   * The largest frame sealed end to end that the link to `peer` carries whole (the bulk link: one datagram
+   * of its confirmed path MTU, BulkService.sealedBudget); undefined: no such limit (the mesh link, sized by
+   * linkBudget). Sealed frames for such a hop are always segmented and packed to fit, whatever the
+   * segmentation mode, so every frame of a flow through a transit takes the same link.
+   */
+  sealedBudget?(peer: string): number | undefined;
   /** Software segmentation towards lossy links: "auto" (default), "always", "off" (gso-policy.ts). */
   segment?: SegmentMode;
   /** Clock (ms) for the segmentation policy; default 0 (then "auto" never expires). */
@@ -215,9 +222,11 @@ export class Forwarder {
     const enc = this.enc;
     const dst = this.bytesOf(owner);
     const sealFor = hop !== owner && this.p.sealer ? this.p.sealer : undefined;
-    // A sealed frame is SEAL_OVERHEAD longer: leave room for it in the link's per-message budget.
-    const budget = this.p.linkBudget?.(hop);
-    const plan = this.segmenter.plan(hop, batch, budget !== undefined && sealFor ? budget - SEAL_OVERHEAD : budget, this.p.now?.() ?? 0, (d) => this.drops.drop(d.reason));
+    // A sealed frame is SEAL_OVERHEAD longer: leave room for it in the link's per-message budget. A link
+    // that carries sealed frames only whole and small (the bulk link) gets them sized to fit, always.
+    const hard = sealFor ? this.p.sealedBudget?.(hop) : undefined;
+    const budget = hard ?? this.p.linkBudget?.(hop);
+    const plan = this.segmenter.plan(hop, batch, budget !== undefined && sealFor ? budget - SEAL_OVERHEAD : budget, this.p.now?.() ?? 0, (d) => this.drops.drop(d.reason), hard !== undefined);
     const pkts = plan.packets;
     const limit = plan.frameLimit;
     enc.begin(this.selfBytes, dst, undefined, limit);

@@ -117,10 +117,12 @@ export class LinkSegmenter {
    * Packets for `hop` (vnet header + IP each), as they should be framed. `budget`: the bytes of one message
    * that fit one SCTP packet on the hop's link (undefined: no segmentation). The returned array and the
    * segments in it are valid until the next plan() or release(). onDrop: packets segmentation rejected.
+   * `force`: segment to the budget whatever the mode and the loss seen: the link cannot carry a larger
+   * message at all (a frame sealed end to end on the bulk link travels whole in one datagram).
    */
-  plan(hop: string, pkts: Uint8Array[], budget: number | undefined, now: number, onDrop?: (d: PeekDrop) => void): Plan {
-    if (this.mode === "off" || budget === undefined) return { packets: pkts, frameLimit: undefined };
-    if (this.mode === "auto") {
+  plan(hop: string, pkts: Uint8Array[], budget: number | undefined, now: number, onDrop?: (d: PeekDrop) => void, force = false): Plan {
+    if (budget === undefined || (this.mode === "off" && !force)) return { packets: pkts, frameLimit: undefined };
+    if (this.mode === "auto" && !force) {
       this.observe(hop, pkts, now);
       if (!this.active(hop, now)) return { packets: pkts, frameLimit: undefined };
     }

@@ -213,6 +213,69 @@ describe("bulk link (agents on loopback)", () => {
     expect(got.get(far)).toBe(5 * data.length);
   }, 60_000);
 
+  it("frames sealed end to end for a node behind the peer ride whole, one per datagram (0x11); hostile ones are typed drops", async () => {
+    const [a, b] = await pair();
+    await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");
+    const far = "00000000000000ff";
+    const budget = a.bulk!.sealedBudget(b.id)!;
+    expect(budget).toBe(a.bulk!.status(b.id)!.pathMax! - 32);
+    const got: Buffer[] = [];
+    b.bulk!.onFrame((from, frame) => {
+      if (from === a.id) got.push(Buffer.from(frame));
+    });
+    // A sealed frame is opaque to the link: clear header (0x11 = version 1 | FLAG_SEALED), then ciphertext.
+    const sealed = (len: number, i: number, first = 0x11) => {
+      const out = Buffer.alloc(len);
+      for (let o = 18; o < len; o += 64) createHash("sha512").update(`${i}/${o}`).digest().copy(out, o);
+      out[0] = first;
+      out[1] = 8;
+      Buffer.from(nodeIdToBytes(a.id)).copy(out, 2);
+      Buffer.from(nodeIdToBytes(far)).copy(out, 10);
+      return out;
+    };
+    const sent: Buffer[] = [];
+    const d0 = a.bulk!.status(b.id)!.txDatagrams;
+    for (let i = 0; i < 600; i++) {
+      const f = sealed(200 + ((i * 37) % (budget - 200)), i); // sizes up to the budget
+      sent.push(f);
+      expect(a.bulk!.send(b.id, f)).toBe("ok");
+      if (i % 50 === 49) await new Promise((r) => setImmediate(r));
+    }
+    await waitFor(() => got.length >= sent.length, 10_000, `all ${sent.length} sealed frames (got ${got.length})`);
+    // unchanged, in order, one datagram each
+    expect(got.every((g, i) => g.equals(sent[i]!))).toBe(true);
+    expect(a.bulk!.status(b.id)!.txDatagrams - d0).toBeGreaterThanOrEqual(600);
+    expect(a.bulk!.counters.sealedOut).toBe(600);
+    expect(b.bulk!.counters.sealedIn).toBe(600);
+    // one byte over the budget: not on the bulk link (the caller's WebRTC fallback), counted
+    const tb = a.bulk!.counters.tooBigForPath;
+    expect(a.bulk!.send(b.id, sealed(budget + 1, 1))).toBeUndefined();
+    expect(a.bulk!.counters.tooBigForPath).toBe(tb + 1);
+
+    // Hostile inner frames from a peer holding the keys (sealed with A's real sending key): truncated,
+    // oversize, unknown flags. Dropped and counted at B, which stays up and keeps delivering.
+    const peerA = (a.bulk as unknown as { peers: Map<string, { seal(b: Uint8Array, o: number, l: number): number; endpoint: { addr: number; port: number } }> }).peers.get(b.id)!;
+    const raw = (inner: Buffer) => {
+      const d = new Uint8Array(inner.length + 32);
+      d.set(inner, 16);
+      const n = peerA.seal(d, 0, inner.length);
+      a.bulk!.socket.send(peerA.endpoint, d.subarray(0, n));
+    };
+    const n0 = got.length;
+    raw(sealed(18 + 8 + 16, 1)); // a seal with no record inside
+    raw(sealed(9100, 2)); // larger than any pod MTU allows
+    raw(sealed(300, 3, 0x13)); // a flag bit nobody defined
+    raw(sealed(300, 4, 0x19));
+    await waitFor(() => Object.values(b.bulk!.status(a.id)!.drops).reduce((x, y) => x + y, 0) >= 4, 5000, "hostile frames counted");
+    expect(b.bulk!.status(a.id)!.drops).toEqual({ truncated: 1, oversize: 1, "bad-flags": 2 });
+    expect(b.bulk!.isUp(a.id)).toBe(true);
+    expect(got.length).toBe(n0);
+    const after = sealed(500, 99);
+    expect(a.bulk!.send(b.id, after)).toBe("ok");
+    await waitFor(() => got.length === n0 + 1, 5000, "a good frame after the hostile ones");
+    expect(got[n0]!.equals(after)).toBe(true);
+  }, 60_000);
+
   it("falls back to the WebRTC link within a second of going silent, and comes back", async () => {
     const [a, b] = await pair();
     await waitFor(() => !!a.bulk?.isUp(b.id) && !!b.bulk?.isUp(a.id), 10_000, "bulk link up");

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { nodeAead } from "../../src/bulk/crypto.js";
 import { BulkPeer, HANDSHAKE_BURST, HANDSHAKE_REFILL_MS, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src/bulk/session.js";
-import { parseCandidate, type Endpoint } from "../../src/bulk/wire.js";
+import { MAX_INNER_FRAME, parseCandidate, type Endpoint } from "../../src/bulk/wire.js";
 import { generateIdentity, signFields, verifyFields, type Identity } from "../../src/identity.js";
 
 const CTX = "weftnet/bulk/test";
@@ -94,6 +94,45 @@ describe("bulk session", () => {
     const len2 = seal(frame);
     expect(B.open(out.subarray(0, len2), epA, n.st.now)).toBeInstanceOf(Uint8Array);
     expect(B.rttMs).toBeGreaterThanOrEqual(0);
+  });
+
+  it("a whole frame sealed end to end (0x11) opens unchanged; hostile inner frames are typed drops and change nothing", () => {
+    const { A, B, epA, epB } = pair();
+    const n = net(A, B, epA, epB);
+    n.run("A", A.handle({ type: "start" }, n.st.now));
+    n.tick(600);
+    expect(A.up && B.up).toBe(true);
+    const out = new Uint8Array(MAX_INNER_FRAME + 200);
+    const send = (inner: Uint8Array) => {
+      out.set(inner, 16);
+      return B.open(out.subarray(0, A.seal(out, 0, inner.length)), epA, n.st.now);
+    };
+    const sealedFrame = (len: number, first = 0x11) => {
+      const f = randomBytes(len);
+      f[0] = first;
+      return f;
+    };
+    // an honest sealed frame: header + counter + records + tag, handed on byte for byte
+    const good = sealedFrame(18 + 8 + 4 + 10 + 60 + 16);
+    expect(Buffer.from(send(good) as Uint8Array).equals(good)).toBe(true);
+    const rx0 = B.counters.rxDatagrams;
+    // hostile (authenticated by the peer's key, so only the inner message is wrong)
+    expect(send(sealedFrame(18 + 8 + 16))).toBe("truncated"); // no record inside the seal
+    expect(send(sealedFrame(10))).toBe("truncated"); // not even a frame header
+    expect(send(sealedFrame(18 + 4 + 11 - 1, 0x10))).toBe("truncated"); // plain frame without a whole minimal record
+    expect(send(sealedFrame(MAX_INNER_FRAME + 1))).toBe("oversize");
+    expect(send(sealedFrame(MAX_INNER_FRAME + 1, 0x10))).toBe("oversize");
+    for (const bad of [0x13, 0x15, 0x19, 0x12]) expect(send(sealedFrame(200, bad))).toBe("bad-flags");
+    for (const bad of [0x21, 0xf1, 0x03, 0x7f]) expect(send(sealedFrame(200, bad))).toBe("bad-inner");
+    expect(B.drops).toMatchObject({ truncated: 3, oversize: 2, "bad-flags": 4, "bad-inner": 4 });
+    expect(B.counters.rxDatagrams - rx0).toBe(13);
+    // the link is intact: still up, the largest honest frame and a plain one still open
+    n.tick(300);
+    expect(A.up && B.up).toBe(true);
+    const big = sealedFrame(MAX_INNER_FRAME);
+    expect(Buffer.from(send(big) as Uint8Array).equals(big)).toBe(true);
+    const plain = sealedFrame(18 + 4 + 11, 0x10);
+    expect(Buffer.from(send(plain) as Uint8Array).equals(plain)).toBe(true);
   });
 
   it("goes down within the dead interval when the path goes silent, and back up when it recovers", () => {
