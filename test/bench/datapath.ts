@@ -8,12 +8,18 @@
  * on loopback, 64 KiB messages as fast as they go), the ceiling the native transport cannot beat at that
  * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
- *   --only S      only the configurations whose key contains S (bulk, native-native-1280, native-native-auto,
+ *   --only S      only the configurations whose key contains S (bulk, via, via-webrtc, native-native-1280, native-native-auto,
  *                 werift-werift, werift-native, jumbo, loss-bulk, loss-native, loss-werift, bulk-busy-poll-off;
  *                 "bulk" matches every bulk row). WebRTC rows run with --no-bulk; the bulk rows are the default agent (bulk link up)
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
  *   --segment M   software segmentation modes to sweep (agents' WEFTNET_SEGMENT), comma-separated, of auto,
  *                 always, off (default auto: what the agent does by default)
+ *
+ * Via rows (keys via, via-webrtc): three nodes, UDP between n1 and n3 blocked, iperf3 pod on n1 -> pod on n3
+ * routed through n2 (frames sealed end to end for n3, forwarded by n2 by header only): `via` is the default
+ * agent (bulk up on both hops: sealed frames ride it whole, one per datagram), `via-webrtc` runs --no-bulk
+ * (WebRTC on both hops: what a via path ran at before sealed frames rode the bulk link). The VXLAN baseline
+ * is n1 -> n2 (one hop) on the same LAN.
  *
  * Loss sweep (keys loss-native, loss-werift): one lab per transport; for each loss rate an iptables rule in
  * the receiving node's namespace drops that share of its incoming UDP (`-m statistic --mode random`; this
@@ -253,6 +259,8 @@ interface Config {
   uplinkMtu?: number;
   /** environment of the agents (set while they are spawned) */
   env?: Record<string, string>;
+  /** three nodes, UDP between n1 and n3 blocked: pod n1 -> pod n3 routed via n2 (frames sealed end to end) */
+  via?: boolean;
 }
 
 /** Both agents carry pod traffic on the bulk link (direct UDP), not WebRTC. */
@@ -264,25 +272,34 @@ async function bulkUp(lab: MeshLab): Promise<void> {
 const baselines = new Map<number, Result>();
 
 async function overlay(c: Config): Promise<Result> {
-  const lab = new MeshLab(2, c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {});
+  const lab = new MeshLab(c.via ? 3 : 2, c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {});
   try {
     await lab.setup();
     await lab.startSignal();
     const saved = Object.fromEntries(Object.keys(c.env ?? {}).map((k) => [k, process.env[k]]));
     Object.assign(process.env, c.env ?? {});
     try {
-      lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", c.kinds[i]!, "--log-level", "warn", ...(c.args ?? [])]));
+      lab.nodes.forEach((n, i) => lab.startAgent(n, ["--transport", c.kinds[i] ?? c.kinds[0], "--log-level", "warn", ...(c.args ?? [])]));
     } finally {
       for (const [k, v] of Object.entries(saved)) {
         if (v === undefined) delete process.env[k];
         else process.env[k] = v;
       }
     }
-    await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.state === "connected")), 30_000, "mesh");
+    await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.filter((p) => p.state === "connected").length === lab.nodes.length - 1), 30_000, "mesh");
     const pa = await lab.addPod(lab.nodes[0]!, "pa");
-    const pb = await lab.addPod(lab.nodes[1]!, "pb");
+    const pb = await lab.addPod(lab.nodes[c.via ? 2 : 1]!, "pb");
+    if (c.via) {
+      const [n1, n2, n3] = lab.nodes as [LabNode, LabNode, LabNode];
+      lab.block(n1, n3); // undone when the lab's namespaces go
+      const path = async (n: LabNode, peer: string) => (await lab.status(n)).peers.find((p) => p.name === peer)?.path;
+      await until(async () => (await path(n1, "n3")) === "via n2" && (await path(n3, "n1")) === "via n2", 30_000, "n1 <-> n3 via n2");
+      const hops: [LabNode, string][] = [[n1, "n2"], [n2, "n1"], [n2, "n3"], [n3, "n2"]];
+      const want = (c.args ?? []).includes("--no-bulk") ? "webrtc" : "bulk";
+      await until(async () => (await Promise.all(hops.map(async ([n, peer]) => (await lab.status(n)).peers.find((p) => p.name === peer)?.linkType))).every((t) => t === want), 60_000, `${want} on both hops`);
+    }
     await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
-    if (!(c.args ?? []).includes("--no-bulk")) await bulkUp(lab);
+    if (!c.via && !(c.args ?? []).includes("--no-bulk")) await bulkUp(lab);
     const mtu = c.uplinkMtu ?? 1500;
     if (!baselines.has(mtu)) baselines.set(mtu, await vxlanBaseline(lab, `kernel VXLAN, LAN MTU ${mtu}`));
     return await measure(c.label, pa.name, pb.name, pb.ip, lab.nodes.map((n) => n.proc!.pid!));
@@ -301,8 +318,17 @@ async function libraryCeiling(mtu?: number): Promise<number> {
   try {
     a.onLocalDescription((sdp, type) => b.setRemoteDescription(sdp, type));
     b.onLocalDescription((sdp, type) => a.setRemoteDescription(sdp, type));
-    a.onLocalCandidate((c, m) => b.addRemoteCandidate(c, m));
-    b.onLocalCandidate((c, m) => a.addRemoteCandidate(c, m));
+    // A throw inside a native callback aborts the process (a candidate before the remote description):
+    // swallow it; ICE has more candidates.
+    const add = (pc: InstanceType<typeof ndc.PeerConnection>, c: string, m: string) => {
+      try {
+        pc.addRemoteCandidate(c, m);
+      } catch {
+        /* too early: ignored */
+      }
+    };
+    a.onLocalCandidate((c, m) => add(b, c, m));
+    b.onLocalCandidate((c, m) => add(a, c, m));
     let rx = 0;
     b.onDataChannel((dc) => {
       keep.push(dc); // node-datachannel closes a channel whose JS object is collected
@@ -339,6 +365,8 @@ async function libraryCeiling(mtu?: number): Promise<number> {
 const configs: Config[] = [
   { key: "bulk", label: "bulk link (direct UDP; default)", kinds: ["native", "native"] },
   { key: "bulk-busy-poll-off", label: "bulk link, busy-poll off (WEFTNET_BUSY_POLL_US=0)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "0" } },
+  { key: "via", label: "via a third node, bulk on both hops (sealed e2e)", kinds: ["native", "native"], via: true },
+  { key: "via-webrtc", label: "via a third node, --no-bulk: WebRTC on both hops", kinds: ["native", "native"], via: true, args: ["--no-bulk"] },
   { key: "native-native-1280", label: "native -> native, --link-mtu 1280", kinds: ["native", "native"], args: ["--link-mtu", "1280", "--no-bulk"] },
   { key: "native-native-auto", label: "native -> native (default: auto = 1500)", kinds: ["native", "native"], args: ["--no-bulk"] },
   { key: "werift-werift", label: "werift -> werift", kinds: ["werift", "werift"], args: ["--no-bulk"] },

@@ -171,14 +171,15 @@ d("bulk link on both hops of a via path", () => {
       // 16 MiB in packets of at most ~1.4 KB: over 11,000 sealed frames each way through n2 (data one
       // way, ACKs the other), each whole in one bulk datagram on each hop; n2 forwarded them all.
       const min = Math.floor((16 << 20) / 1400);
-      console.log(`via n2, 16 MiB: sealed frames n1 out ${d1.sealedOut - c1.sealedOut}, n2 in ${d2.sealedIn - c2.sealedIn} / out ${d2.sealedOut - c2.sealedOut}, n3 in ${d3.sealedIn - c3.sealedIn} / out ${d3.sealedOut - c3.sealedOut}; n2 forwarded ${fwd}; too big for the path: n1 ${d1.tooBigForPath - c1.tooBigForPath}, n2 ${d2.tooBigForPath - c2.tooBigForPath}`);
+      console.log(`via n2, 16 MiB: sealed frames n1 out ${d1.sealedOut - c1.sealedOut}, n2 in ${d2.sealedIn - c2.sealedIn} / out ${d2.sealedOut - c2.sealedOut}, n3 in ${d3.sealedIn - c3.sealedIn} / out ${d3.sealedOut - c3.sealedOut}; n2 forwarded ${fwd}; too big for the path: n1 ${d1.tooBigForPath - c1.tooBigForPath}, n2 ${d2.tooBigForPath - c2.tooBigForPath}; hop ups/downs n1-n2 ${(await peer(n1, "n2"))!.bulk!.ups}/${(await peer(n1, "n2"))!.bulk!.downs}, n2-n3 ${(await peer(n2, "n3"))!.bulk!.ups}/${(await peer(n2, "n3"))!.bulk!.downs}`);
       expect(d1.sealedOut - c1.sealedOut).toBeGreaterThan(min);
       expect(d2.sealedIn - c2.sealedIn).toBeGreaterThan(min);
       expect(d2.sealedOut - c2.sealedOut).toBeGreaterThan(min);
       expect(d3.sealedIn - c3.sealedIn).toBeGreaterThan(min);
       expect(d3.sealedOut - c3.sealedOut).toBeGreaterThan(0); // the ACKs come back the same way
-      expect(fwd).toBeGreaterThan(2 * min * 0.9);
-      expect(d1.tooBigForPath - c1.tooBigForPath).toBe(0); // nothing of the flow split off to WebRTC by size
+      expect(fwd).toBeGreaterThan(min);
+      // nothing of the flow split off to WebRTC by size, at either end of either hop
+      for (const [d, c] of [[d1, c1], [d2, c2], [d3, c3]] as const) expect(d.tooBigForPath - c.tooBigForPath).toBe(0);
       // iperf3 through n2 (figure printed, never asserted)
       const srv = sh(p3.name, "iperf3", ["-s", "-1", "-B", p3.ip], 60_000);
       await new Promise((r) => setTimeout(r, 500));
