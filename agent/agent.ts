@@ -38,6 +38,7 @@ import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
 import { describePeer, ipamView, linkPath, routeStatus, type AgentStatus, type AgentView, type IpamView, type PeerPath, type RouteStatus } from "./status.js";
 import { createTransport, inRange } from "./transport-choice.js";
 import { BulkService, refuseBulk } from "./transport/bulk.js";
+import { loadSodiumChaCha } from "./os/sodium.js";
 import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
 import { VERSION } from "./version.js";
 import { AgentStun, ownStun, stunPlan, type StunUse } from "./stun-server.js";
@@ -405,6 +406,7 @@ export class Agent implements AgentView {
     const tun = openTun({ name: cfg.iface ?? DEFAULT_TUN_NAME, reuseSlab: true });
     const network = new LinuxNodeNetwork(new NodeNetwork({ tunName: tun.name, bridge, mtu, logger: log, stateFile: join(cfg.stateDir, "netconf.json") }), log);
     const { mesh, bulk, router, routePolicy: policy, ipam } = this;
+    const sodiumChaCha = loadSodiumChaCha(); // transit frames sealed per packet: one FFI call each (node:crypto otherwise)
     const dp = new DataPlane({
       selfId: this.id,
       device: tun,
@@ -429,7 +431,7 @@ export class Agent implements AgentView {
       // Cryptokey routing: who may use which address (IPAM blocks, accepted and own routes), and end-to-end
       // sealing of frames through transit nodes with keys from the nodes' signed topology records.
       sources: policy.sources,
-      sealer: new FrameSealer({ identity: mesh.identity, publicKeyOf: (n) => router.topo.get(n)?.pub, now: () => Date.now() }),
+      sealer: new FrameSealer({ identity: mesh.identity, publicKeyOf: (n) => router.topo.get(n)?.pub, now: () => Date.now(), ...(sodiumChaCha ? { cipher: sodiumChaCha } : {}) }),
       desired: () =>
         desiredNodeNetwork({
           tun: tun.name,
