@@ -33,7 +33,9 @@ const controlMsg: fc.Arbitrary<ControlMsg> = fc.oneof(
   fc.record({ t: fc.constant("hello" as const), name: fc.string({ maxLength: 64 }), instance: fc.string({ maxLength: 20 }), version: fc.string({ maxLength: 10 }), startedAt: fc.nat() }),
   fc.record({ t: fc.constantFrom("ping" as const, "pong" as const), seq: fc.nat(), ts: fc.nat() }),
   fc.record({ t: fc.constant("bye" as const), reason: fc.string({ maxLength: 50 }) }),
-  fc.record({ t: fc.constant("app" as const), ch: fc.string({ minLength: 1, maxLength: 10 }), body: fc.jsonValue() }),
+  // msgpackr renames a "__proto__" key to "__proto_" on decode (its prototype-pollution guard), so bodies
+  // with that key do not round-trip by design (fast-check found one: seed -670599048)
+  fc.record({ t: fc.constant("app" as const), ch: fc.string({ minLength: 1, maxLength: 10 }), body: fc.jsonValue().filter((v) => !JSON.stringify(v).includes('"__proto__"')) }),
 );
 
 const norm = (x: unknown): unknown =>
