@@ -604,7 +604,7 @@ export class MeshManager {
         }
         break;
       case "ping":
-        this.sendControl(id, { t: "ping", seq: a.seq, ts: this.o.now() });
+        this.sendControl(id, { t: "ping", seq: a.seq, ts: this.o.now(), ack: a.ack });
         break;
       case "hello":
         this.sendControl(id, { t: "hello", name: this.o.name, instance: this.o.instance, version: this.o.version, startedAt: this.o.now() });
@@ -900,13 +900,15 @@ export class MeshManager {
       return;
     }
     e.badControl = 0;
-    this.feed(id, { type: "heard" });
+    this.feed(id, msg.t === "ping" || msg.t === "pong" ? { type: "heard", ...(msg.ack !== undefined ? { ack: msg.ack } : {}) } : { type: "heard" });
     switch (msg.t) {
       case "hello":
         e.hello = msg;
         break;
       case "ping":
-        this.sendControl(id, { t: "pong", seq: msg.seq, ts: msg.ts });
+        // Heartbeat pings carry `ack`; RPC pings (ping() below, their own seq space) carry none and are not acked.
+        if (msg.ack !== undefined) this.feed(id, { type: "ping-in", seq: msg.seq });
+        this.sendControl(id, { t: "pong", seq: msg.seq, ts: msg.ts, ack: e.fsm.heardSeq });
         break;
       case "pong": {
         const p = this.pings.get(msg.seq);

@@ -14,6 +14,20 @@
  * Who offers is deterministic (the lower node id), so two agents never offer to each other at once
  * (no glare). Links outlive the signaling server: `absent` (the peer left signaling) does not touch a
  * connected link; only heartbeats or a `bye` end it.
+ *
+ * Liveness of a connected link, two rules, each within `deadAfterMs`:
+ *   silent     nothing heard from the peer for deadAfterMs (any control message counts);
+ *   half-open  the peer is heard, but it hears none of our heartbeats: every ping and pong carries `ack`,
+ *              the highest ping seq its sender received from us (wire/control.ts), and a connected link
+ *              whose acks have not advanced for deadAfterMs is closed ("one-way link"). So a link whose
+ *              one direction is lost closes on both sides within the heartbeat timeout (before, the side
+ *              that still heard the peer kept it until the peer gave up and went quiet: up to 2 x).
+ * The half-open rule counts ack *progress*, not round-trip time, and acks are cumulative and ride the
+ * peer's own pings as well as its pongs: heartbeats that queue behind data (a sender saturating the relay)
+ * or are dropped on the way (the signaling server drops relay frames to a congested receiver) delay or
+ * lose single messages, and the next one that arrives carries the progress. It is only as strict as the
+ * silent rule is on the peer's side (our heartbeats stalled for deadAfterMs make the peer close on
+ * silence too). A peer that sends no acks (an older agent) is judged by the silent rule alone.
  */
 import { backoffDelay, DEFAULT_BACKOFF, recentPathBackoff, type BackoffConfig } from "./backoff.js";
 
@@ -45,7 +59,10 @@ export type PeerEvent =
   | { type: "open"; conn: string }
   | { type: "closed"; conn: string; reason: string }
   | { type: "auth-failed"; conn?: string; reason: string }
-  | { type: "heard" }
+  /** any control message; `ack`: the highest of our ping seqs it says the peer received (pings, pongs) */
+  | { type: "heard"; ack?: number }
+  /** a ping from the peer (its seq is acked in our next ping and pong) */
+  | { type: "ping-in"; seq: number }
   | { type: "pong"; seq: number; sentAt: number }
   | { type: "bye"; reason: string }
   /** the connected link moved to another connection (make-before-break path upgrade) */
@@ -56,7 +73,8 @@ export type PeerAction =
   | { type: "dial"; conn: string }
   | { type: "accept"; conn: string }
   | { type: "close"; conn: string; reason: string }
-  | { type: "ping"; seq: number }
+  /** send a heartbeat; `ack`: the highest ping seq heard from the peer on this link */
+  | { type: "ping"; seq: number; ack: number }
   | { type: "hello" }
   | { type: "remove" };
 
@@ -84,6 +102,13 @@ export class PeerFsm {
   private deadline = 0;
   private nextAt = 0;
   private lastHeard = 0;
+  /** highest ping seq received from the peer on this link (acked in our pings and pongs) */
+  heardSeq = 0;
+  /** highest of our ping seqs the peer acked, and when that last advanced (or the link opened/swapped) */
+  private acked = 0;
+  private ackProgressAt = 0;
+  /** the peer sends acks on this link (agents from before the half-open rule do not) */
+  private peerAcks = false;
   private nextPing = 0;
   private seq = 0;
   private goneAt = 0;
@@ -127,6 +152,7 @@ export class PeerFsm {
         this.lastError = undefined;
         this.connectedAt = now;
         this.lastHeard = now;
+        this.resetAcks(now);
         this.recent.length = 0;
         this.nextPing = now;
         out.push({ type: "hello" });
@@ -147,6 +173,17 @@ export class PeerFsm {
         break;
       case "heard":
         this.lastHeard = now;
+        if (ev.ack !== undefined) {
+          this.peerAcks = true;
+          // Only acks of pings we sent count (a forged or confused ack beyond our seq is ignored).
+          if (ev.ack > this.acked && ev.ack <= this.seq) {
+            this.acked = ev.ack;
+            this.ackProgressAt = now;
+          }
+        }
+        break;
+      case "ping-in":
+        if (ev.seq > this.heardSeq) this.heardSeq = ev.seq;
         break;
       case "pong": {
         this.lastHeard = now;
@@ -167,6 +204,7 @@ export class PeerFsm {
         if (this.state === "connected") {
           this.conn = ev.conn;
           this.lastHeard = now;
+          this.resetAcks(now);
         }
         break;
       case "tick":
@@ -187,17 +225,21 @@ export class PeerFsm {
           this.failed(now, reason, "backoff", out);
         }
         break;
-      case "connected":
-        if (now - this.lastHeard > this.timing.deadAfterMs && this.conn !== undefined) {
+      case "connected": {
+        const secs = (t: number) => Math.round((now - t) / 100) / 10;
+        const silent = now - this.lastHeard > this.timing.deadAfterMs;
+        const halfOpen = this.peerAcks && now - this.ackProgressAt > this.timing.deadAfterMs && this.seq > this.acked;
+        if ((silent || halfOpen) && this.conn !== undefined) {
           const conn = this.conn;
           this.conn = undefined;
-          const reason = `no heartbeat for ${Math.round((now - this.lastHeard) / 100) / 10} s`;
+          const reason = silent ? `no heartbeat for ${secs(this.lastHeard)} s` : `one-way link: the peer is heard but has acked none of our heartbeats for ${secs(this.ackProgressAt)} s`;
           out.push({ type: "close", conn, reason });
           this.failed(now, reason, "backoff", out);
         } else {
           this.maybePing(now, out);
         }
         break;
+      }
       case "backoff":
       case "auth-failed":
       case "waiting":
@@ -226,8 +268,16 @@ export class PeerFsm {
   private maybePing(now: number, out: PeerAction[]): void {
     if (now >= this.nextPing) {
       this.nextPing = now + this.timing.heartbeatMs;
-      out.push({ type: "ping", seq: ++this.seq });
+      out.push({ type: "ping", seq: ++this.seq, ack: this.heardSeq });
     }
+  }
+
+  /** A new link (open, or swapped in by an upgrade): ack progress counts from now, acks from it only. */
+  private resetAcks(now: number): void {
+    this.heardSeq = 0;
+    this.ackProgressAt = now;
+    this.acked = this.seq;
+    this.peerAcks = false;
   }
 
   private dial(now: number, out: PeerAction[]): void {

@@ -6,7 +6,8 @@ import { describe, expect, it } from "vitest";
 import { generateIdentity, type Identity } from "../../src/identity.js";
 import { silentLogger } from "../../src/log.js";
 import { MeshManager, PROBE_FIRST_MS } from "../../src/mesh/manager.js";
-import { AFTER_ICE_CONNECTED, type Transport } from "../../src/mesh/transport.js";
+import { AFTER_ICE_CONNECTED, type ChannelName, type Transport } from "../../src/mesh/transport.js";
+import { decodeControl } from "../../src/wire/control.js";
 import { MemoryNetwork, type MemoryLink } from "../../src/testing/memory-transport.js";
 import type { PeerInfo, SignalData } from "../../src/wire/signal.js";
 
@@ -203,6 +204,93 @@ describe("MeshManager: first attempts", () => {
     expect(ma.counters.dials).toBe(2);
     expect(ma.counters.relayLinks).toBe(0);
     expect((await ma.status())[0]!.link).toBe("webrtc");
+  });
+});
+
+describe("half-open links (memory transport, manual clock)", () => {
+  /** Node `i`'s links pass what `drop(channel, data)` lets through; dropped sends still say "ok" (lost on the way). */
+  const lossy = (i: number, drop: (ch: ChannelName, data: Uint8Array) => boolean) => (t: Transport, j: number) =>
+    j !== i
+      ? t
+      : {
+          ...t,
+          name: t.name,
+          fingerprint: t.fingerprint,
+          close: () => t.close(),
+          createLink: (o: Parameters<Transport["createLink"]>[0]) => {
+            const l = t.createLink(o) as MemoryLink;
+            const send = l.send.bind(l);
+            l.send = (ch, data) => (drop(ch, data) ? (l.state === "open" ? "ok" : "closed") : send(ch, data));
+            return l;
+          },
+        };
+
+  it("one direction lost: both sides close within the heartbeat timeout, and the link re-forms after the heal", async () => {
+    let cut = false;
+    const c = cluster(2, { wrap: lossy(0, () => cut) });
+    c.welcome();
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    await c.run(() => false, 3_000).catch(() => {}); // a few heartbeats both ways
+    // a's messages are lost from now on; b's still reach a (a hears b, b hears nothing).
+    cut = true;
+    const t0 = c.clock.now;
+    const closedAt: Record<string, number> = {};
+    await c.run(() => {
+      if (!ma.isConnected(b!.id)) closedAt.a ??= c.clock.now - t0;
+      if (!mb.isConnected(a!.id)) closedAt.b ??= c.clock.now - t0;
+      return closedAt.a !== undefined && closedAt.b !== undefined;
+    }, 20_000);
+    // Both within deadAfterMs (5 s) and a tick; a, which still heard b, by the one-way rule (before it,
+    // a kept the link until b gave up, up to 2 x deadAfterMs later).
+    expect(closedAt.a).toBeLessThanOrEqual(5_000 + 400);
+    expect(closedAt.b).toBeLessThanOrEqual(5_000 + 400);
+    const sa = (await ma.status()).find((p) => p.id === b!.id)!;
+    expect(sa.lastError).toMatch(/one-way link/);
+    cut = false;
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id), 30_000);
+    // and it stays up
+    await c.run(() => false, 12_000).catch(() => {});
+    expect(ma.isConnected(b!.id) && mb.isConnected(a!.id)).toBe(true);
+  });
+
+  it("lossy control (all of b's pongs and most pings lost, as a congested relay drops frames) keeps the link: acks ride b's pings", async () => {
+    let n = 0;
+    const c = cluster(2, {
+      wrap: lossy(1, (ch, data) => {
+        if (ch !== "control") return false;
+        const m = decodeControl(data);
+        return m.t === "pong" || (m.t === "ping" && n++ % 3 !== 0);
+      }),
+    });
+    c.welcome();
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    const up = ma.counters.linksOpened;
+    await c.run(() => false, 30_000).catch(() => {});
+    expect(ma.isConnected(b!.id) && mb.isConnected(a!.id)).toBe(true);
+    expect(ma.counters.linksOpened).toBe(up);
+  });
+
+  it("RPC pings (weftnet ping, their own seq space) are not acked as heartbeats and do not trip the rule", async () => {
+    const c = cluster(2);
+    c.welcome();
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    const rtt = ma.ping(b!.id, 1000);
+    const back = mb.ping(a!.id, 1000);
+    await flush();
+    await expect(rtt).resolves.toBeGreaterThanOrEqual(0);
+    await expect(back).resolves.toBeGreaterThanOrEqual(0);
+    await c.run(() => false, 15_000).catch(() => {});
+    expect(ma.isConnected(b!.id) && mb.isConnected(a!.id)).toBe(true);
+    expect((await ma.status())[0]!.lastError).toBeNull();
   });
 });
 

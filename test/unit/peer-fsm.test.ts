@@ -116,6 +116,81 @@ describe("PeerFsm", () => {
     expect(g.lastError).toBe("bad sig");
   });
 
+  it("half-open: a link whose peer is heard but acks none of our heartbeats closes within deadAfterMs", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "open", conn: "c1" }, 0);
+    // The peer hears us until t=1000: its pings carry acks of our pings.
+    let now = 0;
+    for (; now <= 1000; now += 50) {
+      for (const a of f.handle({ type: "tick", canDial: true }, now)) if (a.type === "ping") f.handle({ type: "heard", ack: a.seq }, now);
+    }
+    // From now on our pings are lost; its pings still reach us every 50 ms, acking the last one it got.
+    const cut = now;
+    let closedAt: number | undefined;
+    for (let theirs = 1; now <= cut + 2000 && closedAt === undefined; now += 50) {
+      f.handle({ type: "ping-in", seq: theirs++ }, now);
+      f.handle({ type: "heard", ack: 20 }, now);
+      const acts = f.handle({ type: "tick", canDial: true }, now);
+      if (acts.some((a) => a.type === "close")) closedAt = now;
+    }
+    expect(closedAt).toBeDefined();
+    expect(closedAt! - cut).toBeLessThanOrEqual(timing.deadAfterMs + timing.heartbeatMs);
+    expect(f.state).toBe("backoff");
+    expect(f.lastError).toMatch(/one-way link/);
+  });
+
+  it("half-open counts ack progress, not round trips: acks delayed by more than deadAfterMs, or carried only by the peer's pings, keep the link", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "open", conn: "c1" }, 0);
+    // Every ack arrives 3 x deadAfterMs after the ping it acks (heartbeats queued behind data), and most are
+    // lost (a congested relay drops frames): only every 4th ping's ack arrives, in one of the peer's pings.
+    const delay = 3 * timing.deadAfterMs;
+    const due: { at: number; ack: number }[] = [];
+    for (let now = 0; now <= 20 * timing.deadAfterMs; now += 25) {
+      // the peer's own messages keep arriving (it hears us, late): the silent rule is satisfied
+      for (const a of f.handle({ type: "tick", canDial: true }, now)) if (a.type === "ping" && a.seq % 4 === 0) due.push({ at: now + delay, ack: a.seq });
+      while (due.length && due[0]!.at <= now) f.handle({ type: "heard", ack: due.shift()!.ack }, now);
+      f.handle({ type: "heard" }, now);
+      expect(f.state).toBe("connected");
+    }
+    expect(due.length).toBeGreaterThan(0); // acks were still in flight: the link lived on progress alone
+  });
+
+  it("half-open: a peer that sends no acks (an older agent) is judged by silence alone; acks beyond our seq do not count", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    f.handle({ type: "present" }, 0);
+    f.handle({ type: "open", conn: "c1" }, 0);
+    for (let now = 0; now <= 10 * timing.deadAfterMs; now += 50) {
+      f.handle({ type: "heard" }, now);
+      f.handle({ type: "tick", canDial: true }, now);
+    }
+    expect(f.state).toBe("connected");
+    // An ack of a ping we never sent (a restarted peer's stale view, or a forgery) is no progress.
+    const g = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    g.handle({ type: "present" }, 0);
+    g.handle({ type: "open", conn: "c1" }, 0);
+    let closed = false;
+    for (let now = 0; now <= 2 * timing.deadAfterMs && !closed; now += 50) {
+      g.handle({ type: "heard", ack: 1_000_000 }, now);
+      closed = g.handle({ type: "tick", canDial: true }, now).some((a) => a.type === "close");
+    }
+    expect(closed).toBe(true);
+    expect(g.lastError).toMatch(/one-way link/);
+  });
+
+  it("pings carry the highest ping seq heard from the peer on this link; a new link starts over", () => {
+    const f = new PeerFsm(A, B, timing, (n) => `c${n}`);
+    f.handle({ type: "present" }, 0);
+    expect(f.handle({ type: "open", conn: "c1" }, 0)).toContainEqual({ type: "ping", seq: 1, ack: 0 });
+    f.handle({ type: "ping-in", seq: 7 }, 10);
+    f.handle({ type: "ping-in", seq: 5 }, 20); // reordered: the highest stays
+    expect(f.handle({ type: "tick", canDial: true }, 100)).toContainEqual({ type: "ping", seq: 2, ack: 7 });
+    f.handle({ type: "swap", conn: "c9" }, 150);
+    expect(f.handle({ type: "tick", canDial: true }, 200)).toContainEqual({ type: "ping", seq: 3, ack: 0 });
+  });
+
   it("random event sequences keep the machine consistent", () => {
     const ev: fc.Arbitrary<PeerEvent> = fc.oneof(
       fc.constant({ type: "present" } as const),
