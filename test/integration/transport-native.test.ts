@@ -1,7 +1,8 @@
 /**
  * Real node-datachannel (libdatachannel) peers in one process, wired by passing signals directly (no
- * signaling server, no mocks); what every transport must do is in the contract suite (transport-contract.test.ts), this file keeps
- * libdatachannel's own limits, sockets and MTU, plus interop with werift in both directions
+ * signaling server, no mocks); what every transport must do is in the contract suite (transport-contract.test.ts), what the
+ * two WebRTC transports share beyond it in test/helpers/webrtc-transport-suite.ts (run here with libdatachannel's limits and
+ * socket count); this file keeps libdatachannel's own: max-message-size, excludeAddress, MTU, plus interop with werift in both directions
  * and quick throughput figures (printed, not asserted).
  *
  * node-datachannel is an optional dependency: when it does not load, every test here is skipped with the reason.
@@ -12,6 +13,7 @@ import { createNativeTransport, NATIVE_LIMITS, nativeAvailable, nativeLoadError,
 import { createWeriftTransport, type WeriftTransport } from "../../agent/transport/werift.js";
 import { sdpFingerprint, type ChannelName } from "../../src/mesh/transport.js";
 import { capturedLogger, connectPair, exchangeBothChannels, makeSide, sleep, until, within, type Side } from "../helpers/links.js";
+import { webrtcTransportTests } from "../helpers/webrtc-transport-suite.js";
 
 const available = await nativeAvailable();
 if (!available) console.warn(`[skip] node-datachannel did not load, native transport tests skipped: ${nativeLoadError()}`);
@@ -96,47 +98,26 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     await tb?.close();
   });
 
-  it("knows its fingerprint before any link, and every SDP carries it", async () => {
+  webrtcTransportTests({
+    label: "native",
+    transports: () => ({ ta, tb }),
+    create: () => createNativeTransport({ logger, loopbackOnly: true }),
+    limits: NATIVE_LIMITS,
+    maxPacketsAccepted: 10_000,
+    logLines,
+    udpSockets,
+    // reach into node-datachannel to send a string, as a non-weftnet peer could
+    sendString: (link, str) => (link as unknown as { dc: Record<ChannelName, { sendMessage(d: string): void }> }).dc.control.sendMessage(str),
+    logsStrings: true,
+    candidatesBeforeOffer: "none",
+  });
+
+  it("names itself and its library; a transport given the same PEM has the same fingerprint", async () => {
     console.log(`[info] libdatachannel ${ta.libraryVersion}`);
     expect(ta.name).toBe("native");
-    expect(ta.fingerprint.algorithm).toBe("sha-256");
-    expect(ta.fingerprint.value).toMatch(/^([0-9A-F]{2}:){31}[0-9A-F]{2}$/);
-    expect(ta.fingerprint).not.toEqual(tb.fingerprint);
-    const { a, b } = await connectPair(ta, tb);
-    const offer = a.signals.find((s) => s.kind === "offer");
-    const answer = b.signals.find((s) => s.kind === "answer");
-    expect(offer && offer.kind === "offer" && sdpFingerprint(offer.sdp)).toEqual(ta.fingerprint);
-    expect(answer && answer.kind === "answer" && sdpFingerprint(answer.sdp)).toEqual(tb.fingerprint);
-    // A second link of the same transport uses the same certificate, in both roles.
-    const { a: a2, b: b2 } = await connectPair(tb, ta);
-    const offer2 = a2.signals.find((s) => s.kind === "offer");
-    const answer2 = b2.signals.find((s) => s.kind === "answer");
-    expect(offer2 && offer2.kind === "offer" && sdpFingerprint(offer2.sdp)).toEqual(tb.fingerprint);
-    expect(answer2 && answer2.kind === "answer" && sdpFingerprint(answer2.sdp)).toEqual(ta.fingerprint);
-    // A transport given the same PEM has the same fingerprint.
     const tc = await createNativeTransport({ logger, certificate: ta.certificate });
     expect(tc.fingerprint).toEqual(ta.fingerprint);
     await tc.close();
-    a.link.close();
-    a2.link.close();
-  });
-
-  it("buffers candidates that arrive before the description, opens, and carries messages both ways on both channels", async () => {
-    // A native offerer sends no candidate before the answer (link-base.ts: holdCandidatesUntilAnswer); the
-    // answerer's candidates still reach it before the answer (connectPair's shuffle delays descriptions).
-    const { a, b, candidatesBeforeOffer } = await connectPair(ta, tb, true);
-    expect(a.link.state).toBe("open");
-    expect(b.link.state).toBe("open");
-    expect(candidatesBeforeOffer).toBe(0);
-    await exchangeBothChannels(a, b);
-
-    const stats = await a.link.stats();
-    expect(stats.bytesSent).toBe(5);
-    expect(stats.bytesReceived).toBe(5);
-    expect(stats.selected?.localAddress).toMatch(/^127\.0\.0\.1:\d+$/);
-    expect(stats.selected?.remoteAddress).toMatch(/^127\.0\.0\.1:\d+$/);
-    expect(stats.selected?.localType).toBe("host");
-    a.link.close();
   });
 
   it("honours the remote's a=max-message-size", async () => {
@@ -155,105 +136,6 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
     } finally {
       await small.close();
     }
-  });
-
-  it("refuses oversized messages and messages over the buffer limit, then reports drain", async () => {
-    const { a, b } = await connectPair(ta, tb);
-    expect(a.link.send("control", new Uint8Array(NATIVE_LIMITS.maxMessageSize + 1))).toBe("too-big");
-    expect(logLines.some((l) => l.includes("max message size"))).toBe(true);
-
-    const chunk = new Uint8Array(8 * 1024);
-    let accepted = 0;
-    while (a.link.send("packets", chunk) === "ok") {
-      accepted++;
-      expect(accepted).toBeLessThan(10_000);
-    }
-    expect(a.link.bufferedAmount("packets")).toBeGreaterThan(NATIVE_LIMITS.packetsLowWater);
-    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(NATIVE_LIMITS.packetsBufferLimit);
-    await until(() => a.drains.includes("packets"), 10_000, "drain");
-    expect(a.link.bufferedAmount("packets")).toBeLessThanOrEqual(NATIVE_LIMITS.packetsLowWater);
-    expect(a.link.send("packets", chunk)).toBe("ok");
-    // Same on control with its larger limit.
-    const cchunk = new Uint8Array(64 * 1024);
-    let caccepted = 0;
-    while (a.link.send("control", cchunk) === "ok") caccepted++;
-    expect(caccepted * cchunk.length).toBeGreaterThanOrEqual(NATIVE_LIMITS.controlBufferLimit);
-    await until(() => a.drains.includes("control"), 20_000, "control drain");
-    expect(a.drains.filter((c) => c === "control").length).toBe(1);
-    expect(b.messages.length).toBeGreaterThan(0);
-    a.link.close();
-  });
-
-  it("delivers string messages from a misbehaving peer as bytes", async () => {
-    const { a, b } = await connectPair(ta, tb);
-    // Reach into node-datachannel to send a string, as a non-weftnet peer could.
-    (a.link as unknown as { dc: Record<ChannelName, { sendMessage(d: string): void }> }).dc.control.sendMessage("héllo");
-    await until(() => b.messages.length >= 1, 5000, "string message");
-    expect(b.messages[0]?.data).toBeInstanceOf(Uint8Array);
-    expect(Buffer.from(b.messages[0]!.data).toString("utf8")).toBe("héllo");
-    expect(logLines.some((l) => l.includes("string data-channel message"))).toBe(true);
-    a.link.close();
-  });
-
-  it("close() on one side closes the other within a few seconds; onClose fires once", async () => {
-    const { a, b } = await connectPair(ta, tb);
-    const t0 = Date.now();
-    a.link.close();
-    a.link.close();
-    expect(a.link.state).toBe("closed");
-    expect(a.link.send("control", new Uint8Array(1))).toBe("closed");
-    const reason = await within(b.closed, 3000, "remote close");
-    console.log(`[measure] native: remote noticed close after ${Date.now() - t0} ms (${reason})`);
-    await sleep(200);
-    expect(a.closes).toEqual(["closed locally"]);
-    expect(b.closes.length).toBe(1);
-    expect(b.link.state).toBe("closed");
-    expect(b.link.send("control", new Uint8Array(1))).toBe("closed");
-  });
-
-  it("close() before connecting frees its sockets", async () => {
-    const before = udpSockets();
-    const a = makeSide(ta, true, () => {});
-    await a.link.start(); // gathers host candidates: opens a UDP socket
-    await until(() => udpSockets() > before, 3000, "socket opened");
-    a.link.close();
-    expect(a.closes).toEqual(["closed locally"]);
-    await until(() => udpSockets() <= before, 3000, "sockets freed");
-    // A link closed before start() never opens anything.
-    const c = makeSide(ta, true, () => {});
-    c.link.close();
-    await c.link.start();
-    expect(c.signals).toEqual([]);
-    expect(udpSockets()).toBe(before);
-  });
-
-  it("a link whose peer never answers can be closed cleanly", async () => {
-    const before = udpSockets();
-    let b!: Side;
-    const a = makeSide(ta, true, (sig) => void b.link.handleSignal(sig));
-    b = makeSide(tb, false, () => {}); // answers go nowhere
-    await a.link.start();
-    await sleep(1000);
-    expect(a.link.state).toBe("connecting");
-    a.link.close();
-    b.link.close();
-    expect(a.closes.length).toBe(1);
-    expect(b.closes.length).toBe(1);
-    await until(() => udpSockets() <= before, 3000, "sockets freed");
-  });
-
-  it("transport.close() closes its links and frees every socket", async () => {
-    const before = udpSockets();
-    const tc = await createNativeTransport({ logger, loopbackOnly: true });
-    const td = await createNativeTransport({ logger, loopbackOnly: true });
-    const { a, b } = await connectPair(tc, td);
-    await tc.close();
-    await td.close();
-    expect(a.closes.length).toBe(1);
-    expect(b.closes.length).toBe(1);
-    expect(tc.linkCount).toBe(0);
-    expect(() => tc.createLink({ initiator: true, iceServers: [], handlers: { onSignal() {}, onOpen() {}, onMessage() {}, onClose() {} } })).toThrow();
-    await until(() => udpSockets() <= before, 3000, "sockets freed");
   });
 
   it("excludeAddress: matching candidates are neither sent nor used", async () => {
@@ -325,14 +207,6 @@ describe.skipIf(!available)("native transport (node-datachannel, loopback, one p
       { hostname: "stun.example.org", port: 3478 },
       { hostname: "2001:db8::1", port: 3479, username: "u", password: "p", relayType: "TurnUdp" },
     ]);
-  });
-
-  it("measures: 10 links in one process", async () => {
-    const t0 = Date.now();
-    const pairs = await Promise.all(Array.from({ length: 10 }, () => connectPair(ta, tb)));
-    console.log(`[measure] native: 10 links (20 peer connections, one process) open after ${Date.now() - t0} ms`);
-    for (const p of pairs) p.a.link.close();
-    await Promise.all(pairs.map((p) => within(p.b.closed, 5000, "close")));
   });
 
   it("measures: 16 KiB messages on packets, native -> native", async () => {
