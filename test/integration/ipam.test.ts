@@ -83,7 +83,9 @@ describe("IPAM over the mesh", () => {
     await waitFor(() => { const ref = owners(live[0]!); return live.every((a) => { const own = owners(a); return free.every((b) => own.get(b) === ref.get(b)); }); }, 10_000, "agreement on the heir");
     const ref = owners(live[0]!);
     const heirs = new Set(free.map((b) => ref.get(b)));
-    expect(heirs.size).toBe(1);
+    // (if not: who heard whom, and each one's claim counter — the heir is the lowest id heard within W)
+    const diag = live.map((a) => ({ id: a.id, claims: a.ipamStatus().counters.claims, heard: a.ipamStatus().peers.map((p) => [p.id.slice(0, 6), p.heardAgoMs]) }));
+    expect(heirs.size, JSON.stringify({ heirs: [...heirs], diag })).toBe(1);
     const heir = live.find((a) => heirs.has(a.id))!;
     for (const b of free) expect(heir.ipam.localBlocks()).toContain(b);
     for (const a of live) if (a !== heir) for (const b of free) expect(a.ipam.localBlocks()).not.toContain(b);
