@@ -12,7 +12,7 @@ import type { IpamOutput } from "./output.js";
 import type { SignedState } from "./certs.js";
 import type { IpamCounters, PeerInfo } from "./status.js";
 import { type BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
-import { type CertWire, type EpochInfo, type HandoverWire, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
+import { type CertWire, type EpochInfo, type HandoverWire, type IpamMessage, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
 
 /** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
 const MAX_REFUSED_FORCES = 4096;
@@ -34,6 +34,8 @@ export interface GossipContext {
   epoch(): EpochInfo | null;
   table(): BlockTable | null;
   wholeFreeBlocks(now: number): number[];
+  /** a peer's epoch matches ours again: forget the conflict reported for it */
+  clearConflict(peer: string): void;
   /** count and report refused remote data */
   refuse(from: string, err: WeftError, out: IpamOutput): void;
   /** a disputed pin at one version (node.ts settleClash) */
@@ -41,6 +43,9 @@ export interface GossipContext {
   /** entries that changed our table: blocks no longer ours lose their allocations */
   dropLost(delta: EntryTuple[], out: IpamOutput): void;
 }
+
+/** A hello from a member (its epoch is set). */
+export type HelloFrom = Extract<IpamMessage, { t: "hello" }> & { epoch: EpochInfo };
 
 export class Gossip {
   /** nodes known gone here: a Kubernetes Node deletion we saw, or an operator's release we accepted or issued */
@@ -207,5 +212,26 @@ export class Gossip {
     out.persist = true;
     this.c.dropLost(delta, out);
     this.broadcast(delta, from, out);
+  }
+
+  /** A member's hello (its epoch known to match ours or not): heartbeats, free blocks, digest; a full sync when the tables differ. */
+  onHello(from: string, m: HelloFrom, inf: PeerInfo, now: number, out: IpamOutput): void {
+    if (m.epoch.id === this.c.epoch()!.id && this.beatOk(from, m.beat, m.pk, m.sig, now)) {
+      this.c.lease.mergeBeat(from, m.beat, now, m.pk, m.sig);
+      this.c.rule.proposerBeat(from, m.beat);
+    }
+    if (m.epoch.id !== this.c.epoch()!.id) {
+      inf.epochOk = false;
+      this.c.refuse(from, new IpamError("ERR_EPOCH_MISMATCH", `peer ${from} belongs to a separately bootstrapped IPAM ${m.epoch.id} (${m.epoch.range}); ours is ${this.c.epoch()!.id}; refusing to merge`), out);
+      return;
+    }
+    if (!inf.epochOk) {
+      inf.epochOk = true;
+      this.c.clearConflict(from);
+    }
+    inf.free = m.free;
+    inf.digest = m.digest;
+    for (const [n, b, pk, sig] of m.beats) if (n !== from && this.beatOk(n, b, pk, sig, now)) this.c.lease.mergeBeat(n, b, now, pk, sig);
+    if (m.digest !== this.c.table()!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.c.cfg.syncInterval)) this.sendFull(from, now, out);
   }
 }

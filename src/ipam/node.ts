@@ -23,7 +23,7 @@ import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
 import { buildStatus, type IpamCounters, type IpamStatus, type PeerInfo } from "./status.js";
 import { MAX_VERSION_STEP, SignedState } from "./certs.js";
-import { Gossip, MAX_BEAT_AHEAD_MS } from "./gossip.js";
+import { Gossip, type HelloFrom, MAX_BEAT_AHEAD_MS } from "./gossip.js";
 import { emptyOutput, type IpamOutput } from "./output.js";
 import { Pins } from "./pins.js";
 import { releaseFields } from "./signing.js";
@@ -117,6 +117,7 @@ export class IpamNode {
       table: () => this.table,
       wholeFreeBlocks: (now) => this.wholeFreeBlocks(now),
       refuse: (from, err, out) => this.refuse(from, err, out),
+      clearConflict: (peer) => void this.conflicts.delete(peer),
       settleClash: (i, now, out) => this.pins.settleClash(i, now, out),
       dropLost: (delta, out) => this.dropLost(delta, out),
     });
@@ -613,23 +614,7 @@ export class IpamNode {
         out.persist = true;
         this.gossip.sendHello(from, now, out);
       }
-      if (m.epoch.id === this.epoch!.id && this.gossip.beatOk(from, m.beat, m.pk, m.sig, now)) {
-        this.lease.mergeBeat(from, m.beat, now, m.pk, m.sig);
-        this.rule.proposerBeat(from, m.beat);
-      }
-      if (m.epoch.id !== this.epoch!.id) {
-        inf.epochOk = false;
-        this.refuse(from, new IpamError("ERR_EPOCH_MISMATCH", `peer ${from} belongs to a separately bootstrapped IPAM ${m.epoch.id} (${m.epoch.range}); ours is ${this.epoch!.id}; refusing to merge`), out);
-        return;
-      }
-      if (!inf.epochOk) {
-        inf.epochOk = true;
-        this.conflicts.delete(from);
-      }
-      inf.free = m.free;
-      inf.digest = m.digest;
-      for (const [n, b, pk, sig] of m.beats) if (n !== from && this.gossip.beatOk(n, b, pk, sig, now)) this.lease.mergeBeat(n, b, now, pk, sig);
-      if (m.digest !== this.table!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.cfg.syncInterval)) this.gossip.sendFull(from, now, out);
+      this.gossip.onHello(from, m as HelloFrom, inf, now, out);
       return;
     }
     if (!this.epoch || m.epoch !== this.epoch.id) {
