@@ -220,7 +220,7 @@ export function createAgentRegistry(agent: AgentView): { registry: Registry; scr
   });
   new Gauge({
     name: "weftnet_peer_path_mtu_bytes",
-    help: "Path MTU the link to each connected peer uses once its probe check passed; absent for links with fixed chunks (werift).",
+    help: "Path MTU the link to each connected peer uses (confirmed by its probe, or found by the search, docs/loss.md); absent for links with fixed chunks (werift).",
     labelNames: ["peer", "name", "link_type"],
     registers,
     collect() {

@@ -26,14 +26,17 @@
  * and holding made its own DTLS weakness more frequent in the same mesh: its client fails on a duplicate
  * HelloVerifyRequest when the server answers a ClientHello later than its 500 ms retransmission.)
  *
- * Path MTU check. A link built for a path MTU above 1280 (the native transport's --link-mtu) proves it once
- * open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on `packets`,
- * which the peer's link answers with a small ack on the same channel, up to PROBE_TRIES times PROBE_INTERVAL_MS
- * apart. No ack: packets of that size do not reach the peer (Don't Fragment meets a smaller path MTU), and
- * the link fails with a reason that says so; the transport's next link to that peer uses a smaller MTU
- * (native.ts: above 1500 -> 1500 -> 1280). Probes and
- * acks start with PROBE_MAGIC, a byte no data frame starts with (src/packet/frame.ts: version 1 << 4), and
- * never reach the mesh. Both adapters answer probes, so a werift peer confirms a native peer's MTU.
+ * Path MTU check and search. A link built for a path MTU above 1280 (the native transport's --link-mtu)
+ * proves it once open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on
+ * `packets`, which the peer's link answers with a small ack on the same channel, up to PROBE_TRIES times
+ * PROBE_INTERVAL_MS apart. No ack: packets of that size do not reach the peer (Don't Fragment meets a smaller
+ * path MTU), and the link searches what does get through: rounds of probes of several sizes at once between
+ * 1280 and the failed size (src/packet/gso-pmtu.ts; at most 3 rounds of SEARCH_TRIES x SEARCH_INTERVAL_MS),
+ * then fails with a reason that names the size found, and the transport builds the next link to that peer
+ * for exactly that MTU (native.ts). Probes and acks start with PROBE_MAGIC, a byte no data frame starts with
+ * (src/packet/frame.ts: version 1 << 4), and never reach the mesh; the last two bytes of a probe's 8-byte
+ * nonce carry its size (acks echo the nonce). Both adapters answer probes, so a werift peer confirms a
+ * native peer's MTU.
  *
  * Subclasses implement the small hooks below with their library's calls and keep everything
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
@@ -42,6 +45,7 @@ import { AFTER_ICE_CONNECTED } from "../../src/mesh/transport.js";
 import type { ChannelName, LinkHandlers, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Logger } from "../../src/log.js";
+import { PmtuSearch } from "../../src/packet/gso-pmtu.js";
 
 
 /**
@@ -61,6 +65,9 @@ const PROBE_ACK = 2;
 export const PROBE_OVERHEAD = 136;
 export const PROBE_TRIES = 4;
 export const PROBE_INTERVAL_MS = 700; // 4 probes fail before the 5 s heartbeat timeout would
+/** After a failed full-size check: tries and interval per search round (gso-pmtu.ts, at most 3 rounds). */
+export const SEARCH_TRIES = 2;
+export const SEARCH_INTERVAL_MS = 200;
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
@@ -82,8 +89,8 @@ export interface LinkBaseOptions {
   onGone(link: LinkBase): void;
   /** Path MTU this link was built for; above SAFE_LINK_MTU it is checked once open (see the header). */
   pathMtu?: number;
-  /** The check failed: packets of pathMtu bytes do not reach the peer. */
-  onPathMtuFailed?(): void;
+  /** The check failed: packets of pathMtu bytes do not reach the peer; `found`-byte ones do (search). */
+  onPathMtuFailed?(found: number): void;
   /** Initiator: send no candidates before the answer is applied (see the header; native.ts sets it). */
   holdCandidatesUntilAnswer?: boolean;
 }
@@ -108,7 +115,7 @@ export abstract class LinkBase implements TransportLink {
   private bytesReceived = 0;
   private closePromise: Promise<void> | undefined;
   private readonly pathMtu: number | undefined;
-  private readonly onPathMtuFailed: (() => void) | undefined;
+  private readonly onPathMtuFailed: ((found: number) => void) | undefined;
   private probeNonce: Uint8Array | undefined;
   private probeTimer: NodeJS.Timeout | undefined;
   private probeTries = 0;
@@ -118,6 +125,9 @@ export abstract class LinkBase implements TransportLink {
   private readonly staged = new Set<string>();
   /** initiator: local candidates held until the answer is applied (header); undefined once released */
   private held: { list: IceCandidateInit[]; seen: Set<string>; ended: boolean } | undefined;
+  private search: PmtuSearch | undefined;
+  /** What the path MTU search found below pathMtu (the link then fails; see probe()). */
+  foundPathMtu: number | undefined;
 
   constructor(opts: LinkBaseOptions) {
     this.handlers = opts.handlers;
@@ -261,25 +271,48 @@ export abstract class LinkBase implements TransportLink {
     if (this.pathMtu !== undefined && this.pathMtu > SAFE_LINK_MTU && !this.isDone()) this.probe();
   }
 
-  /** Send a path MTU probe; after PROBE_TRIES unanswered ones, fail the link (see the header). */
+  /**
+   * Probe the path MTU (see the header): first the MTU the link was built for, PROBE_TRIES times; when
+   * none comes back, search (src/packet/gso-pmtu.ts) in rounds of SEARCH_TRIES x SEARCH_INTERVAL_MS, then
+   * fail the link and report what the path carries, so the transport's next link is built for exactly that.
+   */
   private probe(): void {
     if (this.isDone() || this.pathMtuConfirmed) return;
-    const mtu = this.pathMtu!;
-    if (this.probeTries >= PROBE_TRIES) {
-      const reason = `path MTU check failed: ${mtu}-byte packets did not reach the peer (${PROBE_TRIES} probes); the next link uses a smaller one`;
-      this.log.warn("path MTU check failed; lower --link-mtu if this repeats", { mtu, probes: PROBE_TRIES });
-      this.call("onPathMtuFailed", () => this.onPathMtuFailed?.());
-      this.finish("failed", reason);
-      return;
+    const search = (this.search ??= new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu! }));
+    const tries = search.rounds === 0 ? PROBE_TRIES : SEARCH_TRIES;
+    if (this.probeTries >= tries || search.complete) {
+      const r = search.endRound();
+      this.probeTries = 0;
+      if (r.done) {
+        this.searchDone(r.mtu);
+        return;
+      }
     }
     this.probeTries++;
     this.probeNonce ??= globalThis.crypto.getRandomValues(new Uint8Array(8));
-    const msg = new Uint8Array(mtu - PROBE_OVERHEAD);
-    msg[0] = PROBE_MAGIC;
-    msg[1] = PROBE_REQ;
-    msg.set(this.probeNonce, 2);
-    this.sendProbeBytes(msg);
-    this.probeTimer = setTimeout(() => this.probe(), PROBE_INTERVAL_MS);
+    for (const size of search.pending()) {
+      const msg = new Uint8Array(size - PROBE_OVERHEAD);
+      msg[0] = PROBE_MAGIC;
+      msg[1] = PROBE_REQ;
+      msg.set(this.probeNonce.subarray(0, 6), 2);
+      msg[8] = size >> 8; // the last two nonce bytes say which size this probe was
+      msg[9] = size & 0xff;
+      this.sendProbeBytes(msg);
+    }
+    this.probeTimer = setTimeout(() => this.probe(), search.rounds === 0 ? PROBE_INTERVAL_MS : SEARCH_INTERVAL_MS);
+  }
+
+  private searchDone(mtu: number): void {
+    if (mtu >= this.pathMtu!) {
+      this.pathMtuConfirmed = true;
+      this.log.debug("path MTU confirmed", { mtu, probes: this.probeTries });
+      return;
+    }
+    this.foundPathMtu = mtu;
+    const reason = `path MTU check failed: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
+    this.log.warn("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, rounds: this.search?.rounds });
+    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
+    this.finish("failed", reason);
   }
 
   /** A probe or ack arrived on `packets` (never delivered to the mesh). */
@@ -294,12 +327,14 @@ export abstract class LinkBase implements TransportLink {
       return;
     }
     const n = this.probeNonce;
-    if (b[1] === PROBE_ACK && n && !this.pathMtuConfirmed && b.subarray(2, 10).every((x, i) => x === n[i])) {
-      this.pathMtuConfirmed = true;
-      if (this.probeTimer) clearTimeout(this.probeTimer);
-      this.probeTimer = undefined;
-      this.log.debug("path MTU confirmed", { mtu: this.pathMtu, probes: this.probeTries });
-    }
+    const search = this.search;
+    if (b[1] !== PROBE_ACK || !n || !search || this.pathMtuConfirmed || this.isDone()) return;
+    for (let i = 0; i < 6; i++) if (b[2 + i] !== n[i]) return;
+    if (!search.acked((b[8]! << 8) | b[9]!) || !search.complete) return;
+    // Every size of this round came back: no need to wait the round out.
+    if (this.probeTimer) clearTimeout(this.probeTimer);
+    this.probeTimer = undefined;
+    this.probe();
   }
 
   /** Probe traffic on `packets`, past the buffer limits (one small message at a time); never throws. */

@@ -83,10 +83,8 @@ import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
 import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU, SAFE_LINK_MTU } from "./link-base.js";
 
-/** How long a peer whose path failed the MTU check gets SAFE_LINK_MTU before the configured one is tried again. */
+/** How long a peer whose path failed the MTU check gets the MTU its link found (search) before the configured one is tried again. */
 const MTU_FALLBACK_MS = 60 * 60_000;
-/** The step between a jumbo MTU and 1280 when a path fails the check: most of the internet carries it. */
-const ETHERNET_MTU = 1500;
 
 export type { DtlsCertificatePem } from "./cert.js";
 
@@ -243,8 +241,8 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       if (closed) throw new Error("transport is closed");
       const n = ++seq;
       const linkLog = log.child("link", { link: n, peer: lo.peer, conn: lo.conn });
-      // A peer whose path failed the MTU check gets the next smaller step (4096 -> 1500 -> 1280) for a
-      // while, then the configured MTU again.
+      // A peer whose path failed the MTU check gets the MTU the link's search found for a while, then the
+      // configured MTU again.
       const peer = lo.peer;
       let fb = peer ? mtuFallback.get(peer) : undefined;
       if (peer && fb && fb.until <= Date.now()) {
@@ -253,8 +251,9 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       }
       const pathMtu = fb ? fb.mtu : linkMtu;
       const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
-      const onPathMtuFailed = () => {
-        if (peer) mtuFallback.set(peer, { mtu: pathMtu > ETHERNET_MTU ? ETHERNET_MTU : SAFE_LINK_MTU, until: Date.now() + MTU_FALLBACK_MS });
+      const onPathMtuFailed = (found: number) => {
+        // The link searched what the path carries (LinkBase): the next link is built for exactly that.
+        if (peer) mtuFallback.set(peer, { mtu: Math.max(SAFE_LINK_MTU, Math.min(found, pathMtu)), until: Date.now() + MTU_FALLBACK_MS });
       };
       const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, onPathMtuFailed, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
@@ -355,7 +354,7 @@ interface LinkEnv {
   name: string;
   /** Path MTU of this link (config.mtu; checked once open when above 1280). */
   pathMtu: number;
-  onPathMtuFailed(): void;
+  onPathMtuFailed(found: number): void;
   /** Candidate filter (loopbackOnly, excludeAddress). */
   keepAddress(ip: string): boolean;
   limits: typeof NATIVE_LIMITS;
