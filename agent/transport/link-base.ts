@@ -68,6 +68,8 @@ export const PROBE_INTERVAL_MS = 700; // 4 probes fail before the 5 s heartbeat 
 /** After a failed full-size check: tries and interval per search round (gso-pmtu.ts, at most 3 rounds). */
 export const SEARCH_TRIES = 2;
 export const SEARCH_INTERVAL_MS = 200;
+/** Gap between the probes of one search round (see probe()). */
+export const PROBE_STAGGER_MS = 10;
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
@@ -126,6 +128,7 @@ export abstract class LinkBase implements TransportLink {
   /** initiator: local candidates held until the answer is applied (header); undefined once released */
   private held: { list: IceCandidateInit[]; seen: Set<string>; ended: boolean } | undefined;
   private search: PmtuSearch | undefined;
+  private staggerTimer: NodeJS.Timeout | undefined;
   /** What the path MTU search found below pathMtu (the link then fails; see probe()). */
   foundPathMtu: number | undefined;
 
@@ -290,16 +293,24 @@ export abstract class LinkBase implements TransportLink {
     }
     this.probeTries++;
     this.probeNonce ??= globalThis.crypto.getRandomValues(new Uint8Array(8));
-    for (const size of search.pending()) {
+    // One probe per PROBE_STAGGER_MS: probes queued together would be bundled into one SCTP packet, which
+    // then exceeds the path MTU although each probe alone would not.
+    const sizes = search.pending();
+    const nonce = this.probeNonce;
+    const sendOne = (i: number) => {
+      if (this.isDone() || this.pathMtuConfirmed || i >= sizes.length) return;
+      const size = sizes[i]!;
       const msg = new Uint8Array(size - PROBE_OVERHEAD);
       msg[0] = PROBE_MAGIC;
       msg[1] = PROBE_REQ;
-      msg.set(this.probeNonce.subarray(0, 6), 2);
+      msg.set(nonce.subarray(0, 6), 2);
       msg[8] = size >> 8; // the last two nonce bytes say which size this probe was
       msg[9] = size & 0xff;
       this.sendProbeBytes(msg);
-    }
-    this.probeTimer = setTimeout(() => this.probe(), search.rounds === 0 ? PROBE_INTERVAL_MS : SEARCH_INTERVAL_MS);
+      if (i + 1 < sizes.length) this.staggerTimer = setTimeout(() => sendOne(i + 1), PROBE_STAGGER_MS);
+    };
+    sendOne(0);
+    this.probeTimer = setTimeout(() => this.probe(), (search.rounds === 0 ? PROBE_INTERVAL_MS : SEARCH_INTERVAL_MS) + sizes.length * PROBE_STAGGER_MS);
   }
 
   private searchDone(mtu: number): void {
@@ -412,6 +423,8 @@ export abstract class LinkBase implements TransportLink {
     this.pendingCandidates = [];
     if (this.probeTimer) clearTimeout(this.probeTimer);
     this.probeTimer = undefined;
+    if (this.staggerTimer) clearTimeout(this.staggerTimer);
+    this.staggerTimer = undefined;
     this.closePromise = this.dispose();
     this.onGone(this);
     this.log.debug("link closed", { reason, state });

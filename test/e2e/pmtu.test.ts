@@ -20,7 +20,7 @@ d("path MTU search on a 2000-byte LAN", () => {
   beforeAll(async () => {
     await lab.setup();
     await lab.startSignal();
-    lab.nodes.forEach((n) => lab.startAgent(n, ["--transport", "native", "--link-mtu", "4096"]));
+    lab.nodes.forEach((n) => lab.startAgent(n, ["--transport", "native", "--link-mtu", "4096", "--no-bulk"]));
   }, 60_000);
   afterAll(async () => lab.close(), 60_000);
 
