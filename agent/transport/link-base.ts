@@ -28,12 +28,13 @@
  *
  * Path MTU check and search. A link built for a path MTU above 1280 (the native transport's --link-mtu)
  * proves it once open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on
- * `packets`, which the peer's link answers with a small ack on the same channel, up to PROBE_TRIES times
- * PROBE_INTERVAL_MS apart. No ack: packets of that size do not reach the peer (Don't Fragment meets a smaller
- * path MTU), and the link searches what does get through: rounds of probes of several sizes at once between
- * 1280 and the failed size (src/packet/gso-pmtu.ts; at most 3 rounds of SEARCH_TRIES x SEARCH_INTERVAL_MS),
- * then fails with a reason that names the size found, and the transport builds the next link to that peer
- * for exactly that MTU (native.ts). Probes and acks start with PROBE_MAGIC, a byte no data frame starts with
+ * `packets`, which the peer's link answers with a small ack on the same channel. One probe is in flight at a
+ * time and waits for its ack (at least SEARCH_WAIT_MS, 4 probe round trips on slow paths), SEARCH_TRIES per
+ * size. No ack for the full size: packets of that size do not reach the peer (Don't Fragment meets a smaller
+ * path MTU), and the link searches upwards from 1280, coarse then fine steps (src/packet/gso-pmtu.ts: at most
+ * three sizes are ever lost, so SCTP's retransmission timer backoff never holds the later probes), then fails
+ * with a reason that names the size found, and the transport builds the next link to that peer for exactly
+ * that MTU (native.ts). Probes and acks start with PROBE_MAGIC, a byte no data frame starts with
  * (src/packet/frame.ts: version 1 << 4), and never reach the mesh; the last two bytes of a probe's 8-byte
  * nonce carry its size (acks echo the nonce). Both adapters answer probes, so a werift peer confirms a
  * native peer's MTU.
@@ -63,13 +64,9 @@ const PROBE_ACK = 2;
 /** SCTP/DTLS/UDP/IPv6 overhead libdatachannel subtracts (108) + SCTP DATA chunk header (16) + margin: a
  *  message of mtu - PROBE_OVERHEAD bytes fills one SCTP packet without being split. */
 export const PROBE_OVERHEAD = 136;
-export const PROBE_TRIES = 4;
-export const PROBE_INTERVAL_MS = 700; // 4 probes fail before the 5 s heartbeat timeout would
-/** After a failed full-size check: tries and interval per search round (gso-pmtu.ts, at most 3 rounds). */
+/** Probes per size before it counts as lost (gso-pmtu.ts), and the least time a probe waits for its ack. */
 export const SEARCH_TRIES = 2;
-export const SEARCH_INTERVAL_MS = 200;
-/** Gap between the probes of one search round (see probe()). */
-export const PROBE_STAGGER_MS = 10;
+export const SEARCH_WAIT_MS = 500;
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
@@ -120,7 +117,10 @@ export abstract class LinkBase implements TransportLink {
   private readonly onPathMtuFailed: ((found: number) => void) | undefined;
   private probeNonce: Uint8Array | undefined;
   private probeTimer: NodeJS.Timeout | undefined;
-  private probeTries = 0;
+  /** the probe in flight (stop-and-wait), when it left, and the smoothed round trip of acked probes */
+  private probeSize = 0;
+  private probeSentAt = 0;
+  private probeRttMs: number | undefined;
   private pathMtuConfirmed = false;
   /** when the link was created (performance.now), for the connect-path stage log */
   private readonly bornAt = performance.now();
@@ -128,7 +128,6 @@ export abstract class LinkBase implements TransportLink {
   /** initiator: local candidates held until the answer is applied (header); undefined once released */
   private held: { list: IceCandidateInit[]; seen: Set<string>; ended: boolean } | undefined;
   private search: PmtuSearch | undefined;
-  private staggerTimer: NodeJS.Timeout | undefined;
   /** What the path MTU search found below pathMtu (the link then fails; see probe()). */
   foundPathMtu: number | undefined;
 
@@ -275,53 +274,50 @@ export abstract class LinkBase implements TransportLink {
   }
 
   /**
-   * Probe the path MTU (see the header): first the MTU the link was built for, PROBE_TRIES times; when
-   * none comes back, search (src/packet/gso-pmtu.ts) in rounds of SEARCH_TRIES x SEARCH_INTERVAL_MS, then
-   * fail the link and report what the path carries, so the transport's next link is built for exactly that.
+   * Probe the path MTU (see the header and src/packet/gso-pmtu.ts): one probe in flight at a time, each
+   * waiting for its ack up to probeWaitMs(); the full size first, then ascending sizes. Done: confirmed, or
+   * the link fails and reports what the path carries, so the transport's next link is built for exactly that.
    */
   private probe(): void {
     if (this.isDone() || this.pathMtuConfirmed) return;
-    const search = (this.search ??= new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu! }));
-    const tries = search.rounds === 0 ? PROBE_TRIES : SEARCH_TRIES;
-    if (this.probeTries >= tries || search.complete) {
-      const r = search.endRound();
-      this.probeTries = 0;
-      if (r.done) {
-        this.searchDone(r.mtu);
-        return;
-      }
+    const search = (this.search ??= new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu!, tries: SEARCH_TRIES }));
+    const size = search.next();
+    if (size === undefined) {
+      this.searchDone(search.mtu);
+      return;
     }
-    this.probeTries++;
     this.probeNonce ??= globalThis.crypto.getRandomValues(new Uint8Array(8));
-    // One probe per PROBE_STAGGER_MS: probes queued together would be bundled into one SCTP packet, which
-    // then exceeds the path MTU although each probe alone would not.
-    const sizes = search.pending();
-    const nonce = this.probeNonce;
-    const sendOne = (i: number) => {
-      if (this.isDone() || this.pathMtuConfirmed || i >= sizes.length) return;
-      const size = sizes[i]!;
-      const msg = new Uint8Array(size - PROBE_OVERHEAD);
-      msg[0] = PROBE_MAGIC;
-      msg[1] = PROBE_REQ;
-      msg.set(nonce.subarray(0, 6), 2);
-      msg[8] = size >> 8; // the last two nonce bytes say which size this probe was
-      msg[9] = size & 0xff;
-      this.sendProbeBytes(msg);
-      if (i + 1 < sizes.length) this.staggerTimer = setTimeout(() => sendOne(i + 1), PROBE_STAGGER_MS);
-    };
-    sendOne(0);
-    this.probeTimer = setTimeout(() => this.probe(), (search.rounds === 0 ? PROBE_INTERVAL_MS : SEARCH_INTERVAL_MS) + sizes.length * PROBE_STAGGER_MS);
+    const msg = new Uint8Array(size - PROBE_OVERHEAD);
+    msg[0] = PROBE_MAGIC;
+    msg[1] = PROBE_REQ;
+    msg.set(this.probeNonce.subarray(0, 6), 2);
+    msg[8] = size >> 8; // the last two nonce bytes say which size this probe was
+    msg[9] = size & 0xff;
+    this.probeSize = size;
+    this.probeSentAt = performance.now();
+    this.sendProbeBytes(msg);
+    this.probeTimer = setTimeout(() => {
+      this.probeTimer = undefined;
+      search.result(size, false);
+      this.probe();
+    }, this.probeWaitMs());
+  }
+
+  /** How long a probe waits for its ack: 4 round trips of the acked probes so far, at least SEARCH_WAIT_MS. */
+  private probeWaitMs(): number {
+    return Math.max(SEARCH_WAIT_MS, Math.round(4 * (this.probeRttMs ?? 0)));
   }
 
   private searchDone(mtu: number): void {
+    const search = this.search!;
     if (mtu >= this.pathMtu!) {
       this.pathMtuConfirmed = true;
-      this.log.debug("path MTU confirmed", { mtu, probes: this.probeTries });
+      this.log.debug("path MTU confirmed", { mtu, probes: search.probes });
       return;
     }
     this.foundPathMtu = mtu;
     const reason = `path MTU check failed: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
-    this.log.warn("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, rounds: this.search?.rounds });
+    this.log.warn("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, probes: search.probes, lost: search.losses });
     this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
     this.finish("failed", reason);
   }
@@ -341,10 +337,13 @@ export abstract class LinkBase implements TransportLink {
     const search = this.search;
     if (b[1] !== PROBE_ACK || !n || !search || this.pathMtuConfirmed || this.isDone()) return;
     for (let i = 0; i < 6; i++) if (b[2 + i] !== n[i]) return;
-    if (!search.acked((b[8]! << 8) | b[9]!) || !search.complete) return;
-    // Every size of this round came back: no need to wait the round out.
-    if (this.probeTimer) clearTimeout(this.probeTimer);
+    const size = (b[8]! << 8) | b[9]!;
+    if (size !== this.probeSize || this.probeTimer === undefined) return; // a late ack of an earlier probe
+    clearTimeout(this.probeTimer);
     this.probeTimer = undefined;
+    const rtt = performance.now() - this.probeSentAt;
+    this.probeRttMs = this.probeRttMs === undefined ? rtt : 0.75 * this.probeRttMs + 0.25 * rtt;
+    search.result(size, true);
     this.probe();
   }
 
@@ -423,8 +422,6 @@ export abstract class LinkBase implements TransportLink {
     this.pendingCandidates = [];
     if (this.probeTimer) clearTimeout(this.probeTimer);
     this.probeTimer = undefined;
-    if (this.staggerTimer) clearTimeout(this.staggerTimer);
-    this.staggerTimer = undefined;
     this.closePromise = this.dispose();
     this.onGone(this);
     this.log.debug("link closed", { reason, state });
