@@ -27,7 +27,9 @@
  * HelloVerifyRequest when the server answers a ClientHello later than its 500 ms retransmission.)
  *
  * Path MTU check and search. A link built for a path MTU above 1280 (the native transport's --link-mtu)
- * proves it once open: it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on
+ * proves it before it opens for the mesh (onOpen comes after; until then only probes travel, since any
+ * other message could be bundled or fragmented into SCTP packets larger than the path carries, and a
+ * reliable one would then be retransmitted under T3 backoff and stall the association): it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on
  * `packets`, which the peer's link answers with a small ack on the same channel. One probe is in flight at a
  * time and waits for its ack (at least SEARCH_WAIT_MS, 4 probe round trips on slow paths), SEARCH_TRIES per
  * size. No ack for the full size: packets of that size do not reach the peer (Don't Fragment meets a smaller
@@ -266,11 +268,22 @@ export abstract class LinkBase implements TransportLink {
 
   private maybeOpen(): void {
     if (this._state !== "new" && this._state !== "connecting") return;
-    if (!this.channelsOpen()) return;
+    if (!this.channelsOpen() || this.search) return;
+    // A link built above 1280 opens for the mesh only once its path MTU is confirmed (see the header): until
+    // then nothing but probes travels on it, so no oversized control message can stall the association.
+    if (this.pathMtu !== undefined && this.pathMtu > SAFE_LINK_MTU) {
+      this.stage("path MTU search");
+      this.probe();
+      return;
+    }
+    this.opened();
+  }
+
+  private opened(): void {
+    if (this.isDone()) return;
     this._state = "open";
     this.stage("open");
     this.call("onOpen", () => this.handlers.onOpen());
-    if (this.pathMtu !== undefined && this.pathMtu > SAFE_LINK_MTU && !this.isDone()) this.probe();
   }
 
   /**
@@ -313,10 +326,12 @@ export abstract class LinkBase implements TransportLink {
     if (mtu >= this.pathMtu!) {
       this.pathMtuConfirmed = true;
       this.log.debug("path MTU confirmed", { mtu, probes: search.probes });
+      this.opened();
       return;
     }
     this.foundPathMtu = mtu;
-    const reason = `path MTU check failed: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
+    // ICE and DTLS work: the mesh redials WebRTC at once (manager.ts noteFailure), built for `mtu`.
+    const reason = `path MTU check failed ${AFTER_ICE_CONNECTED}: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
     this.log.warn("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, probes: search.probes, lost: search.losses });
     this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
     this.finish("failed", reason);
