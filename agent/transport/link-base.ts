@@ -26,29 +26,33 @@
  * and holding made its own DTLS weakness more frequent in the same mesh: its client fails on a duplicate
  * HelloVerifyRequest when the server answers a ClientHello later than its 500 ms retransmission.)
  *
- * Path MTU check and search. A link built for a path MTU above 1280 (the native transport's --link-mtu)
- * proves it before it opens for the mesh (onOpen comes after; until then only probes travel, since any
- * other message could be bundled or fragmented into SCTP packets larger than the path carries, and a
- * reliable one would then be retransmitted under T3 backoff and stall the association): it sends a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes) on
+ * Path MTU check and search (src/mesh/pmtu.ts decides, this class sends and times). A link built for a path
+ * MTU above 1280 (the native transport's --link-mtu) proves it before it opens for the mesh (onOpen comes
+ * after; until then only probes travel, so no oversized control message can stall the association). First the
+ * local limit: the kernel's path MTU toward the selected pair's remote address (localMtuLimit, native.ts: route
+ * MTU + libdatachannel's wire overhead; over TURN 1280). Below the link's MTU, the search ends at once with it
+ * and nothing is sent (a packet above it would fail with EMSGSIZE and wedge usrsctp's send queue for good: see
+ * pmtu.ts). Else a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes of message) goes on
  * `packets`, which the peer's link answers with a small ack on the same channel. One probe is in flight at a
  * time and waits for its ack (at least SEARCH_WAIT_MS, 4 probe round trips on slow paths), SEARCH_TRIES per
- * size. No ack for the full size: packets of that size do not reach the peer (Don't Fragment meets a smaller
- * path MTU), and the link searches upwards from 1280, coarse then fine steps (src/packet/gso-pmtu.ts: at most
- * three sizes are ever lost, so SCTP's retransmission timer backoff never holds the later probes), then fails
- * with a reason that names the size found, and the transport builds the next link to that peer for exactly
- * that MTU (native.ts). Probes and acks start with PROBE_MAGIC, a byte no data frame starts with
- * (src/packet/frame.ts: version 1 << 4), and never reach the mesh; the last two bytes of a probe's 8-byte
- * nonce carry its size (acks echo the nonce). Both adapters answer probes, so a werift peer confirms a
- * native peer's MTU.
+ * size. No ack for the full size: packets of that size do not reach the peer (a silent black hole: Don't
+ * Fragment meets a smaller MTU further on), and the link searches upwards from 1280, coarse then fine steps (at
+ * most three sizes are ever lost, each abandoned by PR-SCTP at its T3 timeout). Then the link fails with a
+ * reason that names the size found, and the transport builds the next link to that peer for exactly that MTU
+ * (native.ts), whose own full-size check confirms it. Probes and acks start with PROBE_MAGIC, a byte no data
+ * frame starts with (src/packet/frame.ts: version 1 << 4), and never reach the mesh; the last two bytes of a
+ * probe's 8-byte nonce carry its size (acks echo the nonce). Probe traffic that is malformed or acks no probe
+ * of ours is dropped and counted by reason (stats().pmtu.drops). Both adapters answer probes, so a werift peer
+ * confirms a native peer's MTU (werift links are built for 1280 and never search).
  *
  * Subclasses implement the small hooks below with their library's calls and keep everything
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
  */
 import { AFTER_ICE_CONNECTED } from "../../src/mesh/transport.js";
-import type { ChannelName, LinkHandlers, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
+import type { ChannelName, LinkHandlers, LinkPmtuStats, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Logger } from "../../src/log.js";
-import { PmtuSearch } from "../../src/packet/gso-pmtu.js";
+import { PmtuSearch, type PmtuOutcome, type PmtuStep } from "../../src/mesh/pmtu.js";
 
 
 /**
@@ -63,12 +67,22 @@ export const CHANNELS: readonly ChannelName[] = ["control", "packets"];
 export const PROBE_MAGIC = 0xf0;
 const PROBE_REQ = 1;
 const PROBE_ACK = 2;
-/** SCTP/DTLS/UDP/IPv6 overhead libdatachannel subtracts (108) + SCTP DATA chunk header (16) + margin: a
- *  message of mtu - PROBE_OVERHEAD bytes fills one SCTP packet without being split. */
-export const PROBE_OVERHEAD = 136;
-/** Probes per size before it counts as lost (gso-pmtu.ts), and the least time a probe waits for its ack. */
+/** The sender's search ended below the link's MTU with this size (2 bytes): the receiver's next link uses it too. */
+const PROBE_RESULT = 3;
+/**
+ * A message of mtu - PROBE_OVERHEAD bytes fills one SCTP packet of a libdatachannel link exactly: the largest
+ * packet the link ever sends (measured with strace, mtu 2000: a 1876-byte message goes as one 1941-byte UDP
+ * payload, the same size as the full packets of a 20 KB message; 1877 bytes already take two datagrams). A probe
+ * must be that large, or data packets would be up to 12 bytes larger than what the search confirmed.
+ */
+export const PROBE_OVERHEAD = 124;
+/** packetBudget's margin below the link MTU (unchanged since before the search: SCTP/DTLS/UDP/IPv6 108 + DATA 16 + 12). */
+const BUDGET_OVERHEAD = 136;
+/** Probes per size before it counts as lost (src/mesh/pmtu.ts), and the least time a probe waits for its ack. */
 export const SEARCH_TRIES = 2;
 export const SEARCH_WAIT_MS = 500;
+/** A probe leaves at least this long after the last probe traffic arrived (libdatachannel's delayed SACK is 20 ms). */
+const SACK_QUIET_MS = 40;
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
@@ -92,8 +106,25 @@ export interface LinkBaseOptions {
   pathMtu?: number;
   /** The check failed: packets of pathMtu bytes do not reach the peer; `found`-byte ones do (search). */
   onPathMtuFailed?(found: number): void;
+  /**
+   * The largest link MTU the local kernel lets out toward `host` (the selected pair's remote address), for the
+   * search's local limit (src/mesh/pmtu.ts); undefined when unknown. native.ts: the route MTU plus the DTLS/UDP/IP
+   * overhead libdatachannel's mtu does not count.
+   */
+  localMtuLimit?(host: string): number | undefined;
   /** Initiator: send no candidates before the answer is applied (see the header; native.ts sets it). */
   holdCandidatesUntilAnswer?: boolean;
+}
+
+/** Probe traffic the link drops before the search sees it: too short or an unknown type, or an ack of no probe of ours. */
+export type LinkProbeDrop = "malformed" | "unsolicited-ack";
+
+/** "1.2.3.4:5" / "[::1]:5" -> the host part. */
+function hostOf(addr: string): string | undefined {
+  const v6 = /^\[([^\]]+)\]:\d+$/.exec(addr);
+  if (v6) return v6[1];
+  const v4 = /^([^:]+):\d+$/.exec(addr);
+  return v4?.[1];
 }
 
 /** Remote candidates kept while the remote description is not set yet. */
@@ -119,10 +150,12 @@ export abstract class LinkBase implements TransportLink {
   private readonly onPathMtuFailed: ((found: number) => void) | undefined;
   private probeNonce: Uint8Array | undefined;
   private probeTimer: NodeJS.Timeout | undefined;
-  /** the probe in flight (stop-and-wait), when it left, and the smoothed round trip of acked probes */
-  private probeSize = 0;
-  private probeSentAt = 0;
-  private probeRttMs: number | undefined;
+  private probeSendTimer: NodeJS.Timeout | undefined;
+  /** when a message last arrived on `packets` (performance.now), for the probes' quiet gap */
+  private lastProbeRx = -Infinity;
+  private readonly localMtuLimit: ((host: string) => number | undefined) | undefined;
+  /** probe traffic dropped here, by reason (the search counts its own: stale acks etc.) */
+  private readonly probeDrops: Record<LinkProbeDrop, number> = { malformed: 0, "unsolicited-ack": 0 };
   private pathMtuConfirmed = false;
   /** when the link was created (performance.now), for the connect-path stage log */
   private readonly bornAt = performance.now();
@@ -141,6 +174,7 @@ export abstract class LinkBase implements TransportLink {
     this.onGone = opts.onGone;
     this.pathMtu = opts.pathMtu;
     this.onPathMtuFailed = opts.onPathMtuFailed;
+    this.localMtuLimit = opts.localMtuLimit?.bind(opts);
     if (this.initiator && opts.holdCandidatesUntilAnswer) this.held = { list: [], seen: new Set(), ended: false };
   }
 
@@ -273,7 +307,7 @@ export abstract class LinkBase implements TransportLink {
     // then nothing but probes travels on it, so no oversized control message can stall the association.
     if (this.pathMtu !== undefined && this.pathMtu > SAFE_LINK_MTU) {
       this.stage("path MTU search");
-      this.probe();
+      void this.probe();
       return;
     }
     this.opened();
@@ -287,59 +321,103 @@ export abstract class LinkBase implements TransportLink {
   }
 
   /**
-   * Probe the path MTU (see the header and src/packet/gso-pmtu.ts): one probe in flight at a time, each
-   * waiting for its ack up to probeWaitMs(); the full size first, then ascending sizes. Done: confirmed, or
-   * the link fails and reports what the path carries, so the transport's next link is built for exactly that.
+   * Probe the path MTU (see the header and src/mesh/pmtu.ts, which decides what to send and when): one probe in
+   * flight at a time, never above the local kernel's limit toward the selected remote address. Done: confirmed,
+   * or the link fails and reports what the path carries, so the transport's next link is built for exactly that.
    */
   private probe(): void {
-    if (this.isDone() || this.pathMtuConfirmed) return;
-    const search = (this.search ??= new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu!, tries: SEARCH_TRIES }));
-    const size = search.next();
-    if (size === undefined) {
-      this.searchDone(search.mtu);
+    if (this.isDone() || this.pathMtuConfirmed || this.search) return;
+    // The local limit needs the selected pair's remote address (and its local type: over TURN the kernel sends
+    // to the TURN server, whose path this link cannot see: then nothing above SAFE_LINK_MTU is probed). Read
+    // synchronously when the library can (native): both ends then decide in the same turn their channels open,
+    // before the first to fail can close the other's link.
+    let sel: SelectedPath | Promise<SelectedPath | undefined> | undefined;
+    try {
+      sel = this.localMtuLimit ? this.selectedPath() : undefined;
+    } catch {
+      sel = undefined;
+    }
+    if (sel instanceof Promise) {
+      sel.then(
+        (s) => this.startSearch(s),
+        () => this.startSearch(undefined),
+      );
+    } else this.startSearch(sel);
+  }
+
+  private startSearch(sel: SelectedPath | undefined): void {
+    if (this.isDone() || this.pathMtuConfirmed || this.search) return;
+    let limit: (() => number | undefined) | undefined;
+    const lim = this.localMtuLimit;
+    const host = sel ? hostOf(sel.remoteAddress) : undefined;
+    if (lim && sel?.localType === "relay") limit = () => SAFE_LINK_MTU;
+    else if (lim && host) limit = () => lim(host);
+    const search = (this.search = new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu!, tries: SEARCH_TRIES, minWaitMs: SEARCH_WAIT_MS, ...(limit ? { localLimit: limit } : {}) }));
+    this.probeNonce = globalThis.crypto.getRandomValues(new Uint8Array(8));
+    this.applySearch(search.handle({ kind: "start" }, performance.now()));
+  }
+
+  /** Carry out what the search asks: send a probe and arm its timer, or finish. */
+  private applySearch(step: PmtuStep): void {
+    if (this.isDone() || (!step.done && step.probe === undefined)) return; // nothing to do (an ignored ack or tick)
+    const search = this.search!;
+    if (this.probeTimer) clearTimeout(this.probeTimer);
+    this.probeTimer = undefined;
+    if (step.done) {
+      this.searchDone(step.done.mtu, step.done.outcome);
       return;
     }
-    this.probeNonce ??= globalThis.crypto.getRandomValues(new Uint8Array(8));
+    if (step.probe === undefined) return;
+    const size = step.probe;
     const msg = new Uint8Array(size - PROBE_OVERHEAD);
     msg[0] = PROBE_MAGIC;
     msg[1] = PROBE_REQ;
-    msg.set(this.probeNonce.subarray(0, 6), 2);
+    msg.set(this.probeNonce!.subarray(0, 6), 2);
     msg[8] = size >> 8; // the last two nonce bytes say which size this probe was
     msg[9] = size & 0xff;
-    this.probeSize = size;
-    this.probeSentAt = performance.now();
-    this.sendProbeBytes(msg);
+    // Quiet gap: a probe sent right after a message arrived carries usrsctp's pending SACK in its packet
+    // (measured +24 bytes), so it would test a larger size than it says. Wait until the delayed SACK (20 ms in
+    // libdatachannel) has gone out on its own; the timer below moves by the same amount.
+    const quiet = Math.max(0, this.lastProbeRx + SACK_QUIET_MS - performance.now());
+    const send = () => {
+      if (this.isDone() || this.search !== search) return;
+      this.sendProbeBytes(msg);
+    };
+    if (quiet > 0) this.probeSendTimer = setTimeout(send, quiet);
+    else send();
+    const wait = quiet + Math.max(0, (search.deadline ?? performance.now()) - performance.now());
     this.probeTimer = setTimeout(() => {
       this.probeTimer = undefined;
-      search.result(size, false);
-      this.probe();
-    }, this.probeWaitMs());
+      this.applySearch(search.handle({ kind: "tick" }, Math.max(performance.now(), search.deadline ?? 0)));
+    }, wait);
   }
 
-  /** How long a probe waits for its ack: 4 round trips of the acked probes so far, at least SEARCH_WAIT_MS. */
-  private probeWaitMs(): number {
-    return Math.max(SEARCH_WAIT_MS, Math.round(4 * (this.probeRttMs ?? 0)));
-  }
-
-  private searchDone(mtu: number): void {
+  private searchDone(mtu: number, outcome: PmtuOutcome): void {
     const search = this.search!;
     if (mtu >= this.pathMtu!) {
       this.pathMtuConfirmed = true;
-      this.log.debug("path MTU confirmed", { mtu, probes: search.probes });
+      this.log.debug("path MTU confirmed", { mtu, ...search.stats });
       this.opened();
       return;
     }
     this.foundPathMtu = mtu;
     // ICE and DTLS work: the mesh redials WebRTC at once (manager.ts noteFailure), built for `mtu`.
-    const reason = `path MTU check failed ${AFTER_ICE_CONNECTED}: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
-    this.log.warn("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, probes: search.probes, lost: search.losses });
+    const reason =
+      outcome === "local-limit"
+        ? `path MTU check failed ${AFTER_ICE_CONNECTED}: the local route toward the peer carries at most ${mtu}-byte link packets, not ${this.pathMtu}; the next link uses ${mtu}`
+        : `path MTU check failed ${AFTER_ICE_CONNECTED}: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
+    this.log.info("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, outcome, probes: search.stats.probes, lost: search.stats.lost });
+    // Tell the peer, whose own search may still run (it would build its next link at the old size otherwise,
+    // and search again); its next link's full-size check verifies the size for its direction.
+    this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
     this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
     this.finish("failed", reason);
   }
 
   /** A probe or ack arrived on `packets` (never delivered to the mesh). */
   private onProbe(b: Uint8Array): void {
-    if (b.length < 10) return;
+    if (b[1] === PROBE_RESULT && b.length >= 4) return this.onPeerResult((b[2]! << 8) | b[3]!);
+    if (b.length < 10) return this.probeDrop("malformed");
     if (b[1] === PROBE_REQ) {
       const ack = new Uint8Array(10);
       ack[0] = PROBE_MAGIC;
@@ -350,16 +428,55 @@ export abstract class LinkBase implements TransportLink {
     }
     const n = this.probeNonce;
     const search = this.search;
-    if (b[1] !== PROBE_ACK || !n || !search || this.pathMtuConfirmed || this.isDone()) return;
-    for (let i = 0; i < 6; i++) if (b[2 + i] !== n[i]) return;
-    const size = (b[8]! << 8) | b[9]!;
-    if (size !== this.probeSize || this.probeTimer === undefined) return; // a late ack of an earlier probe
-    clearTimeout(this.probeTimer);
-    this.probeTimer = undefined;
-    const rtt = performance.now() - this.probeSentAt;
-    this.probeRttMs = this.probeRttMs === undefined ? rtt : 0.75 * this.probeRttMs + 0.25 * rtt;
-    search.result(size, true);
-    this.probe();
+    if (b[1] !== PROBE_ACK) return this.probeDrop("malformed");
+    if (!n || !search || this.isDone()) return this.probeDrop("unsolicited-ack");
+    for (let i = 0; i < 6; i++) if (b[2 + i] !== n[i]) return this.probeDrop("unsolicited-ack");
+    this.applySearch(search.handle({ kind: "ack", size: (b[8]! << 8) | b[9]! }, performance.now()));
+  }
+
+  /**
+   * A link built above the local limit that closes before its own search decided (the peer's link failed the
+   * same check first and closed both): still tell the transport, so that the next link from this side is not
+   * built too large again (one more failed link per side otherwise).
+   */
+  private noteLocalLimitOnEarlyClose(): void {
+    if (this.foundPathMtu !== undefined || this.search?.done || this.pathMtuConfirmed || !this.localMtuLimit || this.pathMtu === undefined || this.pathMtu <= SAFE_LINK_MTU) return;
+    if (!this.iceWasUp()) return;
+    try {
+      const sel = this.selectedPath();
+      if (!sel || sel instanceof Promise || sel.localType === "relay") return;
+      const host = hostOf(sel.remoteAddress);
+      const limit = host ? this.localMtuLimit(host) : undefined;
+      if (limit === undefined || limit >= this.pathMtu) return;
+      const mtu = Math.max(SAFE_LINK_MTU, limit & ~3);
+      this.foundPathMtu = mtu;
+      this.log.debug("closed before its path MTU check; the local route limits the next link", { built: this.pathMtu, limit: mtu });
+      this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
+    } catch {
+      /* the library is going away */
+    }
+  }
+
+  /** The peer's search ended with `mtu` below the link's: ours will not finish on this link (the peer closes it). */
+  private onPeerResult(mtu: number): void {
+    if (this.isDone() || this.pathMtuConfirmed || this.search?.done || this.pathMtu === undefined) return;
+    if (mtu < SAFE_LINK_MTU || mtu >= this.pathMtu) return this.probeDrop("malformed");
+    if (this.foundPathMtu !== undefined) return;
+    this.foundPathMtu = mtu;
+    this.log.debug("the peer's path MTU search found less; the next link uses it", { built: this.pathMtu, found: mtu });
+    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
+  }
+
+  private probeDrop(reason: LinkProbeDrop): void {
+    this.probeDrops[reason]++;
+  }
+
+  /** The path MTU search's figures (undefined when this link did not search). */
+  get pmtuStats(): LinkPmtuStats | undefined {
+    const st = this.search?.stats;
+    if (!st) return undefined;
+    const drops: Record<string, number> = { ...st.drops, ...this.probeDrops };
+    return { probes: st.probes, acked: st.acked, lost: st.lost, skipped: st.skipped, drops, ...(this.foundPathMtu !== undefined ? { found: this.foundPathMtu } : {}) };
   }
 
   /** Probe traffic on `packets`, past the buffer limits (one small message at a time); never throws. */
@@ -379,11 +496,11 @@ export abstract class LinkBase implements TransportLink {
 
   /**
    * One SCTP packet's worth of message: libdatachannel's SCTP packets are mtu - 108 bytes, minus the SCTP
-   * common (12) and DATA chunk (16) headers (= PROBE_OVERHEAD), minus 8 bytes of margin, to a multiple of 4.
+   * common (12) and DATA chunk (16) headers and 12 of margin (= BUDGET_OVERHEAD), minus 8 more, to a multiple of 4.
    * The unconfirmed MTU of a link still probing counts as SAFE_LINK_MTU. werift overrides it (fixed chunks).
    */
   get packetBudget(): number | undefined {
-    return ((this.linkMtu ?? SAFE_LINK_MTU) - PROBE_OVERHEAD - 8) & ~3;
+    return ((this.linkMtu ?? SAFE_LINK_MTU) - BUDGET_OVERHEAD - 8) & ~3;
   }
 
   /** A message arrived (binary, or a string from a misbehaving peer). */
@@ -402,6 +519,7 @@ export abstract class LinkBase implements TransportLink {
       bytes = new Uint8Array(m.buffer, m.byteOffset, m.byteLength);
     }
     if (name === "packets" && bytes[0] === PROBE_MAGIC) {
+      this.lastProbeRx = performance.now();
       this.onProbe(bytes);
       return;
     }
@@ -433,10 +551,13 @@ export abstract class LinkBase implements TransportLink {
   /** Terminal transition: free everything, call onClose once. */
   protected finish(state: "closed" | "failed", reason: string): void {
     if (this.isDone()) return;
+    this.noteLocalLimitOnEarlyClose();
     this._state = state;
     this.pendingCandidates = [];
     if (this.probeTimer) clearTimeout(this.probeTimer);
+    if (this.probeSendTimer) clearTimeout(this.probeSendTimer);
     this.probeTimer = undefined;
+    this.probeSendTimer = undefined;
     this.closePromise = this.dispose();
     this.onGone(this);
     this.log.debug("link closed", { reason, state });
@@ -570,6 +691,8 @@ export abstract class LinkBase implements TransportLink {
     const out: LinkStats = { bytesSent: this.bytesSent, bytesReceived: this.bytesReceived };
     const mtu = this.linkMtu;
     if (mtu !== undefined) out.pathMtu = mtu;
+    const pm = this.pmtuStats;
+    if (pm) out.pmtu = pm;
     if (this.isDone()) return out;
     try {
       const sel = await this.selectedPath();

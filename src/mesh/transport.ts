@@ -59,6 +59,20 @@ export interface LinkStats {
   selected?: SelectedPath;
   /** Path MTU the link sends with, once confirmed (transports that choose one). */
   pathMtu?: number;
+  /** The link's path MTU search (src/mesh/pmtu.ts), when it ran one. */
+  pmtu?: LinkPmtuStats;
+}
+
+/** What a link's path MTU search did: probes sent/acked, sizes lost or skipped (above the local limit), typed drops of probe traffic. */
+export interface LinkPmtuStats {
+  probes: number;
+  acked: number;
+  lost: number;
+  skipped: number;
+  /** by reason: stale-ack, ack-not-in-flight, ack-after-done (the search), malformed, unsolicited-ack (the link) */
+  drops: Record<string, number>;
+  /** the size found when below the link's (the link then failed and the next one is built for it) */
+  found?: number;
 }
 
 export interface TransportLink {

@@ -60,10 +60,14 @@ export class MeshLab {
   signalProc: ChildProcess | undefined;
   readonly signalAddr: string;
 
-  /** uplinkMtu: MTU of the LAN (bridge and every node's uplink), default the kernel's 1500; 9000 for a jumbo-frame LAN. */
+  /**
+   * uplinkMtu: MTU of the LAN (bridge and every node's uplink), default the kernel's 1500; 9000 for a jumbo-frame LAN.
+   * lanPortMtu: MTU of the bridge's ports only (default uplinkMtu): below uplinkMtu, a silent path MTU black hole —
+   * a veth drops what is larger than its peer's MTU without an ICMP, so the nodes' kernels never learn of it.
+   */
   constructor(
     readonly count: number,
-    readonly opts: { uplinkMtu?: number } = {},
+    readonly opts: { uplinkMtu?: number; lanPortMtu?: number } = {},
   ) {
     this.lan = `wl-${this.id}-lan`;
     this.signalAddr = `10.77.${this.net}.1`;
@@ -85,10 +89,9 @@ export class MeshLab {
       ip(["-n", this.lan, "link", "set", `p${k}`, "master", "lan", "up"]);
       const addr = `10.77.${this.net}.${10 + k}`;
       ip(["-n", ns, "addr", "add", `${addr}/24`, "dev", "uplink"]);
-      if (this.opts.uplinkMtu) {
-        ip(["-n", ns, "link", "set", "uplink", "mtu", String(this.opts.uplinkMtu)]);
-        ip(["-n", this.lan, "link", "set", `p${k}`, "mtu", String(this.opts.uplinkMtu)]);
-      }
+      if (this.opts.uplinkMtu) ip(["-n", ns, "link", "set", "uplink", "mtu", String(this.opts.uplinkMtu)]);
+      const portMtu = this.opts.lanPortMtu ?? this.opts.uplinkMtu;
+      if (portMtu) ip(["-n", this.lan, "link", "set", `p${k}`, "mtu", String(portMtu)]);
       ip(["-n", ns, "link", "set", "uplink", "up"]);
       this.nodes.push({ name: `n${k}`, ns, addr, stateDir: join(this.root, `n${k}`), pods: [] });
     }
