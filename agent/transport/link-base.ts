@@ -406,7 +406,7 @@ export abstract class LinkBase implements TransportLink {
       outcome === "local-limit"
         ? `path MTU check failed ${AFTER_ICE_CONNECTED}: the local route toward the peer carries at most ${mtu}-byte link packets, not ${this.pathMtu}; the next link uses ${mtu}`
         : `path MTU check failed ${AFTER_ICE_CONNECTED}: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
-    this.log.info("path MTU below the link's; rebuilding the link for it", { built: this.pathMtu, found: mtu, outcome, probes: search.stats.probes, lost: search.stats.lost });
+    this.log.warn("path MTU check failed; the next link is built for what the path carries", { built: this.pathMtu, found: mtu, outcome, probes: search.stats.probes, lost: search.stats.lost });
     // Tell the peer, whose own search may still run (it would build its next link at the old size otherwise,
     // and search again); its next link's full-size check verifies the size for its direction.
     this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
