@@ -559,6 +559,7 @@ export class Agent implements AgentView {
       dataplane: this.dataplane ? { ...this.dataplane.stats(), routes: this.routePolicy.decisions } : null,
       stun: { serving: this.stun?.status(this.reflexive) ?? null, using: this.stunUses() },
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.routePolicy.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routePolicy.conflicts },
+      pmtu: this.transport.pmtu?.() ?? null,
       counters: {
         ...this.mesh.counters,
         relayBytesIn: this.relay?.counters.bytesIn ?? 0,

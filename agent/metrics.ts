@@ -30,6 +30,10 @@
  *                                                     bulk link (direct UDP) traffic, all peers
  *   weftnet_bulk_drops_total{reason}                  bulk datagrams dropped: bad-auth, replay, unknown-index, ...
  *   weftnet_bulk_transitions_total{to}                bulk link up/down changes (down = fell back to WebRTC)
+ *   weftnet_peer_path_mtu_bytes{peer,name,link_type}  each link's path MTU (webrtc|turn: searched/confirmed mtu; bulk: pathMax)
+ *   weftnet_pmtu_searches_total{link_type,outcome}    WebRTC path MTU searches: confirmed | searched | local-limit
+ *   weftnet_pmtu_probes_total{link_type,result}       their probes: sent | acked | lost (sizes)
+ *   weftnet_pmtu_probe_drops_total{link_type,reason}  probe traffic dropped, typed (malformed, unsolicited-ack, stale-ack, ...)
  */
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Registry } from "prom-client";
@@ -220,12 +224,52 @@ export function createAgentRegistry(agent: AgentView): { registry: Registry; scr
   });
   new Gauge({
     name: "weftnet_peer_path_mtu_bytes",
-    help: "Path MTU the link to each connected peer uses (confirmed by its probe, or found by the search, docs/loss.md); absent for links with fixed chunks (werift).",
+    help: "Path MTU of each link to each connected peer, by the link's type: webrtc/turn (libdatachannel's mtu, confirmed by its full-size probe or found by the search, docs/loss.md; absent for werift's fixed chunks) and bulk (the largest datagram its search confirmed).",
     labelNames: ["peer", "name", "link_type"],
     registers,
     collect() {
       this.reset();
-      for (const p of snap?.status.peers ?? []) if (p.state === "connected" && typeof p.pathMtu === "number") this.set({ peer: p.id, name: p.name, link_type: p.linkType ?? "none" }, p.pathMtu);
+      for (const p of snap?.status.peers ?? []) {
+        if (p.state !== "connected") continue;
+        if (typeof p.pathMtu === "number") this.set({ peer: p.id, name: p.name, link_type: p.path === "turn" ? "turn" : "webrtc" }, p.pathMtu);
+        if (p.bulk?.state === "up" && typeof p.bulk.pathMax === "number") this.set({ peer: p.id, name: p.name, link_type: "bulk" }, p.bulk.pathMax);
+      }
+    },
+  });
+  new Counter({
+    name: "weftnet_pmtu_searches_total",
+    help: "WebRTC path MTU searches that ended (src/mesh/pmtu.ts), by outcome: confirmed (the built MTU), searched (a smaller size found by probing), local-limit (the kernel's route MTU toward the peer; nothing probed above it).",
+    labelNames: ["link_type", "outcome"],
+    registers,
+    collect() {
+      this.reset();
+      const c = snap?.status.pmtu;
+      if (!c) return;
+      for (const [outcome, n] of Object.entries(c.searches)) this.inc({ link_type: "webrtc", outcome }, n);
+    },
+  });
+  new Counter({
+    name: "weftnet_pmtu_probes_total",
+    help: "WebRTC path MTU probes: sent, acked, and sizes lost (every try of a size unanswered).",
+    labelNames: ["link_type", "result"],
+    registers,
+    collect() {
+      this.reset();
+      const c = snap?.status.pmtu;
+      if (!c) return;
+      this.inc({ link_type: "webrtc", result: "sent" }, c.probes);
+      this.inc({ link_type: "webrtc", result: "acked" }, c.acked);
+      this.inc({ link_type: "webrtc", result: "lost" }, c.lost);
+    },
+  });
+  new Counter({
+    name: "weftnet_pmtu_probe_drops_total",
+    help: "WebRTC path MTU probe traffic dropped, by reason: malformed, unsolicited-ack (no probe of ours), stale-ack (a timed-out size), ack-not-in-flight, ack-after-done.",
+    labelNames: ["link_type", "reason"],
+    registers,
+    collect() {
+      this.reset();
+      for (const [reason, n] of Object.entries(snap?.status.pmtu?.drops ?? {})) this.inc({ link_type: "webrtc", reason }, n);
     },
   });
   new Counter({

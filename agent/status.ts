@@ -7,6 +7,7 @@
 import type { IpamStatus } from "../src/ipam/index.js";
 import type { MeshCounters, PeerStatus } from "../src/mesh/manager.js";
 import type { RouteEntry } from "../src/mesh/paths.js";
+import type { PmtuCounters } from "../src/mesh/transport.js";
 import type { DropCounters } from "../src/packet/drop.js";
 import type { DataPlane } from "./dataplane.js";
 import type { RouteDecision } from "./os/advertise.js";
@@ -45,6 +46,8 @@ export interface AgentStatus {
   /** this agent's STUN responder (--stun-port) and the STUN servers it uses, with their source */
   stun?: StunStatus;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: RouteConflict[] };
+  /** the WebRTC transport's path MTU searches (native; null for werift, which never searches) */
+  pmtu: PmtuCounters | null;
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
 }
 

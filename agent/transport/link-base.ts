@@ -49,7 +49,7 @@
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
  */
 import { AFTER_ICE_CONNECTED } from "../../src/mesh/transport.js";
-import type { ChannelName, LinkHandlers, LinkPmtuStats, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
+import type { ChannelName, LinkHandlers, LinkPmtuStats, PmtuCounters, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Logger } from "../../src/log.js";
 import { PmtuSearch, type PmtuOutcome, type PmtuStep } from "../../src/mesh/pmtu.js";
@@ -112,6 +112,8 @@ export interface LinkBaseOptions {
    * overhead libdatachannel's mtu does not count.
    */
   localMtuLimit?(host: string): number | undefined;
+  /** The transport's counters, which this link's search adds to when it ends or the link finishes. */
+  pmtuCounters?: PmtuCounters;
   /** Initiator: send no candidates before the answer is applied (see the header; native.ts sets it). */
   holdCandidatesUntilAnswer?: boolean;
 }
@@ -154,6 +156,8 @@ export abstract class LinkBase implements TransportLink {
   /** when a message last arrived on `packets` (performance.now), for the probes' quiet gap */
   private lastProbeRx = -Infinity;
   private readonly localMtuLimit: ((host: string) => number | undefined) | undefined;
+  private readonly pmtuCounters: PmtuCounters | undefined;
+  private pmtuCounted = false;
   /** probe traffic dropped here, by reason (the search counts its own: stale acks etc.) */
   private readonly probeDrops: Record<LinkProbeDrop, number> = { malformed: 0, "unsolicited-ack": 0 };
   private pathMtuConfirmed = false;
@@ -175,6 +179,7 @@ export abstract class LinkBase implements TransportLink {
     this.pathMtu = opts.pathMtu;
     this.onPathMtuFailed = opts.onPathMtuFailed;
     this.localMtuLimit = opts.localMtuLimit?.bind(opts);
+    this.pmtuCounters = opts.pmtuCounters;
     if (this.initiator && opts.holdCandidatesUntilAnswer) this.held = { list: [], seen: new Set(), ended: false };
   }
 
@@ -394,6 +399,8 @@ export abstract class LinkBase implements TransportLink {
 
   private searchDone(mtu: number, outcome: PmtuOutcome): void {
     const search = this.search!;
+    if (this.pmtuCounters) this.pmtuCounters.searches[outcome]++;
+    this.countPmtu();
     if (mtu >= this.pathMtu!) {
       this.pathMtuConfirmed = true;
       this.log.debug("path MTU confirmed", { mtu, ...search.stats });
@@ -469,6 +476,23 @@ export abstract class LinkBase implements TransportLink {
 
   private probeDrop(reason: LinkProbeDrop): void {
     this.probeDrops[reason]++;
+    if (this.pmtuCounted && this.pmtuCounters) this.pmtuCounters.drops[reason] = (this.pmtuCounters.drops[reason] ?? 0) + 1; // after the search: straight in
+  }
+
+  /** Add this link's search figures to the transport's counters, once (when the search ends, or at finish). */
+  private countPmtu(): void {
+    const c = this.pmtuCounters;
+    const st = this.pmtuStats;
+    if (this.pmtuCounted || !c) return;
+    this.pmtuCounted = true;
+    if (!st) {
+      for (const [k, v] of Object.entries(this.probeDrops)) if (v) c.drops[k] = (c.drops[k] ?? 0) + v;
+      return;
+    }
+    c.probes += st.probes;
+    c.acked += st.acked;
+    c.lost += st.lost;
+    for (const [k, v] of Object.entries(st.drops)) if (v) c.drops[k] = (c.drops[k] ?? 0) + v;
   }
 
   /** The path MTU search's figures (undefined when this link did not search). */
@@ -552,6 +576,7 @@ export abstract class LinkBase implements TransportLink {
   protected finish(state: "closed" | "failed", reason: string): void {
     if (this.isDone()) return;
     this.noteLocalLimitOnEarlyClose();
+    this.countPmtu();
     this._state = state;
     this.pendingCandidates = [];
     if (this.probeTimer) clearTimeout(this.probeTimer);

@@ -75,8 +75,9 @@ import type {
   SelectedPath,
   Transport,
   TransportLink,
+  PmtuCounters,
 } from "../../src/mesh/transport.js";
-import { sdpFingerprint } from "../../src/mesh/transport.js";
+import { emptyPmtuCounters, sdpFingerprint } from "../../src/mesh/transport.js";
 import { checkSdpFingerprints } from "../../src/mesh/auth.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
@@ -229,10 +230,12 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   const mtuFallback = new Map<string, { mtu: number; until: number }>();
   let closed = false;
   let seq = 0;
+  const pmtuCounters = emptyPmtuCounters();
 
   return {
     name: "native",
     fingerprint,
+    pmtu: () => structuredClone(pmtuCounters),
     certificate: pem,
     libraryVersion: safe(() => ndc.getLibraryVersion(), "unknown"),
     get linkCount() {
@@ -256,7 +259,7 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
         // The link searched what the path carries (LinkBase): the next link is built for exactly that.
         if (peer) mtuFallback.set(peer, { mtu: Math.max(SAFE_LINK_MTU, Math.min(found, pathMtu)), until: Date.now() + MTU_FALLBACK_MS });
       };
-      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, onPathMtuFailed, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
+      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, onPathMtuFailed, pmtuCounters, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
       return link;
     },
@@ -356,6 +359,7 @@ interface LinkEnv {
   /** Path MTU of this link (config.mtu; checked once open when above 1280). */
   pathMtu: number;
   onPathMtuFailed(found: number): void;
+  pmtuCounters: PmtuCounters;
   /** Candidate filter (loopbackOnly, excludeAddress). */
   keepAddress(ip: string): boolean;
   limits: typeof NATIVE_LIMITS;
@@ -396,7 +400,7 @@ class NativeLink extends LinkBase {
   ) {
     // libdatachannel checks the DTLS peer's certificate against a remote description it may not have recorded
     // yet when the peer's ClientHello came before the answer: hold our candidates until then (link-base.ts).
-    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, onPathMtuFailed: env.onPathMtuFailed, localMtuLimit: nativeMtuLimit, holdCandidatesUntilAnswer: true });
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, onPathMtuFailed: env.onPathMtuFailed, localMtuLimit: nativeMtuLimit, pmtuCounters: env.pmtuCounters, holdCandidatesUntilAnswer: true });
   }
 
   /**

@@ -113,8 +113,26 @@ export interface LinkOptions {
   handlers: LinkHandlers;
 }
 
+/** A transport's path MTU searches so far, all links together (weftnet_pmtu_* metrics). */
+export interface PmtuCounters {
+  /** searches that ended: confirmed (the built MTU), searched (a smaller size found by probing), local-limit (the kernel's route MTU, nothing probed above it) */
+  searches: { confirmed: number; searched: number; "local-limit": number };
+  probes: number;
+  acked: number;
+  /** sizes that counted as lost */
+  lost: number;
+  /** probe traffic dropped, by reason (LinkPmtuStats.drops) */
+  drops: Record<string, number>;
+}
+
+export function emptyPmtuCounters(): PmtuCounters {
+  return { searches: { confirmed: 0, searched: 0, "local-limit": 0 }, probes: 0, acked: 0, lost: 0, drops: {} };
+}
+
 export interface Transport {
   readonly name: string;
+  /** Path MTU search counters of this transport's links (transports that search: native). */
+  pmtu?(): PmtuCounters;
   /** DTLS certificate fingerprint used by every link of this transport (one certificate per agent run). */
   readonly fingerprint: Fingerprint;
   createLink(opts: LinkOptions): TransportLink;

@@ -24,7 +24,7 @@ const d = describe.skipIf(!isRoot);
 const FITS = 2000 + 31;
 if (!isRoot) console.warn("skipping path MTU e2e: needs root");
 
-function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }, within: number) {
+function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }, within: number, outcome: "local-limit" | "searched") {
   d(`path MTU on a 2000-byte LAN: ${name}`, () => {
     const lab = new MeshLab(2, opts);
     const dump = () => lab.nodes.map((n) => `--- ${n.name}\n${lab.log(`${n.name}.log`)}`).join("\n");
@@ -49,6 +49,11 @@ function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
       );
       console.log(`[measure] path MTU (${name}) on a 2000-byte IPv4 LAN with --link-mtu 4096: ${mtus.join(", ")} (largest that fits: ${FITS})`);
       for (const m of mtus) expect(FITS - m).toBeLessThan(within);
+      // how the first links ended, as status (and weftnet_pmtu_searches_total) counts it
+      const counters = await Promise.all(lab.nodes.map(async (n) => (await lab.status(n)).pmtu));
+      console.log(`[measure] pmtu counters (${name}): ${JSON.stringify(counters)}`);
+      expect(counters.some((c) => (c?.searches[outcome] ?? 0) >= 1)).toBe(true);
+      expect(counters.every((c) => (c?.searches.confirmed ?? 0) >= 1)).toBe(true);
       const pa = await lab.addPod(lab.nodes[0]!, "ma");
       const pb = await lab.addPod(lab.nodes[1]!, "mb");
       await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", "-s", "1372", "-M", "do", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "full-size ping", dump);
@@ -64,6 +69,6 @@ function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
 }
 
 // route MTU 2000 -> mtu 2031, searched in multiples of 4: 2028
-pmtuCase("uplink MTU 2000 (local route limit)", { uplinkMtu: 2000 }, 4);
+pmtuCase("uplink MTU 2000 (local route limit)", { uplinkMtu: 2000 }, 4, "local-limit");
 // no local limit: the search's 16-byte fine steps
-pmtuCase("silent black hole behind 9000-byte uplinks", { uplinkMtu: 9000, lanPortMtu: 2000 }, 16);
+pmtuCase("silent black hole behind 9000-byte uplinks", { uplinkMtu: 9000, lanPortMtu: 2000 }, 16, "searched");
