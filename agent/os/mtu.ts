@@ -5,7 +5,7 @@
  * Read with `ip -j -4 addr show` and /proc/net/route, both of the agent's network namespace (/sys/class/net
  * shows the mount namespace's, which differs under `nsenter --net`).
  * This is a guess about the path, not a measurement: links built above 1280 check it once open (LinkBase's
- * path MTU check) and fall back to 1280 for a peer whose path carries less.
+ * path MTU check and search, src/mesh/pmtu.ts) and rebuild for what the path carries to a peer whose path carries less.
  */
 import { readFileSync } from "node:fs";
 import { execCommand } from "./exec.js";

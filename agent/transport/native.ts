@@ -129,11 +129,11 @@ export interface NativeTransportOptions {
   certificate?: DtlsCertificatePem;
   /**
    * Path MTU the links may assume: the largest IP packet every path between the nodes carries, in bytes
-   * (libdatachannel's `mtu`; its SCTP packets are this minus 108 bytes of SCTP/DTLS/UDP/IPv6 overhead).
+   * (libdatachannel's `mtu`; its full-size packets are this minus 31 bytes of IPv4, NATIVE_WIRE_BELOW_MTU).
    * Default 1280 (libdatachannel's, the IPv6 minimum: safe on any path). libjuice sets Don't Fragment, so a value above the real path MTU makes every full-size SCTP
    * packet vanish. Every link built with more than 1280 checks once open that such packets reach the peer
-   * (LinkBase: path MTU check); when they do not, the link fails and the next links to that peer step down
-   * (above 1500 -> 1500 -> 1280) for an hour.
+   * (LinkBase: path MTU check, capped by the kernel's route MTU); when they do not, the link searches what
+   * does (src/mesh/pmtu.ts), fails, and the next links to that peer are built for the size found for an hour.
    */
   mtu?: number;
   /** Overrides of NATIVE_LIMITS (tests, tuning). */
