@@ -25,6 +25,12 @@ import type { ChannelName, Fingerprint, LinkOptions, LinkSignal, LinkState, Link
 export const RELAY_FRAME_VERSION = 1;
 /** Above this much data queued on the signaling WebSocket, sends are refused (backpressure). */
 export const RELAY_BUFFER_LIMIT = 2 * 1024 * 1024;
+/**
+ * Packets are refused this much earlier than control messages (one control message at most: wire/control.ts
+ * MAX_CONTROL_BYTES), so pod traffic that fills the socket never makes heartbeats, gossip or IPAM messages
+ * "full": the control channel keeps its room on a saturated relay.
+ */
+export const RELAY_CONTROL_HEADROOM = 256 * 1024;
 export const RELAY_LOW_WATER = 512 * 1024;
 /**
  * After a packets send leaves more than this queued, the link reports the fall back to it (onDrain): the
@@ -212,7 +218,7 @@ class RelayLink implements TransportLink {
   send(channel: ChannelName, data: Uint8Array): SendResult {
     if (this.state !== "open" || !this.sendKey || !this.t.port.up) return "closed";
     if (data.byteLength > RELAY_MAX_MESSAGE) return "too-big";
-    if (this.t.port.bufferedAmount() > RELAY_BUFFER_LIMIT) {
+    if (this.t.port.bufferedAmount() > RELAY_BUFFER_LIMIT - (channel === "packets" ? RELAY_CONTROL_HEADROOM : 0)) {
       this.wantDrain = true;
       this.waitDrain(RELAY_LOW_WATER);
       return "full";

@@ -1,7 +1,7 @@
 // The relay link's sealing and replay counters, without root or a server: two relay transports whose
 // RelayPorts hand frames to each other in memory (the signaling server only forwards opaque bytes).
 import { describe, expect, it } from "vitest";
-import { createRelayTransport, RELAY_BUFFER_LIMIT, RELAY_MAX_MESSAGE, type RelayPort, type RelayTransport } from "../../agent/transport/relay.js";
+import { createRelayTransport, RELAY_BUFFER_LIMIT, RELAY_CONTROL_HEADROOM, RELAY_MAX_MESSAGE, type RelayPort, type RelayTransport } from "../../agent/transport/relay.js";
 import type { ChannelName, LinkSignal, TransportLink } from "../../src/mesh/transport.js";
 
 const A = "aaaaaaaaaaaaaaaa";
@@ -107,7 +107,12 @@ describe("relay link (memory port)", () => {
   it("typed send results: too-big, full then a drain, closed", async () => {
     const p = await open();
     expect(p.links[A]!.send("packets", new Uint8Array(RELAY_MAX_MESSAGE + 1))).toBe("too-big");
+    // pod traffic that fills the socket leaves room for control messages (heartbeats, gossip)
+    p.setBuffered(RELAY_BUFFER_LIMIT - RELAY_CONTROL_HEADROOM + 1);
+    expect(p.links[A]!.send("packets", new Uint8Array(10))).toBe("full");
+    expect(p.links[A]!.send("control", new Uint8Array(10))).toBe("ok");
     p.setBuffered(RELAY_BUFFER_LIMIT + 1);
+    expect(p.links[A]!.send("control", new Uint8Array(10))).toBe("full");
     expect(p.links[A]!.send("packets", new Uint8Array(10))).toBe("full");
     p.setBuffered(0);
     for (let i = 0; i < 50 && !p.drains[A]!.includes("packets"); i++) await new Promise((r) => setTimeout(r, 5));
