@@ -307,6 +307,8 @@ export class Agent implements AgentView {
           stun: () => (cfg.useServerStun !== false && a.stunPort > 0 ? { host: a.signal.host, port: a.stunPort } : a.agentStunFor4()),
           ...(cfg.bulkTiming ? { timing: cfg.bulkTiming } : {}),
         });
+        // UDP to the peer works again: a relayed mesh link tries WebRTC now, not at its next probe.
+        agent.bulk.onUpDown((peer, up) => up && mesh.directPathWorks(peer));
       } catch (e) {
         await transport.close();
         throw e;

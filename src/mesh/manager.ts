@@ -385,6 +385,15 @@ export class MeshManager {
     if (!e?.link || e.fsm.state !== "connected") return "closed";
     return e.link.send("packets", data);
   }
+  /**
+   * A direct UDP path to `peer` works now (the agent's bulk link came up with it): a relayed link tries
+   * WebRTC at the next tick instead of at the end of its probe backoff (upgrade.ts `path-works`).
+   */
+  directPathWorks(peer: string): void {
+    const e = this.peers.get(peer);
+    if (!e || this.stopped) return;
+    this.runUpgrade(e, { type: "path-works" });
+  }
   /** Bytes queued on the peer's packets channel (the Forwarder's high-water check). */
   queued(peer: string): number {
     const e = this.peers.get(peer);

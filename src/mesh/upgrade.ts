@@ -13,7 +13,9 @@
  *   idle      no relay link in use (WebRTC, or not connected)
  *   waiting   on the relay; the next attempt is due at `nextAt` (PROBE_FIRST_MS after the relay opened,
  *             then backoff.ts probeDelay: doubling up to PROBE_MAX_MS, or a few seconds while a link to
- *             the peer was up recently; ±25% jitter from the injected random source)
+ *             the peer was up recently; ±25% jitter from the injected random source). `path-works` (a
+ *             direct UDP path to the peer works now: the bulk link came up) makes it due at once, once
+ *             per failed attempt, so a healed path is used within seconds, not at the end of a backoff
  *   probing   a WebRTC attempt (`conn`) runs beside the relay link, until `deadline`
  *   open      the attempt opened; the offerer promotes it (the old link is retired with a bye), the
  *             answerer follows when that bye arrives. Both links carry traffic meanwhile. The bye can
@@ -45,7 +47,9 @@ export type UpgradeEvent =
   /** the mesh replaced or dropped the peer's link */
   | { type: "link-replaced" }
   /** the mesh made the open attempt the peer's link */
-  | { type: "promoted" };
+  | { type: "promoted" }
+  /** a direct UDP path to the peer works now (the bulk link's handshake went through) */
+  | { type: "path-works" };
 
 export type UpgradeAction =
   | { type: "start"; conn: string }
@@ -73,6 +77,8 @@ export class Upgrade {
   nextAt = 0;
   /** answerer: the offerer already retired the old link for the running attempt */
   retired = false;
+  /** `attempts` when a path-works hint last moved the next attempt forward (once per failed attempt) */
+  private hintedAt = -1;
 
   constructor(private readonly o: UpgradeOptions) {}
 
@@ -80,6 +86,7 @@ export class Upgrade {
     switch (ev.type) {
       case "relay-open":
         this.attempts = 0;
+        this.hintedAt = -1;
         this.nextAt = now + PROBE_FIRST_MS;
         if (this.state === "idle") this.state = "waiting";
         return [];
@@ -124,6 +131,13 @@ export class Upgrade {
         this.conn = undefined;
         this.retired = false;
         this.attempts = 0;
+        this.hintedAt = -1;
+        return [];
+      case "path-works":
+        if (this.state === "waiting" && this.hintedAt !== this.attempts) {
+          this.hintedAt = this.attempts;
+          this.nextAt = Math.min(this.nextAt, now);
+        }
         return [];
     }
   }

@@ -6,6 +6,7 @@ import { describe, expect, it } from "vitest";
 import { generateIdentity, type Identity } from "../../src/identity.js";
 import { silentLogger } from "../../src/log.js";
 import { MeshManager, PROBE_FIRST_MS } from "../../src/mesh/manager.js";
+import { Upgrade } from "../../src/mesh/upgrade.js";
 import { AFTER_ICE_CONNECTED, type ChannelName, type Transport } from "../../src/mesh/transport.js";
 import { decodeControl } from "../../src/wire/control.js";
 import { MemoryNetwork, type MemoryLink } from "../../src/testing/memory-transport.js";
@@ -126,6 +127,45 @@ describe("MeshManager (memory transport, manual clock)", () => {
     await flush();
     expect(packets).toEqual([7, 8]);
     expect(ma.counters.linksClosed).toBeGreaterThanOrEqual(1); // the relay link was retired after the switch
+  });
+});
+
+describe("MeshManager: relay -> WebRTC when a direct path is known to work", () => {
+  it("directPathWorks (the bulk link came up) makes the next upgrade attempt due at once, once per failed attempt", async () => {
+    const c = cluster(2, { relay: true });
+    c.webrtc.reachable = false;
+    c.welcome();
+    const [a, b] = c.ids;
+    const ma = c.managers.get(a!.id)!;
+    const mb = c.managers.get(b!.id)!;
+    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    // The first background attempt fails (UDP still blocked): the next waits PROBE_FIRST_MS * 2 +-25%.
+    await c.run(() => ma.counters.linksOpened === 1 && ma.counters.linksClosed >= 1, PROBE_FIRST_MS * 2);
+    const failedAt = c.clock.now;
+    c.webrtc.reachable = true;
+    ma.directPathWorks(b!.id);
+    mb.directPathWorks(a!.id);
+    await c.run(() => ma.counters.upgrades === 1 && mb.counters.upgrades === 1, PROBE_FIRST_MS * 4);
+    // connect timeout 2 s in this cluster: the attempt started at once, far before the backoff's 7.5 s
+    // (without the hint: 5 s here, the probe backoff)
+    expect(c.clock.now - failedAt).toBeLessThanOrEqual(1_000);
+    expect((await ma.status())[0]!.link).toBe("webrtc");
+  });
+
+  it("the hint moves the next attempt forward at most once per failed attempt; without a new hint the backoff applies", () => {
+    const u = new Upgrade({ connectTimeoutMs: 2_000, newConn: () => "c", random: () => 0.5 });
+    u.handle({ type: "relay-open" }, 0);
+    u.handle({ type: "path-works" }, 100);
+    expect(u.handle({ type: "tick", offerer: true, onRelay: true, canDial: true }, 100)).toEqual([{ type: "start", conn: "c" }]);
+    u.handle({ type: "closed", conn: "c", reason: "ICE failed" }, 200); // attempt 1 failed: next at +10 s
+    u.handle({ type: "path-works" }, 300);
+    expect(u.handle({ type: "tick", offerer: true, onRelay: true, canDial: true }, 300)).toEqual([{ type: "start", conn: "c" }]);
+    u.handle({ type: "closed", conn: "c", reason: "ICE failed" }, 400);
+    u.handle({ type: "path-works" }, 500);
+    u.handle({ type: "path-works" }, 600); // same failed-attempt count: no second hint
+    expect(u.handle({ type: "tick", offerer: true, onRelay: true, canDial: true }, 600)).toEqual([{ type: "start", conn: "c" }]);
+    u.handle({ type: "closed", conn: "c", reason: "ICE failed" }, 700);
+    expect(u.handle({ type: "tick", offerer: true, onRelay: true, canDial: true }, 800)).toEqual([]);
   });
 });
 
