@@ -77,7 +77,9 @@ d("relay of last resort", () => {
       await until(async () => sentSoFar() >= 4 << 20, 30_000, "4 MiB of the stream sent over the relay", dump);
       unblock!();
       unblock = undefined;
+      const t0 = Date.now();
       await until(async () => (await lab.status(n1)).peers.find((p) => p.name === "n2")?.path === "direct", 40_000, "upgrade to direct", dump);
+      console.log(`relay -> direct WebRTC ${Date.now() - t0} ms after UDP came back (status polled every 200 ms)`);
       const st = await lab.status(n1);
       expect(st.counters.upgrades).toBeGreaterThan(0);
       // The stream keeps flowing after the switch.
