@@ -253,7 +253,7 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
         mtuFallback.delete(peer);
         fb = undefined;
       }
-      const pathMtu = fb ? fb.mtu : linkMtu;
+      const pathMtu = Math.min(fb ? fb.mtu : linkMtu, lo.maxMtu ?? Number.POSITIVE_INFINITY);
       const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
       const onPathMtuFailed = (found: number) => {
         // The link searched what the path carries (LinkBase): the next link is built for exactly that.

@@ -38,6 +38,7 @@ import type { Logger } from "../../src/log.js";
 import type { LinkSignal, Transport, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Agent } from "../agent.js";
+import { SAFE_LINK_MTU } from "../transport/link-base.js";
 
 export const VIEWER_CTX = "weftnet/viewer-auth/v1";
 const APP_CH = "viewer";
@@ -127,6 +128,8 @@ export class ViewerHub {
       peer: `viewer-${key}`,
       conn: key,
       iceServers: this.iceServers(),
+      // a viewer (a browser page) does not answer path MTU probes: no check, small messages only
+      maxMtu: SAFE_LINK_MTU,
       handlers: {
         onSignal: (s: LinkSignal) => {
           if (s.kind === "answer") answer = s.sdp;

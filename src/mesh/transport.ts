@@ -111,6 +111,11 @@ export interface LinkOptions {
   conn?: string;
   iceServers: { urls: string | string[]; username?: string; credential?: string }[];
   handlers: LinkHandlers;
+  /**
+   * Build this link for at most this path MTU. A peer that is not a weftnet link (a browser or other viewer of
+   * the topology page) does not answer path MTU probes, so its link is built for 1280 and never probes.
+   */
+  maxMtu?: number;
 }
 
 /** A transport's path MTU searches so far, all links together (weftnet_pmtu_* metrics). */
