@@ -441,13 +441,28 @@ export async function podFilterAdd(host: HostExec, hostVeth: string, ip: string,
     }
     throw e;
   }
-  // Delete-then-append is idempotent, so the whole sequence is what a conflict retries.
+  // Delete-then-append is idempotent, so the whole sequence is what a conflict retries. The result is
+  // read back: a listing or delete that lost a race to another process's commit must not leave a
+  // duplicate (seen in CI: three rules for one veth), so anything but exactly this pair is retried.
   await ebRetry(async () => {
     await podFilterDelOnce(host, hostVeth);
     await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "IPv4", "--ip-src", "!", ip, "-j", "DROP"]);
     await host.run("ebtables", ["-A", POD_EB_CHAIN, "-i", hostVeth, "-p", "ARP", "--arp-ip-src", "!", ip, "-j", "DROP"]);
+    const mine = vethRules((await host.run("ebtables", ["-L", POD_EB_CHAIN])).stdout, hostVeth);
+    if (mine.length !== 2) throw new EbConflict(`${hostVeth} has ${mine.length} rules after the update, not 2`);
   });
   return true;
+}
+
+/** A change that another process's concurrent commit undid or doubled: retried like exit 4. */
+class EbConflict extends Error {}
+
+/** The rules of this veth in a chain listing, as printed (`-p IPv4 -i wp.. --ip-src ! 10.40.3.9 -j DROP`). */
+function vethRules(listing: string, hostVeth: string): string[] {
+  return listing
+    .split("\n")
+    .map((l) => l.trim())
+    .filter((rule) => rule.startsWith("-") && ` ${rule} `.includes(` -i ${hostVeth} `));
 }
 
 /**
@@ -463,7 +478,8 @@ async function ebRetry<T>(fn: () => Promise<T>, attempts = 6): Promise<T> {
       try {
         return await fn();
       } catch (e) {
-        if (!(e instanceof CommandError && e.exitCode === 4) || i >= attempts) throw e;
+        const conflict = e instanceof EbConflict || (e instanceof CommandError && e.exitCode === 4);
+        if (!conflict || i >= attempts) throw e;
         await new Promise((r) => setTimeout(r, 20 * i + Math.floor(Math.random() * 30)));
       }
     }
@@ -482,12 +498,11 @@ async function podFilterDelOnce(host: HostExec, hostVeth: string): Promise<void>
   let listing: string;
   try {
     listing = (await host.run("ebtables", ["-L", POD_EB_CHAIN])).stdout;
-  } catch {
-    return;
+  } catch (e) {
+    if (e instanceof CommandError && e.exitCode === 4) throw e; // a concurrent change: retried
+    return; // no chain (exit 1) or no ebtables: nothing to delete
   }
-  for (const line of listing.split("\n")) {
-    const rule = line.trim();
-    if (!rule.startsWith("-") || !` ${rule} `.includes(` -i ${hostVeth} `)) continue;
+  for (const rule of vethRules(listing, hostVeth)) {
     await host.run("ebtables", ["-D", POD_EB_CHAIN, ...rule.split(/\s+/)]).catch((e) => {
       if (e instanceof CommandError && e.exitCode === 4) throw e; // a concurrent change: retried
     });
