@@ -18,3 +18,4 @@ export function describeMissing(missing: Tool[]): string[];
 export function which(name: string, path?: string): string | undefined;
 export function isStaticElf(file: string): boolean;
 export function hasTool(t: Tool): boolean;
+export function failuresIn(reportPath: string): string[];

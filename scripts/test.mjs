@@ -15,7 +15,8 @@
 // `.ci/run` calls `npm test` too. The pure part (plan) is unit-tested in test/unit/test-setup.test.ts;
 // test/integration/test-setup.test.ts runs this script as another user and with a reduced PATH.
 import { spawnSync } from "node:child_process";
-import { accessSync, constants, existsSync, openSync, readSync, closeSync } from "node:fs";
+import { accessSync, constants, existsSync, openSync, readSync, closeSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
@@ -190,6 +191,7 @@ function main(argv) {
   // npm_execpath is npm's own CLI when run through `npm test`; otherwise use npm from PATH.
   const npm = process.env.npm_execpath ? [process.execPath, process.env.npm_execpath] : ["npm"];
   const results = [];
+  const reportDir = mkdtempSync(join(tmpdir(), "weftnet-test-"));
   const t0 = Date.now();
   for (const s of SUITES) {
     const planned = p.suites.find((x) => x.name === s.name);
@@ -199,13 +201,48 @@ function main(argv) {
     }
     log(`--- ${s.name} (${s.what})`);
     const t = Date.now();
-    const r = spawnSync(npm[0], [...npm.slice(1), "run", "--silent", s.script], { cwd: root, stdio: "inherit" });
-    results.push({ name: s.name, status: r.status === 0 ? "passed" : "FAILED", secs: (Date.now() - t) / 1000 });
+    // vitest suites also write a JSON report, so the summary (the last lines a CI log keeps) names what failed
+    const report = s.name === "build" ? undefined : join(reportDir, `${s.name}.json`);
+    const extra = report ? ["--", "--reporter=default", "--reporter=json", `--outputFile.json=${report}`] : [];
+    const r = spawnSync(npm[0], [...npm.slice(1), "run", "--silent", s.script, ...extra], { cwd: root, stdio: "inherit" });
+    results.push({ name: s.name, status: r.status === 0 ? "passed" : "FAILED", secs: (Date.now() - t) / 1000, failures: r.status === 0 || !report ? [] : failuresIn(report) });
     if (r.status !== 0 && s.name === "build") break;
   }
+  rmSync(reportDir, { recursive: true, force: true });
   log(`summary (${((Date.now() - t0) / 1000).toFixed(0)} s):`);
-  for (const r of results) log(`  ${r.name.padEnd(12)} ${r.status}${r.secs !== undefined ? ` in ${r.secs.toFixed(0)} s` : ""}${r.why ? ` — ${r.why}` : ""}`);
+  for (const r of results) {
+    log(`  ${r.name.padEnd(12)} ${r.status}${r.secs !== undefined ? ` in ${r.secs.toFixed(0)} s` : ""}${r.why ? ` — ${r.why}` : ""}`);
+    for (const f of r.failures ?? []) log(`    ✗ ${f}`);
+  }
   return results.every((r) => r.status !== "FAILED") && results.length === SUITES.length ? 0 : 1;
+}
+
+/** The failed tests of a vitest JSON report, one line each (file > test: first line of the error). */
+export function failuresIn(reportPath) {
+  let report;
+  try {
+    report = JSON.parse(readFileSync(reportPath, "utf8"));
+  } catch {
+    return ["(no test report was written: see the output above)"];
+  }
+  const out = [];
+  for (const file of report.testResults ?? []) {
+    const name = relativeTo(file.name);
+    const failed = (file.assertionResults ?? []).filter((a) => a.status === "failed");
+    for (const a of failed) out.push(`${name} > ${a.fullName}: ${firstLine(a.failureMessages?.[0])}`);
+    if (failed.length === 0 && file.status === "failed") out.push(`${name}: ${firstLine(file.message)}`);
+  }
+  return out.length > 0 ? out : ["(the suite failed but no test did: see the output above)"];
+}
+
+function relativeTo(path) {
+  const root = dirname(dirname(fileURLToPath(import.meta.url)));
+  return typeof path === "string" && path.startsWith(root + "/") ? path.slice(root.length + 1) : String(path);
+}
+
+function firstLine(msg) {
+  const line = String(msg ?? "").replace(/\x1b\[[0-9;]*m/g, "").split("\n").find((l) => l.trim()) ?? "";
+  return line.length > 300 ? line.slice(0, 300) + "…" : line;
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) process.exitCode = main(process.argv.slice(2));

@@ -2,9 +2,11 @@
  * The set-up logic of `npm test` (scripts/test.mjs): which tools are needed, what is installed, when it
  * stops with the install line, which suites are skipped without root. Pure: the machine is described.
  */
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { hasTool, isStaticElf, plan, SUITES, TOOLS, which, type Env, type Tool } from "../../scripts/test.mjs";
+import { failuresIn, hasTool, isStaticElf, plan, SUITES, TOOLS, which, type Env, type Tool } from "../../scripts/test.mjs";
 
 const machine = (over: Partial<Env> & { missing?: string[] } = {}): Env => {
   const missing = new Set(over.missing ?? []);
@@ -81,5 +83,30 @@ describe("npm test set-up plan", () => {
     const lib = (name: string): Tool => ({ tool: name, pkg: "x", suite: "integration", why: "", usedBy: ["x"], check: "lib" });
     expect(hasTool(lib("libc.so.6"))).toBe(true);
     expect(hasTool(lib("libnot-a-library.so.99"))).toBe(false);
+  });
+
+  it("names each failed test in one line for the summary (the part of a CI log that is kept)", () => {
+    const dir = mkdtempSync(join(tmpdir(), "wn-report-"));
+    try {
+      const report = join(dir, "r.json");
+      const root = join(import.meta.dirname, "..", "..");
+      writeFileSync(report, JSON.stringify({
+        testResults: [
+          { name: join(root, "test/e2e/pod.test.ts"), status: "failed", assertionResults: [
+            { status: "passed", fullName: "pods ok" },
+            { status: "failed", fullName: "pods concurrent adds", failureMessages: ["\u001b[31mAssertionError: expected 3 to be 2\u001b[39m\n    at x"] },
+          ] },
+          { name: join(root, "test/unit/broken.test.ts"), status: "failed", message: "SyntaxError: Unexpected token", assertionResults: [] },
+          { name: join(root, "test/unit/fine.test.ts"), status: "passed", assertionResults: [{ status: "passed", fullName: "fine" }] },
+        ],
+      }));
+      expect(failuresIn(report)).toEqual([
+        "test/e2e/pod.test.ts > pods concurrent adds: AssertionError: expected 3 to be 2",
+        "test/unit/broken.test.ts: SyntaxError: Unexpected token",
+      ]);
+      expect(failuresIn(join(dir, "absent.json"))).toEqual(["(no test report was written: see the output above)"]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
