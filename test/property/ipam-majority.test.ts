@@ -11,9 +11,18 @@ import { SIM_CFG, Sim, type SimNode, TICK, prng } from "./ipam-harness.js";
 
 const R_TICKS = Math.ceil(SIM_CFG.reclaimAfterMs / TICK);
 
-function members(sim: Sim): Set<string> {
-  const first = sim.live()[0]!;
-  return new Set(first.node!.view().map(([, owner]) => owner));
+/**
+ * The members once every node holds the same table: an allocation that waited for a block may still have
+ * a grant in flight after the allocation loop, and a split taken from a view that lacks it mistakes a
+ * 4-of-8 side for 4 of 7 (seen: seed 0, n 8, "4 of 8 members heard (need 5)").
+ */
+function settledMembers(sim: Sim): Set<string> {
+  const same = () => new Set(sim.live().map((sn) => sn.node!.digest())).size === 1;
+  for (let t = 0; t < 4 * R_TICKS && !same(); t++) sim.run(1);
+  sim.run(5);
+  for (let t = 0; t < 4 * R_TICKS && !same(); t++) sim.run(1);
+  expect(same(), "the tables converge before the split").toBe(true);
+  return new Set(sim.live()[0]!.node!.view().map(([, owner]) => owner));
 }
 
 /** Allocate `count` addresses on sn, retrying each for at most `ticks` ticks; returns how many succeeded. */
@@ -51,7 +60,7 @@ describe("ipam: every node that can reach a majority can get a block (property)"
             for (let k = 0; k < pods[i]!; k++) if (sim.allocate(sn) === null) sim.run(1);
           });
           sim.run(10);
-          const m = members(sim);
+          const m = settledMembers(sim);
           const inA = sim.nodes.filter((sn, i) => side[i] && m.has(sn.id)).length;
           const majority = 2 * inA > m.size ? 0 : 2 * (m.size - inA) > m.size ? 1 : -1;
           fc.pre(majority >= 0);
@@ -90,7 +99,7 @@ describe("ipam: every node that can reach a majority can get a block (property)"
           expect(sim.revoked).toBe(0);
         },
       ),
-      { numRuns: Number(process.env.IPAM_MAJORITY_RUNS ?? 40) },
+      { numRuns: Number(process.env.IPAM_MAJORITY_RUNS ?? 40), examples: [[0, 8, [14, 3, 3, 0, 1, 14, 2, 0, 0], [false, true, false, false, true, true, true, false, false]]] },
     );
   }, 240_000);
 });
