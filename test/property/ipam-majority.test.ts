@@ -99,7 +99,14 @@ describe("ipam: every node that can reach a majority can get a block (property)"
           expect(sim.revoked).toBe(0);
         },
       ),
-      { numRuns: Number(process.env.IPAM_MAJORITY_RUNS ?? 40), examples: [[0, 8, [14, 3, 3, 0, 1, 14, 2, 0, 0], [false, true, false, false, true, true, true, false, false]]] },
+      {
+        numRuns: Number(process.env.IPAM_MAJORITY_RUNS ?? 40),
+        // both seen failing before the split waited for a converged table (a grant still in flight)
+        examples: [
+          [0, 8, [14, 3, 3, 0, 1, 14, 2, 0, 0], [false, true, false, false, true, true, true, false, false]],
+          [1477176028, 5, [0, 0, 0, 16, 3, 0, 0, 0, 0], [false, true, true, false, true, false, false, false, false]],
+        ],
+      },
     );
   }, 240_000);
 });
