@@ -7,10 +7,11 @@
  *   certs.ts        signed state: certs of entries, signing our writes, checking remote ones
  *   gossip.ts       hellos, state messages (full syncs, deltas), merging remote state, held-back releases
  *   pins.ts         our reserve of pinned blocks, recording others' pins, disputed pins
+ *   grants.ts       block requests, grants, reclaim: proposal rounds and the acceptor's promises
  *   status.ts       what `weftnet status ipam` shows
  *   table.ts        the block-ownership CRDT;  wire.ts the messages;  config.ts the parameters
  * What stays here: the event dispatch (handle), allocation and release calls, force release and leave,
- * block requests and grants, reclaim, persistence (snapshot/restore) and our invariants.
+ * persistence (snapshot/restore) and our invariants.
  * See index.ts for how to drive it and docs/ipam.md for the algorithm and the safety argument. Time
  * comes in as `now` (ms, one monotonic-rate clock per node; clocks need not be synchronised, only tick
  * at about the same rate).
@@ -25,10 +26,11 @@ import { buildStatus, type IpamCounters, type IpamStatus, type PeerInfo } from "
 import { MAX_VERSION_STEP, SignedState } from "./certs.js";
 import { Gossip, type HelloFrom, MAX_BEAT_AHEAD_MS } from "./gossip.js";
 import { emptyOutput, type IpamOutput } from "./output.js";
+import { Grants } from "./grants.js";
 import { Pins } from "./pins.js";
 import { releaseFields } from "./signing.js";
 import { BlockTable, type EntryTuple, IpamError } from "./table.js";
-import { type EpochInfo, STATE_CHUNK, decodeIpamMessage, encodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
+import { type EpochInfo, decodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
 export type { IpamCounters, IpamStatus } from "./status.js";
@@ -84,12 +86,10 @@ export class IpamNode {
   private readonly settleUntil = new Map<number, number>();
   private readonly lease: Lease;
   private readonly rule: WriteRule;
-  private grantQueue: string[] = [];
   private readonly peers = new Set<string>();
   private readonly info = new Map<string, PeerInfo>();
   private readonly conflicts = new Map<string, { code: string; message: string }>();
   private startedAt: number;
-  private pending: { to: string; since: number } | null = null;
   readonly counters: IpamCounters = { malformed: 0, conflicts: 0, epochMismatch: 0, rangeMismatch: 0, claims: 0, forced: 0, grants: 0, revoked: 0, forged: 0, jumps: 0, releasesRefused: 0 };
   /** signed clusters (the agent gave us a key): certs of our entries, signing and checking (certs.ts) */
   private readonly signed: SignedState | null;
@@ -97,6 +97,8 @@ export class IpamNode {
   private readonly gossip: Gossip;
   /** our reserve of pinned blocks, others' pins we record, disputed pins (pins.ts) */
   private readonly pins: Pins;
+  /** block requests, grants, reclaim, proposal rounds (grants.ts) */
+  private readonly grants: Grants;
 
   constructor(config: IpamConfig, now: number) {
     this.id = config.id;
@@ -135,10 +137,26 @@ export class IpamNode {
       table: () => this.table,
       freeAddresses: (now) => this.freeAddresses(now),
       allocatableBlocks: (now) => this.allocatableBlocks(now),
-      completeProposals: (now, out) => this.completeProposals(now, out),
+      completeProposals: (now, out) => this.grants.complete(now, out),
       dropLost: (delta, out) => this.dropLost(delta, out),
       broadcast: (delta, except, out) => this.gossip.broadcast(delta, except, out),
-      promiseSigs: (blocks, kind, from, to) => this.promiseSigs(blocks, kind, from, to),
+      promiseSigs: (blocks, kind, from, to) => this.grants.promiseSigs(blocks, kind, from, to),
+    });
+    this.grants = new Grants({
+      id: this.id,
+      cfg: this.cfg,
+      lease: this.lease,
+      rule: this.rule,
+      counters: this.counters,
+      settleUntil: this.settleUntil,
+      signed: this.signed,
+      peers: this.peers,
+      info: this.info,
+      epoch: () => this.epoch,
+      table: () => this.table,
+      leaseValid: (now) => this.leaseValid(now),
+      wholeFreeBlocks: (now) => this.wholeFreeBlocks(now),
+      broadcast: (delta, except, out) => this.gossip.broadcast(delta, except, out),
     });
     this.startedAt = now;
   }
@@ -213,7 +231,7 @@ export class IpamNode {
         break;
       case "peerDown":
         this.peers.delete(ev.peer);
-        if (this.pending?.to === ev.peer) this.pending = null;
+        this.grants.peerDown(ev.peer);
         break;
       case "message":
         this.onMessage(ev.from, ev.body, now, out);
@@ -247,7 +265,7 @@ export class IpamNode {
     if (this.pins.keepReserve(now, out) || this.rule.pinRound()) {
       return { ok: false, error: new IpamError("ERR_NOT_READY", "pinning a block of ours: waiting for a majority of the members to record it"), output: out };
     }
-    this.maybeRequest(now, out);
+    this.grants.request(now, out);
     return { ok: false, error: new IpamError("ERR_EXHAUSTED", "no free address in this node's blocks; a block was requested from a peer"), output: out };
   }
 
@@ -389,7 +407,7 @@ export class IpamNode {
         info: this.info,
         conflicts: this.conflicts,
         counters: this.counters,
-        pending: this.pending,
+        pending: this.grants.pending,
         freeAddresses: () => this.freeAddresses(now),
         leaseValid: () => this.leaseValid(now),
         blockCidr: (i) => this.blockCidr(i),
@@ -455,13 +473,13 @@ export class IpamNode {
     if (this.table && this.epoch) {
       this.lease.observe(this.rule.memberSet(this.table), now);
       this.rule.prune(this.table, now);
-      this.reclaim(now, out);
-      this.completeProposals(now, out);
-      this.nextGrant(now, out);
+      this.grants.reclaim(now, out);
+      this.grants.complete(now, out);
+      this.grants.nextGrant(now, out);
       this.pins.keepReserve(now, out);
       this.pins.maybeUnpin(now, out);
-      if (this.pending && now - this.pending.since >= this.cfg.reqTimeout) this.pending = null;
-      if (this.needsBlock(now)) this.maybeRequest(now, out);
+      this.grants.expire(now);
+      if (this.needsBlock(now)) this.grants.request(now, out);
     }
     for (const p of this.peers) this.gossip.sendHello(p, now, out);
   }
@@ -472,109 +490,6 @@ export class IpamNode {
     let room = this.freeAddresses(now);
     for (const i of this.pins.pinnable(now)) room += this.allocs.usableSize() - this.allocs.usedIn(i);
     return room < this.pins.reserve;
-  }
-
-  private maybeRequest(now: number, out: IpamOutput): void {
-    if (!this.epoch || this.pending) return;
-    const target = [...this.peers]
-      .filter((p) => {
-        const inf = this.info.get(p);
-        return inf !== undefined && inf.epochOk && inf.free >= 2;
-      })
-      .sort((a, b) => this.info.get(b)!.free - this.info.get(a)!.free || (a < b ? -1 : 1))[0];
-    if (!target) return;
-    this.pending = { to: target, since: now };
-    out.send.push({ to: target, body: encodeIpamMessage({ t: "req", epoch: this.epoch.id }) });
-  }
-
-  // ---- internals: ownership changes (the write rule decides, we apply) -----------------------------
-
-  /** Start a proposal round for `blocks` (self-promise, then `prop` to every epoch peer). */
-  private propose(kind: "t" | "c", owner: string, to: string, blocks: number[], now: number, out: IpamOutput): void {
-    const until = this.lease.beat + this.cfg.reqTimeout;
-    const { sent, promised } = this.rule.open(this.table!, kind, owner, to, blocks, until, now);
-    if (promised) out.persist = true;
-    if (this.signed) {
-      const m = this.rule.memberSet(this.table!).size;
-      for (const [i, v] of sent) this.rule.selfSign(i, this.signed.keys.publicKey, this.signed.signPromise(i, v, kind, owner, to, m), m);
-    }
-    if (sent.length === 0) return;
-    for (const p of this.peers) {
-      if (!this.info.get(p)?.epochOk) continue;
-      for (let k = 0; k < sent.length; k += STATE_CHUNK) {
-        out.send.push({ to: p, body: encodeIpamMessage({ t: "prop", epoch: this.epoch!.id, kind, owner, to, until, blocks: sent.slice(k, k + STATE_CHUNK) }) });
-      }
-    }
-    this.completeProposals(now, out);
-  }
-
-  /**
-   * Reclaim: for members silent for R, the deterministic heir (lowest id among us and the epoch peers
-   * heard within W) proposes a claim of each of their blocks at version+1. The claim is written once a
-   * strict majority of the members promised it (completeProposals).
-   */
-  private reclaim(now: number, out: IpamOutput): void {
-    const table = this.table!;
-    const members = table.owners();
-    for (const m of members) this.lease.silentFor(m, now);
-    const silent = [...members].filter((m) => m !== this.id && this.lease.silentFor(m, now) >= this.cfg.R);
-    if (silent.length === 0 || !this.leaseValid(now)) return;
-    for (const dead of silent) {
-      const candidates = [this.id, ...[...this.peers].filter((p) => p !== dead && this.info.get(p)?.epochOk && this.lease.heardWithin(p, now))];
-      if (candidates.sort()[0] !== this.id) continue;
-      // only free space: pinned blocks (the ones holding the silent node's pods) stay reserved for it
-      const free = table.indicesOf(dead).filter((i) => table.get(i).kind !== "p");
-      if (free.length > 0) this.propose("c", dead, this.id, free, now, out);
-    }
-  }
-
-  private completeProposals(now: number, out: IpamOutput): void {
-    const written = this.rule.complete(this.table!, () => this.leaseValid(now));
-    const delta = written.map((w) => w.entry);
-    for (const w of written) this.signed?.signOwn(w.entry, w.from, w.proof);
-    for (const [i, , , kind] of delta) {
-      if (kind === "c") {
-        this.settleUntil.set(i, now + this.cfg.S);
-        this.counters.claims++;
-      } else {
-        this.settleUntil.delete(i);
-        this.counters.grants++;
-      }
-    }
-    if (delta.length > 0) {
-      out.persist = true;
-      this.gossip.broadcast(delta, null, out);
-    }
-  }
-
-  private onRequest(from: string, now: number, out: IpamOutput): void {
-    const free = this.leaseValid(now) ? this.wholeFreeBlocks(now) : [];
-    if (free.length < 2 || !this.info.get(from)?.epochOk) {
-      out.send.push({ to: from, body: encodeIpamMessage({ t: "nak", epoch: this.epoch!.id }) });
-      return;
-    }
-    if (this.rule.grantingTo(from)) return; // already proposing a block for this requester
-    if (this.rule.hasGrantRound()) {
-      if (!this.grantQueue.includes(from)) this.grantQueue.push(from); // one grant round at a time
-      return;
-    }
-    this.propose("t", this.id, from, [free[0]!], now, out);
-  }
-
-  /** Start the next queued grant once the previous round is over. */
-  private nextGrant(now: number, out: IpamOutput): void {
-    if (this.rule.hasGrantRound()) return;
-    while (this.grantQueue.length > 0) {
-      const to = this.grantQueue.shift()!;
-      if (!this.peers.has(to) || !this.info.get(to)?.epochOk) continue;
-      const free = this.leaseValid(now) ? this.wholeFreeBlocks(now) : [];
-      if (free.length < 2) {
-        out.send.push({ to, body: encodeIpamMessage({ t: "nak", epoch: this.epoch!.id }) });
-        continue;
-      }
-      this.propose("t", this.id, to, [free[0]!], now, out);
-      return;
-    }
   }
 
   private refuse(from: string, err: WeftError, out: IpamOutput): void {
@@ -626,55 +541,23 @@ export class IpamNode {
         this.gossip.onState(from, m.entries, m.certs, m.handovers, now, out);
         return;
       case "req":
-        this.onRequest(from, now, out);
+        this.grants.onRequest(from, now, out);
         return;
-      case "prop": {
+      case "prop":
         if (m.kind === "p") {
           if (m.owner !== from || m.to !== from) return; // only an owner pins, and only for itself
           this.pins.onPinProposal(from, m.blocks, now, out);
           return;
         }
-        const kind = m.kind;
-        const ok = m.blocks.filter(([i, v]) => this.rule.accept(this.table!, i, v, from, kind, m.owner, m.to, m.until, now));
-        if (ok.length > 0) {
-          out.persist = true;
-          out.send.push({ to: from, body: encodeIpamMessage({ t: "prom", epoch: this.epoch.id, blocks: ok, ...this.promiseSigs(ok, kind, m.owner, m.to) }) });
-        }
+        this.grants.onProposal(from, { ...m, kind: m.kind }, now, out);
         return;
-      }
       case "prom":
-        if (this.signed && (!m.sigs || !m.pk)) {
-          this.counters.forged++;
-          return;
-        }
-        this.rule.promised(
-          from,
-          m.blocks,
-          this.signed && m.sigs && m.pk
-            ? {
-                pk: m.pk,
-                sigs: m.sigs,
-                m: m.m ?? 0,
-                check: (i, p, sig) => {
-                  const ok = this.signed!.verifyPromise(from, m.pk!, sig, i, p.v, p.kind, p.owner, p.to, m.m ?? 0);
-                  if (!ok) this.counters.forged++;
-                  return ok;
-                },
-              }
-            : undefined,
-        );
-        this.completeProposals(now, out);
-        this.nextGrant(now, out);
+        this.grants.onPromise(from, m, now, out);
         return;
       case "nak":
-        if (this.pending?.to === from) this.pending = null;
-        inf.free = 0;
+        this.grants.onNak(from, inf);
         return;
     }
-  }
-
-  private promiseSigs(blocks: [number, number][], kind: string, from: string, to: string): { sigs?: Uint8Array[]; pk?: Uint8Array; m?: number } {
-    return this.signed ? this.signed.promiseSigs(blocks, kind, from, to) : {};
   }
 
   /** What the signed state needs of us (certs.ts). */
@@ -704,7 +587,7 @@ export class IpamNode {
   private dropLost(delta: EntryTuple[], out: IpamOutput): void {
     for (const [i, owner] of delta) {
       if (owner === this.id) {
-        if (this.pending) this.pending = null;
+        this.grants.pending = null;
         continue;
       }
       this.settleUntil.delete(i);
