@@ -9,7 +9,8 @@
  *   WEFTNET_HELLO_TIMEOUT_MS, WEFTNET_PROBE_TIMEOUT_MS, WEFTNET_PRESENCE_BATCH_MS
  *   WEFTNET_RELAY            "off" refuses the data relay;  WEFTNET_RELAY_RATE  bytes/s per agent
  *   WEFTNET_MAX_SESSIONS, WEFTNET_MAX_SESSIONS_PER_IP, WEFTNET_RELAY_RATE_PER_IP, WEFTNET_RELAY_RATE_GLOBAL,
- *   WEFTNET_MAX_BUFFERED, WEFTNET_RELAY_MAX_BUFFERED
+ *   WEFTNET_MAX_BUFFERED, WEFTNET_RELAY_MAX_BUFFERED,
+ *   WEFTNET_RELAY_CONTROL_RATE, WEFTNET_RELAY_CONTROL_RATE_GLOBAL (relay links' control channel, bytes/s)
  */
 import { WeftError } from "../../src/errors.js";
 import { deriveJoinKey, tokenWeakness } from "./crypto.js";
@@ -58,6 +59,8 @@ export function hubOptionsFromEnv(env: Env): Omit<SignalHubOptions, "joinKey"> &
     ["WEFTNET_RELAY_MAX_BUFFERED", "relayMaxBufferedBytes"],
     ["WEFTNET_RELAY_RATE_PER_IP", "relayRatePerIp"],
     ["WEFTNET_RELAY_RATE_GLOBAL", "relayRateGlobal"],
+    ["WEFTNET_RELAY_CONTROL_RATE", "relayControlRate"],
+    ["WEFTNET_RELAY_CONTROL_RATE_GLOBAL", "relayControlRateGlobal"],
   ];
   for (const [k, key] of map) {
     const v = num(env, k);

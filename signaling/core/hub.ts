@@ -26,7 +26,11 @@
  * bad-frame budget, frame sizes (wire/signal.ts); a receiver with more than maxBufferedBytes queued is
  * closed as a slow consumer (1013); data-relay frames are dropped while the receiver has more than
  * relayMaxBufferedBytes queued, and each sender, each source IP and the whole server have a relay
- * budget (token buckets).
+ * budget (token buckets). Frames on a relay link's control channel (heartbeats, gossip, IPAM; the
+ * channel byte is in the clear, see relayChannel) have a small budget of their own per sender and
+ * server-wide, and RELAY_CONTROL_HEADROOM more queue at the receiver, so data that saturates a relay
+ * link does not take its control messages down with it; over their own budget they compete with data.
+ * Control drops are counted apart from data drops (relayControlDropped).
  *
  * Remote input never throws out of `receive`: undecodable frames are counted (per session and in
  * `stats()`), logged once per session, answered with `error {code,msg}`, and after MAX_BAD_FRAMES the
@@ -48,6 +52,21 @@ export const DEFAULT_PROBE_TIMEOUT_MS = 3_000;
 export const CTX_HELLO = "weftnet/hello/v1";
 /** Peer entries per welcome / presence frame stay under this many bytes (the client's frame limit is 80 KiB). */
 export const PRESENCE_FRAME_BUDGET = 48 * 1024;
+/** Control-channel relay frames are still forwarded to a receiver with this much more queued than data frames. */
+export const RELAY_CONTROL_HEADROOM = 1024 * 1024;
+
+/**
+ * The channel of a relay frame, read from the relay link's clear header (agent/transport/relay.ts:
+ * [1 version = 1][1 conn length n][n conn][1 channel 0 = control, 1 = packets]...; the header is AEAD
+ * additional data, so the receiving agent rejects a frame whose channel byte was changed on the way).
+ * Anything else (another version, too short) counts as data. A sender that labels its data "control"
+ * gains the small control budget only, and its peer drops the frames (they do not decode as control).
+ */
+export function relayChannel(data: Uint8Array): "control" | "data" {
+  if (data.byteLength < 2 || data[0] !== 1) return "data";
+  const at = 2 + data[1]!;
+  return data.byteLength > at && data[at] === 0 ? "control" : "data";
+}
 
 export interface SignalLimits {
   /** open sessions (WebSocket connections), registered or not; further connections are refused (503 / 1013) */
@@ -62,6 +81,10 @@ export interface SignalLimits {
   relayRatePerIp: number;
   /** relay budget of the whole server, bytes/s */
   relayRateGlobal: number;
+  /** budget of one agent's control-channel relay frames, bytes/s (beside its data budget) */
+  relayControlRate: number;
+  /** budget of all control-channel relay frames of the server, bytes/s */
+  relayControlRateGlobal: number;
 }
 
 export const DEFAULT_LIMITS: SignalLimits = {
@@ -71,6 +94,9 @@ export const DEFAULT_LIMITS: SignalLimits = {
   relayMaxBufferedBytes: 4 * 1024 * 1024,
   relayRatePerIp: 2 * DEFAULT_RELAY_RATE,
   relayRateGlobal: 10 * DEFAULT_RELAY_RATE,
+  // heartbeats are ~100 bytes a second per link; gossip and IPAM messages come in bursts of a few KiB
+  relayControlRate: 128 * 1024,
+  relayControlRateGlobal: 16 * 1024 * 1024,
 };
 
 /** What the hub needs from a connection. */
@@ -180,6 +206,14 @@ export interface HubStats {
   relayBytes: number;
   relayDropped: number;
   relayDroppedByReason: Partial<Record<RelayDropReason, number>>;
+  /**
+   * of those, frames of relay links' control channel (heartbeats, gossip, IPAM): forwarded (also counted
+   * in relayFrames/relayBytes) and dropped (NOT counted in relayDropped, which is data frames only)
+   */
+  relayControlFrames: number;
+  relayControlBytes: number;
+  relayControlDropped: number;
+  relayControlDroppedByReason: Partial<Record<RelayDropReason, number>>;
   /** topology-page viewers introduced to an agent (viewer-offer sent), answered, failed (no agent, timeout, refused) */
   viewerOffers: number;
   viewerAnswers: number;
@@ -381,6 +415,7 @@ export class SignalSession {
   state: State = "challenged";
   badFrames = 0;
   readonly relayBucket = new ByteBucket();
+  readonly controlBucket = new ByteBucket();
   member: MemberInfo | undefined;
   /** encoded PeerInfo of this member (set on admission) */
   peerBytes: Uint8Array | undefined;
@@ -549,7 +584,7 @@ export class SignalHub {
   readonly limits: SignalLimits;
   stunPort: number;
   /** @internal counters; read them with stats() */
-  readonly stats_: Omit<HubStats, "sessions" | "members" | "badFramesByCode" | "relayDroppedByReason"> = {
+  readonly stats_: Omit<HubStats, "sessions" | "members" | "badFramesByCode" | "relayDroppedByReason" | "relayControlDroppedByReason"> = {
     accepted: 0,
     badFrames: 0,
     badToken: 0,
@@ -566,6 +601,9 @@ export class SignalHub {
     relayFrames: 0,
     relayBytes: 0,
     relayDropped: 0,
+    relayControlFrames: 0,
+    relayControlBytes: 0,
+    relayControlDropped: 0,
     viewerOffers: 0,
     viewerAnswers: 0,
     viewerFailures: 0,
@@ -574,6 +612,7 @@ export class SignalHub {
   readonly relayRate: number;
   private readonly badByCode = new Map<string, number>();
   private readonly relayDrops = new Map<RelayDropReason, number>();
+  private readonly controlDrops = new Map<RelayDropReason, number>();
   private readonly sessions = new Set<SignalSession>();
   private readonly members = new Map<string, SignalSession>();
   /** the members' encoded entries, in blocks with cached frames (welcomes) */
@@ -583,6 +622,7 @@ export class SignalHub {
   private sliceTimer: unknown;
   private readonly perIp = new Map<string, IpEntry>();
   private readonly globalRelay = new ByteBucket();
+  private readonly globalControl = new ByteBucket();
   private readonly joinKey: string;
   private readonly now: () => number;
   private readonly crypto: SignalCrypto;
@@ -706,6 +746,7 @@ export class SignalHub {
       members: this.members.size,
       badFramesByCode: Object.fromEntries(this.badByCode),
       relayDroppedByReason: Object.fromEntries(this.relayDrops),
+      relayControlDroppedByReason: Object.fromEntries(this.controlDrops),
     };
   }
 
@@ -1073,9 +1114,14 @@ export class SignalHub {
     target.sendBytes(out);
   }
 
-  private dropRelay(s: SignalSession, reason: RelayDropReason, code: string, msg: string, ref?: string): void {
-    this.stats_.relayDropped++;
-    this.relayDrops.set(reason, (this.relayDrops.get(reason) ?? 0) + 1);
+  private dropRelay(s: SignalSession, control: boolean, reason: RelayDropReason, code: string, msg: string, ref?: string): void {
+    if (control) {
+      this.stats_.relayControlDropped++;
+      this.controlDrops.set(reason, (this.controlDrops.get(reason) ?? 0) + 1);
+    } else {
+      this.stats_.relayDropped++;
+      this.relayDrops.set(reason, (this.relayDrops.get(reason) ?? 0) + 1);
+    }
     s.complainOnce(code, msg, this.now(), ref);
   }
 
@@ -1084,28 +1130,52 @@ export class SignalHub {
     const from = s.member!.id;
     const n = msg.data.byteLength;
     const now = this.now();
-    if (!this.relayEnabled) return this.dropRelay(s, "disabled", "ERR_RELAY_DISABLED", "this signaling server does not relay data (started with --no-relay)");
+    const control = relayChannel(msg.data) === "control";
+    if (!this.relayEnabled) return this.dropRelay(s, control, "disabled", "ERR_RELAY_DISABLED", "this signaling server does not relay data (started with --no-relay)");
     const target = msg.to === from ? undefined : this.members.get(msg.to);
-    if (target === undefined) return this.dropRelay(s, "no_peer", "ERR_NO_PEER", `no agent ${msg.to} is connected to this server`, msg.to);
-    if (target.buffered() > this.limits.relayMaxBufferedBytes) {
-      return this.dropRelay(s, "congested", "ERR_RELAY_CONGESTED", `the receiver has more than ${Math.round(this.limits.relayMaxBufferedBytes / 1048576)} MiB unread; relay frames dropped`);
+    if (target === undefined) return this.dropRelay(s, control, "no_peer", "ERR_NO_PEER", `no agent ${msg.to} is connected to this server`, msg.to);
+    const queued = target.buffered();
+    // control frames: their own (small) budget first, with more room at the receiver; over it, the data budget
+    const ownBudget = control && queued <= this.limits.relayMaxBufferedBytes + RELAY_CONTROL_HEADROOM && this.takeControl(s, n, now);
+    if (!ownBudget) {
+      const refused = this.takeData(s, n, now, queued);
+      if (refused !== undefined) return this.dropRelay(s, control, ...refused);
+    }
+    this.stats_.relayFrames++;
+    this.stats_.relayBytes += n;
+    if (control) {
+      this.stats_.relayControlFrames++;
+      this.stats_.relayControlBytes += n;
+    }
+    target.sendBytes(encodeSignal({ t: "relay", from, data: msg.data }));
+  }
+
+  private takeControl(s: SignalSession, n: number, now: number): boolean {
+    if (!s.controlBucket.take(n, now, this.limits.relayControlRate)) return false;
+    if (this.globalControl.take(n, now, this.limits.relayControlRateGlobal)) return true;
+    s.controlBucket.refund(n);
+    return false;
+  }
+
+  /** Take n bytes of the data budgets (sender, its IP, the server); the drop's reason, code and text when refused. */
+  private takeData(s: SignalSession, n: number, now: number, queued: number): [RelayDropReason, string, string] | undefined {
+    if (queued > this.limits.relayMaxBufferedBytes) {
+      return ["congested", "ERR_RELAY_CONGESTED", `the receiver has more than ${Math.round(this.limits.relayMaxBufferedBytes / 1048576)} MiB unread; relay frames dropped`];
     }
     if (!s.relayBucket.take(n, now, this.relayRate)) {
-      return this.dropRelay(s, "rate", "ERR_RELAY_RATE", `relay rate limit of ${Math.round((this.relayRate * 8) / 1e6)} Mbit/s exceeded; frames dropped`);
+      return ["rate", "ERR_RELAY_RATE", `relay rate limit of ${Math.round((this.relayRate * 8) / 1e6)} Mbit/s exceeded; frames dropped`];
     }
     const ipBucket = this.perIp.get(s.ip)?.bucket;
     if (ipBucket !== undefined && !ipBucket.take(n, now, this.limits.relayRatePerIp)) {
       s.relayBucket.refund(n);
-      return this.dropRelay(s, "ip_rate", "ERR_RELAY_RATE", `relay budget of your address (${Math.round((this.limits.relayRatePerIp * 8) / 1e6)} Mbit/s) exceeded; frames dropped`);
+      return ["ip_rate", "ERR_RELAY_RATE", `relay budget of your address (${Math.round((this.limits.relayRatePerIp * 8) / 1e6)} Mbit/s) exceeded; frames dropped`];
     }
     if (!this.globalRelay.take(n, now, this.limits.relayRateGlobal)) {
       s.relayBucket.refund(n);
       ipBucket?.refund(n);
-      return this.dropRelay(s, "global_rate", "ERR_RELAY_RATE", `this server's relay budget (${Math.round((this.limits.relayRateGlobal * 8) / 1e6)} Mbit/s) is exhausted; frames dropped`);
+      return ["global_rate", "ERR_RELAY_RATE", `this server's relay budget (${Math.round((this.limits.relayRateGlobal * 8) / 1e6)} Mbit/s) is exhausted; frames dropped`];
     }
-    this.stats_.relayFrames++;
-    this.stats_.relayBytes += n;
-    target.sendBytes(encodeSignal({ t: "relay", from, data: msg.data }));
+    return undefined;
   }
 }
 

@@ -18,6 +18,8 @@
  *   weftnet_signal_relayed_bytes_total              data relayed for agents without a direct path
  *   weftnet_signal_relay_dropped_total              relay frames dropped (all reasons)
  *   weftnet_signal_relay_dropped_by_reason_total{reason}  disabled | rate | ip_rate | global_rate | congested | no_peer
+ *   weftnet_signal_relay_control_frames_total       relay links' control-channel frames forwarded (own budget)
+ *   weftnet_signal_relay_control_dropped_total{reason}  control-channel relay frames dropped, by reason
  */
 import type { SignalHub } from "./hub.js";
 
@@ -63,8 +65,10 @@ export function renderSignalMetrics(hub: SignalHub, stun?: StunStats): string {
   metric("weftnet_signal_stun_responses_total", "counter", "STUN Binding responses sent.", [[undefined, stun?.responses ?? 0]]);
   metric("weftnet_signal_stun_dropped_total", "counter", "Datagrams the STUN responder dropped, by reason.", Object.entries(stun?.droppedByReason ?? {}).map(([reason, n]) => [{ reason }, n ?? 0]));
   metric("weftnet_signal_relayed_bytes_total", "counter", "Data bytes relayed for agents without a direct or multi-hop path.", [[undefined, s.relayBytes]]);
-  metric("weftnet_signal_relay_dropped_total", "counter", "Relay frames dropped (rate limits, relay disabled, congested receiver, unknown destination).", [[undefined, s.relayDropped]]);
+  metric("weftnet_signal_relay_dropped_total", "counter", "Data relay frames dropped (rate limits, relay disabled, congested receiver, unknown destination); control-channel drops are counted apart.", [[undefined, s.relayDropped]]);
   metric("weftnet_signal_relay_dropped_by_reason_total", "counter", "Relay frames dropped, by reason.", Object.entries(s.relayDroppedByReason).map(([reason, n]) => [{ reason }, n ?? 0]));
+  metric("weftnet_signal_relay_control_frames_total", "counter", "Control-channel relay frames (heartbeats, gossip, IPAM of relay links) forwarded; they have a budget of their own beside the data budget.", [[undefined, s.relayControlFrames]]);
+  metric("weftnet_signal_relay_control_dropped_total", "counter", "Control-channel relay frames dropped, by reason (not counted in weftnet_signal_relay_dropped_total).", Object.entries(s.relayControlDroppedByReason).map(([reason, n]) => [{ reason }, n ?? 0]));
   metric("weftnet_signal_viewer_introductions_total", "counter", "Topology-page viewers introduced to an agent (/ui): offers sent, answered, failed (no agent, refused, timeout).", [
     [{ result: "offered" }, s.viewerOffers],
     [{ result: "answered" }, s.viewerAnswers],

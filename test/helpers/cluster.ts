@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { Agent, type AgentConfig } from "../../agent/agent.js";
 import { startSignalServer, type SignalServer } from "../../signaling/server.js";
 import { createLogger } from "../../src/log.js";
+import type { LinkOptions, Transport } from "../../src/mesh/transport.js";
 
 export const TEST_TIMING = { heartbeatMs: 250, deadAfterMs: 2000, connectTimeoutMs: 8000, backoff: { baseMs: 200, maxMs: 2000, minMs: 100 } };
 
@@ -58,4 +59,17 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs:
 
 export function fullMesh(agents: Agent[]): boolean {
   return agents.every((a) => a.mesh.connectedPeers().length === agents.length - 1);
+}
+
+/** A transport whose links to the peers in `blocked` never open: their offers, answers and candidates are dropped. */
+export function withBlocked(t: Transport, blocked: Set<string>): Transport {
+  return new Proxy(t, {
+    get(target, prop) {
+      if (prop === "createLink") {
+        return (opts: LinkOptions) => (blocked.has(opts.peer ?? "") ? target.createLink({ ...opts, handlers: { ...opts.handlers, onSignal: () => {} } }) : target.createLink(opts));
+      }
+      const v = Reflect.get(target, prop, target) as unknown;
+      return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  });
 }

@@ -137,6 +137,8 @@ function envFor(o: TargetOptions): Record<string, string> {
     relayMaxBufferedBytes: "WEFTNET_RELAY_MAX_BUFFERED",
     relayRatePerIp: "WEFTNET_RELAY_RATE_PER_IP",
     relayRateGlobal: "WEFTNET_RELAY_RATE_GLOBAL",
+    relayControlRate: "WEFTNET_RELAY_CONTROL_RATE",
+    relayControlRateGlobal: "WEFTNET_RELAY_CONTROL_RATE_GLOBAL",
   };
   for (const [k, v] of Object.entries(l)) if (v !== undefined) e[names[k as keyof SignalLimits]] = String(v);
   return e;

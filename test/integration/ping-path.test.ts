@@ -14,8 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadOrCreateIdentity } from "../../agent/state.js";
 import { createWeriftTransport } from "../../agent/transport/werift.js";
 import type { Agent } from "../../agent/agent.js";
-import type { LinkOptions, Transport } from "../../src/mesh/transport.js";
-import { Cluster, startServer, testLogger, tmpDir, waitFor } from "../helpers/cluster.js";
+import { Cluster, startServer, testLogger, tmpDir, waitFor, withBlocked } from "../helpers/cluster.js";
 
 const CLI = join(process.cwd(), "dist", "agent", "cli", "main.js");
 const TOKEN = "ping-path-Wb9Yc4Hd6Jf0GsZq3v8Kp1Lm7Xr2Tn5";
@@ -30,19 +29,6 @@ async function cli(args: string[]): Promise<{ code: number; out: string; err: st
     const x = e as { code?: number; stdout?: string; stderr?: string };
     return { code: typeof x.code === "number" ? x.code : -1, out: x.stdout ?? "", err: x.stderr ?? "" };
   }
-}
-
-/** A transport whose links to the peers in `blocked` never open: their offers, answers and candidates are dropped. */
-function withBlocked(t: Transport, blocked: Set<string>): Transport {
-  return new Proxy(t, {
-    get(target, prop) {
-      if (prop === "createLink") {
-        return (opts: LinkOptions) => (blocked.has(opts.peer ?? "") ? target.createLink({ ...opts, handlers: { ...opts.handlers, onSignal: () => {} } }) : target.createLink(opts));
-      }
-      const v = Reflect.get(target, prop, target) as unknown;
-      return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(target) : v;
-    },
-  });
 }
 
 describe("weftnet ping: the path of every reply", () => {

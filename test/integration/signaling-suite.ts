@@ -477,6 +477,36 @@ describe(`data relay of last resort (${rt.name})`, () => {
     }
   });
 
+  it("gives relay links' control-channel frames a budget of their own: delivered while data is over its rate, counted apart", async () => {
+    const server = await start({ relay: { rateBytesPerSec: 100_000 } });
+    try {
+      const a = generateIdentity();
+      const b = generateIdentity();
+      const A = await register(server, a);
+      const B = await register(server, b);
+      // relay link framing (agent/transport/relay.ts): [1 version][1 conn length][conn][1 channel 0 control / 1 packets]...
+      const frame = (channel: number, n: number) => {
+        const f = new Uint8Array(n);
+        f.set([1, 3, 0x61, 0x62, 0x63, channel]);
+        return f;
+      };
+      // 350 kB of packets against a 100 kB/s budget (burst 100 kB): some are refused however slowly they are processed
+      for (let i = 0; i < 5; i++) A.c.send(encodeSignal({ t: "relay", to: b.id, data: frame(1, 70_000) }));
+      expect(await A.c.next("error")).toMatchObject({ code: "ERR_RELAY_RATE" });
+      for (let i = 0; i < 5; i++) A.c.send(encodeSignal({ t: "relay", to: b.id, data: frame(0, 100 + i) }));
+      const control = () => B.c.msgs.filter((m): m is Msg<"relay"> => m.t === "relay" && m.data[5] === 0);
+      const deadline = Date.now() + 10_000;
+      while (control().length < 5 && Date.now() < deadline) await sleep(20);
+      expect(control().map((m) => m.data.byteLength)).toEqual([100, 101, 102, 103, 104]);
+      const st = await server.stats();
+      expect(st).toMatchObject({ relayControlFrames: 5, relayControlBytes: 510, relayControlDropped: 0 });
+      expect(st.relayDropped).toBeGreaterThanOrEqual(1);
+      expect(st.relayFrames).toBe(5 + B.c.msgs.filter((m) => m.t === "relay" && m.data[5] === 1).length);
+    } finally {
+      await server.close();
+    }
+  });
+
   it("refuses to relay with --no-relay, and rate-limits per agent", async () => {
     const off = await start({ relay: { enabled: false } });
     try {

@@ -7,7 +7,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join as pathJoin } from "node:path";
 import { describe, expect, it } from "vitest";
 import { deriveJoinKey, frameFields, webCryptoPort } from "../../signaling/core/crypto.js";
-import { SignalHub, type SessionSnapshot, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
+import { RELAY_CONTROL_HEADROOM, SignalHub, relayChannel, type SessionSnapshot, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
 import { ManualClock } from "../helpers/manual-clock.js";
 import { joinKeyOf, CTX_HELLO, frame, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { CLOSE_CODES, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
@@ -209,6 +209,54 @@ describe("signaling core", () => {
     expect(b.sock.closedWith?.code).toBe(CLOSE_CODES.TRY_AGAIN);
     expect(hub.stats().slowConsumers).toBe(1);
     expect(a.sock.of("leave").map((l) => l.id)).toContain(b.idn.id);
+    hub.closeAll();
+  });
+
+  it("gives relay links' control-channel frames a small budget of their own: delivered while data is refused, capped, counted apart", async () => {
+    const clock = new ManualClock();
+    const hub = new SignalHub({ joinKey: KEY, clock, limits: { relayMaxBufferedBytes: 1000, maxBufferedBytes: 1 << 30, relayControlRate: 600, relayControlRateGlobal: 1000 }, relay: { rateBytesPerSec: 2000 } });
+    const a = await join(hub, generateIdentity(), "10.1.0.1");
+    const a2 = await join(hub, generateIdentity(), "10.1.0.2");
+    const b = await join(hub, generateIdentity(), "10.2.0.1");
+    // a relay link frame: [1 version][1 conn length][conn][1 channel 0 control / 1 packets][8 counter] ... [16 tag]
+    const relayFrame = (channel: number, n: number) => {
+      const f = new Uint8Array(n);
+      f.set([1, 3, 0x61, 0x62, 0x63, channel]);
+      return f;
+    };
+    expect(relayChannel(relayFrame(0, 40))).toBe("control");
+    expect(relayChannel(relayFrame(1, 40))).toBe("data");
+    expect(relayChannel(Uint8Array.of(1, 3, 0x61, 0x62, 0x63))).toBe("data"); // too short to have a channel
+    expect(relayChannel(Uint8Array.of(2, 0, 0, 0))).toBe("data"); // another framing version
+    const send = (from: typeof a, channel: number, n: number) => from.s.receive(encodeSignal({ t: "relay", to: b.idn.id, data: relayFrame(channel, n) }));
+    // a's data budget (2000/s) is used up by packets; its heartbeats still go through
+    send(a, 1, 1900);
+    send(a, 1, 1900);
+    expect(hub.stats()).toMatchObject({ relayDropped: 1, relayDroppedByReason: { rate: 1 }, relayControlDropped: 0 });
+    for (let i = 0; i < 5; i++) send(a, 0, 100);
+    expect(b.sock.of("relay")).toHaveLength(6);
+    expect(hub.stats()).toMatchObject({ relayControlFrames: 5, relayControlBytes: 500, relayFrames: 6, relayBytes: 2400 });
+    // the control budget is a cap too: 600/s for a, and the data budget it would fall back to is spent
+    send(a, 0, 200);
+    expect(hub.stats()).toMatchObject({ relayControlDropped: 1, relayControlDroppedByReason: { rate: 1 }, relayDropped: 1 });
+    // the server-wide control budget (1000/s, 500 left after a's): a2 takes the rest; past it, a2's control
+    // frames use its data budget (2000/s), which then cannot take a 1950-byte packet
+    send(a2, 0, 500);
+    send(a2, 0, 100);
+    expect(hub.stats()).toMatchObject({ relayControlFrames: 7, relayControlDropped: 1 });
+    send(a2, 1, 1950);
+    expect(hub.stats().relayDroppedByReason).toEqual({ rate: 2 });
+    // a congested receiver: data refused at relayMaxBufferedBytes, control up to RELAY_CONTROL_HEADROOM more
+    clock.advance(1000);
+    b.sock.queued = 1500;
+    send(a, 1, 100);
+    send(a, 0, 100);
+    expect(hub.stats().relayDroppedByReason).toEqual({ rate: 2, congested: 1 });
+    expect(hub.stats().relayControlFrames).toBe(8);
+    b.sock.queued = 1000 + RELAY_CONTROL_HEADROOM + 1;
+    send(a, 0, 100);
+    expect(hub.stats().relayControlDroppedByReason).toEqual({ rate: 1, congested: 1 });
+    expect(b.sock.of("relay")).toHaveLength(9);
     hub.closeAll();
   });
 
