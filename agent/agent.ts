@@ -35,7 +35,7 @@ import type { PodInfo, Pods } from "./pods.js";
 import { checkAdvertisedRoutes, RoutePolicy } from "./route-policy.js";
 import { newInstanceId, SignalClient } from "./signal-client.js";
 import { apiSocketPath, loadOrCreateIdentity } from "./state.js";
-import { describePeer, ipamView, linkPath, routeStatus, type AgentStatus, type AgentView, type IpamView, type PeerPath, type RouteStatus } from "./status.js";
+import { describePeers, ipamView, linkPath, routeStatus, type AgentStatus, type AgentView, type IpamView, type PeerPath, type RouteStatus } from "./status.js";
 import { createTransport, inRange } from "./transport-choice.js";
 import { BulkService, refuseBulk } from "./transport/bulk.js";
 import { loadSodiumChaCha } from "./os/sodium.js";
@@ -556,7 +556,7 @@ export class Agent implements AgentView {
         fingerprint: `${this.transport.fingerprint.algorithm} ${this.transport.fingerprint.value}`,
         signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive, stun: { host: this.signal.host, port: this.stunPort, altPort: this.stunAltPort } },
       },
-      peers: (await this.mesh.status()).map((p) => describePeer(p, this.router.route(p.id), (id) => this.mesh.peerName(id), { enabled: !!this.bulk, status: this.bulk?.status(p.id) ?? null })),
+      peers: describePeers(await this.mesh.status(), (id) => this.router.route(id), (id) => this.mesh.peerName(id), { enabled: !!this.bulk, status: (id) => this.bulk?.status(id) ?? null }),
       bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates(), crypto: this.bulk.cryptoName, gso: this.bulk.socket.gso, gro: this.bulk.socket.gro, coalesced: { ...this.bulk.gro }, counters: { ...this.bulk.counters } } : null,
       dataplane: this.dataplane ? { ...this.dataplane.stats(), routes: this.routePolicy.decisions } : null,
       stun: { serving: this.stun?.status(this.reflexive) ?? null, using: this.stunUses() },

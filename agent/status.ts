@@ -51,7 +51,11 @@ export interface AgentStatus {
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
 }
 
-export type PeerView = Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null; linkType: LinkType | null; linkWhy: string; bulk: BulkPeerStatus | null };
+/**
+ * `viaLink`: for a peer routed via another agent, what carries our traffic to that next hop (its
+ * linkType: bulk, webrtc, turn or relay; null when we have no live link to it any more); else null.
+ */
+export type PeerView = Omit<PeerStatus, "path"> & { path: PeerPath; via: string | null; viaLink: Exclude<LinkType, "via"> | null; linkType: LinkType | null; linkWhy: string; bulk: BulkPeerStatus | null };
 
 export type IpamView = IpamStatus & { blocks: (IpamStatus["blocks"][number] & { ownerName: string | null; reachable: boolean })[] };
 
@@ -82,11 +86,26 @@ export function describePeer(p: PeerStatus, route: RouteEntry | undefined, peerN
       : linkType === "bulk"
         ? `direct UDP to ${b!.endpoint}, path MTU ${b!.pathMax}`
         : linkType === "via"
-          ? "no direct link; routed via another agent (lowest measured RTT)"
+          ? `no direct link; routed ${path} (lowest measured RTT)`
           : !bulk.enabled
             ? "bulk link disabled here (--no-bulk)"
             : `bulk link ${b ? `${b.state}: ${b.reason}` : "not negotiated yet"}`;
-  return { ...p, path, via, linkType, linkWhy, bulk: b };
+  return { ...p, path, via, viaLink: null, linkType, linkWhy, bulk: b };
+}
+
+/**
+ * Every peer as status shows it (describePeer), and for a peer routed via another agent the link type of
+ * that hop: path `via n2`, viaLink `bulk`, linkWhy `no direct link; routed via n2 (bulk), lowest measured RTT`.
+ */
+export function describePeers(peers: readonly PeerStatus[], route: (id: string) => RouteEntry | undefined, peerName: (id: string) => string | undefined, bulk: { enabled: boolean; status: (id: string) => BulkPeerStatus | null }): PeerView[] {
+  const views = peers.map((p) => describePeer(p, route(p.id), peerName, { enabled: bulk.enabled, status: bulk.status(p.id) }));
+  const byId = new Map(views.map((v) => [v.id, v]));
+  return views.map((v) => {
+    if (v.via === null) return v;
+    const t = byId.get(v.via)?.linkType ?? null;
+    const viaLink = t === null || t === "via" ? null : t;
+    return { ...v, viaLink, linkWhy: `no direct link; routed ${v.path} (${viaLink ?? "no link to it now"}), lowest measured RTT` };
+  });
 }
 
 /** The path of a connected peer's own link: through the signaling server's relay, a TURN server, or direct. */

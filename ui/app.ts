@@ -348,7 +348,7 @@ function pathClass(p: PeerInfo): string {
 
 function why(p: PeerInfo): string {
   if (p.path === "relay") return `relayed through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`;
-  if (p.path.startsWith("via")) return `no usable direct link; routed ${p.path} (lowest measured RTT)`;
+  if (p.path.startsWith("via")) return p.linkWhy || `no usable direct link; routed ${p.path} (lowest measured RTT)`;
   if (p.linkWhy) return p.linkWhy;
   return p.selected ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}` : "";
 }

@@ -542,7 +542,7 @@ export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockC
     p.name,
     p.id,
     p.state,
-    p.path === "none" ? "-" : p.linkType === "bulk" ? "bulk" : p.path,
+    p.path === "none" ? "-" : p.linkType === "bulk" ? "bulk" : p.viaLink ? `${p.path} (${p.viaLink})` : p.path,
     fmtRtt(p.rttMs),
     fmtBytes(p.bytesIn),
     fmtBytes(p.bytesOut),

@@ -115,7 +115,7 @@ describe("weftnet status / ping / netcheck / agent logs against a live mesh", ()
     expect(rows.map((c) => c[0]).sort()).toEqual(["b", "c"]);
     for (const row of rows) {
       expect(row[header.indexOf("STATE")]).toBe("connected");
-      expect(row[header.indexOf("PATH")]).toMatch(/^(direct|bulk|turn|relay|via \S+)$/);
+      expect(row[header.indexOf("PATH")]).toMatch(/^(direct|bulk|turn|relay|via \S+( \((bulk|webrtc|turn|relay)\))?)$/);
       expect(row[header.indexOf("RTT")]).toMatch(RTT_RE);
       expect(row[header.indexOf("RTT")]).not.toMatch(/^\d+\.0ms$/); // no fake decimal on whole-ms values
     }

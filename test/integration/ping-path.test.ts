@@ -75,9 +75,17 @@ describe("weftnet ping: the path of every reply", () => {
     for (const p of js.path) expect(p).toMatch(/^via (b|d)$/);
     for (const t of js.rttMs) expect(t).toBeGreaterThan(0);
     expect(js.lost).toBe(0);
-    // status says the same path for c
-    const st = JSON.parse((await cli(["status", "--json", "--state-dir", dirs.a!])).out) as { peers: { name: string; path: string }[] };
-    expect(st.peers.find((p) => p.name === "c")?.path).toMatch(/^via (b|d)$/);
+    // status says the same path for c, and what carries it to the hop: the hop's own link type, as status
+    // shows it for the hop in the same answer (a–b and a–d are WebRTC links; this test runs no bulk link)
+    const st = JSON.parse((await cli(["status", "--json", "--state-dir", dirs.a!])).out) as { peers: { name: string; path: string; linkType: string | null; viaLink: string | null; linkWhy: string }[] };
+    const pc = st.peers.find((p) => p.name === "c")!;
+    expect(pc.path).toMatch(/^via (b|d)$/);
+    const hop = st.peers.find((p) => p.name === pc.path.slice(4))!;
+    expect(hop.linkType).toBe("webrtc");
+    expect(pc.viaLink).toBe("webrtc");
+    expect(pc.linkWhy).toBe(`no direct link; routed ${pc.path} (webrtc), lowest measured RTT`);
+    const table = (await cli(["status", "--state-dir", dirs.a!])).out;
+    expect(table).toMatch(/^c\s+[0-9a-f]{16}\s+\S+\s+via (b|d) \(webrtc\)  /m);
   }, 60_000);
 
   it("direct and relay: the pair's own link", async () => {
