@@ -14,6 +14,9 @@
  *
  * Pointers: buffers are addressed by their ArrayBuffer's base address (taken once, cached) plus offset.
  * Off-heap ArrayBuffers never move; reading `.buffer` moves a small on-heap typed array off the heap first.
+ *
+ * The library is opened once per process (openSodium(): koffi, libsodium.so.23 or .so, sodium_init, libc's memcpy
+ * for addresses); loadSodiumAead and loadSodiumChaCha bind their functions from that one handle.
  */
 import { createRequire } from "node:module";
 import type { Aead, AeadKey } from "../../src/bulk/crypto.js";
@@ -30,11 +33,22 @@ interface Sodium {
   addr(b: Uint8Array): number;
 }
 
-let loaded: Sodium | null | undefined;
-let loadError: string | undefined;
+/** libsodium, opened once per process (both Aeads below use it): the library, its `func` binder, and buffer addresses. */
+interface SodiumLib {
+  func: (sig: string) => (...a: unknown[]) => unknown;
+  /** the base address of a typed array's bytes (libc memcpy(b, b, 0) returns its destination) */
+  addr(b: Uint8Array): number;
+}
 
-function load(): Sodium | null {
-  if (loaded !== undefined) return loaded;
+let opened: SodiumLib | null | undefined;
+let openError: string | undefined;
+
+/**
+ * Open libsodium through koffi once (libsodium.so.23, else libsodium.so), run sodium_init, and bind libc's memcpy
+ * for addresses. null when it cannot (koffi or libsodium missing, sodium_init failed); sodiumOpenError() says why.
+ */
+export function openSodium(): SodiumLib | null {
+  if (opened !== undefined) return opened;
   try {
     const require = createRequire(import.meta.url);
     // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -46,14 +60,31 @@ function load(): Sodium | null {
       lib = koffi.load("libsodium.so");
     }
     if ((lib.func("int sodium_init()")() as number) < 0) throw new Error("sodium_init failed");
-    if ((lib.func("int crypto_aead_aes256gcm_is_available()")() as number) !== 1) throw new Error("no AES-NI/PCLMUL: libsodium's AES-256-GCM is unavailable on this CPU");
     const memcpy = koffi.load("libc.so.6").func("uintptr_t memcpy(void *d, void *s, size_t n)");
+    const l = lib;
+    opened = { func: (sig) => l.func(sig) as (...a: unknown[]) => unknown, addr: (b) => Number(memcpy(b, b, 0)) };
+  } catch (e) {
+    openError = (e as Error).message;
+    opened = null;
+  }
+  return opened;
+}
+
+let loaded: Sodium | null | undefined;
+let loadError: string | undefined;
+
+function load(): Sodium | null {
+  if (loaded !== undefined) return loaded;
+  try {
+    const lib = openSodium();
+    if (!lib) throw new Error(openError ?? "libsodium did not load");
+    if ((lib.func("int crypto_aead_aes256gcm_is_available()")() as number) !== 1) throw new Error("no AES-NI/PCLMUL: libsodium's AES-256-GCM is unavailable on this CPU");
     loaded = {
       beforenm: lib.func("int crypto_aead_aes256gcm_beforenm(uintptr_t st, uintptr_t k)") as Sodium["beforenm"],
       enc: lib.func("int crypto_aead_aes256gcm_encrypt_detached_afternm(uintptr_t c, uintptr_t mac, uintptr_t maclen, uintptr_t m, unsigned long long mlen, uintptr_t ad, unsigned long long adlen, uintptr_t nsec, uintptr_t npub, uintptr_t st)") as Sodium["enc"],
       dec: lib.func("int crypto_aead_aes256gcm_decrypt_detached_afternm(uintptr_t m, uintptr_t nsec, uintptr_t c, unsigned long long clen, uintptr_t mac, uintptr_t ad, unsigned long long adlen, uintptr_t npub, uintptr_t st)") as Sodium["dec"],
       stateBytes: Number(lib.func("size_t crypto_aead_aes256gcm_statebytes()")()),
-      addr: (b) => Number(memcpy(b, b, 0)),
+      addr: lib.addr,
     };
   } catch (e) {
     loadError = (e as Error).message;
@@ -133,23 +164,14 @@ export function loadSodiumAead(): Aead | undefined {
  * call and a fresh buffer's address an FFI call of its own. Measured here: 1.4 KB frame ~13 -> ~3 us.
  */
 export function loadSodiumChaCha(): ChaChaPort | undefined {
-  let f: { enc: (...a: number[]) => number; dec: (...a: number[]) => number; addr: (b: Uint8Array) => number } | undefined;
+  const lib = openSodium();
+  if (!lib) return undefined;
+  let f: { enc: (...a: number[]) => number; dec: (...a: number[]) => number; addr: (b: Uint8Array) => number };
   try {
-    const require = createRequire(import.meta.url);
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const koffi = require("koffi") as typeof import("koffi");
-    let lib;
-    try {
-      lib = koffi.load("libsodium.so.23");
-    } catch {
-      lib = koffi.load("libsodium.so");
-    }
-    if ((lib.func("int sodium_init()")() as number) < 0) return undefined;
-    const memcpy = koffi.load("libc.so.6").func("uintptr_t memcpy(void *d, void *s, size_t n)");
     f = {
       enc: lib.func("int crypto_aead_chacha20poly1305_ietf_encrypt_detached(uintptr_t c, uintptr_t mac, uintptr_t maclen, uintptr_t m, unsigned long long mlen, uintptr_t ad, unsigned long long adlen, uintptr_t nsec, uintptr_t npub, uintptr_t k)") as (...a: number[]) => number,
       dec: lib.func("int crypto_aead_chacha20poly1305_ietf_decrypt_detached(uintptr_t m, uintptr_t nsec, uintptr_t c, unsigned long long clen, uintptr_t mac, uintptr_t ad, unsigned long long adlen, uintptr_t npub, uintptr_t k)") as (...a: number[]) => number,
-      addr: (b) => Number(memcpy(b, b, 0)),
+      addr: lib.addr,
     };
   } catch {
     return undefined;
@@ -167,7 +189,7 @@ export function loadSodiumChaCha(): ChaChaPort | undefined {
     if (key.length !== 32 || nonce.length !== 12 || aad.length > M - AD) return false;
     if (M + len > scratch.length) {
       scratch = Buffer.allocUnsafeSlow(M + len);
-      base = f!.addr(scratch);
+      base = f.addr(scratch);
     }
     scratch.set(key, K);
     scratch.set(nonce, N);
