@@ -1,8 +1,15 @@
 /**
- * Path MTU search for a WebRTC link, sans-I/O (issue 11 item 3): a state machine fed `handle(event, now)`;
- * the link (agent/transport/link-base.ts) sends the probes it asks for, feeds back acks and timer ticks, and
- * arms one timer at `deadline`. A probe of size s is one SCTP packet of a link built for MTU s; the peer's link
- * acks each probe. Stop-and-wait and ascending, so that as few probes as possible are lost:
+ * Path MTU search, sans-I/O (issue 11 item 3): a state machine fed `handle(event, now)`; a driver sends the
+ * probes it asks for, feeds back acks and timer ticks, and arms one timer at `deadline`. One search, two drivers:
+ *
+ * - the WebRTC link (agent/transport/link-base.ts): a probe of size s is one SCTP packet of a link built for MTU
+ *   s; the peer's link acks each probe. A local limit below the built MTU ends the search (limitMode "end": the
+ *   next link is built for it);
+ * - the bulk link (src/bulk/session.ts): a probe of size s is one sealed bulk datagram of s bytes (UDP payload),
+ *   sent with Don't Fragment; the peer acks it. A local limit caps the search (limitMode "clamp": the limit is
+ *   probed like any size, since a datagram above it only fails in sendto, and the path behind it may carry less).
+ *
+ * Stop-and-wait and ascending, so that as few probes as possible are lost:
  *
  *   1. the largest size allowed: min(hi, the local limit) — the common case: the path carries it, one round trip;
  *   2. coarse steps up from `lo` (+256, +512, ...) until a size is lost;
@@ -39,7 +46,10 @@ export type PmtuEvent =
   /** the timer armed at `deadline` fired (early ticks are ignored) */
   | { kind: "tick" };
 
-/** How a search ended: hi acked, a smaller size found by probing, or the local limit (nothing probed above it). */
+/**
+ * How a search ended: hi acked, a smaller size found by probing, or the local limit (nothing probed above it;
+ * "clamp": the limit itself was acked).
+ */
 export type PmtuOutcome = "confirmed" | "searched" | "local-limit";
 
 /** What the driver does now: send one probe of `probe` bytes, or the search is over with `done`. */
@@ -58,7 +68,7 @@ export interface PmtuStats {
   acked: number;
   /** sizes that counted as lost (all tries timed out) */
   lost: number;
-  /** sizes never sent because the local limit was below them (0 or 1: the search then ends) */
+  /** sizes never sent because the local limit was below them ("end": 0 or 1, the search then ends) */
   skipped: number;
   drops: Record<PmtuDrop, number>;
 }
@@ -75,6 +85,11 @@ export interface PmtuSearchOptions {
   minWaitMs?: number;
   /** largest size the local kernel sends toward the peer (undefined: unknown, no limit); read before each probe */
   localLimit?: () => number | undefined;
+  /**
+   * What a local limit below the next size does: "end" the search at once with the limit (default; the WebRTC
+   * link, see the header), or "clamp" the sizes still to probe to it and probe on (the bulk link).
+   */
+  limitMode?: "end" | "clamp";
 }
 
 export class PmtuSearch {
@@ -87,6 +102,10 @@ export class PmtuSearch {
   private readonly tries: number;
   private readonly minWaitMs: number;
   private readonly localLimit: () => number | undefined;
+  private readonly limitMode: "end" | "clamp";
+  /** the largest size still worth probing: hi, or a local limit below it ("clamp") */
+  private cap: number;
+  private limited = false;
   private step: number;
   private current: number | undefined;
   private triesLeft: number;
@@ -108,6 +127,8 @@ export class PmtuSearch {
     this.tries = o.tries ?? 2;
     this.minWaitMs = o.minWaitMs ?? 500;
     this.localLimit = o.localLimit ?? (() => undefined);
+    this.limitMode = o.limitMode ?? "end";
+    this.cap = o.hi;
     this.step = this.coarse;
     this.triesLeft = this.tries;
   }
@@ -168,22 +189,33 @@ export class PmtuSearch {
 
   private markLost(size: number): void {
     if (size < this.lost) this.lost = size;
-    if (this.step === this.coarse && size !== this.hi) this.step = this.fine; // refine below the coarse loss
+    if (this.step === this.coarse && size !== this.cap) this.step = this.fine; // refine below the coarse loss
   }
 
   /** Send `current`, or finish (nothing left, or the local limit is below the link's MTU). */
   private send(now: number): PmtuStep {
-    if (this.current === undefined) return this.finish(this.ok >= this.hi ? "confirmed" : "searched");
-    const limit = this.localLimit();
-    if (limit !== undefined && limit < this.hi) {
-      this.stats.skipped++;
-      this.ok = Math.max(this.lo, Math.min(this.hi, limit & ~3));
-      return this.finish("local-limit");
+    for (;;) {
+      if (this.current === undefined) return this.finish(this.ok >= this.hi ? "confirmed" : this.limited && this.ok >= this.cap ? "local-limit" : "searched");
+      const limit = this.localLimit();
+      if (this.limitMode === "end" && limit !== undefined && limit < this.hi) {
+        this.stats.skipped++;
+        this.ok = Math.max(this.lo, Math.min(this.hi, limit & ~3));
+        return this.finish("local-limit");
+      }
+      if (this.limitMode === "clamp" && limit !== undefined && limit < this.current) {
+        // Never above the limit: it becomes the largest size left to try (itself probed next, unless known).
+        this.stats.skipped++;
+        this.limited = true;
+        this.cap = Math.max(this.lo, Math.min(this.cap, limit & ~3));
+        this.current = this.cap > this.ok ? this.cap : undefined;
+        this.triesLeft = this.tries;
+        continue;
+      }
+      this.stats.probes++;
+      this.sentAt = now;
+      this.deadline = now + Math.max(this.minWaitMs, Math.round(4 * (this.rttMs ?? 0)));
+      return { probe: this.current };
     }
-    this.stats.probes++;
-    this.sentAt = now;
-    this.deadline = now + Math.max(this.minWaitMs, Math.round(4 * (this.rttMs ?? 0)));
-    return { probe: this.current };
   }
 
   private finish(outcome: PmtuOutcome): PmtuStep {
@@ -194,10 +226,10 @@ export class PmtuSearch {
   }
 
   private pick(): number | undefined {
-    if (this.ok >= this.hi) return undefined;
+    if (this.ok >= this.cap) return undefined;
     for (;;) {
       const s = (this.ok + this.step) & ~3;
-      if (s < this.lost && s <= this.hi) return s;
+      if (s < this.lost && s <= this.cap) return s;
       if (this.step === this.fine) return undefined;
       this.step = this.fine; // the coarse grid passed the lost size: refine from the largest acked
     }

@@ -8,6 +8,8 @@ import { PmtuSearch, type PmtuStep } from "../../src/mesh/pmtu.js";
 
 interface Sim {
   hi: number;
+  lo?: number;
+  limitMode?: "end" | "clamp";
   path: number;
   rtt?: number;
   limit?: (sent: number[]) => number | undefined;
@@ -17,7 +19,7 @@ interface Sim {
 /** Drive the search like link-base.ts does: send what it asks, ack after rtt when the path carries it, tick at the deadline. */
 function run(sim: Sim) {
   const sent: number[] = [];
-  const s = new PmtuSearch({ lo: 1280, hi: sim.hi, localLimit: () => sim.limit?.(sent) });
+  const s = new PmtuSearch({ lo: sim.lo ?? 1280, hi: sim.hi, localLimit: () => sim.limit?.(sent), ...(sim.limitMode ? { limitMode: sim.limitMode } : {}) });
   let now = 0;
   let step: PmtuStep = s.handle({ kind: "start" }, now);
   for (let guard = 0; guard < 500; guard++) {
@@ -158,5 +160,59 @@ describe("PmtuSearch (src/mesh/pmtu.ts)", () => {
     expect(s.handle({ kind: "start" }, 0)).toEqual({ done: { mtu: 1280, outcome: "confirmed" } });
     expect(s.handle({ kind: "start" }, 1)).toEqual({});
     expect(s.stats.probes).toBe(0);
+  });
+
+  describe('limitMode "clamp" (the bulk link: datagram sizes, the route MTU caps the search instead of ending it)', () => {
+    // bulk datagrams: lo 1200 (RFC 8899 BASE_PLPMTU), hi = a 4000-byte pod packet's datagram
+    const bulk = (path: number, limit?: number, lossy?: () => boolean) => run({ lo: 1200, hi: 4060, path, limitMode: "clamp", limit: () => limit, ...(lossy ? { lossy } : {}) });
+
+    it("a route MTU below hi: probes exactly the limit first and ends there (local-limit) when it passes", () => {
+      const r = bulk(1972, 1972);
+      expect(r).toMatchObject({ mtu: 1972, outcome: "local-limit", sent: [1972] });
+      expect(r.stats).toMatchObject({ probes: 1, acked: 1, skipped: 1 });
+    });
+
+    it("a silent black hole behind a larger route MTU: searches below the limit and never sends above it", () => {
+      const r = bulk(1972, 8972);
+      expect(r.outcome).toBe("searched");
+      expect(r.sent.every((x) => x <= 8972)).toBe(true);
+      expect(1972 - r.mtu).toBeLessThan(16);
+      expect(r.mtu).toBeLessThanOrEqual(1972);
+    });
+
+    it("the limit drops mid-search (ICMP learnt by the kernel): the next probe is the new limit", () => {
+      const r = run({ lo: 1200, hi: 4060, path: 1472, limitMode: "clamp", limit: (sent) => (sent.length === 0 ? undefined : 1472) });
+      expect(r.sent).toEqual([4060, 1472]);
+      expect(r).toMatchObject({ mtu: 1472, outcome: "local-limit" });
+    });
+
+    it("finds any path between lo and hi within 16 bytes and never probes above the limit (property)", () => {
+      fc.assert(
+        fc.property(fc.integer({ min: 1220, max: 9000 }), fc.integer({ min: 1200, max: 9000 }), fc.option(fc.integer({ min: 1000, max: 9000 })), (hi, path, lim) => {
+          const limit = lim ?? undefined;
+          const r = run({ lo: 1200, hi, path, limitMode: "clamp", limit: () => limit });
+          const cap = limit === undefined ? hi : Math.max(1200, Math.min(hi, limit & ~3));
+          const want = Math.max(1200, Math.min(cap, path));
+          expect(r.mtu).toBeLessThanOrEqual(Math.max(1200, Math.min(hi, path, limit ?? Infinity)));
+          expect(want - r.mtu).toBeLessThan(want === cap ? 1 : 16);
+          if (r.mtu === hi) expect(r.outcome).toBe("confirmed");
+          else if (limit !== undefined && limit < hi && r.mtu === cap) expect(r.outcome).toBe("local-limit");
+          else expect(r.outcome).toBe("searched");
+          expect(r.stats.lost).toBeLessThanOrEqual(3);
+        }),
+      );
+    });
+
+    it("random loss only makes the answer smaller (property)", () => {
+      fc.assert(
+        fc.property(fc.integer({ min: 1220, max: 9000 }), fc.integer({ min: 1200, max: 9000 }), fc.integer({ min: 1200, max: 9000 }), fc.double({ min: 0, max: 0.5, noNaN: true }), fc.integer(), (hi, path, limit, p, seed) => {
+          let x = seed >>> 0 || 1;
+          const rnd = () => ((x = (x * 1103515245 + 12345) >>> 0) % 1000) / 1000;
+          const r = run({ lo: 1200, hi, path, limitMode: "clamp", limit: () => limit, lossy: () => rnd() < p });
+          expect(r.mtu).toBeGreaterThanOrEqual(1200);
+          expect(r.mtu).toBeLessThanOrEqual(Math.max(1200, Math.min(hi, path, limit)));
+        }),
+      );
+    });
   });
 });
