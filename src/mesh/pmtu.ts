@@ -90,6 +90,12 @@ export interface PmtuSearchOptions {
    * link, see the header), or "clamp" the sizes still to probe to it and probe on (the bulk link).
    */
   limitMode?: "end" | "clamp";
+  /**
+   * Probe this size first, before hi (between lo and hi; the bulk link's safe size, RFC 8899's BASE_PLPMTU:
+   * the link carries traffic at the largest acked size while the search goes on). Its loss means the path
+   * carries less: coarse steps up from lo follow, and hi is never probed.
+   */
+  first?: number;
 }
 
 export class PmtuSearch {
@@ -106,6 +112,8 @@ export class PmtuSearch {
   /** the largest size still worth probing: hi, or a local limit below it ("clamp") */
   private cap: number;
   private limited = false;
+  private readonly first: number | undefined;
+  private capTried: boolean;
   private step: number;
   private current: number | undefined;
   private triesLeft: number;
@@ -129,6 +137,8 @@ export class PmtuSearch {
     this.localLimit = o.localLimit ?? (() => undefined);
     this.limitMode = o.limitMode ?? "end";
     this.cap = o.hi;
+    this.first = o.first !== undefined && o.first > this.lo && o.first < o.hi ? o.first : undefined;
+    this.capTried = this.first === undefined;
     this.step = this.coarse;
     this.triesLeft = this.tries;
   }
@@ -152,7 +162,7 @@ export class PmtuSearch {
       case "start":
         if (this.started) return {};
         this.started = true;
-        this.current = this.hi > this.ok ? this.hi : undefined;
+        this.current = this.first ?? (this.hi > this.ok ? this.hi : undefined);
         return this.send(now);
       case "ack": {
         if (this.finished) {
@@ -189,7 +199,7 @@ export class PmtuSearch {
 
   private markLost(size: number): void {
     if (size < this.lost) this.lost = size;
-    if (this.step === this.coarse && size !== this.cap) this.step = this.fine; // refine below the coarse loss
+    if (this.step === this.coarse && size !== this.cap && size !== this.first) this.step = this.fine; // refine below the coarse loss
   }
 
   /** Send `current`, or finish (nothing left, or the local limit is below the link's MTU). */
@@ -227,6 +237,11 @@ export class PmtuSearch {
 
   private pick(): number | undefined {
     if (this.ok >= this.cap) return undefined;
+    if (!this.capTried) {
+      // after `first`: the largest size next (unless `first` was lost)
+      this.capTried = true;
+      if (this.cap < this.lost) return this.cap;
+    }
     for (;;) {
       const s = (this.ok + this.step) & ~3;
       if (s < this.lost && s <= this.cap) return s;

@@ -10,6 +10,7 @@ interface Sim {
   hi: number;
   lo?: number;
   limitMode?: "end" | "clamp";
+  first?: number;
   path: number;
   rtt?: number;
   limit?: (sent: number[]) => number | undefined;
@@ -19,7 +20,7 @@ interface Sim {
 /** Drive the search like link-base.ts does: send what it asks, ack after rtt when the path carries it, tick at the deadline. */
 function run(sim: Sim) {
   const sent: number[] = [];
-  const s = new PmtuSearch({ lo: sim.lo ?? 1280, hi: sim.hi, localLimit: () => sim.limit?.(sent), ...(sim.limitMode ? { limitMode: sim.limitMode } : {}) });
+  const s = new PmtuSearch({ lo: sim.lo ?? 1280, hi: sim.hi, localLimit: () => sim.limit?.(sent), ...(sim.limitMode ? { limitMode: sim.limitMode } : {}), ...(sim.first ? { first: sim.first } : {}) });
   let now = 0;
   let step: PmtuStep = s.handle({ kind: "start" }, now);
   for (let guard = 0; guard < 500; guard++) {
@@ -198,6 +199,34 @@ describe("PmtuSearch (src/mesh/pmtu.ts)", () => {
           if (r.mtu === hi) expect(r.outcome).toBe("confirmed");
           else if (limit !== undefined && limit < hi && r.mtu === cap) expect(r.outcome).toBe("local-limit");
           else expect(r.outcome).toBe("searched");
+          expect(r.stats.lost).toBeLessThanOrEqual(3);
+        }),
+      );
+    });
+
+    it("`first` (the safe size) is probed before hi; a path below it is searched up from lo (the bulk link: lo 548, first 1200)", () => {
+      const fl = (path: number, limit?: number) => run({ lo: 548, first: 1200, hi: 4060, path, limitMode: "clamp", limit: () => limit });
+      expect(fl(9000)).toMatchObject({ mtu: 4060, outcome: "confirmed", sent: [1200, 4060] });
+      expect(fl(9000, 1972)).toMatchObject({ mtu: 1972, outcome: "local-limit", sent: [1200, 1972] });
+      const hole = fl(1972, 8972);
+      expect(hole.sent.slice(0, 4)).toEqual([1200, 4060, 4060, 1456]);
+      expect(1972 - hole.mtu).toBeLessThan(16);
+      const small = fl(700);
+      expect(small.sent.slice(0, 3)).toEqual([1200, 1200, 804]); // hi is never tried above a lost first
+      expect(small.sent).not.toContain(4060);
+      expect(700 - small.mtu).toBeLessThan(16);
+      expect(small.outcome).toBe("searched");
+    });
+
+    it("with `first`: any path between lo and hi within 16 bytes, at most 3 sizes lost (property)", () => {
+      fc.assert(
+        fc.property(fc.integer({ min: 1300, max: 9000 }), fc.integer({ min: 548, max: 9000 }), fc.option(fc.integer({ min: 600, max: 9000 })), (hi, path, lim) => {
+          const limit = lim ?? undefined;
+          const r = run({ lo: 548, first: 1200, hi, path, limitMode: "clamp", limit: () => limit });
+          const cap = limit === undefined ? hi : Math.max(548, Math.min(hi, limit & ~3));
+          const want = Math.max(548, Math.min(cap, path));
+          expect(r.mtu).toBeLessThanOrEqual(want);
+          expect(want - r.mtu).toBeLessThan(want === cap ? 1 : 16);
           expect(r.stats.lost).toBeLessThanOrEqual(3);
         }),
       );
