@@ -31,8 +31,9 @@
  *   weftnet_bulk_drops_total{reason}                  bulk datagrams dropped: bad-auth, replay, unknown-index, ...
  *   weftnet_bulk_transitions_total{to}                bulk link up/down changes (down = fell back to WebRTC)
  *   weftnet_peer_path_mtu_bytes{peer,name,link_type}  each link's path MTU (webrtc|turn: searched/confirmed mtu; bulk: pathMax)
- *   weftnet_pmtu_searches_total{link_type,outcome}    WebRTC path MTU searches: confirmed | searched | local-limit
+ *   weftnet_pmtu_searches_total{link_type,outcome}    path MTU searches (webrtc, bulk): confirmed | searched | local-limit
  *   weftnet_pmtu_probes_total{link_type,result}       their probes: sent | acked | lost (sizes)
+ *   weftnet_pmtu_black_holes_total{link_type}         a confirmed size stopped getting through (bulk: confirmation probes)
  *   weftnet_pmtu_probe_drops_total{link_type,reason}  probe traffic dropped, typed (malformed, unsolicited-ack, stale-ack, ...)
  */
 import { createServer, type Server } from "node:http";
@@ -41,6 +42,7 @@ import { WeftError } from "../src/errors.js";
 import { DROP_REASONS } from "../src/packet/drop.js";
 import type { Logger } from "../src/log.js";
 import type { AgentStatus, AgentView, IpamView } from "./status.js";
+import type { PmtuCounters } from "../src/mesh/transport.js";
 
 export const PEER_PATHS = ["direct", "turn", "via", "relay", "none"] as const;
 export const PEER_STATES = ["waiting", "connecting", "connected", "backoff", "auth-failed", "gone"] as const;
@@ -236,40 +238,55 @@ export function createAgentRegistry(agent: AgentView): { registry: Registry; scr
       }
     },
   });
+  /** Path MTU counters by link type: the WebRTC transport's (status.pmtu) and the bulk link's (status.bulk.pmtu). */
+  const pmtuByLink = (): [string, PmtuCounters][] => {
+    const out: [string, PmtuCounters][] = [];
+    if (snap?.status.pmtu) out.push(["webrtc", snap.status.pmtu]);
+    if (snap?.status.bulk?.pmtu) out.push(["bulk", snap.status.bulk.pmtu]);
+    return out;
+  };
   new Counter({
     name: "weftnet_pmtu_searches_total",
-    help: "WebRTC path MTU searches that ended (src/mesh/pmtu.ts), by outcome: confirmed (the built MTU), searched (a smaller size found by probing), local-limit (the kernel's route MTU toward the peer; nothing probed above it).",
+    help: "Path MTU searches that ended (src/mesh/pmtu.ts), by link type (webrtc, bulk) and outcome: confirmed (the largest size: the built MTU / the largest datagram a pod packet needs), searched (a smaller size found by probing), local-limit (the kernel's route MTU toward the peer; nothing probed above it).",
     labelNames: ["link_type", "outcome"],
     registers,
     collect() {
       this.reset();
-      const c = snap?.status.pmtu;
-      if (!c) return;
-      for (const [outcome, n] of Object.entries(c.searches)) this.inc({ link_type: "webrtc", outcome }, n);
+      for (const [link_type, c] of pmtuByLink()) for (const [outcome, n] of Object.entries(c.searches)) this.inc({ link_type, outcome }, n);
     },
   });
   new Counter({
     name: "weftnet_pmtu_probes_total",
-    help: "WebRTC path MTU probes: sent, acked, and sizes lost (every try of a size unanswered).",
+    help: "Path MTU probes by link type: sent, acked, and sizes lost (every try of a size unanswered).",
     labelNames: ["link_type", "result"],
     registers,
     collect() {
       this.reset();
-      const c = snap?.status.pmtu;
-      if (!c) return;
-      this.inc({ link_type: "webrtc", result: "sent" }, c.probes);
-      this.inc({ link_type: "webrtc", result: "acked" }, c.acked);
-      this.inc({ link_type: "webrtc", result: "lost" }, c.lost);
+      for (const [link_type, c] of pmtuByLink()) {
+        this.inc({ link_type, result: "sent" }, c.probes);
+        this.inc({ link_type, result: "acked" }, c.acked);
+        this.inc({ link_type, result: "lost" }, c.lost);
+      }
+    },
+  });
+  new Counter({
+    name: "weftnet_pmtu_black_holes_total",
+    help: "A confirmed path MTU stopped getting through while smaller datagrams passed (the bulk link's periodic confirmation probe): the link fell back and searched again.",
+    labelNames: ["link_type"],
+    registers,
+    collect() {
+      this.reset();
+      for (const [link_type, c] of pmtuByLink()) this.inc({ link_type }, c.blackHoles ?? 0);
     },
   });
   new Counter({
     name: "weftnet_pmtu_probe_drops_total",
-    help: "WebRTC path MTU probe traffic dropped, by reason: malformed, unsolicited-ack (no probe of ours), stale-ack (a timed-out size), ack-not-in-flight, ack-after-done.",
+    help: "Path MTU probe traffic dropped, by link type and reason: malformed, unsolicited-ack (no probe of ours), stale-ack (a timed-out size), ack-not-in-flight, ack-after-done.",
     labelNames: ["link_type", "reason"],
     registers,
     collect() {
       this.reset();
-      for (const [reason, n] of Object.entries(snap?.status.pmtu?.drops ?? {})) this.inc({ link_type: "webrtc", reason }, n);
+      for (const [link_type, c] of pmtuByLink()) for (const [reason, n] of Object.entries(c.drops)) this.inc({ link_type, reason }, n);
     },
   });
   new Counter({

@@ -40,13 +40,13 @@ export type LinkType = "bulk" | "webrtc" | "turn" | "relay" | "via";
 export interface AgentStatus {
   node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
   peers: PeerView[];
-  bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"] } | null;
+  bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"]; pmtu: PmtuCounters } | null;
   /** `routes`: every route other nodes advertise, installed or why not (--accept-routes, reserved, underlay, conflict) */
   dataplane: (ReturnType<DataPlane["stats"]> & { routes: RouteDecision[] }) | null;
   /** this agent's STUN responder (--stun-port) and the STUN servers it uses, with their source */
   stun?: StunStatus;
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: RouteConflict[] };
-  /** the WebRTC transport's path MTU searches (native; null for werift, which never searches) */
+  /** the WebRTC transport's path MTU searches (native; null for werift, which never searches); the bulk link's: bulk.pmtu */
   pmtu: PmtuCounters | null;
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
 }
@@ -84,7 +84,7 @@ export function describePeer(p: PeerStatus, route: RouteEntry | undefined, peerN
     linkType === null
       ? ""
       : linkType === "bulk"
-        ? `direct UDP to ${b!.endpoint}, path MTU ${b!.pathMax}`
+        ? `direct UDP to ${b!.endpoint}, path MTU ${b!.pathMax ?? "?"} (${b!.pmtu?.how ?? "?"})`
         : linkType === "via"
           ? `no direct link; routed ${path} (lowest measured RTT)`
           : !bulk.enabled

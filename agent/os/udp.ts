@@ -59,6 +59,8 @@ export interface UdpStats {
   txBytes: number;
   txDropped: number;
   txErrors: number;
+  /** sendmsg calls refused with EMSGSIZE: above the route MTU (Don't Fragment is set, see IP_MTU_DISCOVER) */
+  txTooBig: number;
 }
 
 /** Largest buffer one sendmsg with UDP_SEGMENT takes (and one GRO read returns). */
@@ -77,6 +79,10 @@ const SO_RCVBUFFORCE = 33;
 const SOL_UDP = 17;
 const UDP_SEGMENT = 103;
 const UDP_GRO = 104;
+const IPPROTO_IP = 0;
+const IP_MTU_DISCOVER = 10;
+/** Don't Fragment, and EMSGSIZE above the kernel's path MTU (route MTU or ICMP-learnt): the bulk link's path MTU search needs it. */
+const IP_PMTUDISC_DO = 2;
 const MSGHDR_LEN = 56;
 const CMSG_HDR = 16;
 const CMSG_SPACE_INT = 24;
@@ -147,7 +153,7 @@ function setU64(b: Buffer, off: number, v: number): void {
 export type UdpReceiver = (data: Uint8Array, segSize: number, from: Endpoint) => void;
 
 export class UdpSocket {
-  readonly stats: UdpStats = { rxCalls: 0, rxDatagrams: 0, rxBytes: 0, txCalls: 0, txDatagrams: 0, txBytes: 0, txDropped: 0, txErrors: 0 };
+  readonly stats: UdpStats = { rxCalls: 0, rxDatagrams: 0, rxBytes: 0, txCalls: 0, txDatagrams: 0, txBytes: 0, txDropped: 0, txErrors: 0, txTooBig: 0 };
   /** UDP_SEGMENT in use (false after the kernel refused it once) */
   gso: boolean;
   readonly gro: boolean;
@@ -222,6 +228,7 @@ export class UdpSocket {
       if (c.setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, int(snd), 4) < 0) c.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, int(snd), 4);
       let gro = false;
       if (opts.gro !== false) gro = c.setsockopt(fd, SOL_UDP, UDP_GRO, int(1), 4) === 0;
+      c.setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, int(IP_PMTUDISC_DO), 4); // no fragments: the path MTU is searched (src/bulk/session.ts)
       const sa = Buffer.alloc(16);
       writeSockaddr(sa, { addr: parseV4(opts.address ?? "0.0.0.0"), port: opts.port ?? 0 });
       if (c.bind(fd, sa, 16) < 0) {
@@ -303,6 +310,7 @@ export class UdpSocket {
       if (e === c.E.EINTR) continue;
       if (e === c.E.EAGAIN || e === c.E.ENOBUFS) return "full";
       this.stats.txErrors++;
+      if (e === c.E.EMSGSIZE) this.stats.txTooBig++;
       if (segSize > 0 && (e === c.E.EIO || e === c.E.EINVAL)) return "error";
       return e === c.E.ECONNREFUSED || e === c.E.EPERM || e === c.E.EMSGSIZE ? "full" : "error";
     }

@@ -47,12 +47,21 @@ import { VNET_HDR_LEN } from "../../src/packet/vnet.js";
 import { FLAG_SEALED } from "../../src/packet/seal.js";
 import { encodeBindingRequest, parseBindingSuccess, parseIp } from "../../src/wire/stun.js";
 import { loadSodiumAead } from "../os/sodium.js";
+import { kernelPathMtu } from "../os/route-mtu.js";
+import { emptyPmtuCounters, type PmtuCounters } from "../../src/mesh/transport.js";
+import type { BulkPmtuStatus } from "../../src/bulk/session.js";
 import { UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS, UdpSocket, type UdpSocketOptions } from "../os/udp.js";
 
 export const CTX_BULK = "weftnet/bulk/v1";
 /** Datagram bytes around a pod packet's IP bytes: seal header + tag, frame header, record length, virtio header. */
 const PACKET_OVERHEAD = SEAL_OVERHEAD + FRAME_HEADER_LEN + RECORD_HEADER_LEN + VNET_HDR_LEN;
 const TICK_MS = 100;
+/** IPv4 + UDP headers: the kernel's path MTU counts IP packets, the bulk link's sizes are UDP payloads. */
+const IPV4_UDP_HEADERS = 28;
+
+function ipv4String(a: number): string {
+  return `${a >>> 24}.${(a >>> 16) & 255}.${(a >>> 8) & 255}.${a & 255}`;
+}
 const STUN_EVERY_MS = 30_000;
 
 /** The mesh as the bulk link needs it (MeshManager implements it). */
@@ -93,8 +102,10 @@ export interface BulkPeerStatus {
   peerCands: string[];
   rttMs: number | null;
   keyAgeMs: number | null;
-  /** confirmed path MTU (largest datagram, UDP payload bytes) */
+  /** path MTU: the largest datagram (UDP payload bytes) the link sends, as its search found it (null: none yet) */
   pathMax: number | null;
+  /** how pathMax was found, and this peer's search figures */
+  pmtu: BulkPmtuStatus;
   txDatagrams: number;
   rxDatagrams: number;
   txBytes: number;
@@ -109,7 +120,10 @@ export interface BulkCounters {
   noPeer: number;
   sendFull: number;
   segmentDrops: number;
+  /** frames with a non-TCP packet larger than the path MTU (they take the WebRTC link) */
   tooBigForPath: number;
+  /** datagrams the kernel refused with EMSGSIZE (above its route MTU toward the peer; the search then runs again) */
+  tooBigLocal: number;
   stunAnswers: number;
   framesOut: number;
   framesIn: number;
@@ -133,7 +147,9 @@ export class BulkService {
   private lastStun = -Infinity;
   private stunAddr: Endpoint | undefined;
   private closed = false;
-  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, tooBigForPath: 0, stunAnswers: 0, framesOut: 0, framesIn: 0, sealedOut: 0, sealedIn: 0 };
+  /** path MTU searches of all peers' bulk links (weftnet_pmtu_* link_type="bulk") */
+  readonly pmtu: PmtuCounters = emptyPmtuCounters();
+  readonly counters: BulkCounters = { noPeer: 0, sendFull: 0, segmentDrops: 0, tooBigForPath: 0, tooBigLocal: 0, stunAnswers: 0, framesOut: 0, framesIn: 0, sealedOut: 0, sealedIn: 0 };
   // send path buffers (long-lived: the socket caches their addresses)
   private readonly slab = Buffer.allocUnsafeSlow(UDP_GSO_MAX_BYTES + 4096);
   private readonly arena = new ByteArena(256 * 1024);
@@ -150,6 +166,7 @@ export class BulkService {
   private batchCount = 0;
   private batchSeg = 0;
   private batchTo: Endpoint | undefined;
+  private batchPeer: BulkPeer | undefined;
 
   private constructor(
     private readonly o: BulkOptions,
@@ -200,8 +217,10 @@ export class BulkService {
     this.upDownListeners.push(f);
   }
 
+  /** Up and with a path MTU (after a black hole the link stays up but carries nothing for a round trip). */
   isUp(peer: string): boolean {
-    return this.peers.get(peer)?.up === true;
+    const p = this.peers.get(peer);
+    return p?.up === true && p.pathMax !== undefined;
   }
 
   candidates(): string[] {
@@ -250,6 +269,11 @@ export class BulkService {
       random: randomU32,
       cands: this.cands,
       maxDatagram: this.mtu + PACKET_OVERHEAD,
+      localLimit: (to) => {
+        const m = kernelPathMtu(ipv4String(to.addr));
+        return m === undefined ? undefined : m - IPV4_UDP_HEADERS;
+      },
+      pmtuCounters: this.pmtu,
       ...(this.o.timing ? { timing: this.o.timing } : {}),
     });
     this.peers.set(id, p);
@@ -494,6 +518,7 @@ export class BulkService {
     }
     let off = FRAME_HEADER_LEN;
     this.batchTo = to;
+    this.batchPeer = p;
     this.flushScheduled = false;
     while (off + RECORD_HEADER_LEN <= frame.length) {
       const len = ((frame[off]! << 24) | (frame[off + 1]! << 16) | (frame[off + 2]! << 8) | frame[off + 3]!) >>> 0;
@@ -542,6 +567,7 @@ export class BulkService {
     const n = p.seal(this.slab, this.batchLen, frame.length);
     if (n < 0) return undefined;
     this.batchTo = to;
+    this.batchPeer = p;
     if (this.batchCount === 0) this.batchSeg = n;
     this.batchLen += n;
     this.batchCount++;
@@ -603,10 +629,19 @@ export class BulkService {
       this.batchLen = this.batchCount = 0;
       return;
     }
+    const tooBig = this.socket.stats.txTooBig;
     const sent = this.socket.sendBatch(this.batchTo, this.slab.subarray(0, this.batchLen), this.batchSeg, this.batchCount);
-    if (sent < this.batchCount) this.counters.sendFull += this.batchCount - sent;
+    const lost = this.batchCount - sent;
     this.batchLen = 0;
     this.batchCount = 0;
+    if (lost === 0) return;
+    if (this.socket.stats.txTooBig !== tooBig) {
+      // Above the kernel's path MTU toward the peer (Don't Fragment): typed, and the peer's search runs again.
+      this.counters.tooBigLocal += lost;
+      const p = this.batchPeer;
+      const id = p && this.peerIds.get(p);
+      if (p && id && !this.closed) this.run(id, p, p.handle({ type: "too-big" }, performance.now()));
+    } else this.counters.sendFull += lost;
   }
 
   async close(): Promise<void> {

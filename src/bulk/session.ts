@@ -27,6 +27,8 @@ import { ProtocolError } from "../errors.js";
 import type { Aead, AeadAlgorithm, AeadKey } from "./crypto.js";
 import { deriveKeys, newEphemeral, type EphemeralKey } from "./crypto.js";
 import { ReplayWindow } from "./replay.js";
+import { PmtuSearch, type PmtuOutcome, type PmtuStep } from "../mesh/pmtu.js";
+import { emptyPmtuCounters, type PmtuCounters } from "../mesh/transport.js";
 import { FRAME_VERSION } from "../packet/frame.js";
 import { FLAG_SEALED } from "../packet/seal.js";
 import {
@@ -104,6 +106,8 @@ export type BulkEvent =
   | { type: "cands"; cands: string[] }
   | { type: "control"; body: unknown }
   | { type: "tick" }
+  /** the kernel refused a datagram to the peer with EMSGSIZE (above its route MTU / a path MTU learnt from ICMP) */
+  | { type: "too-big" }
   | { type: "stop"; reason: string };
 
 export type BulkAction =
@@ -135,6 +139,14 @@ export interface BulkPeerOptions {
    * seal overhead (default 1464: a 1400-byte packet). The path MTU search (see pathMax) starts there.
    */
   maxDatagram?: number;
+  /**
+   * The largest datagram the local kernel sends toward `to` with Don't Fragment (route MTU, lowered by ICMP it
+   * has cached, less IP and UDP headers); undefined when unknown. Read before every probe: the search never
+   * probes above it (such a datagram fails in sendto with EMSGSIZE).
+   */
+  localLimit?: (to: Endpoint) => number | undefined;
+  /** Counters this peer's searches add to (shared by all peers of a BulkService; weftnet_pmtu_* link_type=bulk). */
+  pmtuCounters?: PmtuCounters;
 }
 
 interface Keypair {
@@ -148,19 +160,51 @@ interface Keypair {
   replay: ReplayWindow;
 }
 
+/** Per-peer path MTU status (status JSON, `weftnet status`). */
+export interface BulkPmtuStatus {
+  /** how pathMax was found: confirmed (maxDatagram acked), searched, local-limit (the route MTU), searching, none */
+  how: BulkPmtuHow;
+  /** the largest datagram a full-size pod packet needs (the search's top) */
+  maxDatagram: number;
+  foundAgoMs: number | null;
+  searches: number;
+  probes: number;
+  acked: number;
+  lost: number;
+  blackHoles: number;
+  /** datagrams the kernel refused (EMSGSIZE) */
+  tooBig: number;
+  unsolicitedAcks: number;
+}
+
 export type OpenResult = Uint8Array | BulkDropReason | typeof KEEPALIVE;
 /** open() consumed a keepalive (nothing to deliver). */
 export const KEEPALIVE = 0;
 
 const PUNCHING = "no keepalive both ways yet (UDP blocked, or a NAT that maps per destination)";
-/** Smallest datagram the path MTU search tries (an IPv4 path carries at least 576-byte packets). */
+/** Smallest datagram the path MTU search assumes (an IPv4 path carries at least 576-byte packets). */
 export const PMTU_FLOOR = 548;
-/** The search stops when the bounds are this close. */
-const PMTU_STEP = 8;
-/** A probe unanswered after this long (twice) counts as too big. */
+/**
+ * The safe size (RFC 8899 BASE_PLPMTU): probed first, so the link carries traffic at it one round trip after
+ * the path forms, while the search for the largest size goes on.
+ */
+export const PMTU_BASE = 1200;
+/** A probe unanswered after this long (at least; 4 probe round trips on slow paths), twice, counts as lost. */
 const PMTU_PROBE_TIMEOUT_MS = 250;
-/** Search again after this long (a path may get better). */
-const PMTU_RESEARCH_MS = 10 * 60_000;
+/**
+ * Black-hole check: while up, a probe of exactly pathMax goes out this often; lost twice while keepalives
+ * still pass, the path no longer carries it (a route change, a smaller link, a middlebox): pathMax falls back
+ * and the search runs again. Costs one datagram of pathMax bytes (and a small ack) per interval.
+ */
+export const PMTU_CONFIRM_MS = 5000;
+/** Search upwards again after this long below maxDatagram (RFC 8899 PMTU_RAISE_TIMER: a path may get better). */
+export const PMTU_RAISE_MS = 10 * 60_000;
+
+/** How the peer's current pathMax was found: a search outcome, or still searching (pathMax: the largest acked). */
+export type BulkPmtuHow = PmtuOutcome | "searching" | "none";
+
+/** Why a search runs: the first on a new path, a raise attempt, a confirmation (black-hole check), the kernel refused a datagram (EMSGSIZE). */
+type SearchKind = "initial" | "raise" | "confirm" | "black-hole" | "too-big";
 
 const CAND_KEY = (e: Endpoint) => e.addr * 65536 + e.port;
 
@@ -186,13 +230,21 @@ export class BulkPeer {
   /** the last keepalive from the peer */
   private keepaliveHeard = -Infinity;
   /**
-   * Path MTU search (datagram sizes = UDP payload): `lo` passed (0: none yet), `hi` failed (maxDatagram + 1:
-   * none yet). Binary search with padded probes the peer acknowledges; pathMax = lo once hi - lo <= PMTU_STEP
-   * or lo == maxDatagram. The link is up only with a confirmed pathMax, and sends nothing larger.
+   * Path MTU (datagram sizes = UDP payload; src/mesh/pmtu.ts's search, limitMode "clamp"): `pathMax` is the
+   * largest datagram the link sends (the largest size the search has seen acked; undefined: none yet, the link
+   * is not up). See onTick/pmtuStart.
    */
-  private pmtu = { lo: 0, hi: 0, probe: undefined as { size: number; id: number; sentAt: number; tries: number } | undefined, doneAt: -Infinity };
   pathMax: number | undefined;
-  /** probe acks to send (the hot path queues them; the agent drains them) */
+  private search: { s: PmtuSearch; kind: SearchKind; id: number } | undefined;
+  pmtuHow: BulkPmtuHow = "none";
+  private pmtuFoundAt = -Infinity;
+  private confirmAt = Infinity;
+  private raiseAt = Infinity;
+  private nothingPassedAt = -Infinity;
+  /** this peer's figures (status); the service-wide counters are `o.pmtuCounters` */
+  readonly pmtuStats = { searches: 0, probes: 0, acked: 0, lost: 0, blackHoles: 0, tooBig: 0, unsolicitedAcks: 0 };
+  private readonly pmtuCounters: PmtuCounters;
+  /** probes and probe acks to send (the hot path queues them; the agent drains them after open(); handle() returns them as actions) */
   readonly pendingSends: { to: Endpoint; data: Uint8Array }[] = [];
   private peerHearsAt = -Infinity;
   readonly maxDatagram: number;
@@ -215,7 +267,7 @@ export class BulkPeer {
     this.algorithm = o.algorithm ?? "aes-256-gcm";
     this.cands = o.cands.slice(0, MAX_CANDIDATES);
     this.maxDatagram = Math.max(PMTU_FLOOR, o.maxDatagram ?? 1464);
-    this.pmtu.hi = this.maxDatagram + 1;
+    this.pmtuCounters = o.pmtuCounters ?? emptyPmtuCounters();
   }
 
   get state(): BulkState {
@@ -251,10 +303,14 @@ export class BulkPeer {
       case "tick":
         this.onTick(now);
         break;
+      case "too-big":
+        this.onTooBig(now);
+        break;
       case "stop":
         this.shutdown(ev.reason);
         break;
     }
+    for (const x of this.pendingSends.splice(0)) this.out.push({ type: "send", to: x.to, data: x.data });
     return this.out.splice(0);
   }
 
@@ -476,9 +532,10 @@ export class BulkPeer {
     if (this._state === "up" && !(heard && hearsUs) && !stalled) {
       this.goDown(now, !heard ? `silent: no datagram from the peer for ${t.deadMs} ms` : "one-way: the peer does not hear our datagrams");
     } else if (this._state === "punching" && heard && hearsUs && this.pathMax === undefined) {
-      this.pmtuStep(now);
-      if (this.pathMax === undefined && this.pmtu.hi <= PMTU_FLOOR) this.reason = `path MTU: not even ${PMTU_FLOOR}-byte datagrams reach the peer`;
-      else if (this.pathMax === undefined) this.reason = `searching the path MTU (${this.pmtu.lo || "?"}..${this.pmtu.hi - 1} bytes)`;
+      if (!this.search && now - this.nothingPassedAt >= 5000) this.pmtuStart(now, "initial");
+      else if (this.search) this.pmtuTick(now);
+      if (this.pathMax === undefined && this.nothingPassedAt > -Infinity) this.reason = `path MTU: not even ${PMTU_FLOOR}-byte datagrams reach the peer`;
+      else if (this.pathMax === undefined) this.reason = "path MTU: waiting for the first probe's ack";
     }
     if (this._state === "punching" && heard && hearsUs && this.pathMax !== undefined) {
       this._state = "up";
@@ -486,8 +543,11 @@ export class BulkPeer {
       this.counters.ups++;
       this.out.push({ type: "up" });
     }
-    if (this._state === "up" && this.pmtu.doneAt >= 0 && now - this.pmtu.doneAt >= PMTU_RESEARCH_MS) this.pmtuRestart(now, false);
-    if (this._state === "up" && (this.pmtu.probe || this.pmtu.lo < this.maxDatagram) && this.pmtu.doneAt < 0) this.pmtuStep(now);
+    if (this._state === "up") {
+      if (this.search) this.pmtuTick(now);
+      else if (now >= this.confirmAt) this.pmtuStart(now, "confirm");
+      else if (now >= this.raiseAt) this.pmtuStart(now, "raise");
+    }
     // Keepalives: to the endpoint on a live path, to every candidate while punching (slower after a while).
     const live = this.endpoint !== undefined && heard;
     const interval = live || now - this.punchStartedAt < t.slowPunchAfterMs ? t.keepaliveMs : t.slowPunchMs;
@@ -504,7 +564,7 @@ export class BulkPeer {
   }
 
   private goDown(now: number, reason: string): void {
-    this.pmtuRestart(now, true);
+    this.pmtuForget();
     if (this._state === "up") {
       this.counters.downs++;
       this.out.push({ type: "down", reason });
@@ -537,65 +597,168 @@ export class BulkPeer {
   }
 
   // ---- path MTU search -----------------------------------------------------------------------------------
+  //
+  // src/mesh/pmtu.ts decides (stop-and-wait, ascending), this driver sends: a probe is one sealed datagram of
+  // exactly the size tried (INNER_PROBE, zero padding), the socket sets Don't Fragment (agent/os/udp.ts), the
+  // peer acks it with a small INNER_PROBE_ACK naming the search's id and the size. Searches:
+  //   initial     when the path forms: PMTU_BASE first (the link comes up once it is acked), then maxDatagram,
+  //               then coarse/fine steps; pathMax follows the largest acked size as the search goes on;
+  //   confirm     every PMTU_CONFIRM_MS while up: one probe of pathMax. Lost (twice) while keepalives pass: a
+  //               black hole; pathMax is forgotten (traffic takes WebRTC for a round trip) and a search like
+  //               the initial one runs, never above the lost size;
+  //   raise       every PMTU_RAISE_MS below maxDatagram: from pathMax (known good) upwards;
+  //   too-big     the kernel refused a datagram (EMSGSIZE: route MTU, or ICMP "fragmentation needed" it
+  //               learnt): pathMax drops to the local limit at once and the search verifies what lies below.
+  // Every search reads the local limit (the kernel's path MTU toward the endpoint) before each probe.
 
-  /** Start the search over; `forget`: the confirmed size no longer holds (the path changed). */
-  private pmtuRestart(now: number, forget: boolean): void {
-    this.pmtu = { lo: 0, hi: this.maxDatagram + 1, probe: undefined, doneAt: forget ? -Infinity : -1 };
-    if (forget) this.pathMax = undefined;
-    void now;
-  }
-
-  /** One step: resend or time out the probe in flight, or send the next size. */
-  private pmtuStep(now: number): void {
-    const m = this.pmtu;
+  private pmtuStart(now: number, kind: SearchKind): void {
     const to = this.endpoint;
     if (!to || !this.current) return;
-    if (m.probe) {
-      if (now - m.probe.sentAt < PMTU_PROBE_TIMEOUT_MS) return;
-      if (m.probe.tries < 2) {
-        this.sendProbe(now, m.probe.size, to, m.probe.tries + 1);
-        return;
-      }
-      m.hi = m.probe.size; // lost twice: too big (or the path is gone: then the link goes down anyway)
-      m.probe = undefined;
+    let s: PmtuSearch;
+    const limit = this.o.localLimit ? () => this.o.localLimit!(to) : undefined;
+    const common = { tries: 2, minWaitMs: PMTU_PROBE_TIMEOUT_MS, limitMode: "clamp" as const, ...(limit ? { localLimit: limit } : {}) };
+    if (kind === "confirm") {
+      // one size: pathMax (lo = pathMax - 1 only makes "lost" end the search as "searched")
+      s = new PmtuSearch({ ...common, lo: this.pathMax! - 1, hi: this.pathMax!, fine: 4 * this.maxDatagram });
+    } else if (kind === "raise") {
+      s = new PmtuSearch({ ...common, lo: this.pathMax!, hi: this.maxDatagram });
+    } else {
+      const hi = kind === "black-hole" ? Math.max(PMTU_FLOOR, this.pmtuLostAt - 4) : this.maxDatagram;
+      s = new PmtuSearch({ ...common, lo: PMTU_FLOOR, hi, first: PMTU_BASE });
     }
-    if (m.lo >= this.maxDatagram || (m.lo > 0 && m.hi - m.lo <= PMTU_STEP)) return this.pmtuDone(now);
-    if (m.hi <= PMTU_FLOOR) {
-      // Nothing passes (the reason says so): try again from the top every few seconds.
-      if (m.doneAt < 0) m.doneAt = now;
-      else if (now - m.doneAt >= 5000) this.pmtuRestart(now, true);
+    this.search = { s, kind, id: this.o.random() >>> 0 };
+    this.confirmAt = this.raiseAt = Infinity;
+    if (kind !== "confirm") {
+      this.pmtuStats.searches++;
+      this.pmtuHow = "searching";
+    }
+    this.pmtuApply(s.handle({ kind: "start" }, now), now);
+  }
+
+  /** The size a confirmation lost (the black-hole search stays below it). */
+  private pmtuLostAt = 0;
+
+  private pmtuTick(now: number): void {
+    const sr = this.search!;
+    const lostBefore = sr.s.stats.lost;
+    const step = sr.s.handle({ kind: "tick" }, now);
+    const lost = sr.s.stats.lost - lostBefore;
+    if (lost > 0) {
+      this.pmtuStats.lost += lost;
+      this.pmtuCounters.lost += lost;
+    }
+    this.pmtuApply(step, now);
+  }
+
+  /** Carry out a search step: send a probe, or take the answer. */
+  private pmtuApply(step: PmtuStep, now: number): void {
+    const sr = this.search;
+    if (!sr) return;
+    if (step.probe !== undefined) {
+      this.sendProbe(step.probe, sr.id);
       return;
     }
-    const size = m.lo === 0 && m.hi === this.maxDatagram + 1 ? this.maxDatagram : Math.max(PMTU_FLOOR, Math.floor((Math.max(m.lo, PMTU_FLOOR) + m.hi) / 2));
-    if (size >= m.hi || size <= m.lo) return this.pmtuDone(now);
-    this.sendProbe(now, size, to, 1);
+    if (!step.done) return;
+    this.search = undefined;
+    const { mtu, outcome } = step.done;
+    const s = sr.s;
+    if (sr.kind === "confirm") {
+      if (outcome === "local-limit") {
+        // the kernel's limit toward the peer fell below pathMax (a route change, ICMP): as on EMSGSIZE
+        this.limitFell(now);
+        return;
+      }
+      if (outcome === "confirmed") {
+        this.confirmAt = now + PMTU_CONFIRM_MS;
+        this.raiseAt = this.pathMax! < this.maxDatagram ? this.pmtuFoundAt + PMTU_RAISE_MS : Infinity;
+        return;
+      }
+      // pathMax-sized datagrams stopped reaching the peer while small ones do: a black hole.
+      this.pmtuStats.blackHoles++;
+      this.pmtuCounters.blackHoles++;
+      this.pmtuLostAt = this.pathMax!;
+      this.pathMax = undefined;
+      this.pmtuStart(now, "black-hole");
+      return;
+    }
+    this.pmtuCounters.searches[outcome]++;
+    if (s.stats.acked === 0 && s.stats.probes > 0 && sr.kind !== "raise") {
+      // Not even the smallest size was acked (or the link went quiet): try again in a while.
+      this.pathMax = undefined;
+      this.pmtuHow = "none";
+      this.nothingPassedAt = now;
+      return;
+    }
+    this.pathMax = mtu;
+    this.pmtuHow = outcome;
+    this.pmtuFoundAt = now;
+    this.confirmAt = now + PMTU_CONFIRM_MS;
+    this.raiseAt = mtu < this.maxDatagram ? now + PMTU_RAISE_MS : Infinity;
   }
 
-  private pmtuDone(now: number): void {
-    const m = this.pmtu;
-    m.doneAt = now;
-    if (m.lo >= PMTU_FLOOR) this.pathMax = m.lo;
+  /** The path went down or changed: nothing known holds. */
+  private pmtuForget(): void {
+    this.search = undefined;
+    this.pathMax = undefined;
+    this.pmtuHow = "none";
+    this.confirmAt = this.raiseAt = Infinity;
+    this.nothingPassedAt = -Infinity;
   }
 
-  private sendProbe(now: number, size: number, to: Endpoint, tries: number): void {
-    const id = this.o.random() >>> 0;
-    this.pmtu.probe = { size, id, sentAt: now, tries };
+  /** EMSGSIZE on a send (counted by the agent per datagram): the local limit may be below pathMax now. */
+  private onTooBig(now: number): void {
+    this.pmtuStats.tooBig++;
+    this.limitFell(now);
+  }
+
+  /** pathMax drops to the local limit at once; a search verifies what the path behind it carries. */
+  private limitFell(now: number): void {
+    const to = this.endpoint;
+    if (this._state !== "up" || !to || this.pathMax === undefined) return;
+    const limit = this.o.localLimit?.(to);
+    if (limit === undefined || limit >= this.pathMax) {
+      if (!this.search) this.confirmAt = now + PMTU_CONFIRM_MS;
+      return;
+    }
+    this.pathMax = Math.max(PMTU_FLOOR, limit & ~3);
+    if (this.search?.kind !== "too-big") {
+      this.search = undefined;
+      this.pmtuStart(now, "too-big");
+    }
+  }
+
+  private sendProbe(size: number, id: number): void {
+    const to = this.endpoint;
+    if (!to) return;
     const data = new Uint8Array(size);
     const inner = data.subarray(HEADER_LEN, size - SEAL_OVERHEAD + HEADER_LEN);
     inner[0] = INNER_PROBE;
     new DataView(inner.buffer, inner.byteOffset).setUint32(1, id, true);
     if (this.seal(data, 0, size - SEAL_OVERHEAD) < 0) return;
-    this.out.push({ type: "send", to, data });
+    this.pmtuStats.probes++;
+    this.pmtuCounters.probes++;
+    this.pendingSends.push({ to, data });
   }
 
-  /** The peer acknowledged a probe. */
+  /** The peer acknowledged a probe (`id`: which search; `size`: the datagram's length as it arrived). */
   private onProbeAck(id: number, size: number, now: number): void {
-    const p = this.pmtu.probe;
-    if (!p || p.id !== id || p.size !== size) return;
-    this.pmtu.probe = undefined;
-    if (size > this.pmtu.lo) this.pmtu.lo = size;
-    if (this.pathMax !== undefined && size > this.pathMax) this.pathMax = size; // a re-search found more room
-    if (this.pmtu.lo >= this.maxDatagram || this.pmtu.hi - this.pmtu.lo <= PMTU_STEP) this.pmtuDone(now);
+    const sr = this.search;
+    if (!sr || sr.id !== id) {
+      this.pmtuStats.unsolicitedAcks++;
+      this.pmtuCounters.drops["unsolicited-ack"] = (this.pmtuCounters.drops["unsolicited-ack"] ?? 0) + 1;
+      return;
+    }
+    const before = sr.s.stats.acked;
+    const drops = { ...sr.s.stats.drops };
+    const step = sr.s.handle({ kind: "ack", size }, now);
+    if (sr.s.stats.acked > before) {
+      this.pmtuStats.acked++;
+      this.pmtuCounters.acked++;
+      // Traffic may use every size acked so far (a raise never lowers, a confirmation never changes pathMax).
+      if (sr.kind !== "confirm" && (this.pathMax === undefined || size > this.pathMax)) this.pathMax = size;
+    }
+    for (const [k, v] of Object.entries(sr.s.stats.drops)) if (v > drops[k as keyof typeof drops]) this.pmtuCounters.drops[k] = (this.pmtuCounters.drops[k] ?? 0) + v - drops[k as keyof typeof drops];
+    this.pmtuApply(step, now);
   }
 
   // ---- hot path -----------------------------------------------------------------------------------------
@@ -720,9 +883,15 @@ export class BulkPeer {
   }
 
   /** For status: the candidates we know for the peer and our endpoint view. */
-  describe(now: number): { state: BulkState; reason: string; endpoint: string | null; peerCands: string[]; rttMs: number | null; keyAgeMs: number | null; pathMax: number | null } {
+  describe(now: number): { state: BulkState; reason: string; endpoint: string | null; peerCands: string[]; rttMs: number | null; keyAgeMs: number | null; pathMax: number | null; pmtu: BulkPmtuStatus } {
     return {
       pathMax: this.pathMax ?? null,
+      pmtu: {
+        how: this.pmtuHow,
+        maxDatagram: this.maxDatagram,
+        foundAgoMs: this.pmtuFoundAt > -Infinity ? Math.round(now - this.pmtuFoundAt) : null,
+        ...this.pmtuStats,
+      },
       state: this._state,
       reason: this.reason,
       endpoint: this.endpoint ? formatEndpoint(this.endpoint) : null,

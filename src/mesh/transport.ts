@@ -126,12 +126,14 @@ export interface PmtuCounters {
   acked: number;
   /** sizes that counted as lost */
   lost: number;
+  /** a confirmed size stopped getting through while smaller traffic passed (the bulk link's confirmation probes) */
+  blackHoles: number;
   /** probe traffic dropped, by reason (LinkPmtuStats.drops) */
   drops: Record<string, number>;
 }
 
 export function emptyPmtuCounters(): PmtuCounters {
-  return { searches: { confirmed: 0, searched: 0, "local-limit": 0 }, probes: 0, acked: 0, lost: 0, drops: {} };
+  return { searches: { confirmed: 0, searched: 0, "local-limit": 0 }, probes: 0, acked: 0, lost: 0, blackHoles: 0, drops: {} };
 }
 
 export interface Transport {

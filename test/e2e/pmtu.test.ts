@@ -24,6 +24,17 @@ const d = describe.skipIf(!isRoot);
 const FITS = 2000 + 31;
 if (!isRoot) console.warn("skipping path MTU e2e: needs root");
 
+/** 4 MiB of TCP from pod a to pod b, checked by length and SHA-256 at b. */
+async function tcpByteExact(lab: MeshLab, pa: { name: string; ip: string }, pb: { name: string; ip: string }): Promise<void> {
+  const data = randomBytes(4 << 20);
+  const file = join(lab.root, `payload-${pa.name}.bin`);
+  writeFileSync(file, data);
+  const server = sh(pb.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5201,'${pb.ip}')`], 60_000);
+  await until(async () => (await sh(pb.name, "ss", ["-Htln", "sport = :5201"], 5000)).stdout.includes("5201"), 10_000, "listener");
+  await sh(pa.name, process.execPath, ["-e", `const c=require('net').connect(5201,'${pb.ip}',()=>{require('fs').createReadStream('${file}').pipe(c)})`], 60_000);
+  expect((await server).stdout.trim()).toBe(`${data.length} ${createHash("sha256").update(data).digest("hex")}`);
+}
+
 function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }, within: number, outcome: "local-limit" | "searched") {
   d(`path MTU on a 2000-byte LAN: ${name}`, () => {
     const lab = new MeshLab(2, opts);
@@ -57,13 +68,7 @@ function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
       const pa = await lab.addPod(lab.nodes[0]!, "ma");
       const pb = await lab.addPod(lab.nodes[1]!, "mb");
       await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", "-s", "1372", "-M", "do", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "full-size ping", dump);
-      const data = randomBytes(4 << 20);
-      const file = join(lab.root, "payload.bin");
-      writeFileSync(file, data);
-      const server = sh(pb.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5201,'${pb.ip}')`], 60_000);
-      await new Promise((r) => setTimeout(r, 500));
-      await sh(pa.name, process.execPath, ["-e", `const c=require('net').connect(5201,'${pb.ip}',()=>{require('fs').createReadStream('${file}').pipe(c)})`], 60_000);
-      expect((await server).stdout.trim()).toBe(`${data.length} ${createHash("sha256").update(data).digest("hex")}`);
+      await tcpByteExact(lab, pa, pb);
     }, 240_000);
   });
 }
@@ -72,3 +77,72 @@ function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
 pmtuCase("uplink MTU 2000 (local route limit)", { uplinkMtu: 2000 }, 4, "local-limit");
 // no local limit: the search's 16-byte fine steps
 pmtuCase("silent black hole behind 9000-byte uplinks", { uplinkMtu: 9000, lanPortMtu: 2000 }, 16, "searched");
+
+/**
+ * The bulk link (src/bulk/session.ts driving src/mesh/pmtu.ts): pods with MTU 4000, so the bulk link's largest
+ * datagram (a full-size pod packet sealed) is far above what a 2000-byte IPv4 path carries (1972 bytes of UDP
+ * payload). Its probes are sealed datagrams sent with Don't Fragment.
+ * - route limit: the kernel's route MTU (2000 - 28) caps the search, which probes exactly it: pathMax 1972;
+ * - silent black hole: 9000-byte uplinks, 2000-byte bridge ports: probes above 1972 vanish, the search lands
+ *   within 16 bytes below;
+ * - a black hole that appears mid-life (the bridge ports shrink from 9000 to 2000 while the link is up at its
+ *   full size): the periodic confirmation probe is lost while keepalives pass, the link falls back and searches.
+ * Then full-size TCP between the pods rides the bulk link (segmented to the path MTU), byte for byte.
+ */
+const BULK_FITS = 2000 - 28;
+function bulkCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }, within: number, outcome: "local-limit" | "searched", shrink?: number) {
+  d(`bulk link path MTU on a 2000-byte LAN: ${name}`, () => {
+    const lab = new MeshLab(2, opts);
+    const dump = () => lab.nodes.map((n) => `--- ${n.name}\n${lab.log(`${n.name}.log`)}`).join("\n");
+    const bulkPeers = async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).map((s) => s.peers.find((p) => p.state === "connected" && p.linkType === "bulk")?.bulk);
+
+    beforeAll(async () => {
+      await lab.setup();
+      await lab.startSignal();
+      // mid-life shrink: the WebRTC link (the mesh's control channel) at 1280, so only the bulk link meets the black hole
+      lab.nodes.forEach((n) => lab.startAgent(n, ["--mtu", "4000", ...(shrink ? ["--link-mtu", "1280"] : [])]));
+    }, 60_000);
+    afterAll(async () => lab.close(), 60_000);
+
+    it("settles on the largest datagram that fits and carries full-size TCP over it, byte for byte", async () => {
+      if (shrink) {
+        // first up at the full size on the 9000-byte LAN, then the bridge ports shrink silently
+        const full = await until(async () => {
+          const b = await bulkPeers();
+          return b.every((x) => x?.pmtu.how === "confirmed" && x.pathMax === x.pmtu.maxDatagram) && b;
+        }, 120_000, "bulk links at the full size", dump);
+        console.log(`[measure] bulk pathMax before the shrink: ${full.map((x) => x!.pathMax).join(", ")}`);
+        await Promise.all(lab.nodes.map((_, k) => sh(lab.lan, "ip", ["link", "set", `p${k + 1}`, "mtu", String(shrink)], 5000)));
+      }
+      const b = await until(
+        async () => {
+          const b = await bulkPeers();
+          return b.every((x) => x && x.pmtu.how === outcome && typeof x.pathMax === "number" && x.pathMax <= BULK_FITS && x.pathMax > 1500) && b;
+        },
+        120_000,
+        `bulk links at the path MTU (${outcome})`,
+        dump,
+      );
+      const sizes = b.map((x) => x!.pathMax!);
+      console.log(`[measure] bulk path MTU (${name}) on a 2000-byte IPv4 LAN, pods at MTU 4000: pathMax ${sizes.join(", ")} bytes of UDP payload (largest that fits: ${BULK_FITS}; largest datagram wanted: ${b[0]!.pmtu.maxDatagram})`);
+      console.log(`[measure] bulk per-peer pmtu (${name}): ${JSON.stringify(b.map((x) => x!.pmtu))}`);
+      for (const m of sizes) expect(BULK_FITS - m).toBeLessThan(within);
+      const totals = await Promise.all(lab.nodes.map(async (n) => (await lab.status(n)).bulk?.pmtu));
+      console.log(`[measure] bulk pmtu counters (${name}): ${JSON.stringify(totals)}`);
+      expect(totals.every((c) => (c?.searches[outcome] ?? 0) >= 1)).toBe(true);
+      if (shrink) expect(totals.every((c) => (c?.blackHoles ?? 0) >= 1)).toBe(true);
+      const pa = await lab.addPod(lab.nodes[0]!, "ba");
+      const pb = await lab.addPod(lab.nodes[1]!, "bb");
+      await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping", dump);
+      const before = (await bulkPeers())[0]!;
+      await tcpByteExact(lab, pa, pb);
+      const after = (await bulkPeers())[0]!;
+      console.log(`[measure] bulk datagrams n1->n2 during 4 MiB: ${after.txDatagrams - before.txDatagrams}, too-big-for-path ${JSON.stringify((await lab.status(lab.nodes[0]!)).bulk?.counters.tooBigForPath)}`);
+      expect(after.txDatagrams - before.txDatagrams).toBeGreaterThan((4 << 20) / 4000); // rode the bulk link
+    }, 300_000);
+  });
+}
+
+bulkCase("uplink MTU 2000 (local route limit)", { uplinkMtu: 2000 }, 1, "local-limit");
+bulkCase("silent black hole behind 9000-byte uplinks", { uplinkMtu: 9000, lanPortMtu: 2000 }, 16, "searched");
+bulkCase("black hole appears mid-life (bridge ports 9000 -> 2000)", { uplinkMtu: 9000 }, 16, "searched", 2000);

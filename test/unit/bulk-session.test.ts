@@ -1,13 +1,14 @@
 import { randomBytes } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { nodeAead } from "../../src/bulk/crypto.js";
-import { BulkPeer, HANDSHAKE_BURST, HANDSHAKE_REFILL_MS, KEEPALIVE, type BulkAction, type BulkTiming } from "../../src/bulk/session.js";
+import { BulkPeer, HANDSHAKE_BURST, HANDSHAKE_REFILL_MS, KEEPALIVE, PMTU_BASE, PMTU_CONFIRM_MS, PMTU_RAISE_MS, type BulkAction, type BulkPeerOptions, type BulkTiming } from "../../src/bulk/session.js";
+import { emptyPmtuCounters } from "../../src/mesh/transport.js";
 import { MAX_INNER_FRAME, parseCandidate, type Endpoint } from "../../src/bulk/wire.js";
 import { generateIdentity, signFields, verifyFields, type Identity } from "../../src/identity.js";
 
 const CTX = "weftnet/bulk/test";
 
-function pair(timing: Partial<BulkTiming> = {}) {
+function pair(timing: Partial<BulkTiming> = {}, extra: Partial<BulkPeerOptions> = {}) {
   let a = generateIdentity();
   let b = generateIdentity();
   if (a.id > b.id) [a, b] = [b, a]; // a initiates (lower id)
@@ -20,6 +21,7 @@ function pair(timing: Partial<BulkTiming> = {}) {
       random: () => randomBytes(4).readUInt32LE(0),
       timing,
       cands: [cand],
+      ...extra,
     });
   const A = mk(a, b, "10.0.0.1:5000");
   const B = mk(b, a, "10.0.0.2:6000");
@@ -28,7 +30,7 @@ function pair(timing: Partial<BulkTiming> = {}) {
 
 /** A tiny network: control messages delivered in order, datagrams delivered unless `blocked`. */
 function net(A: BulkPeer, B: BulkPeer, epA: Endpoint, epB: Endpoint) {
-  const st = { now: 1000, blocked: false, maxSize: Infinity, frames: [] as { to: "A" | "B"; data: Uint8Array }[], events: [] as string[] };
+  const st = { now: 1000, blocked: false, maxSize: Infinity, frames: [] as { to: "A" | "B"; data: Uint8Array }[], events: [] as string[], sizes: { A: [] as number[], B: [] as number[] } };
   const run = (who: "A" | "B", acts: BulkAction[]): void => {
     const other = who === "A" ? B : A;
     const otherName = who === "A" ? "B" : "A";
@@ -36,6 +38,7 @@ function net(A: BulkPeer, B: BulkPeer, epA: Endpoint, epB: Endpoint) {
     for (const x of acts) {
       if (x.type === "control") run(otherName, other.handle({ type: "control", body: structuredClone(x.body) }, st.now));
       else if (x.type === "send") {
+        st.sizes[who].push(x.data.length);
         if (!st.blocked && x.data.length <= st.maxSize) {
           const r = other.open(x.data, who === "A" ? epA : epB, st.now);
           if (r instanceof Uint8Array) st.frames.push({ to: otherName, data: r });
@@ -175,13 +178,16 @@ describe("bulk session", () => {
     n.tick(8000);
     expect(A.up || B.up).toBe(false);
     expect(A.reason).toMatch(/path MTU/);
-    n.st.maxSize = 1500; // the path heals: the search starts over within seconds and finds the full size
+    n.st.maxSize = 1500; // the path heals: the search starts over within seconds, the link comes up
     n.tick(8000);
     expect(A.up && B.up).toBe(true);
+    // (a search that was under way when it healed may have lost sizes the path now carries: the raise timer fixes it)
+    n.tick(PMTU_RAISE_MS);
     expect(A.pathMax).toBe(1464);
+    expect(B.pathMax).toBe(1464);
   });
 
-  it("path MTU search: finds the largest datagram the path carries (a search, not fixed steps), within 8 bytes", () => {
+  it("path MTU search: finds the largest datagram the path carries (a search, not fixed steps), within 16 bytes", () => {
     for (const limit of [1300, 1001, 700]) {
       const { A, B, epA, epB } = pair();
       const n = net(A, B, epA, epB);
@@ -190,8 +196,9 @@ describe("bulk session", () => {
       n.tick(8000);
       expect(A.up && B.up).toBe(true);
       expect(A.pathMax!).toBeLessThanOrEqual(limit);
-      expect(A.pathMax!).toBeGreaterThan(limit - 8);
-      expect(B.pathMax!).toBeGreaterThan(limit - 8);
+      expect(A.pathMax!).toBeGreaterThan(limit - 16);
+      expect(B.pathMax!).toBeGreaterThan(limit - 16);
+      expect(A.pmtuHow).toBe("searched");
     }
   });
 
@@ -285,5 +292,99 @@ describe("bulk session", () => {
     // the honest initiator still completes a handshake with the latest answer
     const resp = B.handle({ type: "control", body: structuredClone(A.handle({ type: "tick" }, 70_000).find((a) => a.type === "control")?.body ?? init.body) }, 70_000);
     expect(resp.some((a) => a.type === "control")).toBe(true);
+  });
+
+  describe("path MTU (src/mesh/pmtu.ts driven by the session: sealed probes, DF, acks)", () => {
+    // a 4000-byte pod MTU: the largest datagram 4060; the path carries 1972-byte datagrams (2000-byte IPv4)
+    const big = (limit?: number) => {
+      const counters = emptyPmtuCounters();
+      const lim = { v: limit };
+      const { A, B, epA, epB } = pair({}, { maxDatagram: 4060, localLimit: () => lim.v, pmtuCounters: counters });
+      const n = net(A, B, epA, epB);
+      const sizes = n.st.sizes.A;
+      return { A, B, n, counters, lim, sizes };
+    };
+
+    it("up at the safe size one probe round trip after the path forms, then pathMax rises as the search goes on (silent black hole)", () => {
+      const { A, B, n, counters, sizes } = big();
+      n.st.maxSize = 1972;
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      for (let i = 0; i < 100 && !A.up; i++) n.tick(100);
+      const firstUp = A.pathMax;
+      expect(A.up).toBe(true);
+      expect(firstUp).toBe(PMTU_BASE);
+      expect(A.pmtuHow).toBe("searching");
+      n.tick(6000);
+      expect(A.pmtuHow).toBe("searched");
+      expect(A.pathMax!).toBeLessThanOrEqual(1972);
+      expect(1972 - A.pathMax!).toBeLessThan(16);
+      expect(1972 - B.pathMax!).toBeLessThan(16);
+      expect(counters.searches.searched).toBe(2); // A's and B's (the counters are shared, as in a BulkService)
+      expect(A.describe(n.st.now).pmtu.lost).toBeLessThanOrEqual(3);
+      expect(counters.acked).toBeGreaterThan(3);
+      expect(sizes).toContain(4060); // the full size was tried (and lost) once per try
+    });
+
+    it("the local route limit caps the search: the limit is probed exactly, nothing above it leaves (local-limit)", () => {
+      const { A, n, counters, sizes } = big(1972);
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(3000);
+      expect(A.pathMax).toBe(1972);
+      expect(A.pmtuHow).toBe("local-limit");
+      expect(Math.max(...sizes)).toBe(1972);
+      expect(counters.searches["local-limit"]).toBe(2);
+      expect(counters.lost).toBe(0);
+    });
+
+    it("a black hole mid-life: the confirmation probe of pathMax is lost while keepalives pass -> fallback and a new search below it", () => {
+      const { A, n, counters } = big();
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(2000);
+      expect(A.pathMax).toBe(4060);
+      expect(A.pmtuHow).toBe("confirmed");
+      n.st.maxSize = 1972; // e.g. a route change onto a smaller link that sends no ICMP
+      n.tick(PMTU_CONFIRM_MS + 1000);
+      expect(A.up).toBe(true); // keepalives still pass: the link stays up
+      expect(counters.blackHoles).toBe(2); // both directions (shared counters)
+      n.tick(5000);
+      expect(A.pathMax!).toBeLessThanOrEqual(1972);
+      expect(1972 - A.pathMax!).toBeLessThan(16);
+      expect(A.describe(n.st.now).pmtu).toMatchObject({ how: "searched", blackHoles: 1 });
+      // and it stays there: later confirmations pass
+      n.tick(3 * PMTU_CONFIRM_MS);
+      expect(counters.blackHoles).toBe(2);
+    });
+
+    it("EMSGSIZE from the kernel (its limit fell, e.g. an ICMP 'fragmentation needed'): pathMax drops to the limit at once", () => {
+      const { A, n, lim } = big();
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(2000);
+      expect(A.pathMax).toBe(4060);
+      lim.v = 1472;
+      n.run("A", A.handle({ type: "too-big" }, n.st.now));
+      expect(A.pathMax).toBe(1472);
+      n.tick(2000);
+      expect(A.pathMax).toBe(1472);
+      expect(A.describe(n.st.now).pmtu).toMatchObject({ how: "local-limit", tooBig: 1 });
+      // the raise timer searches upwards again (the limit still caps it)
+      n.tick(PMTU_RAISE_MS + 1000);
+      expect(A.pathMax).toBe(1472);
+    });
+
+    it("acks of no probe of ours are typed drops and change nothing", () => {
+      const { A, B, n, counters } = big();
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(2000);
+      const inner = new Uint8Array(7);
+      inner[0] = 2; // probe ack
+      new DataView(inner.buffer).setUint32(1, 12345, true);
+      new DataView(inner.buffer).setUint16(5, 9000, true);
+      const d = new Uint8Array(7 + 32);
+      d.set(inner, 16);
+      const len = B.seal(d, 0, 7);
+      expect(A.open(d.subarray(0, len), parseCandidate("10.0.0.2:6000")!, n.st.now)).toBe(KEEPALIVE);
+      expect(A.pathMax).toBe(4060);
+      expect(counters.drops["unsolicited-ack"]).toBe(1);
+    });
   });
 });
