@@ -25,9 +25,12 @@
  *           `truncated`, `oversize`); any other first byte is `bad-inner`.
  *     0x01  path MTU probe: [1][4 id, LE][zero padding]: the datagram has the size being tried
  *     0x02  probe ack: [2][4 id][2 size of the probe datagram] (small), sent back to where the probe came from.
- *           The sender binary-searches between 548 bytes and the link's largest datagram; the link is up only
- *           with a confirmed size and never sends more (gso.ts segments TCP to fit; a larger non-TCP packet
- *           takes the WebRTC link). Searched again on every path change and every 10 minutes.
+ *           The sender's search (src/mesh/pmtu.ts, driven by session.ts; the socket sets Don't Fragment):
+ *           1200 bytes first (the link is up once one size is acked), then the link's largest datagram, then
+ *           ascending coarse/fine steps, never above the kernel's route MTU; the link never sends more than the
+ *           largest acked size (gso.ts segments TCP to fit; a larger non-TCP packet takes the WebRTC link).
+ *           A probe of pathMax every 5 s (black holes), a search on every path change, on EMSGSIZE, and
+ *           upwards every 10 minutes. `id` names the search: acks of no search of ours are typed drops.
  *     0x00  keepalive (KEEPALIVE_LEN bytes): [0]=0 [1] flags (bit0: I heard a keepalive
  *           from you within the dead interval) [2..10) f64 my clock [10..18) f64 the clock of the last
  *           keepalive I got from you [18..26) f64 ms I held it. Sent every keepalive interval on an
