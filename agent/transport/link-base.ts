@@ -30,7 +30,8 @@
  * MTU above 1280 (the native transport's --link-mtu) proves it before it opens for the mesh (onOpen comes
  * after; until then only probes travel, so no oversized control message can stall the association). First the
  * local limit: the kernel's path MTU toward the selected pair's remote address (localMtuLimit, native.ts: route
- * MTU + libdatachannel's wire overhead; over TURN 1280). Below the link's MTU, the search ends at once with it
+ * MTU + libdatachannel's wire overhead; over TURN the route MTU toward the TURN server less TURN's encapsulation,
+ * TURN_OVERHEAD). Below the link's MTU, the search ends at once with it
  * and nothing is sent (a packet above it would fail with EMSGSIZE and wedge usrsctp's send queue for good: see
  * pmtu.ts). Else a probe of exactly one full-size SCTP packet (mtu - PROBE_OVERHEAD bytes of message) goes on
  * `packets`, which the peer's link answers with a small ack on the same channel. One probe is in flight at a
@@ -43,7 +44,8 @@
  * frame starts with (src/packet/frame.ts: version 1 << 4), and never reach the mesh; the last two bytes of a
  * probe's 8-byte nonce carry its size (acks echo the nonce). Probe traffic that is malformed or acks no probe
  * of ours is dropped and counted by reason (stats().pmtu.drops). Both adapters answer probes, so a werift peer
- * confirms a native peer's MTU (werift links are built for 1280 and never search).
+ * confirms a native peer's MTU (werift links never search: werift's SCTP cuts every message into 1200-byte DATA
+ * chunks, USERDATA_MAX_LENGTH, a module constant of werift/sctp, not settable per association).
  *
  * Subclasses implement the small hooks below with their library's calls and keep everything
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
@@ -83,6 +85,12 @@ export const SEARCH_TRIES = 2;
 export const SEARCH_WAIT_MS = 500;
 /** A probe leaves at least this long after the last probe traffic arrived (libdatachannel's delayed SACK is 20 ms). */
 const SACK_QUIET_MS = 40;
+/**
+ * What TURN adds between this host and the TURN server to a relayed datagram: a Send indication is a 20-byte STUN
+ * header + XOR-PEER-ADDRESS (4 + 8 for IPv4, 4 + 20 for IPv6) + the DATA attribute's 4-byte header = 36 (48);
+ * ChannelData, once a channel is bound, only 4. The larger, so that either fits (RFC 8656 sections 11, 12).
+ */
+export const TURN_OVERHEAD = { v4: 36, v6: 48 } as const;
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
@@ -333,7 +341,7 @@ export abstract class LinkBase implements TransportLink {
   private probe(): void {
     if (this.isDone() || this.pathMtuConfirmed || this.search) return;
     // The local limit needs the selected pair's remote address (and its local type: over TURN the kernel sends
-    // to the TURN server, whose path this link cannot see: then nothing above SAFE_LINK_MTU is probed). Read
+    // to the TURN server: then the limit is toward the server, less TURN's encapsulation; limitToward). Read
     // synchronously when the library can (native): both ends then decide in the same turn their channels open,
     // before the first to fail can close the other's link.
     let sel: SelectedPath | Promise<SelectedPath | undefined> | undefined;
@@ -352,11 +360,7 @@ export abstract class LinkBase implements TransportLink {
 
   private startSearch(sel: SelectedPath | undefined): void {
     if (this.isDone() || this.pathMtuConfirmed || this.search) return;
-    let limit: (() => number | undefined) | undefined;
-    const lim = this.localMtuLimit;
-    const host = sel ? hostOf(sel.remoteAddress) : undefined;
-    if (lim && sel?.localType === "relay") limit = () => SAFE_LINK_MTU;
-    else if (lim && host) limit = () => lim(host);
+    const limit = this.limitToward(sel);
     const search = (this.search = new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu!, tries: SEARCH_TRIES, minWaitMs: SEARCH_WAIT_MS, ...(limit ? { localLimit: limit } : {}) }));
     this.probeNonce = globalThis.crypto.getRandomValues(new Uint8Array(8));
     this.applySearch(search.handle({ kind: "start" }, performance.now()));
@@ -442,6 +446,27 @@ export abstract class LinkBase implements TransportLink {
   }
 
   /**
+   * The search's local limit for the selected pair: the kernel's limit toward the remote address; over TURN (our
+   * end relayed) toward the TURN server, less TURN's own encapsulation (see TURN_OVERHEAD). The path behind the
+   * TURN server (server to peer) is not visible here: the probes find out. undefined: no limit known.
+   */
+  private limitToward(sel: SelectedPath | undefined): (() => number | undefined) | undefined {
+    const lim = this.localMtuLimit;
+    if (!lim || !sel) return undefined;
+    if (sel.localType === "relay") {
+      const server = hostOf(sel.localAddress); // our relayed address: on the TURN server
+      if (!server) return () => SAFE_LINK_MTU;
+      const over = server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4;
+      return () => {
+        const l = lim(server);
+        return l === undefined ? SAFE_LINK_MTU : l - over;
+      };
+    }
+    const host = hostOf(sel.remoteAddress);
+    return host ? () => lim(host) : undefined;
+  }
+
+  /**
    * A link built above the local limit that closes before its own search decided (the peer's link failed the
    * same check first and closed both): still tell the transport, so that the next link from this side is not
    * built too large again (one more failed link per side otherwise).
@@ -451,9 +476,8 @@ export abstract class LinkBase implements TransportLink {
     if (!this.iceWasUp()) return;
     try {
       const sel = this.selectedPath();
-      if (!sel || sel instanceof Promise || sel.localType === "relay") return;
-      const host = hostOf(sel.remoteAddress);
-      const limit = host ? this.localMtuLimit(host) : undefined;
+      if (!sel || sel instanceof Promise) return;
+      const limit = this.limitToward(sel)?.();
       if (limit === undefined || limit >= this.pathMtu) return;
       const mtu = Math.max(SAFE_LINK_MTU, limit & ~3);
       this.foundPathMtu = mtu;
