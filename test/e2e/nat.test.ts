@@ -206,6 +206,11 @@ for (const kinds of [
       const relayed = [pa!.selected!, pb!.selected!].flatMap((s) => [s.localType === "relay" ? s.localAddress : "", s.remoteType === "relay" ? s.remoteAddress : ""]).filter(Boolean);
       expect(relayed.length).toBeGreaterThan(0);
       for (const addr of relayed) expect(addr.split(":")[0]).toBe(TURN_IP);
+      // path MTU over TURN (link-base.ts limitToward): searched with the route MTU toward coturn less TURN's
+      // 36 bytes, not fixed at 1280. 1500-byte lab links: a relayed end's limit is 1500 + 31 - 36 -> 1492.
+      const mtus = [pa, pb].map((p) => p?.pathMtu);
+      results.push(`${kinds.join("-")} + TURN: path MTU ${mtus.join(" / ")} (${[pa, pb].map((p) => p?.selected?.localType).join(" / ")})`);
+      for (const m of mtus) expect(m).toBeGreaterThan(1280);
     }, 70_000);
   });
 }
