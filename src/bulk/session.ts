@@ -192,11 +192,13 @@ export const PMTU_BASE = 1200;
 /** A probe unanswered after this long (at least; 4 probe round trips on slow paths), twice, counts as lost. */
 const PMTU_PROBE_TIMEOUT_MS = 250;
 /**
- * Black-hole check: while up, a probe of exactly pathMax goes out this often; lost twice while keepalives
+ * Black-hole check: while up, a probe of exactly pathMax goes out this often; lost twice (1 s each) while keepalives
  * still pass, the path no longer carries it (a route change, a smaller link, a middlebox): pathMax falls back
  * and the search runs again. Costs one datagram of pathMax bytes (and a small ack) per interval.
  */
 export const PMTU_CONFIRM_MS = 5000;
+/** A confirmation probe waits this long for its ack (twice): the link keeps working meanwhile, so no hurry. */
+const PMTU_CONFIRM_WAIT_MS = 1000;
 /** Search upwards again after this long below maxDatagram (RFC 8899 PMTU_RAISE_TIMER: a path may get better). */
 export const PMTU_RAISE_MS = 10 * 60_000;
 
@@ -543,7 +545,8 @@ export class BulkPeer {
       this.counters.ups++;
       this.out.push({ type: "up" });
     }
-    if (this._state === "up") {
+    if (this._state === "up" && !stalled) {
+      // (not right after a stall of our own: acks may wait unread in the socket)
       if (this.search) this.pmtuTick(now);
       else if (now >= this.confirmAt) this.pmtuStart(now, "confirm");
       else if (now >= this.raiseAt) this.pmtuStart(now, "raise");
@@ -619,11 +622,12 @@ export class BulkPeer {
     const common = { tries: 2, minWaitMs: PMTU_PROBE_TIMEOUT_MS, limitMode: "clamp" as const, ...(limit ? { localLimit: limit } : {}) };
     if (kind === "confirm") {
       // one size: pathMax (lo = pathMax - 1 only makes "lost" end the search as "searched")
-      s = new PmtuSearch({ ...common, lo: this.pathMax! - 1, hi: this.pathMax!, fine: 4 * this.maxDatagram });
+      s = new PmtuSearch({ ...common, lo: this.pathMax! - 1, hi: this.pathMax!, fine: 4 * this.maxDatagram, minWaitMs: PMTU_CONFIRM_WAIT_MS });
     } else if (kind === "raise") {
       s = new PmtuSearch({ ...common, lo: this.pathMax!, hi: this.maxDatagram });
     } else {
-      const hi = kind === "black-hole" ? Math.max(PMTU_FLOOR, this.pmtuLostAt - 4) : this.maxDatagram;
+      // after a black hole: the lost size once more first (a false alarm then costs nothing), never above it
+      const hi = kind === "black-hole" ? this.pmtuLostAt : this.maxDatagram;
       s = new PmtuSearch({ ...common, lo: PMTU_FLOOR, hi, first: PMTU_BASE });
     }
     this.search = { s, kind, id: this.o.random() >>> 0 };
