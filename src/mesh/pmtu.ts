@@ -11,6 +11,7 @@
  *
  * Stop-and-wait and ascending, so that as few probes as possible are lost:
  *
+ *   0. (bulk) `first`, the safe size: the link carries traffic at it once acked;
  *   1. the largest size allowed: min(hi, the local limit) — the common case: the path carries it, one round trip;
  *   2. coarse steps up from `lo` (+256, +512, ...) until a size is lost;
  *   3. fine steps up from the largest acked size (+16, +32, ...) until a size is lost or the lost one is reached.
