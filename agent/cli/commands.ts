@@ -686,6 +686,10 @@ type IpamView = {
   conflicts: { peer: string; code: string; message: string }[];
   ownership?: { lease: boolean; membersHeard: number; members: number; reason: string | null };
   reserved?: { cidr: string; owner: string; silentMs: number | null }[];
+  /** the member list: who counts in every majority (heard within the lease window; blocks owned) */
+  members?: { id: string; silentMs: number | null; heard?: boolean; blocks?: number }[];
+  /** nodes removed from the member list (left, or seen gone) */
+  removed?: string[];
 };
 
 export interface IpamOwnerSummary {
@@ -717,6 +721,9 @@ export interface IpamSummary {
   ownership?: IpamView["ownership"];
   /** blocks of silent members kept for their pods */
   reserved?: IpamView["reserved"];
+  /** the member list (who counts in every majority) and the nodes removed from it */
+  members?: IpamView["members"];
+  removed?: IpamView["removed"];
   /** only with --blocks */
   blocks?: IpamView["blocks"];
 }
@@ -757,6 +764,8 @@ export function summarizeIpam(v: IpamView, withBlocks = false): IpamSummary {
     conflicts: v.conflicts,
     ownership: v.ownership,
     reserved: v.reserved,
+    members: v.members,
+    removed: v.removed,
     ...(withBlocks ? { blocks: v.blocks } : {}),
   };
 }
@@ -764,6 +773,11 @@ export function summarizeIpam(v: IpamView, withBlocks = false): IpamSummary {
 export function renderIpam(v: IpamSummary): string {
   let out = `range     ${v.range} (${v.totalBlocks} blocks of /${v.blockPrefix}, ${v.unownedBlocks} unowned)\nallocate  ${v.canAllocate ? "ready" : `not ready: ${v.reason ?? "unknown"}`}\n`;
   if (v.ownership) out += `blocks    ${v.ownership.reason ? `new blocks wait: ${v.ownership.reason}` : `new blocks can be granted/reclaimed (${v.ownership.membersHeard} of ${v.ownership.members} members heard)`}\n`;
+  if (v.members?.length) {
+    const names = new Map(v.owners.map((o) => [o.id, o.name]));
+    const one = (m: NonNullable<IpamView["members"]>[number]) => `${names.get(m.id) ?? m.id.slice(0, 8)}${m.heard === false ? ` (not heard${m.silentMs !== null ? `, silent ${Math.round(m.silentMs / 1000)}s` : ""})` : ""}${m.blocks === 0 ? " (no block)" : ""}`;
+    out += `members   ${v.members.length} (majority ${Math.floor(v.members.length / 2) + 1}): ${v.members.map(one).join(", ")}${v.removed?.length ? `; removed: ${v.removed.map((r) => r.slice(0, 8)).join(", ")}` : ""}\n`;
+  }
   if (v.reserved?.length) out += `reserved  ${v.reserved.length} block(s) of silent members kept for their pods (pinned; \`weftnet ipam release NODE\` if a node is gone for good)\n`;
   if (v.pending) out += `pending   block request to ${v.pending.to} for ${Math.round(v.pending.sinceMs / 1000)}s\n`;
   for (const c of v.conflicts) out += `CONFLICT  with ${c.peer}: ${c.message} (${c.code})\n`;

@@ -5,9 +5,9 @@
  * or forwarded. Signatures themselves are signing.ts; this module decides whether a signed record may
  * change our table. node.ts owns one of these only when the agent gave it a key.
  */
-import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, type IpamKeys, releaseFields, type Signed } from "./signing.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_MEMBER, CTX_PROMISE, type IpamKeys, releaseFields, removalFields, type Signed } from "./signing.js";
 import { type BlockTable, compareEntries, type EntryKind, type EntryTuple } from "./table.js";
-import { type CertWire, decodeCert, type HandoverWire } from "./wire.js";
+import { type AddProofWire, type CertWire, decodeCert, type HandoverWire, type RemovalWire } from "./wire.js";
 
 /** a remote entry may be at most this many versions ahead of ours for its block (counted as a jump) */
 export const MAX_VERSION_STEP = 64;
@@ -30,12 +30,12 @@ export interface Handover {
   cert: Cert;
 }
 
-const certWire = (c: Cert): CertWire => (c.op ? [c.from, c.by, c.pk, c.sig, c.proof ?? null, c.op] : c.proof ? [c.from, c.by, c.pk, c.sig, c.proof] : [c.from, c.by, c.pk, c.sig]);
-const certOf = (w: CertWire): Cert => ({ from: w[0], by: w[1], pk: w[2], sig: w[3], ...(w[4] ? { proof: w[4] } : {}), ...(w[5] ? { op: w[5] } : {}) });
+export const certWire = (c: Cert): CertWire => (c.op ? [c.from, c.by, c.pk, c.sig, c.proof ?? null, c.op] : c.proof ? [c.from, c.by, c.pk, c.sig, c.proof] : [c.from, c.by, c.pk, c.sig]);
+export const certOf = (w: CertWire): Cert => ({ from: w[0], by: w[1], pk: w[2], sig: w[3], ...(w[4] ? { proof: w[4] } : {}), ...(w[5] ? { op: w[5] } : {}) });
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
 const unhex = (s: unknown) => new Uint8Array(Buffer.from(String(s), "hex"));
-const certJson = (c: Cert) => [c.from, c.by, hex(c.pk), hex(c.sig), ...(c.proof || c.op ? [c.proof ? c.proof.map(([n, pk, sig, m]) => [n, hex(pk), hex(sig), m]) : null] : []), ...(c.op ? [hex(c.op)] : [])];
-const certFromJson = (x: unknown): Cert => {
+export const certJson = (c: Cert) => [c.from, c.by, hex(c.pk), hex(c.sig), ...(c.proof || c.op ? [c.proof ? c.proof.map(([n, pk, sig, m]) => [n, hex(pk), hex(sig), m]) : null] : []), ...(c.op ? [hex(c.op)] : [])];
+export const certFromJson = (x: unknown): Cert => {
   const a = x as unknown[];
   return certOf(decodeCert([a[0], a[1], unhex(a[2]), unhex(a[3]), a[4] ? (a[4] as unknown[][]).map(([n, pk, sig, m]) => [n, unhex(pk), unhex(sig), m]) : null, ...(a[5] ? [unhex(a[5])] : [])]));
 };
@@ -44,8 +44,10 @@ const certFromJson = (x: unknown): Cert => {
 export interface SignedContext {
   epochId(): string;
   table(): BlockTable;
-  /** the member set used for majorities (owners plus promised newcomers) */
+  /** the member set used for majorities (the member list plus promised newcomers) */
   memberSet(): Set<string>;
+  /** is `node` the founder of our epoch (a member from the start, no grant behind it) */
+  isFounder(node: string): boolean;
   /** is `peer` directly connected to us (its blocks are never forced) */
   connected(peer: string): boolean;
   /** did this node see `node` gone itself (its Kubernetes Node was deleted): its force releases need no operator signature */
@@ -156,7 +158,57 @@ export class SignedState {
     };
   }
 
+  /**
+   * The grant that made `owner` the owner of block i, if our certs hold it (the block's current entry, or
+   * the change of owner behind the owner's own entry): the proof of a member's addition.
+   */
+  grantProof(i: number, owner: string): AddProofWire | null {
+    for (const h of [this.certs.get(i), this.handovers.get(i)]) {
+      if (h && h.owner === owner && h.kind === "t" && h.cert.from !== owner && h.cert.by === h.cert.from && h.cert.proof?.length) return [i, h.version, ...certWire(h.cert)];
+    }
+    return null;
+  }
+
+  /** Our signed removal of `node` from the member list (we leave: "leave"; we saw it gone: "gone"). */
+  signRemoval(node: string, reason: "leave" | "gone"): RemovalWire {
+    return [reason, this.self, this.keys.publicKey, this.keys.sign(CTX_MEMBER, removalFields(this.ctx.epochId(), node, reason, this.self))];
+  }
+
   // ---- what we accept ------------------------------------------------------------------------------
+
+  /**
+   * May `node` join our member list? "proven": with the grant that added it (the transfer naming it,
+   * signed by the owner before, with promises from a majority of the members back then, as for a grant
+   * entry: kept and passed on); "known": without one, if it founded the epoch or owns a block in our table
+   * (a checked entry names it); otherwise "forged".
+   */
+  checkAdd(node: string, proof: AddProofWire | null): "proven" | "known" | "forged" {
+    if (proof && this.grantOk(node, proof)) return "proven";
+    return this.ctx.isFounder(node) || this.ctx.table().owners().has(node) ? "known" : "forged";
+  }
+
+  private grantOk(node: string, proof: AddProofWire): boolean {
+    const [i, v, ...cw] = proof;
+    const cert = certOf(cw as unknown as CertWire);
+    if (cert.from === node || cert.by !== cert.from) return false;
+    if (!this.keys.verify(cert.by, cert.pk, cert.sig, CTX_ENTRY, this.entryFields(i, node, v, "t", cert.from))) return false;
+    return this.proofOk(i, v, "t", cert.from, node, cert.by, cert.proof);
+  }
+
+  /**
+   * May `node` leave our member list? Only with a removal signed by the node itself ("leave"), or by a
+   * node that saw it gone when we know it gone too (we saw its Kubernetes Node deleted, or accepted an
+   * operator's release of it): "release" = validly signed but not authorised here (yet). Never ourselves
+   * by someone else's word: a node declared gone while alive must not shrink its own majorities.
+   */
+  checkRemoval(node: string, rw: RemovalWire | null): "ok" | "forged" | "release" {
+    if (!rw) return "forged";
+    const [reason, by, pk, sig] = rw;
+    if (!this.keys.verify(by, pk, sig, CTX_MEMBER, removalFields(this.ctx.epochId(), node, reason, by))) return "forged";
+    if (reason === "leave") return by === node ? "ok" : "forged";
+    if (node === this.self || by === node) return "forged";
+    return this.ctx.sawGone(node) ? "ok" : "release";
+  }
 
   /**
    * Check one remote entry that would win over ours, with the cert and handover it came with. Returns

@@ -60,6 +60,8 @@ export class WriteRule {
     private readonly lease: Lease,
     private readonly R: number,
     private readonly signed = false,
+    /** the member list (members.ts): owners plus added nodes not removed */
+    private readonly listed: (table: BlockTable) => Set<string> = (t) => t.owners(),
   ) {}
 
   snapshot(): PromiseTuple[] {
@@ -71,12 +73,13 @@ export class WriteRule {
   }
 
   /**
-   * The member set used for majorities: the block owners, plus the new owners of grants we promised
-   * and that are not yet written (a grant to a new node is a membership change: it counts against us
-   * as soon as we promised it, so a majority computed from an older view can never be outvoted).
+   * The member set used for majorities: the member list (members.ts: every owner, every node added by a
+   * grant and not removed), plus the new owners of grants we promised and that are not yet written (a
+   * grant to a new node is a membership change: it counts against us as soon as we promised it, so a
+   * majority computed from an older view can never be outvoted).
    */
   memberSet(table: BlockTable): Set<string> {
-    const m = table.owners();
+    const m = this.listed(table);
     for (const p of this.promises.values()) if (p.kind === "t") m.add(p.to);
     return m;
   }
@@ -144,8 +147,9 @@ export class WriteRule {
       if (by !== to || owner === this.self || this.lease.silentFor(owner, now) < this.lease.A) return false;
     } else {
       if (by !== owner) return false;
-      if (!table.owners().has(to)) {
-        for (const [j, q] of this.promises) if (j !== i && q.kind === "t" && q.to !== to && !table.owners().has(q.to) && !this.promiseVoid(q, now)) return false;
+      const listed = this.listed(table);
+      if (!listed.has(to)) {
+        for (const [j, q] of this.promises) if (j !== i && q.kind === "t" && q.to !== to && !listed.has(q.to) && !this.promiseVoid(q, now)) return false;
       }
     }
     const p = this.promises.get(i);
@@ -237,7 +241,8 @@ export class WriteRule {
    */
   complete(table: BlockTable, leaseValid: () => boolean): Written[] {
     const members = this.memberSet(table);
-    const owners = table.owners();
+    // promises and recordings count from listed members only (a promised grantee is not one yet)
+    const owners = this.listed(table);
     const written: Written[] = [];
     for (const [i, p] of this.proposals) {
       const e = table.get(i);
@@ -247,7 +252,7 @@ export class WriteRule {
           this.proposals.delete(i);
           continue;
         }
-        // Recordings count only from owners (members by a written entry), out of all members including
+        // Recordings count only from listed members (by a written grant), out of all members including
         // the grantees we promised: a grantee whose grant is not written is no member anywhere else, and
         // counting its recording let a pin be "confirmed" by a majority that missed every member of the
         // other side of a partition (property seed 1553934982: owners {a,b,c} + written grantee d +

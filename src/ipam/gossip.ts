@@ -10,9 +10,10 @@ import type { WriteRule } from "./consensus.js";
 import type { Lease } from "./lease.js";
 import type { IpamOutput } from "./output.js";
 import type { SignedState } from "./certs.js";
+import type { Members } from "./members.js";
 import type { IpamCounters, PeerInfo } from "./status.js";
 import { type BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
-import { type CertWire, type EpochInfo, type HandoverWire, type IpamMessage, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
+import { type CertWire, type EpochInfo, type HandoverWire, type IpamMessage, MEMBERS_CHUNK, type MemberRecordWire, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
 
 /** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
 const MAX_REFUSED_FORCES = 4096;
@@ -42,6 +43,12 @@ export interface GossipContext {
   settleClash(i: number, now: number, out: IpamOutput): void;
   /** entries that changed our table: blocks no longer ours lose their allocations */
   dropLost(delta: EntryTuple[], out: IpamOutput): void;
+  /** the member list (members.ts) */
+  readonly members: Members;
+  /** digest of the replicated state (table and member list) */
+  digest(): number;
+  /** `node` became known gone here: take it off the member list (node.ts removeGone) */
+  markGone(node: string, out: IpamOutput): void;
 }
 
 /** A hello from a member (its epoch is set). */
@@ -91,7 +98,7 @@ export class Gossip {
         ...(this.c.signed ? this.c.signed.beatSig(this.c.lease.beat) : {}),
         beats: this.c.lease.known(),
         free: this.c.table() ? this.c.wholeFreeBlocks(now).length : 0,
-        digest: this.c.table() ? this.c.table()!.digest() : 0,
+        digest: this.c.table() ? this.c.digest() : 0,
         promised: this.c.rule.outstanding(this.c.table()),
       }),
     });
@@ -113,8 +120,12 @@ export class Gossip {
     for (let k = 0; k === 0 || k < all.length; k += this.chunk) {
       out.send.push({ to, body: this.stateMsg(all.slice(k, k + this.chunk)) });
     }
+    const recs = this.c.members.records();
+    for (let k = 0; k < recs.length; k += MEMBERS_CHUNK) out.send.push({ to, body: encodeIpamMessage({ t: "members", epoch: this.c.epoch()!.id, records: recs.slice(k, k + MEMBERS_CHUNK) }) });
+    // rate-limit further full syncs only once the peer is known to share our epoch: a peer that had none
+    // drops this one (messages may arrive before its first hello), and must get another after it adopts ours
     const inf = this.c.info.get(to);
-    if (inf) inf.lastSync = now;
+    if (inf?.epochOk) inf.lastSync = now;
   }
 
   broadcast(delta: EntryTuple[], except: string | null, out: IpamOutput): void {
@@ -125,6 +136,55 @@ export class Gossip {
         out.send.push({ to: p, body: this.stateMsg(delta.slice(k, k + this.chunk)) });
       }
     }
+  }
+
+  /** Flood member records (a removal we wrote, or records that changed our list) to every epoch peer but `except`. */
+  broadcastMembers(records: MemberRecordWire[], except: string | null, out: IpamOutput): void {
+    if (!this.c.epoch() || records.length === 0) return;
+    for (const p of this.c.peers) {
+      if (p === except || !this.c.info.get(p)?.epochOk) continue;
+      for (let k = 0; k < records.length; k += MEMBERS_CHUNK) out.send.push({ to: p, body: encodeIpamMessage({ t: "members", epoch: this.c.epoch()!.id, records: records.slice(k, k + MEMBERS_CHUNK) }) });
+    }
+  }
+
+  /**
+   * Member records from a peer: in a signed cluster each is checked first (certs.ts checkAdd /
+   * checkRemoval): an addition needs the grant behind it (or the node owns a block here, or founded the
+   * epoch), a removal the node's own signature ("leave") or our own knowledge that it is gone ("gone").
+   * Refused records are not passed on; forgeries (a wrong signature, a "leave" signed by another node,
+   * a grant proof that does not check out) are counted in `forged`; a "gone" refused now is written by
+   * this node itself once it knows the node gone (markGone).
+   */
+  onMembers(from: string, records: MemberRecordWire[], _now: number, out: IpamOutput): void {
+    const members = this.c.members;
+    const changed: MemberRecordWire[] = [];
+    for (const r of records) {
+      const [n, kind] = r;
+      if (kind === "m") {
+        const proof = r[2];
+        if (members.hasAdded(n) && (members.hasProof(n) || proof === null)) continue;
+        const why = this.c.signed ? this.c.signed.checkAdd(n, proof) : "proven";
+        if (why === "forged") {
+          if (proof !== null) this.c.counters.forged++; // (an addition without proof we cannot place is only not passed on)
+          continue;
+        }
+        if (members.add(n, why === "proven" ? proof : null)) changed.push(why === "proven" ? r : [n, "m", null]);
+      } else {
+        if (members.isRemoved(n)) continue;
+        const rw = r[2];
+        const why = this.c.signed ? this.c.signed.checkRemoval(n, rw) : "ok";
+        // a validly signed "gone" of a node we do not know gone (yet) is dropped, not counted: honest
+        // removals race the releases that make a node known gone, and we write our own once we know
+        if (why !== "ok") {
+          if (why === "forged") this.c.counters.forged++;
+          continue;
+        }
+        if (members.remove(n, rw)) changed.push(r);
+      }
+    }
+    if (changed.length === 0) return;
+    out.persist = true;
+    this.broadcastMembers(changed, from, out);
   }
 
   /** `node` is known gone now: merge the force releases of it we refused before (refusedForces). */
@@ -141,7 +201,10 @@ export class Gossip {
     if (this.newlyGone.size === 0) return;
     const gone = [...this.newlyGone];
     this.newlyGone.clear();
-    for (const g of gone) this.mergeHeld(g, now, out);
+    for (const g of gone) {
+      this.mergeHeld(g, now, out);
+      this.c.markGone(g, out);
+    }
   }
 
   private mergeState(from: string, entries: EntryTuple[], certs: (CertWire | null)[] | undefined, handovers: (HandoverWire | null)[] | undefined, now: number, out: IpamOutput): void {
@@ -232,6 +295,6 @@ export class Gossip {
     inf.free = m.free;
     inf.digest = m.digest;
     for (const [n, b, pk, sig] of m.beats) if (n !== from && this.beatOk(n, b, pk, sig, now)) this.c.lease.mergeBeat(n, b, now, pk, sig);
-    if (m.digest !== this.c.table()!.digest() && (inf.lastSync === null || now - inf.lastSync >= this.c.cfg.syncInterval)) this.sendFull(from, now, out);
+    if (m.digest !== this.c.digest() && (inf.lastSync === null || now - inf.lastSync >= this.c.cfg.syncInterval)) this.sendFull(from, now, out);
   }
 }

@@ -32,6 +32,8 @@ export interface GrantsContext {
   leaseValid(now: number): boolean;
   wholeFreeBlocks(now: number): number[];
   broadcast(delta: EntryTuple[], except: string | null, out: IpamOutput): void;
+  /** owners in entries we wrote are members (a grant adds its new owner to the member list) */
+  noteOwners(delta: EntryTuple[]): void;
 }
 
 export class Grants {
@@ -112,6 +114,7 @@ export class Grants {
     const written = this.c.rule.complete(this.c.table()!, () => this.c.leaseValid(now));
     const delta = written.map((w) => w.entry);
     for (const w of written) this.c.signed?.signOwn(w.entry, w.from, w.proof);
+    this.c.noteOwners(delta); // a grant to a newcomer adds it to the member list, in this same round
     for (const [i, , , kind] of delta) {
       if (kind === "c") {
         this.c.settleUntil.set(i, now + this.c.cfg.S);

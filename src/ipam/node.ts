@@ -8,6 +8,7 @@
  *   gossip.ts       hellos, state messages (full syncs, deltas), merging remote state, held-back releases
  *   pins.ts         our reserve of pinned blocks, recording others' pins, disputed pins
  *   grants.ts       block requests, grants, reclaim: proposal rounds and the acceptor's promises
+ *   members.ts      the member list: added by a grant, removed only by leave() or a node seen gone
  *   status.ts       what `weftnet status ipam` shows
  *   table.ts        the block-ownership CRDT;  wire.ts the messages;  config.ts the parameters
  * What stays here: the event dispatch (handle), allocation and release calls, force release and leave,
@@ -22,6 +23,7 @@ import { type Cidr, blockAt, blockCount, blockIndexOf, equalCidr, formatCidr, fo
 import { type IpamConfig, type Resolved, resolve } from "./config.js";
 import { type PromiseTuple, WriteRule } from "./consensus.js";
 import { Lease } from "./lease.js";
+import { type MemberRecordJson, Members } from "./members.js";
 import { buildStatus, type IpamCounters, type IpamStatus, type PeerInfo } from "./status.js";
 import { MAX_VERSION_STEP, SignedState } from "./certs.js";
 import { Gossip, type HelloFrom, MAX_BEAT_AHEAD_MS } from "./gossip.js";
@@ -60,6 +62,11 @@ export interface IpamSnapshot {
   certs?: [number, unknown, unknown][];
   /** nodes known gone (a Kubernetes Node deletion we saw, or an operator's release we accepted) */
   gone?: string[];
+  /**
+   * the member list's records: [node, "m", grant proof | null] and [node, "x", removal | null] (absent in
+   * snapshots from before the list: restore derives it once from the owners in the table)
+   */
+  members?: MemberRecordJson[];
   beat: number;
 }
 
@@ -86,6 +93,8 @@ export class IpamNode {
   private readonly settleUntil = new Map<number, number>();
   private readonly lease: Lease;
   private readonly rule: WriteRule;
+  /** the member list (members.ts): who counts in every majority */
+  private readonly members = new Members();
   private readonly peers = new Set<string>();
   private readonly info = new Map<string, PeerInfo>();
   private readonly conflicts = new Map<string, { code: string; message: string }>();
@@ -106,7 +115,7 @@ export class IpamNode {
     this.signed = config.keys ? new SignedState(this.id, config.keys, this.signedContext()) : null;
     this.allocs = new Allocations(this.cfg.range, this.cfg.blockPrefix);
     this.lease = new Lease(this.id, this.cfg);
-    this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined);
+    this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined, (t) => this.members.list(t));
     this.gossip = new Gossip({
       cfg: this.cfg,
       lease: this.lease,
@@ -122,6 +131,9 @@ export class IpamNode {
       clearConflict: (peer) => void this.conflicts.delete(peer),
       settleClash: (i, now, out) => this.pins.settleClash(i, now, out),
       dropLost: (delta, out) => this.dropLost(delta, out),
+      members: this.members,
+      digest: () => this.digest() ?? 0,
+      markGone: (node, out) => this.removeGone(node, out),
     });
     this.pins = new Pins({
       id: this.id,
@@ -157,6 +169,7 @@ export class IpamNode {
       leaseValid: (now) => this.leaseValid(now),
       wholeFreeBlocks: (now) => this.wholeFreeBlocks(now),
       broadcast: (delta, except, out) => this.gossip.broadcast(delta, except, out),
+      noteOwners: (delta) => this.noteOwners(delta),
     });
     this.startedAt = now;
   }
@@ -175,6 +188,7 @@ export class IpamNode {
       pinned: [...this.rule.confirmed],
       ...(this.signed ? { certs: this.signed.snapshot() } : {}),
       ...(this.gossip.gone.size ? { gone: [...this.gossip.gone].sort() } : {}),
+      ...(this.table ? { members: this.members.snapshot() } : {}),
       beat: this.lease.beat,
     };
   }
@@ -203,6 +217,13 @@ export class IpamNode {
       for (const [i, v] of snap.pinned ?? []) if (i < n.table!.count) n.rule.confirmed.set(i, v);
       n.signed?.restore(n.table!, snap.certs ?? []);
       for (const g of snap.gone ?? []) if (typeof g === "string") n.gossip.gone.add(g);
+      if (Array.isArray(snap.members)) n.members.restore(snap.members);
+      else {
+        // a snapshot from before the member list: derive it once from the owners (with the grant behind
+        // each, where our certs still hold it); from now on the list is kept and gossiped
+        const table = n.table!;
+        for (const o of table.owners()) n.members.add(o, n.signed ? (table.indicesOf(o).map((i) => n.signed!.grantProof(i, o)).find((p) => p !== null) ?? null) : null);
+      }
       n.rule.prune(n.table!, now);
       n.lease.requireResync();
     } else if (snap.allocs.length > 0) {
@@ -323,6 +344,8 @@ export class IpamNode {
       out.persist = true;
     }
     this.gossip.mergeHeld(node, now, out);
+    // the node is gone (Kubernetes, the operator; unsigned clusters: the caller's word): off the member list
+    if (!this.signed || this.gossip.gone.has(node)) this.removeGone(node, out);
     this.assertInvariants();
     return out;
   }
@@ -344,6 +367,8 @@ export class IpamNode {
       this.signed?.signOwn([i, to, e.version + 1, "t"], this.id);
     }
     this.gossip.broadcast(delta, null, out);
+    // off the member list, by our own signed word: we no longer vote
+    if (this.members.remove(this.id, this.signed ? this.signed.signRemoval(this.id, "leave") : null)) this.gossip.broadcastMembers([this.members.record(this.id, "x")!], null, out);
     out.persist = true;
     this.assertInvariants();
     return { ok: true, to, output: out };
@@ -379,8 +404,20 @@ export class IpamNode {
     return this.epoch;
   }
 
+  /** Digest of the replicated state (block table and member list), as sent in hellos. */
   digest(): number | null {
-    return this.table ? this.table.digest() : null;
+    if (!this.table) return null;
+    return (Math.imul(this.table.digest() ^ 0x9e3779b9, 0x01000193) ^ this.members.digest()) >>> 0;
+  }
+
+  /** The member list (sorted): every owner, and every node added by a grant and not removed. */
+  memberList(): string[] {
+    return this.table ? [...this.members.list(this.table)].sort() : [];
+  }
+
+  /** Nodes removed from the member list (left, or seen gone). */
+  removedMembers(): string[] {
+    return this.members.removedNodes();
   }
 
   /** Owner, version and kind of every block (for tests and status). */
@@ -403,6 +440,7 @@ export class IpamNode {
         settleUntil: this.settleUntil,
         rule: this.rule,
         lease: this.lease,
+        members: this.members,
         peers: this.peers,
         info: this.info,
         conflicts: this.conflicts,
@@ -453,6 +491,7 @@ export class IpamNode {
   private adopt(e: EpochInfo): void {
     this.epoch = { ...e };
     this.table = new BlockTable(blockCount(this.cfg.range, this.cfg.blockPrefix), e.founder);
+    this.members.add(e.founder, null); // a member from the start: the epoch names it
   }
 
   private found(now: number, out: IpamOutput): void {
@@ -543,7 +582,11 @@ export class IpamNode {
       case "req":
         this.grants.onRequest(from, now, out);
         return;
+      case "members":
+        this.gossip.onMembers(from, m.records, now, out);
+        return;
       case "prop":
+        if (this.members.isRemoved(this.id)) return; // we left (or were seen gone): we no longer vote
         if (m.kind === "p") {
           if (m.owner !== from || m.to !== from) return; // only an owner pins, and only for itself
           this.pins.onPinProposal(from, m.blocks, now, out);
@@ -566,6 +609,7 @@ export class IpamNode {
       epochId: () => this.epoch?.id ?? "",
       table: () => this.table!,
       memberSet: () => this.rule.memberSet(this.table!),
+      isFounder: (node: string) => this.epoch?.founder === node,
       connected: (peer: string) => this.peers.has(peer),
       sawGone: (node: string) => this.gossip.gone.has(node),
       operatorReleased: (node: string) => {
@@ -585,6 +629,7 @@ export class IpamNode {
    * this only happens by an operator's force release (a node declared gone) — never automatically.
    */
   private dropLost(delta: EntryTuple[], out: IpamOutput): void {
+    this.noteOwners(delta);
     for (const [i, owner] of delta) {
       if (owner === this.id) {
         this.grants.pending = null;
@@ -597,6 +642,26 @@ export class IpamNode {
         this.counters.revoked++;
       }
     }
+  }
+
+  /**
+   * Owners in entries that changed our table are members (a checked entry names them): add the ones the
+   * list lacks, with the grant behind them when our certs hold it, so that we can pass the addition on
+   * to a node that never sees the grant (its block reclaimed before the grant reached it).
+   */
+  private noteOwners(delta: EntryTuple[]): void {
+    for (const [i, owner] of delta) {
+      if (this.members.hasProof(owner)) continue;
+      this.members.add(owner, this.signed ? this.signed.grantProof(i, owner) : null);
+    }
+  }
+
+  /** `node` is known gone here (Kubernetes, the operator): remove it from the member list, signed, and tell the peers. */
+  private removeGone(node: string, out: IpamOutput): void {
+    if (node === this.id || this.members.isRemoved(node)) return;
+    this.members.remove(node, this.signed ? this.signed.signRemoval(node, "gone") : null);
+    out.persist = true;
+    this.gossip.broadcastMembers([this.members.record(node, "x")!], null, out);
   }
 
   /** Our own state must always satisfy these; a failure is a bug and throws loudly. */

@@ -9,6 +9,8 @@
  *   beat      "weftnet/ipam-beat/v1"  epochId, node, beat
  *   entry     "weftnet/ipam-entry/v1" epochId, block, owner, version, kind, from   (signed by the writer)
  *   promise   "weftnet/ipam-prom/v1"  epochId, block, version, kind, from, to, members (signed by the acceptor)
+ *   member    "weftnet/ipam-member/v1" epochId, node, "x", reason, by   (a removal from the member list, signed by
+ *             `by`: the node itself for "leave", a node that saw it gone for "gone")
  *   release   "weftnet/ipam-release/v2" epochId, block, released node, version of the forced entry, new owner
  *             (signed by the OPERATOR key, not a node's: `weftnet keygen --operator`; agents hold only its
  *             public key, --operator-key, so no node can forge one; bound to one block at one version, so
@@ -24,6 +26,12 @@ export const CTX_BEAT = "weftnet/ipam-beat/v1";
 export const CTX_ENTRY = "weftnet/ipam-entry/v1";
 export const CTX_PROMISE = "weftnet/ipam-prom/v1";
 export const CTX_RELEASE = "weftnet/ipam-release/v2";
+export const CTX_MEMBER = "weftnet/ipam-member/v1";
+
+/** What `by` signs to remove `node` from the member list ("leave": by = node; "gone": by saw it gone). */
+export function removalFields(epochId: string, node: string, reason: "leave" | "gone", by: string): string[] {
+  return [epochId, node, "x", reason, by];
+}
 
 /** What an operator signs to release block `block` of `node` (gone for good) to `owner`: the forced entry's version and owner. */
 export function releaseFields(epochId: string, block: number, node: string, version: number, owner: string): string[] {

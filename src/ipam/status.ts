@@ -9,6 +9,7 @@ import { formatCidr, formatIp } from "./cidr.js";
 import type { Resolved } from "./config.js";
 import type { WriteRule } from "./consensus.js";
 import type { Lease } from "./lease.js";
+import type { Members } from "./members.js";
 import type { BlockTable } from "./table.js";
 import type { EpochInfo } from "./wire.js";
 
@@ -56,7 +57,13 @@ export interface IpamStatus {
   /** blocks of members that are silent but kept for their pods (pinned): never reclaimed automatically */
   reserved: { cidr: string; owner: string; silentMs: number | null }[];
   peers: { id: string; epochOk: boolean; freeBlocks: number; heardAgoMs: number | null }[];
-  members: { id: string; silentMs: number | null }[];
+  /**
+   * The member list (every owner, every node added by a grant and not removed): who counts in every
+   * majority, whether we heard it within W, how many blocks it owns (0: a member by its record alone)
+   */
+  members: { id: string; silentMs: number | null; heard: boolean; blocks: number }[];
+  /** nodes removed from the member list (left, or seen gone: Kubernetes, the operator) */
+  removed: string[];
   conflicts: { peer: string; code: string; message: string }[];
   counters: IpamCounters;
 }
@@ -79,6 +86,7 @@ export interface StatusSource {
   settleUntil: ReadonlyMap<number, number>;
   rule: WriteRule;
   lease: Lease;
+  members: Members;
   peers: ReadonlySet<string>;
   info: ReadonlyMap<string, PeerInfo>;
   conflicts: ReadonlyMap<string, { code: string; message: string }>;
@@ -93,17 +101,20 @@ export interface StatusSource {
 export function buildStatus(s: StatusSource, now: number): IpamStatus {
   const why = s.table ? null : "not yet part of a cluster IPAM";
   const free = s.freeAddresses();
-  const members = s.table ? [...s.table.owners()].sort() : [];
   const memberSet = s.table ? s.rule.memberSet(s.table) : new Set<string>();
-  const heard = [...memberSet].filter((m) => m === s.id || s.lease.heardWithin(m, now)).length;
+  const members = [...memberSet].sort();
+  const isHeard = (m: string) => m === s.id || s.lease.heardWithin(m, now);
+  const heard = members.filter(isHeard).length;
   const lease = s.leaseValid();
   const need = Math.floor(memberSet.size / 2) + 1;
+  const short = (m: string) => m.slice(0, 8);
+  const notHeard = members.filter((m) => !isHeard(m));
   const ownershipReason = !s.table
     ? why
     : lease
       ? null
       : heard < need
-        ? `no majority: ${heard} of ${memberSet.size} members heard (need ${need}); new blocks (grants, reclaims) wait, existing blocks keep allocating`
+        ? `no majority: ${heard} of ${memberSet.size} members heard (need ${need}), not heard: ${notHeard.map(short).join(", ")}; new blocks (grants, reclaims) wait, existing blocks keep allocating`
         : `resyncing: majority contact must last ${Math.round(s.cfg.U / 1000)} s before ownership changes; existing blocks keep allocating`;
   return {
     id: s.id,
@@ -132,7 +143,8 @@ export function buildStatus(s: StatusSource, now: number): IpamStatus {
       const h = s.lease.heard.get(p);
       return { id: p, epochOk: inf?.epochOk ?? false, freeBlocks: inf?.free ?? 0, heardAgoMs: h === undefined ? null : now - h };
     }),
-    members: members.map((m) => ({ id: m, silentMs: s.lease.silentMs(m, now) })),
+    members: members.map((m) => ({ id: m, silentMs: s.lease.silentMs(m, now), heard: isHeard(m), blocks: s.table ? s.table.indicesOf(m).length : 0 })),
+    removed: s.members.removedNodes(),
     conflicts: [...s.conflicts].map(([peer, c]) => ({ peer, ...c })),
     counters: { ...s.counters },
     ownership: { lease, membersHeard: heard, members: memberSet.size, reason: ownershipReason },

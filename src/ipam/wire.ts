@@ -25,6 +25,14 @@
  *          proposal: a promise is void once a hello from the proposer carries beat >= until
  *   prom   the subset of a proposal this acceptor promised (it promises each (block, version) to at
  *          most one live proposer, persistently); a write happens only with a majority of promises
+ *   members epoch id + [[node, "m" | "x", proof]]: the member list (docs/ipam.md section 5, "Membership"), sent
+ *          with every full sync and flooded when it changes. "m" adds a node: proof = the grant that added it,
+ *          [blockIndex, version, ...cert] (the transfer naming the node, with its majority's promises), or null
+ *          for the founder or a node that owns a block in the receiver's table; "x" removes a node: proof =
+ *          [reason, by, pk, sig], reason "leave" (signed by the node itself) or "gone" (signed by a node that
+ *          saw it gone: a Kubernetes Node deletion, or an operator's release; the receiver must know it gone
+ *          too). Newer than kind "o": an agent from before refuses the message type (ERR_UNKNOWN_TYPE, counted
+ *          as malformed), so upgrade every agent of a cluster together.
  *   req    "give me one block" (epoch id)
  *   nak    "I have nothing to give / cannot right now" (epoch id)
  *
@@ -55,8 +63,18 @@ export type IpamMessage =
   | { t: "state"; epoch: string; entries: EntryTuple[]; certs?: (CertWire | null)[]; handovers?: (HandoverWire | null)[] }
   | { t: "prop"; epoch: string; kind: "t" | "c" | "p"; owner: string; to: string; until: number; blocks: [number, number][] }
   | { t: "prom"; epoch: string; blocks: [number, number][]; sigs?: Uint8Array[]; pk?: Uint8Array; m?: number }
+  | { t: "members"; epoch: string; records: MemberRecordWire[] }
   | { t: "req"; epoch: string }
   | { t: "nak"; epoch: string };
+
+/** The grant that added a member: [blockIndex, version, ...cert of the transfer naming it]. */
+export type AddProofWire = [number, number, ...CertWire];
+/** Why a member was removed: [reason, by, pk, sig] (signed by `by`: signing.ts CTX_MEMBER). */
+export type RemovalWire = ["leave" | "gone", string, Uint8Array, Uint8Array];
+/** One record of the member list: an addition (with the grant behind it) or a removal. */
+export type MemberRecordWire = [string, "m", AddProofWire | null] | [string, "x", RemovalWire | null];
+/** member records per `members` message (each may carry a majority's promises) */
+export const MEMBERS_CHUNK = 64;
 
 export type IpamWire = { v: number; t: string } & Record<string, unknown>;
 
@@ -101,6 +119,29 @@ function decodeHandover(x: unknown): HandoverWire {
   return [owner, version, kind, ...decodeCert(rest)];
 }
 
+function decodeMemberRecord(x: unknown): MemberRecordWire {
+  if (!Array.isArray(x) || x.length < 3) throw new ProtocolError("ERR_INVALID", "member record must be [node, kind, proof]");
+  const [n, kind, proof] = x as unknown[];
+  if (typeof n !== "string" || !NODE_ID_RE.test(n)) throw new ProtocolError("ERR_INVALID", "member record node is not a node id");
+  if (kind === "m") {
+    if (proof === null || proof === undefined) return [n, "m", null];
+    if (!Array.isArray(proof) || proof.length < 6) throw new ProtocolError("ERR_INVALID", "member addition proof must be [block, version, ...cert]");
+    const [i, v, ...cert] = proof as unknown[];
+    if (typeof i !== "number" || !Number.isInteger(i) || i < 0 || i >= MAX_BLOCKS) throw new ProtocolError("ERR_INVALID", "member addition block out of range");
+    if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1) throw new ProtocolError("ERR_INVALID", "member addition version must be a positive integer");
+    return [n, "m", [i, v, ...decodeCert(cert)]];
+  }
+  if (kind === "x") {
+    if (proof === null || proof === undefined) return [n, "x", null];
+    if (!Array.isArray(proof) || proof.length < 4) throw new ProtocolError("ERR_INVALID", "member removal proof must be [reason, by, pk, sig]");
+    const [reason, by, pk, sig] = proof as unknown[];
+    if (reason !== "leave" && reason !== "gone") throw new ProtocolError("ERR_INVALID", "member removal reason must be leave or gone");
+    if (typeof by !== "string" || !NODE_ID_RE.test(by)) throw new ProtocolError("ERR_INVALID", "member removal signer is not a node id");
+    return [n, "x", [reason, by, keyBytes(pk, 32, "removal pk"), keyBytes(sig, 64, "removal sig")]];
+  }
+  throw new ProtocolError("ERR_INVALID", "member record kind must be m or x");
+}
+
 function keyBytes(x: unknown, len: number, what: string): Uint8Array {
   if (!(x instanceof Uint8Array) || x.byteLength !== len) throw new ProtocolError("ERR_INVALID", `${what} must be ${len} bytes`);
   return x;
@@ -116,6 +157,8 @@ export function encodeIpamMessage(m: IpamMessage): IpamWire {
       return { v: IPAM_WIRE_VERSION, t: "prop", epoch: m.epoch, kind: m.kind, owner: m.owner, to: m.to, until: m.until, blocks: m.blocks };
     case "prom":
       return { v: IPAM_WIRE_VERSION, t: "prom", epoch: m.epoch, blocks: m.blocks, ...(m.sigs ? { sigs: m.sigs, pk: m.pk, m: m.m } : {}) };
+    case "members":
+      return { v: IPAM_WIRE_VERSION, t: "members", epoch: m.epoch, records: m.records };
     case "req":
     case "nak":
       return { v: IPAM_WIRE_VERSION, t: m.t, epoch: m.epoch };
@@ -213,6 +256,8 @@ export function decodeIpamMessage(body: unknown): IpamMessage {
       if (sigs.length !== blocks.length) throw new ProtocolError("ERR_INVALID", "promise sigs must align with blocks");
       return { t, epoch: epochRef(body), blocks, sigs, pk: keyBytes(body.pk, 32, "pk"), m: uint(body, "m", MAX_BLOCKS) };
     }
+    case "members":
+      return { t, epoch: epochRef(body), records: arr(body, "records", MEMBERS_CHUNK).map(decodeMemberRecord) };
     case "req":
     case "nak":
       return { t, epoch: epochRef(body) };

@@ -226,6 +226,10 @@ export class Sim {
 
   /** nodes that have had a pin of theirs confirmed by a majority (checkMembers) */
   readonly everPinned = new Set<string>();
+  /** per live node: every node it ever listed as a member (checkMembers) */
+  readonly everListed = new Map<string, Set<string>>();
+  /** nodes that left (leave()) or that an operator released: the only ones that may leave a member list */
+  readonly departed = new Set<string>();
 
   /**
    * Membership is stable (issue 15): a node stays a member (owns a block) from its first confirmed pin on,
@@ -235,8 +239,25 @@ export class Sim {
   checkMembers(): void {
     for (const sn of this.live()) {
       if ((sn.node!.snapshot().pinned ?? []).length > 0) this.everPinned.add(sn.id);
-      if (this.everPinned.has(sn.id) && sn.node!.ownedBlocks().length === 0) throw new Error(`t=${this.now}: ${sn.id} had a confirmed pin but owns no block: no longer a member`);
+      if (this.everPinned.has(sn.id) && sn.node!.ownedBlocks().length === 0 && !this.departed.has(sn.id)) throw new Error(`t=${this.now}: ${sn.id} had a confirmed pin but owns no block`);
+      // the member list only ever loses a node that left or was released: never by reclaim, silence or a restart
+      const list = new Set(sn.node!.memberList());
+      const removed = sn.node!.removedMembers();
+      for (const r of removed) if (!this.departed.has(r)) throw new Error(`t=${this.now}: ${sn.id} removed ${r} from its member list, but ${r} neither left nor was released`);
+      const ever = this.everListed.get(sn.id) ?? new Set<string>();
+      for (const m of ever) if (!list.has(m) && !removed.includes(m)) throw new Error(`t=${this.now}: ${m} dropped out of ${sn.id}'s member list without a removal`);
+      for (const m of list) ever.add(m);
+      this.everListed.set(sn.id, ever);
     }
+  }
+
+  /** After a heal: every live node has the same member list, and it holds every node ever listed anywhere that did not depart. */
+  checkMemberLists(): void {
+    const live = this.live();
+    const lists = live.map((sn) => sn.node!.memberList().join(","));
+    if (new Set(lists).size !== 1) throw new Error(`t=${this.now}: member lists differ after heal:\n${live.map((sn, k) => `${sn.id}: ${lists[k]} (removed ${sn.node!.removedMembers().join(",")})`).join("\n")}`);
+    const list = new Set(live[0]!.node!.memberList());
+    for (const ever of this.everListed.values()) for (const m of ever) if (!this.departed.has(m) && !list.has(m)) throw new Error(`t=${this.now}: ${m} was a member and did not depart, but is no member after heal`);
   }
 
   /** I1: no block is allocatable by two live nodes at the same moment. */

@@ -22,7 +22,7 @@ function settledMembers(sim: Sim): Set<string> {
   sim.run(5);
   for (let t = 0; t < 4 * R_TICKS && !same(); t++) sim.run(1);
   expect(same(), "the tables converge before the split").toBe(true);
-  return new Set(sim.live()[0]!.node!.view().map(([, owner]) => owner));
+  return new Set(sim.live()[0]!.node!.memberList());
 }
 
 /** Allocate `count` addresses on sn, retrying each for at most `ticks` ticks; returns how many succeeded. */

@@ -3,16 +3,22 @@
 // steps — and a rogue insider (a member with its own key and the cluster's trust, running the honest
 // engine) that keeps injecting forged state: entries with huge versions, claims with made-up promises,
 // transfers and pins "by" other nodes, force releases of live nodes, heartbeats for other nodes. Each
-// must be refused and counted; nothing the rogue says changes what another node owns; the usual
+// must be refused and counted; so must forged member records (a made-up node "added" with promises the
+// rogue signed itself, a live node "removed" as gone, or as leaving, in the rogue's name or the victim's);
+// nothing the rogue says changes what another node owns or who is a member; the usual
 // invariants (no block allocatable twice, nothing revoked, convergence) hold.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { CTX_BEAT, CTX_ENTRY, CTX_PROMISE, CTX_RELEASE, releaseFields } from "../../src/ipam/signing.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_MEMBER, CTX_PROMISE, CTX_RELEASE, releaseFields, removalFields } from "../../src/ipam/signing.js";
 import { generateIdentity } from "../../src/identity.js";
 import { encodeIpamMessage, type EntryKind } from "../../src/ipam/index.js";
 import { SIM_CFG, Sim, type SimNode, TICK, prng } from "./ipam-harness.js";
 
 const OPERATOR = generateIdentity();
+/** kinds of forgery (attack()) */
+const ATTACKS = 11;
+/** made-up nodes the rogue tries to add to the member list */
+const FAKE = Array.from({ length: 4 }, () => generateIdentity());
 const R_TICKS = Math.ceil(SIM_CFG.reclaimAfterMs / TICK);
 
 type Op =
@@ -38,7 +44,7 @@ const op: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: fc.record({ k: fc.constant("heal" as const) }) },
   { weight: 1, arbitrary: fc.record({ k: fc.constant("clock" as const), n: ix, d: fc.integer({ min: -SIM_CFG.reclaimAfterMs, max: SIM_CFG.reclaimAfterMs }) }) },
   { weight: 1, arbitrary: fc.record({ k: fc.constant("loss" as const), p: fc.integer({ min: 0, max: 20 }) }) },
-  { weight: 6, arbitrary: fc.record({ k: fc.constant("attack" as const), a: fc.nat(7), n: ix, b: ix }) },
+  { weight: 6, arbitrary: fc.record({ k: fc.constant("attack" as const), a: fc.nat(ATTACKS - 1), n: ix, b: ix }) },
 );
 
 const pick = <T>(xs: T[], n: number): T | undefined => (xs.length === 0 ? undefined : xs[n % xs.length]);
@@ -101,6 +107,27 @@ function attack(sim: Sim, rogue: SimNode, kind: number, victimIx: number, target
       body = encodeIpamMessage({ t: "hello", epoch: rn.epochInfo(), beat: Math.floor(sim.at(rogue)), pk, sig: keys.sign(CTX_BEAT, [epoch, rogue.id, String(Math.floor(sim.at(rogue)))]), beats: [[victim.id, b, pk, keys.sign(CTX_BEAT, [epoch, victim.id, String(b)])]], free: 0, digest: 0, promised: theirs.map((e) => [e[0], e[2] + 1] as [number, number]) });
       break;
     }
+    case 8: {
+      // a made-up node "added" to the member list: a grant "by" the victim of a block to it, with promises
+      // "from" every honest node, all signed with the rogue's key (or no proof at all: counted as nothing)
+      const fake = FAKE[targetIx % FAKE.length]!;
+      const fields = [epoch, String(i), String(v + 1), "t", victim.id, fake.id];
+      const proof = [rogue, ...honest].map((n) => [n.id, pk, keys.sign(CTX_PROMISE, [...fields, "1"]), 1]);
+      const sig = keys.sign(CTX_ENTRY, [epoch, String(i), fake.id, String(v + 1), "t", victim.id]);
+      body = { v: 1, t: "members", epoch, records: [[fake.id, "m", [i, v + 1, victim.id, victim.id, pk, sig, proof]]] };
+      break;
+    }
+    case 9: {
+      // a live node "removed" as gone, validly signed by the rogue (nobody saw it gone), or as leaving
+      // "by" the victim (signed with the rogue's key)
+      const reason = targetIx % 2 === 0 ? "gone" : "leave";
+      const by = reason === "gone" ? rogue.id : victim.id;
+      body = { v: 1, t: "members", epoch, records: [[victim.id, "x", [reason, by, pk, keys.sign(CTX_MEMBER, removalFields(epoch, victim.id, reason, by))]]] };
+      break;
+    }
+    case 10: // a removal of the target itself, signed by the rogue: nobody else's word shrinks a node's own majorities
+      body = { v: 1, t: "members", epoch, records: [[target.id, "x", ["gone", rogue.id, pk, keys.sign(CTX_MEMBER, removalFields(epoch, target.id, "gone", rogue.id))]]] };
+      break;
     default: // an unsigned entry (the pre-signing wire format)
       body = { v: 1, t: "state", epoch, entries: [[i, rogue.id, v + 1, "c"]] };
   }
@@ -187,6 +214,11 @@ function run(seed: number, initial: number, ops: Op[]): void {
     const diff = live.map((n) => [n.id.slice(0, 4), n.node!.status(sim.now).counters.forged, n.node!.status(sim.now).counters.jumps, n.node!.view().filter((e, i) => JSON.stringify(e) !== JSON.stringify(v0[i])).map((e) => e.join(":")).join(" ")]);
     throw new Error(`views differ: ${JSON.stringify(diff)} rogue ${rogue.id.slice(0, 4)} ref ${JSON.stringify(live.map((n) => n.node!.view().filter((e, i) => live.some((m) => JSON.stringify(m.node!.view()[i]) !== JSON.stringify(e))).map((e) => e.join(":").replace(/([0-9a-f]{4})[0-9a-f]{12}/g, "$1"))))}`);
   }
+  // no forged member record survived: one member list everywhere, no made-up node, nobody removed
+  const lists = new Set(live.map((n) => n.node!.memberList().join(",")));
+  expect(lists.size, "one member list everywhere").toBe(1);
+  for (const f of FAKE) expect(live[0]!.node!.memberList()).not.toContain(f.id);
+  for (const n of live) expect(n.node!.removedMembers(), `${n.id} removed nobody`).toEqual([]);
   const rogueOwns = new Set(rogue.node!.ownedBlocks());
   for (const n of live) for (const [i, owner] of n.node!.view()) if (owner === rogue.id) expect(rogueOwns.has(i), `block ${i} given to the rogue by a forgery`).toBe(true);
   sim.checkKept();
@@ -209,7 +241,7 @@ describe("signed ipam state (property)", () => {
   }, 600_000);
 
   it("each forgery kind alone is refused and counted, and changes nothing", () => {
-    for (let kind = 0; kind < 8; kind++) {
+    for (let kind = 0; kind < ATTACKS; kind++) {
       const sim = new Sim(prng(100 + kind));
       sim.signed = true;
       sim.operatorKey = OPERATOR.publicKey; // every node checks operator-signed releases (none is issued here)
@@ -221,13 +253,19 @@ describe("signed ipam state (property)", () => {
       sim.run(20);
       for (const n of sim.live()) sim.allocate(n);
       sim.run(4);
+      // (from a converged state: a grant may still be in flight after the allocations)
+      for (let t = 0; t < 40 && new Set(sim.live().map((n) => n.node!.digest())).size > 1; t++) sim.run(1);
       const before = sim.live().filter((n) => n !== rogue).map((n) => n.node!.digest());
       let sent = 0;
       for (let k = 0; k < 6; k++) if (attack(sim, rogue, kind, k, k + 1)) sent++;
       sim.run(2);
       expect(sent, `attack ${kind} delivered`).toBeGreaterThan(0);
       const counted = sim.live().reduce((s, n) => { const c = n.node!.status(sim.now).counters; return s + c.forged + c.jumps + c.malformed; }, 0);
+      // (attack 9 also sends validly signed "gone" removals, refused but not counted: honest ones race the
+      // releases that make a node known gone; its "leave" forgeries are counted)
       expect(counted, `attack ${kind} counted`).toBeGreaterThan(0);
+      for (const n of sim.live()) expect(n.node!.removedMembers(), `attack ${kind}: nobody removed`).toEqual([]);
+      for (const n of sim.live()) expect(n.node!.memberList().length, `attack ${kind}: no member added`).toBe(5);
       const after = sim.live().filter((n) => n !== rogue).map((n) => n.node!.digest());
       expect(after, `attack ${kind} changed a table`).toEqual(before);
       // and liveness: a forged heartbeat never makes a connected node look silent

@@ -134,7 +134,13 @@ describe("ipam node", () => {
     sim.run(ticks(R) + 10);
     for (const n of nodes) {
       expect(n.node!.hasLease(sim.now)).toBe(false);
-      expect(n.node!.status(sim.now).ownership.reason).toMatch(/no majority: 2 of 4/);
+      const st = n.node!.status(sim.now);
+      expect(st.ownership.reason).toMatch(/no majority: 2 of 4/);
+      // status lists the members and names the ones not heard (the other side)
+      const other = nodes.filter((m) => m.group !== n.group).map((m) => m.id);
+      expect(st.members.map((m) => m.id).sort()).toEqual(nodes.map((m) => m.id).sort());
+      expect(st.members.filter((m) => !m.heard).map((m) => m.id).sort()).toEqual(other.sort());
+      for (const o of other) expect(st.ownership.reason).toContain(o.slice(0, 8));
       expect(sim.allocate(n)).not.toBeNull();
     }
     expect(sim.live().reduce((s, n) => s + n.node!.status(sim.now).counters.claims, 0)).toBe(0);
@@ -178,6 +184,50 @@ describe("ipam node", () => {
       sim.run(1);
     }
     expect(nodes[0]!.node!.allocatableBlocks(sim.now).some((b) => its.includes(b))).toBe(true);
+  });
+
+  it("member list: removed only by leave() or a release (reclaim never removes anyone); an old snapshot derives it from the owners", () => {
+    const { sim, nodes } = cluster(5);
+    for (const n of nodes) sim.allocate(n);
+    sim.run(4);
+    const ids = nodes.map((n) => n.id).sort();
+    for (const n of nodes) expect(n.node!.memberList()).toEqual(ids);
+    // a silent node stays a member however long it is away
+    const silent = nodes[4]!;
+    silent.group = 1;
+    sim.syncLinks();
+    sim.run(3 * ticks(R));
+    for (const n of nodes.slice(0, 4)) expect(n.node!.memberList()).toContain(silent.id);
+    silent.group = 0;
+    sim.syncLinks();
+    sim.run(6);
+    // leave(): the node takes itself off, by its own word, everywhere
+    const leaver = nodes[3]!;
+    const r = leaver.node!.leave(sim.now);
+    expect(r.ok).toBe(true);
+    sim.apply(leaver, r.output);
+    sim.deliver();
+    sim.crash(leaver, true);
+    sim.run(4);
+    for (const n of sim.live()) {
+      expect(n.node!.memberList()).not.toContain(leaver.id);
+      expect(n.node!.removedMembers()).toEqual([leaver.id]);
+      expect(n.node!.status(sim.now).ownership.members).toBe(4);
+    }
+    // a release of a dead node (the operator; unsigned here) takes it off too
+    const dead = nodes[2]!;
+    sim.crash(dead, true);
+    sim.apply(nodes[0]!, nodes[0]!.node!.forceRelease(dead.id, sim.now));
+    sim.run(4);
+    for (const n of sim.live()) expect(n.node!.memberList()).toEqual([nodes[0]!.id, nodes[1]!.id, silent.id].sort());
+    // a snapshot from before the member list: the list is derived from the owners once, then kept
+    const a = nodes[1]!;
+    const snap = structuredClone(a.node!.snapshot());
+    expect(snap.members?.length).toBeGreaterThan(0);
+    delete snap.members;
+    const old = IpamNode.restore(snap, { ...SIM_CFG, id: a.id }, sim.now);
+    expect(old.memberList()).toEqual([...new Set(a.node!.view().map(([, o]) => o))].sort());
+    expect(old.snapshot().members?.length).toBeGreaterThan(0);
   });
 
   it("two separately founded IPAMs refuse to merge, with a counted error", () => {

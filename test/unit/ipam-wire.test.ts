@@ -18,6 +18,19 @@ const msg = fc.oneof(
   }),
   fc.record({ t: fc.constant("state" as const), epoch: eid, entries: fc.array(fc.tuple(fc.integer({ min: 0, max: 1023 }), id, fc.nat(), fc.constantFrom("t" as const, "p" as const, "c" as const, "f" as const, "o" as const))) }),
   fc.record({ t: fc.constantFrom("req" as const, "nak" as const), epoch: eid }),
+  fc.record({
+    t: fc.constant("members" as const),
+    epoch: eid,
+    records: fc.array(
+      fc.oneof(
+        fc.tuple(id, fc.constant("m" as const), fc.constant(null)),
+        fc.tuple(id, fc.constant("x" as const), fc.constant(null)),
+        fc.tuple(id, fc.constant("x" as const), fc.tuple(fc.constantFrom("leave" as const, "gone" as const), id, fc.uint8Array({ minLength: 32, maxLength: 32 }), fc.uint8Array({ minLength: 64, maxLength: 64 }))),
+        fc.tuple(id, fc.constant("m" as const), fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }), id, id, fc.uint8Array({ minLength: 32, maxLength: 32 }), fc.uint8Array({ minLength: 64, maxLength: 64 }), fc.array(fc.tuple(id, fc.uint8Array({ minLength: 32, maxLength: 32 }), fc.uint8Array({ minLength: 64, maxLength: 64 }), fc.integer({ min: 1, max: 64 })), { maxLength: 3 }))),
+      ),
+      { maxLength: 8 },
+    ),
+  }),
   fc.record({ t: fc.constant("prop" as const), epoch: eid, kind: fc.constantFrom("t" as const, "c" as const, "p" as const), owner: id, to: id, until: fc.nat(), blocks: fc.array(fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }))) }),
   fc.record({ t: fc.constant("prom" as const), epoch: eid, blocks: fc.array(fc.tuple(fc.nat(1023), fc.integer({ min: 1, max: 99 }))) }),
 );
@@ -27,7 +40,9 @@ describe("ipam wire", () => {
     fc.assert(
       fc.property(msg, (m) => {
         const wire = decodeEnvelope(encodeMessage(encodeIpamMessage(m)), 1 << 20);
-        expect(decodeIpamMessage(wire)).toEqual(m as IpamMessage);
+        // (bytes come back as Buffers: compare their contents)
+        const plain = (x: unknown): unknown => (x instanceof Uint8Array ? [...x] : Array.isArray(x) ? x.map(plain) : x && typeof x === "object" ? Object.fromEntries(Object.entries(x).map(([k, v]) => [k, plain(v)])) : x);
+        expect(plain(decodeIpamMessage(wire))).toEqual(plain(m as IpamMessage));
       }),
       { numRuns: 300 },
     );
@@ -57,6 +72,12 @@ describe("ipam wire", () => {
       { ...good, entries: [[0, "0123456789abcdef", 1.5, "t"]] },
       { ...good, entries: [[0, "0123456789abcdef", 1, "x"]] },
       { ...good, entries: [[0, "0123456789abcdef", 1]] },
+      // member records (newer than kind "o": an agent from before refuses the whole message type)
+      { v: 1, t: "members", epoch: epochId("0123456789abcdef", 5), records: [["0123456789abcdef", "y", null]] },
+      { v: 1, t: "members", epoch: epochId("0123456789abcdef", 5), records: [["0123456789abcdef", "x", ["quit", "0123456789abcdef", new Uint8Array(32), new Uint8Array(64)]]] },
+      { v: 1, t: "members", epoch: epochId("0123456789abcdef", 5), records: [["0123456789abcdef", "x", ["gone", "0123456789abcdef", new Uint8Array(31), new Uint8Array(64)]]] },
+      { v: 1, t: "members", epoch: epochId("0123456789abcdef", 5), records: [["0123456789abcdef", "m", [-1, 1, "0123456789abcdef", "0123456789abcdef", new Uint8Array(32), new Uint8Array(64)]]] },
+      { v: 1, t: "members", epoch: epochId("0123456789abcdef", 5), records: Array.from({ length: 65 }, () => ["0123456789abcdef", "m", null]) },
       { v: 1, t: "hello", epoch: { id: "0123456789abcdef.1", founder: "0123456789abcdef", at: 2, range: "10.40.0.0/16", bp: 26 }, beat: 1, beats: [], free: 0, digest: 0 },
       { v: 1, t: "hello", epoch: null, beat: -1, beats: [], free: 0, digest: 0 },
     ];
