@@ -54,6 +54,27 @@ export interface GossipContext {
 /** A hello from a member (its epoch is set). */
 export type HelloFrom = Extract<IpamMessage, { t: "hello" }> & { epoch: EpochInfo };
 
+/** bytes of member records per `members` message (an addition carries its grant's promises, ~130 bytes each) */
+const MEMBERS_BYTES = 128 * 1024;
+
+/** Member records in messages of at most MEMBERS_CHUNK records and about MEMBERS_BYTES bytes. */
+function* memberChunks(records: MemberRecordWire[]): Generator<MemberRecordWire[]> {
+  let cur: MemberRecordWire[] = [];
+  let size = 0;
+  for (const r of records) {
+    const promises = r[1] === "m" && r[2] ? ((r[2][6] as unknown[] | null | undefined)?.length ?? 0) : 0;
+    const bytes = 160 + 130 * promises;
+    if (cur.length > 0 && (cur.length >= MEMBERS_CHUNK || size + bytes > MEMBERS_BYTES)) {
+      yield cur;
+      cur = [];
+      size = 0;
+    }
+    cur.push(r);
+    size += bytes;
+  }
+  if (cur.length > 0) yield cur;
+}
+
 export class Gossip {
   /** nodes known gone here: a Kubernetes Node deletion we saw, or an operator's release we accepted or issued */
   readonly gone = new Set<string>();
@@ -120,8 +141,7 @@ export class Gossip {
     for (let k = 0; k === 0 || k < all.length; k += this.chunk) {
       out.send.push({ to, body: this.stateMsg(all.slice(k, k + this.chunk)) });
     }
-    const recs = this.c.members.records();
-    for (let k = 0; k < recs.length; k += MEMBERS_CHUNK) out.send.push({ to, body: encodeIpamMessage({ t: "members", epoch: this.c.epoch()!.id, records: recs.slice(k, k + MEMBERS_CHUNK) }) });
+    for (const records of memberChunks(this.c.members.records())) out.send.push({ to, body: encodeIpamMessage({ t: "members", epoch: this.c.epoch()!.id, records }) });
     // rate-limit further full syncs only once the peer is known to share our epoch: a peer that had none
     // drops this one (messages may arrive before its first hello), and must get another after it adopts ours
     const inf = this.c.info.get(to);
@@ -143,7 +163,7 @@ export class Gossip {
     if (!this.c.epoch() || records.length === 0) return;
     for (const p of this.c.peers) {
       if (p === except || !this.c.info.get(p)?.epochOk) continue;
-      for (let k = 0; k < records.length; k += MEMBERS_CHUNK) out.send.push({ to: p, body: encodeIpamMessage({ t: "members", epoch: this.c.epoch()!.id, records: records.slice(k, k + MEMBERS_CHUNK) }) });
+      for (const chunk of memberChunks(records)) out.send.push({ to: p, body: encodeIpamMessage({ t: "members", epoch: this.c.epoch()!.id, records: chunk }) });
     }
   }
 
