@@ -16,7 +16,7 @@ import { main as cli } from "../../agent/cli/main.js";
 import { loadOperatorKey } from "../../agent/cli/operator.js";
 import { IPAM_CHANNEL } from "../../agent/ipam.js";
 import { generateIdentity } from "../../src/identity.js";
-import { CTX_ENTRY, CTX_RELEASE, identityKeys, releaseFields } from "../../src/ipam/signing.js";
+import { CTX_ENTRY, CTX_MEMBER, CTX_RELEASE, identityKeys, releaseFields, removalFields } from "../../src/ipam/signing.js";
 import { encodeTopologyMessages, signTopologyRecord, TOPO_CHANNEL, type TopologyRecord } from "../../src/mesh/topology.js";
 import { decodeServerMsg, encodeSignal, type ServerMsg, type SignalData } from "../../src/wire/signal.js";
 import { Cluster, fullMesh, startServer, tmpDir, waitFor } from "../helpers/cluster.js";
@@ -265,11 +265,22 @@ describe("a rogue agent with the token", () => {
       await waitFor(() => x.ipam.status().counters.releasesRefused >= refused0 + 2 * blocks.length, 10_000, "forged releases refused and counted");
       expect(ownedByV()).toEqual(blocks); // the silent node keeps its blocks
       expect(x.ipam.status().counters.forged).toBeGreaterThanOrEqual(2 * blocks.length);
+      // nor can it take the silent node off the member list (which would shrink every majority): a
+      // "leave" in the victim's name (signed with the rogue's key: forged, counted) or a "gone" signed by
+      // itself (valid, but x never saw the victim gone: refused)
+      const forged0 = x.ipam.status().counters.forged;
+      const removal = (reason: "leave" | "gone", by: string) => ({ v: 1, t: "members", epoch, records: [[v.id, "x", [reason, by, R.publicKey, keys.sign(CTX_MEMBER, removalFields(epoch, v.id, reason, by))]]] });
+      for (const body of [removal("leave", v.id), removal("gone", rogue.id)]) expect(rogue.mesh.sendApp(x.id, IPAM_CHANNEL, body)).toBe(true);
+      await waitFor(() => x.ipam.status().counters.forged > forged0, 10_000, "the forged member removal refused and counted");
+      expect(x.ipam.node.memberList()).toContain(v.id);
+      expect(x.ipam.node.removedMembers()).toEqual([]);
       // the operator's release (the real CLI: it reads x's view, signs each block with the operator key)
       expect(await cli(["ipam", "release", v.id, "--operator-key-file", keyFile, "--state-dir", x.cfg.stateDir, "--json"])).toBe(0);
       for (const a of [x, rogue]) await waitFor(() => blocks.every((i) => a.ipam.node.view()[i]![1] === x.id), 10_000, `${a.name} accepts the operator's release`);
       expect(x.ipam.status().counters.releasesRefused).toBe(refused0 + 2 * blocks.length);
       expect(rogue.ipam.status().counters.releasesRefused).toBe(0);
+      // the operator's release takes the victim off the member list everywhere
+      for (const a of [x, rogue]) await waitFor(() => a.ipam.node.removedMembers().includes(v.id) && !a.ipam.node.memberList().includes(v.id), 10_000, `${a.name} removes the released node from its member list`);
     } finally {
       rmSync(keyDir, { recursive: true, force: true });
     }
