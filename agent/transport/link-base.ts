@@ -361,6 +361,7 @@ export abstract class LinkBase implements TransportLink {
   private startSearch(sel: SelectedPath | undefined): void {
     if (this.isDone() || this.pathMtuConfirmed || this.search) return;
     const limit = this.limitToward(sel);
+    this.log.debug("path MTU search", { built: this.pathMtu, localType: sel?.localType, localAddress: sel?.localAddress, remoteType: sel?.remoteType, remoteAddress: sel?.remoteAddress, limit: limit?.() });
     const search = (this.search = new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu!, tries: SEARCH_TRIES, minWaitMs: SEARCH_WAIT_MS, ...(limit ? { localLimit: limit } : {}) }));
     this.probeNonce = globalThis.crypto.getRandomValues(new Uint8Array(8));
     this.applySearch(search.handle({ kind: "start" }, performance.now()));
