@@ -562,6 +562,7 @@ export class Agent implements AgentView {
       stun: { serving: this.stun?.status(this.reflexive) ?? null, using: this.stunUses() },
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.routePolicy.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routePolicy.conflicts },
       pmtu: this.transport.pmtu?.() ?? null,
+      pmtuFixed: this.transport.pmtuFixed ?? null,
       counters: {
         ...this.mesh.counters,
         relayBytesIn: this.relay?.counters.bytesIn ?? 0,

@@ -48,6 +48,8 @@ export interface AgentStatus {
   routes: { advertised: string[]; inForce: string[]; snat: boolean; conflicts: RouteConflict[] };
   /** the WebRTC transport's path MTU searches (native; null for werift, which never searches); the bulk link's: bulk.pmtu */
   pmtu: PmtuCounters | null;
+  /** why the WebRTC transport's links do not search their path MTU (werift), else null */
+  pmtuFixed?: string | null;
   counters: MeshCounters & { relayBytesIn: number; relayBytesOut: number; relayBadFrames: number; badSignalFrames: number; badGossip: number; rejectedTopologyRecords: number; forgedTopologyRecords: number };
 }
 

@@ -533,6 +533,7 @@ export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockC
     `node      ${n.name} (${n.id})\n` +
     `version   ${n.version}, transport ${n.transport}, up ${fmtDuration(n.uptimeMs)}\n` +
     `signaling ${n.signal.url} ${n.signal.connected ? "connected" : "DISCONNECTED"}${n.signal.addr ? `, seen as ${n.signal.addr}` : ""}\n` +
+    (st.pmtuFixed ? `path MTU  ${st.pmtuFixed}\n` : "") +
     (local ? `blocks    ${local.blockCount ? `${listCidrs(local.blocks)} (${local.blockCount} block${local.blockCount === 1 ? "" : "s"})` : "none yet"}, ${local.pods} pod${local.pods === 1 ? "" : "s"}\n` : "");
   const gone = st.peers.filter((p) => p.state === "gone").length;
   const live = st.peers.filter((p) => p.state !== "gone");

@@ -141,6 +141,7 @@ export async function createWeriftTransport(opts: WeriftTransportOptions = {}): 
 
   return {
     name: "werift",
+    pmtuFixed: WERIFT_PMTU_FIXED,
     fingerprint,
     certificate: pem,
     get linkCount() {
@@ -185,6 +186,13 @@ interface LinkEnv {
 const ABORT_GRACE_MS = 20;
 /** werift's SCTP DATA chunk payload limit (werift/sctp USERDATA_MAX_LENGTH). */
 const WERIFT_CHUNK = 1200;
+/**
+ * Why werift links never search their path MTU (status `pmtuFixed`): werift's SCTP has no per-association MTU or
+ * maximum packet size (node_modules/werift/lib/sctp/src/sctp.js: USERDATA_MAX_LENGTH = 1200 is a module constant
+ * its fragmentation and congestion window use), so every packet is one chunk of at most 1200 bytes (~1290 bytes of
+ * IPv4 with SCTP/DTLS/UDP headers) whatever the path carries: there is no larger size to probe for.
+ */
+export const WERIFT_PMTU_FIXED = "fixed 1200-byte SCTP chunks (~1290-byte packets): werift cannot change its SCTP chunk size per association (USERDATA_MAX_LENGTH is a module constant of werift/sctp), so there is no path MTU to search";
 
 class WeriftLink extends LinkBase {
   private readonly pc: RTCPeerConnection;

@@ -140,6 +140,8 @@ export interface Transport {
   readonly name: string;
   /** Path MTU search counters of this transport's links (transports that search: native). */
   pmtu?(): PmtuCounters;
+  /** Why this transport's links do not search their path MTU (transports that cannot: werift), for status. */
+  readonly pmtuFixed?: string;
   /** DTLS certificate fingerprint used by every link of this transport (one certificate per agent run). */
   readonly fingerprint: Fingerprint;
   createLink(opts: LinkOptions): TransportLink;
