@@ -2,24 +2,35 @@
  * The read loop both FFI devices use (agent/os/tun.ts: the TUN, agent/os/udp.ts: the bulk link's UDP socket),
  * plus the libc binding they share (koffi, loaded once per process).
  *
- * Loop, all on the JS thread except the wait:
+ * Loop, all on the JS thread:
  *   drain:  the owner's drain() reads until EAGAIN or its batch limit and says which: "more" (limit hit:
  *           continue via setImmediate so timers and I/O get their turn), "data"/"idle" (EAGAIN after some
  *           data / none), "stop".
- *   wait:   poll([fd, eventfd], timeout) through koffi's async call, i.e. on a libuv worker thread, so the
- *           event loop never blocks. close() writes the eventfd so an in-flight poll returns at once; the
- *           timeout (default 200 ms) is only a safety net. close() resolves once no poll is in flight, so
- *           the owner never closes an fd number a worker thread still polls.
- *   busy-poll: a wake-up through the worker thread costs two thread switches (worker, then the event loop),
- *           which on a loaded box is most of an idle round trip. So for a short window after traffic on ANY
- *           reader of this process (busyPollUs, default 1000 us; WEFTNET_BUSY_POLL_US, 0 = off), an idle
- *           drain is retried from setImmediate instead of parking in poll(): the packet that answers the
- *           one just forwarded (a ping's reply, a TCP ACK) is read by the running event loop. Traffic on
+ *   wait:   two ways to learn that the fd is readable again (WEFTNET_FD_WAIT=uv|pool picks one; default uv
+ *           where it works):
+ *           - "uv" (default): the event loop's own epoll watches the fd. A uv_poll handle (libuv's uv_poll_init
+ *             and uv_poll_start, exported by the node binary, called through koffi.load(null)) with a koffi
+ *             registered callback, which libuv calls on the JS thread: a readable fd wakes the event loop
+ *             directly, one wake-up per packet, like a native addon's uv_poll. The callback only schedules
+ *             the drain (setImmediate: it runs in the same loop iteration, in a proper callback scope, so
+ *             promise jobs and nextTicks the drain creates run at once). Only on Node's main thread
+ *             (uv_default_loop() is the main thread's loop; a worker thread falls back to "pool").
+ *           - "pool": poll([fd, eventfd], timeout) through koffi's async call, i.e. on a libuv worker thread.
+ *             A wake costs two: the kernel wakes the worker, the worker's completion (uv_async_send) wakes
+ *             the event loop; and the pool is shared with fs/dns/crypto work. close() writes the eventfd so
+ *             an in-flight poll returns at once; the timeout (default 200 ms) is only a safety net.
+ *           Either way close() resolves once nothing watches the fd any more, so the owner never closes an
+ *           fd number libuv or a worker thread still uses.
+ *   busy-poll: for a short window after traffic on ANY reader of this process (busyPollUs; WEFTNET_BUSY_POLL_US,
+ *           0 = off), an idle drain is retried from setImmediate instead of parking: the packet that answers
+ *           the one just forwarded (a ping's reply, a TCP ACK) is read by the running event loop. Traffic on
  *           one reader (say the UDP socket) also kicks the others (the TUN, where the answer will appear).
- *           The window is bounded, so an idle agent sleeps in poll() as before. Only a process with more
- *           than one reader (the TUN and the bulk socket) arms it: a TUN alone (--no-bulk) never spins.
+ *           The window is bounded, so an idle agent sleeps. Only a process with more than one reader arms it
+ *           (a TUN alone, --no-bulk, never spins). Default 1000 us with "pool" (there it saved a two-thread
+ *           wake); 0 with "uv" (measured: a direct wake costs no more than the spin saved, see README).
  */
 import { createRequire } from "node:module";
+import { isMainThread } from "node:worker_threads";
 
 export interface BaseLibc {
   koffi: typeof import("koffi");
@@ -69,20 +80,105 @@ export function baseLibc(): BaseLibc {
 const POLLIN = 1;
 const EFD_NONBLOCK = 0o4000;
 const EFD_CLOEXEC = 0o2000000;
+const UV_POLL = 8; // uv_handle_type
+const UV_READABLE = 1;
 
 /** "more": the batch limit was hit; "data": read something, then EAGAIN; "idle": nothing there; "stop": the loop ends. */
 export type DrainResult = "more" | "data" | "idle" | "stop";
 
+/** How an idle reader waits for its fd (see the header). */
+export type FdWaitMode = "uv" | "pool";
+
 export interface FdReaderOptions {
-  /** Safety-net poll timeout. Default 200 ms. */
+  /** Safety-net poll timeout ("pool" only). Default 200 ms. */
   pollTimeoutMs?: number;
-  /** Busy-poll window after traffic, microseconds (see the header). Default WEFTNET_BUSY_POLL_US or 1000. */
+  /** Busy-poll window after traffic, microseconds (see the header). Default WEFTNET_BUSY_POLL_US, else 0 ("uv") / 1000 ("pool"). */
   busyPollUs?: number;
+  /** Wait mode. Default WEFTNET_FD_WAIT, else "uv" where available. */
+  wait?: FdWaitMode;
 }
 
-export function defaultBusyPollUs(): number {
+export function defaultBusyPollUs(mode: FdWaitMode = "pool"): number {
   const v = Number(process.env.WEFTNET_BUSY_POLL_US);
-  return process.env.WEFTNET_BUSY_POLL_US !== undefined && Number.isFinite(v) && v >= 0 ? v : 1000;
+  if (process.env.WEFTNET_BUSY_POLL_US !== undefined && Number.isFinite(v) && v >= 0) return v;
+  return mode === "uv" ? 0 : 1000;
+}
+
+/**
+ * libuv's poll handle through the node binary's own exports (koffi.load(null) = the running process). One
+ * registered callback pair per module instance; callbacks find their reader by the handle's address.
+ */
+interface UvPoll {
+  handleSize: number;
+  /** handle address -> what to call when libuv reports it readable (status < 0: an error) */
+  watchers: Map<number, (status: number) => void>;
+  /** handle address -> what to call once libuv let go of the handle */
+  closers: Map<number, () => void>;
+  init(handle: Uint8Array, fd: number): number;
+  start(handle: Uint8Array): number;
+  stop(handle: Uint8Array): number;
+  close(handle: Uint8Array): void;
+  strerror(rc: number): string;
+}
+
+let uvPoll: UvPoll | null | undefined;
+
+/** The uv_poll binding, or null where it cannot work (not Node's main thread, symbols missing). */
+export function uvPollBinding(c: BaseLibc = baseLibc()): UvPoll | null {
+  if (uvPoll !== undefined) return uvPoll;
+  uvPoll = null;
+  if (!isMainThread || typeof process.versions.uv !== "string" || process.versions.bun || (globalThis as { Deno?: unknown }).Deno) return null;
+  try {
+    const k = c.koffi;
+    const self = k.load(null as unknown as string);
+    const loop = self.func("void *uv_default_loop(void)")() as unknown;
+    const handleSize = Number(self.func("size_t uv_handle_size(int type)")(UV_POLL));
+    if (!loop || !(handleSize > 0 && handleSize <= 4096)) return null;
+    const pollInit = self.func("int uv_poll_init(void *loop, void *handle, int fd)");
+    const PollCb = k.proto("void", ["uintptr_t", "int", "int"]);
+    const CloseCb = k.proto("void", ["uintptr_t"]);
+    const pollStart = self.func("uv_poll_start", "int", ["void *", "int", k.pointer(PollCb)]);
+    const pollStop = self.func("int uv_poll_stop(void *handle)");
+    const uvClose = self.func("uv_close", "void", ["void *", k.pointer(CloseCb)]);
+    const uvStrerror = self.func("const char *uv_strerror(int err)");
+    const watchers = new Map<number, (status: number) => void>();
+    const closers = new Map<number, () => void>();
+    // Called by libuv on this (the JS) thread, outside any JS frame: must never throw.
+    const onPoll = k.register((h: number | bigint, status: number) => {
+      try {
+        watchers.get(Number(h))?.(status);
+      } catch {
+        /* the reader reports its own errors */
+      }
+    }, k.pointer(PollCb));
+    const onClose = k.register((h: number | bigint) => {
+      const done = closers.get(Number(h));
+      closers.delete(Number(h));
+      try {
+        done?.();
+      } catch {
+        /* see onPoll */
+      }
+    }, k.pointer(CloseCb));
+    uvPoll = {
+      handleSize,
+      watchers,
+      closers,
+      init: (h, fd) => pollInit(loop, h, fd) as number,
+      start: (h) => pollStart(h, UV_READABLE, onPoll) as number,
+      stop: (h) => pollStop(h) as number,
+      close: (h) => uvClose(h, onClose),
+      strerror: (rc) => uvStrerror(rc) as string,
+    };
+  } catch {
+    uvPoll = null;
+  }
+  return uvPoll;
+}
+
+function waitModeOf(opt: FdWaitMode | undefined): FdWaitMode {
+  const env = process.env.WEFTNET_FD_WAIT;
+  return opt ?? (env === "pool" || env === "uv" ? env : "uv");
 }
 
 /** Traffic seen by any reader of this process: until when idle drains spin instead of parking. */
@@ -95,6 +191,10 @@ export class FdReader {
   private readonly efd: number;
   private readonly pollTimeoutMs: number;
   private readonly busyPollMs: number;
+  private mode: FdWaitMode;
+  /** "uv": the uv_poll_t (held until libuv's close callback), its address, whether uv_poll_init ran */
+  private uvHandle: Buffer | undefined;
+  private uvAddr = 0;
   private polling = false;
   private scheduled = false;
   private started = false;
@@ -106,25 +206,32 @@ export class FdReader {
   private pollFailures = 0;
 
   /**
-   * `drain` reads what is there (see DrainResult); `fail` is told when poll() keeps failing (the loop stops).
+   * `drain` reads what is there (see DrainResult); `fail` is told when waiting keeps failing (the loop stops).
    * Throws when the eventfd cannot be made (the owner cleans up).
    */
   constructor(
     private readonly c: BaseLibc,
-    fd: number,
+    private readonly fd: number,
     private readonly drain: () => DrainResult,
     private readonly fail: (err: Error) => void,
     opts: FdReaderOptions = {},
   ) {
+    this.mode = waitModeOf(opts.wait);
+    if (this.mode === "uv" && !uvPollBinding(c)) this.mode = "pool";
     this.efd = c.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (this.efd < 0) throw new Error(`eventfd failed: ${c.errnoName(c.errno())}`);
     this.pollTimeoutMs = Math.max(1, opts.pollTimeoutMs ?? 200);
-    this.busyPollMs = Math.max(0, opts.busyPollUs ?? defaultBusyPollUs()) / 1000;
+    this.busyPollMs = Math.max(0, opts.busyPollUs ?? defaultBusyPollUs(this.mode)) / 1000;
     this.pfd.writeInt32LE(fd, 0);
     this.pfd.writeInt16LE(POLLIN, 4);
     this.pfd.writeInt32LE(this.efd, 8);
     this.pfd.writeInt16LE(POLLIN, 12);
     this.wake.writeBigUInt64LE(1n);
+  }
+
+  /** How this reader waits ("pool" also where "uv" was asked for but is not available). */
+  get waitMode(): FdWaitMode {
+    return this.mode;
   }
 
   get isPaused(): boolean {
@@ -139,12 +246,14 @@ export class FdReader {
 
   pause(): void {
     this.paused = true;
+    // A parked uv watcher would keep firing (level-triggered) while nobody reads: stop it.
+    if (this.mode === "uv" && this.polling) this.uvStop();
   }
 
   resume(): void {
     if (!this.paused) return;
     this.paused = false;
-    // An in-flight poll restarts the drain when it returns; otherwise start one now.
+    // An in-flight pool poll restarts the drain when it returns; otherwise start one now.
     if (!this.polling) this.schedule();
   }
 
@@ -165,6 +274,7 @@ export class FdReader {
 
   private schedule(): void {
     if (this.scheduled || this.closing || this.paused || !this.started) return;
+    if (this.polling && this.mode === "uv") this.uvStop(); // read now; park again after the drain
     this.scheduled = true;
     setImmediate(this.run);
   }
@@ -186,6 +296,7 @@ export class FdReader {
   };
 
   private waitReadable(): void {
+    if (this.mode === "uv" && this.uvWait()) return;
     this.polling = true;
     this.c.pollAsync(this.pfd, 2, this.pollTimeoutMs, (err, rc) => {
       this.polling = false;
@@ -194,13 +305,7 @@ export class FdReader {
         return;
       }
       if (err || rc < 0) {
-        // EINTR or a transient failure: retry, but never spin.
-        if (++this.pollFailures > 100) {
-          readers.delete(this);
-          this.fail(new Error(`poll keeps failing: ${String(err ?? rc)}`));
-          return;
-        }
-        if (!this.paused) setTimeout(() => this.schedule(), 10);
+        this.waitFailed(String(err ?? rc));
         return;
       }
       this.pollFailures = 0;
@@ -208,7 +313,63 @@ export class FdReader {
     });
   }
 
-  /** Stop the loop; resolves once no poll is in flight (then the owner may close its fd). */
+  /** EINTR or a transient failure: retry, but never spin; give up after 100 in a row. */
+  private waitFailed(why: string): void {
+    if (++this.pollFailures > 100) {
+      readers.delete(this);
+      this.fail(new Error(`waiting for the fd keeps failing: ${why}`));
+      return;
+    }
+    if (!this.paused) setTimeout(() => this.schedule(), 10);
+  }
+
+  // ---- "uv": the event loop's epoll watches the fd ----------------------------------------------------
+
+  /** Park on a uv_poll watcher; false: "uv" does not work for this fd (the reader switches to "pool"). */
+  private uvWait(): boolean {
+    const uv = uvPollBinding(this.c)!;
+    if (!this.uvHandle) {
+      const h = Buffer.allocUnsafeSlow(uv.handleSize).fill(0);
+      const rc = uv.init(h, this.fd);
+      if (rc < 0) {
+        // e.g. EEXIST: something else in this process already watches the fd
+        this.mode = "pool";
+        return false;
+      }
+      this.uvHandle = h;
+      this.uvAddr = this.c.addr(h);
+      uv.watchers.set(this.uvAddr, this.uvReadable);
+    }
+    const rc = uv.start(this.uvHandle);
+    if (rc < 0) {
+      this.waitFailed(`uv_poll_start: ${uv.strerror(rc)}`);
+      return true;
+    }
+    this.polling = true;
+    return true;
+  }
+
+  private uvStop(): void {
+    this.polling = false;
+    if (this.uvHandle) uvPollBinding(this.c)!.stop(this.uvHandle);
+  }
+
+  /** libuv: the fd is readable (or status < 0: an error). On the JS thread, outside any JS frame. */
+  private readonly uvReadable = (status: number): void => {
+    if (!this.polling) return;
+    this.uvStop();
+    if (this.closing) return;
+    if (status < 0) {
+      this.waitFailed(`uv_poll: ${uvPollBinding(this.c)!.strerror(status)}`);
+      return;
+    }
+    this.pollFailures = 0;
+    // setImmediate: the drain runs in this same loop iteration, inside a callback scope (promise jobs and
+    // nextTicks it queues run right after it, which they would not directly from here).
+    this.schedule();
+  };
+
+  /** Stop the loop; resolves once nothing waits on the fd (then the owner may close it). */
   close(): Promise<void> {
     if (this.closePromise) return this.closePromise;
     this.closing = true;
@@ -216,7 +377,20 @@ export class FdReader {
     this.closePromise = new Promise<void>((resolve) => {
       this.resolveClose = resolve;
     });
-    if (this.polling) this.c.write(this.efd, this.wake, 8); // the poll callback finishes the close
+    if (this.uvHandle) {
+      // libuv owns the handle's memory until its close callback: keep the buffer referenced until then.
+      const uv = uvPollBinding(this.c)!;
+      const h = this.uvHandle;
+      this.polling = false;
+      uv.watchers.delete(this.uvAddr);
+      uv.closers.set(this.uvAddr, () => {
+        void h;
+        this.uvHandle = undefined;
+        this.finishClose();
+      });
+      uv.stop(h);
+      uv.close(h);
+    } else if (this.polling) this.c.write(this.efd, this.wake, 8); // the poll callback finishes the close
     else this.finishClose();
     return this.closePromise;
   }

@@ -15,12 +15,10 @@
  *          valid only during onBatch). Deliver the batch to onBatch (one call per drain: the caller flushes
  *          coalesced frames there). If the drain stopped on the batch limit, continue via setImmediate so
  *          timers and I/O get their turn; if it hit EAGAIN, wait.
- *   wait:  agent/os/fd-reader.ts (shared with the bulk link's UDP socket): poll([tun fd, eventfd]) on a
- *          worker thread, so the event loop never blocks; busy-poll from setImmediate for a short window
- *          after traffic (the answer to a forwarded packet is read without a thread hop); close() wakes the
- *          poll and closes the fd only once no worker thread polls it.
- *   An idle device keeps one worker thread parked in poll(); an agent with one TUN leaves the others of
- *   libuv's pool (UV_THREADPOOL_SIZE, default 4) to fs/dns/crypto.
+ *   wait:  agent/os/fd-reader.ts (shared with the bulk link's UDP socket): by default a uv_poll watcher on
+ *          the event loop's own epoll (a readable TUN wakes the JS thread directly); WEFTNET_FD_WAIT=pool:
+ *          poll([tun fd, eventfd]) on a libuv worker thread. close() stops the wait and closes the fd only
+ *          once nothing watches it. An idle device sleeps.
  *   pause() stops after the current batch; resume() restarts (or lets the in-flight poll restart).
  *
  * Writes are non-blocking write() calls, one per packet; EAGAIN/ENOBUFS count as `queue-full`, any other
@@ -33,7 +31,7 @@ import { WeftError } from "../../src/errors.js";
 import { DropCounters } from "../../src/packet/drop.js";
 import type { PacketDevice, PacketDeviceStats } from "../../src/packet/device.js";
 import { MAX_VNET_PACKET } from "../../src/packet/vnet.js";
-import { baseLibc, FdReader, type BaseLibc, type DrainResult } from "./fd-reader.js";
+import { baseLibc, FdReader, type BaseLibc, type DrainResult, type FdWaitMode } from "./fd-reader.js";
 
 export type TunErrorCode = "ERR_TUN_PERMISSION" | "ERR_TUN_UNAVAILABLE" | "ERR_TUN_BUSY" | "ERR_TUN_SETUP" | "ERR_TUN_CLOSED";
 
@@ -67,8 +65,10 @@ export interface TunOptions {
   reuseSlab?: boolean;
   /** Safety-net poll timeout (close() wakes the poll at once anyway). Default 200 ms. */
   pollTimeoutMs?: number;
-  /** Busy-poll window after traffic (agent/os/fd-reader.ts). Default WEFTNET_BUSY_POLL_US or 1000 us. */
+  /** Busy-poll window after traffic (agent/os/fd-reader.ts). Default WEFTNET_BUSY_POLL_US, else 0 ("uv") / 1000 us ("pool"). */
   busyPollUs?: number;
+  /** How the idle device waits (agent/os/fd-reader.ts). Default WEFTNET_FD_WAIT, else "uv" where available. */
+  wait?: FdWaitMode;
 }
 
 export const DEFAULT_TUN_NAME = "weft0";
@@ -172,7 +172,13 @@ export class TunDevice implements PacketDevice {
     this.reader = new FdReader(c, fd, this.drain, (err) => this.fail(new TunError("ERR_TUN_SETUP", `TUN ${this.name}: ${err.message}`)), {
       ...(opts.pollTimeoutMs !== undefined ? { pollTimeoutMs: opts.pollTimeoutMs } : {}),
       ...(opts.busyPollUs !== undefined ? { busyPollUs: opts.busyPollUs } : {}),
+      ...(opts.wait !== undefined ? { wait: opts.wait } : {}),
     });
+  }
+
+  /** How the idle device waits for packets ("uv": the event loop's epoll; "pool": a libuv worker thread). */
+  get waitMode(): FdWaitMode {
+    return this.reader.waitMode;
   }
 
   /** Alias of `name` for the route/bridge adapters. */

@@ -7,7 +7,7 @@
  *   (EIO/EINVAL) turns it off for this socket and the batch goes out one datagram per sendmsg.
  * - receive: UDP_GRO on: the kernel hands consecutive datagrams of one flow as one buffer plus their
  *   segment size (a cmsg); recvmsg() in a loop until EAGAIN (or maxBatch), then wait: the read loop the
- *   TUN uses too (agent/os/fd-reader.ts: poll() on a worker thread, busy-poll briefly after traffic). Each recvmsg
+ *   TUN uses too (agent/os/fd-reader.ts: a uv_poll watcher on the event loop's epoll). Each recvmsg
  *   of a drain reads into the next part of one receive slab, so everything handed to onData in a drain
  *   stays valid until the next drain starts (the next turn of the event loop at the earliest): a consumer
  *   may collect packets and write them out from setImmediate without copying.
@@ -20,7 +20,7 @@
  */
 import { WeftError } from "../../src/errors.js";
 import type { Endpoint } from "../../src/bulk/wire.js";
-import { baseLibc, FdReader, type BaseLibc, type DrainResult } from "./fd-reader.js";
+import { baseLibc, FdReader, type BaseLibc, type DrainResult, type FdWaitMode } from "./fd-reader.js";
 
 export type UdpErrorCode = "ERR_UDP_UNAVAILABLE" | "ERR_UDP_BIND" | "ERR_UDP_SETUP" | "ERR_UDP_CLOSED";
 
@@ -48,6 +48,13 @@ export interface UdpSocketOptions {
   pollTimeoutMs?: number;
   /** Busy-poll window after traffic (agent/os/fd-reader.ts). */
   busyPollUs?: number;
+  /** How the idle socket waits (agent/os/fd-reader.ts). */
+  wait?: FdWaitMode;
+  /**
+   * SO_TIMESTAMPNS: record the kernel's receive time of the last datagram read (`lastRxStamp`), so a
+   * benchmark can tell the wake-up latency (kernel arrival -> JS). Default false.
+   */
+  rxTimestamps?: boolean;
 }
 
 export interface UdpStats {
@@ -76,6 +83,7 @@ const SO_SNDBUF = 7;
 const SO_RCVBUF = 8;
 const SO_SNDBUFFORCE = 32;
 const SO_RCVBUFFORCE = 33;
+const SO_TIMESTAMPNS = 35; // = SCM_TIMESTAMPNS
 const SOL_UDP = 17;
 const UDP_SEGMENT = 103;
 const UDP_GRO = 104;
@@ -172,6 +180,8 @@ export class UdpSocket {
   private readonly rBufAddr: number;
   private readonly addrCache = new WeakMap<ArrayBufferLike, number>();
   private readonly from: Endpoint = { addr: 0, port: 0 };
+  /** With rxTimestamps: CLOCK_REALTIME of the kernel's receipt of the last datagram read, [seconds, nanoseconds]. */
+  readonly lastRxStamp: [number, number] = [0, 0];
   private onData: UdpReceiver | undefined;
   private onBatchEnd: (() => void) | undefined;
   private onError: ((err: Error) => void) | undefined;
@@ -209,7 +219,13 @@ export class UdpSocket {
     this.reader = new FdReader(c, fd, this.drain, (err) => this.report(new UdpError("ERR_UDP_SETUP", `bulk UDP socket: ${err.message}`)), {
       ...(opts.pollTimeoutMs !== undefined ? { pollTimeoutMs: opts.pollTimeoutMs } : {}),
       ...(opts.busyPollUs !== undefined ? { busyPollUs: opts.busyPollUs } : {}),
+      ...(opts.wait !== undefined ? { wait: opts.wait } : {}),
     });
+  }
+
+  /** How the idle socket waits for datagrams ("uv": the event loop's epoll; "pool": a libuv worker thread). */
+  get waitMode(): FdWaitMode {
+    return this.reader.waitMode;
   }
 
   static open(opts: UdpSocketOptions = {}): UdpSocket {
@@ -226,6 +242,7 @@ export class UdpSocket {
       const snd = opts.sndbuf ?? 4 << 20;
       if (c.setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, int(rcv), 4) < 0) c.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, int(rcv), 4);
       if (c.setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, int(snd), 4) < 0) c.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, int(snd), 4);
+      if (opts.rxTimestamps) c.setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, int(1), 4);
       let gro = false;
       if (opts.gro !== false) gro = c.setsockopt(fd, SOL_UDP, UDP_GRO, int(1), 4) === 0;
       c.setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, int(IP_PMTUDISC_DO), 4); // no fragments: the path MTU is searched (src/bulk/session.ts)
@@ -340,6 +357,15 @@ export class UdpSocket {
     this.reader.start();
   }
 
+  /** Stop reading after the current drain (datagrams wait in the socket's buffer); resume() reads on. */
+  pause(): void {
+    this.reader.pause();
+  }
+
+  resume(): void {
+    this.reader.resume();
+  }
+
   /** Drains started so far: data from an earlier drain is no longer valid (see the header). */
   drains = 0;
 
@@ -374,7 +400,13 @@ export class UdpSocket {
       for (let o = 0; o + CMSG_HDR <= ctlLen; ) {
         const len = this.rCtl.readUInt32LE(o);
         if (len < CMSG_HDR) break;
-        if (this.rCtl.readInt32LE(o + 8) === SOL_UDP && this.rCtl.readInt32LE(o + 12) === UDP_GRO) seg = this.rCtl.readInt32LE(o + CMSG_HDR) || n;
+        const level = this.rCtl.readInt32LE(o + 8);
+        const type = this.rCtl.readInt32LE(o + 12);
+        if (level === SOL_UDP && type === UDP_GRO) seg = this.rCtl.readInt32LE(o + CMSG_HDR) || n;
+        else if (level === SOL_SOCKET && type === SO_TIMESTAMPNS && len >= CMSG_HDR + 16) {
+          this.lastRxStamp[0] = Number(this.rCtl.readBigInt64LE(o + CMSG_HDR));
+          this.lastRxStamp[1] = Number(this.rCtl.readBigInt64LE(o + CMSG_HDR + 8));
+        }
         o += (len + 7) & ~7;
       }
       const r = this.rName;

@@ -1,0 +1,171 @@
+/**
+ * The FFI read loop's wait (agent/os/fd-reader.ts) with the bulk link's real UDP socket, in a child process
+ * (Node's main thread, where the "uv" wait works; the modules are transpiled on the fly, no tsx here), for
+ * both wait modes:
+ * - every datagram sent after an idle gap (a cold wake each) is read and echoed;
+ * - pause() stops reading (a datagram sent meanwhile waits in the socket), resume() reads it;
+ * - an idle reader sleeps: its CPU time over 2 s stays far below a spinning loop's (loose bound, not a timing);
+ * - close() lets go of the fd: the child's event loop has nothing left and the process exits on its own.
+ */
+import { spawn } from "node:child_process";
+import dgram from "node:dgram";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { createInterface } from "node:readline";
+import ts from "typescript";
+import { afterAll, describe, expect, it } from "vitest";
+
+const root = resolve(import.meta.dirname, "../..");
+
+/** udp.ts and every local module it imports, transitively (relative imports only). */
+function localClosure(entry: string): string[] {
+  const seen = new Set<string>();
+  const visit = (f: string) => {
+    if (seen.has(f)) return;
+    seen.add(f);
+    for (const m of readFileSync(join(root, f), "utf8").matchAll(/(?:import|export)\s[^'"]*?from\s*["'](\.[^"']+)["']/g)) visit(join(dirname(f), m[1]!).replace(/\.js$/, ".ts"));
+  };
+  visit(entry);
+  return [...seen];
+}
+
+// The child: opens the socket with the asked wait mode, echoes every datagram, obeys commands on stdin.
+const CHILD = `
+import { createInterface } from "node:readline";
+import { UdpSocket } from "./agent/os/udp.js";
+const out = (m) => process.stdout.write(JSON.stringify(m) + "\\n");
+const sock = UdpSocket.open({ address: "127.0.0.1", wait: process.argv[2] });
+sock.start((data, _seg, from) => {
+  const b = Buffer.allocUnsafeSlow(data.length);
+  b.set(data);
+  sock.sendBatch({ addr: from.addr, port: from.port }, b, b.length, 1);
+});
+out({ t: "ready", port: sock.port, waitMode: sock.waitMode });
+const rl = createInterface({ input: process.stdin });
+rl.on("line", async (line) => {
+  const m = JSON.parse(line);
+  if (m.t === "pause") { sock.pause(); out({ t: "paused" }); }
+  else if (m.t === "resume") { sock.resume(); out({ t: "resumed" }); }
+  else if (m.t === "idle-cpu") {
+    const c0 = process.cpuUsage();
+    const t0 = performance.now();
+    await new Promise((r) => setTimeout(r, m.ms));
+    const c = process.cpuUsage(c0);
+    out({ t: "cpu", cpuMs: (c.user + c.system) / 1000, wallMs: performance.now() - t0 });
+  } else if (m.t === "close") {
+    rl.close();
+    process.stdin.destroy();
+    await sock.close();
+    out({ t: "closed" });
+    // no process.exit: the child must end because nothing keeps its event loop alive
+  }
+});
+`;
+
+let dir: string | undefined;
+function buildChild(): string {
+  if (dir) return dir;
+  dir = mkdtempSync(join(tmpdir(), "weftnet-fdwait-"));
+  for (const f of localClosure("agent/os/udp.ts")) {
+    const js = ts.transpileModule(readFileSync(join(root, f), "utf8"), { compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 } }).outputText;
+    const target = join(dir, f.replace(/\.ts$/, ".js"));
+    mkdirSync(dirname(target), { recursive: true });
+    writeFileSync(target, js);
+  }
+  writeFileSync(join(dir, "package.json"), JSON.stringify({ type: "module" }));
+  writeFileSync(join(dir, "child.js"), CHILD);
+  symlinkSync(join(root, "node_modules"), join(dir, "node_modules"));
+  return dir;
+}
+
+afterAll(() => {
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+interface Msg {
+  t: string;
+  port?: number;
+  waitMode?: string;
+  cpuMs?: number;
+  wallMs?: number;
+}
+
+async function scenario(mode: "uv" | "pool"): Promise<void> {
+  const child = spawn(process.execPath, ["child.js", mode], { cwd: buildChild(), stdio: ["pipe", "pipe", "pipe"] });
+  const stderr: string[] = [];
+  child.stderr.on("data", (d: Buffer) => stderr.push(d.toString()));
+  const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+  const inbox: Msg[] = [];
+  const waiters: (() => void)[] = [];
+  createInterface({ input: child.stdout }).on("line", (line) => {
+    inbox.push(JSON.parse(line) as Msg);
+    waiters.splice(0).forEach((w) => w());
+  });
+  const next = async (t: string, ms = 20_000): Promise<Msg> => {
+    const deadline = Date.now() + ms;
+    for (;;) {
+      const i = inbox.findIndex((m) => m.t === t);
+      if (i >= 0) return inbox.splice(i, 1)[0]!;
+      if (Date.now() > deadline) throw new Error(`child did not say ${t}; stderr: ${stderr.join("")}`);
+      await new Promise<void>((r) => {
+        waiters.push(r);
+        setTimeout(r, 200);
+      });
+    }
+  };
+  const send = (m: object) => child.stdin.write(JSON.stringify(m) + "\n");
+  const sock = dgram.createSocket("udp4");
+  const echoes: string[] = [];
+  sock.on("message", (m) => echoes.push(m.toString()));
+  await new Promise<void>((r) => sock.bind(0, "127.0.0.1", r));
+  const until = async (cond: () => boolean, what: string, ms = 20_000) => {
+    const deadline = Date.now() + ms;
+    while (!cond()) {
+      if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms; echoes ${JSON.stringify(echoes)}; stderr: ${stderr.join("")}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+  try {
+    const ready = await next("ready");
+    expect(ready.waitMode).toBe(mode); // the child runs on Node's main thread: "uv" is available
+    const to = (s: string) => sock.send(s, ready.port!, "127.0.0.1");
+    // Cold wakes: each datagram after the reader went back to sleep.
+    for (let i = 0; i < 5; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      to(`d${i}`);
+      await until(() => echoes.includes(`d${i}`), `echo of d${i}`);
+    }
+    // pause: nothing is read; resume: the waiting datagram is.
+    send({ t: "pause" });
+    await next("paused");
+    to("while-paused");
+    await new Promise((r) => setTimeout(r, 300));
+    expect(echoes).not.toContain("while-paused");
+    send({ t: "resume" });
+    await next("resumed");
+    await until(() => echoes.includes("while-paused"), "echo after resume");
+    // Idle: the reader sleeps (a spinning loop would burn ~all of the 2 s).
+    send({ t: "idle-cpu", ms: 2000 });
+    const cpu = await next("cpu");
+    expect(cpu.cpuMs!).toBeLessThan(0.25 * cpu.wallMs!);
+    // close: nothing is left in the child's event loop, so it exits by itself.
+    send({ t: "close" });
+    await next("closed");
+    const code = await Promise.race([exited, new Promise<string>((r) => setTimeout(() => r("still running 15 s after close"), 15_000))]);
+    expect(code).toBe(0);
+  } finally {
+    sock.close();
+    child.kill("SIGKILL");
+  }
+}
+
+describe("FFI read loop wait (fd-reader) with a real UDP socket in a child process", () => {
+  it('"uv": the event loop\'s epoll wakes the reader; pause/resume; idle sleeps; close leaves no handle', async () => {
+    await scenario("uv");
+  }, 60_000);
+
+  it('"pool": poll() on a libuv worker thread, same behaviour', async () => {
+    await scenario("pool");
+  }, 60_000);
+});
