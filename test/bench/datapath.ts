@@ -2,18 +2,27 @@
  * npm run bench:datapath  (root)
  * Two agents in two namespaces behind one LAN, a pod on each; for each configuration (native-native at
  * --link-mtu 1280 and at the default auto (the 1500-byte uplink), werift-werift, werift-native, and native
- * on a jumbo-frame LAN (MTU 9000, where auto picks 4096)): iperf3 TCP pod -> pod (3 runs, median) and ping RTT (idle, average of 20), plus
- * agent RSS under load. Baseline in the same run: kernel VXLAN between the same two node namespaces (on
- * each LAN). Also in the same run, for context: libdatachannel alone (two peer connections in one process
+ * on a jumbo-frame LAN (MTU 9000, where auto picks 4096)): iperf3 TCP pod -> pod (3 runs, median) and idle
+ * ping RTT (20 pings 50 ms apart after 1 s of quiet, so each is a cold wake-up of a userspace data path;
+ * median and average), plus agent RSS under load. Baselines in the same run, between the same two node
+ * namespaces (on each LAN): kernel VXLAN and userspace WireGuard (Debian's wireguard-go + wg), iperf3 and
+ * ping alike. Also in the same run, for context: libdatachannel alone (two peer connections in one process
  * on loopback, 64 KiB messages as fast as they go), the ceiling the native transport cannot beat at that
  * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
- *   --only S      only the configurations whose key contains S (bulk, via, via-webrtc, native-native-1280, native-native-auto,
- *                 werift-werift, werift-native, jumbo, loss-bulk, loss-native, loss-werift, bulk-busy-poll-off;
- *                 "bulk" matches every bulk row). WebRTC rows run with --no-bulk; the bulk rows are the default agent (bulk link up)
+ *   --only S,..   only the configurations whose key contains one of these (bulk, bulk-busy-poll, bulk-pool-wait,
+ *                 via, via-webrtc, native-native-1280, native-native-auto, werift-werift, werift-native, jumbo,
+ *                 loss-bulk, loss-native, loss-werift; "bulk" matches every bulk row). WebRTC rows run with
+ *                 --no-bulk; the bulk rows are the default agent (bulk link up)
+ *   --ping-only   skip iperf3 (and the library ceiling): idle ping only    --pings N  pings per row (default 20)
+ *   --no-sweep    skip the loss sweeps even where --only matches them
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
  *   --segment M   software segmentation modes to sweep (agents' WEFTNET_SEGMENT), comma-separated, of auto,
  *                 always, off (default auto: what the agent does by default)
+ *
+ * Bulk rows: `bulk` is the default agent (the read loops wait on the event loop's epoll, no busy-poll);
+ * `bulk-busy-poll` adds the 1 ms busy-poll window (WEFTNET_BUSY_POLL_US=1000); `bulk-pool-wait` is the wait
+ * before (WEFTNET_FD_WAIT=pool: poll() on a libuv worker thread, with the 1 ms busy-poll it had by default).
  *
  * Via rows (keys via, via-webrtc): three nodes, UDP between n1 and n3 blocked, iperf3 pod on n1 -> pod on n3
  * routed through n2 (frames sealed end to end for n3, forwarded by n2 by header only): `via` is the default
@@ -34,7 +43,22 @@ import { parseArgs } from "node:util";
 import { isRoot, MeshLab, sh, until, type LabNode } from "../e2e/mesh-lab.js";
 import { spawnInNetns, stopChild } from "../helpers/netns.js";
 
-const { values } = parseArgs({ options: { seconds: { type: "string", default: "5" }, runs: { type: "string", default: "3" }, only: { type: "string" }, loss: { type: "string", default: "0,0.1,1,3" }, segment: { type: "string", default: "auto" } } });
+const { values } = parseArgs({
+  options: {
+    seconds: { type: "string", default: "5" },
+    runs: { type: "string", default: "3" },
+    only: { type: "string" },
+    loss: { type: "string", default: "0,0.1,1,3" },
+    segment: { type: "string", default: "auto" },
+    pings: { type: "string", default: "20" },
+    "ping-only": { type: "boolean", default: false },
+    "no-sweep": { type: "boolean", default: false },
+  },
+});
+const ONLY = values.only?.split(",");
+const selected = (key: string) => !ONLY || ONLY.some((o) => key.includes(o));
+const PINGS = Math.max(1, Number(values.pings));
+const PING_ONLY = values["ping-only"];
 const SEGMENT_MODES = values.segment.split(",");
 const LOSSES = values.loss.split(",").map(Number);
 const SECONDS = Number(values.seconds);
@@ -76,10 +100,10 @@ async function iperf(clientNs: string, serverNs: string, serverIp: string, pids:
   }
 }
 
-/** Idle RTT: 20 pings 50 ms apart, after a second of quiet; median and average (ms). */
+/** Idle RTT: PINGS pings 50 ms apart (each one a cold wake-up for a userspace data path), after a second of quiet; median and average (ms). */
 async function pingRtt(ns: string, ip: string): Promise<{ p50: number; avg: number }> {
   await new Promise((r) => setTimeout(r, 1000));
-  const { stdout } = await sh(ns, "ping", ["-c", "20", "-i", "0.05", ip], 20_000);
+  const { stdout } = await sh(ns, "ping", ["-c", String(PINGS), "-i", "0.05", ip], 20_000 + PINGS * 100);
   const t = [...stdout.matchAll(/time=([\d.]+) ms/g)].map((m) => Number(m[1]));
   return t.length ? { p50: median(t), avg: t.reduce((a, b) => a + b, 0) / t.length } : { p50: NaN, avg: NaN };
 }
@@ -100,13 +124,13 @@ async function measureRuns(client: string, server: string, ip: string): Promise<
 async function measure(label: string, client: string, server: string, ip: string, pids: number[] = []) {
   const runs: number[] = [];
   let rss: number[] = [];
-  for (let i = 0; i < RUNS; i++) {
+  for (let i = 0; i < (PING_ONLY ? 0 : RUNS); i++) {
     const r = await iperf(client, server, ip, pids);
     runs.push(r.mbps);
     if (r.rss.length) rss = r.rss;
   }
   const rtt = await pingRtt(client, ip);
-  return { label, mbps: median(runs), runs, rtt, rss };
+  return { label, mbps: runs.length ? median(runs) : NaN, runs, rtt, rss };
 }
 
 type Result = Awaited<ReturnType<typeof measure>>;
@@ -253,6 +277,16 @@ async function vxlanBaseline(lab: MeshLab, label: string): Promise<Result> {
   }
 }
 
+/** Userspace WireGuard between the same two node namespaces: the idle ping a userspace data path can reach here. */
+async function wireguardBaseline(lab: MeshLab, label: string): Promise<Result> {
+  const down = await wireguardUp(lab);
+  try {
+    return await measure(label, lab.nodes[0]!.ns, lab.nodes[1]!.ns, "10.89.0.2");
+  } finally {
+    await down();
+  }
+}
+
 interface Config {
   key: string;
   label: string;
@@ -270,8 +304,9 @@ async function bulkUp(lab: MeshLab): Promise<void> {
   await until(async () => (await Promise.all(lab.nodes.map((n) => lab.status(n)))).every((s) => s.peers.some((p) => p.linkType === "bulk")), 20_000, "bulk link up");
 }
 
-/** Baseline per LAN MTU, measured once in the first lab of that kind. */
+/** Baselines per LAN MTU (kernel VXLAN, wireguard-go), measured once in the first lab of that kind. */
 const baselines = new Map<number, Result>();
+const wgBaselines = new Map<number, Result>();
 
 async function overlay(c: Config): Promise<Result> {
   const lab = new MeshLab(c.via ? 3 : 2, c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {});
@@ -304,6 +339,13 @@ async function overlay(c: Config): Promise<Result> {
     if (!c.via && !(c.args ?? []).includes("--no-bulk")) await bulkUp(lab);
     const mtu = c.uplinkMtu ?? 1500;
     if (!baselines.has(mtu)) baselines.set(mtu, await vxlanBaseline(lab, `kernel VXLAN, LAN MTU ${mtu}`));
+    if (!wgBaselines.has(mtu)) {
+      try {
+        wgBaselines.set(mtu, await wireguardBaseline(lab, `wireguard-go, LAN MTU ${mtu}`));
+      } catch (err) {
+        process.stderr.write(`wireguard-go baseline failed: ${(err as Error).message}\n`);
+      }
+    }
     return await measure(c.label, pa.name, pb.name, pb.ip, lab.nodes.map((n) => n.proc!.pid!));
   } finally {
     await lab.close();
@@ -366,7 +408,9 @@ async function libraryCeiling(mtu?: number): Promise<number> {
 // WebRTC rows run with --no-bulk (else pod traffic would take the bulk link); the bulk row is the default agent.
 const configs: Config[] = [
   { key: "bulk", label: "bulk link (direct UDP; default)", kinds: ["native", "native"] },
-  { key: "bulk-busy-poll-off", label: "bulk link, busy-poll off (WEFTNET_BUSY_POLL_US=0)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "0" } },
+  { key: "bulk-busy-poll", label: "bulk link, busy-poll 1 ms (WEFTNET_BUSY_POLL_US=1000)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "1000" } },
+  { key: "bulk-busy-poll-200", label: "bulk link, busy-poll 200 us (WEFTNET_BUSY_POLL_US=200)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "200" } },
+  { key: "bulk-pool-wait", label: "bulk link, old wait: poll() on a worker thread + 1 ms busy-poll (WEFTNET_FD_WAIT=pool)", kinds: ["native", "native"], env: { WEFTNET_FD_WAIT: "pool", WEFTNET_BUSY_POLL_US: "1000" } },
   { key: "via", label: "via a third node, bulk on both hops (sealed e2e)", kinds: ["native", "native"], via: true },
   { key: "via-webrtc", label: "via a third node, --no-bulk: WebRTC on both hops", kinds: ["native", "native"], via: true, args: ["--no-bulk"] },
   { key: "native-native-1280", label: "native -> native, --link-mtu 1280", kinds: ["native", "native"], args: ["--link-mtu", "1280", "--no-bulk"] },
@@ -377,12 +421,14 @@ const configs: Config[] = [
 ];
 const rows: { r: Result; base: number }[] = [];
 for (const c of configs) {
-  if (values.only && !c.key.includes(values.only)) continue;
+  if (!selected(c.key)) continue;
   process.stderr.write(`measuring ${c.label} ...\n`);
   const r = await overlay(c);
   const mtu = c.uplinkMtu ?? 1500;
   const base = baselines.get(mtu)!;
   if (!rows.some((x) => x.r === base)) rows.push({ r: base, base: base.mbps });
+  const wg = wgBaselines.get(mtu);
+  if (wg && !rows.some((x) => x.r === wg)) rows.push({ r: wg, base: base.mbps });
   rows.push({ r: { ...r, label: `weftnet ${c.label}` }, base: base.mbps });
 }
 const sweep: SweepRow[] = [];
@@ -391,7 +437,7 @@ for (const [key, kind, bulk] of [
   ["loss-native", "native", false],
   ["loss-werift", "werift", false],
 ] as const) {
-  if (values.only && !key.includes(values.only)) continue;
+  if (!selected(key) || values["no-sweep"]) continue;
   // The bulk link segments by itself (one inner packet per datagram): one sweep; the WebRTC links once per
   // segmentation mode asked for.
   for (const mode of bulk ? ["auto"] : SEGMENT_MODES) {
@@ -400,18 +446,18 @@ for (const [key, kind, bulk] of [
   }
 }
 const ceilings: string[] = [];
-for (const mtu of values.only?.startsWith("loss") ? [] : [undefined, 1500, 4096]) {
+for (const mtu of values.only?.startsWith("loss") || PING_ONLY ? [] : [undefined, 1500, 4096]) {
   try {
     ceilings.push(`MTU ${mtu ?? 1280}: ${(await libraryCeiling(mtu)).toFixed(0)}`);
   } catch (err) {
     ceilings.push(`MTU ${mtu ?? 1280}: n/a (${(err as Error).message})`);
   }
 }
-process.stdout.write(`\niperf3 TCP pod to pod, ${RUNS} x ${SECONDS} s, median; ping: 20 x 50 ms after 1 s idle, median / average; ratio vs kernel VXLAN on the same LAN\n`);
+process.stdout.write(`\niperf3 TCP pod to pod, ${PING_ONLY ? "skipped (--ping-only)" : `${RUNS} x ${SECONDS} s, median`}; ping: ${PINGS} x 50 ms after 1 s idle, median / average; ratio vs kernel VXLAN on the same LAN; load avg ${(await import("node:os")).loadavg().map((x) => x.toFixed(1)).join(" ")}\n`);
 process.stdout.write(`${"path".padEnd(48)} ${"Mbit/s".padStart(9)} ${"vs VXLAN".padStart(9)} ${"ping ms p50/avg".padStart(15)}  runs / agent RSS under load (MiB)\n`);
 for (const { r, base } of rows) {
   process.stdout.write(
-    `${r.label.padEnd(48)} ${r.mbps.toFixed(0).padStart(9)} ${(r.mbps / base).toFixed(4).padStart(9)} ${`${r.rtt.p50.toFixed(3)}/${r.rtt.avg.toFixed(3)}`.padStart(15)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]${r.rss.length ? ` rss ${r.rss.map((x) => x.toFixed(0)).join("/")}` : ""}\n`,
+    `${r.label.padEnd(48)} ${(r.runs.length ? r.mbps.toFixed(0) : "-").padStart(9)} ${(r.runs.length ? (r.mbps / base).toFixed(4) : "-").padStart(9)} ${`${r.rtt.p50.toFixed(3)}/${r.rtt.avg.toFixed(3)}`.padStart(15)}  [${r.runs.map((x) => x.toFixed(0)).join(", ")}]${r.rss.length ? ` rss ${r.rss.map((x) => x.toFixed(0)).join("/")}` : ""}\n`,
   );
 }
 if (sweep.length) printSweep(sweep);
