@@ -146,13 +146,16 @@ export function uvPollBinding(c: BaseLibc = baseLibc()): UvPoll | null {
     const uvStrerror = self.func("const char *uv_strerror(int err)");
     const watchers = new Map<number, (status: number) => void>();
     const closers = new Map<number, () => void>();
-    // Called by libuv on this (the JS) thread, outside any JS frame: must never throw.
+    // Called by libuv on this (the JS) thread, outside any JS frame and outside a callback scope: must never
+    // throw, and must run what it queued (a drain's promise jobs, the close promise's continuation) itself,
+    // or that would wait for the next unrelated callback (seconds on an idle agent).
     const onPoll = k.register((h: number | bigint, status: number) => {
       try {
         watchers.get(Number(h))?.(status);
       } catch {
         /* the reader reports its own errors */
       }
+      runJobs();
     }, k.pointer(PollCb));
     const onClose = k.register((h: number | bigint) => {
       const done = closers.get(Number(h));
@@ -162,6 +165,7 @@ export function uvPollBinding(c: BaseLibc = baseLibc()): UvPoll | null {
       } catch {
         /* see onPoll */
       }
+      runJobs();
     }, k.pointer(CloseCb));
     uvPoll = {
       handleSize,
@@ -393,11 +397,9 @@ export class FdReader {
     // busy-poll) and on pause/close.
     // Drain right here, in the poll phase: a setImmediate hop first cost ~50 us per cold wake on the 2-core
     // VM (bench:wake), and what the drain defers with setImmediate (the TUN write of received packets) still
-    // runs in this same loop iteration. Then do what the end of a callback scope does (libuv called us
-    // directly, so nothing else would): run the promise jobs and nextTicks the drain queued (the bulk link
-    // flushes sealed frames from a microtask), now rather than at the next unrelated callback.
+    // runs in this same loop iteration. The dispatcher (onPoll) then runs the promise jobs and nextTicks the
+    // drain queued (the bulk link flushes sealed frames from a microtask), as a callback scope's end would.
     this.run();
-    runJobs();
   };
 
   /** Stop the loop; resolves once nothing waits on the fd (then the owner may close it). */

@@ -10,6 +10,7 @@
  * Prints p50 / p90 / avg in microseconds and the ratio of our rtt p50 to node:dgram's; never fails on a number.
  *   --count N   datagrams per mode (default 200)    --interval MS  gap between them (default 20)
  *   --modes L   comma-separated of dgram,uv,pool (default all)
+ *   --warm N    first N back-to-back round trips, not counted (the JIT has compiled the path; default 0)
  */
 import { spawn } from "node:child_process";
 import dgram from "node:dgram";
@@ -17,7 +18,7 @@ import { parseArgs } from "node:util";
 import { UdpSocket } from "../../agent/os/udp.js";
 import { baseLibc } from "../../agent/os/fd-reader.js";
 
-const { values } = parseArgs({ options: { count: { type: "string", default: "200" }, interval: { type: "string", default: "20" }, modes: { type: "string", default: "dgram,uv,pool" } } });
+const { values } = parseArgs({ options: { count: { type: "string", default: "200" }, interval: { type: "string", default: "20" }, modes: { type: "string", default: "dgram,uv,pool" }, warm: { type: "string", default: "0" } } });
 const COUNT = Number(values.count);
 const INTERVAL = Number(values.interval);
 
@@ -39,17 +40,19 @@ const stats = (xs: number[]) => {
 /** The child: sends COUNT datagrams INTERVAL ms apart to `port`, prints the RTTs (us) as JSON. */
 const CHILD = `
 const dgram = require("node:dgram");
-const [port, count, interval] = process.argv.slice(1).map(Number);
+const [port, count, interval, warm] = process.argv.slice(1).map(Number);
 const s = dgram.createSocket("udp4");
 const rtts = [];
-let t0 = 0n, i = 0;
-s.on("message", () => { rtts.push(Number(process.hrtime.bigint() - t0) / 1000); if (++i >= count) { process.stdout.write(JSON.stringify(rtts)); s.close(); } else setTimeout(send, interval); });
+let t0 = 0n, i = 0, w = 0;
+s.on("message", () => {
+  if (w < warm) { if (++w === warm) setTimeout(send, interval); else send(); return; }
+  rtts.push(Number(process.hrtime.bigint() - t0) / 1000); if (++i >= count) { process.stdout.write(JSON.stringify(rtts)); s.close(); } else setTimeout(send, interval); });
 const send = () => { t0 = process.hrtime.bigint(); s.send(Buffer.alloc(64, i & 255), port, "127.0.0.1"); };
 s.bind(0, "127.0.0.1", () => setTimeout(send, 200));
 `;
 
 async function runChild(port: number): Promise<number[]> {
-  const p = spawn(process.execPath, ["-e", CHILD, String(port), String(COUNT), String(INTERVAL)], { stdio: ["ignore", "pipe", "inherit"] });
+  const p = spawn(process.execPath, ["-e", CHILD, String(port), String(COUNT), String(INTERVAL), values.warm], { stdio: ["ignore", "pipe", "inherit"] });
   let out = "";
   p.stdout.on("data", (d: Buffer) => (out += d.toString()));
   await new Promise<void>((resolve, reject) => {
@@ -68,10 +71,12 @@ async function runChild(port: number): Promise<number[]> {
 async function ours(mode: "uv" | "pool"): Promise<{ wake: number[]; rtt: number[]; waitMode: string }> {
   const sock = UdpSocket.open({ address: "127.0.0.1", wait: mode, rxTimestamps: true, gro: false });
   const wake: number[] = [];
+  let skip = Number(values.warm);
   const echo = Buffer.allocUnsafeSlow(2048);
   sock.start((data, _seg, from) => {
     const now = realtimeUs();
-    wake.push(now - (sock.lastRxStamp[0] * 1e6 + sock.lastRxStamp[1] / 1e3));
+    if (skip > 0) skip--;
+    else wake.push(now - (sock.lastRxStamp[0] * 1e6 + sock.lastRxStamp[1] / 1e3));
     echo.set(data);
     sock.sendBatch(from, echo.subarray(0, data.length), data.length, 1);
   });
@@ -109,6 +114,6 @@ for (const m of values.modes.split(",")) {
   }
 }
 const load = (await import("node:os")).loadavg()[0]!.toFixed(2);
-process.stdout.write(`\ncold wake on loopback: ${COUNT} datagrams ${INTERVAL} ms apart; microseconds p50 / p90 / avg; load avg ${load}\n`);
+process.stdout.write(`\ncold wake on loopback: ${COUNT} datagrams ${INTERVAL} ms apart (after ${values.warm} back-to-back); microseconds p50 / p90 / avg; load avg ${load}\n`);
 process.stdout.write(`${"reader".padEnd(34)} ${"wake (kernel -> JS)".padStart(20)}   ${"echo rtt (child)".padStart(20)}  rtt p50 vs node:dgram\n`);
 for (const r of rows) process.stdout.write(r + "\n");
