@@ -16,6 +16,8 @@
  *                 --no-bulk; the bulk rows are the default agent (bulk link up)
  *   --ping-only   skip iperf3 (and the library ceiling): idle ping only    --pings N  pings per row (default 20)
  *   --no-sweep    skip the loss sweeps even where --only matches them
+ *   --ping-compare  idle ping only, all selected labs at once, interleaved rounds (same load for every path),
+ *                 with kernel VXLAN and wireguard-go in the first lab; e.g. --ping-compare --only bulk,via --pings 40
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
  *   --segment M   software segmentation modes to sweep (agents' WEFTNET_SEGMENT), comma-separated, of auto,
  *                 always, off (default auto: what the agent does by default)
@@ -53,6 +55,7 @@ const { values } = parseArgs({
     pings: { type: "string", default: "20" },
     "ping-only": { type: "boolean", default: false },
     "no-sweep": { type: "boolean", default: false },
+    "ping-compare": { type: "boolean", default: false },
   },
 });
 const ONLY = values.only?.split(",");
@@ -129,6 +132,8 @@ async function measure(label: string, client: string, server: string, ip: string
     runs.push(r.mbps);
     if (r.rss.length) rss = r.rss;
   }
+  // Without iperf3 first, warm the path up as those runs would (the JIT compiles it): 1 s of 1 kHz pings.
+  if (PING_ONLY) await sh(client, "ping", ["-q", "-c", "1000", "-i", "0.001", ip], 30_000).catch(() => undefined);
   const rtt = await pingRtt(client, ip);
   return { label, mbps: runs.length ? median(runs) : NaN, runs, rtt, rss };
 }
@@ -308,7 +313,15 @@ async function bulkUp(lab: MeshLab): Promise<void> {
 const baselines = new Map<number, Result>();
 const wgBaselines = new Map<number, Result>();
 
-async function overlay(c: Config): Promise<Result> {
+interface Ready {
+  c: Config;
+  lab: MeshLab;
+  pa: { name: string; ip: string };
+  pb: { name: string; ip: string };
+}
+
+/** A lab for `c` with pod traffic on the configuration's link; closes the lab itself on failure. */
+async function startOverlay(c: Config): Promise<Ready> {
   const lab = new MeshLab(c.via ? 3 : 2, c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {});
   try {
     await lab.setup();
@@ -337,6 +350,16 @@ async function overlay(c: Config): Promise<Result> {
     }
     await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping");
     if (!c.via && !(c.args ?? []).includes("--no-bulk")) await bulkUp(lab);
+    return { c, lab, pa, pb };
+  } catch (e) {
+    await lab.close();
+    throw e;
+  }
+}
+
+async function overlay(c: Config): Promise<Result> {
+  const { lab, pa, pb } = await startOverlay(c);
+  try {
     const mtu = c.uplinkMtu ?? 1500;
     if (!baselines.has(mtu)) baselines.set(mtu, await vxlanBaseline(lab, `kernel VXLAN, LAN MTU ${mtu}`));
     if (!wgBaselines.has(mtu)) {
@@ -349,6 +372,60 @@ async function overlay(c: Config): Promise<Result> {
     return await measure(c.label, pa.name, pb.name, pb.ip, lab.nodes.map((n) => n.proc!.pid!));
   } finally {
     await lab.close();
+  }
+}
+
+/**
+ * --ping-compare: every selected configuration's lab at once, plus kernel VXLAN and wireguard-go between the
+ * first lab's two node namespaces; after a warm-up (1 s of 1 kHz pings per path: the JIT has compiled the
+ * path, as the iperf3 runs before the idle ping do otherwise), ROUNDS rounds of PINGS/ROUNDS idle pings per
+ * path, the paths' order rotating each round, so every path sees the same box load. Prints p50/avg per path.
+ */
+async function pingCompare(cs: Config[]): Promise<void> {
+  const ready: Ready[] = [];
+  let vxDown: (() => void) | undefined;
+  let wgDown: (() => Promise<void>) | undefined;
+  try {
+    for (const c of cs) {
+      process.stderr.write(`starting ${c.label} ...\n`);
+      ready.push(await startOverlay(c));
+    }
+    const first = ready[0]!.lab;
+    const [a, b] = first.nodes as [LabNode, LabNode];
+    const targets: { label: string; ns: string; ip: string; t: number[] }[] = [];
+    vxDown = vxlanUp(first);
+    targets.push({ label: "kernel VXLAN (node to node)", ns: a.ns, ip: "10.88.0.2", t: [] });
+    try {
+      wgDown = await wireguardUp(first);
+      targets.push({ label: "wireguard-go (node to node)", ns: a.ns, ip: "10.89.0.2", t: [] });
+    } catch (err) {
+      process.stderr.write(`wireguard-go baseline failed: ${(err as Error).message}\n`);
+    }
+    for (const r of ready) targets.push({ label: `weftnet ${r.c.label}`, ns: r.pa.name, ip: r.pb.ip, t: [] });
+    for (const t of targets) await sh(t.ns, "ping", ["-q", "-c", "1000", "-i", "0.001", t.ip], 30_000).catch(() => undefined);
+    const rounds = 4;
+    const per = Math.max(1, Math.ceil(PINGS / rounds));
+    for (let round = 0; round < rounds; round++) {
+      process.stderr.write(`ping round ${round + 1}/${rounds} ...\n`);
+      for (let k = 0; k < targets.length; k++) {
+        const t = targets[(k + round) % targets.length]!;
+        await new Promise((r) => setTimeout(r, 1000));
+        const { stdout } = await sh(t.ns, "ping", ["-c", String(per), "-i", "0.05", t.ip], 20_000 + per * 100).catch(() => ({ stdout: "" }));
+        t.t.push(...[...stdout.matchAll(/time=([\d.]+) ms/g)].map((m) => Number(m[1])));
+      }
+    }
+    const load = (await import("node:os")).loadavg().map((x) => x.toFixed(1)).join(" ");
+    process.stdout.write(`\nidle ping, interleaved: ${rounds} rounds x ${per} pings 50 ms apart after 1 s idle, per path (order rotating), after a 1 s 1 kHz warm-up; load avg ${load}\n`);
+    process.stdout.write(`${"path".padEnd(90)} ${"p50 ms".padStart(7)} ${"avg ms".padStart(7)} ${"p90 ms".padStart(7)}  n\n`);
+    for (const t of targets) {
+      const s = [...t.t].sort((x, y) => x - y);
+      const q = (p: number) => s[Math.min(s.length - 1, Math.floor(s.length * p))] ?? NaN;
+      process.stdout.write(`${t.label.padEnd(90)} ${q(0.5).toFixed(3).padStart(7)} ${(s.reduce((x, y) => x + y, 0) / (s.length || 1)).toFixed(3).padStart(7)} ${q(0.9).toFixed(3).padStart(7)}  ${s.length}\n`);
+    }
+  } finally {
+    vxDown?.();
+    await wgDown?.();
+    for (const r of ready) await r.lab.close();
   }
 }
 
@@ -419,6 +496,10 @@ const configs: Config[] = [
   { key: "werift-native", label: "werift -> native", kinds: ["werift", "native"], args: ["--no-bulk"] },
   { key: "jumbo-native-native-auto", label: "native, jumbo LAN (default: auto = 4096)", kinds: ["native", "native"], uplinkMtu: 9000, args: ["--no-bulk"] },
 ];
+if (values["ping-compare"]) {
+  await pingCompare(configs.filter((c) => selected(c.key)));
+  process.exit(0);
+}
 const rows: { r: Result; base: number }[] = [];
 for (const c of configs) {
   if (!selected(c.key)) continue;
