@@ -12,7 +12,7 @@
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
  *   --only S,..   only the configurations whose key contains one of these (bulk, bulk-busy-poll, bulk-pool-wait,
  *                 via, via-webrtc, native-native-1280, native-native-auto, werift-werift, werift-native, jumbo,
- *                 loss-bulk, loss-native, loss-werift; "bulk" matches every bulk row). WebRTC rows run with
+ *                 loss-bulk, loss-native, loss-werift; "bulk" matches every bulk row, "=bulk" only that key). WebRTC rows run with
  *                 --no-bulk; the bulk rows are the default agent (bulk link up)
  *   --ping-only   skip iperf3 (and the library ceiling): idle ping only    --pings N  pings per row (default 20)
  *   --no-sweep    skip the loss sweeps even where --only matches them
@@ -59,7 +59,7 @@ const { values } = parseArgs({
   },
 });
 const ONLY = values.only?.split(",");
-const selected = (key: string) => !ONLY || ONLY.some((o) => key.includes(o));
+const selected = (key: string) => !ONLY || ONLY.some((o) => (o.startsWith("=") ? key === o.slice(1) : key.includes(o)));
 const PINGS = Math.max(1, Number(values.pings));
 const PING_ONLY = values["ping-only"];
 const SEGMENT_MODES = values.segment.split(",");
