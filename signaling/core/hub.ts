@@ -28,7 +28,7 @@
  * relayMaxBufferedBytes queued, and each sender, each source IP and the whole server have a relay
  * budget (token buckets). Frames on a relay link's control channel (heartbeats, gossip, IPAM; the
  * channel byte is in the clear, see relayChannel) have a small budget of their own per sender and
- * server-wide, and RELAY_CONTROL_HEADROOM more queue at the receiver, so data that saturates a relay
+ * server-wide, and CONTROL_RELAY_QUEUE_HEADROOM more queue at the receiver, so data that saturates a relay
  * link does not take its control messages down with it; over their own budget they compete with data.
  * Control drops are counted apart from data drops (relayControlDropped).
  *
@@ -53,7 +53,7 @@ export const CTX_HELLO = "weftnet/hello/v1";
 /** Peer entries per welcome / presence frame stay under this many bytes (the client's frame limit is 80 KiB). */
 export const PRESENCE_FRAME_BUDGET = 48 * 1024;
 /** Control-channel relay frames are still forwarded to a receiver with this much more queued than data frames. */
-export const RELAY_CONTROL_HEADROOM = 1024 * 1024;
+export const CONTROL_RELAY_QUEUE_HEADROOM = 1024 * 1024;
 
 /**
  * The channel of a relay frame, read from the relay link's clear header (agent/transport/relay.ts:
@@ -1136,7 +1136,7 @@ export class SignalHub {
     if (target === undefined) return this.dropRelay(s, control, "no_peer", "ERR_NO_PEER", `no agent ${msg.to} is connected to this server`, msg.to);
     const queued = target.buffered();
     // control frames: their own (small) budget first, with more room at the receiver; over it, the data budget
-    const ownBudget = control && queued <= this.limits.relayMaxBufferedBytes + RELAY_CONTROL_HEADROOM && this.takeControl(s, n, now);
+    const ownBudget = control && queued <= this.limits.relayMaxBufferedBytes + CONTROL_RELAY_QUEUE_HEADROOM && this.takeControl(s, n, now);
     if (!ownBudget) {
       const refused = this.takeData(s, n, now, queued);
       if (refused !== undefined) return this.dropRelay(s, control, ...refused);

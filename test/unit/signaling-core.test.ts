@@ -7,7 +7,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join as pathJoin } from "node:path";
 import { describe, expect, it } from "vitest";
 import { deriveJoinKey, frameFields, webCryptoPort } from "../../signaling/core/crypto.js";
-import { RELAY_CONTROL_HEADROOM, SignalHub, relayChannel, type SessionSnapshot, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
+import { CONTROL_RELAY_QUEUE_HEADROOM, SignalHub, relayChannel, type SessionSnapshot, type SignalSession, type SignalSocket } from "../../signaling/core/hub.js";
 import { ManualClock } from "../helpers/manual-clock.js";
 import { joinKeyOf, CTX_HELLO, frame, generateIdentity, signFields, tokenMac, type Identity } from "../../src/identity.js";
 import { CLOSE_CODES, decodeServerMsg, encodeSignal, type ServerMsg } from "../../src/wire/signal.js";
@@ -246,14 +246,14 @@ describe("signaling core", () => {
     expect(hub.stats()).toMatchObject({ relayControlFrames: 7, relayControlDropped: 1 });
     send(a2, 1, 1950);
     expect(hub.stats().relayDroppedByReason).toEqual({ rate: 2 });
-    // a congested receiver: data refused at relayMaxBufferedBytes, control up to RELAY_CONTROL_HEADROOM more
+    // a congested receiver: data refused at relayMaxBufferedBytes, control up to CONTROL_RELAY_QUEUE_HEADROOM more
     clock.advance(1000);
     b.sock.queued = 1500;
     send(a, 1, 100);
     send(a, 0, 100);
     expect(hub.stats().relayDroppedByReason).toEqual({ rate: 2, congested: 1 });
     expect(hub.stats().relayControlFrames).toBe(8);
-    b.sock.queued = 1000 + RELAY_CONTROL_HEADROOM + 1;
+    b.sock.queued = 1000 + CONTROL_RELAY_QUEUE_HEADROOM + 1;
     send(a, 0, 100);
     expect(hub.stats().relayControlDroppedByReason).toEqual({ rate: 1, congested: 1 });
     expect(b.sock.of("relay")).toHaveLength(9);
