@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
 import { createLogger } from "../../src/log.js";
-import { Cluster, fullMesh, startServer, tmpDir, waitFor } from "../helpers/cluster.js";
+import { Cluster, fullMesh, startServer, TEST_TIMING, tmpDir, waitFor } from "../helpers/cluster.js";
 
 const TOKEN = "k8s-watch-integration-token";
 const IPAM = { reclaimAfterMs: 600_000, safetyMarginMs: 1000, resyncMs: 800, claimSettleMs: 500, bootstrapWaitMs: 500 };
@@ -119,6 +119,10 @@ describe("--k8s-node-watch: a deleted Kubernetes Node's address blocks are relea
         await c.agent(n, {
           ipam: IPAM,
           logger,
+          // a deleted Node whose agent is reachable is re-checked for pendingMs and released as soon as its
+          // link is down: with the test timing's 2 s dead-after, a loaded box (load 15+) dropped k3's link for
+          // a moment and k1 released k3's block in the "still connected" case. Production-like dead-after.
+          timing: { ...TEST_TIMING, deadAfterMs: 15_000 },
           // the CA is the self-signed certificate itself: the watcher verifies the server against it
           k8sNodeWatch: { host: "127.0.0.1", port: api.port, tokenPath, caPath: cert, backoff: { baseMs: 100, maxMs: 400, minMs: 50 }, pendingMs: 3000 },
         }),
@@ -153,19 +157,31 @@ describe("--k8s-node-watch: a deleted Kubernetes Node's address blocks are relea
 
   it("a DELETED Node whose agent is still connected is ignored", async () => {
     const k3 = agents[2]!;
-    const before = owners(agents[0]!);
-    expect([...before.values()]).toContain(k3.id);
+    const k3Blocks = [...owners(agents[0]!)].filter(([, o]) => o === k3.id).map(([b]) => b);
+    expect(k3Blocks.length).toBeGreaterThan(0);
+    const forced = agents.map((a) => a.ipamStatus().counters.forced);
+    // Nothing was released: no agent force-released a block (the watcher's only way to release), and every
+    // block k3 held is still k3's in every view, unless k3 itself granted it away: IPAM keeps running (an
+    // agent short of free pinned space asks for a block, and an owner grants one), so the rest of the
+    // ownership map may change meanwhile (under load a grant of the set-up can still be completing).
+    const nothingReleased = () => {
+      for (const [i, a] of agents.entries()) {
+        expect(a.ipamStatus().counters.forced, `force releases at agent ${i + 1}`).toBe(forced[i]);
+        const view = new Map(a.ipamStatus().blocks.map((b) => [b.cidr, b]));
+        for (const b of k3Blocks) expect(view.get(b)?.owner === k3.id || view.get(b)?.kind === "t", `${b} at agent ${i + 1}: ${JSON.stringify(view.get(b))}`).toBe(true);
+      }
+    };
     api.emit("BOOKMARK", "");
     api.emit("DELETED", "k3");
     await waitFor(() => agents.every((a) => !a.k8s!.nodes.has("k3")), 5000, "every watcher saw the deletion");
     await new Promise((r) => setTimeout(r, 1500));
-    for (const a of agents) expect(owners(a)).toEqual(before);
+    nothingReleased();
     expect(logs.some((l) => l.agent === "k1" && /still connected; not releasing/.test(String(l.msg)) && l.k8sNode === "k3")).toBe(true);
     // the Node comes back (kubelet re-registers): nothing pending any more
     api.emit("ADDED", "k3");
     await waitFor(() => agents.every((a) => a.k8s!.nodes.has("k3")), 5000, "every watcher saw k3 again");
     await new Promise((r) => setTimeout(r, 1500));
-    for (const a of agents) expect(owners(a)).toEqual(before);
+    nothingReleased();
   }, 20_000);
 
   it("a DELETED Node whose agent left the mesh: its blocks are released at once, and the others agree", async () => {
@@ -173,7 +189,7 @@ describe("--k8s-node-watch: a deleted Kubernetes Node's address blocks are relea
     const goneBlocks = k3.ipam.localBlocks();
     expect(goneBlocks.length).toBeGreaterThan(0);
     await k3.stop();
-    await waitFor(() => [k1, k2].every((a) => !a.mesh.connectedPeers().includes(k3.id)), 15_000, "k3 gone from the mesh");
+    await waitFor(() => [k1, k2].every((a) => !a.mesh.connectedPeers().includes(k3.id)), 30_000, "k3 gone from the mesh");
     const t0 = Date.now();
     api.emit("DELETED", "k3");
     // (one status per agent per poll: k3 may own most of the range's 1024 blocks)
@@ -182,7 +198,12 @@ describe("--k8s-node-watch: a deleted Kubernetes Node's address blocks are relea
       return goneBlocks.every((b) => o.get(b) !== undefined && o.get(b) !== k3.id);
     };
     await waitFor(() => [k1, k2].every(released), 15_000, "k3's blocks released");
-    await waitFor(() => sameView([k1, k2]), 10_000, "k1 and k2 agree");
+    // on who holds k3's blocks now (the rest of the map may still be moving: grants, pins)
+    const sameOwners = () => {
+      const [o1, o2] = [owners(k1), owners(k2)];
+      return goneBlocks.every((b) => o1.get(b) === o2.get(b));
+    };
+    await waitFor(sameOwners, 30_000, "k1 and k2 agree on k3's blocks");
     const took = Date.now() - t0;
     expect(took).toBeLessThan(IPAM.reclaimAfterMs / 10);
     // each block has exactly one live owner, and that owner has it in its own blocks
@@ -196,7 +217,7 @@ describe("--k8s-node-watch: a deleted Kubernetes Node's address blocks are relea
     expect(logs.some((l) => /released the address blocks of a deleted Kubernetes Node/.test(String(l.msg)) && l.k8sNode === "k3")).toBe(true);
     // pods still allocate
     expect((await k1.allocate("after-k3", 10_000)).ip).toMatch(/^10\.40\./);
-  }, 40_000);
+  }, 120_000);
 
   it("401 and 403 are logged as warnings, not fatal; a rotated token file is re-read on reconnect", async () => {
     const [k1, k2] = agents as [Agent, Agent];
