@@ -46,7 +46,8 @@ export async function stopCli(p: Proc | undefined): Promise<void> {
 
 /** `weftnet ARGS...` to completion. */
 export function runCli(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: CHILD_ENV, timeout: 10_000 });
+  // generous: a CLI start on a loaded 2-core box takes seconds (a synchronous spawn; the agents are other processes)
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: CHILD_ENV, timeout: 30_000 });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -69,6 +70,13 @@ export interface AgentStatus {
 export function agentStatus(dir: string): AgentStatus | undefined {
   const r = runCli(["status", "--json", "--state-dir", dir]);
   return r.status === 0 ? (JSON.parse(r.stdout) as AgentStatus) : undefined;
+}
+
+/** `weftnet status --json` of an agent that must answer: its status, or an error saying why the CLI failed. */
+export function mustStatus(dir: string): AgentStatus {
+  const r = runCli(["status", "--json", "--state-dir", dir]);
+  if (r.status !== 0) throw new Error(`weftnet status --state-dir ${dir} failed (exit ${r.status}): ${r.stderr.slice(-500)}`);
+  return JSON.parse(r.stdout) as AgentStatus;
 }
 
 export function agentRoutes(dir: string): { dst: string }[] {

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { generateIdentity } from "../../src/identity.js";
 import { loadInviteKey, mintInvite } from "../../agent/ui/invite.js";
 import { tmpDir, waitFor } from "../helpers/cluster.js";
-import { agentStatus, ARTIFACTS, expectMeshView, FULL_VIEW, HAVE_CHROMIUM, launchChromium, linkRows, nodeRows, pingOnPage, recordConsole, runCli, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
+import { ARTIFACTS, expectMeshView, FULL_VIEW, HAVE_CHROMIUM, launchChromium, linkRows, mustStatus, nodeRows, pingOnPage, recordConsole, runCli, waitForPage, startAgents, startSignal, stopAgents, stopCli, waitFullMesh, type Proc, type TestAgent } from "../helpers/ui.js";
 
 const TOKEN = "ui-signal-Hd6Jf0GsZq3v8Kp1Lm7Xr2Tn5Wb9Yc4";
 const d = HAVE_CHROMIUM ? describe : describe.skip;
@@ -29,6 +29,9 @@ d("live topology page at weftnet signal's /ui", () => {
   beforeAll(async () => {
     const s = await startSignal(TOKEN, ["--invite-key-file", keyFile]);
     signal = s.proc;
+    // printed after the "listening on" line startSignal waits for (the invite key's line last): on a loaded
+    // box they can come a moment later
+    await waitFor(() => /--ui-invite-key [0-9a-f]{64}\n/.test(s.proc.out()) || s.proc.child.exitCode !== null, 15_000, "the topology page's URL and the invite key");
     uiUrl = /topology page on (http:\S+)/.exec(signal.out())?.[1] ?? "";
     expect(uiUrl, signal.out()).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/ui$/);
     const pub = /--ui-invite-key ([0-9a-f]{64})/.exec(signal.out())?.[1];
@@ -93,7 +96,7 @@ d("live topology page at weftnet signal's /ui", () => {
     // the invite never showed the agents the token: its page holds only the invite
     expect(await byInvite.inputValue("#credential")).toMatch(/^wv1\./);
     // viewers are not mesh members
-    for (const a of agents) expect(agentStatus(a.dir)!.peers.map((p) => p.name).sort()).toEqual(["a", "b", "c"].filter((n) => n !== a.name));
+    for (const a of agents) expect(mustStatus(a.dir).peers.map((p) => p.name).sort()).toEqual(["a", "b", "c"].filter((n) => n !== a.name));
     const joined = agents.map((a) => a.proc.err()).join("\n");
     expect(joined).toMatch(/viewer joined.*cluster token/);
     expect(joined).toMatch(/viewer joined.*invite/);
