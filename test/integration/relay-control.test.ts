@@ -7,9 +7,9 @@
  * data and the link went down after the dead interval.
  *
  * Two real agents (werift on loopback, real signaling server in this process) whose WebRTC signals are
- * dropped, so their link is the server's relay; a's data budget on the server is 20 kB/s and a offers
- * ~30 times that in small packets (small, so that data leaves no gaps in the budget a heartbeat could
- * use) for 4 dead intervals.
+ * dropped, so their link is the server's relay; a's data budget on the server is 2 kB/s and a offers
+ * ~100 times that in tiny packets (smaller than a heartbeat, so that data leaves no gap in the budget a
+ * heartbeat could use) for 3 dead intervals.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Agent } from "../../agent/agent.js";
@@ -19,7 +19,10 @@ import { startSignalServer } from "../../signaling/server.js";
 import { Cluster, TEST_TIMING, testLogger, tmpDir, waitFor, withBlocked } from "../helpers/cluster.js";
 
 const TOKEN = "relay-control-Qm4Tz8Wc2Hv6Lp0Rk9Xs3Nb7Jd5Fg1Y";
-const DATA_RATE = 20_000;
+// 2 kB/s: between two bursts of 1-byte packets (~44-byte relay frames, every 5-10 ms) the data budget
+// refills ~20 bytes, never the ~80 a heartbeat's frame needs, so with one budget heartbeats starve
+const DATA_RATE = 2_000;
+const DEAD_AFTER_MS = 3000;
 
 describe("relay link saturated with data", () => {
   let cluster: Cluster;
@@ -33,7 +36,8 @@ describe("relay link saturated with data", () => {
     cluster.dirs.push(...dirs);
     const ids = dirs.map((d) => loadOrCreateIdentity(d).identity.id);
     // WebRTC never opens between them (signals dropped): after the first attempt times out, the relay
-    const timing = { ...TEST_TIMING, connectTimeoutMs: 3000 };
+    // (dead after 3 s, not the test timing's 2 s: on a loaded box a 2 s stall alone could drop the link)
+    const timing = { ...TEST_TIMING, connectTimeoutMs: 3000, deadAfterMs: DEAD_AFTER_MS };
     const start = async (name: string, i: 0 | 1) =>
       cluster.agent(name, { stateDir: dirs[i], timing, transport: withBlocked(await createWeriftTransport({ logger: testLogger(), loopbackOnly: true }), new Set([ids[1 - i]!])) });
     a = await start("a", 0);
@@ -54,8 +58,8 @@ describe("relay link saturated with data", () => {
     const st0 = hub.stats();
     const linkUptime = async (x: Agent, y: Agent) => (await x.mesh.status()).find((p) => p.id === y.id)?.uptimeMs ?? 0;
     const up0 = await linkUptime(b, a);
-    const runMs = 4 * TEST_TIMING.deadAfterMs;
-    const packet = new Uint8Array(64);
+    const runMs = 3 * DEAD_AFTER_MS;
+    const packet = new Uint8Array(1);
     let offered = 0;
     const t0 = Date.now();
     await new Promise<void>((resolve) => {
