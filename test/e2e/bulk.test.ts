@@ -13,7 +13,7 @@ import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
+import { isRoot, listening, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
 import { NatLab, type NatHost } from "./nat-lab.js";
 
 const d = describe.skipIf(!isRoot);
@@ -27,7 +27,7 @@ async function transfer(lab: { root: string }, a: { name: string }, b: { name: s
   const file = join(lab.root, `payload-${port}.bin`);
   writeFileSync(file, data);
   const server = sh(b.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(${port},'${b.ip}')`], 180_000);
-  await new Promise((r) => setTimeout(r, 500));
+  await listening(b.name, port);
   const pace = rateMBps
     ? `const d=require('fs').readFileSync('${file}');let o=0;const step=${Math.round(rateMBps * 1024 * 1024 / 20)};const go=()=>{if(o>=d.length){c.end();return}const n=Math.min(step,d.length-o);const ok=c.write(d.subarray(o,o+n));o+=n;if(ok)setTimeout(go,50);else c.once('drain',()=>setTimeout(go,50))};go()`
     : `require('fs').createReadStream('${file}').pipe(c)`;
@@ -75,7 +75,7 @@ d("bulk link between two namespaces", () => {
 
   it("iperf3 between the pods over the bulk link (figure printed)", async () => {
     const srv = sh(p2.name, "iperf3", ["-s", "-1", "-B", p2.ip], 60_000);
-    await new Promise((r) => setTimeout(r, 500));
+    await listening(p2.name, 5201);
     const { stdout } = await sh(p1.name, "iperf3", ["-c", p2.ip, "-t", "4", "-J"], 60_000);
     await srv;
     const bps = (JSON.parse(stdout) as { end: { sum_received: { bits_per_second: number } } }).end.sum_received.bits_per_second;
@@ -182,7 +182,7 @@ d("bulk link on both hops of a via path", () => {
       for (const [d, c] of [[d1, c1], [d2, c2], [d3, c3]] as const) expect(d.tooBigForPath - c.tooBigForPath).toBe(0);
       // iperf3 through n2 (figure printed, never asserted)
       const srv = sh(p3.name, "iperf3", ["-s", "-1", "-B", p3.ip], 60_000);
-      await new Promise((r) => setTimeout(r, 500));
+      await listening(p3.name, 5201);
       const { stdout } = await sh(p1.name, "iperf3", ["-c", p3.ip, "-t", "4", "-J"], 60_000);
       await srv;
       const bps = (JSON.parse(stdout) as { end: { sum_received: { bits_per_second: number } } }).end.sum_received.bits_per_second;

@@ -7,7 +7,7 @@ import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { isRoot, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
+import { isRoot, listening, MeshLab, sh, until, type LabNode } from "./mesh-lab.js";
 
 const d = describe.skipIf(!isRoot);
 /** How long the n1-n3 path stays blocked in the heal test. */
@@ -72,7 +72,7 @@ d("data plane across three namespaces", () => {
     const file = join(lab.root, "payload.bin");
     writeFileSync(file, data);
     const server = sh(b.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5201,'${b.ip}')`], 60_000);
-    await new Promise((r) => setTimeout(r, 500));
+    await listening(b.name, 5201);
     await sh(a.name, process.execPath, ["-e", `const c=require('net').connect(5201,'${b.ip}',()=>{require('fs').createReadStream('${file}').pipe(c)})`], 60_000);
     const out = (await server).stdout.trim();
     expect(out).toBe(`${data.length} ${createHash("sha256").update(data).digest("hex")}`);
@@ -133,7 +133,7 @@ async function tcpTransfer(lab: MeshLab, a: { name: string }, b: { name: string;
   const file = join(lab.root, `payload-${a.name}.bin`);
   writeFileSync(file, data);
   const server = sh(b.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5202,'${b.ip}')`], 60_000);
-  await new Promise((r) => setTimeout(r, 500));
+  await listening(b.name, 5202);
   await sh(a.name, process.execPath, ["-e", `const c=require('net').connect(5202,'${b.ip}',()=>{require('fs').createReadStream('${file}').pipe(c)})`], 60_000);
   expect((await server).stdout.trim()).toBe(`${data.length} ${createHash("sha256").update(data).digest("hex")}`);
 }

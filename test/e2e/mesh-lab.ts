@@ -220,3 +220,11 @@ export async function until<T>(f: () => Promise<T | undefined | false>, timeoutM
 }
 
 export { writeFileSync };
+
+/**
+ * Wait until a TCP listener on `port` exists in namespace `ns` (a test server just spawned there). A fixed sleep
+ * was not enough: node starting inside a pod namespace on a loaded 2-core box took over 500 ms (ECONNREFUSED).
+ */
+export async function listening(ns: string, port: number, timeoutMs = 20_000): Promise<void> {
+  await until(async () => (await sh(ns, "ss", ["-Htln", `sport = :${port}`], 5000)).stdout.includes(`:${port}`), timeoutMs, `a TCP listener on port ${port} in ${ns}`);
+}

@@ -17,7 +17,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { isRoot, MeshLab, sh, until } from "./mesh-lab.js";
+import { isRoot, listening, MeshLab, sh, until } from "./mesh-lab.js";
 
 const d = describe.skipIf(!isRoot);
 /** The largest libdatachannel `mtu` whose full-size packets fit a 2000-byte IPv4 path (see the header). */
@@ -30,7 +30,7 @@ async function tcpByteExact(lab: MeshLab, pa: { name: string; ip: string }, pb: 
   const file = join(lab.root, `payload-${pa.name}.bin`);
   writeFileSync(file, data);
   const server = sh(pb.name, process.execPath, ["-e", `const s=require('net').createServer(c=>{const h=require('crypto').createHash('sha256');let n=0;c.on('data',d=>{h.update(d);n+=d.length});c.on('end',()=>{console.log(n+' '+h.digest('hex'));s.close()})}).listen(5201,'${pb.ip}')`], 60_000);
-  await until(async () => (await sh(pb.name, "ss", ["-Htln", "sport = :5201"], 5000)).stdout.includes("5201"), 10_000, "listener");
+  await listening(pb.name, 5201);
   await sh(pa.name, process.execPath, ["-e", `const c=require('net').connect(5201,'${pb.ip}',()=>{require('fs').createReadStream('${file}').pipe(c)})`], 60_000);
   expect((await server).stdout.trim()).toBe(`${data.length} ${createHash("sha256").update(data).digest("hex")}`);
 }
