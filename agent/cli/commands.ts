@@ -776,7 +776,10 @@ export function renderIpam(v: IpamSummary): string {
   if (v.ownership) out += `blocks    ${v.ownership.reason ? `new blocks wait: ${v.ownership.reason}` : `new blocks can be granted/reclaimed (${v.ownership.membersHeard} of ${v.ownership.members} members heard)`}\n`;
   if (v.members?.length) {
     const names = new Map(v.owners.map((o) => [o.id, o.name]));
-    const one = (m: NonNullable<IpamView["members"]>[number]) => `${names.get(m.id) ?? m.id.slice(0, 8)}${m.heard === false ? ` (not heard${m.silentMs !== null ? `, silent ${Math.round(m.silentMs / 1000)}s` : ""})` : ""}${m.blocks === 0 ? " (no block)" : ""}`;
+    const one = (m: NonNullable<IpamView["members"]>[number]) => {
+      const notes = [...(m.heard === false ? [`not heard${m.silentMs !== null ? `, silent ${Math.round(m.silentMs / 1000)}s` : ""}`] : []), ...(m.blocks === 0 ? ["no block"] : [])];
+      return `${names.get(m.id) ?? m.id.slice(0, 8)}${notes.length ? ` (${notes.join(", ")})` : ""}`;
+    };
     out += `members   ${v.members.length} (majority ${Math.floor(v.members.length / 2) + 1}): ${v.members.map(one).join(", ")}${v.removed?.length ? `; removed: ${v.removed.map((r) => r.slice(0, 8)).join(", ")}` : ""}\n`;
   }
   if (v.reserved?.length) out += `reserved  ${v.reserved.length} block(s) of silent members kept for their pods (pinned; \`weftnet ipam release NODE\` if a node is gone for good)\n`;

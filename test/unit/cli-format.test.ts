@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { localIpam, summarizeIpam } from "../../agent/cli/commands.js";
+import { localIpam, renderIpam, summarizeIpam } from "../../agent/cli/commands.js";
 import { didYouMean, editDistance, errorJson, errorLine, fmtRtt, logOptions } from "../../agent/cli/util.js";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { createLogger, formatText } from "../../src/log.js";
@@ -78,5 +78,18 @@ describe("CLI helpers", () => {
     expect(JSON.stringify(s).length).toBeLessThan(2000);
     expect(summarizeIpam(v, true).blocks).toHaveLength(1024);
     expect(localIpam(v)).toEqual({ blocks: ["10.40.255.128/26"], blockCount: 1, pods: 1 });
+  });
+
+  it("status ipam: the member list, who is not heard, members without a block, removed nodes", () => {
+    const blocks = [{ cidr: "10.40.0.0/28", owner: "a0", ownerName: "n1", reachable: true, free: 10, mine: true, settling: false, kind: "p" }];
+    const members = [
+      { id: "a0", silentMs: 0, heard: true, blocks: 1 },
+      { id: "b0b0b0b0b0b0b0b0", silentMs: 40_000, heard: false, blocks: 2 },
+      { id: "c0c0c0c0c0c0c0c0", silentMs: null, heard: false, blocks: 0 },
+    ];
+    const v = { range: "10.40.0.0/22", blockPrefix: 28, canAllocate: true, reason: null, blocks, allocations: [], pending: null, conflicts: [], members, removed: ["d0d0d0d0d0d0d0d0"] };
+    const s = summarizeIpam(v);
+    expect(s.members).toEqual(members);
+    expect(renderIpam(s)).toContain("members   3 (majority 2): n1, b0b0b0b0 (not heard, silent 40s), c0c0c0c0 (not heard, no block); removed: d0d0d0d0\n");
   });
 });
