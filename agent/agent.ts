@@ -612,13 +612,16 @@ export class Agent implements AgentView {
     return released;
   }
 
-  /** `weftnet ipam release`: `sigs` are the operator's signatures, block index -> signature (src/ipam/signing.ts releaseFields). */
-  ipamRelease(target: string, sigs: Map<number, Uint8Array> = new Map()): { node: string } {
+  /**
+   * `weftnet ipam release`: `sigs` are the operator's signatures, block index -> signature (src/ipam/signing.ts
+   * releaseFields); `remove` its signature of the node's removal from the member list (removeFields).
+   */
+  ipamRelease(target: string, sigs: Map<number, Uint8Array> = new Map(), remove?: Uint8Array): { node: string } {
     const id = /^[0-9a-f]{16}$/.test(target) ? target : this.mesh.resolvePeer(target);
     if (!id) throw new WeftError("ERR_NO_PEER", `no node matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
     if (id === this.id) throw new WeftError("ERR_USAGE", "refusing to release this node's own blocks; stop the agent and remove its ipam.json instead");
     if (this.mesh.isConnected(id)) throw new WeftError("ERR_USAGE", `node ${id} is connected right now; release only nodes that are gone`);
-    this.ipam.forceRelease(id, { operator: sigs });
+    this.ipam.forceRelease(id, { operator: sigs, ...(remove ? { remove } : {}) });
     return { node: id };
   }
 

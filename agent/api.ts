@@ -10,8 +10,9 @@
  *   POST /v1/ipam/free {podId} -> {released}
  *   POST /v1/pods {name}       -> PodInfo (netns NAME, veth on the bridge, IP from this node's blocks)
  *   DELETE /v1/pods/NAME       -> {released}
- *   POST /v1/ipam/release-node {node, sigs?} -> {node}   (operator: force-release a gone node's blocks;
- *                              sigs: [[block, hex signature]] by the operator key, see `weftnet ipam release`)
+ *   POST /v1/ipam/release-node {node, sigs?, remove?} -> {node}   (operator: force-release a gone node's blocks
+ *                              and remove it from the IPAM members; sigs: [[block, hex signature]] and remove:
+ *                              hex signature of the removal, by the operator key, see `weftnet ipam release`)
  * Errors: JSON {error: {code, message}} with 4xx/5xx.
  */
 import { chmodSync, unlinkSync } from "node:fs";
@@ -32,7 +33,7 @@ export interface ApiAgent extends Pick<AgentView, "status" | "routes" | "ipamSta
   ping(target: string, timeoutMs?: number): Promise<{ id: string; name: string; rttMs: number; path: PeerPath }>;
   allocate(podId: string, timeoutMs?: number, signal?: AbortSignal): Promise<PodAddress>;
   release(podId: string): boolean;
-  ipamRelease(target: string, sigs?: Map<number, Uint8Array>): { node: string };
+  ipamRelease(target: string, sigs?: Map<number, Uint8Array>, remove?: Uint8Array): { node: string };
   addPod(name: string): Promise<PodInfo>;
   delPod(name: string): Promise<{ released: boolean }>;
 }
@@ -101,10 +102,12 @@ export function createApiApp(agent: ApiAgent): Hono {
     const sigs = new Map<number, Uint8Array>();
     const raw = b?.sigs ?? [];
     const okSigs = Array.isArray(raw) && raw.length <= 65536 && raw.every((x) => Array.isArray(x) && Number.isInteger(x[0]) && typeof x[1] === "string" && /^[0-9a-f]{128}$/.test(x[1]));
-    if (!b || typeof b.node !== "string" || b.node.length > 128 || !okSigs) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {node, sigs?: [[block, 128 hex chars]]}" } }, 400);
+    const okRemove = b?.remove === undefined || (typeof b.remove === "string" && /^[0-9a-f]{128}$/.test(b.remove));
+    if (!b || typeof b.node !== "string" || b.node.length > 128 || !okSigs || !okRemove) return c.json({ error: { code: "ERR_USAGE", message: "body must be JSON {node, sigs?: [[block, 128 hex chars]], remove?: 128 hex chars}" } }, 400);
     for (const [i, h] of raw as [number, string][]) sigs.set(i, new Uint8Array(Buffer.from(h, "hex")));
+    const remove = typeof b.remove === "string" ? new Uint8Array(Buffer.from(b.remove, "hex")) : undefined;
     try {
-      return c.json(agent.ipamRelease(b.node, sigs));
+      return c.json(agent.ipamRelease(b.node, sigs, remove));
     } catch (e) {
       const code = e instanceof WeftError ? e.code : "ERR_INTERNAL";
       return c.json({ error: { code, message: (e as Error).message } }, errorStatus(code));

@@ -630,10 +630,11 @@ export const IPAM_HELP = `Usage: weftnet ipam <command> [--state-dir D] [--json]
 
 Commands:
   release NODE --operator-key-file F
-                    force-release the blocks of a node that is gone for good (by id or name), signed
-                    with the operator key F (\`weftnet keygen --operator\`; env WEFTNET_OPERATOR_KEY_FILE):
-                    every agent checks the signature against its --operator-key before it accepts the
-                    release, so no node can release another's blocks. The mesh reclaims silent nodes'
+                    force-release the blocks of a node that is gone for good (by id or name) and remove
+                    it from the IPAM member list (also a member that owns no block), signed with the
+                    operator key F (\`weftnet keygen --operator\`; env WEFTNET_OPERATOR_KEY_FILE):
+                    every agent checks the signatures against its --operator-key before it accepts the
+                    release, so no node can release another's blocks or remove another member. The mesh reclaims silent nodes'
                     unpinned blocks by itself after --reclaim-after; this is for operators who know
                     the node will not come back
   allocate POD      allocate (idempotently) an address for pod id POD on this node and print it
@@ -656,7 +657,7 @@ export async function runIpam(argv: string[]): Promise<number> {
       const keyFile = values["operator-key-file"] ?? process.env.WEFTNET_OPERATOR_KEY_FILE;
       if (!keyFile) throw new UsageError("weftnet ipam release: give --operator-key-file F (the operator's private key from `weftnet keygen --operator`); agents accept a release only with its signature");
       out = await apiRequest(sock, "POST", "/v1/ipam/release-node", await signRelease(sock, arg, keyFile));
-      if (!values.json) process.stdout.write(`released the blocks of ${(out as { node: string }).node}; they are free for other nodes\n`);
+      if (!values.json) process.stdout.write(`released ${(out as { node: string }).node}: its blocks are free for other nodes and it is off the IPAM member list\n`);
       break;
     }
     case "allocate": {

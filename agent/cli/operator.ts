@@ -1,14 +1,15 @@
 /**
  * The operator credential (issue 12): `weftnet keygen --operator` makes an Ed25519 pair that no node holds;
  * agents run with its public key (--operator-key), and `weftnet ipam release NODE --operator-key-file F`
- * signs the release of each of NODE's blocks with the private key. Every agent checks those signatures
+ * signs the release of each of NODE's blocks and NODE's removal from the IPAM member list with the private
+ * key. Every agent checks those signatures
  * before it merges or forwards the forced entries (src/ipam/node.ts checkWrite), so a compromised node
  * with the cluster token cannot release another node's addresses.
  */
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { UsageError, WeftError } from "../../src/errors.js";
 import { generateIdentity, identityFromPem, identityToPem, parseOperatorKey, publicKeyHex, signFields } from "../../src/identity.js";
-import { CTX_RELEASE, releaseFields } from "../../src/ipam/signing.js";
+import { CTX_RELEASE, CTX_REMOVE, releaseFields, removeFields } from "../../src/ipam/signing.js";
 import { apiRequest } from "../api-client.js";
 import { parse } from "./util.js";
 
@@ -56,13 +57,20 @@ export function loadOperatorKey(value: string): Uint8Array {
   }
 }
 
-type IpamBlocks = { id: string; epoch: { id: string } | null; blocks: { index: number; owner: string; ownerName?: string | null; version: number }[] };
+type IpamBlocks = {
+  id: string;
+  epoch: { id: string } | null;
+  blocks: { index: number; owner: string; ownerName?: string | null; version: number }[];
+  members?: { id: string }[];
+};
 
 /**
- * Sign the release of every block `target` (id, unique name or id prefix) owns in the agent's current
- * view: [[block, hex signature]] for POST /v1/ipam/release-node, and the node id.
+ * Sign the release of every block `target` (id, unique name or id prefix; a block owner or a member that
+ * owns no block) owns in the agent's current view — [[block, hex signature]] — and its removal from the
+ * member list (`remove`, hex signature; so that one command also removes a dead member without blocks),
+ * for POST /v1/ipam/release-node, with the node id.
  */
-export async function signRelease(sock: string, target: string, keyFile: string): Promise<{ node: string; sigs: [number, string][] }> {
+export async function signRelease(sock: string, target: string, keyFile: string): Promise<{ node: string; sigs: [number, string][]; remove: string }> {
   let pem: string;
   try {
     pem = readFileSync(keyFile, "utf8");
@@ -72,7 +80,7 @@ export async function signRelease(sock: string, target: string, keyFile: string)
   const op = identityFromPem(pem);
   const view = await apiRequest<IpamBlocks>(sock, "GET", "/v1/ipam");
   if (!view.epoch) throw new WeftError("ERR_NOT_READY", "the agent has no cluster IPAM yet");
-  const owners = [...new Set(view.blocks.map((b) => b.owner))];
+  const owners = [...new Set([...view.blocks.map((b) => b.owner), ...(view.members ?? []).map((m) => m.id)])].filter((o) => o !== view.id);
   const names = new Map(view.blocks.map((b) => [b.owner, b.ownerName ?? null]));
   let id = owners.find((o) => o === target);
   if (!id) {
@@ -80,9 +88,10 @@ export async function signRelease(sock: string, target: string, keyFile: string)
     const byPrefix = owners.filter((o) => o.startsWith(target));
     id = byName.length === 1 ? byName[0] : byName.length === 0 && byPrefix.length === 1 ? byPrefix[0] : undefined;
   }
-  if (!id) throw new WeftError("ERR_NO_PEER", `no block owner matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
+  if (!id) throw new WeftError("ERR_NO_PEER", `no IPAM member matches ${JSON.stringify(target)}; give the full node id from \`weftnet status ipam\``);
   const epoch = view.epoch.id;
   // each signature names this agent as the new owner: no other node can copy it onto a release of its own
   const sigs = view.blocks.filter((b) => b.owner === id).map((b) => [b.index, Buffer.from(signFields(op, CTX_RELEASE, ...releaseFields(epoch, b.index, id!, b.version + 1, view.id))).toString("hex")] as [number, string]);
-  return { node: id, sigs };
+  const remove = Buffer.from(signFields(op, CTX_REMOVE, ...removeFields(epoch, id))).toString("hex");
+  return { node: id, sigs, remove };
 }

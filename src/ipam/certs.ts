@@ -5,7 +5,7 @@
  * or forwarded. Signatures themselves are signing.ts; this module decides whether a signed record may
  * change our table. node.ts owns one of these only when the agent gave it a key.
  */
-import { CTX_BEAT, CTX_ENTRY, CTX_MEMBER, CTX_PROMISE, type IpamKeys, releaseFields, removalFields, type Signed } from "./signing.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_MEMBER, CTX_PROMISE, CTX_REMOVE, type IpamKeys, releaseFields, removalFields, removeFields, type Signed } from "./signing.js";
 import { type BlockTable, compareEntries, type EntryKind, type EntryTuple } from "./table.js";
 import { type AddProofWire, type CertWire, decodeCert, type HandoverWire, type RemovalWire } from "./wire.js";
 
@@ -200,10 +200,21 @@ export class SignedState {
    * node that saw it gone when we know it gone too (we saw its Kubernetes Node deleted, or accepted an
    * operator's release of it): "release" = validly signed but not authorised here (yet). Never ourselves
    * by someone else's word: a node declared gone while alive must not shrink its own majorities.
+   * An operator's removal ("op") stands on the operator's signature of (epoch, node) alone, checked
+   * against our --operator-key (a wrong one is a forgery); once it checks out the node is known gone here
+   * (as after an operator's release). Without --operator-key we cannot check it: held back like a "gone".
    */
   checkRemoval(node: string, rw: RemovalWire | null): "ok" | "forged" | "release" {
     if (!rw) return "forged";
     const [reason, by, pk, sig] = rw;
+    if (reason === "op") {
+      if (node === this.self) return "forged";
+      const verifyOperator = this.keys.verifyOperator;
+      if (!verifyOperator) return this.ctx.sawGone(node) ? "ok" : "release";
+      if (!verifyOperator(sig, removeFields(this.ctx.epochId(), node), CTX_REMOVE)) return "forged";
+      this.ctx.operatorReleased(node);
+      return "ok";
+    }
     if (!this.keys.verify(by, pk, sig, CTX_MEMBER, removalFields(this.ctx.epochId(), node, reason, by))) return "forged";
     if (reason === "leave") return by === node ? "ok" : "forged";
     if (node === this.self || by === node) return "forged";

@@ -170,12 +170,13 @@ export class Gossip {
   /**
    * Member records from a peer: in a signed cluster each is checked first (certs.ts checkAdd /
    * checkRemoval): an addition needs the grant behind it (or the node owns a block here, or founded the
-   * epoch), a removal the node's own signature ("leave") or our own knowledge that it is gone ("gone").
+   * epoch), a removal the node's own signature ("leave"), our own knowledge that it is gone ("gone"), or
+   * the operator's signature ("op", which also makes the node known gone here).
    * Refused records are not passed on; forgeries (a wrong signature, a "leave" signed by another node,
    * a grant proof that does not check out) are counted in `forged`; a "gone" refused now is written by
    * this node itself once it knows the node gone (markGone).
    */
-  onMembers(from: string, records: MemberRecordWire[], _now: number, out: IpamOutput): void {
+  onMembers(from: string, records: MemberRecordWire[], now: number, out: IpamOutput): void {
     const members = this.c.members;
     const changed: MemberRecordWire[] = [];
     for (const r of records) {
@@ -202,9 +203,18 @@ export class Gossip {
         if (members.remove(n, rw)) changed.push(r);
       }
     }
-    if (changed.length === 0) return;
-    out.persist = true;
-    this.broadcastMembers(changed, from, out);
+    if (changed.length > 0) {
+      out.persist = true;
+      this.broadcastMembers(changed, from, out);
+    }
+    // an operator's removal that checked out declared its node gone: merge the releases of it held back
+    const gone = [...this.newlyGone];
+    this.newlyGone.clear();
+    for (const g of gone) {
+      out.persist = true;
+      this.mergeHeld(g, now, out);
+      this.c.markGone(g, out);
+    }
   }
 
   /** `node` is known gone now: merge the force releases of it we refused before (refusedForces). */

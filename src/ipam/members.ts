@@ -3,9 +3,11 @@
  * A node is added in the round that grants it its first block (the grant needs promises from a majority
  * of the members before it, and every acceptor counts the newcomer from the moment it promised:
  * consensus.ts), and stays a member whatever happens to its blocks — reclaim never removes anyone. It is
- * removed only by a removal record: its own graceful `leave()`, or a node that saw it gone (a Kubernetes
+ * removed only by a removal record: its own graceful `leave()`, a node that saw it gone (a Kubernetes
  * Node deletion, or an operator's release) — and a signed cluster accepts a "gone" removal only where the
- * receiver knows the node gone too (certs.ts checkRemoval).
+ * receiver knows the node gone too (certs.ts checkRemoval) — or the operator's signed removal ("op",
+ * `weftnet ipam release NODE`), which stands on the operator's signature alone (also for a node that owns
+ * no block).
  *
  * The replicated state is two grow-only sets, added and removed, and the list is a function of them and
  * the block table: every owner (an owner is always a member), plus every added node not removed. Merging
@@ -16,7 +18,7 @@
  */
 import { certFromJson, certJson, certOf, certWire } from "./certs.js";
 import type { BlockTable } from "./table.js";
-import type { AddProofWire, CertWire, MemberRecordWire, RemovalWire } from "./wire.js";
+import type { AddProofWire, CertWire, MemberRecordWire, RemovalReason, RemovalWire } from "./wire.js";
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
 const unhex = (s: unknown) => new Uint8Array(Buffer.from(String(s), "hex"));
@@ -133,7 +135,7 @@ export class Members {
         this.add(n, q ? [q[0], q[1], ...certWire(certFromJson(q[2]))] : null);
       } else if (k === "x") {
         const q = p as [string, string, string, string] | null;
-        this.remove(n, q ? [q[0] as "leave" | "gone", q[1], unhex(q[2]), unhex(q[3])] : null);
+        this.remove(n, q ? [q[0] as RemovalReason, q[1], unhex(q[2]), unhex(q[3])] : null);
       }
     }
   }

@@ -30,9 +30,9 @@ import { Gossip, type HelloFrom, MAX_BEAT_AHEAD_MS } from "./gossip.js";
 import { emptyOutput, type IpamOutput } from "./output.js";
 import { Grants } from "./grants.js";
 import { Pins } from "./pins.js";
-import { releaseFields } from "./signing.js";
+import { CTX_REMOVE, releaseFields, removeFields } from "./signing.js";
 import { BlockTable, type EntryTuple, IpamError } from "./table.js";
-import { type EpochInfo, decodeIpamMessage, epochId, type IpamMessage } from "./wire.js";
+import { type EpochInfo, decodeIpamMessage, epochId, type IpamMessage, type RemovalWire } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
 export type { IpamCounters, IpamStatus } from "./status.js";
@@ -75,8 +75,12 @@ export interface IpamSnapshot {
  * signature of releaseFields(epoch, block, node, version of the forced entry, this node's id), by the
  * --operator-key; written as kind "o"), or this node's own observation that the node is gone (its
  * Kubernetes Node object was deleted; kind "f").
+ *
+ * `remove` is the operator's signature of removeFields(epoch, node) (CTX_REMOVE): it takes the node off the
+ * member list on every agent with the same --operator-key, also when it owns no block (then no block
+ * signature can). `weftnet ipam release` always sends it.
  */
-export type ReleaseAuth = { operator: Map<number, Uint8Array> } | { observedGone: true };
+export type ReleaseAuth = { operator: Map<number, Uint8Array>; remove?: Uint8Array } | { observedGone: true };
 
 
 const NEG = Number.NEGATIVE_INFINITY;
@@ -319,12 +323,18 @@ export class IpamNode {
       else {
         const verifyOperator = this.signed.keys.verifyOperator;
         if (!verifyOperator) throw new IpamError("ERR_FORBIDDEN", "this agent has no --operator-key: it cannot check an operator-signed release (and its peers would refuse it)");
+        const rm = auth.remove;
+        if (rm !== undefined) {
+          if (!this.members.list(this.table).has(node) && !this.members.isRemoved(node)) throw new IpamError("ERR_CONFIG", `${node} is not an IPAM member here`);
+          if (!verifyOperator(rm, removeFields(this.epoch.id, node), CTX_REMOVE))
+            throw new IpamError("ERR_FORBIDDEN", `no valid operator signature of the removal of ${node} from the members of epoch ${this.epoch.id} (a signature by another key, or for another epoch)`);
+        } else if (indices.length === 0) throw new IpamError("ERR_FORBIDDEN", `${node} owns no block here: its removal from the member list needs the operator's signed removal`);
         for (const i of indices) {
           const sig = auth.operator.get(i);
           if (!sig || !verifyOperator(sig, releaseFields(this.epoch.id, i, node, this.table.get(i).version + 1, this.id)))
             throw new IpamError("ERR_FORBIDDEN", `no valid operator signature for block ${i} of ${node} at version ${this.table.get(i).version + 1} to ${this.id} (a signature by another key, for another agent, or the block changed since it was signed: sign again)`);
         }
-        if (indices.length > 0) this.gossip.gone.add(node); // declared gone by the operator: others' releases of it count too
+        if (indices.length > 0 || rm !== undefined) this.gossip.gone.add(node); // declared gone by the operator: others' releases of it count too
       }
     }
     const delta: EntryTuple[] = [];
@@ -345,7 +355,9 @@ export class IpamNode {
     }
     this.gossip.mergeHeld(node, now, out);
     // the node is gone (Kubernetes, the operator; unsigned clusters: the caller's word): off the member list
-    if (!this.signed || this.gossip.gone.has(node)) this.removeGone(node, out);
+    // (the operator's signed removal when given: every agent with --operator-key accepts it on its own)
+    const opRemove = this.signed && auth && "operator" in auth && auth.remove ? (["op", this.id, this.signed.keys.publicKey, auth.remove] as RemovalWire) : undefined;
+    if (!this.signed || this.gossip.gone.has(node)) this.removeGone(node, out, opRemove);
     this.assertInvariants();
     return out;
   }
@@ -657,9 +669,9 @@ export class IpamNode {
   }
 
   /** `node` is known gone here (Kubernetes, the operator): remove it from the member list, signed, and tell the peers. */
-  private removeGone(node: string, out: IpamOutput): void {
+  private removeGone(node: string, out: IpamOutput, proof?: RemovalWire): void {
     if (node === this.id || this.members.isRemoved(node)) return;
-    this.members.remove(node, this.signed ? this.signed.signRemoval(node, "gone") : null);
+    this.members.remove(node, proof ?? (this.signed ? this.signed.signRemoval(node, "gone") : null));
     out.persist = true;
     this.gossip.broadcastMembers([this.members.record(node, "x")!], null, out);
   }

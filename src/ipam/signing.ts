@@ -16,6 +16,9 @@
  *             public key, --operator-key, so no node can forge one; bound to one block at one version, so
  *             it cannot be replayed against blocks the node owns later, and to the node it was run on, so
  *             no other node can copy it onto a force of its own)
+ *   remove    "weftnet/ipam-remove/v1" epochId, removed node   (signed by the OPERATOR key: `weftnet ipam release
+ *             NODE` removes NODE from the member list with it — also a node that owns no block, which no
+ *             block release could remove; receivers check it against --operator-key as a release)
  */
 import { createPublicKey, type KeyObject, verify } from "node:crypto";
 import { deriveNodeId, frame, type Identity, signFields } from "../identity.js";
@@ -27,9 +30,15 @@ export const CTX_ENTRY = "weftnet/ipam-entry/v1";
 export const CTX_PROMISE = "weftnet/ipam-prom/v1";
 export const CTX_RELEASE = "weftnet/ipam-release/v2";
 export const CTX_MEMBER = "weftnet/ipam-member/v1";
+export const CTX_REMOVE = "weftnet/ipam-remove/v1";
+
+/** What an operator signs to remove `node` (gone for good) from the member list of epoch `epochId`. */
+export function removeFields(epochId: string, node: string): string[] {
+  return [epochId, node];
+}
 
 /** What `by` signs to remove `node` from the member list ("leave": by = node; "gone": by saw it gone). */
-export function removalFields(epochId: string, node: string, reason: "leave" | "gone", by: string): string[] {
+export function removalFields(epochId: string, node: string, reason: "leave" | "gone" | "op", by: string): string[] {
   return [epochId, node, "x", reason, by];
 }
 
@@ -44,8 +53,11 @@ export interface IpamKeys {
   sign(context: string, fields: string[]): Uint8Array;
   /** does `pk` belong to `node` (id derived from it) and did it sign `fields`? */
   verify(node: string, pk: Uint8Array, sig: Uint8Array, context: string, fields: string[]): boolean;
-  /** did the operator key (--operator-key) sign these release fields? Absent: no operator key configured. */
-  verifyOperator?(sig: Uint8Array, fields: string[]): boolean;
+  /**
+   * did the operator key (--operator-key) sign these fields (under `context`: CTX_RELEASE unless given,
+   * or CTX_REMOVE)? Absent: no operator key configured.
+   */
+  verifyOperator?(sig: Uint8Array, fields: string[], context?: string): boolean;
 }
 
 /**
@@ -79,10 +91,10 @@ export function identityKeys(idn: Identity, operatorKey?: Uint8Array): IpamKeys 
     },
     ...(op
       ? {
-          verifyOperator(sig: Uint8Array, fields: string[]) {
-            if (sig.byteLength !== 64) return false;
+          verifyOperator(sig: Uint8Array, fields: string[], context: string = CTX_RELEASE) {
+            if (sig.byteLength !== 64 || (context !== CTX_RELEASE && context !== CTX_REMOVE)) return false;
             try {
-              return verify(null, frame(CTX_RELEASE, ...fields), op, sig);
+              return verify(null, frame(context, ...fields), op, sig);
             } catch {
               return false;
             }

@@ -31,7 +31,9 @@
  *          for the founder or a node that owns a block in the receiver's table; "x" removes a node: proof =
  *          [reason, by, pk, sig], reason "leave" (signed by the node itself) or "gone" (signed by a node that
  *          saw it gone: a Kubernetes Node deletion, or an operator's release; the receiver must know it gone
- *          too). Newer than kind "o": an agent from before refuses the message type (ERR_UNKNOWN_TYPE, counted
+ *          too) or "op" (an operator's removal, `weftnet ipam release NODE`: by = the agent it was run on,
+ *          pk = that agent's key, sig = the OPERATOR's signature of (epoch, node), signing.ts CTX_REMOVE;
+ *          checked against the receiver's --operator-key alone, so it removes a node that owns no block). Newer than kind "o": an agent from before refuses the message type (ERR_UNKNOWN_TYPE, counted
  *          as malformed), so upgrade every agent of a cluster together.
  *   req    "give me one block" (epoch id)
  *   nak    "I have nothing to give / cannot right now" (epoch id)
@@ -69,8 +71,12 @@ export type IpamMessage =
 
 /** The grant that added a member: [blockIndex, version, ...cert of the transfer naming it]. */
 export type AddProofWire = [number, number, ...CertWire];
-/** Why a member was removed: [reason, by, pk, sig] (signed by `by`: signing.ts CTX_MEMBER). */
-export type RemovalWire = ["leave" | "gone", string, Uint8Array, Uint8Array];
+/**
+ * Why a member was removed: [reason, by, pk, sig] (signed by `by`: signing.ts CTX_MEMBER; for "op" sig is
+ * the operator's signature, CTX_REMOVE, and by/pk name the agent the operator ran the release on).
+ */
+export type RemovalReason = "leave" | "gone" | "op";
+export type RemovalWire = [RemovalReason, string, Uint8Array, Uint8Array];
 /** One record of the member list: an addition (with the grant behind it) or a removal. */
 export type MemberRecordWire = [string, "m", AddProofWire | null] | [string, "x", RemovalWire | null];
 /** member records per `members` message (each may carry a majority's promises) */
@@ -135,7 +141,7 @@ function decodeMemberRecord(x: unknown): MemberRecordWire {
     if (proof === null || proof === undefined) return [n, "x", null];
     if (!Array.isArray(proof) || proof.length < 4) throw new ProtocolError("ERR_INVALID", "member removal proof must be [reason, by, pk, sig]");
     const [reason, by, pk, sig] = proof as unknown[];
-    if (reason !== "leave" && reason !== "gone") throw new ProtocolError("ERR_INVALID", "member removal reason must be leave or gone");
+    if (reason !== "leave" && reason !== "gone" && reason !== "op") throw new ProtocolError("ERR_INVALID", "member removal reason must be leave, gone or op");
     if (typeof by !== "string" || !NODE_ID_RE.test(by)) throw new ProtocolError("ERR_INVALID", "member removal signer is not a node id");
     return [n, "x", [reason, by, keyBytes(pk, 32, "removal pk"), keyBytes(sig, 64, "removal sig")]];
   }

@@ -5,7 +5,7 @@
 import { describe, expect, it } from "vitest";
 import { generateIdentity, signFields, type Identity } from "../../src/identity.js";
 import { IpamError } from "../../src/ipam/index.js";
-import { CTX_ENTRY, CTX_RELEASE, releaseFields } from "../../src/ipam/signing.js";
+import { CTX_ENTRY, CTX_MEMBER, CTX_RELEASE, CTX_REMOVE, releaseFields, removalFields, removeFields } from "../../src/ipam/signing.js";
 import { SIM_CFG, Sim, type SimNode, prng } from "../property/ipam-harness.js";
 
 function signedCluster(n: number, operator: Identity | undefined, seed = 7, syncIntervalMs = SIM_CFG.syncIntervalMs) {
@@ -184,5 +184,98 @@ describe("force release in a signed cluster", () => {
     sim.crash(b);
     sim.restart(b);
     expect(b.node!.snapshot().gone).toContain(gone.id);
+  });
+
+  it("the operator's signed removal takes a dead member that owns no block off every member list; forged, unsigned and wrong-key removals are refused and counted", () => {
+    const op = generateIdentity();
+    const { sim, nodes } = signedCluster(3, op, 31);
+    const [a, b, c] = nodes as [SimNode, SimNode, SimNode];
+    // the dead member died while it joined: its first block was granted (so it is a member) but the grant
+    // never reached it, so it never pinned the block; reclaim takes the block back, the member stays
+    const live = [a, b, c];
+    const granted = () => live.some((sn) => sn.node!.view().some(([, o]) => o === dead.id)) || dead.node!.ownedBlocks().length > 0;
+    const dead = sim.add({ mayFound: false });
+    for (let k = 0; k < 40 && !granted(); k++) sim.tick();
+    expect(granted()).toBe(true);
+    expect(dead.node!.ownedBlocks(), "the grant has not reached it").toEqual([]);
+    sim.crash(dead, true);
+    for (let k = 0; k < 200 && live.some((sn) => sn.node!.view().some(([, o]) => o === dead.id)); k++) sim.run(1);
+    for (const sn of live) {
+      expect(sn.node!.view().filter(([, o]) => o === dead.id), "its blocks were reclaimed").toEqual([]);
+      expect(sn.node!.memberList(), "but it is still a member").toContain(dead.id);
+    }
+    // the operator's block release has nothing to sign: without the removal it is refused
+    expect(forbidden(() => a.node!.forceRelease(dead.id, sim.at(a), { operator: new Map() }))).toMatch(/owns no block/);
+    // a removal signed by another key, for another epoch, of another node: refused where issued
+    const epoch = a.node!.epochInfo()!.id;
+    const removeSig = (by: Identity, ep: string, node: string) => signFields(by, CTX_REMOVE, ...removeFields(ep, node));
+    forbidden(() => a.node!.forceRelease(dead.id, sim.at(a), { operator: new Map(), remove: removeSig(generateIdentity(), epoch, dead.id) }));
+    forbidden(() => a.node!.forceRelease(dead.id, sim.at(a), { operator: new Map(), remove: removeSig(op, `${epoch}x`, dead.id) }));
+    forbidden(() => a.node!.forceRelease(dead.id, sim.at(a), { operator: new Map(), remove: removeSig(op, epoch, b.id) }));
+    // ... and by every receiver: a rogue's "op" removal (unsigned, its own key, a release signature), a
+    // "gone" nobody knows, and the operator's removal of the receiver itself
+    const rogue = c;
+    const forged0 = [a, b].map((sn) => sn.node!.status(sim.at(sn)).counters.forged);
+    const pk = rogue.keys!.publicKey;
+    const forgeries = [
+      [dead.id, "x", null],
+      [dead.id, "x", ["op", rogue.id, pk, rogue.keys!.sign(CTX_REMOVE, removeFields(epoch, dead.id))]],
+      [dead.id, "x", ["op", rogue.id, pk, signFields(op, CTX_RELEASE, ...removeFields(epoch, dead.id))]],
+      [dead.id, "x", ["op", rogue.id, pk, removeSig(op, epoch, rogue.id)]],
+      [dead.id, "x", ["leave", rogue.id, pk, rogue.keys!.sign(CTX_MEMBER, removalFields(epoch, dead.id, "leave", rogue.id))]],
+    ];
+    for (const to of [a, b]) {
+      sim.inject(rogue.id, to.id, { v: 1, t: "members", epoch, records: forgeries });
+      sim.inject(rogue.id, to.id, { v: 1, t: "members", epoch, records: [[to.id, "x", ["op", rogue.id, pk, removeSig(op, epoch, to.id)]]] });
+    }
+    sim.run(3);
+    for (const [k, sn] of [a, b].entries()) {
+      expect(sn.node!.memberList()).toContain(dead.id);
+      expect(sn.node!.memberList(), "never its own removal").toContain(sn.id);
+      expect(sn.node!.status(sim.at(sn)).counters.forged - forged0[k]!).toBe(forgeries.length + 1);
+    }
+    // the operator's removal, run on a: every node takes the dead member off its list
+    sim.apply(a, a.node!.forceRelease(dead.id, sim.at(a), { operator: new Map(), remove: removeSig(op, epoch, dead.id) }));
+    sim.run(4);
+    for (const sn of live) {
+      expect(sn.node!.memberList()).toEqual([a.id, b.id, c.id].sort());
+      expect(sn.node!.removedMembers()).toEqual([dead.id]);
+      expect(sn.node!.snapshot().gone).toContain(dead.id);
+    }
+    // idempotent: again on a, and the same record delivered again, change nothing and count nothing
+    const snap = JSON.stringify(b.node!.snapshot().members);
+    const forged1 = b.node!.status(sim.at(b)).counters.forged;
+    sim.apply(a, a.node!.forceRelease(dead.id, sim.at(a), { operator: new Map(), remove: removeSig(op, epoch, dead.id) }));
+    sim.inject(a.id, b.id, { v: 1, t: "members", epoch, records: [[dead.id, "x", ["op", a.id, a.keys!.publicKey, removeSig(op, epoch, dead.id)]]] });
+    sim.run(3);
+    expect(JSON.stringify(b.node!.snapshot().members)).toBe(snap);
+    expect(b.node!.status(sim.at(b)).counters.forged).toBe(forged1);
+    // persisted: it survives a restart (the record and the node known gone)
+    sim.crash(b);
+    sim.restart(b);
+    sim.run(2);
+    expect(b.node!.removedMembers()).toEqual([dead.id]);
+    expect(b.node!.memberList()).not.toContain(dead.id);
+    expect(b.node!.snapshot().gone).toContain(dead.id);
+    // majorities are of the three members left (2 of 3): the dead one counts no more
+    expect(b.node!.status(sim.at(b)).ownership.members).toBe(3);
+  });
+
+  it("a node that learns the operator's removal only from a relay (not from the issuing agent) accepts it too; the block release and the removal go out together", () => {
+    const op = generateIdentity();
+    const { sim, nodes } = signedCluster(4, op, 37);
+    const [a, b, c] = nodes as [SimNode, SimNode, SimNode];
+    const { gone, blocks } = withGoneNode(sim, nodes);
+    const epoch = a.node!.epochInfo()!.id;
+    sim.apply(a, a.node!.forceRelease(gone.id, sim.at(a), { operator: operatorSigs(op, a, gone.id, blocks), remove: signFields(op, CTX_REMOVE, ...removeFields(epoch, gone.id)) }));
+    sim.run(4);
+    for (const sn of [a, b, c]) {
+      expect(owners(sn, blocks)).toEqual(blocks.map(() => a.id));
+      expect(sn.node!.removedMembers()).toEqual([gone.id]);
+      expect(sn.node!.memberList()).not.toContain(gone.id);
+    }
+    // the record a keeps is the operator's removal, not its own "gone"
+    const rec = a.node!.snapshot().members!.find(([n, k]) => n === gone.id && k === "x")!;
+    expect((rec[2] as unknown[])[0]).toBe("op");
   });
 });
