@@ -16,7 +16,7 @@ import { main as cli } from "../../agent/cli/main.js";
 import { loadOperatorKey } from "../../agent/cli/operator.js";
 import { IPAM_CHANNEL } from "../../agent/ipam.js";
 import { generateIdentity } from "../../src/identity.js";
-import { CTX_ENTRY, CTX_MEMBER, CTX_RELEASE, identityKeys, releaseFields, removalFields } from "../../src/ipam/signing.js";
+import { CTX_ENTRY, CTX_MEMBER, CTX_RELEASE, CTX_REMOVE, identityKeys, releaseFields, removalFields, removeFields } from "../../src/ipam/signing.js";
 import { encodeTopologyMessages, signTopologyRecord, TOPO_CHANNEL, type TopologyRecord } from "../../src/mesh/topology.js";
 import { decodeServerMsg, encodeSignal, type ServerMsg, type SignalData } from "../../src/wire/signal.js";
 import { Cluster, fullMesh, startServer, tmpDir, waitFor } from "../helpers/cluster.js";
@@ -281,6 +281,59 @@ describe("a rogue agent with the token", () => {
       expect(rogue.ipam.status().counters.releasesRefused).toBe(0);
       // the operator's release takes the victim off the member list everywhere
       for (const a of [x, rogue]) await waitFor(() => a.ipam.node.removedMembers().includes(v.id) && !a.ipam.node.memberList().includes(v.id), 10_000, `${a.name} removes the released node from its member list`);
+    } finally {
+      rmSync(keyDir, { recursive: true, force: true });
+    }
+  });
+
+  it("cannot remove a dead member that owns no block (its own key as 'operator'): refused and counted; the operator's `ipam release` removes it", async () => {
+    const keyDir = tmpDir("weft-operator-");
+    try {
+      const keyFile = join(keyDir, "operator.key");
+      expect(await cli(["keygen", "--operator", "--out", keyFile])).toBe(0);
+      const operatorKey = loadOperatorKey(`${keyFile}.pub`);
+      // a short reclaim time, so the dead member's unpinned block is reclaimed within the test
+      const ipam = { reclaimAfterMs: 10_000, safetyMarginMs: 2000, resyncMs: 800, claimSettleMs: 500, bootstrapWaitMs: 500 };
+      c = new Cluster(await startServer(TOKEN), TOKEN);
+      const x = await c.agent("x", { operatorKey, ipam });
+      const rogue = await c.agent("rogue", { operatorKey, ipam });
+      await waitFor(() => fullMesh([x, rogue]) && x.ipam.node.memberList().length === 2 && rogue.ipam.node.memberList().length === 2, 30_000, "two members");
+      // w dies while it joins: its first block is granted (so it is a member everywhere), but the grant never
+      // reaches it (it drops every state message naming it as an owner), so it never pins the block
+      const w = await c.agent("w", { operatorKey, ipam });
+      const handle = w.ipam.node.handle.bind(w.ipam.node);
+      const namesW = (body: unknown) => {
+        const b = body as { t?: unknown; entries?: unknown };
+        return b.t === "state" && Array.isArray(b.entries) && b.entries.some((e) => Array.isArray(e) && e[1] === w.id);
+      };
+      (w.ipam.node as { handle: typeof handle }).handle = (ev, now) => (ev.type === "message" && namesW(ev.body) ? handle({ type: "tick" }, now) : handle(ev, now));
+      const ownsW = (a: Agent) => a.ipam.node.view().some((e) => e[1] === w.id);
+      await waitFor(() => ownsW(x) && ownsW(rogue) && [x, rogue].every((a) => a.ipam.node.memberList().includes(w.id)), 30_000, "w granted a block (a member on x and the rogue)");
+      expect(w.ipam.node.ownedBlocks()).toEqual([]);
+      await w.stop();
+      await waitFor(() => !x.mesh.isConnected(w.id) && !rogue.mesh.isConnected(w.id), 15_000, "w is gone from the mesh");
+      // reclaim takes its (unpinned, empty) block back; w stays a member and counts in every majority
+      await waitFor(() => !ownsW(x) && !ownsW(rogue), 90_000, "w's block reclaimed");
+      for (const a of [x, rogue]) {
+        expect(a.ipam.node.memberList()).toContain(w.id);
+        expect(a.ipam.status().ownership.members).toBe(3);
+      }
+      // the rogue cannot take w off the member list: an operator removal signed with its own key
+      const R = (rogue.mesh as unknown as { o: { identity: ReturnType<typeof generateIdentity> } }).o.identity;
+      const keys = identityKeys(R);
+      const epoch = x.ipam.node.epochInfo()!.id;
+      const forged0 = x.ipam.status().counters.forged;
+      const body = { v: 1, t: "members", epoch, records: [[w.id, "x", ["op", rogue.id, R.publicKey, keys.sign(CTX_REMOVE, removeFields(epoch, w.id))]]] };
+      expect(rogue.mesh.sendApp(x.id, IPAM_CHANNEL, body)).toBe(true);
+      await waitFor(() => x.ipam.status().counters.forged > forged0, 10_000, "the forged removal refused and counted");
+      expect(x.ipam.node.memberList()).toContain(w.id);
+      // the operator's release (the real CLI, run on x): w owns no block, the signed removal alone takes it off
+      expect(await cli(["ipam", "release", w.id, "--operator-key-file", keyFile, "--state-dir", x.cfg.stateDir, "--json"])).toBe(0);
+      for (const a of [x, rogue]) {
+        await waitFor(() => a.ipam.node.removedMembers().includes(w.id) && !a.ipam.node.memberList().includes(w.id), 10_000, `${a.name} removes the dead member`);
+        expect(a.ipam.status().ownership.members).toBe(2);
+      }
+      expect(x.ipam.status().counters.forged).toBe(forged0 + 1);
     } finally {
       rmSync(keyDir, { recursive: true, force: true });
     }
