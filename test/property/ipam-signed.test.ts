@@ -9,14 +9,14 @@
 // invariants (no block allocatable twice, nothing revoked, convergence) hold.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { CTX_BEAT, CTX_ENTRY, CTX_MEMBER, CTX_PROMISE, CTX_RELEASE, releaseFields, removalFields } from "../../src/ipam/signing.js";
-import { generateIdentity } from "../../src/identity.js";
+import { CTX_BEAT, CTX_ENTRY, CTX_MEMBER, CTX_PROMISE, CTX_RELEASE, CTX_REMOVE, releaseFields, removalFields, removeFields } from "../../src/ipam/signing.js";
+import { generateIdentity, signFields } from "../../src/identity.js";
 import { encodeIpamMessage, type EntryKind } from "../../src/ipam/index.js";
 import { SIM_CFG, Sim, type SimNode, TICK, prng } from "./ipam-harness.js";
 
 const OPERATOR = generateIdentity();
 /** kinds of forgery (attack()) */
-const ATTACKS = 11;
+const ATTACKS = 12;
 /** made-up nodes the rogue tries to add to the member list */
 const FAKE = Array.from({ length: 4 }, () => generateIdentity());
 const R_TICKS = Math.ceil(SIM_CFG.reclaimAfterMs / TICK);
@@ -128,6 +128,13 @@ function attack(sim: Sim, rogue: SimNode, kind: number, victimIx: number, target
     case 10: // a removal of the target itself, signed by the rogue: nobody else's word shrinks a node's own majorities
       body = { v: 1, t: "members", epoch, records: [[target.id, "x", ["gone", rogue.id, pk, keys.sign(CTX_MEMBER, removalFields(epoch, target.id, "gone", rogue.id))]]] };
       break;
+    case 11: {
+      // the operator's removal ("op") of a live node, signed with the rogue's own key — or with the real
+      // operator's signature of something else (a block release of the victim: another domain)
+      const sig = targetIx % 2 === 0 ? keys.sign(CTX_REMOVE, removeFields(epoch, victim.id)) : signFields(OPERATOR, CTX_RELEASE, ...releaseFields(epoch, i, victim.id, v + 1, rogue.id));
+      body = { v: 1, t: "members", epoch, records: [[victim.id, "x", ["op", rogue.id, pk, sig]]] };
+      break;
+    }
     default: // an unsigned entry (the pre-signing wire format)
       body = { v: 1, t: "state", epoch, entries: [[i, rogue.id, v + 1, "c"]] };
   }
