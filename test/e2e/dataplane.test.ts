@@ -102,14 +102,23 @@ d("data plane across three namespaces", () => {
     }
     const healedAt = Date.now();
     // traffic flows while we wait: a user expects direct again within seconds
+    // (on timeout: what n1 last saw of its peers and its routes, from every node's view — it stayed "via n2"
+    // for 30 s once although both ends had upgraded to direct WebRTC and bulk 2 s after the heal)
+    let seen = "";
     await until(
       async () => {
         await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000);
-        return (await lab.status(n1)).peers.find((p) => p.name === "n3")?.path === "direct";
+        const st = await lab.status(n1);
+        const direct = st.peers.find((p) => p.name === "n3")?.path === "direct";
+        if (!direct) {
+          const routes = await Promise.all(lab.nodes.map(async (n) => `${n.name}: ${await lab.cli(n, ["status", "routes", "--json"]).catch((e: Error) => e.message)}`));
+          seen = `n1 peers: ${JSON.stringify(st.peers.map((p) => ({ name: p.name, path: p.path, linkType: p.linkType, rttMs: p.rttMs })))}\nroutes:\n${routes.join("\n")}`;
+        }
+        return direct;
       },
       30_000,
       "n1 back to direct",
-      dump,
+      () => `${seen}\n${dump()}`,
     );
     console.log(`n1 -> n3: direct again ${((Date.now() - healedAt) / 1000).toFixed(1)} s after the path healed (blocked ${((healedAt - blockedAt) / 1000).toFixed(0)} s)`);
     await until(async () => (await sh(p1.name, "ping", ["-c", "1", "-W", "1", p3.ip], 5000)).stdout.includes("1 received"), 15_000, "ping direct again", dump);
