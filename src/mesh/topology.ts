@@ -66,11 +66,16 @@
  * soon as its neighbours drop their link to it (well before it ages out).
  *
  * ## RTT stickiness (hysteresis at the source)
- * setLocal() re-originates when the set of links or prefixes changes, or when a link's measured RTT moved
- * away from the advertised value by more than max(rttChangeRatio x advertised, rttChangeMinMs)
- * (default 20% / 2 ms). Otherwise the advertised value stays, and periodic refreshes repeat it. Every
- * node therefore computes routes from identical, slowly changing weights: RTT jitter never floods the mesh
- * and never flips paths. (paths.ts adds a per-destination hysteresis on top.)
+ * setLocal() re-originates when the set of links or prefixes changes, or when a link's measured RTT rose
+ * above the advertised value by more than max(rttChangeRatio x advertised, rttChangeMinMs) (default
+ * 20% / 2 ms), or fell below it by more than rttChangeRatio x advertised (and 0.1 ms). Otherwise the
+ * advertised value stays, and periodic refreshes repeat it. Every node therefore computes routes from
+ * identical, slowly changing weights: RTT jitter never floods the mesh and never flips paths. Falls need no
+ * 2 ms floor: the advertised value ratchets down to the lowest RTT seen (each step a 20% fall, so a few
+ * floods at most) and only a real rise moves it back up. With the floor on falls too, a new link's first,
+ * high sample (taken while the link was still settling, e.g. 2.3 ms on a 0.5 ms LAN) stuck forever, and with
+ * the 2 ms hop penalty and 20% path hysteresis a 2-hop path kept the traffic over a healed direct link
+ * (dataplane e2e 'back to direct' failed 1 in 2 at load 4). (paths.ts adds a per-destination hysteresis on top.)
  *
  * ## How an agent drives it
  *   const topo = new Topology(selfId, { initialSeq: persisted.topoSeq });
@@ -162,6 +167,15 @@ export interface TopologyOptions {
   identity?: Identity;
   /** largest forward seq step accepted (default MAX_SEQ_STEP_MS) */
   maxSeqStepMs?: number;
+}
+
+/**
+ * Whether a measured RTT moved far enough from the advertised one to re-originate (see the header):
+ * up by more than max(ratio x advertised, minMs), down by more than ratio x advertised (and 0.1 ms).
+ */
+export function rttMoved(measured: number, advertised: number, ratio: number, minMs: number): boolean {
+  if (measured > advertised) return measured - advertised > Math.max(ratio * advertised, minMs);
+  return advertised - measured > Math.max(ratio * advertised, 0.1);
 }
 
 /** Semantic refusals of remote data (ProtocolError covers malformed data). Count and drop. */
@@ -452,7 +466,7 @@ export class Topology {
       let v: number;
       if (adv === undefined) v = measured ?? this.o.unknownRttMs;
       else if (measured === undefined) v = adv;
-      else v = Math.abs(measured - adv) > Math.max(this.o.rttChangeRatio * adv, this.o.rttChangeMinMs) ? measured : adv;
+      else v = rttMoved(measured, adv, this.o.rttChangeRatio, this.o.rttChangeMinMs) ? measured : adv;
       next.set(l.peer, v);
     }
     if (next.size > MAX_LINKS_PER_RECORD) throw new TopologyError("ERR_CONFIG", `more than ${MAX_LINKS_PER_RECORD} local links`);

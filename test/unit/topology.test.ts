@@ -46,6 +46,20 @@ describe("Topology.setLocal", () => {
     expect(t.setLocal([{ peer: C, rttMs: 1.5 }], [], T0 + 5000)).toBeUndefined();
   });
 
+  it("a fall of 20% re-originates without the 2 ms floor (ratchets down), so a high first sample does not stick; jitter does not flood", () => {
+    const t = new Topology(A);
+    t.setLocal([{ peer: B, rttMs: 2.3 }], [], T0); // first sample, taken while the link was settling
+    const r = t.setLocal([{ peer: B, rttMs: 0.5 }], [], T0 + 1000);
+    expect(r?.links).toEqual([{ peer: B, rttMs: 0.5 }]);
+    // jitter around the settled value: a rise below max(20%, 2 ms) stays, a fall of <= 20% stays
+    for (const [i, rtt] of [0.9, 0.45, 1.4, 0.41, 2.4].entries()) expect(t.setLocal([{ peer: B, rttMs: rtt }], [], T0 + 2000 + i)).toBeUndefined();
+    // a fall of more than 20% moves it again, by 0.1 ms steps at least
+    expect(t.setLocal([{ peer: B, rttMs: 0.3 }], [], T0 + 3000)?.links).toEqual([{ peer: B, rttMs: 0.3 }]);
+    expect(t.setLocal([{ peer: B, rttMs: 0.2 }], [], T0 + 3001)).toBeUndefined(); // 0.1 ms: not more than the floor
+    // a real rise still moves it up
+    expect(t.setLocal([{ peer: B, rttMs: 2.5 }], [], T0 + 4000)?.links).toEqual([{ peer: B, rttMs: 2.5 }]);
+  });
+
   it("advertises unknownRttMs until a measurement exists, and keeps the old value when it goes missing", () => {
     const t = new Topology(A, { unknownRttMs: 77 });
     expect(t.setLocal([{ peer: B }], [], T0)?.links).toEqual([{ peer: B, rttMs: 77 }]);
