@@ -16,6 +16,8 @@
  *   - N is no longer a bidirectional neighbour or cannot reach dst (the current path is gone), or
  *   - the best path is better by more than `hysteresis` (default 20%): best < (1 - h) * costVia(N),
  *     where costVia(N) = w(self, N) + dist(N, dst), or
+ *   - the best path is the direct link to dst (it replaces a relayed path as soon as it is cheaper; see
+ *     computeRoutes), or
  *   - N fails the feasibility condition dist(N, dst) < dist(self, dst).
  * The feasibility condition (EIGRP's) is what keeps hysteresis loop-free: every hop then goes to a node
  * strictly closer to dst in the shared topology, whatever each node's history, so forwarding cannot
@@ -200,7 +202,10 @@ export function computeRoutes(self: string, records: Iterable<TopologyRecord>, o
     let costUs = best;
     let path = pathTo(sp, dst);
     const old = prev?.nextHop(dst);
-    if (old !== undefined && old !== nextHop && selfEdges.has(old)) {
+    // A direct path needs no margin to replace a relayed one (it only has to be cheaper): the margin would
+    // otherwise favour the path that carries the traffic, whose hops are measured warm (a busy link answers
+    // pings at once), over the direct link, idle and measured cold (each ping wakes a sleeping reader).
+    if (old !== undefined && old !== nextHop && selfEdges.has(old) && nextHop !== dst) {
       const w = selfEdges.get(old)!;
       const spN = spOf(old);
       const dN = spN.dist.get(dst);

@@ -76,20 +76,30 @@ describe("computeRoutes", () => {
   describe("hysteresis", () => {
     const tri = (ac: number) => recs([A, B, C], [[A, B, 10], [B, C, 10], [A, C, ac]]);
 
-    it("keeps the current path unless the new one is better by more than 20%", () => {
+    it("keeps the current path unless another relayed path is better by more than 20%; a direct path only has to be cheaper", () => {
       let t = computeRoutes(A, tri(100)); // via B: 24
       expect(t.nextHop(C)).toBe(B);
-      // direct becomes 21 (cost 23) vs via B 24: better but < 20%: keep B
-      t = computeRoutes(A, tri(21), {}, t);
+      // direct 25 (cost 27) vs via B 24: keep B
+      t = computeRoutes(A, tri(25), {}, t);
       expect(t.nextHop(C)).toBe(B);
       expect(t.cost(C)).toBe(24);
       expect(t.path(C)).toEqual([A, B, C]);
-      // direct 17 (cost 19 < 0.8 * 24 = 19.2): switch
-      t = computeRoutes(A, tri(17), {}, t);
-      expect(t.nextHop(C)).toBe(C);
-      // direct back to 21: via B (24) is not 20% better than 23: stay direct
+      // direct 21 (cost 23) vs via B 24: cheaper, and a direct path needs no margin (the relayed path's hops
+      // are measured warm while they carry the traffic, the idle direct link cold): switch
       t = computeRoutes(A, tri(21), {}, t);
       expect(t.nextHop(C)).toBe(C);
+      // direct back to 28 (cost 30): via B (24) is not 20% better: stay direct
+      t = computeRoutes(A, tri(28), {}, t);
+      expect(t.nextHop(C)).toBe(C);
+      // between two relayed paths the 20% margin holds: A-B-D 24 vs A-C-D
+      const D = "000000000000000d";
+      const sq = (cd: number) => recs([A, B, C, D], [[A, B, 10], [B, D, 10], [A, C, 10], [C, D, cd]]);
+      let u = computeRoutes(A, sq(9)); // via C 23 < via B 24
+      expect(u.nextHop(D)).toBe(C);
+      u = computeRoutes(A, sq(11), {}, u); // via C 25, via B 24: not 20% better, keep C
+      expect(u.nextHop(D)).toBe(C);
+      u = computeRoutes(A, sq(20), {}, u); // via C 34, via B 24 < 27.2: switch
+      expect(u.nextHop(D)).toBe(B);
     });
 
     it("switches at once when the current path is gone, and back to direct when it returns and is better", () => {
