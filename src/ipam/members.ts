@@ -17,7 +17,7 @@
  * can check the addition itself; which proof a node keeps does not change the list.
  */
 import { certFromJson, certJson, certOf, certWire } from "./certs.js";
-import type { BlockTable } from "./table.js";
+import { fnv1a32, type BlockTable } from "./table.js";
 import type { AddProofWire, CertWire, MemberRecordWire, RemovalReason, RemovalWire } from "./wire.js";
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
@@ -102,16 +102,7 @@ export class Members {
   /** Order-independent digest of the records (which nodes are added and removed; not the proofs). */
   digest(): number {
     if (this.cachedDigest !== null) return this.cachedDigest;
-    let h = 0x811c9dc5;
-    const mix = (s: string) => {
-      for (let k = 0; k < s.length; k++) {
-        h ^= s.charCodeAt(k);
-        h = Math.imul(h, 0x01000193) >>> 0;
-      }
-    };
-    for (const n of [...this.added.keys()].sort()) mix(`m:${n};`);
-    for (const n of [...this.removed.keys()].sort()) mix(`x:${n};`);
-    this.cachedDigest = h >>> 0;
+    this.cachedDigest = fnv1a32([...[...this.added.keys()].sort().map((n) => `m:${n};`), ...[...this.removed.keys()].sort().map((n) => `x:${n};`)]);
     return this.cachedDigest;
   }
 

@@ -146,17 +146,11 @@ export class BlockTable {
   /** Order-independent 32-bit FNV-1a digest of the whole table, to detect divergence cheaply in hellos. */
   digest(): number {
     if (this.cachedDigest !== null) return this.cachedDigest;
-    let h = 0x811c9dc5;
-    const mix = (s: string) => {
-      for (let k = 0; k < s.length; k++) {
-        h ^= s.charCodeAt(k);
-        h = Math.imul(h, 0x01000193) >>> 0;
-      }
-    };
+    const parts: string[] = [];
     this.entries.forEach((e, i) => {
-      if (e.version > 0) mix(`${i}:${e.owner}:${e.version}:${e.kind};`);
+      if (e.version > 0) parts.push(`${i}:${e.owner}:${e.version}:${e.kind};`);
     });
-    this.cachedDigest = h >>> 0;
+    this.cachedDigest = fnv1a32(parts);
     return this.cachedDigest;
   }
 
@@ -166,4 +160,15 @@ export class BlockTable {
     t.cachedDigest = null;
     return t;
   }
+}
+
+/** 32-bit FNV-1a over the strings in order (UTF-16 code units): the cheap digests hellos compare. */
+export function fnv1a32(parts: Iterable<string>): number {
+  let h = 0x811c9dc5;
+  for (const s of parts)
+    for (let k = 0; k < s.length; k++) {
+      h ^= s.charCodeAt(k);
+      h = Math.imul(h, 0x01000193) >>> 0;
+    }
+  return h >>> 0;
 }
