@@ -4,15 +4,13 @@
  * signed cluster (certs.ts), refused force releases held back until their node is known gone. node.ts
  * dispatches to it; what the merge changes (lost blocks, disputed pins) goes back through GossipContext.
  */
+import type { NodeParts } from "./context.js";
 import type { WeftError } from "../errors.js";
-import type { Resolved } from "./config.js";
-import type { WriteRule } from "./consensus.js";
-import type { Lease } from "./lease.js";
 import type { IpamOutput } from "./output.js";
 import type { SignedState } from "./certs.js";
 import type { Members } from "./members.js";
 import type { IpamCounters, PeerInfo } from "./status.js";
-import { type BlockTable, compareEntries, type EntryTuple, IpamError } from "./table.js";
+import { compareEntries, type EntryTuple, IpamError } from "./table.js";
 import { type CertWire, type EpochInfo, type HandoverWire, type IpamMessage, MEMBERS_CHUNK, type MemberRecordWire, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
 
 /** refused force releases kept until this node sees the released node gone itself (see refusedForces) */
@@ -24,16 +22,8 @@ const SIGNED_CHUNK = 128;
 export const MAX_BEAT_AHEAD_MS = 24 * 3600_000;
 
 /** What gossip needs of its node (live views: the epoch and table are read at each use). */
-export interface GossipContext {
-  readonly cfg: Resolved;
-  readonly lease: Lease;
-  readonly rule: WriteRule;
+export interface GossipContext extends NodeParts {
   readonly counters: IpamCounters;
-  readonly signed: SignedState | null;
-  readonly peers: ReadonlySet<string>;
-  readonly info: ReadonlyMap<string, PeerInfo>;
-  epoch(): EpochInfo | null;
-  table(): BlockTable | null;
   wholeFreeBlocks(now: number): number[];
   /** a peer's epoch matches ours again: forget the conflict reported for it */
   clearConflict(peer: string): void;

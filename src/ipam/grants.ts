@@ -7,28 +7,17 @@
  * it; it reads the node's parts through GrantsContext (live views: the epoch and table are read at each
  * use).
  */
-import type { Resolved } from "./config.js";
-import type { WriteRule } from "./consensus.js";
-import type { Lease } from "./lease.js";
+import type { NodeParts } from "./context.js";
 import type { IpamOutput } from "./output.js";
-import type { SignedState } from "./certs.js";
 import type { IpamCounters, PeerInfo } from "./status.js";
-import type { BlockTable, EntryTuple } from "./table.js";
-import { type EpochInfo, type IpamMessage, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
+import type { EntryTuple } from "./table.js";
+import { type IpamMessage, STATE_CHUNK, encodeIpamMessage } from "./wire.js";
 
 /** What grants and reclaim need of their node. */
-export interface GrantsContext {
+export interface GrantsContext extends NodeParts {
   readonly id: string;
-  readonly cfg: Resolved;
-  readonly lease: Lease;
-  readonly rule: WriteRule;
   readonly counters: IpamCounters;
   readonly settleUntil: Map<number, number>;
-  readonly signed: SignedState | null;
-  readonly peers: ReadonlySet<string>;
-  readonly info: ReadonlyMap<string, PeerInfo>;
-  epoch(): EpochInfo | null;
-  table(): BlockTable | null;
   leaseValid(now: number): boolean;
   wholeFreeBlocks(now: number): number[];
   broadcast(delta: EntryTuple[], except: string | null, out: IpamOutput): void;

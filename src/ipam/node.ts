@@ -17,6 +17,7 @@
  * comes in as `now` (ms, one monotonic-rate clock per node; clocks need not be synchronised, only tick
  * at about the same rate).
  */
+import type { NodeParts } from "./context.js";
 import { ProtocolError, WeftError } from "../errors.js";
 import { Allocations } from "./allocations.js";
 import { type Cidr, blockAt, blockCount, blockIndexOf, equalCidr, formatCidr, formatIp, parseCidr, parseIp } from "./cidr.js";
@@ -120,16 +121,10 @@ export class IpamNode {
     this.allocs = new Allocations(this.cfg.range, this.cfg.blockPrefix);
     this.lease = new Lease(this.id, this.cfg);
     this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined, (t) => this.members.list(t));
+    const parts: NodeParts = { cfg: this.cfg, lease: this.lease, rule: this.rule, signed: this.signed, peers: this.peers, info: this.info, epoch: () => this.epoch, table: () => this.table };
     this.gossip = new Gossip({
-      cfg: this.cfg,
-      lease: this.lease,
-      rule: this.rule,
+      ...parts,
       counters: this.counters,
-      signed: this.signed,
-      peers: this.peers,
-      info: this.info,
-      epoch: () => this.epoch,
-      table: () => this.table,
       wholeFreeBlocks: (now) => this.wholeFreeBlocks(now),
       refuse: (from, err, out) => this.refuse(from, err, out),
       clearConflict: (peer) => void this.conflicts.delete(peer),
@@ -140,17 +135,10 @@ export class IpamNode {
       markGone: (node, out) => this.removeGone(node, out),
     });
     this.pins = new Pins({
+      ...parts,
       id: this.id,
-      cfg: this.cfg,
-      lease: this.lease,
-      rule: this.rule,
       allocs: this.allocs,
       settleUntil: this.settleUntil,
-      signed: this.signed,
-      peers: this.peers,
-      info: this.info,
-      epoch: () => this.epoch,
-      table: () => this.table,
       freeAddresses: (now) => this.freeAddresses(now),
       allocatableBlocks: (now) => this.allocatableBlocks(now),
       completeProposals: (now, out) => this.grants.complete(now, out),
@@ -159,17 +147,10 @@ export class IpamNode {
       promiseSigs: (blocks, kind, from, to) => this.grants.promiseSigs(blocks, kind, from, to),
     });
     this.grants = new Grants({
+      ...parts,
       id: this.id,
-      cfg: this.cfg,
-      lease: this.lease,
-      rule: this.rule,
       counters: this.counters,
       settleUntil: this.settleUntil,
-      signed: this.signed,
-      peers: this.peers,
-      info: this.info,
-      epoch: () => this.epoch,
-      table: () => this.table,
       leaseValid: (now) => this.leaseValid(now),
       wholeFreeBlocks: (now) => this.wholeFreeBlocks(now),
       broadcast: (delta, except, out) => this.gossip.broadcast(delta, except, out),

@@ -4,31 +4,19 @@
  * acceptor, and settling a disputed pin. node.ts dispatches to it; it reads the node's parts through
  * PinsContext (live views: the epoch and table are read at each use).
  */
+import type { NodeParts } from "./context.js";
 import type { Allocations } from "./allocations.js";
-import type { Resolved } from "./config.js";
-import type { WriteRule } from "./consensus.js";
-import type { Lease } from "./lease.js";
 import type { IpamOutput } from "./output.js";
-import type { SignedState } from "./certs.js";
-import type { PeerInfo } from "./status.js";
-import type { BlockTable, EntryTuple } from "./table.js";
-import { type EpochInfo, encodeIpamMessage } from "./wire.js";
+import type { EntryTuple } from "./table.js";
+import { encodeIpamMessage } from "./wire.js";
 
 const NEG = Number.NEGATIVE_INFINITY;
 
 /** What pins need of their node. */
-export interface PinsContext {
+export interface PinsContext extends NodeParts {
   readonly id: string;
-  readonly cfg: Resolved;
-  readonly lease: Lease;
-  readonly rule: WriteRule;
   readonly allocs: Allocations;
   readonly settleUntil: ReadonlyMap<number, number>;
-  readonly signed: SignedState | null;
-  readonly peers: ReadonlySet<string>;
-  readonly info: ReadonlyMap<string, PeerInfo>;
-  epoch(): EpochInfo | null;
-  table(): BlockTable | null;
   freeAddresses(now: number): number;
   allocatableBlocks(now: number): number[];
   completeProposals(now: number, out: IpamOutput): void;

@@ -10,26 +10,9 @@
  */
 import { spawn } from "node:child_process";
 import dgram from "node:dgram";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
-import ts from "typescript";
 import { afterAll, describe, expect, it } from "vitest";
-
-const root = resolve(import.meta.dirname, "../..");
-
-/** udp.ts and every local module it imports, transitively (relative imports only). */
-function localClosure(entry: string): string[] {
-  const seen = new Set<string>();
-  const visit = (f: string) => {
-    if (seen.has(f)) return;
-    seen.add(f);
-    for (const m of readFileSync(join(root, f), "utf8").matchAll(/(?:import|export)\s[^'"]*?from\s*["'](\.[^"']+)["']/g)) visit(join(dirname(f), m[1]!).replace(/\.js$/, ".ts"));
-  };
-  visit(entry);
-  return [...seen];
-}
+import { transpiledChild } from "../helpers/transpiled-child.js";
 
 // The child: opens the socket with the asked wait mode, echoes every datagram, obeys commands on stdin.
 const CHILD = `
@@ -70,25 +53,8 @@ rl.on("line", async (line) => {
 });
 `;
 
-let dir: string | undefined;
-function buildChild(): string {
-  if (dir) return dir;
-  dir = mkdtempSync(join(tmpdir(), "weftnet-fdwait-"));
-  for (const f of localClosure("agent/os/udp.ts")) {
-    const js = ts.transpileModule(readFileSync(join(root, f), "utf8"), { compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 } }).outputText;
-    const target = join(dir, f.replace(/\.ts$/, ".js"));
-    mkdirSync(dirname(target), { recursive: true });
-    writeFileSync(target, js);
-  }
-  writeFileSync(join(dir, "package.json"), JSON.stringify({ type: "module" }));
-  writeFileSync(join(dir, "child.js"), CHILD);
-  symlinkSync(join(root, "node_modules"), join(dir, "node_modules"));
-  return dir;
-}
-
-afterAll(() => {
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
+const childModules = transpiledChild("agent/os/udp.ts", CHILD, "weftnet-fdwait-");
+afterAll(() => childModules.cleanup());
 
 interface Msg {
   t: string;
@@ -100,7 +66,7 @@ interface Msg {
 }
 
 async function scenario(mode: "uv" | "pool"): Promise<void> {
-  const child = spawn(process.execPath, ["child.js", mode], { cwd: buildChild(), stdio: ["pipe", "pipe", "pipe"] });
+  const child = spawn(process.execPath, ["child.js", mode], { cwd: childModules.dir(), stdio: ["pipe", "pipe", "pipe"] });
   const stderr: string[] = [];
   child.stderr.on("data", (d: Buffer) => stderr.push(d.toString()));
   const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));

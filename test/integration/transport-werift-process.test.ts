@@ -4,27 +4,13 @@
  * with the test over stdin/stdout as JSON lines.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
-import { networkInterfaces, tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
+import { networkInterfaces } from "node:os";
 import { createInterface } from "node:readline";
-import ts from "typescript";
 import { afterAll, describe, expect, it } from "vitest";
+import { transpiledChild } from "../helpers/transpiled-child.js";
 import { createWeriftTransport } from "../../agent/transport/werift.js";
 import type { LinkSignal, TransportLink } from "../../src/mesh/transport.js";
 
-const root = resolve(import.meta.dirname, "../..");
-/** werift.ts and every local module it imports, transitively (relative imports only). */
-function localClosure(entry: string): string[] {
-  const seen = new Set<string>();
-  const visit = (f: string) => {
-    if (seen.has(f)) return;
-    seen.add(f);
-    for (const m of readFileSync(join(root, f), "utf8").matchAll(/(?:import|export)\s[^'"]*?from\s*["'](\.[^"']+)["']/g)) visit(join(dirname(f), m[1]!).replace(/\.js$/, ".ts"));
-  };
-  visit(entry);
-  return [...seen];
-}
 
 const CHILD = `
 import { createInterface } from "node:readline";
@@ -44,33 +30,15 @@ for await (const line of createInterface({ input: process.stdin })) {
 }
 `;
 
-let dir: string | undefined;
-function buildChild(): string {
-  if (dir) return dir;
-  dir = mkdtempSync(join(tmpdir(), "weftnet-transport-"));
-  for (const f of localClosure("agent/transport/werift.ts")) {
-    const src = readFileSync(join(root, f), "utf8");
-    const js = ts.transpileModule(src, { compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 } }).outputText;
-    const target = join(dir, f.replace(/\.ts$/, ".js"));
-    mkdirSync(dirname(target), { recursive: true });
-    writeFileSync(target, js);
-  }
-  writeFileSync(join(dir, "package.json"), JSON.stringify({ type: "module" }));
-  writeFileSync(join(dir, "child.js"), CHILD);
-  symlinkSync(join(root, "node_modules"), join(dir, "node_modules"));
-  return dir;
-}
-
-afterAll(() => {
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
+const childModules = transpiledChild("agent/transport/werift.ts", CHILD, "weftnet-transport-");
+afterAll(() => childModules.cleanup());
 
 function hasExternalIpv4(): boolean {
   return Object.values(networkInterfaces()).some((l) => l?.some((a) => a.family === "IPv4" && !a.internal));
 }
 
 async function echoAcrossProcesses(loopbackOnly: boolean): Promise<{ openMs: number }> {
-  const cwd = buildChild();
+  const cwd = childModules.dir();
   const child: ChildProcessWithoutNullStreams = spawn(process.execPath, ["child.js", loopbackOnly ? "loop" : "default"], { cwd });
   const stderr: string[] = [];
   child.stderr.on("data", (d: Buffer) => stderr.push(d.toString()));

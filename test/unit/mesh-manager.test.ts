@@ -64,6 +64,18 @@ function cluster(n: number, opts: { relay?: boolean; wrap?: (t: Transport, i: nu
   return { clock, webrtc, relay, ids, managers, all, welcome, run, signals };
 }
 
+
+/** Two managers linked over the relay because WebRTC cannot open (UDP blocked). */
+async function relayedPair() {
+  const c = cluster(2, { relay: true });
+  c.webrtc.reachable = false;
+  c.welcome();
+  const [a, b] = c.ids;
+  const ma = c.managers.get(a!.id)!;
+  const mb = c.managers.get(b!.id)!;
+  await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+  return { c, a: a!, b: b!, ma, mb };
+}
 describe("MeshManager (memory transport, manual clock)", () => {
   it("links every pair, answers pings on the injected clock, and times a ping out by tick", async () => {
     const c = cluster(3);
@@ -101,13 +113,7 @@ describe("MeshManager (memory transport, manual clock)", () => {
   });
 
   it("falls back to the relay when WebRTC cannot open, then upgrades make-before-break when it can", async () => {
-    const c = cluster(2, { relay: true });
-    c.webrtc.reachable = false;
-    c.welcome();
-    const [a, b] = c.ids;
-    const ma = c.managers.get(a!.id)!;
-    const mb = c.managers.get(b!.id)!;
-    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    const { c, a, b, ma, mb } = await relayedPair();
     let st = (await ma.status())[0]!;
     expect(st.link).toBe("relay");
     expect(st.webrtcFailures).toBeGreaterThanOrEqual(1);
@@ -132,13 +138,7 @@ describe("MeshManager (memory transport, manual clock)", () => {
 
 describe("MeshManager: relay -> WebRTC when a direct path is known to work", () => {
   it("directPathWorks (the bulk link came up) makes the next upgrade attempt due at once, once per failed attempt", async () => {
-    const c = cluster(2, { relay: true });
-    c.webrtc.reachable = false;
-    c.welcome();
-    const [a, b] = c.ids;
-    const ma = c.managers.get(a!.id)!;
-    const mb = c.managers.get(b!.id)!;
-    await c.run(() => ma.isConnected(b!.id) && mb.isConnected(a!.id));
+    const { c, a, b, ma, mb } = await relayedPair();
     // The first background attempt fails (UDP still blocked): the next waits PROBE_FIRST_MS * 2 +-25%.
     await c.run(() => ma.counters.linksOpened === 1 && ma.counters.linksClosed >= 1, PROBE_FIRST_MS * 2);
     const failedAt = c.clock.now;
