@@ -188,7 +188,7 @@ export class Agent implements AgentView {
       advertise: cfg.advertiseRoutes ?? [],
       accept: cfg.acceptRoutes,
       ownedBlocks: () => this.ipam?.localBlocks(),
-      ipamStatus: () => this.ipam?.status(),
+      ipamOwners: () => this.ipam?.owners(),
       records: () => this.router.records(),
       peerName: (n) => mesh.peerName(n),
       hostNetworks,
@@ -197,7 +197,6 @@ export class Agent implements AgentView {
         return [this.signal.host, ...iceHosts, ...this.peerAddrs];
       },
       prefixesChanged: () => this.router.prefixesChanged(),
-      now: () => Date.now(),
       logger: log,
     });
     this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.routePolicy.localPrefixes(), prefixAllowed: (node, cidr) => this.routePolicy.prefixAllowed(node, cidr), localStun: () => this.stun?.advertised(this.reflexive) ?? [] });

@@ -14,7 +14,7 @@
 import { existsSync, readdirSync, readFileSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import { WeftError } from "../src/errors.js";
-import { IpamNode, containsIp, formatIp, gatewayOf, parseCidr, parseIp, type Cidr, type IpamConfig, type IpamOutput, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
+import { IpamNode, containsIp, formatIp, gatewayOf, parseCidr, parseIp, type Cidr, type IpamConfig, type IpamOutput, type IpamOwners, type IpamSnapshot, type IpamStatus } from "../src/ipam/index.js";
 import type { ReleaseAuth } from "../src/ipam/node.js";
 import type { Logger } from "../src/log.js";
 import type { MeshManager } from "../src/mesh/manager.js";
@@ -202,6 +202,11 @@ export class IpamDriver {
 
   status(): IpamStatus {
     return this.node.status(this.now());
+  }
+
+  /** Range and block owners (cheap, the same object until an owner changes; src/ipam/owners.ts). */
+  owners(): IpamOwners | undefined {
+    return this.node.owners();
   }
 
   /**

@@ -16,7 +16,7 @@
 import { UsageError } from "../src/errors.js";
 import { aggregateCidrs } from "../src/ipam/aggregate.js";
 import { overlaps, parseCidr, type Cidr } from "../src/ipam/cidr.js";
-import type { IpamStatus } from "../src/ipam/index.js";
+import type { IpamOwners } from "../src/ipam/index.js";
 import type { Logger } from "../src/log.js";
 import { PrefixTable } from "../src/packet/prefix-table.js";
 import { decideRoutes, type RouteDecision } from "./os/advertise.js";
@@ -42,7 +42,7 @@ export function checkAdvertisedRoutes(routes: string[], clusterRange: string): v
 const MAX_PARSED = 65_536;
 
 interface BlockIndex {
-  st: IpamStatus;
+  st: IpamOwners;
   rangeStr: string;
   range: Cidr;
   /** cidr, owner, cidr, owner, ... of st.blocks in order */
@@ -52,7 +52,7 @@ interface BlockIndex {
   results: Map<string, boolean>;
 }
 
-function sameOwners(pairs: string[], blocks: IpamStatus["blocks"]): boolean {
+function sameOwners(pairs: string[], blocks: IpamOwners["blocks"]): boolean {
   if (pairs.length !== blocks.length * 2) return false;
   for (let i = 0; i < blocks.length; i++) if (pairs[2 * i] !== blocks[i]!.cidr || pairs[2 * i + 1] !== blocks[i]!.owner) return false;
   return true;
@@ -79,8 +79,11 @@ export interface RoutePolicyDeps {
   accept: "all" | string[] | undefined;
   /** this node's IPAM blocks, the same array until ownership changes (undefined: IPAM not up yet) */
   ownedBlocks(): string[] | undefined;
-  /** the IPAM table (undefined: IPAM not up yet) */
-  ipamStatus(): IpamStatus | undefined;
+  /**
+   * The IPAM block owners (undefined: IPAM not up yet). Cheap and the same object until an owner changes
+   * (src/ipam/owners.ts): asked on every prefix of every routing recompute and every sources refresh.
+   */
+  ipamOwners(): IpamOwners | undefined;
   /** every node's gossiped prefixes */
   records(): Iterable<{ readonly node: string; readonly prefixes: readonly string[] }>;
   peerName(id: string): string | undefined;
@@ -90,7 +93,6 @@ export interface RoutePolicyDeps {
   protectedHosts(): string[];
   /** our prefixes changed: re-announce them */
   prefixesChanged(): void;
-  now(): number;
   logger: Logger;
 }
 
@@ -106,17 +108,17 @@ export class RoutePolicy {
   /** address -> node allowed to use it (the Forwarder's `sources`), rebuilt by refreshSources() */
   readonly sources = new PrefixTable<string>();
   private sourcesKey = "";
+  private sourcesIdx: BlockIndex | undefined;
   /** bumped whenever `sources` changes (the router's owner table follows it) */
   sourcesVersion = 0;
   private aggKey: string[] | undefined;
   private aggregated: string[] = [];
-  private ipamSnap: { at: number; st: IpamStatus } | undefined;
   private readonly parsed = new Map<string, Cidr>();
   private index: BlockIndex | undefined;
   private acceptedKeysOf: RouteDecision[] | undefined;
   private acceptedKeys = new Set<string>();
   /** work prefixAllowed did (tests: the cached path parses nothing again) */
-  readonly counters = { cidrParses: 0, indexBuilds: 0 };
+  readonly counters = { cidrParses: 0, indexBuilds: 0, sourcesBuilds: 0 };
 
   constructor(private readonly d: RoutePolicyDeps) {}
 
@@ -138,13 +140,7 @@ export class RoutePolicy {
    */
   prefixAllowed(node: string, cidr: string): boolean {
     const c = this.parse(cidr);
-    // One IPAM snapshot per routing recompute (it asks for every prefix of every record).
-    const now = this.d.now();
-    if (!this.ipamSnap || now - this.ipamSnap.at > 100) {
-      const st = this.d.ipamStatus();
-      this.ipamSnap = st ? { at: now, st } : undefined;
-    }
-    const st = this.ipamSnap?.st;
+    const st = this.d.ipamOwners();
     if (!st) return false;
     const idx = this.blockIndex(st);
     if (overlaps(c, idx.range)) {
@@ -185,7 +181,7 @@ export class RoutePolicy {
    * while the table's (cidr, owner) pairs and range stay the same (compared pair by pair, no parsing), so
    * a refreshed snapshot with the same ownership reuses every decision; any ownership change drops them.
    */
-  private blockIndex(st: IpamStatus): BlockIndex {
+  private blockIndex(st: IpamOwners): BlockIndex {
     const idx = this.index;
     if (idx && idx.st === st) return idx;
     if (idx && idx.rangeStr === st.range && sameOwners(idx.pairs, st.blocks)) {
@@ -247,25 +243,33 @@ export class RoutePolicy {
       if (rec.node === this.d.selfId) continue;
       for (const cidr of rec.prefixes) offers.push({ node: rec.node, cidr });
     }
-    const range = this.d.ipamStatus()?.range ?? this.d.configuredRange;
+    const range = this.d.ipamOwners()?.range ?? this.d.configuredRange;
     this.decisions = decideRoutes({ offers, accept: this.d.accept, clusterRange: range, localNetworks: this.d.hostNetworks(), protectedHosts: this.d.protectedHosts(), own: this.advertisedRoutes() });
     return [...new Set(this.decisions.filter((d) => d.accepted).map((d) => d.cidr))].sort();
   }
 
   /**
-   * Rebuild the cryptokey routing table from the IPAM table and the route decisions (cheap when
-   * unchanged: a change bumps sourcesVersion).
+   * Rebuild the cryptokey routing table from the IPAM owners and the route decisions. Cheap when nothing
+   * changed (the agent calls it every 250 ms): the IPAM part is compared by its owners index (the same
+   * object while the owners stay the same), the routes by a key over the few route entries; a change bumps
+   * sourcesVersion.
    */
   refreshSources(): void {
-    const entries: [string, string][] = [];
-    for (const b of this.d.ipamStatus()?.blocks ?? []) if (b.owner) entries.push([b.cidr, b.owner]);
-    for (const r of this.advertisedRoutes()) entries.push([r, this.d.selfId]);
+    const st = this.d.ipamOwners();
+    const idx = st ? this.blockIndex(st) : undefined;
+    const routes: [string, string][] = [];
+    for (const r of this.advertisedRoutes()) routes.push([r, this.d.selfId]);
     this.acceptedRoutes();
-    for (const d of this.decisions) if (d.accepted) entries.push([d.cidr, d.node]);
-    const key = JSON.stringify(entries);
-    if (key === this.sourcesKey) return;
+    for (const d of this.decisions) if (d.accepted) routes.push([d.cidr, d.node]);
+    const key = JSON.stringify(routes);
+    if (idx === this.sourcesIdx && key === this.sourcesKey) return;
+    this.sourcesIdx = idx;
     this.sourcesKey = key;
     this.sourcesVersion++;
+    this.counters.sourcesBuilds++;
+    const entries: [string, string][] = [];
+    for (const b of st?.blocks ?? []) if (b.owner) entries.push([b.cidr, b.owner]);
+    entries.push(...routes);
     // An exact prefix can appear once: the first (IPAM, then ours, then accepted) wins.
     const seen = new Set<string>();
     this.sources.replaceAll(entries.filter(([c]) => !seen.has(c) && !!seen.add(c)));

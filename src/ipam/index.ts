@@ -20,11 +20,14 @@
  *   CNI DEL:  const r = ipam.release(podId); if (r.changed) persist.
  *   Operator: ipam.forceRelease(node, now)  (`weftnet ipam release NODE`);  ipam.leave(now) on uninstall.
  *   Status:   ipam.status(now)  (JSON-able: range, blocks [{cidr, owner, free}], allocations, pending, ...)
+ *   Owners:   ipam.owners()     (range + (cidr, owner) of every block; the same object until an owner changes:
+ *             for hot readers like route policy, instead of the full status)
  *
  * `now` must come from one clock per process (wall or monotonic); only its rate matters across nodes.
  * Every call is synchronous and never awaits. docs/ipam.md has the algorithm and safety argument.
  */
 export * from "./cidr.js";
+export { OwnersCache, type IpamOwners } from "./owners.js";
 export { BlockTable, IpamError, compareEntries, type Entry, type EntryKind, type EntryTuple, type IpamErrorCode } from "./table.js";
 export { decodeIpamMessage, encodeIpamMessage, epochId, type EpochInfo, type IpamMessage, IPAM_WIRE_VERSION, MAX_BLOCKS, STATE_CHUNK } from "./wire.js";
 export { identityKeys, type IpamKeys } from "./signing.js";

@@ -33,6 +33,7 @@ import { Grants } from "./grants.js";
 import { Pins } from "./pins.js";
 import { CTX_REMOVE, releaseFields, removeFields } from "./signing.js";
 import { BlockTable, type EntryTuple, IpamError } from "./table.js";
+import { OwnersCache, type IpamOwners } from "./owners.js";
 import { type EpochInfo, decodeIpamMessage, epochId, type IpamMessage, type RemovalWire } from "./wire.js";
 
 export type { IpamConfig } from "./config.js";
@@ -113,12 +114,15 @@ export class IpamNode {
   private readonly pins: Pins;
   /** block requests, grants, reclaim, proposal rounds (grants.ts) */
   private readonly grants: Grants;
+  /** the cheap owners view (owners.ts), rebuilt only when the block table changed */
+  private readonly ownersCache: OwnersCache;
 
   constructor(config: IpamConfig, now: number) {
     this.id = config.id;
     this.cfg = resolve(config);
     this.signed = config.keys ? new SignedState(this.id, config.keys, this.signedContext()) : null;
     this.allocs = new Allocations(this.cfg.range, this.cfg.blockPrefix);
+    this.ownersCache = new OwnersCache(this.cfg.range, this.cfg.blockPrefix);
     this.lease = new Lease(this.id, this.cfg);
     this.rule = new WriteRule(this.id, this.lease, this.cfg.R, config.keys !== undefined, (t) => this.members.list(t));
     const parts: NodeParts = { cfg: this.cfg, lease: this.lease, rule: this.rule, signed: this.signed, peers: this.peers, info: this.info, epoch: () => this.epoch, table: () => this.table };
@@ -416,6 +420,19 @@ export class IpamNode {
   /** Owner, version and kind of every block (for tests and status). */
   view(): EntryTuple[] {
     return this.table ? this.table.all().map((e, i): EntryTuple => [i, e.owner, e.version, e.kind]) : [];
+  }
+
+  /**
+   * Range and owner of every block, for readers on hot paths (route policy): the same object until an
+   * owner changes (owners.ts); no status() build. Undefined before this node is part of a cluster IPAM.
+   */
+  owners(): IpamOwners | undefined {
+    return this.ownersCache.get(this.table);
+  }
+
+  /** owner views built so far (tests: an unchanged table builds none) */
+  get ownersBuilds(): number {
+    return this.ownersCache.builds;
   }
 
   blockCidr(i: number): string {

@@ -73,6 +73,12 @@ export function sameEntry(a: Entry, b: Entry): boolean {
 export class BlockTable {
   private readonly entries: Entry[];
   private cachedDigest: number | null = null;
+  /**
+   * Bumped by every change of an entry (local write, merge with a delta): readers that derive a view of
+   * the table (src/ipam/owners.ts) rebuild it only when this moved. Per table object: a new table (a new
+   * epoch, a clone) starts again at 0, so a reader keys on the table's identity and this together.
+   */
+  revision = 0;
 
   /** A fresh table: every block owned by the founder at version 0. */
   constructor(
@@ -95,6 +101,7 @@ export class BlockTable {
     if (compareEntries(e, this.get(i), i) <= 0) throw new IpamError("ERR_INVARIANT", `local write to block ${i} does not supersede the current entry`);
     this.entries[i] = e;
     this.cachedDigest = null;
+    this.revision++;
   }
 
   /**
@@ -114,7 +121,10 @@ export class BlockTable {
       this.entries[i] = e;
       delta.push([i, e.owner, e.version, e.kind]);
     }
-    if (delta.length > 0) this.cachedDigest = null;
+    if (delta.length > 0) {
+      this.cachedDigest = null;
+      this.revision++;
+    }
     return delta;
   }
 

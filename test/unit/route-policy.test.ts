@@ -4,15 +4,17 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { RoutePolicy, type RoutePolicyDeps } from "../../agent/route-policy.js";
 import { formatCidr, overlaps, parseCidr } from "../../src/ipam/cidr.js";
-import type { IpamStatus } from "../../src/ipam/index.js";
+import type { IpamOwners } from "../../src/ipam/index.js";
 import { silentLogger } from "../../src/log.js";
 
 const A = "aaaaaaaaaaaaaaaa";
 const B = "bbbbbbbbbbbbbbbb";
 const C = "cccccccccccccccc";
 
-function ipam(blocks: [string, string][]): IpamStatus {
-  return { range: "10.40.0.0/16", blocks: blocks.map(([cidr, owner], index) => ({ index, cidr, owner })) } as unknown as IpamStatus;
+let revision = 0;
+/** a fresh owners view per call (as a new IPAM table would give): the policy must compare contents */
+function ipam(blocks: [string, string][]): IpamOwners {
+  return { revision: ++revision, range: "10.40.0.0/16", blocks: blocks.map(([cidr, owner]) => ({ cidr, owner })) };
 }
 
 function policy(opts: Partial<Omit<RoutePolicyDeps, "records">> & { records?: { node: string; prefixes: string[] }[] } = {}) {
@@ -25,13 +27,12 @@ function policy(opts: Partial<Omit<RoutePolicyDeps, "records">> & { records?: { 
     advertise: [],
     accept: "all",
     ownedBlocks: () => ["10.40.0.0/26", "10.40.0.64/26"],
-    ipamStatus: () => ipam([["10.40.0.0/26", A], ["10.40.0.64/26", A], ["10.40.1.0/26", B]]),
+    ipamOwners: () => ipam([["10.40.0.0/26", A], ["10.40.0.64/26", A], ["10.40.1.0/26", B]]),
     records: () => records,
     peerName: (id) => (id === B ? "node-b" : undefined),
     hostNetworks: () => [],
     protectedHosts: () => ["192.0.2.10"],
-    prefixesChanged: () => changed.push(now),
-    now: () => (now += 1000),
+    prefixesChanged: () => changed.push(++now),
     logger: silentLogger,
     ...over,
   });
@@ -90,6 +91,25 @@ describe("RoutePolicy", () => {
     expect(p.sources.get("172.21.0.0/16")).toBe(C);
   });
 
+  it("the source table follows the owners view: the same view (or the same owners in a new one) rebuilds nothing, an owner change does", () => {
+    let view = ipam([["10.40.0.0/26", A], ["10.40.1.0/26", B]]);
+    const { p } = policy({ ipamOwners: () => view });
+    p.refreshSources();
+    expect(p.counters.sourcesBuilds).toBe(1);
+    for (let i = 0; i < 5; i++) p.refreshSources();
+    expect(p.counters.sourcesBuilds).toBe(1);
+    expect(p.counters.indexBuilds).toBe(1);
+    view = ipam([["10.40.0.0/26", A], ["10.40.1.0/26", B]]); // a new view object, the same owners
+    p.refreshSources();
+    expect(p.counters.sourcesBuilds).toBe(1);
+    expect(p.sourcesVersion).toBe(1);
+    view = ipam([["10.40.0.0/26", A], ["10.40.1.0/26", A]]); // B's block went to A
+    p.refreshSources();
+    expect(p.counters.sourcesBuilds).toBe(2);
+    expect(p.sourcesVersion).toBe(2);
+    expect(p.sources.get("10.40.1.0/26")).toBe(A);
+  });
+
   it("reports a conflict with another node's prefix and re-announces once; both keep advertising", () => {
     const records = [{ node: B, prefixes: ["192.168.7.128/25"] }];
     const { p, changed } = policy({ advertise: ["192.168.7.0/24"], records });
@@ -106,9 +126,9 @@ describe("RoutePolicy", () => {
   it("parses each prefix once across router recomputes; an ownership change or a changed advertisement is decided anew", () => {
     let table: [string, string][] = [["10.40.0.0/26", A], ["10.40.0.64/26", A], ["10.40.1.0/26", B]];
     const records = [{ node: B, prefixes: ["10.40.1.0/26", "172.20.0.0/16"] }];
-    const { p } = policy({ ipamStatus: () => ipam(table), records });
+    const { p } = policy({ ipamOwners: () => ipam(table), records });
     p.acceptedRoutes();
-    // a recompute asks for every prefix of every record (src/mesh/router.ts); each call here is a fresh IPAM snapshot (now += 1000)
+    // a recompute asks for every prefix of every record (src/mesh/router.ts); each call here gets a fresh owners view
     const recompute = () => records.flatMap((r) => r.prefixes.map((c) => p.prefixAllowed(r.node, c)));
     expect(recompute()).toEqual([true, true]);
     const parses = p.counters.cidrParses;
@@ -144,7 +164,7 @@ describe("RoutePolicy", () => {
 
   it("the cached decisions equal a fresh computation over random tables, prefixes and ownership changes", () => {
     // the rule as written before the cache (parse everything on every call)
-    const fresh = (st: IpamStatus, node: string, cidr: string) => {
+    const fresh = (st: IpamOwners, node: string, cidr: string) => {
       const c = parseCidr(cidr);
       const range = parseCidr(st.range);
       if (c.prefix < range.prefix) return false;
@@ -163,7 +183,7 @@ describe("RoutePolicy", () => {
     fc.assert(
       fc.property(fc.array(fc.tuple(table, fc.array(fc.tuple(owner, prefix), { minLength: 1, maxLength: 12 })), { minLength: 1, maxLength: 6 }), (rounds) => {
         let st = rounds[0]![0];
-        const { p } = policy({ ipamStatus: () => st });
+        const { p } = policy({ ipamOwners: () => st });
         for (const [t, asks] of rounds) {
           st = t;
           for (let rep = 0; rep < 2; rep++) for (const [n, c] of asks) expect(p.prefixAllowed(n, c)).toBe(fresh(st, n, c));
