@@ -199,7 +199,20 @@ export class Agent implements AgentView {
       prefixesChanged: () => this.router.prefixesChanged(),
       logger: log,
     });
-    this.router = new Router({ mesh, logger: log.child("router"), now: () => Date.now(), localPrefixes: () => this.routePolicy.localPrefixes(), prefixAllowed: (node, cidr) => this.routePolicy.prefixAllowed(node, cidr), localStun: () => this.stun?.advertised(this.reflexive) ?? [] });
+    this.router = new Router({
+      mesh,
+      logger: log.child("router"),
+      now: () => Date.now(),
+      localPrefixes: () => this.routePolicy.localPrefixes(),
+      prefixAllowed: (node, cidr) => this.routePolicy.prefixAllowed(node, cidr),
+      localStun: () => this.stun?.advertised(this.reflexive) ?? [],
+      // Gossip and new links recompute the routes right after the I/O of this loop turn, never inside a
+      // packet's nextHop() (src/mesh/router.ts).
+      onDirty: () =>
+        setImmediate(() => {
+          if (!this.stopping) this.router.flush();
+        }),
+    });
     this.k8sRelease = new K8sRelease({
       selfId: id,
       selfName: name,

@@ -4,6 +4,13 @@
  *   owners   prefix -> node that owns/advertises it (frame destination)
  *   routing  node -> next hop (direct or via another agent), with hysteresis
  * Sans-I/O: the agent calls tick(now) about once a second; everything else reacts to mesh events.
+ *
+ * Recomputing is never the data path's job: nextHop() reads the current table and nothing else. Gossip
+ * and new links only mark the routes dirty and ask the driver (onDirty) to call flush() soon, off the
+ * packet path (the agent: setImmediate); a lost link is applied at once, in the peer-down event itself,
+ * so no packet is sent to a neighbour that is gone. Before (issue 11), the first packet after each topology
+ * record paid the whole recompute (computeRoutes, prefixRoutes, the route policy, the change listeners):
+ * milliseconds of ping tail on an idle 2-node mesh.
  */
 import type { Logger } from "../log.js";
 import { PrefixTable } from "../packet/prefix-table.js";
@@ -28,6 +35,11 @@ export interface RouterOptions {
   /** STUN servers this node serves, advertised in its topology record ("IP:PORT"; absent = none) */
   localStun?: () => string[];
   initialSeq?: number;
+  /**
+   * The routes went dirty (gossip, a new link): call flush() soon, outside the data path (the agent uses
+   * setImmediate). Called once until the next flush. Absent: the periodic flush() picks it up.
+   */
+  onDirty?: () => void;
 }
 
 export class Router {
@@ -43,9 +55,20 @@ export class Router {
   private readonly changeListeners: (() => void)[] = [];
   private dirtyLocal = false;
   private dirtyRoutes = false;
+  /** onDirty was called and flush() has not run since */
+  private flushAsked = false;
 
-  /** Apply what link changes and gossip left pending (the agent calls this every 200 ms). */
+  /** Routes (or our own record) wait for a flush(). */
+  get dirty(): boolean {
+    return this.dirtyRoutes || this.dirtyLocal;
+  }
+
+  /**
+   * Apply what link changes and gossip left pending: the driver calls this when onDirty asked for it, and
+   * periodically (the agent: every 200 ms, for our own RTT-only re-origination that RTT_ORIGIN_MS defers).
+   */
   flush(): void {
+    this.flushAsked = false;
     if (this.dirtyLocal) {
       this.dirtyLocal = false;
       if (this.local()) this.dirtyRoutes = true;
@@ -66,11 +89,14 @@ export class Router {
     o.mesh.onPeerUp((p) => {
       for (const body of encodeTopologyMessages(this.topo.fullSync())) o.mesh.sendApp(p, TOPO_CHANNEL, body);
       this.dirtyLocal = true;
-      this.dirtyRoutes = true;
+      this.markDirty();
     });
+    // A lost link is applied now, not at the scheduled flush: until then nextHop() would keep naming a
+    // neighbour that is gone (the mesh has already dropped it from linkRtts(), so our record loses it).
     o.mesh.onPeerDown(() => {
       this.dirtyLocal = true;
       this.dirtyRoutes = true;
+      this.flush();
     });
     o.mesh.onApp(TOPO_CHANNEL, (from, body) => this.onGossip(from, body));
   }
@@ -88,10 +114,14 @@ export class Router {
     if (changed) this.recompute();
   }
 
+  /**
+   * The next hop towards `node` from the current table: the data path's per-batch question, so it never
+   * recomputes (see the header). A hop that is not a live neighbour is never returned (peer-down applies
+   * at once, this is the guard behind it).
+   */
   nextHop(node: string): string | undefined {
-    if (this.dirtyRoutes) this.flush();
     const hop = this.table.nextHop(node);
-    if (hop !== undefined) return hop;
+    if (hop !== undefined && this.o.mesh.isConnected(hop)) return hop;
     // Before the first gossip round arrives, a live direct link is a route by itself.
     return this.o.mesh.isConnected(node) ? node : undefined;
   }
@@ -190,7 +220,14 @@ export class Router {
       from,
     );
     if (originated) this.flood([originated]);
-    if (delta.length) this.dirtyRoutes = true;
+    if (delta.length) this.markDirty();
+  }
+
+  private markDirty(): void {
+    this.dirtyRoutes = true;
+    if (this.flushAsked || !this.o.onDirty) return;
+    this.flushAsked = true;
+    this.o.onDirty();
   }
 
   private recompute(): void {
