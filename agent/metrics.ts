@@ -35,6 +35,7 @@
  *   weftnet_pmtu_probes_total{link_type,result}       their probes: sent | acked | lost (sizes)
  *   weftnet_pmtu_black_holes_total{link_type}         a confirmed size stopped getting through (bulk: confirmation probes)
  *   weftnet_pmtu_probe_drops_total{link_type,reason}  probe traffic dropped, typed (malformed, unsolicited-ack, stale-ack, ...)
+ *   weftnet_pmtu_pair_changes_total{link_type}        a WebRTC link failed because ICE switched to a pair whose route carries less
  */
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Registry } from "prom-client";
@@ -277,6 +278,16 @@ export function createAgentRegistry(agent: AgentView): { registry: Registry; scr
     collect() {
       this.reset();
       for (const [link_type, c] of pmtuByLink()) this.inc({ link_type }, c.blackHoles ?? 0);
+    },
+  });
+  new Counter({
+    name: "weftnet_pmtu_pair_changes_total",
+    help: "WebRTC links that failed after their path MTU check because ICE then selected a candidate pair whose local route (over TURN: toward the TURN server, less ChannelData's 4 bytes) carries less than the link's MTU; the next link is built for it.",
+    labelNames: ["link_type"],
+    registers,
+    collect() {
+      this.reset();
+      for (const [link_type, c] of pmtuByLink()) this.inc({ link_type }, c.pairChanges ?? 0);
     },
   });
   new Counter({

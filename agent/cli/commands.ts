@@ -527,6 +527,9 @@ function listCidrs(cidrs: string[], max = 4): string {
   return cidrs.length <= max ? cidrs.join(", ") : `${cidrs.slice(0, max).join(", ")} +${cidrs.length - max} more`;
 }
 
+/** status peers[].pmtuHow in words (the NOTE column). */
+const PMTU_HOW_TEXT: Record<string, string> = { confirmed: "searched", "route-limit": "route limit", "black-hole": "black hole", peer: "peer's search", default: "default, unchecked", fixed: "fixed", searching: "searching" };
+
 export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockCount: number; pods: number }): string {
   const n = st.node;
   const head =
@@ -557,7 +560,7 @@ export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockC
           : p.path === "relay"
             ? `through the signaling server: ${p.lastWebrtcError ?? "WebRTC did not connect"}`
             : p.selected
-              ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}${p.pathMtu ? ` mtu ${p.pathMtu}` : ""}`
+              ? `${p.selected.localType}->${p.selected.remoteType} ${p.selected.remoteAddress}${p.pathMtu ? ` mtu ${p.pathMtu}${p.pmtuHow ? ` (${PMTU_HOW_TEXT[p.pmtuHow] ?? p.pmtuHow})` : ""}` : p.pmtuHow === "fixed" ? " mtu fixed (werift)" : ""}`
               : "",
   ];
   // Group by cluster label when peers carry one (hybrid clusters).

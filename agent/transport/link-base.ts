@@ -51,7 +51,7 @@
  * library-specific (teardown order, candidate formats and filters, retries) to themselves.
  */
 import { AFTER_ICE_CONNECTED } from "../../src/mesh/transport.js";
-import type { ChannelName, LinkHandlers, LinkPmtuStats, PmtuCounters, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
+import type { ChannelName, LinkHandlers, LinkPmtuHow, LinkPmtuStats, PmtuCounters, LinkSignal, LinkState, LinkStats, SelectedPath, SendResult, TransportLink } from "../../src/mesh/transport.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import type { Logger } from "../../src/log.js";
 import { PmtuSearch, type PmtuOutcome, type PmtuStep } from "../../src/mesh/pmtu.js";
@@ -86,11 +86,14 @@ export const SEARCH_WAIT_MS = 500;
 /** A probe leaves at least this long after the last probe traffic arrived (libdatachannel's delayed SACK is 20 ms). */
 const SACK_QUIET_MS = 40;
 /**
- * What TURN adds between this host and the TURN server to a relayed datagram: a Send indication is a 20-byte STUN
- * header + XOR-PEER-ADDRESS (4 + 8 for IPv4, 4 + 20 for IPv6) + the DATA attribute's 4-byte header = 36 (48);
- * ChannelData, once a channel is bound, only 4. The larger, so that either fits (RFC 8656 sections 11, 12).
+ * What TURN adds between this host and the TURN server to a relayed datagram of the link: libjuice (libdatachannel's
+ * ICE agent) sends every application datagram of a relayed pair as ChannelData (agent.c agent_send ->
+ * agent_channel_send: it binds a channel first if needed and wraps the datagram in the 4-byte ChannelData header,
+ * never padded; since libjuice 0.7, 2020). Send indications (36 bytes IPv4, 48 IPv6) carry only its ICE checks
+ * before nomination, which are small. Measured in the NAT lab (tcpdump at coturn): every relayed DTLS record from a
+ * libjuice client came as ChannelData, the largest 4 bytes above the link's full-size datagram (RFC 8656 section 12).
  */
-export const TURN_OVERHEAD = { v4: 36, v6: 48 } as const;
+export const TURN_OVERHEAD = { v4: 4, v6: 4 } as const;
 /** The path MTU every link may assume (IPv6 minimum; libdatachannel's default). */
 export const SAFE_LINK_MTU = 1280;
 
@@ -112,8 +115,10 @@ export interface LinkBaseOptions {
   onGone(link: LinkBase): void;
   /** Path MTU this link was built for; above SAFE_LINK_MTU it is checked once open (see the header). */
   pathMtu?: number;
-  /** The check failed: packets of pathMtu bytes do not reach the peer; `found`-byte ones do (search). */
-  onPathMtuFailed?(found: number): void;
+  /** The check failed: packets of pathMtu bytes do not reach the peer; `found`-byte ones do (search), found `how`. */
+  onPathMtuFailed?(found: number, how: FoundHow): void;
+  /** pathMtu is what an earlier link to this peer found (native.ts's fallback), and how: the link's pmtuHow once confirmed. */
+  pathMtuHow?: FoundHow;
   /**
    * The largest link MTU the local kernel lets out toward `host` (the selected pair's remote address), for the
    * search's local limit (src/mesh/pmtu.ts); undefined when unknown. native.ts: the route MTU plus the DTLS/UDP/IP
@@ -125,6 +130,9 @@ export interface LinkBaseOptions {
   /** Initiator: send no candidates before the answer is applied (see the header; native.ts sets it). */
   holdCandidatesUntilAnswer?: boolean;
 }
+
+/** What a failed check reports to the transport, for the next link's pmtuHow. */
+export type FoundHow = "route-limit" | "black-hole" | "peer";
 
 /** Probe traffic the link drops before the search sees it: too short or an unknown type, or an ack of no probe of ours. */
 export type LinkProbeDrop = "malformed" | "unsolicited-ack";
@@ -157,7 +165,8 @@ export abstract class LinkBase implements TransportLink {
   private bytesReceived = 0;
   private closePromise: Promise<void> | undefined;
   private readonly pathMtu: number | undefined;
-  private readonly onPathMtuFailed: ((found: number) => void) | undefined;
+  private readonly onPathMtuFailed: ((found: number, how: FoundHow) => void) | undefined;
+  private readonly pathMtuHow: FoundHow | undefined;
   private probeNonce: Uint8Array | undefined;
   private probeTimer: NodeJS.Timeout | undefined;
   private probeSendTimer: NodeJS.Timeout | undefined;
@@ -175,8 +184,9 @@ export abstract class LinkBase implements TransportLink {
   /** initiator: local candidates held until the answer is applied (header); undefined once released */
   private held: { list: IceCandidateInit[]; seen: Set<string>; ended: boolean } | undefined;
   private search: PmtuSearch | undefined;
-  /** What the path MTU search found below pathMtu (the link then fails; see probe()). */
+  /** What the path MTU search found below pathMtu (the link then fails; see probe()), and how. */
   foundPathMtu: number | undefined;
+  private foundHow: FoundHow = "black-hole";
 
   constructor(opts: LinkBaseOptions) {
     this.handlers = opts.handlers;
@@ -186,6 +196,7 @@ export abstract class LinkBase implements TransportLink {
     this.onGone = opts.onGone;
     this.pathMtu = opts.pathMtu;
     this.onPathMtuFailed = opts.onPathMtuFailed;
+    this.pathMtuHow = opts.pathMtuHow;
     this.localMtuLimit = opts.localMtuLimit?.bind(opts);
     this.pmtuCounters = opts.pmtuCounters;
     if (this.initiator && opts.holdCandidatesUntilAnswer) this.held = { list: [], seen: new Set(), ended: false };
@@ -341,7 +352,7 @@ export abstract class LinkBase implements TransportLink {
   private probe(): void {
     if (this.isDone() || this.pathMtuConfirmed || this.search) return;
     // The local limit needs the selected pair's remote address (and its local type: over TURN the kernel sends
-    // to the TURN server: then the limit is toward the server, less TURN's encapsulation; limitToward). Read
+    // to the TURN server: then the limit is toward the server, less TURN's encapsulation; limitFor). Read
     // synchronously when the library can (native): both ends then decide in the same turn their channels open,
     // before the first to fail can close the other's link.
     let sel: SelectedPath | Promise<SelectedPath | undefined> | undefined;
@@ -360,11 +371,51 @@ export abstract class LinkBase implements TransportLink {
 
   private startSearch(sel: SelectedPath | undefined): void {
     if (this.isDone() || this.pathMtuConfirmed || this.search) return;
-    const limit = this.limitToward(sel);
+    // The limit is read before every probe from the pair selected then (ICE may still switch pairs until one is
+    // nominated; selectedPairMayHaveChanged covers a switch after the search).
+    const limit = sel && this.localMtuLimit ? () => this.limitFor(this.selectedNow() ?? sel) : undefined;
     this.log.debug("path MTU search", { built: this.pathMtu, localType: sel?.localType, localAddress: sel?.localAddress, remoteType: sel?.remoteType, remoteAddress: sel?.remoteAddress, limit: limit?.() });
     const search = (this.search = new PmtuSearch({ lo: SAFE_LINK_MTU, hi: this.pathMtu!, tries: SEARCH_TRIES, minWaitMs: SEARCH_WAIT_MS, ...(limit ? { localLimit: limit } : {}) }));
     this.probeNonce = globalThis.crypto.getRandomValues(new Uint8Array(8));
     this.applySearch(search.handle({ kind: "start" }, performance.now()));
+  }
+
+  /** The selected pair when the library tells it synchronously (native), else undefined. */
+  private selectedNow(): SelectedPath | undefined {
+    try {
+      const s = this.selectedPath();
+      if (s instanceof Promise) {
+        s.catch(() => undefined);
+        return undefined;
+      }
+      return s;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * ICE may change the selected pair after the search: libjuice's selected pair is the best one that succeeded so
+   * far until the controlling agent nominates one ("ice completed"; agent.c agent_update_ordered_pairs). Measured
+   * in the NAT lab with coturn: both ends searched at "ice connected" on prflx->relay (limit 1531), ICE completed
+   * 2 s later and one end's pair became relay->prflx. The link's MTU is fixed when it is built, so a new pair whose
+   * local limit is below it would fail the first full-size packet with EMSGSIZE and wedge usrsctp (pmtu.ts): the
+   * link fails like a search that ended at the local limit, and the next one is built for the new pair's limit.
+   * The adapter calls this on every ICE state change (native.ts).
+   */
+  protected selectedPairMayHaveChanged(): void {
+    if (this.isDone() || !this.pathMtuConfirmed || !this.localMtuLimit || this.pathMtu === undefined || this.pathMtu <= SAFE_LINK_MTU) return;
+    const sel = this.selectedNow();
+    const limit = this.limitFor(sel);
+    if (!sel || limit === undefined || limit >= this.pathMtu) return;
+    const mtu = Math.max(SAFE_LINK_MTU, limit & ~3);
+    this.foundPathMtu = mtu;
+    this.foundHow = "route-limit";
+    if (this.pmtuCounters) this.pmtuCounters.pairChanges++;
+    this.log.warn("selected candidate pair changed to one whose local route carries less; the next link is built for it", { built: this.pathMtu, limit: mtu, localType: sel.localType, localAddress: sel.localAddress, remoteType: sel.remoteType, remoteAddress: sel.remoteAddress });
+    this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
+    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, "route-limit"));
+    this.finish("failed", `path MTU check failed ${AFTER_ICE_CONNECTED}: the selected candidate pair changed to ${sel.localType}->${sel.remoteType}, whose local route carries at most ${mtu}-byte link packets, not ${this.pathMtu}; the next link uses ${mtu}`);
   }
 
   /** Carry out what the search asks: send a probe and arm its timer, or finish. */
@@ -413,6 +464,7 @@ export abstract class LinkBase implements TransportLink {
       return;
     }
     this.foundPathMtu = mtu;
+    this.foundHow = outcome === "local-limit" ? "route-limit" : "black-hole";
     // ICE and DTLS work: the mesh redials WebRTC at once (manager.ts noteFailure), built for `mtu`.
     const reason =
       outcome === "local-limit"
@@ -422,7 +474,8 @@ export abstract class LinkBase implements TransportLink {
     // Tell the peer, whose own search may still run (it would build its next link at the old size otherwise,
     // and search again); its next link's full-size check verifies the size for its direction.
     this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
-    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
+    const how = this.foundHow;
+    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, how));
     this.finish("failed", reason);
   }
 
@@ -447,24 +500,21 @@ export abstract class LinkBase implements TransportLink {
   }
 
   /**
-   * The search's local limit for the selected pair: the kernel's limit toward the remote address; over TURN (our
-   * end relayed) toward the TURN server, less TURN's own encapsulation (see TURN_OVERHEAD). The path behind the
-   * TURN server (server to peer) is not visible here: the probes find out. undefined: no limit known.
+   * The search's local limit for a selected pair: the kernel's limit toward the remote address; over TURN (our end
+   * relayed) toward the TURN server, less TURN's own encapsulation (see TURN_OVERHEAD). The path behind the TURN
+   * server (server to peer) is not visible here: the probes find out. undefined: no limit known.
    */
-  private limitToward(sel: SelectedPath | undefined): (() => number | undefined) | undefined {
+  private limitFor(sel: SelectedPath | undefined): number | undefined {
     const lim = this.localMtuLimit;
     if (!lim || !sel) return undefined;
     if (sel.localType === "relay") {
       const server = hostOf(sel.localAddress); // our relayed address: on the TURN server
-      if (!server) return () => SAFE_LINK_MTU;
-      const over = server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4;
-      return () => {
-        const l = lim(server);
-        return l === undefined ? SAFE_LINK_MTU : l - over;
-      };
+      if (!server) return SAFE_LINK_MTU;
+      const l = lim(server);
+      return l === undefined ? SAFE_LINK_MTU : l - (server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4);
     }
     const host = hostOf(sel.remoteAddress);
-    return host ? () => lim(host) : undefined;
+    return host ? lim(host) : undefined;
   }
 
   /**
@@ -478,12 +528,13 @@ export abstract class LinkBase implements TransportLink {
     try {
       const sel = this.selectedPath();
       if (!sel || sel instanceof Promise) return;
-      const limit = this.limitToward(sel)?.();
+      const limit = this.limitFor(sel);
       if (limit === undefined || limit >= this.pathMtu) return;
       const mtu = Math.max(SAFE_LINK_MTU, limit & ~3);
       this.foundPathMtu = mtu;
+      this.foundHow = "route-limit";
       this.log.debug("closed before its path MTU check; the local route limits the next link", { built: this.pathMtu, limit: mtu });
-      this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
+      this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, "route-limit"));
     } catch {
       /* the library is going away */
     }
@@ -495,8 +546,9 @@ export abstract class LinkBase implements TransportLink {
     if (mtu < SAFE_LINK_MTU || mtu >= this.pathMtu) return this.probeDrop("malformed");
     if (this.foundPathMtu !== undefined) return;
     this.foundPathMtu = mtu;
+    this.foundHow = "peer";
     this.log.debug("the peer's path MTU search found less; the next link uses it", { built: this.pathMtu, found: mtu });
-    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu));
+    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, "peer"));
   }
 
   private probeDrop(reason: LinkProbeDrop): void {
@@ -541,6 +593,14 @@ export abstract class LinkBase implements TransportLink {
   get linkMtu(): number | undefined {
     if (this.pathMtu === undefined) return undefined;
     return this.pathMtu <= SAFE_LINK_MTU || this.pathMtuConfirmed ? this.pathMtu : undefined;
+  }
+
+  /** How the MTU the link uses was found (status peers[].pmtuHow; LinkPmtuHow); undefined for a link without one. */
+  get pmtuHow(): LinkPmtuHow | undefined {
+    if (this.pathMtu === undefined) return undefined;
+    if (this.pathMtu <= SAFE_LINK_MTU) return this.pathMtuHow ?? "default";
+    if (!this.pathMtuConfirmed) return "searching";
+    return this.pathMtuHow ?? "confirmed";
   }
 
   /**
@@ -741,6 +801,8 @@ export abstract class LinkBase implements TransportLink {
     const out: LinkStats = { bytesSent: this.bytesSent, bytesReceived: this.bytesReceived };
     const mtu = this.linkMtu;
     if (mtu !== undefined) out.pathMtu = mtu;
+    const how = this.pmtuHow;
+    if (how !== undefined) out.pmtuHow = how;
     const pm = this.pmtuStats;
     if (pm) out.pmtu = pm;
     if (this.isDone()) return out;

@@ -82,7 +82,7 @@ import { checkSdpFingerprints } from "../../src/mesh/auth.js";
 import type { IceCandidateInit } from "../../src/wire/signal.js";
 import { silentLogger, type Logger } from "../../src/log.js";
 import { generateDtlsCertificate, type DtlsCertificatePem } from "./cert.js";
-import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU, SAFE_LINK_MTU } from "./link-base.js";
+import { CHANNELS, errMsg, LinkBase, MAX_LINK_MTU, SAFE_LINK_MTU, type FoundHow } from "./link-base.js";
 import { kernelPathMtu } from "../os/route-mtu.js";
 
 /** How long a peer whose path failed the MTU check gets the MTU its link found (search) before the configured one is tried again. */
@@ -226,8 +226,8 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
   const keepAddress = (ip: string): boolean => (!loopOnly || ip.startsWith("127.")) && !(ex && safe(() => ex(ip), false));
   const links = new Set<LinkBase>();
   const linkMtu = opts.mtu ?? SAFE_LINK_MTU;
-  /** peer -> the smaller MTU its links use, and until when (its path failed the MTU check). */
-  const mtuFallback = new Map<string, { mtu: number; until: number }>();
+  /** peer -> the smaller MTU its links use, how it was found, and until when (its path failed the MTU check). */
+  const mtuFallback = new Map<string, { mtu: number; how: FoundHow; until: number }>();
   let closed = false;
   let seq = 0;
   const pmtuCounters = emptyPmtuCounters();
@@ -255,11 +255,12 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
       }
       const pathMtu = Math.min(fb ? fb.mtu : linkMtu, lo.maxMtu ?? Number.POSITIVE_INFINITY);
       const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
-      const onPathMtuFailed = (found: number) => {
+      const onPathMtuFailed = (found: number, how: FoundHow) => {
         // The link searched what the path carries (LinkBase): the next link is built for exactly that.
-        if (peer) mtuFallback.set(peer, { mtu: Math.max(SAFE_LINK_MTU, Math.min(found, pathMtu)), until: Date.now() + MTU_FALLBACK_MS });
+        if (peer) mtuFallback.set(peer, { mtu: Math.max(SAFE_LINK_MTU, Math.min(found, pathMtu)), how, until: Date.now() + MTU_FALLBACK_MS });
       };
-      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, onPathMtuFailed, pmtuCounters, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
+      const pathMtuHow = fb && fb.mtu <= pathMtu ? fb.how : undefined;
+      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, ...(pathMtuHow ? { pathMtuHow } : {}), onPathMtuFailed, pmtuCounters, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
       return link;
     },
@@ -358,7 +359,9 @@ interface LinkEnv {
   name: string;
   /** Path MTU of this link (config.mtu; checked once open when above 1280). */
   pathMtu: number;
-  onPathMtuFailed(found: number): void;
+  onPathMtuFailed(found: number, how: FoundHow): void;
+  /** pathMtu came from an earlier link's check (the fallback), found this way */
+  pathMtuHow?: FoundHow;
   pmtuCounters: PmtuCounters;
   /** Candidate filter (loopbackOnly, excludeAddress). */
   keepAddress(ip: string): boolean;
@@ -400,7 +403,7 @@ class NativeLink extends LinkBase {
   ) {
     // libdatachannel checks the DTLS peer's certificate against a remote description it may not have recorded
     // yet when the peer's ClientHello came before the answer: hold our candidates until then (link-base.ts).
-    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, onPathMtuFailed: env.onPathMtuFailed, localMtuLimit: nativeMtuLimit, pmtuCounters: env.pmtuCounters, holdCandidatesUntilAnswer: true });
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, ...(env.pathMtuHow ? { pathMtuHow: env.pathMtuHow } : {}), onPathMtuFailed: env.onPathMtuFailed, localMtuLimit: nativeMtuLimit, pmtuCounters: env.pmtuCounters, holdCandidatesUntilAnswer: true });
   }
 
   /**
@@ -446,7 +449,13 @@ class NativeLink extends LinkBase {
       }),
     );
     pc.onStateChange((s) => this.guard("connection state", () => this.connectionState(s)));
-    pc.onIceStateChange((s) => this.guard("ice state", () => this.stage(`ice ${s}`)));
+    pc.onIceStateChange((s) =>
+      this.guard("ice state", () => {
+        this.stage(`ice ${s}`);
+        // "completed": a pair is nominated, and it may not be the one the path MTU check ran on (link-base.ts)
+        this.selectedPairMayHaveChanged();
+      }),
+    );
     for (const name of CHANNELS) {
       const dc = this.dc[name]!;
       const low = this.lowWater(name);

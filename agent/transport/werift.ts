@@ -34,6 +34,7 @@ import type {
   ChannelName,
   Fingerprint,
   LinkOptions,
+  LinkPmtuHow,
   LinkSignal,
   SelectedPath,
   Transport,
@@ -202,6 +203,11 @@ class WeriftLink extends LinkBase {
   /** werift's SCTP cuts every message into DATA chunks of at most 1200 bytes (USERDATA_MAX_LENGTH), one per packet. */
   override get packetBudget(): number {
     return WERIFT_CHUNK;
+  }
+
+  /** No search: fixed chunks (WERIFT_PMTU_FIXED). */
+  override get pmtuHow(): LinkPmtuHow {
+    return "fixed";
   }
 
   constructor(opts: LinkOptions, env: LinkEnv) {

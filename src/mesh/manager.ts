@@ -95,6 +95,8 @@ export interface PeerStatus {
   selected: LinkStats["selected"] | null;
   /** Path MTU the link sends with (native transport, once confirmed). */
   pathMtu: number | null;
+  /** How pathMtu was found (LinkPmtuHow: confirmed, route-limit, black-hole, peer, default; werift: fixed). */
+  pmtuHow: LinkStats["pmtuHow"] | null;
   meta: Record<string, string>;
   version: string | null;
 }
@@ -497,6 +499,7 @@ export class MeshManager {
         lastSeenAgoMs: f.lastHeardAt !== undefined ? now - f.lastHeardAt : null,
         selected: stats?.selected ?? null,
         pathMtu: stats?.pathMtu ?? null,
+        pmtuHow: stats?.pmtuHow ?? null,
         meta: e.info.meta,
         version: e.hello?.version ?? null,
       });

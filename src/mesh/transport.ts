@@ -59,9 +59,21 @@ export interface LinkStats {
   selected?: SelectedPath;
   /** Path MTU the link sends with, once confirmed (transports that choose one). */
   pathMtu?: number;
+  /** How pathMtu was found (transports that choose one, and werift: "fixed"). */
+  pmtuHow?: LinkPmtuHow;
   /** The link's path MTU search (src/mesh/pmtu.ts), when it ran one. */
   pmtu?: LinkPmtuStats;
 }
+
+/**
+ * How a WebRTC link's path MTU was found (status peers[].pmtuHow): "confirmed" its full-size probe was acked at the
+ * MTU it was built for (--link-mtu, or the uplink's); "route-limit" the local kernel's route MTU toward the selected
+ * pair (over TURN: toward the TURN server, less TURN's ChannelData header) is below that, so the link is built for
+ * it; "black-hole" full-size probes were lost and the size is what probing found; "peer" the peer's search found
+ * it; "default" built for 1280 and never checked; "fixed" werift (1200-byte SCTP chunks, no search); "searching"
+ * the check is still running.
+ */
+export type LinkPmtuHow = "confirmed" | "route-limit" | "black-hole" | "peer" | "default" | "fixed" | "searching";
 
 /** What a link's path MTU search did: probes sent/acked, sizes lost or skipped (above the local limit), typed drops of probe traffic. */
 export interface LinkPmtuStats {
@@ -128,12 +140,14 @@ export interface PmtuCounters {
   lost: number;
   /** a confirmed size stopped getting through while smaller traffic passed (the bulk link's confirmation probes) */
   blackHoles: number;
+  /** WebRTC links failed because ICE then selected a pair whose local limit is below the link's MTU */
+  pairChanges: number;
   /** probe traffic dropped, by reason (LinkPmtuStats.drops) */
   drops: Record<string, number>;
 }
 
 export function emptyPmtuCounters(): PmtuCounters {
-  return { searches: { confirmed: 0, searched: 0, "local-limit": 0 }, probes: 0, acked: 0, lost: 0, blackHoles: 0, drops: {} };
+  return { searches: { confirmed: 0, searched: 0, "local-limit": 0 }, probes: 0, acked: 0, lost: 0, blackHoles: 0, pairChanges: 0, drops: {} };
 }
 
 export interface Transport {

@@ -27,6 +27,7 @@
  * network. Lab ranges only: 198.18.0.0/15 (RFC 2544 benchmarking), 10.<site>.0.0/24, pods 10.40.0.0/16.
  *
  * Children run as `setpriv --pdeathsig KILL nsenter --net=... <cmd>`, so they die with the test process.
+ * Agents log at info (WEFTNET_LAB_LOG_LEVEL=debug for the path MTU search and ICE stages).
  * close() stops them by PID, deletes pod namespaces, lab namespaces and the temp dir (WEFTNET_KEEP_LAB=1
  * keeps the logs); it is safe to call after a failed setup and more than once.
  */
@@ -277,7 +278,7 @@ export class NatLab {
 
   startAgent(h: NatHost, extra: string[] = []): void {
     h.startedAt = Date.now();
-    h.proc = this.spawnIn(h.ns, process.execPath, [CLI, "agent", "--signal", `ws://${PUBLIC_IP}:${SIGNAL_PORT}`, "--token", this.token, "--name", h.name, "--state-dir", h.stateDir, "--log-level", "info", ...extra], `${h.name}.log`);
+    h.proc = this.spawnIn(h.ns, process.execPath, [CLI, "agent", "--signal", `ws://${PUBLIC_IP}:${SIGNAL_PORT}`, "--token", this.token, "--name", h.name, "--state-dir", h.stateDir, "--log-level", process.env.WEFTNET_LAB_LOG_LEVEL ?? "info", ...extra], `${h.name}.log`);
   }
 
   async stopAgent(h: NatHost): Promise<void> {
@@ -335,9 +336,10 @@ export class NatLab {
   }
 
   /** One ping from a pod namespace; true when it came back. */
-  async podPing(pod: string, ip: string, waitS = 1): Promise<boolean> {
+  /** One ping from a pod (`extra`: more ping flags, e.g. -s 1372 -M do for a full-size packet). */
+  async podPing(pod: string, ip: string, waitS = 1, extra: string[] = []): Promise<boolean> {
     try {
-      return (await this.sh(pod, "ping", ["-c", "1", "-W", String(waitS), ip], (waitS + 4) * 1000)).stdout.includes("1 received");
+      return (await this.sh(pod, "ping", ["-c", "1", "-W", String(waitS), ...extra, ip], (waitS + 4) * 1000)).stdout.includes("1 received");
     } catch {
       return false;
     }

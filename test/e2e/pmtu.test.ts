@@ -60,6 +60,12 @@ function pmtuCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
       );
       console.log(`[measure] path MTU (${name}) on a 2000-byte IPv4 LAN with --link-mtu 4096: ${mtus.join(", ")} (largest that fits: ${FITS})`);
       for (const m of mtus) expect(FITS - m).toBeLessThan(within);
+      // how status says the size was found: this side's own check (route limit / black hole), or the peer's result
+      const hows = await Promise.all(lab.nodes.map(async (n) => (await lab.status(n)).peers.find((p) => p.state === "connected")?.pmtuHow));
+      console.log(`[measure] pmtuHow (${name}): ${hows.join(", ")}`);
+      const own = outcome === "local-limit" ? "route-limit" : "black-hole";
+      for (const h of hows) expect([own, "peer"]).toContain(h);
+      expect(hows).toContain(own);
       // how the first links ended, as status (and weftnet_pmtu_searches_total) counts it
       const counters = await Promise.all(lab.nodes.map(async (n) => (await lab.status(n)).pmtu));
       console.log(`[measure] pmtu counters (${name}): ${JSON.stringify(counters)}`);

@@ -14,7 +14,7 @@ const names: Record<string, string> = { "1": "n1", "2": "n2", "3": "n3", "4": "n
 function peer(id: string, over: Partial<PeerStatus> = {}): PeerStatus {
   return {
     id, name: names[id]!, state: "connected", path: "direct", link: "webrtc", webrtcFailures: 0, lastWebrtcError: null, rttMs: 1, srttMs: 1,
-    bytesIn: 0, bytesOut: 0, uptimeMs: 1000, offerer: true, attempts: 1, lastError: null, lastSeenAgoMs: 0, selected: null, pathMtu: null, meta: {}, version: null, ...over,
+    bytesIn: 0, bytesOut: 0, uptimeMs: 1000, offerer: true, attempts: 1, lastError: null, lastSeenAgoMs: 0, selected: null, pathMtu: null, pmtuHow: null, meta: {}, version: null, ...over,
   };
 }
 
@@ -35,5 +35,26 @@ describe("status: peers routed via another agent", () => {
     // the hop's link went down before the routes caught up
     const down = describePeers([peer("2", { state: "backoff" }), peer("4", { state: "backoff" })], (id) => (id === "4" ? route("4", "2") : undefined), (id) => names[id], { enabled: false, status: () => null });
     expect(down.find((p) => p.name === "n4")).toMatchObject({ viaLink: null, linkWhy: "no direct link; routed via n2 (no link to it now), lowest measured RTT" });
+  });
+});
+
+describe("weftnet status: how a WebRTC link's path MTU was found", () => {
+  it("the NOTE column names it after the MTU (route limit, black hole, ...), and werift's fixed chunks", async () => {
+    const { renderStatus } = await import("../../agent/cli/commands.js");
+    const sel = { localType: "relay", localAddress: "198.18.0.2:5000", remoteType: "prflx", remoteAddress: "198.18.0.12:6000" };
+    const st = {
+      node: { name: "n0", id: "0", version: "x", transport: "native", uptimeMs: 1000, signal: { url: "ws://s", connected: true, addr: null } },
+      pmtuFixed: null,
+      routes: null,
+      peers: [
+        { ...peer("1", { selected: sel, pathMtu: 1524, pmtuHow: "route-limit" }), linkType: "turn", linkWhy: "", viaLink: null, via: null, bulk: null, path: "turn" },
+        { ...peer("2", { selected: { ...sel, localType: "host" }, pathMtu: 2016, pmtuHow: "black-hole" }), linkType: "webrtc", linkWhy: "", viaLink: null, via: null, bulk: null },
+        { ...peer("3", { selected: { ...sel, localType: "host" }, pathMtu: null, pmtuHow: "fixed" }), linkType: "webrtc", linkWhy: "", viaLink: null, via: null, bulk: null },
+      ],
+    } as unknown as Parameters<typeof renderStatus>[0];
+    const out = renderStatus(st);
+    expect(out).toMatch(/n1 .*relay->prflx 198\.18\.0\.12:6000 mtu 1524 \(route limit\)/);
+    expect(out).toMatch(/n2 .*mtu 2016 \(black hole\)/);
+    expect(out).toMatch(/n3 .*mtu fixed \(werift\)/);
   });
 });
