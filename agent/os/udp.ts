@@ -40,6 +40,8 @@ export interface UdpSocketOptions {
   gro?: boolean;
   /** Use UDP_SEGMENT on send (default true). */
   gso?: boolean;
+  /** Don't Fragment (IP_PMTUDISC_DO, default true); false: IP_PMTUDISC_DONT (benchmarks: WEFTNET_BULK_PMTU_CHECKS=off). */
+  dontFragment?: boolean;
   /** SO_RCVBUF / SO_SNDBUF (forced when root). Default 4 MiB each. */
   rcvbuf?: number;
   sndbuf?: number;
@@ -91,6 +93,7 @@ const IPPROTO_IP = 0;
 const IP_MTU_DISCOVER = 10;
 /** Don't Fragment, and EMSGSIZE above the kernel's path MTU (route MTU or ICMP-learnt): the bulk link's path MTU search needs it. */
 const IP_PMTUDISC_DO = 2;
+const IP_PMTUDISC_DONT = 0;
 const MSGHDR_LEN = 56;
 const CMSG_HDR = 16;
 const CMSG_SPACE_INT = 24;
@@ -245,7 +248,8 @@ export class UdpSocket {
       if (opts.rxTimestamps) c.setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, int(1), 4);
       let gro = false;
       if (opts.gro !== false) gro = c.setsockopt(fd, SOL_UDP, UDP_GRO, int(1), 4) === 0;
-      c.setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, int(IP_PMTUDISC_DO), 4); // no fragments: the path MTU is searched (src/bulk/session.ts)
+      // no fragments: the path MTU is searched (src/bulk/session.ts)
+      c.setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, int(opts.dontFragment === false ? IP_PMTUDISC_DONT : IP_PMTUDISC_DO), 4);
       const sa = Buffer.alloc(16);
       writeSockaddr(sa, { addr: parseV4(opts.address ?? "0.0.0.0"), port: opts.port ?? 0 });
       if (c.bind(fd, sa, 16) < 0) {

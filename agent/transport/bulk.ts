@@ -56,6 +56,16 @@ export const CTX_BULK = "weftnet/bulk/v1";
 /** Datagram bytes around a pod packet's IP bytes: seal header + tag, frame header, record length, virtio header. */
 const PACKET_OVERHEAD = SEAL_OVERHEAD + FRAME_HEADER_LEN + RECORD_HEADER_LEN + VNET_HDR_LEN;
 const TICK_MS = 100;
+
+/**
+ * WEFTNET_BULK_PMTU_CHECKS (benchmarks, A/B measurements; docs/loss.md): "off" = no Don't Fragment on the bulk
+ * socket and no black-hole checks while up (the first search still runs); "periodic" = the 5 s confirmation probe
+ * without the quick check; anything else the default "on".
+ */
+function pmtuChecks(): "on" | "periodic" | "off" {
+  const v = process.env.WEFTNET_BULK_PMTU_CHECKS;
+  return v === "off" || v === "periodic" ? v : "on";
+}
 /** IPv4 + UDP headers: the kernel's path MTU counts IP packets, the bulk link's sizes are UDP payloads. */
 const IPV4_UDP_HEADERS = 28;
 
@@ -187,11 +197,11 @@ export class BulkService {
     );
     this.timer = setInterval(() => this.tick(), TICK_MS);
     this.timer.unref?.();
-    this.log.info("bulk link listening", { port: socket.port, candidates: this.cands, gso: socket.gso, gro: socket.gro, crypto: this.aead.name });
+    this.log.info("bulk link listening", { port: socket.port, candidates: this.cands, gso: socket.gso, gro: socket.gro, crypto: this.aead.name, ...(pmtuChecks() !== "on" ? { pmtuChecks: pmtuChecks() } : {}) });
   }
 
   static open(o: BulkOptions): BulkService {
-    const socket = UdpSocket.open({ ...(o.socket ?? {}), port: o.port ?? 0, address: o.address ?? "0.0.0.0" });
+    const socket = UdpSocket.open({ ...(o.socket ?? {}), ...(pmtuChecks() === "off" ? { dontFragment: false } : {}), port: o.port ?? 0, address: o.address ?? "0.0.0.0" });
     return new BulkService(o, socket);
   }
 
@@ -274,6 +284,7 @@ export class BulkService {
         return m === undefined ? undefined : m - IPV4_UDP_HEADERS;
       },
       pmtuCounters: this.pmtu,
+      pmtuChecks: pmtuChecks(),
       ...(this.o.timing ? { timing: this.o.timing } : {}),
     });
     this.peers.set(id, p);

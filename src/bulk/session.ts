@@ -38,6 +38,7 @@ import {
   INNER_PROBE,
   INNER_PROBE_ACK,
   KEEPALIVE_LEN,
+  KEEPALIVE_RX_LEN,
   MAX_CANDIDATES,
   MAX_INNER_FRAME,
   MIN_INNER_FRAME,
@@ -147,6 +148,11 @@ export interface BulkPeerOptions {
   localLimit?: (to: Endpoint) => number | undefined;
   /** Counters this peer's searches add to (shared by all peers of a BulkService; weftnet_pmtu_* link_type=bulk). */
   pmtuCounters?: PmtuCounters;
+  /**
+   * Black-hole checks while up (default "on": the periodic confirmation probe and the quick check); "periodic"
+   * without the quick check; "off" neither (benchmarks and A/B measurements: WEFTNET_BULK_PMTU_CHECKS).
+   */
+  pmtuChecks?: "on" | "periodic" | "off";
 }
 
 interface Keypair {
@@ -175,6 +181,8 @@ export interface BulkPmtuStatus {
   /** datagrams the kernel refused (EMSGSIZE) */
   tooBig: number;
   unsolicitedAcks: number;
+  /** confirmation probes sent early: larger datagrams went out that the peer's keepalives did not report (quick check) */
+  quickChecks: number;
 }
 
 export type OpenResult = Uint8Array | BulkDropReason | typeof KEEPALIVE;
@@ -199,6 +207,16 @@ const PMTU_PROBE_TIMEOUT_MS = 250;
 export const PMTU_CONFIRM_MS = 5000;
 /** A confirmation probe waits this long for its ack (twice): the link keeps working meanwhile, so no hurry. */
 const PMTU_CONFIRM_WAIT_MS = 1000;
+/**
+ * Quick check (a black hole under traffic, without probing idle links): each keepalive reports the largest
+ * datagram its sender received from us in its last two keepalive intervals. When we sent datagrams above
+ * PMTU_BASE and no report within PMTU_QUICK_KEEPALIVES keepalive intervals + 2 round trips says one that large
+ * arrived, the confirmation probe of pathMax goes out at once (each try waiting PMTU_PROBE_TIMEOUT_MS or 4 round
+ * trips) instead of at the next PMTU_CONFIRM_MS. A false alarm (the one large datagram lost at random) costs one
+ * probe; at most one quick check per PMTU_QUICK_GAP_MS.
+ */
+const PMTU_QUICK_KEEPALIVES = 4;
+const PMTU_QUICK_GAP_MS = 1000;
 /** Search upwards again after this long below maxDatagram (RFC 8899 PMTU_RAISE_TIMER: a path may get better). */
 export const PMTU_RAISE_MS = 10 * 60_000;
 
@@ -206,7 +224,7 @@ export const PMTU_RAISE_MS = 10 * 60_000;
 export type BulkPmtuHow = PmtuOutcome | "searching" | "none";
 
 /** Why a search runs: the first on a new path, a raise attempt, a confirmation (black-hole check), the kernel refused a datagram (EMSGSIZE). */
-type SearchKind = "initial" | "raise" | "confirm" | "black-hole" | "too-big";
+type SearchKind = "initial" | "raise" | "confirm" | "quick" | "black-hole" | "too-big";
 
 const CAND_KEY = (e: Endpoint) => e.addr * 65536 + e.port;
 
@@ -244,7 +262,18 @@ export class BulkPeer {
   private raiseAt = Infinity;
   private nothingPassedAt = -Infinity;
   /** this peer's figures (status); the service-wide counters are `o.pmtuCounters` */
-  readonly pmtuStats = { searches: 0, probes: 0, acked: 0, lost: 0, blackHoles: 0, tooBig: 0, unsolicitedAcks: 0 };
+  readonly pmtuStats = { searches: 0, probes: 0, acked: 0, lost: 0, blackHoles: 0, tooBig: 0, unsolicitedAcks: 0, quickChecks: 0 };
+  /** receiver: the largest authenticated datagram from the peer in this and the previous keepalive interval */
+  private rxMaxNow = 0;
+  private rxMaxPrev = 0;
+  /** sender: the largest datagram sealed since the last tick (probes excluded) */
+  private txMax = 0;
+  /** the peer's keepalives report what they received (agents of this version on) */
+  private peerReportsRx = false;
+  /** quick check: since when datagrams above PMTU_BASE went out that no report has covered yet, and the largest */
+  private unreportedSince = Infinity;
+  private unreportedMax = 0;
+  private quickAt = -Infinity;
   private readonly pmtuCounters: PmtuCounters;
   /** probes and probe acks to send (the hot path queues them; the agent drains them after open(); handle() returns them as actions) */
   readonly pendingSends: { to: Endpoint; data: Uint8Array }[] = [];
@@ -545,10 +574,13 @@ export class BulkPeer {
       this.counters.ups++;
       this.out.push({ type: "up" });
     }
+    const sent = this.txMax;
+    this.txMax = 0;
     if (this._state === "up" && !stalled) {
       // (not right after a stall of our own: acks may wait unread in the socket)
       if (this.search) this.pmtuTick(now);
-      else if (now >= this.confirmAt) this.pmtuStart(now, "confirm");
+      else if (this.quickDue(now, sent)) this.pmtuStart(now, "quick");
+      else if (now >= this.confirmAt && this.o.pmtuChecks !== "off") this.pmtuStart(now, "confirm");
       else if (now >= this.raiseAt) this.pmtuStart(now, "raise");
     }
     // Keepalives: to the endpoint on a live path, to every candidate while punching (slower after a while).
@@ -581,7 +613,7 @@ export class BulkPeer {
     const kp = this.current;
     if (!kp || targets.length === 0) return;
     this.lastKeepalive = now;
-    const innerLen = KEEPALIVE_LEN;
+    const innerLen = KEEPALIVE_RX_LEN;
     const inner = new Uint8Array(innerLen);
     const dv = new DataView(inner.buffer);
     inner[0] = INNER_KEEPALIVE;
@@ -589,6 +621,9 @@ export class BulkPeer {
     dv.setFloat64(2, now, true);
     dv.setFloat64(10, this.peerTs, true);
     dv.setFloat64(18, this.peerTsAt ? now - this.peerTsAt : 0, true);
+    dv.setUint16(26, Math.min(0xffff, Math.max(this.rxMaxNow, this.rxMaxPrev)), true);
+    this.rxMaxPrev = this.rxMaxNow;
+    this.rxMaxNow = 0;
     for (const to of targets) {
       const data = new Uint8Array(innerLen + SEAL_OVERHEAD);
       data.set(inner, HEADER_LEN);
@@ -614,15 +649,45 @@ export class BulkPeer {
   //               learnt): pathMax drops to the local limit at once and the search verifies what lies below.
   // Every search reads the local limit (the kernel's path MTU toward the endpoint) before each probe.
 
+  /**
+   * Quick check (PMTU_QUICK_KEEPALIVES): `sent` is the largest datagram sealed since the last tick. True when
+   * datagrams above PMTU_BASE went out long enough ago that the peer's report should have covered them, and
+   * none did (the confirmation probe then goes out now).
+   */
+  private quickDue(now: number, sent: number): boolean {
+    if (!this.peerReportsRx || this.pathMax === undefined || (this.o.pmtuChecks ?? "on") !== "on") return false;
+    if (sent > PMTU_BASE) {
+      if (this.unreportedSince === Infinity) this.unreportedSince = now;
+      if (sent > this.unreportedMax) this.unreportedMax = sent;
+    }
+    if (this.unreportedSince === Infinity || now - this.quickAt < PMTU_QUICK_GAP_MS) return false;
+    if (now - this.unreportedSince < PMTU_QUICK_KEEPALIVES * this.t.keepaliveMs + 2 * (this.rttMs ?? 0)) return false;
+    this.quickAt = now;
+    this.unreportedSince = Infinity;
+    this.unreportedMax = 0;
+    this.pmtuStats.quickChecks++;
+    return true;
+  }
+
+  /** A keepalive's report: the largest datagram the peer received from us lately. */
+  private onRxReport(size: number): void {
+    this.peerReportsRx = true;
+    if (size >= this.unreportedMax) {
+      this.unreportedSince = Infinity;
+      this.unreportedMax = 0;
+    }
+  }
+
   private pmtuStart(now: number, kind: SearchKind): void {
     const to = this.endpoint;
     if (!to || !this.current) return;
     let s: PmtuSearch;
     const limit = this.o.localLimit ? () => this.o.localLimit!(to) : undefined;
     const common = { tries: 2, minWaitMs: PMTU_PROBE_TIMEOUT_MS, limitMode: "clamp" as const, ...(limit ? { localLimit: limit } : {}) };
-    if (kind === "confirm") {
-      // one size: pathMax (lo = pathMax - 1 only makes "lost" end the search as "searched")
-      s = new PmtuSearch({ ...common, lo: this.pathMax! - 1, hi: this.pathMax!, fine: 4 * this.maxDatagram, minWaitMs: PMTU_CONFIRM_WAIT_MS });
+    if (kind === "confirm" || kind === "quick") {
+      // one size: pathMax (lo = pathMax - 1 only makes "lost" end the search as "searched"); a quick check has
+      // evidence already (large datagrams went unreported), so its tries wait like a search's
+      s = new PmtuSearch({ ...common, lo: this.pathMax! - 1, hi: this.pathMax!, fine: 4 * this.maxDatagram, minWaitMs: kind === "quick" ? PMTU_PROBE_TIMEOUT_MS : PMTU_CONFIRM_WAIT_MS });
     } else if (kind === "raise") {
       s = new PmtuSearch({ ...common, lo: this.pathMax!, hi: this.maxDatagram });
     } else {
@@ -632,7 +697,7 @@ export class BulkPeer {
     }
     this.search = { s, kind, id: this.o.random() >>> 0 };
     this.confirmAt = this.raiseAt = Infinity;
-    if (kind !== "confirm") {
+    if (kind !== "confirm" && kind !== "quick") {
       this.pmtuStats.searches++;
       this.pmtuHow = "searching";
     }
@@ -666,7 +731,7 @@ export class BulkPeer {
     this.search = undefined;
     const { mtu, outcome } = step.done;
     const s = sr.s;
-    if (sr.kind === "confirm") {
+    if (sr.kind === "confirm" || sr.kind === "quick") {
       if (outcome === "local-limit") {
         // the kernel's limit toward the peer fell below pathMax (a route change, ICMP): as on EMSGSIZE
         this.limitFell(now);
@@ -707,6 +772,8 @@ export class BulkPeer {
     this.pmtuHow = "none";
     this.confirmAt = this.raiseAt = Infinity;
     this.nothingPassedAt = -Infinity;
+    this.unreportedSince = Infinity;
+    this.unreportedMax = 0;
   }
 
   /** EMSGSIZE on a send (counted by the agent per datagram): the local limit may be below pathMax now. */
@@ -738,7 +805,10 @@ export class BulkPeer {
     const inner = data.subarray(HEADER_LEN, size - SEAL_OVERHEAD + HEADER_LEN);
     inner[0] = INNER_PROBE;
     new DataView(inner.buffer, inner.byteOffset).setUint32(1, id, true);
-    if (this.seal(data, 0, size - SEAL_OVERHEAD) < 0) return;
+    const txMax = this.txMax; // probes are not traffic the quick check watches (a raise's probe may well be lost)
+    const n = this.seal(data, 0, size - SEAL_OVERHEAD);
+    this.txMax = txMax;
+    if (n < 0) return;
     this.pmtuStats.probes++;
     this.pmtuCounters.probes++;
     this.pendingSends.push({ to, data });
@@ -759,7 +829,7 @@ export class BulkPeer {
       this.pmtuStats.acked++;
       this.pmtuCounters.acked++;
       // Traffic may use every size acked so far (a raise never lowers, a confirmation never changes pathMax).
-      if (sr.kind !== "confirm" && (this.pathMax === undefined || size > this.pathMax)) this.pathMax = size;
+      if (sr.kind !== "confirm" && sr.kind !== "quick" && (this.pathMax === undefined || size > this.pathMax)) this.pathMax = size;
     }
     for (const [k, v] of Object.entries(sr.s.stats.drops)) if (v > drops[k as keyof typeof drops]) this.pmtuCounters.drops[k] = (this.pmtuCounters.drops[k] ?? 0) + v - drops[k as keyof typeof drops];
     this.pmtuApply(step, now);
@@ -796,6 +866,7 @@ export class BulkPeer {
     kp.sentBytes += n;
     this.counters.txDatagrams++;
     this.counters.txBytes += n + HEADER_LEN;
+    if (n + HEADER_LEN > this.txMax) this.txMax = n + HEADER_LEN;
     return n + HEADER_LEN;
   }
 
@@ -834,6 +905,7 @@ export class BulkPeer {
     if (!this.endpoint || this.endpoint.addr !== from.addr || this.endpoint.port !== from.port) this.endpoint = { addr: from.addr, port: from.port };
     this.counters.rxDatagrams++;
     this.counters.rxBytes += d.byteLength;
+    if (d.byteLength > this.rxMaxNow) this.rxMaxNow = d.byteLength;
     if (inner.byteLength === 0) return this.dropped("bad-inner");
     if (inner[0] === INNER_PROBE) {
       // Answer with a small ack naming the probe and its size (the datagram's length).
@@ -863,6 +935,7 @@ export class BulkPeer {
       this.peerTsAt = now;
       const echo = dv.getFloat64(10, true);
       const held = dv.getFloat64(18, true);
+      if (inner.byteLength >= KEEPALIVE_RX_LEN) this.onRxReport(dv.getUint16(26, true));
       if (echo > 0 && echo <= now && held >= 0) {
         const rtt = now - echo - held;
         if (rtt >= 0 && rtt < 60_000) this.rttMs = this.rttMs === undefined ? rtt : this.rttMs * 0.75 + rtt * 0.25;

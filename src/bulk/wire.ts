@@ -33,9 +33,11 @@
  *           upwards every 10 minutes. `id` names the search: acks of no search of ours are typed drops.
  *     0x00  keepalive (KEEPALIVE_LEN bytes): [0]=0 [1] flags (bit0: I heard a keepalive
  *           from you within the dead interval) [2..10) f64 my clock [10..18) f64 the clock of the last
- *           keepalive I got from you [18..26) f64 ms I held it. Sent every keepalive interval on an
- *           established path (NAT mappings stay open; RTT = now - echo - held), to every candidate while
- *           punching.
+ *           keepalive I got from you [18..26) f64 ms I held it [26..28) u16 LE the largest datagram I
+ *           received from you in my last two keepalive intervals (0: none; absent from older agents, whose
+ *           keepalives are 26 bytes). Sent every keepalive interval on an established path (NAT mappings
+ *           stay open; RTT = now - echo - held), to every candidate while punching. A sender whose larger
+ *           datagrams go unreported probes its path MTU at once (session.ts: quick check).
  *
  * 2. Control-channel messages (mesh app channel "bulk", msgpack via wire/control.ts), handshake flow:
  *
@@ -67,7 +69,9 @@ export const INNER_KEEPALIVE = 0;
 /** Path MTU probe: [1][u32 id][zero padding to the size tried]; answered by INNER_PROBE_ACK [2][u32 id][u16 datagram size]. */
 export const INNER_PROBE = 1;
 export const INNER_PROBE_ACK = 2;
+/** The shortest keepalive accepted (older agents); ours carry the received-size report too (KEEPALIVE_RX_LEN). */
 export const KEEPALIVE_LEN = 26;
+export const KEEPALIVE_RX_LEN = 28;
 /** The largest pod MTU an agent accepts (--mtu). */
 export const MAX_POD_MTU = 9000;
 /**

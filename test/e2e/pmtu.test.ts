@@ -111,14 +111,31 @@ function bulkCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
     afterAll(async () => lab.close(), 60_000);
 
     it("settles on the largest datagram that fits and carries full-size TCP over it, byte for byte", async () => {
+      let pods: { name: string; ip: string }[] | undefined;
+      let stopPinger: Promise<unknown> | undefined;
       if (shrink) {
-        // first up at the full size on the 9000-byte LAN, then the bridge ports shrink silently
+        // first up at the full size on the 9000-byte LAN, then the bridge ports shrink silently while large pod
+        // packets cross (pings of 3028 bytes both ways, every 100 ms): the keepalives' received-size reports show
+        // them missing and the confirmation probe goes at once (quick check) instead of at the next 5 s one.
         const full = await until(async () => {
           const b = await bulkPeers();
           return b.every((x) => x?.pmtu.how === "confirmed" && x.pathMax === x.pmtu.maxDatagram) && b;
         }, 120_000, "bulk links at the full size", dump);
         console.log(`[measure] bulk pathMax before the shrink: ${full.map((x) => x!.pathMax).join(", ")}`);
+        pods = [await lab.addPod(lab.nodes[0]!, "ba"), await lab.addPod(lab.nodes[1]!, "bb")];
+        const [pa, pb] = pods as [{ name: string; ip: string }, { name: string; ip: string }];
+        await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", "-s", "3000", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "large pod ping", dump);
+        const pinger = sh(pa.name, "ping", ["-i", "0.1", "-w", "15", "-s", "3000", pb.ip], 30_000).catch(() => undefined);
+        const t0 = Date.now();
         await Promise.all(lab.nodes.map((_, k) => sh(lab.lan, "ip", ["link", "set", `p${k + 1}`, "mtu", String(shrink)], 5000)));
+        // time to the first black hole counted (status polled every 100 ms: a figure, not an assertion)
+        const detected = await until(async () => {
+          const t = await Promise.all(lab.nodes.map(async (n) => (await lab.status(n)).bulk?.pmtu.blackHoles ?? 0));
+          return t.some((x) => x >= 1) && Date.now() - t0;
+        }, 60_000, "a black hole counted", dump);
+        const quick = (await bulkPeers()).map((x) => x?.pmtu.quickChecks);
+        console.log(`[measure] mid-life black hole under traffic detected ${detected} ms after the shrink (WEFTNET_BULK_PMTU_CHECKS=${process.env.WEFTNET_BULK_PMTU_CHECKS ?? "on"}; quick checks per side ${quick.join(", ")})`);
+        stopPinger = pinger;
       }
       const b = await until(
         async () => {
@@ -143,14 +160,14 @@ function bulkCase(name: string, opts: { uplinkMtu: number; lanPortMtu?: number }
         console.log(`[measure] bulk link up/down log lines per node during the shrink case: ${downs.join(", ")}`);
         expect(totals.some((c) => (c?.blackHoles ?? 0) >= 1), dump()).toBe(true);
       }
-      const pa = await lab.addPod(lab.nodes[0]!, "ba");
-      const pb = await lab.addPod(lab.nodes[1]!, "bb");
-      await until(async () => (await sh(pa.name, "ping", ["-c", "1", "-W", "1", pb.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping", dump);
+      const [pa, pb] = pods ?? [await lab.addPod(lab.nodes[0]!, "ba"), await lab.addPod(lab.nodes[1]!, "bb")];
+      await until(async () => (await sh(pa!.name, "ping", ["-c", "1", "-W", "1", pb!.ip], 5000)).stdout.includes("1 received"), 20_000, "pod ping", dump);
       const before = (await bulkPeers())[0]!;
-      await tcpByteExact(lab, pa, pb);
+      await tcpByteExact(lab, pa!, pb!);
       const after = (await bulkPeers())[0]!;
       console.log(`[measure] bulk datagrams n1->n2 during 4 MiB: ${after.txDatagrams - before.txDatagrams}, too-big-for-path ${JSON.stringify((await lab.status(lab.nodes[0]!)).bulk?.counters.tooBigForPath)}`);
       expect(after.txDatagrams - before.txDatagrams).toBeGreaterThan((4 << 20) / 4000); // rode the bulk link
+      await stopPinger; // (ends by itself: -w 15)
     }, 300_000);
   });
 }

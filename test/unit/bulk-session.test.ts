@@ -355,6 +355,69 @@ describe("bulk session", () => {
       expect(counters.blackHoles).toBe(2);
     });
 
+    /** A sends `size`-byte data datagrams to B (dropped above the path's maxSize), as the agent's hot path does. */
+    const traffic = (A: BulkPeer, B: BulkPeer, n: ReturnType<typeof net>, size: number) => {
+      const d = new Uint8Array(size);
+      d[16] = 0x10; // a data frame (its records are not checked by open)
+      const len = A.seal(d, 0, size - BulkPeer.OVERHEAD);
+      n.st.sizes.A.push(len);
+      if (len <= n.st.maxSize) B.open(d.subarray(0, len), parseCandidate("10.0.0.1:5000")!, n.st.now);
+    };
+
+    it("a black hole under traffic: the keepalives' received-size report shows the large datagrams missing -> the confirmation probe goes at once (quick check)", () => {
+      const { A, B, n, counters } = big();
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(2000);
+      expect(A.pathMax).toBe(4060);
+      // full-size traffic that arrives: reported, no early probe
+      const probesBefore = counters.probes;
+      for (let i = 0; i < 10; i++) {
+        traffic(A, B, n, 4060);
+        n.tick(100);
+      }
+      expect(A.describe(n.st.now).pmtu.quickChecks).toBe(0);
+      expect(counters.probes).toBe(probesBefore);
+      // the path shrinks silently under the traffic, well before the next periodic confirmation: detected within
+      // ~2 s (was: at that confirmation, up to 5 s later, + 2 s of waiting for its acks)
+      n.st.maxSize = 1972;
+      const t0 = n.st.now;
+      let t1 = Infinity;
+      for (let i = 0; i < 40 && t1 === Infinity; i++) {
+        traffic(A, B, n, 4060);
+        n.tick(100);
+        if (A.describe(n.st.now).pmtu.blackHoles > 0) t1 = n.st.now;
+      }
+      expect(A.describe(n.st.now).pmtu.quickChecks).toBe(1);
+      expect(t1 - t0).toBeLessThanOrEqual(2000); // fake clock: 1600 ms (stale reports 2 intervals, 4 keepalive intervals, 2 probe tries of 250 ms)
+      n.tick(5000);
+      expect(1972 - A.pathMax!).toBeLessThan(16);
+      expect(A.up).toBe(true);
+    });
+
+    it("no quick check on an idle link, nor from a peer whose keepalives carry no report (older agents)", () => {
+      const { A, B, n } = big();
+      n.run("A", A.handle({ type: "start" }, n.st.now));
+      n.tick(2000);
+      n.st.maxSize = 1972;
+      const probes = A.describe(n.st.now).pmtu.probes;
+      n.tick(PMTU_CONFIRM_MS - 2500); // idle: nothing goes out before the periodic confirmation
+      expect(A.describe(n.st.now).pmtu.probes).toBe(probes);
+      expect(A.describe(n.st.now).pmtu.quickChecks).toBe(0);
+      // an older peer: 26-byte keepalives, no report -> no quick check however much goes unreported
+      const o = big();
+      o.n.run("A", o.A.handle({ type: "start" }, o.n.st.now));
+      o.n.tick(2000);
+      (o.A as unknown as { peerReportsRx: boolean }).peerReportsRx = false; // what a 26-byte keepalive leaves
+      o.n.st.maxSize = 1972;
+      for (let i = 0; i < 10; i++) {
+        traffic(o.A, o.B, o.n, 4060);
+        o.n.tick(100);
+        (o.A as unknown as { peerReportsRx: boolean }).peerReportsRx = false;
+      }
+      expect(o.A.describe(o.n.st.now).pmtu.quickChecks).toBe(0);
+      void B;
+    });
+
     it("EMSGSIZE from the kernel (its limit fell, e.g. an ICMP 'fragmentation needed'): pathMax drops to the limit at once", () => {
       const { A, n, lim } = big();
       n.run("A", A.handle({ type: "start" }, n.st.now));

@@ -19,7 +19,7 @@ function peer(id: string, over: Partial<PeerStatus> = {}): PeerStatus {
 }
 
 const route = (dst: string, via: string): RouteEntry => ({ dst, nextHop: via, via, cost: 2, path: ["0", via, dst] });
-const bulkUp: BulkPeerStatus = { state: "up", reason: "", endpoint: "192.0.2.2:41641", peerCands: [], rttMs: 1, keyAgeMs: 0, pathMax: 1464, txDatagrams: 0, rxDatagrams: 0, txBytes: 0, rxBytes: 0, rotations: 0, ups: 1, downs: 0, drops: {}, pmtu: { how: "confirmed", maxDatagram: 1464, foundAgoMs: 0, searches: 1, probes: 2, acked: 2, lost: 0, blackHoles: 0, tooBig: 0, unsolicitedAcks: 0 } };
+const bulkUp: BulkPeerStatus = { state: "up", reason: "", endpoint: "192.0.2.2:41641", peerCands: [], rttMs: 1, keyAgeMs: 0, pathMax: 1464, txDatagrams: 0, rxDatagrams: 0, txBytes: 0, rxBytes: 0, rotations: 0, ups: 1, downs: 0, drops: {}, pmtu: { how: "confirmed", maxDatagram: 1464, foundAgoMs: 0, searches: 1, probes: 2, acked: 2, lost: 0, blackHoles: 0, tooBig: 0, unsolicitedAcks: 0, quickChecks: 0 } };
 
 describe("status: peers routed via another agent", () => {
   it("name the hop's link type (bulk, relay), or that there is no link to the hop now", () => {
