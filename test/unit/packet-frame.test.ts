@@ -42,6 +42,21 @@ describe("node ids", () => {
     expect(() => nodeIdToBytes("ABCDEF0123456789")).toThrow(/16 lowercase hex/);
     expect(() => nodeIdToBytes("abc")).toThrow();
   });
+
+  it("reads the right id through its cache: ids sharing a cache slot, in any order, at any offset", () => {
+    // the cache is direct-mapped by the last byte: ids that differ in any other byte share a slot
+    fc.assert(
+      fc.property(fc.array(fc.tuple(nodeId, fc.integer({ min: 0, max: 5 })), { minLength: 1, maxLength: 40 }), fc.stringMatching(/^[0-9a-f]{2}$/), (ids, last) => {
+        for (const [raw, off] of ids) {
+          const id = raw.slice(0, 14) + last;
+          const buf = new Uint8Array(off + 8 + 3).fill(0xee);
+          buf.set(nodeIdToBytes(id), off);
+          expect(nodeIdFromBytes(buf, off)).toBe(id);
+          expect(nodeIdFromBytes(buf, off)).toBe(id); // the cached copy
+        }
+      }),
+    );
+  });
 });
 
 describe("frame codec", () => {
