@@ -428,7 +428,8 @@ export class Agent implements AgentView {
       mesh: {
         // The bulk UDP link where it is up (agent/transport/bulk.ts), else the mesh link (WebRTC/relay).
         sendPacket: bulk ? (peer, frame) => bulk.send(peer, frame) ?? mesh.sendPacket(peer, frame) : (peer, frame) => mesh.sendPacket(peer, frame),
-        queued: (peer) => mesh.queued(peer),
+        // A peer on the bulk link has no WebRTC queue worth asking about (the call reaches into libdatachannel).
+        queued: bulk ? (peer) => (bulk.isUp(peer) ? 0 : mesh.queued(peer)) : (peer) => mesh.queued(peer),
         // The bulk link segments by itself (one inner packet per datagram); WebRTC links report their budget.
         linkBudget: (peer) => (bulk?.isUp(peer) ? undefined : mesh.link(peer)?.packetBudget),
         // Frames sealed end to end for a node behind the peer ride the bulk link whole, one per datagram:
