@@ -39,6 +39,7 @@ import { describePeers, ipamView, linkPath, routeStatus, type AgentStatus, type 
 import { createTransport, inRange } from "./transport-choice.js";
 import { BulkService, refuseBulk } from "./transport/bulk.js";
 import { loadSodiumChaCha } from "./os/sodium.js";
+import { answerWaitStats } from "./os/fd-reader.js";
 import { createRelayTransport, type RelayTransport } from "./transport/relay.js";
 import { VERSION } from "./version.js";
 import { AgentStun, ownStun, stunPlan, type StunUse } from "./stun-server.js";
@@ -570,7 +571,7 @@ export class Agent implements AgentView {
         signal: { url: this.signal.endpoint, connected: this.signal.up, addr: this.reflexive, stun: { host: this.signal.host, port: this.stunPort, altPort: this.stunAltPort } },
       },
       peers: describePeers(await this.mesh.status(), (id) => this.router.route(id), (id) => this.mesh.peerName(id), { enabled: !!this.bulk, status: (id) => this.bulk?.status(id) ?? null }),
-      bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates(), crypto: this.bulk.cryptoName, gso: this.bulk.socket.gso, gro: this.bulk.socket.gro, coalesced: { ...this.bulk.gro }, counters: { ...this.bulk.counters }, pmtu: structuredClone(this.bulk.pmtu) } : null,
+      bulk: this.bulk ? { port: this.bulk.port, candidates: this.bulk.candidates(), crypto: this.bulk.cryptoName, gso: this.bulk.socket.gso, gro: this.bulk.socket.gro, coalesced: { ...this.bulk.gro }, counters: { ...this.bulk.counters }, pmtu: structuredClone(this.bulk.pmtu), answerWait: answerWaitStats() } : null,
       dataplane: this.dataplane ? { ...this.dataplane.stats(), routes: this.routePolicy.decisions } : null,
       stun: { serving: this.stun?.status(this.reflexive) ?? null, using: this.stunUses() },
       routes: { advertised: this.cfg.advertiseRoutes ?? [], inForce: this.routePolicy.advertisedRoutes(), snat: !!this.cfg.snatRoutes, conflicts: this.routePolicy.conflicts },

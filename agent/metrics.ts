@@ -30,6 +30,9 @@
  *                                                     bulk link (direct UDP) traffic, all peers
  *   weftnet_bulk_drops_total{reason}                  bulk datagrams dropped: bad-auth, replay, unknown-index, ...
  *   weftnet_bulk_transitions_total{to}                bulk link up/down changes (down = fell back to WebRTC)
+ *   weftnet_answer_waits_total{outcome}               waits on the CPU for the answer to an exchange the bulk link
+ *                                                     started: answered | window (no answer in time) | refused (budget)
+ *   weftnet_answer_wait_seconds_total                 CPU time those waits took
  *   weftnet_peer_path_mtu_bytes{peer,name,link_type}  each link's path MTU (webrtc|turn: searched/confirmed mtu; bulk: pathMax)
  *   weftnet_pmtu_searches_total{link_type,outcome}    path MTU searches (webrtc, bulk): confirmed | searched | local-limit
  *   weftnet_pmtu_probes_total{link_type,result}       their probes: sent | acked | lost (sizes)
@@ -475,6 +478,31 @@ export function createAgentRegistry(agent: AgentView): { registry: Registry; scr
       this.reset();
       this.inc({ to: "up" }, bulkSum((b) => b.ups));
       this.inc({ to: "down" }, bulkSum((b) => b.downs));
+    },
+  });
+
+  new Counter({
+    name: "weftnet_answer_waits_total",
+    help: "Waits on the CPU for the answer to an exchange the bulk link started (instead of a cold wake-up): answered, window (no answer in time), refused (CPU budget spent).",
+    labelNames: ["outcome"],
+    registers,
+    collect() {
+      this.reset();
+      const w = snap?.status.bulk?.answerWait;
+      if (!w) return;
+      this.inc({ outcome: "answered" }, w.answered);
+      this.inc({ outcome: "window" }, w.waits - w.answered);
+      this.inc({ outcome: "refused" }, w.refused);
+    },
+  });
+  new Counter({
+    name: "weftnet_answer_wait_seconds_total",
+    help: "CPU time spent waiting for answers (weftnet_answer_waits_total).",
+    registers,
+    collect() {
+      this.reset();
+      const w = snap?.status.bulk?.answerWait;
+      if (w) this.inc(w.spunMs / 1000);
     },
   });
 

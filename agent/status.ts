@@ -4,6 +4,7 @@
  * class (which imports them), and the status assembly: how a peer's path, a route and an IPAM block are
  * described (pure functions over the mesh, router, bulk link and IPAM state; Agent.status() composes them).
  */
+import type { AnswerWaitStats } from "./os/fd-reader.js";
 import type { IpamStatus } from "../src/ipam/index.js";
 import type { MeshCounters, PeerStatus } from "../src/mesh/manager.js";
 import type { RouteEntry } from "../src/mesh/paths.js";
@@ -40,7 +41,8 @@ export type LinkType = "bulk" | "webrtc" | "turn" | "relay" | "via";
 export interface AgentStatus {
   node: { id: string; name: string; cluster: string | null; instance: string; version: string; uptimeMs: number; transport: string; fingerprint: string; signal: { url: string; connected: boolean; addr: string | null; stun?: { host: string; port: number; altPort: number } } };
   peers: PeerView[];
-  bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"]; pmtu: PmtuCounters } | null;
+  /** answerWait: the event loop's waits on the CPU for answers to exchanges the bulk link started (agent/os/fd-reader.ts) */
+  bulk: { port: number; candidates: string[]; crypto: string; gso: boolean; gro: boolean; coalesced: { merged: number; built: number }; counters: BulkService["counters"]; pmtu: PmtuCounters; answerWait?: AnswerWaitStats } | null;
   /** `routes`: every route other nodes advertise, installed or why not (--accept-routes, reserved, underlay, conflict) */
   dataplane: (ReturnType<DataPlane["stats"]> & { routes: RouteDecision[] }) | null;
   /** this agent's STUN responder (--stun-port) and the STUN servers it uses, with their source */

@@ -31,6 +31,16 @@
  *           The window is bounded, so an idle agent sleeps. Only a process with more than one reader arms it
  *           (a TUN alone, --no-bulk, never spins). Default 1000 us with "pool" (there it saved a two-thread
  *           wake); 0 with "uv" (measured: a direct wake costs no more than the spin saved, see README).
+ *   answer wait: an owner that has just sent something that starts an exchange (the bulk link, when a packet
+ *           from the TUN leaves for a peer that sent us no data for a while: a ping, a request, the first
+ *           segment after a pause) and expects the answer within a short window (the peer's measured round
+ *           trip) calls expectAnswer(windowMs). At the end of that uv callback the event loop stays on the
+ *           CPU for at most the window, draining every reader without blocking (sched_yield between rounds,
+ *           so a runnable thread of this CPU goes first), and stops at the first datagram or packet read. The
+ *           answer then costs no wake-up of a sleeping thread: on this VM a cold wake is ~100 us and leaves
+ *           the caches cold, which makes the next pass of JS 3-5x slower than a warm one. Bounded by a CPU
+ *           budget (ANSWER_BUDGET: at most 2% of the time, burst 20 ms), so one-way streams and far peers
+ *           cost nothing worth counting; WEFTNET_ANSWER_WAIT=0 turns it off. Only on the "uv" wait.
  */
 import { createRequire } from "node:module";
 import { isMainThread } from "node:worker_threads";
@@ -45,6 +55,7 @@ export interface BaseLibc {
   write(fd: number, buf: Uint8Array, n: number): number;
   close(fd: number): number;
   eventfd(init: number, flags: number): number;
+  schedYield(): number;
   pollAsync(fds: Uint8Array, n: number, timeout: number, cb: (err: unknown, rc: number) => void): void;
   /** A buffer's address (memcpy(p, p, 0) returns p). */
   addr(buf: Uint8Array): number;
@@ -74,6 +85,7 @@ export function baseLibc(): BaseLibc {
     write: lib.func("long write(int fd, const void *buf, size_t n)") as BaseLibc["write"],
     close: lib.func("int close(int fd)") as BaseLibc["close"],
     eventfd: lib.func("int eventfd(unsigned int initval, int flags)") as BaseLibc["eventfd"],
+    schedYield: lib.func("int sched_yield(void)") as BaseLibc["schedYield"],
     pollAsync: (fds, n, timeout, cb) => poll.async(fds, n, timeout, cb),
     addr: (b) => Number(memcpy(b, b, 0)),
   };
@@ -150,12 +162,18 @@ export function uvPollBinding(c: BaseLibc = baseLibc()): UvPoll | null {
     // throw, and must run what it queued (a drain's promise jobs, the close promise's continuation) itself,
     // or that would wait for the next unrelated callback (seconds on an idle agent).
     const onPoll = k.register((h: number | bigint, status: number) => {
+      answer.until = 0;
+      answer.inCallback = true;
       try {
         watchers.get(Number(h))?.(status);
       } catch {
         /* the reader reports its own errors */
       }
       runJobs();
+      answer.inCallback = false;
+      // The drain (or the jobs it queued: the bulk link's flush) may have sent what expects an answer.
+      if (answer.until > 0) waitForAnswer(c);
+      answer.until = 0;
     }, k.pointer(PollCb));
     const onClose = k.register((h: number | bigint) => {
       const done = closers.get(Number(h));
@@ -211,6 +229,89 @@ function runJobs(): void {
 /** Traffic seen by any reader of this process: until when idle drains spin instead of parking. */
 const activity = { until: 0 };
 const readers = new Set<FdReader>();
+
+/**
+ * Answer wait's CPU budget: the share of the time it may spin, and the burst (ms) it may spend at once
+ * (WEFTNET_ANSWER_BURST_MS; tests raise it so a window is not cut by the budget).
+ */
+export const ANSWER_BUDGET = { share: 0.02, burstMs: envNumber("WEFTNET_ANSWER_BURST_MS", 20) };
+
+function envNumber(name: string, fallback: number): number {
+  const v = Number(process.env[name]);
+  return process.env[name] !== undefined && Number.isFinite(v) && v >= 0 ? v : fallback;
+}
+
+/** Answer wait (see the header): the pending wait, the budget, and counters (`answerWaitStats()`). */
+const answer = {
+  enabled: process.env.WEFTNET_ANSWER_WAIT !== "0",
+  /** only a send from inside a uv callback (the drain, its jobs) arms a wait: that callback's end runs it */
+  inCallback: false,
+  until: 0,
+  tokens: ANSWER_BUDGET.burstMs,
+  refilledAt: 0,
+  waits: 0,
+  answered: 0,
+  refused: 0,
+  spunMs: 0,
+};
+
+export interface AnswerWaitStats {
+  enabled: boolean;
+  /** waits run; of them ended by an answer; not run for lack of budget; time spent waiting (ms) */
+  waits: number;
+  answered: number;
+  refused: number;
+  spunMs: number;
+}
+
+export function answerWaitStats(): AnswerWaitStats {
+  return { enabled: answer.enabled, waits: answer.waits, answered: answer.answered, refused: answer.refused, spunMs: answer.spunMs };
+}
+
+/** Turn the answer wait on or off (WEFTNET_ANSWER_WAIT=0 starts it off). */
+export function setAnswerWait(on: boolean): void {
+  answer.enabled = on;
+  if (!on) answer.until = 0;
+}
+
+/**
+ * Something just sent expects an answer within `windowMs` (see the header): the end of the current uv
+ * callback waits for it on the CPU, within the budget. Cheap when called often (one comparison).
+ */
+export function expectAnswer(windowMs: number): void {
+  if (!answer.enabled || !answer.inCallback || !(windowMs > 0)) return;
+  const now = performance.now();
+  const tokens = Math.min(ANSWER_BUDGET.burstMs, answer.tokens + (now - answer.refilledAt) * ANSWER_BUDGET.share);
+  answer.tokens = tokens;
+  answer.refilledAt = now;
+  if (tokens <= 0) {
+    answer.refused++;
+    return;
+  }
+  answer.until = Math.max(answer.until, now + Math.min(windowMs, tokens));
+}
+
+/** Drain every reader without blocking until one reads something or the window ends (uv callbacks only). */
+function waitForAnswer(c: BaseLibc): void {
+  const start = performance.now();
+  const until = answer.until;
+  answer.until = 0;
+  if (start >= until) return;
+  answer.waits++;
+  let now = start;
+  let got = false;
+  while (!got && now < until) {
+    for (const r of readers) if (r.poke()) got = true;
+    runJobs();
+    if (got) break;
+    c.schedYield();
+    now = performance.now();
+  }
+  if (got) answer.answered++;
+  const spent = performance.now() - start;
+  answer.spunMs += spent;
+  answer.tokens -= spent;
+}
 
 export class FdReader {
   private readonly pfd = Buffer.alloc(16); // struct pollfd[2] { int fd; short events; short revents; }
@@ -282,6 +383,18 @@ export class FdReader {
     this.paused = false;
     // An in-flight pool poll restarts the drain when it returns; otherwise start one now.
     if (!this.polling) this.schedule();
+  }
+
+  /**
+   * Answer wait: drain once without blocking, if this reader is parked on its uv watcher (not paused,
+   * closing, or already scheduled); true if it read something. The watcher stays started.
+   */
+  poke(): boolean {
+    if (this.mode !== "uv" || !this.polling || this.closing || this.paused || this.scheduled) return false;
+    const r = this.drain();
+    if (r === "idle" || r === "stop") return false;
+    if (r === "more") this.schedule();
+    return true;
   }
 
   /** Traffic passed (a read, or a send expecting an answer): every reader spins for the busy-poll window. */

@@ -48,6 +48,7 @@ import { FLAG_SEALED } from "../../src/packet/seal.js";
 import { encodeBindingRequest, parseBindingSuccess, parseIp } from "../../src/wire/stun.js";
 import { loadSodiumAead } from "../os/sodium.js";
 import { kernelPathMtu } from "../os/route-mtu.js";
+import { expectAnswer } from "../os/fd-reader.js";
 import { emptyPmtuCounters, type PmtuCounters } from "../../src/mesh/transport.js";
 import type { BulkPmtuStatus } from "../../src/bulk/session.js";
 import { UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS, UdpSocket, type UdpSocketOptions } from "../os/udp.js";
@@ -410,6 +411,7 @@ export class BulkService {
    */
   private onDatagrams(data: Uint8Array, seg: number, from: Endpoint): void {
     const now = performance.now();
+    this.lastRxAt = now;
     if (this.socket.drains !== this.rxDrain) {
       this.rxDrain = this.socket.drains;
       this.rxArena.reset();
@@ -591,6 +593,8 @@ export class BulkService {
   }
 
   private flushScheduled = false;
+  /** when the socket last delivered a datagram (performance.now()): the answer wait's "exchange starts" test */
+  private lastRxAt = 0;
   private readonly flushCb = () => {
     if (!this.flushScheduled) return;
     this.flushScheduled = false;
@@ -645,6 +649,14 @@ export class BulkService {
     const lost = this.batchCount - sent;
     this.batchLen = 0;
     this.batchCount = 0;
+    // An exchange starts (nothing heard for a while) toward a near peer: wait on the CPU for its answer
+    // instead of sleeping through a cold wake-up (fd-reader.ts, "answer wait"). Answers and streams (data
+    // heard within ANSWER_QUIET_MS) never wait; nor do peers further than ANSWER_MAX_RTT_MS.
+    const rtt = this.batchPeer?.rttMs;
+    if (sent > 0 && rtt !== undefined && rtt <= ANSWER_MAX_RTT_MS) {
+      const now = performance.now();
+      if (now - this.lastRxAt > ANSWER_QUIET_MS) expectAnswer(Math.min(ANSWER_MAX_RTT_MS, 2 * rtt + 0.3));
+    }
     if (lost === 0) return;
     if (this.socket.stats.txTooBig !== tooBig) {
       // Above the kernel's path MTU toward the peer (Don't Fragment): typed, and the peer's search runs again.
@@ -666,6 +678,11 @@ export class BulkService {
     await this.socket.close();
   }
 }
+
+/** Answer wait (fd-reader.ts): only toward peers whose keepalive round trip is at most this (ms)... */
+const ANSWER_MAX_RTT_MS = 2;
+/** ...and only when the socket delivered nothing for this long (ms): a send right after a receive answers. */
+const ANSWER_QUIET_MS = 1;
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   if (a.length !== b.length) return false;
