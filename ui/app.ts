@@ -23,6 +23,8 @@ interface PeerInfo {
   bytesIn: number;
   bytesOut: number;
   pathMtu: number | null;
+  /** how pathMtu was found (confirmed, route-limit, black-hole, peer, default, fixed, searching) */
+  pmtuHow?: string | null;
   selected: { localType: string; remoteType: string; remoteAddress: string } | null;
 }
 
@@ -389,7 +391,7 @@ function render(): void {
   $("#links tbody").innerHTML = [...links]
     .sort((x, y) => [x[1].a.name, x[1].b.name].sort().join().localeCompare([y[1].a.name, y[1].b.name].sort().join()))
     .map(([key, l]) => `<tr data-link="${key}" data-path="${esc(pathClass(l.info))}"><td>${esc([l.a.name, l.b.name].sort().join(" ↔ "))}</td><td>${esc(l.info.path === "direct" && l.info.linkType ? (l.info.linkType === "webrtc" ? "direct" : l.info.linkType) : l.info.path)}</td>` +
-      `<td class="num">${esc(fmtRtt(l.info.rttMs))}</td><td class="num">${esc(fmtRate(l.rate))}</td><td class="num">${l.info.pathMtu ?? "-"}</td><td class="why">${esc(why(l.info))}</td></tr>`)
+      `<td class="num">${esc(fmtRtt(l.info.rttMs))}</td><td class="num">${esc(fmtRate(l.rate))}</td><td class="num"${l.info.pmtuHow ? ` title="path MTU: ${esc(l.info.pmtuHow)}"` : ""}>${l.info.pathMtu ?? (l.info.pmtuHow === "fixed" ? "fixed" : "-")}</td><td class="why">${esc(why(l.info))}</td></tr>`)
     .join("");
 
   for (const [sel, all] of [["#ping-from", false], ["#ping-target", true]] as const) {

@@ -329,6 +329,7 @@ export class ViewerHub {
         bytesIn: p.bytesIn,
         bytesOut: p.bytesOut,
         pathMtu: p.pathMtu,
+        pmtuHow: p.pmtuHow,
         selected: p.selected,
       })),
       routes: this.agent.routes().map((r) => ({ dst: r.dst, name: r.name, via: r.via, costMs: r.costMs, path: r.path })),
