@@ -144,6 +144,9 @@ export interface ForwarderStats {
   perPeer: Map<string, { txBytes: number; txPackets: number; rxBytes: number; rxPackets: number }>;
 }
 
+/** fromTun's targets when a batch sent nothing (shared, never changed) */
+const NO_TARGETS: ReadonlySet<string> = new Set<string>();
+
 export class Forwarder {
   readonly drops = new DropCounters();
   readonly stats: ForwarderStats = { txPackets: 0, txFrames: 0, txBytes: 0, rxFrames: 0, rxPackets: 0, rxBytes: 0, fwdFrames: 0, fwdBytes: 0, perPeer: new Map() };
@@ -156,7 +159,7 @@ export class Forwarder {
   /** peers whose queue was at or above high water after a batch, until their next drain */
   private readonly aboveHigh = new Set<string>();
   private readonly highWater: number;
-  private lastTargets = new Set<string>();
+  private lastTargets: ReadonlySet<string> = NO_TARGETS;
   private readonly groups = new Map<string, Uint8Array[]>();
   private readonly held = new Map<string, HoldQueue>();
   private readonly holdBytes: number;
@@ -176,8 +179,12 @@ export class Forwarder {
 
   /** A batch read from the TUN. */
   fromTun(batch: readonly Uint8Array[]): void {
-    const groups = this.groups;
-    groups.clear();
+    // Nearly every batch goes to one node: its packets collect in a reused array, and the map (whose clear()
+    // is a runtime call) is only used from a second destination on.
+    let first: string | undefined;
+    const firstPkts = this.firstPkts;
+    firstPkts.length = 0;
+    let groups: Map<string, Uint8Array[]> | undefined;
     for (const pkt of batch) {
       const ip = peekIp(pkt, this.hdrOff);
       if (!ip.ok) {
@@ -199,24 +206,50 @@ export class Forwarder {
         this.drops.drop("not-for-us");
         continue;
       }
+      if (first === undefined || owner === first) {
+        first = owner;
+        firstPkts.push(pkt);
+        continue;
+      }
+      if (!groups) {
+        groups = this.groups;
+        if (groups.size) groups.clear();
+      }
       let g = groups.get(owner);
       if (!g) groups.set(owner, (g = []));
       g.push(pkt);
     }
-    const targets = new Set<string>();
-    for (const [owner, pkts] of groups) {
-      const hop = this.p.nextHop(owner);
-      if (hop === undefined) {
-        this.drops.drop("no-link", pkts.length);
-        continue;
-      }
-      targets.add(hop);
-      this.encodeAndSend(owner, hop, pkts);
+    if (first === undefined) {
+      this.lastTargets = NO_TARGETS;
+      return;
     }
-    this.lastTargets = targets;
+    const targets: string[] = [];
+    const hop = this.p.nextHop(first);
+    if (hop === undefined) this.drops.drop("no-link", firstPkts.length);
+    else {
+      targets.push(hop);
+      this.encodeAndSend(first, hop, firstPkts);
+    }
+    if (groups) {
+      for (const [owner, pkts] of groups) {
+        const h = this.p.nextHop(owner);
+        if (h === undefined) {
+          this.drops.drop("no-link", pkts.length);
+          continue;
+        }
+        if (!targets.includes(h)) targets.push(h);
+        this.encodeAndSend(owner, h, pkts);
+      }
+      groups.clear();
+    }
+    firstPkts.length = 0;
+    // The same single next hop as last time (the steady state): keep the set instead of building one.
+    const last = this.lastTargets;
+    if (!(targets.length === 1 && last.size === 1 && last.has(targets[0]!))) this.lastTargets = new Set(targets);
     const queued = this.p.queued;
     if (queued) for (const t of targets) if (queued(t) >= this.highWater) this.aboveHigh.add(t);
   }
+  private readonly firstPkts: Uint8Array[] = [];
 
   private encodeAndSend(owner: string, hop: string, batch: Uint8Array[]): void {
     const enc = this.enc;
