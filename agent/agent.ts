@@ -487,21 +487,33 @@ export class Agent implements AgentView {
     policy.refreshSources();
     router.onChange(() => policy.refreshSources());
     ipam.onBlocksChanged(() => policy.refreshSources());
-    // Remote IPAM ownership changes without a local event: look again every 250 ms (a new block of another
-    // node is refused as a source until then; the key comparison keeps an unchanged table cheap).
-    let ticks = 0;
+    // Any IPAM ownership change (a new block of another node, a reclaim) updates the source table and the
+    // router's prefix owners right after this loop turn (coalesced: a state sync applies many entries).
+    // What has no event of its own (this host's networks, peers' addresses for the route decisions) is
+    // looked at once a second. Before, a 250 ms timer rebuilt the full IPAM status for this (issue 11).
     let ownersVersion = 0;
-    this.sourcesTimer = setInterval(() => {
+    const refreshSources = () => {
       policy.refreshSources();
       if (policy.sourcesVersion !== ownersVersion) {
         ownersVersion = policy.sourcesVersion;
         router.refreshOwners(); // forwarding follows IPAM ownership and accepted routes
       }
-      if (++ticks % 4 !== 0) return; // peers' addresses: once a second
+    };
+    let refreshQueued = false;
+    ipam.onOwnersChanged(() => {
+      if (refreshQueued) return;
+      refreshQueued = true;
+      setImmediate(() => {
+        refreshQueued = false;
+        if (!this.stopping) refreshSources();
+      });
+    });
+    this.sourcesTimer = setInterval(() => {
+      refreshSources();
       void mesh.status().then((ps) => {
         this.peerAddrs = ps.flatMap((p) => (p.selected ? [p.selected.remoteAddress.replace(/:\d+$/, "")] : []));
       }, () => {});
-    }, 250);
+    }, 1000);
     this.sourcesTimer.unref?.();
   }
 

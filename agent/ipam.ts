@@ -41,6 +41,8 @@ export class IpamDriver {
   private held: { gen: number; to: string; body: unknown }[] = [];
   private readonly blockListeners: (() => void)[] = [];
   private readonly revokeListeners: ((r: { podId: string; ip: string }) => void)[] = [];
+  private readonly ownersListeners: (() => void)[] = [];
+  private lastOwners: IpamOwners | undefined;
   private lastBlocks = "";
   private lastError: WeftError | undefined;
   private persistFailing: string | undefined;
@@ -116,6 +118,10 @@ export class IpamDriver {
   onBlocksChanged(f: () => void): void {
     this.blockListeners.push(f);
   }
+  /** Some block's owner changed (any node's; the owners() view is a new object). */
+  onOwnersChanged(f: () => void): void {
+    this.ownersListeners.push(f);
+  }
   onRevoked(f: (r: { podId: string; ip: string }) => void): void {
     this.revokeListeners.push(f);
   }
@@ -163,6 +169,11 @@ export class IpamDriver {
     if (blocks !== this.lastBlocks) {
       this.lastBlocks = blocks;
       for (const f of this.blockListeners) f();
+    }
+    const owners = this.node.owners(); // O(1) unless the block table changed
+    if (owners !== this.lastOwners) {
+      this.lastOwners = owners;
+      for (const f of this.ownersListeners) f();
     }
   }
 

@@ -250,9 +250,9 @@ export class RoutePolicy {
 
   /**
    * Rebuild the cryptokey routing table from the IPAM owners and the route decisions. Cheap when nothing
-   * changed (the agent calls it every 250 ms): the IPAM part is compared by its owners index (the same
-   * object while the owners stay the same), the routes by a key over the few route entries; a change bumps
-   * sourcesVersion.
+   * changed (the agent calls it on every IPAM owner change, every router change and once a second): the
+   * IPAM part is compared by its owners index (the same object while the owners stay the same), the routes
+   * by a key over the few route entries; a change bumps sourcesVersion.
    */
   refreshSources(): void {
     const st = this.d.ipamOwners();

@@ -1,8 +1,14 @@
 // The cheap owners view (src/ipam/owners.ts, IpamNode.owners()): the block table's revision moves with
 // every change, the view is rebuilt only then, it is the same object while the owners stay the same, and it
 // always agrees with what the full status (buildStatus) says about range and owners.
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { IpamDriver } from "../../agent/ipam.js";
 import { BlockTable, OwnersCache, parseCidr } from "../../src/ipam/index.js";
+import { silentLogger } from "../../src/log.js";
+import { cluster, flush } from "../helpers/memory-mesh.js";
 import { Sim, prng } from "../property/ipam-harness.js";
 
 const A = "aaaaaaaaaaaaaaaa";
@@ -90,4 +96,51 @@ describe("owners view", () => {
     expect(last.revision).toBeGreaterThan(first.revision);
     expect(new Set(last.blocks.map((b) => b.owner)).size).toBe(nodes.length);
   });
+
+  it("the agent's IPAM driver says when any node's block changed hands (real meshes): once per change, never while nothing changes", async () => {
+    const c = cluster(3);
+    const dirs = c.ids.map(() => mkdtempSync(join(tmpdir(), "weft-ipam-owners-")));
+    let ipams: IpamDriver[] = [];
+    try {
+      ipams = c.ids.map((idn, i) => {
+        const m = c.managers.get(idn.id)!;
+        const mayFound = () => m.knownPeers().every((p) => p > idn.id && m.isConnected(p));
+        return new IpamDriver({ id: idn.id, mayFound, range: "10.40.0.0/16", blockPrefix: 26, reclaimAfterMs: 600_000, resyncMs: 1000, claimSettleMs: 500, bootstrapWaitMs: 500 }, dirs[i]!, m, silentLogger, () => c.clock.now);
+      });
+      const seen = ipams.map(() => [] as (readonly string[])[]);
+      ipams.forEach((ip, i) => ip.onOwnersChanged(() => seen[i]!.push(ip.owners()!.blocks.map((b) => b.owner))));
+      c.welcome();
+      const step = async () => {
+        c.clock.now += 200;
+        for (const m of c.all) m.tick();
+        for (const ip of ipams) ip.tick();
+        await flush();
+      };
+      const owners = (ip: IpamDriver) => JSON.stringify(ip.owners()?.blocks.map((b) => b.owner) ?? null);
+      const mine = (i: number) => ipams[i]!.owners()?.blocks.some((b) => b.owner === c.ids[i]!.id) ?? false;
+      // every node asks for an address: each gets a block of its own, and every node learns of every block
+      const got = ipams.map((ip, i) => ip.allocate(`pod/p${i}`, 600_000).then(() => true));
+      for (let t = 0; t < 3000 && !(ipams.every((_, i) => mine(i)) && new Set(ipams.map(owners)).size === 1); t++) {
+        await step();
+        await new Promise((r) => setTimeout(r, 2)); // allocate() retries on a real 200 ms timer
+      }
+      expect(await Promise.all(got)).toEqual([true, true, true]);
+      expect(new Set(ipams.map(owners)).size).toBe(1);
+      ipams.forEach((ip, i) => {
+        // a notification for every change it saw, each with different owners than the one before
+        expect(seen[i]!.length).toBeGreaterThanOrEqual(2); // the founding table, then others' blocks
+        for (let k = 1; k < seen[i]!.length; k++) expect(seen[i]![k]).not.toEqual(seen[i]![k - 1]);
+        expect(JSON.stringify(seen[i]!.at(-1))).toBe(owners(ip));
+        expect(ip.owners()!.blocks).toEqual(ip.status().blocks.map((b) => ({ cidr: b.cidr, owner: b.owner })));
+      });
+      // settled: heartbeats, hellos and pins go on, owners do not change, and nobody is told they did
+      const counts = seen.map((l) => l.length);
+      for (let t = 0; t < 25; t++) await step();
+      expect(seen.map((l) => l.length)).toEqual(counts);
+      for (const d of dirs) expect(existsSync(join(d, "ipam.json"))).toBe(true);
+    } finally {
+      await Promise.all(ipams.map((ip) => ip.close().catch(() => {})));
+      for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    }
+  }, 60_000);
 });
