@@ -162,6 +162,9 @@ export class DataPlane {
   private readonly flushRxCb = () => {
     this.rxScheduled = false;
     this.flushRx();
+    // What the kernel answered during the write (an ICMP reply, a TCP ACK: made in the write's own softirq)
+    // is on the TUN now: forward it in this turn instead of the next loop iteration (~50 us cold, traced).
+    this.device.readNow?.();
   };
 
   private flushRx(): void {

@@ -386,8 +386,9 @@ export class FdReader {
   }
 
   /**
-   * Answer wait: drain once without blocking, if this reader is parked on its uv watcher (not paused,
-   * closing, or already scheduled); true if it read something. The watcher stays started.
+   * Drain once without blocking, if this reader is parked on its uv watcher (not paused, closing, or
+   * already scheduled); true if it read something. The watcher stays started. Used by the answer wait and
+   * by owners that know data is there (the TUN right after a write: TunDevice.readNow).
    */
   poke(): boolean {
     if (this.mode !== "uv" || !this.polling || this.closing || this.paused || this.scheduled) return false;

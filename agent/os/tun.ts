@@ -288,6 +288,10 @@ export class TunDevice implements PacketDevice {
     return ok;
   }
 
+  readNow(): void {
+    if (!this.closing && this.onBatch) this.reader.poke();
+  }
+
   close(): Promise<void> {
     if (this.closePromise) return this.closePromise;
     this.closing = true;

@@ -35,6 +35,12 @@ export interface PacketDevice {
   readonly paused: boolean;
   /** Non-blocking writes; returns how many packets the kernel took. Failures are counted in `drops`. */
   writeBatch(packets: readonly Uint8Array[]): number;
+  /**
+   * Optional: read now what is already waiting, without waiting for the next readiness event (the data plane
+   * calls it right after a write: a ping's reply or a TCP ACK the kernel produced during the write is then
+   * forwarded in the same turn of the event loop). Does nothing while reading is paused or already scheduled.
+   */
+  readNow?(): void;
   /** Stop reading and release the device. Resolves once no native call is in flight. Idempotent. */
   close(): Promise<void>;
 }
