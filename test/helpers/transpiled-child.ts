@@ -7,6 +7,8 @@
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
+import type { ChildProcess } from "node:child_process";
+import { createInterface } from "node:readline";
 import ts from "typescript";
 
 const root = resolve(import.meta.dirname, "../..");
@@ -46,4 +48,32 @@ export function transpiledChild(entry: string, childSource: string, prefix: stri
       dir = undefined;
     },
   };
+}
+
+/**
+ * A child's JSON-lines stdout as an inbox: `next(t)` takes the first message `{ t, ... }` of that type
+ * (waiting for it up to `ms`; the error carries the child's stderr so far).
+ */
+export function childInbox<M extends { t: string }>(child: ChildProcess): { next(t: string, ms?: number): Promise<M>; stderr: string[] } {
+  const stderr: string[] = [];
+  child.stderr?.on("data", (d: Buffer) => stderr.push(d.toString()));
+  const inbox: M[] = [];
+  const waiters: (() => void)[] = [];
+  createInterface({ input: child.stdout! }).on("line", (line) => {
+    inbox.push(JSON.parse(line) as M);
+    waiters.splice(0).forEach((w) => w());
+  });
+  const next = async (t: string, ms = 20_000): Promise<M> => {
+    const deadline = Date.now() + ms;
+    for (;;) {
+      const i = inbox.findIndex((m) => m.t === t);
+      if (i >= 0) return inbox.splice(i, 1)[0]!;
+      if (Date.now() > deadline) throw new Error(`child did not say ${t}; stderr: ${stderr.join("")}`);
+      await new Promise<void>((r) => {
+        waiters.push(r);
+        setTimeout(r, 200);
+      });
+    }
+  };
+  return { next, stderr };
 }

@@ -13,9 +13,8 @@
  */
 import { spawn } from "node:child_process";
 import dgram from "node:dgram";
-import { createInterface } from "node:readline";
 import { afterAll, describe, expect, it } from "vitest";
-import { transpiledChild } from "../helpers/transpiled-child.js";
+import { childInbox, transpiledChild } from "../helpers/transpiled-child.js";
 
 // The child: socket A; a worker thread W that echoes (or drops) what A sends it. A datagram from the test
 // ("go <window ms>") makes A send to W and expect the answer within the window, from inside the uv callback.
@@ -74,26 +73,7 @@ interface Msg {
 
 async function withChild(env: Record<string, string>, body: (c: { go(windowMs: number): Promise<Msg>; dropAnswers(on: boolean): void; cmd(m: object, reply: string): Promise<Msg>; ready: Msg }) => Promise<void>): Promise<void> {
   const child = spawn(process.execPath, ["child.js"], { cwd: childModules.dir(), stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...env } });
-  const stderr: string[] = [];
-  child.stderr.on("data", (d: Buffer) => stderr.push(d.toString()));
-  const inbox: Msg[] = [];
-  const waiters: (() => void)[] = [];
-  createInterface({ input: child.stdout }).on("line", (line) => {
-    inbox.push(JSON.parse(line) as Msg);
-    waiters.splice(0).forEach((w) => w());
-  });
-  const next = async (t: string, ms = 20_000): Promise<Msg> => {
-    const deadline = Date.now() + ms;
-    for (;;) {
-      const i = inbox.findIndex((m) => m.t === t);
-      if (i >= 0) return inbox.splice(i, 1)[0]!;
-      if (Date.now() > deadline) throw new Error(`child did not say ${t}; stderr: ${stderr.join("")}`);
-      await new Promise<void>((r) => {
-        waiters.push(r);
-        setTimeout(r, 200);
-      });
-    }
-  };
+  const { next, stderr } = childInbox<Msg>(child);
   // the peer: answers the child's "ask" at once (its event loop is idle), unless told to drop
   let drop = false;
   const sock = dgram.createSocket("udp4");

@@ -10,9 +10,8 @@
  */
 import { spawn } from "node:child_process";
 import dgram from "node:dgram";
-import { createInterface } from "node:readline";
 import { afterAll, describe, expect, it } from "vitest";
-import { transpiledChild } from "../helpers/transpiled-child.js";
+import { childInbox, transpiledChild } from "../helpers/transpiled-child.js";
 
 // The child: opens the socket with the asked wait mode, echoes every datagram, obeys commands on stdin.
 const CHILD = `
@@ -67,27 +66,8 @@ interface Msg {
 
 async function scenario(mode: "uv" | "pool"): Promise<void> {
   const child = spawn(process.execPath, ["child.js", mode], { cwd: childModules.dir(), stdio: ["pipe", "pipe", "pipe"] });
-  const stderr: string[] = [];
-  child.stderr.on("data", (d: Buffer) => stderr.push(d.toString()));
   const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
-  const inbox: Msg[] = [];
-  const waiters: (() => void)[] = [];
-  createInterface({ input: child.stdout }).on("line", (line) => {
-    inbox.push(JSON.parse(line) as Msg);
-    waiters.splice(0).forEach((w) => w());
-  });
-  const next = async (t: string, ms = 20_000): Promise<Msg> => {
-    const deadline = Date.now() + ms;
-    for (;;) {
-      const i = inbox.findIndex((m) => m.t === t);
-      if (i >= 0) return inbox.splice(i, 1)[0]!;
-      if (Date.now() > deadline) throw new Error(`child did not say ${t}; stderr: ${stderr.join("")}`);
-      await new Promise<void>((r) => {
-        waiters.push(r);
-        setTimeout(r, 200);
-      });
-    }
-  };
+  const { next, stderr } = childInbox<Msg>(child);
   const send = (m: object) => child.stdin.write(JSON.stringify(m) + "\n");
   const sock = dgram.createSocket("udp4");
   const echoes: string[] = [];
