@@ -18,6 +18,8 @@
  *   --no-sweep    skip the loss sweeps even where --only matches them
  *   --ping-compare  idle ping only, all selected labs at once, interleaved rounds (same load for every path),
  *                 with kernel VXLAN and wireguard-go in the first lab; e.g. --ping-compare --only bulk,via --pings 40
+ *   --baseline-build DIR  with --ping-compare: also a bulk row whose agents run another build's CLI (DIR/dist/agent/
+ *                 cli/main.js, e.g. a worktree of an older commit, built), so a change is compared in the same run
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
  *   --segment M   software segmentation modes to sweep (agents' WEFTNET_SEGMENT), comma-separated, of auto,
  *                 always, off (default auto: what the agent does by default)
@@ -56,6 +58,7 @@ const { values } = parseArgs({
     "ping-only": { type: "boolean", default: false },
     "no-sweep": { type: "boolean", default: false },
     "ping-compare": { type: "boolean", default: false },
+    "baseline-build": { type: "string" },
   },
 });
 const ONLY = values.only?.split(",");
@@ -302,6 +305,8 @@ interface Config {
   env?: Record<string, string>;
   /** three nodes, UDP between n1 and n3 blocked: pod n1 -> pod n3 routed via n2 (frames sealed end to end) */
   via?: boolean;
+  /** the weftnet CLI the agents run (--baseline-build); default this checkout's */
+  cli?: string;
 }
 
 /** Both agents carry pod traffic on the bulk link (direct UDP), not WebRTC. */
@@ -322,7 +327,7 @@ interface Ready {
 
 /** A lab for `c` with pod traffic on the configuration's link; closes the lab itself on failure. */
 async function startOverlay(c: Config): Promise<Ready> {
-  const lab = new MeshLab(c.via ? 3 : 2, c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {});
+  const lab = new MeshLab(c.via ? 3 : 2, { ...(c.uplinkMtu ? { uplinkMtu: c.uplinkMtu } : {}), ...(c.cli ? { cli: c.cli } : {}) });
   try {
     await lab.setup();
     await lab.startSignal();
@@ -498,7 +503,9 @@ const configs: Config[] = [
   { key: "jumbo-native-native-auto", label: "native, jumbo LAN (default: auto = 4096)", kinds: ["native", "native"], uplinkMtu: 9000, args: ["--no-bulk"] },
 ];
 if (values["ping-compare"]) {
-  await pingCompare(configs.filter((c) => selected(c.key)));
+  const base = values["baseline-build"];
+  const extra: Config[] = base ? [{ key: "bulk-baseline-build", label: `bulk link, agents of the build in ${base}`, kinds: ["native", "native"], cli: join(base, "dist", "agent", "cli", "main.js") }] : [];
+  await pingCompare([...configs.filter((c) => selected(c.key)), ...extra]);
   process.exit(0);
 }
 const rows: { r: Result; base: number }[] = [];

@@ -62,12 +62,13 @@ export class MeshLab {
 
   /**
    * uplinkMtu: MTU of the LAN (bridge and every node's uplink), default the kernel's 1500; 9000 for a jumbo-frame LAN.
+   * cli: the weftnet CLI the lab runs (default this checkout's dist): benchmarks compare another build in the same run.
    * lanPortMtu: MTU of the bridge's ports only (default uplinkMtu): below uplinkMtu, a silent path MTU black hole —
    * a veth drops what is larger than its peer's MTU without an ICMP, so the nodes' kernels never learn of it.
    */
   constructor(
     readonly count: number,
-    readonly opts: { uplinkMtu?: number; lanPortMtu?: number } = {},
+    readonly opts: { uplinkMtu?: number; lanPortMtu?: number; cli?: string } = {},
   ) {
     this.lan = `wl-${this.id}-lan`;
     this.signalAddr = `10.77.${this.net}.1`;
@@ -99,7 +100,7 @@ export class MeshLab {
 
   private spawnIn(ns: string, args: string[], log: string): ChildProcess {
     const nodeArgs = (process.env.WEFTNET_LAB_NODE_ARGS ?? "").split(" ").filter(Boolean); // e.g. --cpu-prof (benchmarks)
-    return spawnInNetns(ns, process.execPath, [...nodeArgs, CLI, ...args], join(this.root, log), this.procs);
+    return spawnInNetns(ns, process.execPath, [...nodeArgs, this.opts.cli ?? CLI, ...args], join(this.root, log), this.procs);
   }
 
 
@@ -157,7 +158,7 @@ export class MeshLab {
   }
 
   async cli(n: LabNode, args: string[], timeoutMs = 60_000): Promise<string> {
-    const { stdout } = await sh(n.ns, process.execPath, [CLI, ...args, "--state-dir", n.stateDir], timeoutMs);
+    const { stdout } = await sh(n.ns, process.execPath, [this.opts.cli ?? CLI, ...args, "--state-dir", n.stateDir], timeoutMs);
     return stdout;
   }
 
