@@ -52,7 +52,14 @@ export class MeshLab {
   readonly net = 1 + Math.floor(Math.random() * 250);
   readonly lan: string;
   readonly nodes: LabNode[] = [];
-  readonly root = mkdtempSync(join(tmpdir(), "weft-lab-"));
+  /**
+   * The lab's directory (agent state, logs), made on first use: a lab built at describe level whose tests are
+   * filtered out or skipped never runs its afterAll, and left an empty directory behind each run.
+   */
+  get root(): string {
+    return (this.rootDir ??= mkdtempSync(join(tmpdir(), "weft-lab-")));
+  }
+  private rootDir: string | undefined;
   readonly token = "lab-token-" + suffix() + suffix();
   private readonly namespaces: string[] = [];
   private readonly procs = new Set<ChildProcess>();
@@ -201,7 +208,7 @@ export class MeshLab {
       /* best effort */
     }
     for (const f of this.cleanups) f();
-    if (!process.env.WEFTNET_KEEP_LAB) rmSync(this.root, { recursive: true, force: true });
+    if (this.rootDir && !process.env.WEFTNET_KEEP_LAB) rmSync(this.rootDir, { recursive: true, force: true });
   }
 }
 

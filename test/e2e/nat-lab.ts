@@ -96,7 +96,14 @@ function run(cmd: string, args: string[]): void {
 
 export class NatLab {
   readonly id = suffix();
-  readonly root = mkdtempSync(join(tmpdir(), "weft-nat-"));
+  /**
+   * The lab's directory (agent state, logs), made on first use: a lab built at describe level whose tests are
+   * filtered out or skipped never runs its afterAll, and left an empty directory behind each run.
+   */
+  get root(): string {
+    return (this.rootDir ??= mkdtempSync(join(tmpdir(), "weft-nat-")));
+  }
+  private rootDir: string | undefined;
   readonly token = "nat-token-" + suffix() + suffix();
   readonly inet: string;
   readonly pub: string;
@@ -378,7 +385,7 @@ export class NatLab {
       } catch {
         /* best effort */
       }
-    if (!process.env.WEFTNET_KEEP_LAB) rmSync(this.root, { recursive: true, force: true });
+    if (this.rootDir && !process.env.WEFTNET_KEEP_LAB) rmSync(this.rootDir, { recursive: true, force: true });
   }
 }
 
