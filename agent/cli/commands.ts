@@ -534,7 +534,7 @@ function listCidrs(cidrs: string[], max = 4): string {
 }
 
 /** status peers[].pmtuHow in words (the NOTE column). */
-const PMTU_HOW_TEXT: Record<string, string> = { confirmed: "searched", "route-limit": "route limit", "black-hole": "black hole", peer: "peer's search", default: "default, unchecked", fixed: "fixed", searching: "searching" };
+const PMTU_HOW_TEXT: Record<string, string> = { confirmed: "confirmed", "route-limit": "route limit", "black-hole": "black hole", peer: "peer's search", default: "default, unchecked", fixed: "fixed", searching: "searching" };
 
 export function renderStatus(st: AgentStatus, local?: { blocks: string[]; blockCount: number; pods: number }): string {
   const n = st.node;

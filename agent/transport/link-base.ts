@@ -186,7 +186,6 @@ export abstract class LinkBase implements TransportLink {
   private search: PmtuSearch | undefined;
   /** What the path MTU search found below pathMtu (the link then fails; see probe()), and how. */
   foundPathMtu: number | undefined;
-  private foundHow: FoundHow = "black-hole";
 
   constructor(opts: LinkBaseOptions) {
     this.handlers = opts.handlers;
@@ -409,12 +408,9 @@ export abstract class LinkBase implements TransportLink {
     const limit = this.limitFor(sel);
     if (!sel || limit === undefined || limit >= this.pathMtu) return;
     const mtu = Math.max(SAFE_LINK_MTU, limit & ~3);
-    this.foundPathMtu = mtu;
-    this.foundHow = "route-limit";
     if (this.pmtuCounters) this.pmtuCounters.pairChanges++;
     this.log.warn("selected candidate pair changed to one whose local route carries less; the next link is built for it", { built: this.pathMtu, limit: mtu, localType: sel.localType, localAddress: sel.localAddress, remoteType: sel.remoteType, remoteAddress: sel.remoteAddress });
-    this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
-    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, "route-limit"));
+    this.foundLess(mtu, "route-limit", true);
     this.finish("failed", `path MTU check failed ${AFTER_ICE_CONNECTED}: the selected candidate pair changed to ${sel.localType}->${sel.remoteType}, whose local route carries at most ${mtu}-byte link packets, not ${this.pathMtu}; the next link uses ${mtu}`);
   }
 
@@ -463,20 +459,26 @@ export abstract class LinkBase implements TransportLink {
       this.opened();
       return;
     }
-    this.foundPathMtu = mtu;
-    this.foundHow = outcome === "local-limit" ? "route-limit" : "black-hole";
     // ICE and DTLS work: the mesh redials WebRTC at once (manager.ts noteFailure), built for `mtu`.
     const reason =
       outcome === "local-limit"
         ? `path MTU check failed ${AFTER_ICE_CONNECTED}: the local route toward the peer carries at most ${mtu}-byte link packets, not ${this.pathMtu}; the next link uses ${mtu}`
         : `path MTU check failed ${AFTER_ICE_CONNECTED}: ${this.pathMtu}-byte packets did not reach the peer, ${mtu}-byte ones do; the next link uses ${mtu}`;
     this.log.warn("path MTU check failed; the next link is built for what the path carries", { built: this.pathMtu, found: mtu, outcome, probes: search.stats.probes, lost: search.stats.lost });
-    // Tell the peer, whose own search may still run (it would build its next link at the old size otherwise,
-    // and search again); its next link's full-size check verifies the size for its direction.
-    this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
-    const how = this.foundHow;
-    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, how));
+    this.foundLess(mtu, outcome === "local-limit" ? "route-limit" : "black-hole", true);
     this.finish("failed", reason);
+  }
+
+  /**
+   * The path carries less than this link was built for: remember `mtu` and tell the transport how it was found
+   * (its next link is built for it). `tellPeer`: also send the peer our result, since its own search may still
+   * run (it would build its next link at the old size otherwise, and search again); its next link's full-size
+   * check verifies the size for its direction.
+   */
+  private foundLess(mtu: number, how: FoundHow, tellPeer: boolean): void {
+    this.foundPathMtu = mtu;
+    if (tellPeer) this.sendProbeBytes(new Uint8Array([PROBE_MAGIC, PROBE_RESULT, mtu >> 8, mtu & 0xff]));
+    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, how));
   }
 
   /** A probe or ack arrived on `packets` (never delivered to the mesh). */
@@ -526,15 +528,11 @@ export abstract class LinkBase implements TransportLink {
     if (this.foundPathMtu !== undefined || this.search?.done || this.pathMtuConfirmed || !this.localMtuLimit || this.pathMtu === undefined || this.pathMtu <= SAFE_LINK_MTU) return;
     if (!this.iceWasUp()) return;
     try {
-      const sel = this.selectedPath();
-      if (!sel || sel instanceof Promise) return;
-      const limit = this.limitFor(sel);
+      const limit = this.limitFor(this.selectedNow());
       if (limit === undefined || limit >= this.pathMtu) return;
       const mtu = Math.max(SAFE_LINK_MTU, limit & ~3);
-      this.foundPathMtu = mtu;
-      this.foundHow = "route-limit";
       this.log.debug("closed before its path MTU check; the local route limits the next link", { built: this.pathMtu, limit: mtu });
-      this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, "route-limit"));
+      this.foundLess(mtu, "route-limit", false);
     } catch {
       /* the library is going away */
     }
@@ -545,10 +543,8 @@ export abstract class LinkBase implements TransportLink {
     if (this.isDone() || this.pathMtuConfirmed || this.search?.done || this.pathMtu === undefined) return;
     if (mtu < SAFE_LINK_MTU || mtu >= this.pathMtu) return this.probeDrop("malformed");
     if (this.foundPathMtu !== undefined) return;
-    this.foundPathMtu = mtu;
-    this.foundHow = "peer";
     this.log.debug("the peer's path MTU search found less; the next link uses it", { built: this.pathMtu, found: mtu });
-    this.call("onPathMtuFailed", () => this.onPathMtuFailed?.(mtu, "peer"));
+    this.foundLess(mtu, "peer", false);
   }
 
   private probeDrop(reason: LinkProbeDrop): void {
