@@ -17,7 +17,9 @@
  *   --ping-only   skip iperf3 (and the library ceiling): idle ping only    --pings N  pings per row (default 20)
  *   --no-sweep    skip the loss sweeps even where --only matches them
  *   --ping-compare  idle ping only, all selected labs at once, interleaved rounds (same load for every path),
- *                 with kernel VXLAN and wireguard-go in the first lab; e.g. --ping-compare --only bulk,via --pings 40
+ *                 with kernel VXLAN and wireguard-go in the first lab; e.g. --ping-compare --only bulk,via --pings 40.
+ *                 Also a floor row: a UDP echo between two plain Node processes (node:dgram) in the node namespaces,
+ *                 two cold event-loop passes with no work, where a pod ping over weftnet takes three
  *   --baseline-build DIR  with --ping-compare: also a bulk row whose agents run another build's CLI (DIR/dist/agent/
  *                 cli/main.js, e.g. a worktree of an older commit, built), so a change is compared in the same run
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
@@ -397,7 +399,7 @@ async function pingCompare(cs: Config[]): Promise<void> {
     }
     const first = ready[0]!.lab;
     const [a, b] = first.nodes as [LabNode, LabNode];
-    const targets: { label: string; ns: string; ip: string; serverNs: string; t: number[] }[] = [];
+    const targets: { label: string; ns: string; ip: string; serverNs: string; t: number[]; nodeEcho?: boolean }[] = [];
     vxDown = vxlanUp(first);
     targets.push({ label: "kernel VXLAN (node to node)", ns: a.ns, ip: "10.88.0.2", serverNs: b.ns, t: [] });
     try {
@@ -406,11 +408,17 @@ async function pingCompare(cs: Config[]): Promise<void> {
     } catch (err) {
       process.stderr.write(`wireguard-go baseline failed: ${(err as Error).message}\n`);
     }
+    // The runtime's floor: a UDP echo between two plain Node processes in the node namespaces (node:dgram, no
+    // work at all), timed by the sender. Its round trip is two cold event-loop passes, where a pod ping over
+    // weftnet takes three (sender agent, receiver agent, sender agent again) plus ping's own.
+    spawnInNetns(b.ns, process.execPath, ["-e", NODE_ECHO_SERVER], "/dev/null", echoProcs);
+    targets.push({ label: "node:dgram echo, node to node (2 Node passes, no work: the floor of any Node path)", ns: a.ns, ip: b.addr, serverNs: b.ns, t: [], nodeEcho: true });
     for (const r of ready) targets.push({ label: `weftnet ${r.c.label}`, ns: r.pa.name, ip: r.pb.ip, serverNs: r.pb.name, t: [] });
     // Warm-up, per path: 2 s of iperf3 and 1 s of 1 kHz pings. An agent that has carried traffic runs its
     // packet path as optimized code; with pings alone much of it stayed in V8's baseline tier and an idle
     // ping measured ~1.7x slower than after an iperf3 run (same build, same box).
     for (const t of targets) {
+      if (t.nodeEcho) continue; // the client warms itself (1,000 back-to-back round trips each round)
       await warmIperf(t.ns, t.serverNs, t.ip).catch(() => undefined);
       await sh(t.ns, "ping", ["-q", "-c", "1000", "-i", "0.001", t.ip], 30_000).catch(() => undefined);
     }
@@ -420,6 +428,12 @@ async function pingCompare(cs: Config[]): Promise<void> {
       process.stderr.write(`ping round ${round + 1}/${rounds} ...\n`);
       for (let k = 0; k < targets.length; k++) {
         const t = targets[(k + round) % targets.length]!;
+        if (t.nodeEcho) {
+          // warms, idles 1 s itself, then `per` datagrams 50 ms apart; prints the round trips (ms) as JSON
+          const { stdout } = await sh(t.ns, process.execPath, ["-e", NODE_ECHO_CLIENT, t.ip, String(per)], 30_000 + per * 100).catch(() => ({ stdout: "[]" }));
+          t.t.push(...(JSON.parse(stdout.trim() || "[]") as number[]));
+          continue;
+        }
         await new Promise((r) => setTimeout(r, 1000));
         const { stdout } = await sh(t.ns, "ping", ["-c", String(per), "-i", "0.05", t.ip], 20_000 + per * 100).catch(() => ({ stdout: "" }));
         t.t.push(...[...stdout.matchAll(/time=([\d.]+) ms/g)].map((m) => Number(m[1])));
@@ -434,11 +448,28 @@ async function pingCompare(cs: Config[]): Promise<void> {
       process.stdout.write(`${t.label.padEnd(90)} ${q(0.5).toFixed(3).padStart(7)} ${(s.reduce((x, y) => x + y, 0) / (s.length || 1)).toFixed(3).padStart(7)} ${q(0.9).toFixed(3).padStart(7)}  ${s.length}\n`);
     }
   } finally {
+    for (const p of echoProcs) await stopChild(p, 2000);
     vxDown?.();
     await wgDown?.();
     for (const r of ready) await r.lab.close();
   }
 }
+
+/** --ping-compare's floor row: the echo server (port 7999) and the client (argv: ip, count). */
+const echoProcs = new Set<ChildProcess>();
+const NODE_ECHO_SERVER = `const s = require("node:dgram").createSocket("udp4"); s.on("message", (m, r) => s.send(m, r.port, r.address)); s.bind(7999);`;
+const NODE_ECHO_CLIENT = `
+const [ip, count] = process.argv.slice(1); const s = require("node:dgram").createSocket("udp4");
+const msg = Buffer.alloc(64); let t0 = 0n, want = 0, done; const rtts = [];
+s.on("message", () => { const ms = Number(process.hrtime.bigint() - t0) / 1e6; if (want > 0) { rtts.push(ms); want--; } done?.(); });
+const once = () => new Promise((r) => { done = r; t0 = process.hrtime.bigint(); s.send(msg, 7999, ip); setTimeout(r, 1000).unref(); });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+(async () => {
+  for (let i = 0; i < 1000; i++) await once(); // the JIT's warm-up, as the other paths get iperf3 + pings
+  await sleep(1000);
+  for (let i = 0; i < Number(count); i++) { want = 1; await once(); await sleep(50); }
+  process.stdout.write(JSON.stringify(rtts)); s.close();
+})();`;
 
 /** 2 s of iperf3 from `clientNs` to `ip` (served in `serverNs`): the JIT's warm-up before idle pings. */
 async function warmIperf(clientNs: string, serverNs: string, ip: string): Promise<void> {
