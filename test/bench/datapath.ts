@@ -10,7 +10,7 @@
  * on loopback, 64 KiB messages as fast as they go), the ceiling the native transport cannot beat at that
  * MTU. Prints Mbit/s and ratios; never fails on a number.
  *   --seconds N   iperf3 duration per run (default 5)    --runs N   runs per path (default 3)
- *   --only S,..   only the configurations whose key contains one of these (bulk, bulk-busy-poll, bulk-pool-wait, bulk-no-pmtu-checks,
+ *   --only S,..   only the configurations whose key contains one of these (bulk, bulk-busy-poll, bulk-pool-wait, bulk-no-pmtu-checks, bulk-no-answer-wait,
  *                 via, via-webrtc, native-native-1280, native-native-auto, werift-werift, werift-native, jumbo,
  *                 loss-bulk, loss-native, loss-werift; "bulk" matches every bulk row, "=bulk" only that key). WebRTC rows run with
  *                 --no-bulk; the bulk rows are the default agent (bulk link up)
@@ -540,6 +540,7 @@ const configs: Config[] = [
   { key: "bulk", label: "bulk link (direct UDP; default)", kinds: ["native", "native"] },
   { key: "bulk-busy-poll", label: "bulk link, busy-poll 1 ms (WEFTNET_BUSY_POLL_US=1000)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "1000" } },
   { key: "bulk-busy-poll-200", label: "bulk link, busy-poll 200 us (WEFTNET_BUSY_POLL_US=200)", kinds: ["native", "native"], env: { WEFTNET_BUSY_POLL_US: "200" } },
+  { key: "bulk-no-answer-wait", label: "bulk link without the answer wait (WEFTNET_ANSWER_WAIT=0)", kinds: ["native", "native"], env: { WEFTNET_ANSWER_WAIT: "0" } },
   { key: "bulk-no-pmtu-checks", label: "bulk link without Don't Fragment and black-hole checks (WEFTNET_BULK_PMTU_CHECKS=off)", kinds: ["native", "native"], env: { WEFTNET_BULK_PMTU_CHECKS: "off" } },
   { key: "bulk-pool-wait", label: "bulk link, old wait: poll() on a worker thread + 1 ms busy-poll (WEFTNET_FD_WAIT=pool)", kinds: ["native", "native"], env: { WEFTNET_FD_WAIT: "pool", WEFTNET_BUSY_POLL_US: "1000" } },
   { key: "via", label: "via a third node, bulk on both hops (sealed e2e)", kinds: ["native", "native"], via: true },
