@@ -125,6 +125,13 @@ export interface LinkBaseOptions {
    * overhead libdatachannel's mtu does not count.
    */
   localMtuLimit?(host: string): number | undefined;
+  /**
+   * Where the kernel sends a relayed pair's datagrams: the addresses (IP literals) of the TURN servers this link may
+   * allocate at, plus "" for each server given by name (then the relayed address stands in for it). Not the relayed
+   * address itself: libjuice requests no address family, so a server reached over IPv6 hands out an IPv4 relayed
+   * address (RFC 6156's default) while every datagram goes to the server over IPv6 (20 bytes more IP header).
+   */
+  turnServers?: readonly string[];
   /** The transport's counters, which this link's search adds to when it ends or the link finishes. */
   pmtuCounters?: PmtuCounters;
   /** Initiator: send no candidates before the answer is applied (see the header; native.ts sets it). */
@@ -173,6 +180,7 @@ export abstract class LinkBase implements TransportLink {
   /** when a message last arrived on `packets` (performance.now), for the probes' quiet gap */
   private lastProbeRx = -Infinity;
   private readonly localMtuLimit: ((host: string) => number | undefined) | undefined;
+  private readonly turnServers: readonly string[];
   private readonly pmtuCounters: PmtuCounters | undefined;
   private pmtuCounted = false;
   /** probe traffic dropped here, by reason (the search counts its own: stale acks etc.) */
@@ -197,6 +205,7 @@ export abstract class LinkBase implements TransportLink {
     this.onPathMtuFailed = opts.onPathMtuFailed;
     this.pathMtuHow = opts.pathMtuHow;
     this.localMtuLimit = opts.localMtuLimit?.bind(opts);
+    this.turnServers = opts.turnServers ?? [];
     this.pmtuCounters = opts.pmtuCounters;
     if (this.initiator && opts.holdCandidatesUntilAnswer) this.held = { list: [], seen: new Set(), ended: false };
   }
@@ -510,10 +519,16 @@ export abstract class LinkBase implements TransportLink {
     const lim = this.localMtuLimit;
     if (!lim || !sel) return undefined;
     if (sel.localType === "relay") {
-      const server = hostOf(sel.localAddress); // our relayed address: on the TURN server
-      if (!server) return SAFE_LINK_MTU;
-      const l = lim(server);
-      return l === undefined ? SAFE_LINK_MTU : l - (server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4);
+      // The datagrams go to the TURN server (turnServers); which one of several the pair uses is not known here: the
+      // least limit of those this host has a route to. A server given by name: our relayed address, on that server.
+      const relayed = hostOf(sel.localAddress);
+      const servers = this.turnServers.length > 0 ? this.turnServers.map((s) => s || relayed) : [relayed];
+      let least: number | undefined;
+      for (const server of servers) {
+        const l = server ? lim(server) : undefined;
+        if (l !== undefined && server) least = Math.min(least ?? l, l - (server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4));
+      }
+      return least ?? SAFE_LINK_MTU;
     }
     const host = hostOf(sel.remoteAddress);
     return host ? lim(host) : undefined;

@@ -67,6 +67,7 @@
  * libjuice relays over UDP only.
  */
 import { X509Certificate } from "node:crypto";
+import { isIP } from "node:net";
 import type * as Ndc from "node-datachannel";
 import type {
   ChannelName,
@@ -254,13 +255,15 @@ export async function createNativeTransport(opts: NativeTransportOptions = {}): 
         fb = undefined;
       }
       const pathMtu = Math.min(fb ? fb.mtu : linkMtu, lo.maxMtu ?? Number.POSITIVE_INFINITY);
-      const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers: toNdcIceServers(lo.iceServers, linkLog) };
+      const iceServers = toNdcIceServers(lo.iceServers, linkLog);
+      const config: Ndc.RtcConfig = { ...base, mtu: pathMtu, iceServers };
       const onPathMtuFailed = (found: number, how: FoundHow) => {
         // The link searched what the path carries (LinkBase): the next link is built for exactly that.
         if (peer) mtuFallback.set(peer, { mtu: Math.max(SAFE_LINK_MTU, Math.min(found, pathMtu)), how, until: Date.now() + MTU_FALLBACK_MS });
       };
       const pathMtuHow = fb && fb.mtu <= pathMtu ? fb.how : undefined;
-      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, ...(pathMtuHow ? { pathMtuHow } : {}), onPathMtuFailed, pmtuCounters, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
+      const turnServers = iceServers.filter((s) => s.relayType !== undefined).map((s) => (isIP(s.hostname) ? s.hostname : ""));
+      const link = new NativeLink(lo, { ndc, config, name: `weftnet-${n}`, pathMtu, turnServers, ...(pathMtuHow ? { pathMtuHow } : {}), onPathMtuFailed, pmtuCounters, keepAddress, limits, log: linkLog, onGone: (l) => links.delete(l) });
       links.add(link);
       return link;
     },
@@ -363,6 +366,8 @@ interface LinkEnv {
   /** pathMtu came from an earlier link's check (the fallback), found this way */
   pathMtuHow?: FoundHow;
   pmtuCounters: PmtuCounters;
+  /** LinkBaseOptions.turnServers: the TURN servers' IP literals ("" for a name). */
+  turnServers: string[];
   /** Candidate filter (loopbackOnly, excludeAddress). */
   keepAddress(ip: string): boolean;
   limits: typeof NATIVE_LIMITS;
@@ -403,7 +408,7 @@ class NativeLink extends LinkBase {
   ) {
     // libdatachannel checks the DTLS peer's certificate against a remote description it may not have recorded
     // yet when the peer's ClientHello came before the answer: hold our candidates until then (link-base.ts).
-    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, ...(env.pathMtuHow ? { pathMtuHow: env.pathMtuHow } : {}), onPathMtuFailed: env.onPathMtuFailed, localMtuLimit: nativeMtuLimit, pmtuCounters: env.pmtuCounters, holdCandidatesUntilAnswer: true });
+    super({ initiator: opts.initiator, handlers: opts.handlers, limits: env.limits, log: env.log, onGone: env.onGone, pathMtu: env.pathMtu, ...(env.pathMtuHow ? { pathMtuHow: env.pathMtuHow } : {}), onPathMtuFailed: env.onPathMtuFailed, localMtuLimit: nativeMtuLimit, turnServers: env.turnServers, pmtuCounters: env.pmtuCounters, holdCandidatesUntilAnswer: true });
   }
 
   /**

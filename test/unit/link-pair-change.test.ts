@@ -18,7 +18,7 @@ class MemLink extends LinkBase {
   closed: string | undefined;
   isOpen = false;
   failed: { found: number; how: FoundHow } | undefined;
-  constructor(pathMtu: number, limits: Record<string, number>, counters = emptyPmtuCounters()) {
+  constructor(pathMtu: number, limits: Record<string, number>, counters = emptyPmtuCounters(), turnServers?: string[]) {
     const self: { link?: MemLink } = {};
     super({
       initiator: true,
@@ -30,6 +30,7 @@ class MemLink extends LinkBase {
       onPathMtuFailed: (found, how) => (self.link!.failed = { found, how }),
       localMtuLimit: (host) => limits[host],
       pmtuCounters: counters,
+      ...(turnServers ? { turnServers } : {}),
     });
     self.link = this;
   }
@@ -78,9 +79,9 @@ const until = async (cond: () => boolean, what: string, ms = 5000) => {
   }
 };
 
-function pairOf(pathMtu: number, limits: Record<string, number>) {
+function pairOf(pathMtu: number, limits: Record<string, number>, turnServers?: string[]) {
   const counters = emptyPmtuCounters();
-  const a = new MemLink(pathMtu, limits, counters);
+  const a = new MemLink(pathMtu, limits, counters, turnServers);
   const b = new MemLink(pathMtu, limits);
   a.peer = b;
   b.peer = a;
@@ -115,6 +116,50 @@ describe("link path MTU: the selected pair's limit", () => {
     expect(a.failed).toEqual({ found: 1524, how: "route-limit" });
     expect(a.closed).toMatch(/selected candidate pair changed to relay->prflx.*1524/);
     expect(counters.pairChanges).toBe(1);
+  });
+
+  // A 1500-byte route carries link packets of mtu 1531 over IPv4 (NATIVE_WIRE_BELOW_MTU.v4 31) but only 1511 over
+  // IPv6 (v6 11: the IPv6 header is 40 bytes, not 20); relayed through TURN, ChannelData's 4 bytes come off both.
+  const V6_TURN = "2001:db8::2";
+  const v6Limits = { [V6_TURN]: 1500 + 11, "198.18.0.2": 1500 + 31, "198.18.0.12": 1500 + 31 };
+
+  it("over a TURN server reached by IPv6 whose relayed address is IPv4 (libjuice asks for no family), the limit is toward the server: 1511 - 4", async () => {
+    const { a, b } = pairOf(1528, v6Limits, [V6_TURN]);
+    a.sel = relayed; // local relay 198.18.0.2:6000: the IPv4 relayed address coturn handed out
+    b.sel = direct;
+    a.open();
+    b.open();
+    await until(() => a.failed !== undefined, "a's check ends on its local limit");
+    // 1507 rounded down to a multiple of 4 (the search's step); the relayed address's IPv4 route would have said 1527 -> 1524
+    expect(a.failed).toEqual({ found: 1504, how: "route-limit" });
+    expect(a.state).toBe("failed");
+  });
+
+  it("a relayed address in brackets (IPv6, the server given by name) is parsed and limited as IPv6", async () => {
+    const { a, b } = pairOf(1528, v6Limits, [""]);
+    a.sel = { localType: "relay", localAddress: `[${V6_TURN}]:6000`, remoteType: "prflx", remoteAddress: "198.18.0.12:7000" };
+    b.sel = direct;
+    a.open();
+    b.open();
+    await until(() => a.failed !== undefined, "a's check ends on its local limit");
+    expect(a.failed).toEqual({ found: 1504, how: "route-limit" });
+  });
+
+  it("several TURN servers: the least limit among those with a route; none with a route: 1280", async () => {
+    const { a, b } = pairOf(1528, { ...v6Limits, "198.18.0.3": 1500 + 31 }, ["198.18.0.3", V6_TURN, "2001:db8::99"]);
+    a.sel = relayed;
+    b.sel = direct;
+    a.open();
+    b.open();
+    await until(() => a.failed !== undefined, "a's check ends on its local limit");
+    expect(a.failed).toEqual({ found: 1504, how: "route-limit" });
+    const c = pairOf(1528, v6Limits, ["2001:db8::99"]);
+    c.a.sel = relayed;
+    c.b.sel = direct;
+    c.a.open();
+    c.b.open();
+    await until(() => c.a.failed !== undefined, "c's check ends at 1280");
+    expect(c.a.failed).toEqual({ found: 1280, how: "route-limit" });
   });
 
   it("pmtuHow: searching until checked, default at 1280 (never checked)", () => {
