@@ -3,7 +3,7 @@
  * passing their signals directly (no signaling server, no mocks), with everything they report recorded.
  */
 import { expect } from "vitest";
-import { AFTER_ICE_CONNECTED, type ChannelName, type LinkSignal, type Transport, type TransportLink } from "../../src/mesh/transport.js";
+import { AFTER_ICE_CONNECTED, type ChannelName, type LinkOptions, type LinkSignal, type Transport, type TransportLink } from "../../src/mesh/transport.js";
 import { createLogger, type Logger } from "../../src/log.js";
 
 /** A logger at info level whose lines are kept, to assert on what a link logs. */
@@ -27,9 +27,9 @@ export interface Side {
 
 /**
  * Create a link on `t` that records what it reports and hands each of its signals to `deliver`. `addr`: the
- * remote node and connection id, for transports that address peers themselves (relay).
+ * remote node and connection id, for transports that address peers themselves (relay); `iceServers`: STUN/TURN.
  */
-export function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSignal) => void, addr?: { peer: string; conn: string }): Side {
+export function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSignal) => void, addr?: { peer: string; conn: string }, iceServers: LinkOptions["iceServers"] = []): Side {
   let opened!: () => void;
   let closed!: (r: string) => void;
   const side: Side = {
@@ -44,7 +44,7 @@ export function makeSide(t: Transport, initiator: boolean, deliver: (sig: LinkSi
   side.link = t.createLink({
     initiator,
     ...(addr ?? {}),
-    iceServers: [],
+    iceServers,
     handlers: {
       onSignal: (sig) => {
         side.signals.push(sig);
