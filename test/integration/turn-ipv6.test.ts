@@ -4,7 +4,10 @@
  * process with iceTransportPolicy "relay", so the only path ICE may use is through the TURN server's relayed
  * addresses: A -> coturn [::1] (ChannelData over IPv6) -> A's allocation -> B's allocation -> coturn -> B. coturn relays
  * on 127.0.0.1 and ::1 (dual stack, as deployed); libjuice asks for no address family, so the relayed addresses are
- * IPv4 while every datagram between an agent and coturn is IPv6.
+ * IPv4 while every datagram between an agent and coturn is IPv6. The transports bind ICE to ::1: "relay" only
+ * restricts the candidates they announce, and on one host a socket on 127.0.0.1 may reach the peer's relayed address
+ * (or the peer's socket, learned as prflx) without coturn; a socket on ::1 cannot send to IPv4 at all, so every
+ * datagram of the link goes to coturn over IPv6.
  * No root, no namespaces: everything is on IPv6 loopback. Skipped when turnserver, IPv6 loopback or
  * node-datachannel is missing.
  *
@@ -134,8 +137,8 @@ describe.skipIf(skip)("TURN over IPv6 (coturn on [::1], native transports, relay
   });
 
   it("a link whose only path is the TURN relay opens over IPv6, carries full-size packets both ways, and is confirmed at its MTU", async () => {
-    const ta = await createNativeTransport({ iceTransportPolicy: "relay", mtu: MTU });
-    const tb = await createNativeTransport({ iceTransportPolicy: "relay", mtu: MTU });
+    const ta = await createNativeTransport({ iceTransportPolicy: "relay", bindAddress: "::1", mtu: MTU });
+    const tb = await createNativeTransport({ iceTransportPolicy: "relay", bindAddress: "::1", mtu: MTU });
     transports.push(ta, tb);
     const url = `turn:[::1]:${port}`;
     const now = Date.now();
