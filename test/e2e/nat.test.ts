@@ -11,21 +11,14 @@
  *   udp-blocked                            needs the signaling server's relay (not built yet: todo)
  *   conntrack flushed mid-transfer         cone-cone and none-symmetric: a TCP stream between pods completes, same SHA-256
  */
-import { execFileSync, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { hasTool } from "../helpers/netns.js";
 import { isRoot, NatLab, pairTypes, TURN_IP, until, usesRelay, type NatHost, type NatKind } from "./nat-lab.js";
 
-function has(cmd: string): boolean {
-  try {
-    execFileSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-}
-const haveTurn = has("turnserver");
+const haveTurn = hasTool("turnserver");
 const d = describe.skipIf(!isRoot);
 if (!isRoot) console.warn("skipping NAT e2e: needs root (network namespaces, iptables, TUN)");
 if (isRoot && !haveTurn) console.warn("skipping the TURN cases: coturn is not installed (apt-get install coturn)");
@@ -299,7 +292,7 @@ describe.skipIf(!isRoot || !haveServerRelay)("udp-blocked + cone", () => {
 // the pods. Packets from the peer that arrive before the host sends again are NEW at the router and dropped;
 // the host's next packet maps afresh (same port behind a cone, a new random one behind a symmetric NAT). The stream must complete with every byte intact (end-to-end SHA-256),
 // whether ICE keeps the pair alive or the mesh redials after heartbeat loss.
-const haveConntrack = has("conntrack");
+const haveConntrack = hasTool("conntrack");
 if (isRoot && !haveConntrack) console.warn("skipping the conntrack flush case: conntrack is not installed (apt-get install conntrack)");
 for (const FLUSH_KINDS of [
   ["cone", "cone"], // the host's next packet gets the same port back: ICE keeps the pair

@@ -17,22 +17,15 @@
  * 1493-byte IPv6 packets with DF, which the kernel refuses: a black hole to search); the next link to that peer
  * is built for 1404, its full-size probe (1397 bytes of IPv6 to coturn) is acked, and it opens at 1404, route-limit.
  */
-import { spawn, execFileSync, type ChildProcess } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { afterAll, describe, expect, it } from "vitest";
 import { nativeAvailable } from "../../agent/transport/native.js";
 import { turnIceServers } from "../../src/wire/turn-rest.js";
 import { childInbox, transpiledChild } from "../helpers/transpiled-child.js";
-import { isRoot, stopChild } from "../helpers/netns.js";
+import { hasTool, isRoot, stopChild } from "../helpers/netns.js";
 
-const haveTurn = (() => {
-  try {
-    execFileSync("turnserver", ["--version"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const haveTurn = hasTool("turnserver");
 const native = await nativeAvailable();
 const skip = !isRoot || !haveTurn || !native;
 if (skip) console.warn(`[skip] TURN over IPv6 path MTU: ${!isRoot ? "needs root (a network namespace)" : !haveTurn ? "turnserver (coturn) not installed" : "node-datachannel did not load"}`);

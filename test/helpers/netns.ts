@@ -28,6 +28,16 @@ export function spawnInNetns(ns: string, cmd: string, args: string[], logPath: s
   return p;
 }
 
+/** Whether `cmd` is on the PATH (a test's system tool: skip, with a reason, when it is missing). */
+export function hasTool(cmd: string): boolean {
+  try {
+    execFileSync("sh", ["-c", 'command -v "$1"', "sh", cmd], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** SIGTERM a child we started and wait for it to exit; SIGKILL after `killAfterMs`. Nothing if it is gone. */
 export async function stopChild(p: ChildProcess | undefined, killAfterMs = 10_000): Promise<void> {
   if (!p || p.exitCode !== null || p.signalCode !== null) return;

@@ -21,7 +21,7 @@
  * for 1400 sends its full-size probe (1400 - 124 bytes of message) through coturn and, acked, opens at 1400,
  * "confirmed". Where the IPv6 route toward the server is what binds is covered by test/unit/link-pair-change.test.ts.
  */
-import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { createSocket } from "node:dgram";
 import { createWriteStream, mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -34,16 +34,9 @@ import { kernelPathMtu } from "../../agent/os/route-mtu.js";
 import { turnIceServers } from "../../src/wire/turn-rest.js";
 import type { LinkSignal } from "../../src/mesh/transport.js";
 import { makeSide, until, within, type Side } from "../helpers/links.js";
-import { stopChild } from "../helpers/netns.js";
+import { hasTool, stopChild } from "../helpers/netns.js";
 
-const haveTurn = (() => {
-  try {
-    execFileSync("turnserver", ["--version"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const haveTurn = hasTool("turnserver");
 
 /** A UDP port on [::1] that was free a moment ago (undefined: no IPv6 loopback here). */
 async function freeV6Port(): Promise<number | undefined> {
