@@ -19,7 +19,8 @@
  *   --ping-compare  idle ping only, all selected labs at once, interleaved rounds (same load for every path),
  *                 with kernel VXLAN and wireguard-go in the first lab; e.g. --ping-compare --only bulk,via --pings 40.
  *                 Also a floor row: a UDP echo between two plain Node processes (node:dgram) in the node namespaces,
- *                 two cold event-loop passes with no work, where a pod ping over weftnet takes three
+ *                 two cold event-loop passes with no work, where a pod ping over weftnet takes three; and, where cc
+ *                 and libsodium are there, test/bench/native-relay.c: a compiled TUN<->UDP loop with the same AEAD
  *   --baseline-build DIR  with --ping-compare: also a bulk row whose agents run another build's CLI (DIR/dist/agent/
  *                 cli/main.js, e.g. a worktree of an older commit, built), so a change is compared in the same run
  *   --loss L      loss rates of the sweep in percent, comma-separated (default 0,0.1,1,3)
@@ -44,7 +45,9 @@
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { randomBytes } from "node:crypto";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { isRoot, MeshLab, sh, until, type LabNode } from "../e2e/mesh-lab.js";
 import { spawnInNetns, stopChild } from "../helpers/netns.js";
@@ -193,6 +196,45 @@ async function wireguardUp(lab: MeshLab): Promise<() => Promise<void>> {
       await sh(n.ns, "ip", ["link", "set", name, "mtu", "1420", "up"]);
     }
     await until(async () => (await sh(nodes[0].ns, "ping", ["-c", "1", "-W", "1", "10.89.0.2"], 5000)).stdout.includes("1 received"), 15_000, "wireguard ping");
+  } catch (e) {
+    await undo();
+    throw e;
+  }
+  return undo;
+}
+
+/**
+ * test/bench/native-relay.c between the two node namespaces (TUN wc0, 10.97.0.1 -> 10.97.0.2, UDP 7901 on the
+ * uplinks), compiled into the lab's directory: what a compiled data path with the same per-packet AEAD does, as a
+ * same-run baseline for the idle ping. Throws (the row is skipped) without a C compiler or libsodium. Returns the
+ * undo (stops the relays we started, by PID; their TUN devices go with them).
+ */
+async function nativeRelayUp(lab: MeshLab): Promise<() => Promise<void>> {
+  const bin = join(lab.root, "native-relay");
+  const src = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "test", "bench", "native-relay.c");
+  const built = [["-l:libsodium.so.23"], ["-lsodium"]].some((lib) => {
+    try {
+      execFileSync("cc", ["-O2", src, "-o", bin, ...lib], { stdio: "ignore" });
+      return true;
+    } catch {
+      return false;
+    }
+  });
+  if (!built) throw new Error("no C compiler (cc) or no libsodium to link: the row needs both");
+  const procs = new Set<ChildProcess>();
+  const undo = async () => {
+    for (const p of procs) await stopChild(p, 2000);
+  };
+  try {
+    const key = randomBytes(32).toString("hex");
+    const [a, b] = lab.nodes as [LabNode, LabNode];
+    for (const [i, n, peer] of [[0, a, b], [1, b, a]] as const) {
+      spawnInNetns(n.ns, bin, ["wc0", "7901", peer.addr, "7901", key, String(i)], join(lab.root, `native-relay-${i}.log`), procs);
+      await until(async () => (await sh(n.ns, "ip", ["link", "show", "wc0"], 2000).catch(() => ({ stdout: "" }))).stdout.includes("wc0"), 10_000, "native-relay TUN");
+      await sh(n.ns, "ip", ["addr", "add", `10.97.0.${i + 1}/24`, "dev", "wc0"]);
+      await sh(n.ns, "ip", ["link", "set", "wc0", "up"]);
+    }
+    await until(async () => (await sh(a.ns, "ping", ["-c", "1", "-W", "1", "10.97.0.2"], 5000).catch(() => ({ stdout: "" }))).stdout.includes("1 received"), 15_000, "native-relay ping");
   } catch (e) {
     await undo();
     throw e;
@@ -392,6 +434,7 @@ async function pingCompare(cs: Config[]): Promise<void> {
   const ready: Ready[] = [];
   let vxDown: (() => void) | undefined;
   let wgDown: (() => Promise<void>) | undefined;
+  let nativeDown: (() => Promise<void>) | undefined;
   try {
     for (const c of cs) {
       process.stderr.write(`starting ${c.label} ...\n`);
@@ -407,6 +450,12 @@ async function pingCompare(cs: Config[]): Promise<void> {
       targets.push({ label: "wireguard-go (node to node)", ns: a.ns, ip: "10.89.0.2", serverNs: b.ns, t: [] });
     } catch (err) {
       process.stderr.write(`wireguard-go baseline failed: ${(err as Error).message}\n`);
+    }
+    try {
+      nativeDown = await nativeRelayUp(first);
+      targets.push({ label: "native-relay: compiled TUN<->UDP loop, same AEAD (test/bench/native-relay.c)", ns: a.ns, ip: "10.97.0.2", serverNs: b.ns, t: [] });
+    } catch (err) {
+      process.stderr.write(`native-relay baseline skipped: ${(err as Error).message}\n`);
     }
     // The runtime's floor: a UDP echo between two plain Node processes in the node namespaces (node:dgram, no
     // work at all), timed by the sender. Its round trip is two cold event-loop passes, where a pod ping over
@@ -449,6 +498,7 @@ async function pingCompare(cs: Config[]): Promise<void> {
     }
   } finally {
     for (const p of echoProcs) await stopChild(p, 2000);
+    await nativeDown?.();
     vxDown?.();
     await wgDown?.();
     for (const r of ready) await r.lab.close();
