@@ -24,6 +24,7 @@ import { nativeAvailable } from "../../agent/transport/native.js";
 import { turnIceServers } from "../../src/wire/turn-rest.js";
 import { childInbox, transpiledChild } from "../helpers/transpiled-child.js";
 import { hasTool, isRoot, stopChild } from "../helpers/netns.js";
+import { coturnV6Args } from "../helpers/coturn.js";
 
 const haveTurn = hasTool("turnserver");
 const native = await nativeAvailable();
@@ -155,15 +156,7 @@ describe.skipIf(skip)("TURN over IPv6: the IPv6 route toward coturn limits the l
     const secret = "turn6-" + randomBytes(8).toString("hex");
     const url = `turn:[::1]:${PORT}`;
     const now = Date.now();
-    // prettier-ignore
-    const turnArgs = [
-      "-n", "--listening-ip", "::1", "--relay-ip", "127.0.0.1", "--relay-ip", "::1", "--listening-port", String(PORT),
-      "--use-auth-secret", "--static-auth-secret", secret, "--realm", "weftnet",
-      "--allow-loopback-peers", "--no-multicast-peers",
-      "--no-tls", "--no-dtls", "--no-cli", "--no-rfc5780", "--no-stun-backward-compatibility",
-      "--min-port", "49152", "--max-port", "65535", "--log-file", "stdout", "--simple-log",
-      "--pidfile", `${cwd}/turnserver.pid`, "--userdb", `${cwd}/turndb.sqlite`,
-    ];
+    const turnArgs = coturnV6Args(PORT, secret, cwd);
     const cfg = { dir: cwd, port: PORT, turnArgs, mtu: BUILT, probeOverhead: 124, iceA: turnIceServers([url], secret, "node-a", now), iceB: turnIceServers([url], secret, "node-b", now) };
     // setpriv --pdeathsig: the namespace's processes die with this one; unshare --net: a namespace of its own
     const script = `ip link set lo up && sysctl -q -w net.ipv6.conf.lo.mtu=${V6_MTU} && exec "$0" child.js "$1"`;

@@ -35,6 +35,7 @@ import { turnIceServers } from "../../src/wire/turn-rest.js";
 import type { LinkSignal } from "../../src/mesh/transport.js";
 import { makeSide, until, within, type Side } from "../helpers/links.js";
 import { hasTool, stopChild } from "../helpers/netns.js";
+import { coturnV6Args } from "../helpers/coturn.js";
 
 const haveTurn = hasTool("turnserver");
 
@@ -97,16 +98,7 @@ describe.skipIf(skip)("TURN over IPv6 (coturn on [::1], native transports, relay
     dir = mkdtempSync(join(tmpdir(), "weft-turn6-"));
     // a port free now (the probe above's may be taken by the time coturn binds: take a fresh one)
     port = (await freeV6Port())!;
-    // prettier-ignore
-    const args = [
-      "-n", "--listening-ip", "::1", "--relay-ip", "127.0.0.1", "--relay-ip", "::1", "--listening-port", String(port),
-      "--use-auth-secret", "--static-auth-secret", secret, "--realm", "weftnet",
-      // the peers (each other's relayed addresses) are on ::1: coturn 4.6 refuses loopback peers by default
-      "--allow-loopback-peers", "--no-multicast-peers",
-      "--no-tls", "--no-dtls", "--no-cli", "--no-rfc5780", "--no-stun-backward-compatibility",
-      "--min-port", "49152", "--max-port", "65535", "--log-file", "stdout", "--simple-log",
-      "--pidfile", join(dir, "turnserver.pid"), "--userdb", join(dir, "turndb.sqlite"),
-    ];
+    const args = coturnV6Args(port, secret, dir);
     // setpriv --pdeathsig: coturn dies with this process even if afterAll never runs; stdbuf: line-buffered log
     turn = spawn("setpriv", ["--pdeathsig", "KILL", "stdbuf", "-oL", "turnserver", ...args], { stdio: ["ignore", "pipe", "pipe"] });
     const out = createWriteStream(join(dir, "turn.log"));
