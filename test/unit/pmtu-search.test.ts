@@ -218,12 +218,19 @@ describe("PmtuSearch (src/mesh/pmtu.ts)", () => {
       expect(small.outcome).toBe("searched");
     });
 
+    it("a limit equal to an unaligned hi does not bind: hi is probed and confirmed", () => {
+      const r = run({ lo: 548, first: 1200, hi: 8993, path: 8993, limitMode: "clamp", limit: () => 8993 });
+      expect(r).toMatchObject({ mtu: 8993, outcome: "confirmed", sent: [1200, 8993] });
+    });
+
     it("with `first`: any path between lo and hi within 16 bytes, at most 3 sizes lost (property)", () => {
       fc.assert(
         fc.property(fc.integer({ min: 1300, max: 9000 }), fc.integer({ min: 548, max: 9000 }), fc.option(fc.integer({ min: 600, max: 9000 })), (hi, path, lim) => {
           const limit = lim ?? undefined;
           const r = run({ lo: 548, first: 1200, hi, path, limitMode: "clamp", limit: () => limit });
-          const cap = limit === undefined ? hi : Math.max(548, Math.min(hi, limit & ~3));
+          // A limit binds (and is rounded down to a multiple of 4) only below a size to probe: one at or above hi
+          // leaves hi as it is (fresh clone, seed -85942651: hi = path = limit = 8993 is confirmed at 8993).
+          const cap = limit === undefined || limit >= hi ? hi : Math.max(548, Math.min(hi, limit & ~3));
           const want = Math.max(548, Math.min(cap, path));
           expect(r.mtu).toBeLessThanOrEqual(want);
           expect(want - r.mtu).toBeLessThan(want === cap ? 1 : 16);
