@@ -526,7 +526,9 @@ export abstract class LinkBase implements TransportLink {
       let least: number | undefined;
       for (const server of servers) {
         const l = server ? lim(server) : undefined;
-        if (l !== undefined && server) least = Math.min(least ?? l, l - (server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4));
+        if (!server || l === undefined) continue;
+        const relayedLimit = l - (server.includes(":") ? TURN_OVERHEAD.v6 : TURN_OVERHEAD.v4);
+        least = least === undefined ? relayedLimit : Math.min(least, relayedLimit);
       }
       return least ?? SAFE_LINK_MTU;
     }

@@ -21,6 +21,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { afterAll, describe, expect, it } from "vitest";
 import { nativeAvailable } from "../../agent/transport/native.js";
+import { PROBE_OVERHEAD } from "../../agent/transport/link-base.js";
 import { turnIceServers } from "../../src/wire/turn-rest.js";
 import { childInbox, transpiledChild } from "../helpers/transpiled-child.js";
 import { hasTool, isRoot, stopChild } from "../helpers/netns.js";
@@ -157,7 +158,7 @@ describe.skipIf(skip)("TURN over IPv6: the IPv6 route toward coturn limits the l
     const url = `turn:[::1]:${PORT}`;
     const now = Date.now();
     const turnArgs = coturnV6Args(PORT, secret, cwd);
-    const cfg = { dir: cwd, port: PORT, turnArgs, mtu: BUILT, probeOverhead: 124, iceA: turnIceServers([url], secret, "node-a", now), iceB: turnIceServers([url], secret, "node-b", now) };
+    const cfg = { dir: cwd, port: PORT, turnArgs, mtu: BUILT, probeOverhead: PROBE_OVERHEAD, iceA: turnIceServers([url], secret, "node-a", now), iceB: turnIceServers([url], secret, "node-b", now) };
     // setpriv --pdeathsig: the namespace's processes die with this one; unshare --net: a namespace of its own
     const script = `ip link set lo up && sysctl -q -w net.ipv6.conf.lo.mtu=${V6_MTU} && exec "$0" child.js "$1"`;
     proc = spawn("setpriv", ["--pdeathsig", "KILL", "unshare", "--net", "--", "sh", "-c", script, process.execPath, JSON.stringify(cfg)], { cwd, stdio: ["ignore", "pipe", "pipe"] });
@@ -183,7 +184,7 @@ describe.skipIf(skip)("TURN over IPv6: the IPv6 route toward coturn limits the l
     }
     expect(second.stats, ctx).toHaveLength(2);
     // full-size (one SCTP packet: 1404 - 124 bytes) and 60 KB messages both ways, byte for byte
-    expect(second.fullSize, ctx).toBe(V6_MTU + 11 - 4 - 3 - 124);
+    expect(second.fullSize, ctx).toBe(V6_MTU + 11 - 4 - 3 - PROBE_OVERHEAD);
     expect(second.sent, ctx).toEqual(["ok", "ok", "ok", "ok"]);
     expect(second.got, ctx).toEqual([
       { packets: [true], control: [true] },
